@@ -1,0 +1,274 @@
+"""Stage two: train a student on replayed views, with the teacher read from the cache or run live.
+
+One loop serves three uses: distillation from a store (``CachedTeacher``),
+distillation with the teacher run on the same replayed views
+(``LiveTeacher``), and plain supervised training (no teacher, method ``ce``).
+An epoch reads, for each block of samples, one whole stored unit of some view
+(cycling through the views), shuffles rows within a window of blocks in
+memory, and renders the batch's images in loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from storage import Store, UserError
+
+from . import cache
+from .datasets import ImageDataset
+from .methods import Method, create_method
+from .progress import Progress
+from .replay import (
+    StoredViews,
+    Table,
+    ViewRenderer,
+    epoch_units,
+    even_batches,
+    labelled_mask,
+    rebatch,
+    render_batches,
+    shuffle_windows,
+)
+from .teachers import Teacher
+from .views import ViewPlan, eval_params, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    student: str = "resnet18"
+    student_kwargs: dict = field(default_factory=dict)
+    size: int | None = None  # student input size; None: the plan's size
+    method: str = "kd"
+    method_args: dict = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    label_fraction: float = 1.0  # share of samples whose label the student may use
+    label_seed: int = 0
+    window_rows: int = 16384  # rows shuffled together in memory (whole blocks)
+    workers: int = 0  # loader processes rendering views
+    verify: str = "sample"  # replayed views checked against stored fingerprints: all, sample, none
+
+
+# -- teacher sources -------------------------------------------------------------------------
+
+
+class CachedTeacher:
+    """Teacher outputs read from a store, one whole unit at a time, only the arrays a method needs."""
+
+    size = None  # nothing to render for it
+
+    def __init__(self, store: Store, teacher_id: str, needs):
+        self.info = store.teacher_info(teacher_id)
+        self.group = store.teacher(teacher_id)
+        self.needs = tuple(needs)
+        self.names = cache.stored_names(self.info, self.needs)
+        expected = {(v, b) for v in range(store.num_views) for b in range(store.num_blocks)}
+        missing = expected - self.group.committed()
+        if missing:
+            raise UserError(
+                f"teacher '{teacher_id}' in {store.path} has {len(expected) - len(missing)} of {len(expected)} units committed: "
+                "run the same `pipeline extract` command again to finish it"
+            )
+
+    def unit_rows(self, view: int, block: int, rows: int) -> Table:
+        return {f"t:{k}": v for k, v in self.group.read_unit(view, block, self.names, rows=rows).items()}
+
+    def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
+        return cache.decode({k[2:]: v for k, v in batch.items() if k.startswith("t:")}, self.info, self.needs)
+
+
+class LiveTeacher:
+    """The teacher run on the same replayed views, at its own input size and normalisation."""
+
+    def __init__(self, teacher: Teacher, needs):
+        self.teacher, self.needs = teacher, tuple(needs)
+        self.size = teacher.input_size
+        missing = [k for k in self.needs if k not in teacher.outputs]
+        if missing:
+            raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output, which the method needs")
+
+    def unit_rows(self, view, block, rows) -> Table:
+        return {}
+
+    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+        out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std))
+        return {k: out[k] for k in self.needs}
+
+
+# -- the student -----------------------------------------------------------------------------
+
+
+def build_student(name: str, num_classes: int, seed: int, **kwargs) -> nn.Module:
+    if not timm.is_model(name):
+        raise UserError(f"unknown student '{name}': pass a timm model name (see timm.list_models())")
+    torch.manual_seed(seed)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UserError(f"bad student settings for {name}: {e}") from e
+
+
+def student_forward(model: nn.Module, x: torch.Tensor, needs) -> dict[str, torch.Tensor]:
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    out = {"logits": model.get_classifier()(features)}
+    if "features" in needs:
+        out["features"] = features
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256) -> float:
+    """Top-1 accuracy on deterministic centre-crop views."""
+    model.eval()
+    ids = np.arange(len(dataset))
+    table = {"id": ids, "label": dataset.labels, **eval_params(dataset.sizes(), plan.recipe.eval_crop)}
+    renderer = ViewRenderer(dataset, plan, (size,))
+    correct = 0
+    for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(plan.fields), workers):
+        logits = model(normalize(rendered["views"][0], mean, std))
+        correct += int((logits.argmax(1).numpy() == batch["label"]).sum())
+    return correct / len(dataset)
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: list[dict]
+    seconds: float
+
+
+def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
+    if verify == "all":
+        return np.ones(len(ids), bool)
+    if verify == "sample":  # about one view in a hundred, spread over samples and views
+        return (ids * 7919 + view * 104729) % 100 == 0
+    return np.zeros(len(ids), bool)
+
+
+def train(
+    settings: TrainSettings,
+    train_data: ImageDataset,
+    val_data: ImageDataset | None,
+    views,
+    plan: ViewPlan,
+    teacher: CachedTeacher | LiveTeacher | None = None,
+    out_dir: str | Path | None = None,
+    weights_name: str = "student.safetensors",
+) -> TrainResult:
+    """Train ``settings.student`` on ``views`` (``StoredViews`` or ``DrawnViews``) of ``train_data``."""
+    s = settings
+    method: Method = create_method(s.method, **s.method_args)
+    if method.needs and teacher is None:
+        raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
+    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs)
+    plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
+    size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
+    mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
+    method.train()
+    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    rows_per_epoch = len(train_data)
+    steps_per_epoch = rows_per_epoch // s.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {s.batch_size} is larger than the training set ({rows_per_epoch} samples)")
+    total, warmup = s.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch)
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    labels = np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1)
+    sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
+    renderer = ViewRenderer(train_data, plan, sizes, plan_size)
+    param_names = list(plan.fields)
+    window = max(1, s.window_rows // views.block)
+    out_dir = Path(out_dir) if out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("")
+    metrics, start = [], time.perf_counter()
+
+    for epoch in range(s.epochs):
+        model.train()
+        progress = Progress(f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch * s.batch_size)
+
+        def tables():
+            for v, b in epoch_units(epoch, views.num_views, views.num_blocks, s.seed):
+                ids = views.ids(b)
+                table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": labels[ids]}
+                table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
+                if plan_size is not None:
+                    table["check"] = _check_policy(s.verify, ids, v)
+                yield table
+
+        rng = np.random.default_rng([s.seed, epoch, 2])
+        batches = rebatch(shuffle_windows(tables(), window, rng), s.batch_size, drop_last=True)
+        sums, steps, epoch_start = {}, 0, time.perf_counter()
+        check = "check" if plan_size is not None else None
+        for batch, rendered in render_batches(renderer, batches, param_names, s.workers, check):
+            if check:
+                _verify(batch, rendered["fingerprint"].numpy(), views.store)
+            x = normalize(rendered["views"][0], mean, std)
+            t_out = teacher.outputs(batch, rendered["views"][-1]) if teacher else {}
+            s_out = student_forward(model, x, method.student_needs)
+            loss, parts = method(s_out, t_out, torch.from_numpy(batch["label"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in {"loss": loss.item(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            progress.update(len(batch["id"]))
+        seconds = time.perf_counter() - epoch_start
+        line = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(seconds, 3),
+            "views_per_s": round(steps * s.batch_size / seconds, 1),
+        }
+        if val_data is not None:
+            line["val_top1"] = evaluate(model, val_data, plan, size, mean, std, s.workers)
+        metrics.append(line)
+        log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+        if out_dir:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+    if out_dir:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / weights_name))
+    return TrainResult(model, metrics, time.perf_counter() - start)
+
+
+def _verify(batch: Table, rendered: np.ndarray, store: Store) -> None:
+    checked = batch["check"]
+    bad = np.flatnonzero(checked & (rendered.astype(np.int64) != batch["fingerprint"].astype(np.int64)))
+    if len(bad):
+        j = bad[0]
+        raise UserError(
+            f"view {int(batch['view'][j])} of sample {int(batch['id'][j])} replays differently from the view the teacher saw "
+            f"({len(bad)} of {int(checked.sum())} checked views in this batch differ): the images or an imaging library changed "
+            f"since extraction; compare the versions in {store.path}/store.json with this environment, or extract again"
+        )

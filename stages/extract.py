@@ -1,0 +1,225 @@
+"""Stage one: run a frozen teacher over recorded views and commit its outputs unit by unit.
+
+The unit of work is one view of one block of samples. For each pending unit
+the views are rendered (in loader workers, ahead of the teacher), the teacher
+maps them to store rows (``TeacherRunner``), and the unit is written whole
+and then committed. Committed units are skipped, so re-running the command
+resumes; the plan's parameters and fingerprints are written by the first
+teacher that renders a unit and checked by every later one.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from storage import ArraySpec, Store, UnitArrays, UserError
+
+from . import cache
+from .datasets import ImageDataset
+from .progress import Progress
+from .replay import StoredViews, Table, ViewRenderer, concat, even_batches, render_batches
+from .teachers import Teacher
+from .views import ViewPlan, ViewRecipe, normalize
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = ArraySpec((), "uint32")
+
+
+def library_versions() -> dict:
+    import PIL
+    import timm
+    import torchvision
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def open_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, block: int, size: int) -> Store:
+    """Create the store for (dataset, plan), or reopen it after checking it was made from them."""
+    if not Store.exists(path):
+        meta = {
+            "dataset": dataset.describe(),
+            "plan": {**plan.describe(), "size": size},
+            "versions": library_versions(),
+        }
+        specs = {**plan.fields, "fingerprint": FINGERPRINT}
+        return Store.create(path, meta=meta, num_samples=len(dataset), num_views=views, block=block, plan_specs=specs)
+    store = Store(path)
+    check_dataset(store, dataset)
+    check_plan(store, plan)
+    if views > store.num_views:
+        log.info("store %s: adding views %d..%d", path, store.num_views, views - 1)
+        store.add_views(views)
+    return store
+
+
+def check_dataset(store: Store, dataset: ImageDataset) -> None:
+    made = store.meta["dataset"]
+    if made["fingerprint"] != dataset.fingerprint():
+        raise UserError(
+            f"store {store.path} was made from dataset {made['source']} ({made['num_samples']} samples, "
+            f"fingerprint {made['fingerprint'][:12]}), not {dataset.source} ({len(dataset)} samples, "
+            f"fingerprint {dataset.fingerprint()[:12]}): use the same --data, or a new --store"
+        )
+
+
+def check_plan(store: Store, plan: ViewPlan) -> None:
+    made = store.meta["plan"]
+    if made["recipe"] != plan.recipe.to_dict() or made["seed"] != plan.seed:
+        raise UserError(
+            f"store {store.path} was made with view plan seed {made['seed']} recipe {made['recipe']}, "
+            f"not seed {plan.seed} recipe {plan.recipe.to_dict()}: use the same view settings, or a new --store"
+        )
+
+
+def stored_plan(store: Store) -> ViewPlan:
+    """The view plan a store was made with."""
+    made = store.meta["plan"]
+    return ViewPlan(ViewRecipe.from_dict(made["recipe"]), made["seed"])
+
+
+class TeacherRunner:
+    """Batch inference: holds a frozen teacher, maps rendered uint8 views to store rows.
+
+    Loads nothing per call and keeps no state between calls, so it can live in a
+    worker (a Ray actor, later) and be called with any unit in any order.
+    """
+
+    def __init__(self, teacher: Teacher, info: dict, device: str = "cpu"):
+        self.teacher, self.info, self.device = teacher.to(device), info, device
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+        x = normalize(views, self.teacher.mean, self.teacher.std).to(self.device)
+        out = {k: v.cpu() for k, v in self.teacher(x).items()}
+        return cache.encode(out, labels, self.info)
+
+
+def teacher_info(teacher: Teacher, outputs_info: dict) -> dict:
+    """teacher.json: what made the cached arrays; re-runs must match it."""
+    return {
+        "name": teacher.spec.name,
+        "timm_name": teacher.spec.timm_name,
+        "weights": teacher.weights,
+        "input_size": teacher.input_size,
+        "mean": list(teacher.mean),
+        "std": list(teacher.std),
+        **outputs_info,
+        "versions": library_versions(),
+    }
+
+
+# Fields that must agree for two extractions to share one teacher group.
+_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "num_classes")
+
+
+def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int) -> UnitArrays:
+    if "logits" in info["outputs"] and info["num_classes"] != num_classes:
+        raise UserError(
+            f"teacher '{info['name']}' predicts {info['num_classes']} classes but the dataset has {num_classes}: "
+            "use weights trained on these classes, or --outputs features"
+        )
+    if teacher_id in store.teacher_ids():
+        made = store.teacher_info(teacher_id)
+        diff = [k for k in _MUST_MATCH if made.get(k) != info.get(k)]
+        if diff:
+            raise UserError(
+                f"store {store.path} already holds teacher '{teacher_id}' with other {', '.join(diff)} "
+                f"({', '.join(f'{k}={made.get(k)}' for k in diff)}): pass --teacher-id NAME to store this one beside it"
+            )
+    return store.create_teacher(teacher_id, info, cache.array_specs(info))
+
+
+@dataclass
+class ExtractResult:
+    units: int
+    skipped: int
+    views: int
+    seconds: float
+
+
+def extract(
+    store: Store,
+    dataset: ImageDataset,
+    runner: TeacherRunner,
+    teacher_id: str,
+    *,
+    views: int,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> ExtractResult:
+    """Extract ``views`` views of every sample into ``store`` under ``teacher_id``; resumable."""
+    plan = stored_plan(store)
+    source = StoredViews(store, plan)
+    group = open_teacher(store, teacher_id, runner.info, dataset.num_classes)
+    plan_done = source.group.committed()
+    done = group.committed()
+    units = [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done]
+    skipped = views * store.num_blocks - len(units)
+    if skipped:
+        log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, len(units))
+    total_views = sum(len(source.ids(b)) for _, b in units)
+    progress = Progress(f"extract {teacher_id}", total_views)
+    sizes, plan_size = dataset.sizes(), store.meta["plan"]["size"]
+    param_names = list(plan.fields)
+
+    def unit_tables():
+        for v, b in units:
+            ids = source.ids(b)
+            if (v, b) in plan_done:
+                table = source.params(v, b)
+            else:
+                table = {**plan.draw(v, ids, sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
+            table.update(id=ids, view=np.full(len(ids), v), label=dataset.labels[ids], unit=np.full(len(ids), b))
+            table["check"] = np.ones(len(ids), bool)
+            yield table
+
+    def batches():
+        for table in unit_tables():
+            yield from even_batches(table, batch_size)
+
+    renderer = ViewRenderer(dataset, plan, (runner.teacher.input_size,), plan_size)
+    start = time.perf_counter()
+    parts: list[tuple[Table, dict, dict]] = []
+    for batch, rendered in render_batches(renderer, batches(), param_names, workers, check_column="check"):
+        rows = runner(rendered["views"][0], torch.from_numpy(batch["label"]))
+        parts.append((batch, rendered["fingerprint"].numpy().astype(np.uint32), rows))
+        v, b = int(batch["view"][0]), int(batch["unit"][0])
+        if sum(len(p[0]["id"]) for p in parts) == len(source.ids(b)):
+            _commit_unit(store, source, group, v, b, parts, plan_done, param_names)
+            progress.update(len(source.ids(b)))
+            parts = []
+    return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)
+
+
+def _commit_unit(store, source, group, v, b, parts, plan_done, param_names) -> None:
+    table = concat([p[0] for p in parts])
+    prints = np.concatenate([p[1] for p in parts])
+    if (v, b) in plan_done:
+        bad = np.flatnonzero(prints != table["fingerprint"])
+        if len(bad):
+            i = int(table["id"][bad[0]])
+            raise UserError(
+                f"view {v} of sample {i} renders differently now than when the store's plan was written "
+                f"({len(bad)} of {len(prints)} views in this unit differ): the image data or an imaging library changed; "
+                f"compare versions in {store.path}/store.json with this environment"
+            )
+    else:
+        source.group.write_unit(v, b, {**{k: table[k] for k in param_names}, "fingerprint": prints})
+        plan_done.add((v, b))
+    rows = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+    group.write_unit(v, b, rows)

@@ -1,0 +1,223 @@
+"""Frozen teachers: a registry of short names over timm models, and how to load their weights.
+
+Every teacher maps a normalised image batch to ``dict[str, Tensor]`` with the
+keys its spec lists: ``logits`` (B, C) and/or ``features`` (B, D), the pooled
+pre-logits feature. Any timm model name works as a teacher; the short names
+below pin the hub weights and input size people mean by them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from storage import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a teacher is. ``None`` fields fall back to timm's pretrained config for the model."""
+
+    name: str
+    timm_name: str
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    outputs: tuple[str, ...] = ("logits", "features")
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+_TEACHERS: dict[str, TeacherSpec] = {}
+
+
+def register_teacher(spec: TeacherSpec) -> TeacherSpec:
+    _TEACHERS[spec.name] = spec
+    return spec
+
+
+def list_teachers() -> list[str]:
+    return sorted(_TEACHERS)
+
+
+# DINOv2 has no classifier and a 518 px default; people use it at 224 (FACTS.md).
+for _size, _arch in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
+    for _reg, _tag in (("", ""), ("_reg", "reg4_")):
+        register_teacher(
+            TeacherSpec(
+                f"dinov2_{_size}{_reg}",
+                f"vit_{_arch}_patch14_{_tag}dinov2.lvd142m",
+                input_size=224,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                outputs=("features",),
+                kwargs={"img_size": 224},
+            )
+        )
+register_teacher(TeacherSpec("beitv2_b", "beitv2_base_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
+register_teacher(TeacherSpec("beitv2_l", "beitv2_large_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
+register_teacher(TeacherSpec("resnet152", "resnet152.a1h_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def resolve_teacher(name: str) -> TeacherSpec:
+    """The registered spec for ``name``, or a spec for any timm model of that name."""
+    if name in _TEACHERS:
+        return _TEACHERS[name]
+    if timm.is_model(name):
+        cfg = timm.models.get_pretrained_cfg(name)
+        return TeacherSpec(
+            name,
+            name,
+            input_size=cfg.input_size[-1] if cfg else None,
+            mean=tuple(cfg.mean) if cfg else None,
+            std=tuple(cfg.std) if cfg else None,
+        )
+    close = difflib.get_close_matches(name, list(_TEACHERS) + timm.list_models(), n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known short names: {', '.join(list_teachers())}"
+    raise UserError(f"unknown teacher '{name}': {hint} (any timm model name also works)")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Teacher(nn.Module):
+    """A frozen timm model returning ``{"logits": (B, C), "features": (B, D)}`` (what it has)."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str):
+        super().__init__()
+        self.spec, self.model, self.weights = spec, model.eval().requires_grad_(False), weights
+        cfg = model.pretrained_cfg or {}
+        self.input_size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
+        self.mean = tuple(spec.mean or cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(spec.std or cfg.get("std", IMAGENET_STD))
+        self.num_classes = model.num_classes if "logits" in spec.outputs else 0
+        self.outputs = spec.outputs if self.num_classes else tuple(o for o in spec.outputs if o != "logits")
+        self.feature_dim = model.num_features
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: batch norm statistics never move
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.model.forward_features(x)
+        out = {"features": self.model.forward_head(f, pre_logits=True)}
+        if "logits" in self.outputs:
+            out["logits"] = self.model.forward_head(f)
+        return {k: out[k] for k in self.outputs}
+
+
+def _classes_in(state_dict: dict, model_name: str) -> int:
+    """The classifier width stored in a state dict (0 when it has no classifier)."""
+    classifier = getattr(timm.models.get_pretrained_cfg(model_name), "classifier", None) or "head"
+    for key in (f"{classifier}.weight", f"{classifier}.fc.weight", "fc.weight", "head.weight", "head.fc.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return 0
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_teacher(
+    name: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    num_classes: int | None = None,
+    seed: int = 0,
+    input_size: int | None = None,
+) -> Teacher:
+    """Load a frozen teacher.
+
+    weights: a local safetensors file or torch checkpoint; the class count comes from it.
+    random_init: no weights, initialised from ``seed`` (tests); ``num_classes`` from the dataset.
+    neither: the hub weights of the spec's timm model (the usual hub cache), failing fast offline.
+    input_size: render size; ``None`` keeps the teacher's own.
+    """
+    spec = resolve_teacher(name)
+    if input_size is not None:
+        spec = replace(spec, input_size=input_size)
+    kwargs = dict(spec.kwargs)
+    if random_init:
+        nc = num_classes if "logits" in spec.outputs else 0
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=nc, **kwargs)
+        return Teacher(spec, model, weights=f"random-init:seed={seed}")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
+        return Teacher(spec, _load_file(spec, path, kwargs), weights=f"sha256:{file_sha256(path)}")
+    if _hub_reachable():
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise UserError(f"cannot load hub weights for {spec.timm_name}: {e}; pass --weights FILE instead") from e
+        return Teacher(spec, model, weights=f"hub:{spec.timm_name}")
+    # Offline, timm would retry the hub for most of a minute: look in the hub cache ourselves.
+    cached = _cached_hub_file(spec.timm_name)
+    if cached is None:
+        raise UserError(
+            f"teacher '{name}' needs the hub weights of {spec.timm_name}, which are not in the local hub cache, "
+            "and the hub cannot be reached: download them elsewhere and pass --weights FILE (safetensors or torch checkpoint)"
+        )
+    return Teacher(spec, _load_file(spec, Path(cached), kwargs), weights=f"hub:{spec.timm_name}")
+
+
+def _cached_hub_file(timm_name: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = repo and try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
+    """A timm model with weights from a local file; its class count comes from the file."""
+    try:
+        state_dict = timm.models.load_state_dict(str(path), use_ema=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
+    nc = _classes_in(state_dict, spec.timm_name)
+    del state_dict
+    try:
+        # Through timm's loader so each model's checkpoint filter runs (position
+        # embeddings resampled to img_size, original checkpoint formats converted).
+        return timm.create_model(
+            spec.timm_name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path), "num_classes": nc},
+            num_classes=nc,
+            **kwargs,
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {first}") from e

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,8 @@ class CachedTeacher:
         self.group = store.teacher(teacher_id)
         self.needs = tuple(needs)
         self.names = cache.stored_names(self.info, self.needs)
-        expected = {(v, b) for v in range(store.num_views) for b in range(store.num_blocks)}
+        self.num_views = self.info["views"]
+        expected = {(v, b) for v in range(self.num_views) for b in range(store.num_blocks)}
         missing = expected - self.group.committed()
         if missing:
             raise UserError(
@@ -207,6 +209,7 @@ def train(
     out_dir = Path(out_dir) if out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / weights_name).unlink(missing_ok=True)  # a stale result must not pass for this run's
         (out_dir / "metrics.jsonl").write_text("")
     metrics, start = [], time.perf_counter()
 
@@ -258,7 +261,12 @@ def train(
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
     if out_dir:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / weights_name))
+        # Written once, at the end, through a rename: a crashed run leaves no weights that look finished.
+        tmp = out_dir / f".{weights_name}.tmp"
+        # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
+        meta = {"model": s.student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, out_dir / weights_name)
     return TrainResult(model, metrics, time.perf_counter() - start)
 
 

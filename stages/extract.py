@@ -62,9 +62,6 @@ def open_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, block
     store = Store(path)
     check_dataset(store, dataset)
     check_plan(store, plan)
-    if views > store.num_views:
-        log.info("store %s: adding views %d..%d", path, store.num_views, views - 1)
-        store.add_views(views)
     return store
 
 
@@ -127,7 +124,8 @@ def teacher_info(teacher: Teacher, outputs_info: dict) -> dict:
 _MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "num_classes")
 
 
-def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int) -> UnitArrays:
+def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> UnitArrays:
+    """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
     if "logits" in info["outputs"] and info["num_classes"] != num_classes:
         raise UserError(
             f"teacher '{info['name']}' predicts {info['num_classes']} classes but the dataset has {num_classes}: "
@@ -141,7 +139,12 @@ def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int) ->
                 f"store {store.path} already holds teacher '{teacher_id}' with other {', '.join(diff)} "
                 f"({', '.join(f'{k}={made.get(k)}' for k in diff)}): pass --teacher-id NAME to store this one beside it"
             )
-    return store.create_teacher(teacher_id, info, cache.array_specs(info))
+        views = max(views, made["views"])
+    if views > store.num_views:
+        log.info("store %s: adding views %d..%d", store.path, store.num_views, views - 1)
+        store.add_views(views)
+    # The teacher's own view count: distillation needs every unit below it.
+    return store.create_teacher(teacher_id, {**info, "views": views}, cache.array_specs(info))
 
 
 @dataclass
@@ -164,8 +167,8 @@ def extract(
 ) -> ExtractResult:
     """Extract ``views`` views of every sample into ``store`` under ``teacher_id``; resumable."""
     plan = stored_plan(store)
-    source = StoredViews(store, plan)
-    group = open_teacher(store, teacher_id, runner.info, dataset.num_classes)
+    group = open_teacher(store, teacher_id, runner.info, dataset.num_classes, views)
+    source = StoredViews(store, plan, views)
     plan_done = source.group.committed()
     done = group.committed()
     units = [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done]

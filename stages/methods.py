@@ -34,13 +34,18 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method(name: str, **kwargs) -> "Method":
+def method_class(name: str) -> type["Method"]:
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserError(f"unknown method '{name}'{hint}: known methods are {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def create_method(name: str, **kwargs) -> "Method":
+    cls = method_class(name)
     try:
-        return _METHODS[name](**kwargs)
+        return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"bad settings for method '{name}': {e}") from e
 

@@ -28,12 +28,17 @@ Table = dict[str, np.ndarray]
 
 
 class StoredViews:
-    """View parameters as recorded in a store's plan (the authority for replay)."""
+    """Views as recorded in a store's plan (the authority for replay).
 
-    def __init__(self, store: Store, plan: ViewPlan):
+    ``num_views``: how many leading views to use; ``None`` takes every view whose
+    parameters are committed for all blocks.
+    """
+
+    def __init__(self, store: Store, plan: ViewPlan, num_views: int | None = None):
         self.store, self.plan = store, plan
         self.group = store.plan
-        self.num_views, self.num_blocks, self.block = store.num_views, store.num_blocks, store.block
+        self.num_blocks, self.block = store.num_blocks, store.block
+        self.num_views = self.group.complete_views(self.num_blocks) if num_views is None else num_views
         self.names = [*plan.fields, "fingerprint"]
 
     def ids(self, block: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -171,6 +172,7 @@ def build_teacher(
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
+        spec = _with_file_metadata(spec, path, input_size)
         return Teacher(spec, _load_file(spec, path, kwargs), weights=f"sha256:{file_sha256(path)}")
     if _hub_reachable():
         try:
@@ -186,6 +188,29 @@ def build_teacher(
             "and the hub cannot be reached: download them elsewhere and pass --weights FILE (safetensors or torch checkpoint)"
         )
     return Teacher(spec, _load_file(spec, Path(cached), kwargs), weights=f"hub:{spec.timm_name}")
+
+
+def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -> TeacherSpec:
+    """Input size and normalisation recorded in a safetensors file (as `pipeline train` writes them).
+
+    They describe how these weights were trained, so they win over the spec; an
+    explicit ``input_size`` wins over both.
+    """
+    if path.suffix != ".safetensors":
+        return spec
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return spec  # unreadable files get their clear error from the loader
+    return replace(
+        spec,
+        input_size=input_size or int(meta.get("input_size", 0)) or spec.input_size,
+        mean=tuple(json.loads(meta["mean"])) if "mean" in meta else spec.mean,
+        std=tuple(json.loads(meta["std"])) if "std" in meta else spec.std,
+    )
 
 
 def _cached_hub_file(timm_name: str) -> str | None:

@@ -132,6 +132,13 @@ class UnitArrays:
                     units.add((int(m[1]), int(m[2])))
         return units
 
+    def complete_views(self, num_blocks: int) -> int:
+        """How many leading views have every block committed."""
+        done, views = self.committed(), 0
+        while all((views, b) in done for b in range(num_blocks)) and num_blocks:
+            views += 1
+        return views
+
     def is_committed(self, view: int, block: int) -> bool:
         return self._record_path(view, block).exists()
 
@@ -260,11 +267,8 @@ class Store:
         return UnitArrays(self.path / "teachers" / teacher_id, self.block)
 
     def create_teacher(self, teacher_id: str, info: dict, specs: dict[str, ArraySpec]) -> UnitArrays:
-        """Create (or reopen, when ``info`` matches) a teacher's arrays."""
+        """Create a teacher's arrays, or reopen them; ``info`` (teacher.json) is written either way."""
         root = self.path / "teachers" / teacher_id
-        info_path = root / "teacher.json"
-        if info_path.exists():
-            return UnitArrays(root, self.block)
         group = UnitArrays.create(root, specs, self.num_views, self.num_samples, self.block)
-        write_json_atomic(info_path, info)
+        write_json_atomic(root / "teacher.json", info)
         return group

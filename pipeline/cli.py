@@ -1,0 +1,155 @@
+"""The ``pipeline`` command: demo, train, extract, distill.
+
+Each command resolves its settings (flag > --config file > recipe > default),
+saves them beside its output with a log file, and calls into ``stages``. A
+``UserError`` ends the run with one line on stderr and exit status 2; the
+traceback appears only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+import time
+from pathlib import Path
+
+from storage import UserError
+
+from . import commands
+from .demo import add_demo_parser
+
+log = logging.getLogger("pipeline")
+
+TRAIN_DEFAULTS = commands.TrainSettings()
+
+
+def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) -> None:
+    d = TRAIN_DEFAULTS
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs or d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"samples per optimiser step; a last partial batch is dropped (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"AdamW peak learning rate, cosine decay (default: {d.lr})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay})")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up (default: {d.warmup_epochs})")
+    g.add_argument("--seed", type=int, help=f"seed of the student's initialisation and data order (default: {d.seed})")
+    g.add_argument("--size", type=int, help="input size of the trained model (default: the store's view size, else the model's own)")
+    g.add_argument(
+        "--label-fraction",
+        type=float,
+        help="share of training samples whose label the student may use, stratified per class; the others are "
+        f"supervised by the teacher alone, 0 trains from the cache only (default: {d.label_fraction})",
+    )
+    g.add_argument("--workers", type=int, help=f"loader processes rendering views (default: {d.workers}, render in the main process)")
+    g.add_argument("--config", help="YAML file of settings (any TrainSettings field, method_args); flags override it")
+    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log")
+
+
+def _view_flags(p: argparse.ArgumentParser) -> None:
+    d = commands.ViewRecipe()
+    g = p.add_argument_group("views (fixed when a store is created; an existing store keeps its own)")
+    g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help=f"RandomResizedCrop area range (default: {d.scale[0]} {d.scale[1]})")
+    g.add_argument("--ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help=f"RandomResizedCrop aspect range (default: {d.ratio[0]:.4g} {d.ratio[1]:.4g})")
+    g.add_argument("--hflip", type=float, help=f"horizontal flip probability (default: {d.hflip})")
+    g.add_argument("--eval-crop", type=float, help=f"centre-crop fraction of evaluation views (default: {d.eval_crop})")
+    g.add_argument("--plan-seed", type=int, help="seed of the view plan (default: 0)")
+
+
+def _teacher_flags(g, seed_flag: str) -> None:
+    g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher)")
+    g.add_argument("--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)")
+    g.add_argument(seed_flag, dest="teacher_seed", type=int, default=0, help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Distil students from cached teacher outputs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_demo_parser(sub)
+
+    p = sub.add_parser("train", help="supervised training of any timm model (for example to fit a teacher)")
+    p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
+    p.add_argument("--val-data", help="validation data for folder datasets (folder:PATH)")
+    p.add_argument("--model", required=True, help="timm model name")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value (repeatable)")
+    _view_flags(p)
+    _training_flags(p)
+    p.set_defaults(func=commands.train_command)
+
+    p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
+    p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
+    p.add_argument("--teacher", required=True, help="short name (dinov2_s/b/l/g[_reg], beitv2_b/l, resnet152) or any timm model")
+    _teacher_flags(p, "--seed")
+    p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher)")
+    p.add_argument("--store", required=True, help="store directory; created on first use, resumed or extended later")
+    p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
+    p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
+    p.add_argument("--block", type=int, default=1024, help="samples per shard, the unit of work (default: 1024; fixed at creation)")
+    p.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
+    p.add_argument("--topk", type=int, default=10, help="k for --logits topk (default: 10)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
+    p.add_argument("--outputs", help="comma-separated outputs to store: logits, features (default: all the teacher has)")
+    p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (default: 0)")
+    _view_flags(p)
+    p.set_defaults(func=commands.extract_command)
+
+    p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
+    p.add_argument("--from-cache", required=True, metavar="STORE", help="the store made by `pipeline extract`")
+    p.add_argument("--teacher", help="teacher id in the store (default: its only teacher); with --online, the teacher to run")
+    p.add_argument("--online", action="store_true", help="run the teacher live on the same replayed views instead of reading the cache")
+    _teacher_flags(p, "--teacher-seed")
+    p.add_argument("--teacher-size", type=int, help="render size of the live teacher (default: the store's view size)")
+    p.add_argument("--student", help=f"timm model name of the student (default: {TRAIN_DEFAULTS.student})")
+    p.add_argument("--student-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value, e.g. channels=[8,16,32,64]")
+    p.add_argument("--method", help=f"distillation method (default: {TRAIN_DEFAULTS.method}); its recipe is configs/methods/NAME.yaml")
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method setting, e.g. temperature=4 (repeatable)")
+    p.add_argument("--data", help="training data, when it moved since extraction (default: the store's; must match its fingerprint)")
+    p.add_argument("--val-data", help="validation data for folder datasets (folder:PATH)")
+    p.add_argument("--verify", choices=("all", "sample", "none"), help="replayed views checked against the stored fingerprints (default: sample, about 1 in 100)")
+    _training_flags(p)
+    p.set_defaults(func=commands.distill_command)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("timm", "ray", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"error: {e.strerror}: {e.filename or ''}; free space or fix permissions, then run the same command again "
+              "(committed work is kept)", file=sys.stderr)
+        return 2
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""What each command does: resolve settings, open inputs, call one stage, save config and log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from stages.datasets import ImageDataset, open_dataset
+from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
+from stages.extract import TeacherRunner, check_dataset, extract, open_store, stored_plan, teacher_info
+from stages.cache import output_info
+from stages.methods import method_class
+from stages.replay import DrawnViews, StoredViews
+from stages.teachers import build_teacher
+from stages.views import ViewPlan, ViewRecipe
+from storage import Store, UserError
+
+from . import config
+
+log = logging.getLogger("pipeline")
+
+__all__ = ["TrainSettings", "ViewRecipe", "distill_command", "extract_command", "train_command"]
+
+
+@contextmanager
+def run_log(path: Path):
+    """Also write this run's log lines to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
+    """The recipe from view flags over ``base`` (a store's recipe, or the defaults)."""
+    flags = {"scale": args.scale, "ratio": args.ratio, "hflip": args.hflip, "eval_crop": args.eval_crop}
+    return config.build(ViewRecipe, config.merge((base or ViewRecipe()).to_dict(), flags), "view flags")
+
+
+def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
+    if source.startswith("folder:") and not val_source:
+        log.warning("no validation data: pass --val-data folder:PATH to evaluate each epoch")
+        return None
+    return open_dataset(source, "val", val_source)
+
+
+def train_settings(args, **fixed) -> TrainSettings:
+    """Defaults < method recipe < --config < flags."""
+    file = config.load_yaml(args.config) if args.config else {}
+    flags = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "seed": args.seed,
+        "size": args.size,
+        "label_fraction": args.label_fraction,
+        "workers": args.workers,
+        **fixed,
+    }
+    method = flags.get("method") or file.get("method") or TrainSettings.method
+    settings = config.merge(config.recipe(f"methods/{method}"), file, flags)
+    if not 0.0 <= settings.get("label_fraction", 1.0) <= 1.0:
+        raise UserError(f"--label-fraction must lie in [0, 1], not {settings['label_fraction']}")
+    return config.build(TrainSettings, settings, args.config or "the command line")
+
+
+def train_command(args) -> None:
+    out = Path(args.out)
+    dataset = open_dataset(args.data)
+    val = validation_data(args.data, args.val_data)
+    settings = train_settings(args, student=args.model, student_kwargs=config.parse_pairs(args.model_arg, "--model-arg"), method="ce")
+    plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
+    with run_log(out / "run.log"):
+        config.save(out / "config.yaml", {"command": "train", "data": args.data, "views": plan.describe(), "train": settings})
+        # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
+        views = DrawnViews(plan, dataset, num_views=settings.epochs)
+        result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors")
+    final = result.metrics[-1]
+    print(f"{args.model}: val top-1 {final.get('val_top1', float('nan')):.4f} after {settings.epochs} epochs -> {out / 'model.safetensors'}")
+
+
+def extract_command(args) -> None:
+    dataset = open_dataset(args.data)
+    teacher = build_teacher(
+        args.teacher,
+        weights=args.weights,
+        random_init=args.random_init,
+        num_classes=dataset.num_classes,
+        seed=args.teacher_seed,
+        input_size=args.size,
+    )
+    outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
+    info = teacher_info(teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, outputs=outputs))
+    store_path = Path(args.store)
+    if Store.exists(store_path):
+        made = Store(store_path).meta["plan"]
+        plan = ViewPlan(view_recipe(args, ViewRecipe.from_dict(made["recipe"])), made["seed"] if args.plan_seed is None else args.plan_seed)
+    else:
+        plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
+    store = open_store(store_path, dataset, plan, views=args.views, block=args.block, size=teacher.input_size)
+    teacher_id = args.teacher_id or re.sub(r"[^A-Za-z0-9_.-]", "_", args.teacher)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with run_log(store.path / "logs" / f"extract-{teacher_id}-{stamp}.log"):
+        config.save(store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml", {"command": "extract", **vars(args), "func": None})
+        log.info("extract %s (%s, %s) into %s: %d views x %d samples", teacher_id, info["timm_name"], info["weights"], store.path, args.views, len(dataset))
+        result = extract(store, dataset, TeacherRunner(teacher, info), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
+    rate = result.views / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
+        f"{result.skipped} already committed -> {store.path}"
+    )
+
+
+def distill_command(args) -> None:
+    store = Store(args.from_cache)
+    plan = stored_plan(store)
+    source = args.data or store.meta["dataset"]["source"]
+    dataset = open_dataset(source)
+    check_dataset(store, dataset)
+    val = validation_data(source, args.val_data)
+    settings = train_settings(
+        args,
+        student=args.student,
+        student_kwargs=config.parse_pairs(args.student_arg, "--student-arg") or None,
+        method=args.method,
+        method_args=config.parse_pairs(args.method_arg, "--method-arg") or None,
+        verify=args.verify,
+        size=args.size or store.meta["plan"]["size"],
+    )
+    needs = method_class(settings.method).needs
+    teacher = None
+    if args.online:
+        if not args.teacher:
+            raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
+        live = build_teacher(
+            args.teacher,
+            weights=args.weights,
+            random_init=args.random_init,
+            num_classes=dataset.num_classes,
+            seed=args.teacher_seed,
+            input_size=args.teacher_size or store.meta["plan"]["size"],
+        )
+        if "logits" in needs and live.num_classes != dataset.num_classes:
+            raise UserError(f"teacher '{args.teacher}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
+        teacher = LiveTeacher(live, needs)
+    elif needs:
+        teacher = CachedTeacher(store, _pick_teacher(store, args.teacher), needs)
+    out = Path(args.out)
+    with run_log(out / "run.log"):
+        config.save(
+            out / "config.yaml",
+            {"command": "distill", "store": str(store.path), "online": args.online, "teacher": args.teacher, "data": source, "train": settings},
+        )
+        views = StoredViews(store, plan, teacher.num_views if isinstance(teacher, CachedTeacher) else None)
+        if views.num_views == 0:
+            raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
+        result = train(settings, dataset, val, views, plan, teacher, out_dir=out)
+    final = result.metrics[-1]
+    mode = "online teacher" if args.online else f"cache {store.path}"
+    print(
+        f"{settings.student} ({settings.method}, {mode}): val top-1 {final.get('val_top1', float('nan')):.4f} "
+        f"after {settings.epochs} epochs, {result.seconds:.1f} s -> {out / 'student.safetensors'}"
+    )
+
+
+def _pick_teacher(store: Store, requested: str | None) -> str:
+    ids = store.teacher_ids()
+    if requested:
+        store.teacher_info(requested)  # names the known teachers when it is not there
+        return requested
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise UserError(f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first")
+    raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher")

@@ -1,0 +1,86 @@
+"""Configuration as data: YAML recipes under configs/, overridden by the command line, always saved.
+
+Resolution order for every setting: command-line flag, then ``--config FILE``,
+then the method's recipe ``configs/methods/<method>.yaml``, then the code's
+default. A flag left unset (``None``) never overrides anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from storage import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def recipe(name: str) -> dict:
+    """A YAML recipe shipped in configs/ (``methods/kd``, ``demo``); empty when there is none."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    return load_yaml(path) if path.is_file() else {}
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict:
+    """``["temperature=4", "channels=[8,16]"]`` -> ``{"temperature": 4, "channels": [8, 16]}`` (YAML values)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} takes KEY=VALUE, not '{pair}'")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def merge(*layers: dict) -> dict:
+    """Later layers win; nested dicts merge; ``None`` values are skipped."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None:
+                continue
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def build(cls, settings: dict, where: str):
+    """A dataclass from a settings dict, refusing unknown keys with the known ones listed."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} in {where}: known are {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) and k in ("scale", "ratio") else v for k, v in settings.items()}
+    return cls(**values)
+
+
+def save(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

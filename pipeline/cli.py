@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="supervised training of any timm model (for example to fit a teacher)")
     p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
-    p.add_argument("--val-data", help="validation data for folder datasets (folder:PATH)")
+    p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
     p.add_argument("--model", required=True, help="timm model name")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value (repeatable)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value (repeatable; default: none)")
     _view_flags(p)
     _training_flags(p)
     p.set_defaults(func=commands.train_command)
@@ -100,15 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
     p.add_argument("--from-cache", required=True, metavar="STORE", help="the store made by `pipeline extract`")
     p.add_argument("--teacher", help="teacher id in the store (default: its only teacher); with --online, the teacher to run")
-    p.add_argument("--online", action="store_true", help="run the teacher live on the same replayed views instead of reading the cache")
+    p.add_argument("--online", action="store_true", help="run the teacher live on the same replayed views instead of reading the cache (default: off)")
     _teacher_flags(p, "--teacher-seed")
     p.add_argument("--teacher-size", type=int, help="render size of the live teacher (default: the store's view size)")
     p.add_argument("--student", help=f"timm model name of the student (default: {TRAIN_DEFAULTS.student})")
-    p.add_argument("--student-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value, e.g. channels=[8,16,32,64]")
+    p.add_argument("--student-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value, e.g. channels=[8,16,32,64] (repeatable; default: none)")
     p.add_argument("--method", help=f"distillation method (default: {TRAIN_DEFAULTS.method}); its recipe is configs/methods/NAME.yaml")
-    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method setting, e.g. temperature=4 (repeatable)")
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method setting, e.g. temperature=4 (repeatable; default: the method's recipe in configs/methods/)")
     p.add_argument("--data", help="training data, when it moved since extraction (default: the store's; must match its fingerprint)")
-    p.add_argument("--val-data", help="validation data for folder datasets (folder:PATH)")
+    p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
     p.add_argument("--verify", choices=("all", "sample", "none"), help="replayed views checked against the stored fingerprints (default: sample, about 1 in 100)")
     _training_flags(p)
     p.set_defaults(func=commands.distill_command)
@@ -116,13 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    # The root logger passes everything from INFO up, so run logs are complete;
+    # only the console obeys --quiet.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger().handlers[0].setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("timm", "ray", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stages.datasets import ImageDataset, open_dataset
 from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
-from stages.extract import TeacherRunner, check_dataset, extract, open_store, stored_plan, teacher_info
+from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
 from stages.cache import output_info
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
@@ -101,6 +101,9 @@ def extract_command(args) -> None:
     )
     outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
     info = teacher_info(teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, outputs=outputs))
+    # Everything that can be checked is checked before a store directory exists.
+    check_classes(info, dataset.num_classes)
+    dataset.sizes()  # reads every image header: unreadable files surface now
     store_path = Path(args.store)
     if Store.exists(store_path):
         made = Store(store_path).meta["plan"]

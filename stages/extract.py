@@ -124,13 +124,17 @@ def teacher_info(teacher: Teacher, outputs_info: dict) -> dict:
 _MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "num_classes")
 
 
-def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> UnitArrays:
-    """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
+def check_classes(info: dict, num_classes: int) -> None:
     if "logits" in info["outputs"] and info["num_classes"] != num_classes:
         raise UserError(
             f"teacher '{info['name']}' predicts {info['num_classes']} classes but the dataset has {num_classes}: "
             "use weights trained on these classes, or --outputs features"
         )
+
+
+def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> UnitArrays:
+    """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
+    check_classes(info, num_classes)
     if teacher_id in store.teacher_ids():
         made = store.teacher_info(teacher_id)
         diff = [k for k in _MUST_MATCH if made.get(k) != info.get(k)]

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from storage import Store
+from storage import Store, UserError
 
 from .datasets import ImageDataset
 from .views import ViewPlan, fingerprint, row
@@ -183,8 +183,12 @@ def render_batches(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-    for rendered in loader:
-        yield pending.popleft(), rendered
+    try:
+        for rendered in loader:
+            yield pending.popleft(), rendered
+    except UserError as e:
+        # A worker's error arrives wrapped in its traceback text; keep the user's one line.
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 def labelled_mask(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny dataset, real random-init timm teachers, and one extracted store.
+
+Everything is sized for two CPU cores: 80 fake 32 px images in blocks of 32
+(the last block holds 16 rows, so partial shards are exercised), two views,
+batches of 32. Batches stay at 16 rows or more wherever results are compared
+bit for bit: CPU convolutions give slightly different per-sample results in
+smaller batches.
+
+Session-scoped stores are never modified by a test; a test that changes a
+store works on a copy (``store_copy``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import cache
+from stages.datasets import open_dataset
+from stages.extract import TeacherRunner, extract, open_store, teacher_info
+from stages.teachers import build_teacher
+from stages.views import ViewPlan, ViewRecipe
+
+DATA = "fake:80?size=32"
+VIEWS, BLOCK, SIZE, BATCH = 2, 32, 32, 32
+STUDENT = dict(student="resnet10t", student_kwargs=dict(channels=(8, 16, 32, 64)))
+
+
+def make_teacher(seed: int = 0, num_classes: int = 10):
+    return build_teacher("resnet18", random_init=True, num_classes=num_classes, input_size=SIZE, seed=seed)
+
+
+def runner_for(teacher, **output_kwargs) -> TeacherRunner:
+    return TeacherRunner(teacher, teacher_info(teacher, cache.output_info(teacher, **output_kwargs)))
+
+
+def read_tree(root) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes: 'nothing changed' means equal trees."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def group_arrays(group) -> dict[str, np.ndarray]:
+    """All arrays of a store group (plan or teacher), read whole."""
+    return {name: group.array(name)[:] for name in group.names}
+
+
+@pytest.fixture(scope="session")
+def train_data():
+    return open_dataset(DATA)
+
+
+@pytest.fixture(scope="session")
+def val_data():
+    return open_dataset(DATA, "val")
+
+
+@pytest.fixture(scope="session")
+def plan():
+    return ViewPlan(ViewRecipe(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher1():
+    return make_teacher(seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher2():
+    return make_teacher(seed=1)
+
+
+@pytest.fixture(scope="session")
+def base_store(tmp_path_factory, train_data, plan, teacher1) -> Path:
+    """A store with teacher 't1' (resnet18, seed 0): full float32 logits and features, 2 views, all committed."""
+    path = tmp_path_factory.mktemp("base") / "store"
+    store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=SIZE)
+    extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=VIEWS, batch_size=BATCH)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_teacher_store(tmp_path_factory, base_store, train_data, plan, teacher2) -> Path:
+    """``base_store`` plus teacher 't2' (resnet18, seed 1) as top-3 float16 logits, extracted second."""
+    path = tmp_path_factory.mktemp("two") / "store"
+    shutil.copytree(base_store, path)
+    store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=SIZE)
+    extract(store, train_data, runner_for(teacher2, logits="topk", k=3, dtype="float16"), "t2", views=VIEWS, batch_size=BATCH)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wide_store(tmp_path_factory, base_store, train_data, plan, teacher1) -> Path:
+    """``base_store`` plus teacher 'wide' (t1's model again, full float32) extracted with 3 views: t1 keeps 2."""
+    path = tmp_path_factory.mktemp("wide") / "store"
+    shutil.copytree(base_store, path)
+    store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=SIZE)
+    extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "wide", views=3, batch_size=BATCH)
+    return path
+
+
+@pytest.fixture
+def store_copy(base_store, tmp_path) -> Path:
+    """A private copy of ``base_store`` that a test may change."""
+    path = tmp_path / "store"
+    shutil.copytree(base_store, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(base_store):
+    """The arrays of the uninterrupted extraction in ``base_store``: plan and teacher 't1'."""
+    from storage import Store
+
+    store = Store(base_store)
+    return {"plan": group_arrays(store.plan), "t1": group_arrays(store.teacher("t1"))}

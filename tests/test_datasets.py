@@ -1,0 +1,163 @@
+"""Datasets: stable ids, fixed splits, fingerprints, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages.datasets import DigitsDataset, FolderDataset, open_dataset
+from storage import UserError
+
+# -- digits ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_dataset("digits"), open_dataset("digits", "val")
+
+
+def test_digits_split_sizes_are_fixed(digits):
+    train, val = digits
+    assert (len(train), len(val)) == (1433, 364)
+    assert train.num_classes == val.num_classes == 10
+
+
+def test_digits_split_is_disjoint_and_covers_everything(digits):
+    train, val = digits
+    assert not set(train.keys) & set(val.keys)
+    assert len(set(train.keys) | set(val.keys)) == 1797
+
+
+def test_digits_split_is_stratified(digits):
+    train, val = digits
+    n_train, n_val = np.bincount(train.labels, minlength=10), np.bincount(val.labels, minlength=10)
+    assert (n_train > 0).all() and (n_val > 0).all()
+    # Every class sends one in five of its samples (rounded up) to validation.
+    np.testing.assert_array_equal(n_val, -(-(n_train + n_val) // 5))
+
+
+def test_digits_images(digits):
+    train, _ = digits
+    image = train.image(0)
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert image.max() > image.min()  # a digit, not a blank
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])  # grey as RGB
+    np.testing.assert_array_equal(train.sizes(), np.full((1433, 2), 32))
+
+
+def test_digits_fingerprints_differ_between_splits_and_are_stable(digits):
+    train, val = digits
+    assert train.fingerprint() != val.fingerprint()
+    assert DigitsDataset("train").fingerprint() == train.fingerprint()
+    assert DigitsDataset("val").fingerprint() == val.fingerprint()
+    assert train.describe()["fingerprint"] == train.fingerprint()
+
+
+# -- fake ------------------------------------------------------------------------------------
+
+
+def test_fake_images_are_a_function_of_the_id():
+    a, b = open_dataset("fake:20?size=16"), open_dataset("fake:20?size=16")
+    assert a.fingerprint() == b.fingerprint()
+    for i in range(20):
+        assert a.image(i).shape == (3, 16, 16) and a.image(i).dtype == torch.uint8
+        assert torch.equal(a.image(i), b.image(i))
+    assert not torch.equal(a.image(0), a.image(10))  # same class, other sample
+    np.testing.assert_array_equal(a.labels, np.arange(20) % 10)
+
+
+def test_fake_options_and_val_split():
+    ds = open_dataset("fake:30?size=24&classes=3")
+    assert ds.num_classes == 3 and len(ds) == 30 and ds.image(0).shape == (3, 24, 24)
+    np.testing.assert_array_equal(ds.sizes(), np.full((30, 2), 24))
+    val = open_dataset("fake:30?size=24&classes=3", "val")
+    assert len(val) == 6
+    assert val.fingerprint() != ds.fingerprint()
+    assert not torch.equal(val.image(0), ds.image(0))
+
+
+@pytest.mark.parametrize("source", ["fake:abc", "fake:10?colour=3", "nosuch", "digits:x", "folder:"])
+def test_bad_dataset_names_raise_user_error(source):
+    with pytest.raises(UserError):
+        open_dataset(source)
+
+
+# -- folder ----------------------------------------------------------------------------------
+
+
+def _write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two classes (written out of order), RGB and greyscale PNGs of different sizes, one stray text file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "train"
+    pixels = {
+        "zebra/b.png": rng.integers(0, 256, (10, 14, 3), dtype=np.uint8),
+        "zebra/a.png": rng.integers(0, 256, (12, 8, 3), dtype=np.uint8),
+        "apple/x.png": rng.integers(0, 256, (9, 9), dtype=np.uint8),  # greyscale
+        "apple/sub/y.png": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+    }
+    for name, array in pixels.items():
+        _write_png(root / name, array)
+    (root / "zebra" / "notes.txt").write_text("not an image")
+    return root, pixels
+
+
+def test_folder_classes_labels_and_sizes(image_folder):
+    root, pixels = image_folder
+    ds = open_dataset(f"folder:{root}")
+    assert ds.classes == ["apple", "zebra"]
+    assert ds.keys == ["apple/sub/y.png", "apple/x.png", "zebra/a.png", "zebra/b.png"]
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.sizes(), [[5, 7], [9, 9], [12, 8], [10, 14]])
+    for i, key in enumerate(ds.keys):
+        expected = pixels[key]
+        if expected.ndim == 2:
+            expected = np.repeat(expected[..., None], 3, axis=2)
+        image = ds.image(i)
+        assert image.dtype == torch.uint8
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected)  # PNG is lossless
+    assert ds.fingerprint() == FolderDataset(str(root)).fingerprint()
+
+
+def test_folder_unreadable_image_raises_user_error_naming_the_file(image_folder):
+    root, _ = image_folder
+    bad = root / "zebra" / "c.png"
+    bad.write_bytes(b"\x00garbage, not a png" * 10)
+    ds = open_dataset(f"folder:{root}")
+    with pytest.raises(UserError, match="c.png"):
+        ds.sizes()
+    with pytest.raises(UserError, match="c.png"):
+        ds.image(ds.keys.index("zebra/c.png"))
+
+
+def test_folder_truncated_image_raises_user_error_naming_the_file(image_folder):
+    root, _ = image_folder
+    good = (root / "zebra" / "b.png").read_bytes()
+    (root / "zebra" / "t.png").write_bytes(good[: len(good) // 2])  # header fine, data cut short
+    ds = open_dataset(f"folder:{root}")
+    with pytest.raises(UserError, match="t.png"):
+        ds.image(ds.keys.index("zebra/t.png"))
+
+
+def test_folder_errors(tmp_path, image_folder):
+    root, _ = image_folder
+    with pytest.raises(UserError, match="does not exist"):
+        open_dataset(f"folder:{tmp_path / 'missing'}")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        open_dataset(f"folder:{tmp_path / 'empty'}")
+    with pytest.raises(UserError, match="val"):
+        open_dataset(f"folder:{root}", "val")
+    val = tmp_path / "val"
+    _write_png(val / "apple" / "v.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(UserError, match="same class"):
+        open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}")
+    _write_png(val / "zebra" / "v.png", np.zeros((4, 4, 3), np.uint8))
+    assert open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}").classes == ["apple", "zebra"]

@@ -104,7 +104,8 @@ class Teacher(nn.Module):
 
     def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str):
         super().__init__()
-        self.spec, self.model, self.weights = spec, model.eval().requires_grad_(False), weights
+        self.spec, self.model, self.weights = spec, model.requires_grad_(False), weights
+        self.eval()
         cfg = model.pretrained_cfg or {}
         self.input_size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
         self.mean = tuple(spec.mean or cfg.get("mean", IMAGENET_MEAN))
@@ -135,6 +136,8 @@ def _classes_in(state_dict: dict, model_name: str) -> int:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):  # the hub's own switch
+        return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -161,6 +164,8 @@ def build_teacher(
     spec = resolve_teacher(name)
     if input_size is not None:
         spec = replace(spec, input_size=input_size)
+        if "img_size" in spec.kwargs:  # ViTs built for a fixed size (DINOv2) follow the render size
+            spec = replace(spec, kwargs={**spec.kwargs, "img_size": input_size})
     kwargs = dict(spec.kwargs)
     if random_init:
         nc = num_classes if "logits" in spec.outputs else 0

@@ -70,8 +70,8 @@ def run_demo(args) -> None:
     plan = ViewPlan(recipe, seed=0)
     store = open_store(out / "store", data, plan, views=cache_cfg["views"], block=cache_cfg["block"], size=size)
     extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=args.workers)
-    views = StoredViews(store, plan)
     cached = CachedTeacher(store, "teacher", ("logits",))
+    views = StoredViews(store, plan, cached.num_views)
 
     # 3. Stage two: the same student from scratch and from the cache, seed by seed.
     quiet = [logging.getLogger(n) for n in ("stages", "pipeline.progress")]

@@ -100,7 +100,7 @@ class FakeDataset(ImageDataset):
         self.source, self.split, self.size = f"fake:{count}", split, size
         offset = 0 if split == "train" else 10**9  # val images differ from train images
         self.ids = np.arange(count) + offset
-        self.keys = [f"fake/{split}/{i}" for i in range(count)]
+        self.keys = [f"fake{size}/{split}/{i}" for i in range(count)]  # the size is part of what the data is
         self.labels = (np.arange(count) % classes).astype(np.int64)
         self.classes = [f"class{c}" for c in range(classes)]
 

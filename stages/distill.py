@@ -182,6 +182,11 @@ def train(
     method: Method = create_method(s.method, **s.method_args)
     if method.needs and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
+    if isinstance(teacher, CachedTeacher) and views.num_views > teacher.num_views:
+        raise UserError(
+            f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
+            "replay only the teacher's views, or extract the rest"
+        )
     model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs)
     plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]

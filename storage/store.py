@@ -86,7 +86,8 @@ class UnitArrays:
         for name, spec in specs.items():
             if name in group:
                 continue
-            rows = (1, min(block, CHUNK_ROWS))
+            # Inner chunks must tile the shard exactly.
+            rows = (1, CHUNK_ROWS if block % CHUNK_ROWS == 0 else block)
             group.create_array(
                 name,
                 shape=(num_views, num_samples, *spec.row_shape),
@@ -157,8 +158,11 @@ class UnitArrays:
             arr = self.group[name]
             rows_data = np.asarray(rows_data, dtype=arr.dtype)
             rows = rows_data.shape[0]
-            # One assignment covering the whole shard: zarr writes the shard
-            # object once, never a read-modify-write of a neighbour's chunk.
+            # zarr reads a shard before writing into it; the old bytes of an
+            # uncommitted unit mean nothing (and may be torn), so drop them first.
+            key = arr.metadata.encode_chunk_key((view, block) + (0,) * (arr.ndim - 2))
+            (self.path / name / key).unlink(missing_ok=True)
+            # One assignment covering the whole shard: one owner, one write.
             arr[view, start : start + rows] = rows_data
         record = {
             "view": view,

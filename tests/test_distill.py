@@ -143,11 +143,6 @@ def test_cached_teacher_refuses_outputs_it_does_not_store(base_store):
         CachedTeacher(Store(base_store), "nobody", ("logits",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: train() replays every view of the plan (StoredViews' default) without checking that the cached "
-    "teacher has them; a teacher extracted with fewer views than another feeds uncommitted all-zero rows as targets",
-)
 def test_replaying_views_the_cached_teacher_lacks_is_refused(wide_store, train_data):
     store, views = _views(wide_store)  # the plan has 3 complete views (teacher 'wide')
     cached = CachedTeacher(store, "t1", ("logits",))  # t1 has 2

@@ -149,11 +149,6 @@ def test_create_refuses_a_directory_that_is_not_empty(tmp_path):
     assert (tmp_path / "busy" / "file.txt").read_text() == "mine"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: UnitArrays.create uses inner chunks of min(block, 256) rows, which zarr refuses for a block "
-    "above 256 that is not a multiple of 256 (raw ValueError, and a half-created store left behind)",
-)
 def test_any_block_size_makes_a_working_store(tmp_path):
     store = Store.create(tmp_path / "s", meta={}, num_samples=700, num_views=1, block=300, plan_specs=SPECS)
     data = _unit(300, 0)
@@ -161,11 +156,6 @@ def test_any_block_size_makes_a_working_store(tmp_path):
     np.testing.assert_array_equal(store.plan.read_unit(0, 1)["crop"], data["crop"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: UnitArrays.write_unit relies on zarr writing whole shards, but zarr 3 reads the old shard first "
-    "(read-modify-write), so a damaged uncommitted shard makes the rewrite fail instead of replacing it",
-)
 def test_an_uncommitted_damaged_shard_is_rewritten(store):
     store.plan.write_unit(0, 0, _unit(32, 0))
     shard = store.path / "plan" / "crop" / "c" / "0" / "0" / "0"

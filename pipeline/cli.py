@@ -94,8 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", help="comma-separated outputs to store: logits, features (default: all the teacher has)")
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (default: 0)")
+    p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
     _view_flags(p)
     p.set_defaults(func=commands.extract_command)
+
+    p = sub.add_parser("stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)")
+    p.add_argument("--store", required=True, help="the store made by `pipeline extract`")
+    p.add_argument("--teacher", help="teacher id in the store (default: every teacher)")
+    p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
+    p.set_defaults(func=commands.stats_command)
 
     p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
     p.add_argument("--from-cache", required=True, metavar="STORE", help="the store made by `pipeline extract`")

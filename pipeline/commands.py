@@ -12,6 +12,7 @@ from stages.datasets import ImageDataset, open_dataset
 from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
 from stages.cache import output_info
+from stages import stats
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
 from stages.teachers import build_teacher
@@ -22,7 +23,7 @@ from . import config
 
 log = logging.getLogger("pipeline")
 
-__all__ = ["TrainSettings", "ViewRecipe", "distill_command", "extract_command", "train_command"]
+__all__ = ["TrainSettings", "ViewRecipe", "distill_command", "extract_command", "stats_command", "train_command"]
 
 
 @contextmanager
@@ -40,9 +41,10 @@ def run_log(path: Path):
 
 
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
-    """The recipe from view flags over ``base`` (a store's recipe, or the defaults)."""
+    """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
+    file = config.load_yaml(args.config).get("views", {}) if args.config else {}
     flags = {"scale": args.scale, "ratio": args.ratio, "hflip": args.hflip, "eval_crop": args.eval_crop}
-    return config.build(ViewRecipe, config.merge((base or ViewRecipe()).to_dict(), flags), "view flags")
+    return config.build(ViewRecipe, config.merge((base or ViewRecipe()).to_dict(), file, flags), args.config or "view flags")
 
 
 def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
@@ -55,6 +57,7 @@ def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
 def train_settings(args, **fixed) -> TrainSettings:
     """Defaults < method recipe < --config < flags."""
     file = config.load_yaml(args.config) if args.config else {}
+    file.pop("views", None)  # a recipe's view section is for extract and train
     flags = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -111,7 +114,7 @@ def extract_command(args) -> None:
     else:
         plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     store = open_store(store_path, dataset, plan, views=args.views, block=args.block, size=teacher.input_size)
-    teacher_id = args.teacher_id or re.sub(r"[^A-Za-z0-9_.-]", "_", args.teacher)
+    teacher_id = args.teacher_id or _teacher_id(args.teacher)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with run_log(store.path / "logs" / f"extract-{teacher_id}-{stamp}.log"):
         config.save(store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml", {"command": "extract", **vars(args), "func": None})
@@ -155,7 +158,10 @@ def distill_command(args) -> None:
         )
         if "logits" in needs and live.num_classes != dataset.num_classes:
             raise UserError(f"teacher '{args.teacher}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
-        teacher = LiveTeacher(live, needs)
+        # Class means (KD++) describe the teacher, so they come from its cache's statistics when the store has them.
+        teacher_id = _teacher_id(args.teacher)
+        means = stats.class_means(store, teacher_id) if teacher_id in store.teacher_ids() else None
+        teacher = LiveTeacher(live, needs, class_means=means)
     elif needs:
         teacher = CachedTeacher(store, _pick_teacher(store, args.teacher), needs)
     out = Path(args.out)
@@ -174,6 +180,20 @@ def distill_command(args) -> None:
         f"{settings.student} ({settings.method}, {mode}): val top-1 {final.get('val_top1', float('nan')):.4f} "
         f"after {settings.epochs} epochs, {result.seconds:.1f} s -> {out / 'student.safetensors'}"
     )
+
+
+def stats_command(args) -> None:
+    store = Store(args.store)
+    dataset = open_dataset(store.meta["dataset"]["source"] if not args.data else args.data)
+    check_dataset(store, dataset)
+    for teacher_id in [args.teacher] if args.teacher else store.teacher_ids():
+        arrays = stats.write_stats(store, teacher_id, dataset.labels)
+        C, D = arrays["class_means"].shape
+        print(f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}")
+
+
+def _teacher_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def _pick_teacher(store: Store, requested: str | None) -> str:

@@ -16,10 +16,12 @@ import statistics
 import time
 from pathlib import Path
 
+from stages import stats
 from stages.cache import output_info
 from stages.datasets import open_dataset
 from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
 from stages.extract import TeacherRunner, extract, open_store, teacher_info
+from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe
@@ -36,6 +38,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: 15, from configs/demo.yaml)")
+    p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd (default: kd)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
@@ -51,6 +54,9 @@ def run_demo(args) -> None:
     common = {"size": size, "workers": args.workers}
     teacher_settings = TrainSettings(**config.merge(cfg["teacher"], {"epochs": args.teacher_epochs}, common), method="ce")
     student_base = config.merge(cfg["student"], {"epochs": args.epochs}, common)
+    method = args.method
+    method_args = config.merge(config.recipe(f"methods/{method}").get("method_args", {}), cfg["method_args"].get(method, {}))
+    needs = method_class(method).needs
     config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_run": teacher_settings})
 
     # 1. The teacher: supervised on every label, a fresh view per epoch from its own plan.
@@ -70,7 +76,9 @@ def run_demo(args) -> None:
     plan = ViewPlan(recipe, seed=0)
     store = open_store(out / "store", data, plan, views=cache_cfg["views"], block=cache_cfg["block"], size=size)
     extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=args.workers)
-    cached = CachedTeacher(store, "teacher", ("logits",))
+    if "features" in needs:
+        stats.write_stats(store, "teacher", data.labels)
+    cached = CachedTeacher(store, "teacher", needs)
     views = StoredViews(store, plan, cached.num_views)
 
     # 3. Stage two: the same student from scratch and from the cache, seed by seed.
@@ -80,28 +88,29 @@ def run_demo(args) -> None:
     rows, epoch_s = {}, []
     try:
         for frac in dict.fromkeys([fraction, 1.0]):
-            for method in ("ce", "kd"):
+            for name in ("ce", method):
                 accs = []
                 for seed in seeds:
-                    s = TrainSettings(**student_base, method=method, seed=seed, label_fraction=frac)
-                    run = train(s, data, val, views, plan, cached if method == "kd" else None, out_dir=out / f"student-{method}-labels{frac:g}-seed{seed}")
+                    s = TrainSettings(**student_base, method=name, method_args=method_args if name == method else {}, seed=seed, label_fraction=frac)
+                    run = train(s, data, val, views, plan, cached if name == method else None, out_dir=out / f"student-{name}-labels{frac:g}-seed{seed}")
                     accs.append(run.metrics[-1]["val_top1"])
-                    if method == "kd":
+                    if name == method:
                         epoch_s += [m["seconds"] for m in run.metrics]
-                    log.info("demo 3/4: %s, labels %.0f%%, seed %d: val top-1 %.4f", method, 100 * frac, seed, accs[-1])
-                rows[(frac, method)] = accs
+                    log.info("demo 3/4: %s, labels %.0f%%, seed %d: val top-1 %.4f", name, 100 * frac, seed, accs[-1])
+                rows[(frac, name)] = accs
 
         # 4. The price of not caching: one epoch with the teacher run live on the same views.
         log.info("demo 4/4: timing distillation with the teacher run online")
-        online = TrainSettings(**{**student_base, "epochs": 1}, method="kd", label_fraction=fraction)
-        online_s = train(online, data, None, views, plan, LiveTeacher(teacher, ("logits",))).metrics[0]["seconds"]
+        online = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
+        live = LiveTeacher(teacher, needs, class_means=cached.class_means())
+        online_s = train(online, data, None, views, plan, live).metrics[0]["seconds"]
     finally:
         for logger in quiet:
             logger.setLevel(logging.NOTSET)
 
     print_table(
         data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
-        student=student_base, fraction=fraction, rows=rows, seeds=seeds, extracted=extracted,
+        student=student_base, method=method, fraction=fraction, rows=rows, seeds=seeds, extracted=extracted,
         cache_epoch_s=statistics.median(epoch_s), online_epoch_s=online_s, out=out,
     )
 
@@ -110,7 +119,7 @@ def _params(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
 
 
-def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, fraction, rows, seeds, extracted, cache_epoch_s, online_epoch_s, out):
+def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, seeds, extracted, cache_epoch_s, online_epoch_s, out):
     from stages.distill import build_student
 
     student_model = build_student(student["student"], data.num_classes, 0, **student.get("student_kwargs", {}))
@@ -126,11 +135,11 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
     print(f"{'model':<34}{'labels used':>12}{'val top-1':>18}{'distilled wins':>16}")
     print(f"{'teacher ' + teacher.spec.name:<34}{'100%':>12}{pct(teacher_acc):>18}{'':>16}")
     for frac in dict.fromkeys([fraction, 1.0]):
-        scratch, distilled = rows[(frac, "ce")], rows[(frac, "kd")]
+        scratch, distilled = rows[(frac, "ce")], rows[(frac, method)]
         wins = sum(d > s for d, s in zip(distilled, scratch))
         tag = "  (control)" if frac == 1.0 and fraction != 1.0 else ""
         print(f"{'student from scratch' + tag:<34}{pct(frac):>12}{spread(scratch):>18}{'':>16}")
-        print(f"{'student distilled from cache' + tag:<34}{pct(frac):>12}{spread(distilled):>18}{f'{wins} of {len(seeds)}':>16}")
+        print(f"{f'student distilled ({method}, cache)' + tag:<34}{pct(frac):>12}{spread(distilled):>18}{f'{wins} of {len(seeds)}':>16}")
     print()
     print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / extracted.seconds:,.0f} views/s)")
     print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")

@@ -26,9 +26,9 @@ from torch import nn
 
 from storage import Store, UserError
 
-from . import cache
+from . import cache, stats
 from .datasets import ImageDataset
-from .methods import Method, create_method
+from .methods import Method, MethodContext, Targets, create_method, method_class
 from .progress import Progress
 from .replay import (
     StoredViews,
@@ -56,9 +56,17 @@ class TrainSettings:
     method_args: dict = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 64
+    optimizer: str = "adamw"  # any timm optimizer: adamw, lamb, sgd, ...
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # not applied to biases and norm layers (timm's default filter)
+    schedule: str = "cosine"  # cosine (per step), or step (x lr_gamma at each of lr_milestones epochs)
+    lr_milestones: list = field(default_factory=list)
+    lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    drop_path: float | None = None  # stochastic depth of the student; None: the model's default
     seed: int = 0
     label_fraction: float = 1.0  # share of samples whose label the student may use
     label_seed: int = 0
@@ -78,9 +86,10 @@ class CachedTeacher:
     def __init__(self, store: Store, teacher_id: str, needs):
         self.info = store.teacher_info(teacher_id)
         self.group = store.teacher(teacher_id)
-        self.needs = tuple(needs)
+        self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
         self.names = cache.stored_names(self.info, self.needs)
         self.num_views = self.info["views"]
+        self.feature_dim = self.info["feature_dim"]
         expected = {(v, b) for v in range(self.num_views) for b in range(store.num_blocks)}
         missing = expected - self.group.committed()
         if missing:
@@ -92,6 +101,9 @@ class CachedTeacher:
     def unit_rows(self, view: int, block: int, rows: int) -> Table:
         return {f"t:{k}": v for k, v in self.group.read_unit(view, block, self.names, rows=rows).items()}
 
+    def class_means(self) -> torch.Tensor | None:
+        return stats.class_means(self.store, self.teacher_id)
+
     def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
         return cache.decode({k[2:]: v for k, v in batch.items() if k.startswith("t:")}, self.info, self.needs)
 
@@ -99,15 +111,18 @@ class CachedTeacher:
 class LiveTeacher:
     """The teacher run on the same replayed views, at its own input size and normalisation."""
 
-    def __init__(self, teacher: Teacher, needs):
-        self.teacher, self.needs = teacher, tuple(needs)
-        self.size = teacher.input_size
+    def __init__(self, teacher: Teacher, needs, class_means: torch.Tensor | None = None):
+        self.teacher, self.needs, self._class_means = teacher, tuple(needs), class_means
+        self.size, self.feature_dim = teacher.input_size, teacher.feature_dim
         missing = [k for k in self.needs if k not in teacher.outputs]
         if missing:
             raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output, which the method needs")
 
     def unit_rows(self, view, block, rows) -> Table:
         return {}
+
+    def class_means(self) -> torch.Tensor | None:
+        return self._class_means
 
     def outputs(self, batch, views) -> dict[str, torch.Tensor]:
         out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std))
@@ -149,6 +164,48 @@ def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std,
     return correct / len(dataset)
 
 
+# -- optimisation ----------------------------------------------------------------------------
+
+
+def build_optimizer(s: TrainSettings, modules: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory (LAMB, AdamW, SGD...), no weight decay on biases and norm layers."""
+    from timm.optim import create_optimizer_v2
+
+    opt = s.optimizer
+    if opt == "sgd":  # timm's "sgd" means Nesterov; say which explicitly
+        opt = "nesterov" if s.nesterov else "momentum"
+    try:
+        return create_optimizer_v2(modules, opt=opt, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"optimizer '{s.optimizer}': {e}") from e
+
+
+def lr_factor(s: TrainSettings, steps_per_epoch: int):
+    """The learning-rate multiplier at each optimiser step: linear warm-up, then cosine or step decay."""
+    total, warmup = s.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch)
+    if s.schedule not in ("cosine", "step"):
+        raise UserError(f"schedule must be cosine or step, not '{s.schedule}'")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if s.schedule == "step":
+            return s.lr_gamma ** sum(step >= m * steps_per_epoch for m in s.lr_milestones)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def targets(labels: np.ndarray, num_classes: int, smoothing: float) -> Targets:
+    """Hard labels and their smoothed one-hot rows; label -1 (unlabelled) gives a zero row."""
+    hard = torch.from_numpy(labels).long()
+    soft = torch.zeros(len(hard), num_classes)
+    labelled = hard >= 0
+    soft[labelled] = smoothing / num_classes
+    soft[labelled, hard[labelled]] += 1.0 - smoothing
+    return Targets(hard, soft)
+
+
 # -- training --------------------------------------------------------------------------------
 
 
@@ -179,33 +236,33 @@ def train(
 ) -> TrainResult:
     """Train ``settings.student`` on ``views`` (``StoredViews`` or ``DrawnViews``) of ``train_data``."""
     s = settings
-    method: Method = create_method(s.method, **s.method_args)
-    if method.needs and teacher is None:
+    needs = method_class(s.method).needs
+    if needs and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
     if isinstance(teacher, CachedTeacher) and views.num_views > teacher.num_views:
         raise UserError(
             f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
             "replay only the teacher's views, or extract the rest"
         )
-    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs)
+    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
+    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
+    context = MethodContext(
+        num_classes=train_data.num_classes,
+        student_dim=model.num_features,
+        teacher_dim=teacher.feature_dim if teacher else None,
+        class_means=teacher.class_means() if teacher and "features" in needs else None,
+        epochs=s.epochs,
+    )
+    method: Method = create_method(s.method, context, **s.method_args)
     plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     method.train()
-    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    rows_per_epoch = len(train_data)
-    steps_per_epoch = rows_per_epoch // s.batch_size
+    optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
+    steps_per_epoch = len(train_data) // s.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {s.batch_size} is larger than the training set ({rows_per_epoch} samples)")
-    total, warmup = s.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        raise UserError(f"--batch-size {s.batch_size} is larger than the training set ({len(train_data)} samples)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps_per_epoch))
     labels = np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1)
     sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
     renderer = ViewRenderer(train_data, plan, sizes, plan_size)
@@ -220,6 +277,7 @@ def train(
 
     for epoch in range(s.epochs):
         model.train()
+        method.epoch = epoch
         progress = Progress(f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch * s.batch_size)
 
         def tables():
@@ -241,7 +299,7 @@ def train(
             x = normalize(rendered["views"][0], mean, std)
             t_out = teacher.outputs(batch, rendered["views"][-1]) if teacher else {}
             s_out = student_forward(model, x, method.student_needs)
-            loss, parts = method(s_out, t_out, torch.from_numpy(batch["label"]))
+            loss, parts = method(s_out, t_out, targets(batch["label"], train_data.num_classes, s.label_smoothing))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

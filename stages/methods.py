@@ -1,22 +1,25 @@
-"""Distillation methods: a registry of losses over (student outputs, teacher outputs, labels).
+"""Distillation methods: a registry of losses over (student outputs, teacher outputs, targets).
 
 A method declares the teacher outputs it reads (``needs``: ``logits``,
 ``features``) so the loader reads only those arrays from the cache, and the
 student outputs it uses (``student_needs``). It is an ``nn.Module``: any
-projector it owns trains with the student. ``forward`` returns the total loss
-and its named parts for logging.
+projector it owns trains with the student. It is built from a
+``MethodContext`` (class count, feature widths, teacher class means) plus its
+own settings, and ``forward`` returns the total loss and its named parts.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from storage import UserError
 
-from .losses import ce_loss, kd_loss
+from .losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -42,46 +45,206 @@ def method_class(name: str) -> type["Method"]:
     return _METHODS[name]
 
 
-def create_method(name: str, **kwargs) -> "Method":
+@dataclass
+class MethodContext:
+    num_classes: int
+    student_dim: int
+    teacher_dim: int | None = None
+    class_means: torch.Tensor | None = None  # (C, D) teacher class means, from the store's stats
+    epochs: int = 1
+
+
+@dataclass
+class Targets:
+    labels: torch.Tensor  # (B,) class index; -1 where the student may not use the label
+    soft: torch.Tensor  # (B, C) mixed and smoothed target rows; zero rows where unlabelled
+
+    @property
+    def labelled(self) -> torch.Tensor:
+        return self.labels >= 0
+
+    def classes(self, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One class per row for losses that need one: the argmax of the (mixed) target, or the
+        teacher's top class where the label may not be used."""
+        hard = torch.where(self.labelled, self.soft.argmax(1), -1)
+        if teacher_logits is not None:
+            hard = torch.where(self.labelled, hard, teacher_logits.argmax(1))
+        return hard
+
+
+def create_method(name: str, context: MethodContext, **kwargs) -> "Method":
     cls = method_class(name)
     try:
-        return cls(**kwargs)
+        return cls(context, **kwargs)
     except TypeError as e:
         raise UserError(f"bad settings for method '{name}': {e}") from e
+
+
+def hard_loss(kind: str, s: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """The label term over labelled rows: soft-target cross-entropy or per-class BCE (VanillaKD's)."""
+    rows = targets.labelled
+    if not rows.any():
+        return s.sum() * 0.0  # keeps the graph, so every step has the same structure
+    if kind == "ce":
+        return torch.sum(-targets.soft[rows] * F.log_softmax(s[rows], dim=1), dim=1).mean()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(s[rows], targets.soft[rows])
+    raise UserError(f"hard_loss must be ce or bce, not '{kind}'")
 
 
 class Method(nn.Module):
     name = ""
     needs: tuple[str, ...] = ()  # teacher outputs read from the cache (or a live teacher)
     student_needs: tuple[str, ...] = ("logits",)
+    epoch = 0  # set by the trainer at the start of each epoch
 
-    def forward(self, student: dict, teacher: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, student: dict, teacher: dict, targets: Targets) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+
+def _parts(**terms: torch.Tensor) -> dict[str, float]:
+    return {k: v.item() for k, v in terms.items()}
 
 
 @register_method("ce")
 class CrossEntropy(Method):
     """Labels only: the from-scratch baseline and plain supervised training."""
 
-    def forward(self, student, teacher, labels):
-        loss = ce_loss(student["logits"], labels)
-        return loss, {"ce": loss.item()}
+    def __init__(self, context: MethodContext, hard_loss: str = "ce"):
+        super().__init__()
+        self.hard_loss = hard_loss
+
+    def forward(self, student, teacher, targets):
+        loss = hard_loss(self.hard_loss, student["logits"], targets)
+        return loss, _parts(**{self.hard_loss: loss})
 
 
 @register_method("kd")
 class KD(Method):
-    """Vanilla KD: ce_weight * CE(labels) + kd_weight * T^2 KL(teacher || student) at temperature T.
+    """Vanilla KD: ce_weight * hard loss + kd_weight * T^2 KL(teacher || student) at temperature T.
 
-    Unlabelled samples (label -1) are supervised by the teacher alone.
+    Unlabelled samples are supervised by the teacher alone. ``hard_loss: bce``
+    trains as VanillaKD (Hao et al., 2023) does, on (mixed) targets.
     """
 
     needs = ("logits",)
 
-    def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 1.0):
+    def __init__(self, context, temperature=1.0, kd_weight=1.0, ce_weight=1.0, hard_loss="ce"):
         super().__init__()
-        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        self.temperature, self.kd_weight, self.ce_weight, self.hard_loss = temperature, kd_weight, ce_weight, hard_loss
 
-    def forward(self, student, teacher, labels):
-        ce = ce_loss(student["logits"], labels)
+    def forward(self, student, teacher, targets):
+        ce = hard_loss(self.hard_loss, student["logits"], targets)
         kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
-        return self.ce_weight * ce + self.kd_weight * kd, {"ce": ce.item(), "kd": kd.item()}
+        return self.ce_weight * ce + self.kd_weight * kd, _parts(ce=ce, kd=kd)
+
+
+@register_method("dkd")
+class DKD(Method):
+    """Decoupled KD (Zhao et al., 2022), a VanillaKD baseline: alpha * TCKD + beta * NCKD at T, ramped in
+    linearly over ``warmup_epochs``. The target class is the argmax of the (mixed) target."""
+
+    needs = ("logits",)
+
+    def __init__(self, context, alpha=1.0, beta=2.0, temperature=1.0, ce_weight=1.0, warmup_epochs=0, hard_loss="ce"):
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.ce_weight, self.warmup_epochs, self.hard_loss = ce_weight, warmup_epochs, hard_loss
+
+    def forward(self, student, teacher, targets):
+        ce = hard_loss(self.hard_loss, student["logits"], targets)
+        target = targets.classes(teacher["logits"])
+        dkd = dkd_loss(student["logits"], teacher["logits"], target, self.alpha, self.beta, self.temperature)
+        ramp = min(1.0, (self.epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
+        return self.ce_weight * ce + ramp * dkd, _parts(ce=ce, dkd=dkd)
+
+
+@register_method("dist")
+class DIST(Method):
+    """DIST (Huang et al., 2022), a VanillaKD baseline: Pearson-correlation relations between and
+    within classes, tau^2 (beta * inter + gamma * intra)."""
+
+    needs = ("logits",)
+
+    def __init__(self, context, beta=1.0, gamma=1.0, tau=1.0, kd_weight=1.0, ce_weight=1.0, hard_loss="ce"):
+        super().__init__()
+        self.beta, self.gamma, self.tau = beta, gamma, tau
+        self.kd_weight, self.ce_weight, self.hard_loss = kd_weight, ce_weight, hard_loss
+
+    def forward(self, student, teacher, targets):
+        ce = hard_loss(self.hard_loss, student["logits"], targets)
+        dist = dist_loss(student["logits"], teacher["logits"], self.beta, self.gamma, self.tau)
+        return self.ce_weight * ce + self.kd_weight * dist, _parts(ce=ce, dist=dist)
+
+
+def _require_features(context: MethodContext, method: str) -> None:
+    if context.teacher_dim is None:
+        raise UserError(f"method '{method}' needs teacher features: extract with --outputs logits,features")
+
+
+@register_method("kdpp")
+class KDPP(Method):
+    """KD++ (Wang et al., 2023): CE + alpha * KD(T) + beta * L_nd, feature norm and direction.
+
+    L_nd pulls the student embedding toward the teacher's unit class mean and
+    its norm up to the teacher's. When widths differ the student feature goes
+    through BatchNorm -> Dropout(0.5) -> Linear. The KD weight ramps linearly
+    from 0 over ``warmup_epochs``.
+    """
+
+    needs = ("logits", "features")
+    student_needs = ("logits", "features")
+
+    def __init__(self, context, alpha=2.5, beta=1.0, temperature=1.0, warmup_epochs=5, ce_weight=1.0, hard_loss="ce"):
+        super().__init__()
+        _require_features(context, "kdpp")
+        if context.class_means is None:
+            raise UserError(
+                "method 'kdpp' needs the teacher's class means: compute them with `pipeline stats --store STORE --teacher ID`"
+            )
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.warmup_epochs, self.ce_weight, self.hard_loss = warmup_epochs, ce_weight, hard_loss
+        self.register_buffer("class_means", context.class_means.float())
+        s, t = context.student_dim, context.teacher_dim
+        self.project = (
+            nn.Sequential(nn.BatchNorm1d(s), nn.Dropout(0.5), nn.Linear(s, t)) if s != t else nn.Identity()
+        )
+
+    def forward(self, student, teacher, targets):
+        ce = hard_loss(self.hard_loss, student["logits"], targets)
+        kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
+        embedding = self.project(student["features"])  # (B, D_t)
+        nd = nd_loss(embedding, teacher["features"].norm(dim=1), self.class_means, targets.classes(teacher["logits"]))
+        ramp = min(1.0, self.epoch / self.warmup_epochs) if self.warmup_epochs else 1.0
+        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, _parts(ce=ce, kd=kd, nd=nd)
+
+
+@register_method("srd")
+class SRD(Method):
+    """The projector + BatchNorm + LogSum recipe (Miles & Mikolajczyk, 2024).
+
+    Student feature -> Linear -> BatchNorm1d (no affine, eps 1e-4); teacher
+    feature -> its own BatchNorm1d (no affine); L_rep = log of the sum of
+    |difference|^4 over the batch; total = CE + rep_weight * L_rep + kd_weight * KL(T).
+    """
+
+    needs = ("logits", "features")
+    student_needs = ("logits", "features")
+
+    def __init__(self, context, rep_weight=2.0, exponent=4.0, kd_weight=1.0, temperature=1.0, ce_weight=1.0, hard_loss="ce"):
+        super().__init__()
+        _require_features(context, "srd")
+        self.rep_weight, self.exponent, self.kd_weight = rep_weight, exponent, kd_weight
+        self.temperature, self.ce_weight, self.hard_loss = temperature, ce_weight, hard_loss
+        self.project = nn.Sequential(
+            nn.Linear(context.student_dim, context.teacher_dim),
+            nn.BatchNorm1d(context.teacher_dim, eps=1e-4, affine=False),
+        )
+        self.teacher_norm = nn.BatchNorm1d(context.teacher_dim, eps=1e-4, affine=False)
+
+    def forward(self, student, teacher, targets):
+        ce = hard_loss(self.hard_loss, student["logits"], targets)
+        kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
+        rep = logsum_loss(self.project(student["features"]), self.teacher_norm(teacher["features"]), self.exponent)
+        total = self.ce_weight * ce + self.rep_weight * rep + self.kd_weight * kd
+        return total, _parts(ce=ce, kd=kd, rep=rep)

@@ -270,6 +270,21 @@ class Store:
         self.teacher_info(teacher_id)
         return UnitArrays(self.path / "teachers" / teacher_id, self.block)
 
+    # -- statistics: reductions over a teacher's cache ---------------------------------------
+    def write_stats(self, teacher_id: str, arrays: dict[str, np.ndarray], info: dict) -> None:
+        """Replace ``stats/<teacher_id>/``: small arrays, written whole, then their description."""
+        root = self.path / "stats" / teacher_id
+        group = zarr.open_group(str(root), mode="w")
+        for name, data in arrays.items():
+            group.create_array(name, data=np.ascontiguousarray(data), compressors=[_compressor(data.dtype)])
+        write_json_atomic(root / "stats.json", info)
+
+    def read_stats(self, teacher_id: str, name: str) -> np.ndarray | None:
+        root = self.path / "stats" / teacher_id
+        if not (root / "stats.json").exists():
+            return None
+        return zarr.open_group(str(root), mode="r")[name][:]
+
     def create_teacher(self, teacher_id: str, info: dict, specs: dict[str, ArraySpec]) -> UnitArrays:
         """Create a teacher's arrays, or reopen them; ``info`` (teacher.json) is written either way."""
         root = self.path / "teachers" / teacher_id

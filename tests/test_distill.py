@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, build_student, train
+from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, build_student, targets, train
 from stages.extract import stored_plan
-from stages.losses import ce_loss, kd_loss
-from stages.methods import create_method
+from stages.losses import kd_loss
+from stages.methods import MethodContext, create_method, hard_loss
 from stages.replay import StoredViews, epoch_units, labelled_mask
 from storage import Store, UserError
 
@@ -159,10 +159,15 @@ def test_kd_without_a_teacher_is_refused(base_store, train_data):
 
 
 def test_unknown_method_and_bad_method_settings_are_refused():
+    context = MethodContext(num_classes=10, student_dim=64, teacher_dim=512)
     with pytest.raises(UserError, match="did you mean kd"):
-        create_method("kdd")
+        create_method("kdd", context)
     with pytest.raises(UserError, match="bad settings for method 'kd'"):
-        create_method("kd", temprature=4.0)
+        create_method("kd", context, temprature=4.0)
+    with pytest.raises(UserError, match="pipeline stats"):
+        create_method("kdpp", context)  # no class means
+    with pytest.raises(UserError, match="needs teacher features"):
+        create_method("srd", MethodContext(num_classes=10, student_dim=64))
 
 
 # -- losses ----------------------------------------------------------------------------------
@@ -199,16 +204,17 @@ def test_ce_loss_ignores_unlabelled_rows():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(4, 5, generator=g)
     target = torch.tensor([2, -1, 0, -1])
+    y = targets(target.numpy(), 5, 0.0)
     expected = F.cross_entropy(s[[0, 2]], target[[0, 2]])
-    assert torch.allclose(ce_loss(s, target), expected)
+    assert torch.allclose(hard_loss("ce", s, y), expected)
     s2 = s.clone()
     s2[[1, 3]] = 100.0  # unlabelled rows do not matter
-    assert torch.equal(ce_loss(s2, target), ce_loss(s, target))
+    assert torch.equal(hard_loss("ce", s2, y), hard_loss("ce", s, y))
 
 
 def test_ce_loss_is_zero_with_a_graph_when_nothing_is_labelled():
     s = torch.randn(3, 5, requires_grad=True)
-    loss = ce_loss(s, torch.full((3,), -1))
+    loss = hard_loss("ce", s, targets(np.full(3, -1), 5, 0.0))
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(s.grad, torch.zeros(3, 5))

@@ -1,0 +1,134 @@
+"""Methods as the trainer uses them: what they read, how their parts add up, what trains, and the schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BATCH, STUDENT, VIEWS
+
+from stages import stats
+from stages.distill import CachedTeacher, TrainSettings, lr_factor, targets, train
+from stages.losses import kd_loss, logsum_loss
+from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class
+from stages.replay import StoredViews
+from stages.extract import stored_plan
+from storage import Store, UserError
+
+C, DS, DT, B = 10, 64, 512, 8
+
+
+def context(**kw):
+    torch.manual_seed(0)
+    return MethodContext(num_classes=C, student_dim=DS, teacher_dim=DT, class_means=torch.randn(C, DT), epochs=10, **kw)
+
+
+def batch(labels=None):
+    torch.manual_seed(1)
+    student = {"logits": torch.randn(B, C, requires_grad=True), "features": torch.randn(B, DS, requires_grad=True)}
+    teacher = {"logits": torch.randn(B, C), "features": torch.randn(B, DT)}
+    labels = np.arange(B) % C if labels is None else np.asarray(labels)
+    return student, teacher, targets(labels, C, 0.0)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_what_it_owns(name):
+    method = create_method(name, context())
+    method.train()
+    student, teacher, y = batch()
+    loss, parts = method({k: student[k] for k in method.student_needs}, {k: teacher[k] for k in method.needs}, y)
+    loss.backward()
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and all(math.isfinite(v) for v in parts.values())
+    assert student["logits"].grad is not None and student["logits"].grad.abs().sum() > 0
+    for p in method.parameters():  # projectors learn with the student
+        assert p.grad is not None
+
+
+def test_methods_declare_what_they_read():
+    assert method_class("ce").needs == ()
+    assert method_class("kd").needs == method_class("dkd").needs == method_class("dist").needs == ("logits",)
+    assert method_class("kdpp").needs == method_class("srd").needs == ("logits", "features")
+
+
+def test_hard_losses_on_labelled_rows_only():
+    s = torch.randn(6, C)
+    labels = np.array([3, -1, 0, 9, -1, 2])
+    y = targets(labels, C, 0.0)
+    kept = torch.tensor([0, 2, 3, 5])
+    assert hard_loss("ce", s, y).item() == pytest.approx(F.cross_entropy(s[kept], torch.tensor([3, 0, 9, 2])).item(), rel=1e-6)
+    one_hot = F.one_hot(torch.tensor([3, 0, 9, 2]), C).float()
+    assert hard_loss("bce", s, y).item() == pytest.approx(F.binary_cross_entropy_with_logits(s[kept], one_hot).item(), rel=1e-6)
+    smoothed = targets(labels, C, 0.1)
+    assert smoothed.soft[0, 3].item() == pytest.approx(0.91) and smoothed.soft[0, 0].item() == pytest.approx(0.01)
+    assert smoothed.soft[1].sum() == 0  # unlabelled rows carry no target
+    nothing = targets(np.full(6, -1), C, 0.0)
+    assert hard_loss("ce", s.requires_grad_(), nothing).item() == 0.0
+
+
+def test_unlabelled_rows_take_the_teachers_class():
+    y = Targets(torch.tensor([2, -1]), torch.tensor([[0.2, 0.1, 0.7], [0.0, 0.0, 0.0]]))
+    assert y.classes(torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])).tolist() == [2, 1]
+
+
+def test_kdpp_ramps_its_kd_weight_and_projects_only_when_widths_differ():
+    method = create_method("kdpp", context(), alpha=4.0, beta=2.0, warmup_epochs=5)
+    method.eval()  # dropout off, so two calls agree
+    student, teacher, y = batch()
+    method.epoch = 0
+    at0, parts0 = method(student, teacher, y)
+    assert at0.item() == pytest.approx(parts0["ce"] + 2.0 * parts0["nd"], rel=1e-6)
+    method.epoch = 2
+    at2, parts2 = method(student, teacher, y)
+    assert at2.item() == pytest.approx(parts2["ce"] + 4.0 * 0.4 * parts2["kd"] + 2.0 * parts2["nd"], rel=1e-6)
+    same = create_method("kdpp", MethodContext(C, DT, DT, torch.randn(C, DT)))
+    assert isinstance(same.project, torch.nn.Identity) and not isinstance(method.project, torch.nn.Identity)
+
+
+def test_srd_adds_its_parts_as_the_recipe_says():
+    method = create_method("srd", context())
+    method.train()
+    student, teacher, y = batch()
+    total, parts = method(student, teacher, y)
+    assert total.item() == pytest.approx(parts["ce"] + 2.0 * parts["rep"] + parts["kd"], rel=1e-6)
+    ns = method.project(student["features"])
+    assert ns.mean(0).abs().max() < 1e-5  # batch-normalised without affine
+    assert parts["kd"] == pytest.approx(kd_loss(student["logits"], teacher["logits"]).item(), rel=1e-6)
+    assert parts["rep"] == pytest.approx(logsum_loss(ns, method.teacher_norm(teacher["features"])).item(), rel=1e-5)
+
+
+def test_learning_rate_schedules():
+    step = TrainSettings(epochs=100, schedule="step", lr_milestones=[30, 60, 90], lr_gamma=0.1)
+    f = lr_factor(step, steps_per_epoch=10)
+    assert [f(0), f(299), f(300), f(600), f(999)] == pytest.approx([1.0, 1.0, 0.1, 0.01, 0.001])
+    cosine = lr_factor(TrainSettings(epochs=10, warmup_epochs=1), steps_per_epoch=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0) and cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    with pytest.raises(UserError, match="schedule"):
+        lr_factor(TrainSettings(schedule="linear"), 10)
+
+
+def test_class_means_are_the_per_class_mean_of_every_stored_feature(store_copy, train_data):
+    store = Store(store_copy)
+    arrays = stats.write_stats(store, "t1", train_data.labels)
+    group = store.teacher("t1")
+    feats = np.concatenate([group.array("features")[v] for v in range(VIEWS)]).astype(np.float64)  # (V*N, D)
+    labels = np.tile(train_data.labels, VIEWS)
+    for c in (0, 7):
+        np.testing.assert_allclose(arrays["class_means"][c], feats[labels == c].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(arrays["feature_cov"], np.cov(feats.T, bias=True), rtol=1e-4, atol=1e-5)
+    assert torch.equal(stats.class_means(store, "t1"), torch.from_numpy(arrays["class_means"]))
+
+
+def test_kdpp_trains_from_a_store_once_its_statistics_exist(store_copy, train_data):
+    store = Store(store_copy)
+    plan = stored_plan(store)
+    settings = TrainSettings(**STUDENT, method="kdpp", method_args={"warmup_epochs": 1}, epochs=1, batch_size=BATCH, size=32)
+    views = StoredViews(store, plan)
+    with pytest.raises(UserError, match="pipeline stats"):
+        train(settings, train_data, None, views, plan, CachedTeacher(store, "t1", ("logits", "features")))
+    stats.write_stats(store, "t1", train_data.labels)
+    result = train(settings, train_data, None, views, plan, CachedTeacher(store, "t1", ("logits", "features")))
+    assert {"train_ce", "train_kd", "train_nd"} <= set(result.metrics[0])

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
     p.add_argument("--from-cache", required=True, metavar="STORE", help="the store made by `pipeline extract`")
-    p.add_argument("--teacher", help="teacher id in the store (default: its only teacher); with --online, the teacher to run")
+    p.add_argument("--teacher", help="teacher id in the store, or several as a,b to average their probabilities (default: its only teacher); with --online, the teacher to run")
+    p.add_argument("--teacher-weights", help="weights of the teachers in --teacher a,b, e.g. 0.7,0.3 (default: equal)")
     p.add_argument("--online", action="store_true", help="run the teacher live on the same replayed views instead of reading the cache (default: off)")
     _teacher_flags(p, "--teacher-seed")
     p.add_argument("--teacher-size", type=int, help="render size of the live teacher (default: the store's view size)")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.datasets import ImageDataset, open_dataset
-from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
+from stages.distill import CachedEnsemble, CachedTeacher, LiveTeacher, TrainSettings, train
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
 from stages.cache import output_info
 from stages import stats
@@ -162,6 +162,9 @@ def distill_command(args) -> None:
         teacher_id = _teacher_id(args.teacher)
         means = stats.class_means(store, teacher_id) if teacher_id in store.teacher_ids() else None
         teacher = LiveTeacher(live, needs, class_means=means)
+    elif needs and args.teacher and "," in args.teacher:
+        weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
+        teacher = CachedEnsemble(store, [_pick_teacher(store, t.strip()) for t in args.teacher.split(",")], needs, weights)
     elif needs:
         teacher = CachedTeacher(store, _pick_teacher(store, args.teacher), needs)
     out = Path(args.out)
@@ -170,7 +173,7 @@ def distill_command(args) -> None:
             out / "config.yaml",
             {"command": "distill", "store": str(store.path), "online": args.online, "teacher": args.teacher, "data": source, "train": settings},
         )
-        views = StoredViews(store, plan, teacher.num_views if isinstance(teacher, CachedTeacher) else None)
+        views = StoredViews(store, plan, None if teacher is None or isinstance(teacher, LiveTeacher) else teacher.num_views)
         if views.num_views == 0:
             raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
         result = train(settings, dataset, val, views, plan, teacher, out_dir=out)

@@ -83,7 +83,8 @@ class CachedTeacher:
 
     size = None  # nothing to render for it
 
-    def __init__(self, store: Store, teacher_id: str, needs):
+    def __init__(self, store: Store, teacher_id: str, needs, prefix: str = "t:"):
+        self.prefix = prefix  # the batch-table columns of this teacher's rows
         self.info = store.teacher_info(teacher_id)
         self.group = store.teacher(teacher_id)
         self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
@@ -99,13 +100,49 @@ class CachedTeacher:
             )
 
     def unit_rows(self, view: int, block: int, rows: int) -> Table:
-        return {f"t:{k}": v for k, v in self.group.read_unit(view, block, self.names, rows=rows).items()}
+        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows).items()}
 
     def class_means(self) -> torch.Tensor | None:
         return stats.class_means(self.store, self.teacher_id)
 
     def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
-        return cache.decode({k[2:]: v for k, v in batch.items() if k.startswith("t:")}, self.info, self.needs)
+        n = len(self.prefix)
+        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
+
+
+class CachedEnsemble:
+    """Several cached teachers as one: their softmax probabilities averaged with ``weights``.
+
+    The averaged distribution is handed on as its log (a valid logit vector),
+    so at T = 1 every logit method sees exactly the weighted mean of the
+    teachers' probabilities.
+    """
+
+    size = None
+
+    def __init__(self, store: Store, teacher_ids: list[str], needs, weights: list[float] | None = None):
+        if "features" in needs:
+            raise UserError("several teachers are averaged over their logits; feature methods (kdpp, srd) take one --teacher")
+        weights = weights or [1.0] * len(teacher_ids)
+        if len(weights) != len(teacher_ids) or min(weights) < 0 or sum(weights) <= 0:
+            raise UserError(f"--teacher-weights needs {len(teacher_ids)} non-negative numbers, not {weights}")
+        self.members = [CachedTeacher(store, tid, needs, prefix=f"t{j}:") for j, tid in enumerate(teacher_ids)]
+        classes = {m.info["num_classes"] for m in self.members}
+        if len(classes) > 1:
+            raise UserError(f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})")
+        self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+        self.num_views = min(m.num_views for m in self.members)
+        self.feature_dim, self.needs = None, tuple(needs)
+
+    def unit_rows(self, view, block, rows) -> Table:
+        return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
+
+    def class_means(self):
+        return None
+
+    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+        probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
+        return {"logits": torch.log(probs)}
 
 
 class LiveTeacher:
@@ -230,7 +267,7 @@ def train(
     val_data: ImageDataset | None,
     views,
     plan: ViewPlan,
-    teacher: CachedTeacher | LiveTeacher | None = None,
+    teacher: CachedTeacher | CachedEnsemble | LiveTeacher | None = None,
     out_dir: str | Path | None = None,
     weights_name: str = "student.safetensors",
 ) -> TrainResult:
@@ -239,7 +276,7 @@ def train(
     needs = method_class(s.method).needs
     if needs and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
-    if isinstance(teacher, CachedTeacher) and views.num_views > teacher.num_views:
+    if isinstance(teacher, (CachedTeacher, CachedEnsemble)) and views.num_views > teacher.num_views:
         raise UserError(
             f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
             "replay only the teacher's views, or extract the rest"

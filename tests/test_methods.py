@@ -132,3 +132,19 @@ def test_kdpp_trains_from_a_store_once_its_statistics_exist(store_copy, train_da
     stats.write_stats(store, "t1", train_data.labels)
     result = train(settings, train_data, None, views, plan, CachedTeacher(store, "t1", ("logits", "features")))
     assert {"train_ce", "train_kd", "train_nd"} <= set(result.metrics[0])
+
+
+def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
+    from stages.distill import CachedEnsemble
+
+    store = Store(two_teacher_store)
+    ensemble = CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[3.0, 1.0])
+    rows = ensemble.unit_rows(1, 0, 32)
+    got = ensemble.outputs(rows, None)["logits"]
+    p1 = torch.softmax(CachedTeacher(store, "t1", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t0:")}, None)["logits"], 1)
+    p2 = torch.softmax(CachedTeacher(store, "t2", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t1:")}, None)["logits"], 1)
+    torch.testing.assert_close(torch.softmax(got, 1), 0.75 * p1 + 0.25 * p2)
+    with pytest.raises(UserError, match="feature methods"):
+        CachedEnsemble(store, ["t1", "t2"], ("logits", "features"))
+    with pytest.raises(UserError, match="teacher-weights"):
+        CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[1.0])

@@ -54,6 +54,18 @@ def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
     return open_dataset(source, "val", val_source)
 
 
+def teacher_from_flags(args, dataset: ImageDataset, input_size: int | None):
+    """The teacher named by --teacher, --weights / --random-init and its seed flag."""
+    return build_teacher(
+        args.teacher,
+        weights=args.weights,
+        random_init=args.random_init,
+        num_classes=dataset.num_classes,
+        seed=args.teacher_seed,
+        input_size=input_size,
+    )
+
+
 def train_settings(args, **fixed) -> TrainSettings:
     """Defaults < method recipe < --config < flags."""
     file = config.load_yaml(args.config) if args.config else {}
@@ -94,14 +106,7 @@ def train_command(args) -> None:
 
 def extract_command(args) -> None:
     dataset = open_dataset(args.data)
-    teacher = build_teacher(
-        args.teacher,
-        weights=args.weights,
-        random_init=args.random_init,
-        num_classes=dataset.num_classes,
-        seed=args.teacher_seed,
-        input_size=args.size,
-    )
+    teacher = teacher_from_flags(args, dataset, args.size)
     outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
     info = teacher_info(teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, outputs=outputs))
     # Everything that can be checked is checked before a store directory exists.
@@ -148,14 +153,7 @@ def distill_command(args) -> None:
     if args.online:
         if not args.teacher:
             raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
-        live = build_teacher(
-            args.teacher,
-            weights=args.weights,
-            random_init=args.random_init,
-            num_classes=dataset.num_classes,
-            seed=args.teacher_seed,
-            input_size=args.teacher_size or store.meta["plan"]["size"],
-        )
+        live = teacher_from_flags(args, dataset, args.teacher_size or store.meta["plan"]["size"])
         if "logits" in needs and live.num_classes != dataset.num_classes:
             raise UserError(f"teacher '{args.teacher}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
         # Class means (KD++) describe the teacher, so they come from its cache's statistics when the store has them.

@@ -1,11 +1,12 @@
 """Replaying recorded views: where they come from, in what order, and rendering them in parallel.
 
 Data moves as *tables*: dicts of equal-length numpy columns (``id``, ``view``,
-``label``, the view parameters, cached teacher rows ``t:<name>``...). A unit
-table holds one (view, block) unit; the stages below turn a stream of unit
-tables into shuffled fixed-size batch tables, and ``render_batches`` renders
-each batch's images in loader workers while keeping the batch order, so the
-result never depends on the number of workers.
+``label``, the view parameters, a mixing partner's parameters ``p:<name>``,
+cached teacher rows ``t:<name>``...). A unit table holds one (view, block)
+unit; the stages below turn a stream of unit tables into shuffled fixed-size
+batch tables, and ``render_batches`` renders each batch's images in loader
+workers while keeping the batch order, so the result never depends on the
+number of workers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import deque
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from storage import Store, UserError
@@ -136,10 +138,13 @@ def even_batches(table: Table, batch_size: int) -> Iterator[Table]:
 class ViewRenderer(Dataset):
     """Renders one view per item; runs in loader workers.
 
-    An item is ``(sample id, params, check)``: it carries its parameters, so a
-    worker needs nothing but the dataset. ``sizes`` are the output sizes wanted
-    (one per model); with ``check`` the item also gets the fingerprint of its
-    render at ``plan_size``.
+    An item is ``(sample id, params, check)`` or ``(sample id, params, check,
+    partner params)``: it carries its parameters (and, for a view that mixes,
+    its partner's), so a worker needs nothing but the dataset. ``sizes`` are
+    the output sizes wanted (one per model); with ``check`` the item also gets
+    the fingerprint of its render at ``plan_size``. ``lam`` (float64, one per
+    size) is the share of the sample's own image in each view (1 without mixing):
+    the weight of its label in a mixed target.
     """
 
     def __init__(self, dataset: ImageDataset, plan: ViewPlan, sizes: tuple[int, ...], plan_size: int | None = None):
@@ -149,20 +154,66 @@ class ViewRenderer(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        i, params, check = item
+        i, params, check, partner_params = item if len(item) == 4 else (*item, None)
         image = self.dataset.image(int(i))
-        views = {s: self.plan.render(image, params, s) for s in dict.fromkeys(self.sizes)}
+        partner = None
+        if partner_params is not None:
+            partner = (self.dataset.image(int(params["mix_partner"])), partner_params)
+        views = {s: self.plan.render(image, params, s, partner) for s in dict.fromkeys(self.sizes)}
         fp = -1
         if check:
             view = views.get(self.plan_size)
-            fp = fingerprint(view if view is not None else self.plan.render(image, params, self.plan_size))
-        return {"views": [views[s] for s in self.sizes], "fingerprint": fp}
+            fp = fingerprint(view if view is not None else self.plan.render(image, params, self.plan_size, partner))
+        lam = torch.tensor([self.plan.lam(params, s) for s in self.sizes], dtype=torch.float64)
+        return {"views": [views[s] for s in self.sizes], "fingerprint": fp, "lam": lam}
+
+
+PARTNER = "p:"  # prefix of the partner's parameter columns in a table
+
+
+def with_partner_params(table: Table, param_names: Iterable[str]) -> Table:
+    """``table`` plus, for each row, its mixing partner's parameters as columns ``p:<name>``.
+
+    The partner of a row is drawn from the same (view, block) unit, so it is
+    looked up by id inside this unit table; call it on a whole unit table,
+    before shuffling or re-batching. A table without ``mix_partner`` (a plan
+    that does not mix) comes back unchanged. Rows that do not mix carry their
+    own parameters there, which nothing reads.
+    """
+    if "mix_partner" not in table:
+        return table
+    ids, partner = np.asarray(table["id"]), np.asarray(table["mix_partner"], dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    pos = np.minimum(np.searchsorted(ids[order], partner), len(ids) - 1)
+    found = ids[order][pos] == partner
+    mixes = partner >= 0
+    if (mixes & ~found).any():
+        j = int(np.flatnonzero(mixes & ~found)[0])
+        raise ValueError(
+            f"sample {int(ids[j])} mixes with sample {int(partner[j])}, which is not in its unit table: "
+            "add partner parameters to whole unit tables, before shuffling"
+        )
+    rows = np.where(mixes, order[pos], np.arange(len(ids)))
+    return {**table, **{PARTNER + k: np.asarray(table[k])[rows] for k in param_names}}
 
 
 def items(batch: Table, param_names: Iterable[str], check: np.ndarray | None = None) -> list[tuple]:
-    params = {k: batch[k] for k in param_names}
+    # Evaluation tables carry only crop and flip: the other ops leave such views alone.
+    names = [k for k in param_names if k in batch]
+    params = {k: batch[k] for k in names}
+    partner_names = [k for k in names if PARTNER + k in batch]
+    partners = {k: batch[PARTNER + k] for k in partner_names}
+    mixes = np.asarray(batch["mix_partner"]) >= 0 if "mix_partner" in batch else np.zeros(len(batch["id"]), bool)
+    if mixes.any() and not partners:
+        raise ValueError(
+            "views in this batch mix with a partner but the batch has no partner parameters: "
+            "build unit tables through stages.replay.with_partner_params before shuffling"
+        )
     checks = check if check is not None else np.zeros(len(batch["id"]), bool)
-    return [(int(i), row(params, j), bool(checks[j])) for j, i in enumerate(batch["id"])]
+    return [
+        (int(i), row(params, j), bool(checks[j]), row(partners, j) if mixes[j] else None)
+        for j, i in enumerate(batch["id"])
+    ]
 
 
 def render_batches(

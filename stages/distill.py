@@ -40,9 +40,10 @@ from .replay import (
     rebatch,
     render_batches,
     shuffle_windows,
+    with_partner_params,
 )
 from .teachers import Teacher
-from .views import ViewPlan, eval_params, normalize
+from .views import ViewPlan, eval_params, mixed_targets, normalize
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +234,16 @@ def lr_factor(s: TrainSettings, steps_per_epoch: int):
     return factor
 
 
-def targets(labels: np.ndarray, num_classes: int, smoothing: float) -> Targets:
-    """Hard labels and their smoothed one-hot rows; label -1 (unlabelled) gives a zero row."""
-    hard = torch.from_numpy(labels).long()
-    soft = torch.zeros(len(hard), num_classes)
-    labelled = hard >= 0
-    soft[labelled] = smoothing / num_classes
-    soft[labelled, hard[labelled]] += 1.0 - smoothing
-    return Targets(hard, soft)
+def targets(labels: np.ndarray, num_classes: int, smoothing: float, partner_labels=None, lam=None) -> Targets:
+    """Hard labels and their (mixed, smoothed) target rows; label -1 (unlabelled) gives a zero row.
+
+    ``partner_labels`` and ``lam`` describe mixed views (-1 / 1.0 where a view is not mixed).
+    """
+    n = len(labels)
+    partner_labels = np.full(n, -1) if partner_labels is None else partner_labels
+    lam = np.ones(n) if lam is None else lam
+    soft, labelled = mixed_targets(labels, partner_labels, lam, num_classes, smoothing)
+    return Targets(torch.where(labelled, torch.from_numpy(np.asarray(labels)).long(), -1), soft)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -321,6 +324,7 @@ def train(
             for v, b in epoch_units(epoch, views.num_views, views.num_blocks, s.seed):
                 ids = views.ids(b)
                 table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": labels[ids]}
+                table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
                 table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
                 if plan_size is not None:
                     table["check"] = _check_policy(s.verify, ids, v)
@@ -336,7 +340,13 @@ def train(
             x = normalize(rendered["views"][0], mean, std)
             t_out = teacher.outputs(batch, rendered["views"][-1]) if teacher else {}
             s_out = student_forward(model, x, method.student_needs)
-            loss, parts = method(s_out, t_out, targets(batch["label"], train_data.num_classes, s.label_smoothing))
+            partner_labels, lam = None, None
+            if "mix_partner" in batch:  # a mixed view's label is the mixed target, weighted by the student's own lam
+                partner = batch["mix_partner"]
+                partner_labels = np.where(partner >= 0, labels[np.maximum(partner, 0)], -1)
+                lam = rendered["lam"][:, 0].numpy()
+            target = targets(batch["label"], train_data.num_classes, s.label_smoothing, partner_labels, lam)
+            loss, parts = method(s_out, t_out, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

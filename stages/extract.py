@@ -23,7 +23,7 @@ from storage import ArraySpec, Store, UnitArrays, UserError
 from . import cache
 from .datasets import ImageDataset
 from .progress import Progress
-from .replay import StoredViews, Table, ViewRenderer, concat, even_batches, render_batches
+from .replay import StoredViews, Table, ViewRenderer, concat, even_batches, render_batches, with_partner_params
 from .teachers import Teacher
 from .views import ViewPlan, ViewRecipe, normalize
 
@@ -193,7 +193,7 @@ def extract(
                 table = {**plan.draw(v, ids, sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
             table.update(id=ids, view=np.full(len(ids), v), label=dataset.labels[ids], unit=np.full(len(ids), b))
             table["check"] = np.ones(len(ids), bool)
-            yield table
+            yield with_partner_params(table, param_names)  # a mixing partner is in the same unit
 
     def batches():
         for table in unit_tables():
@@ -203,7 +203,7 @@ def extract(
     start = time.perf_counter()
     parts: list[tuple[Table, dict, dict]] = []
     for batch, rendered in render_batches(renderer, batches(), param_names, workers, check_column="check"):
-        rows = runner(rendered["views"][0], torch.from_numpy(batch["label"]))
+        rows = runner(rendered["views"][0], torch.from_numpy(target_class(batch, dataset.labels, rendered["lam"][:, 0].numpy())))
         parts.append((batch, rendered["fingerprint"].numpy().astype(np.uint32), rows))
         v, b = int(batch["view"][0]), int(batch["unit"][0])
         if sum(len(p[0]["id"]) for p in parts) == len(source.ids(b)):
@@ -211,6 +211,14 @@ def extract(
             progress.update(len(source.ids(b)))
             parts = []
     return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)
+
+
+def target_class(batch: Table, labels: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """The class of the (mixed) target: the partner's label where the partner has the larger share."""
+    if "mix_partner" not in batch:
+        return batch["label"]
+    partner = batch["mix_partner"]
+    return np.where((partner >= 0) & (lam < 0.5), labels[np.maximum(partner, 0)], batch["label"])
 
 
 def _commit_unit(store, source, group, v, b, parts, plan_done, param_names) -> None:

@@ -218,3 +218,26 @@ def test_ce_loss_is_zero_with_a_graph_when_nothing_is_labelled():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(s.grad, torch.zeros(3, 5))
+
+
+def test_heavy_augmentation_replays_exactly_through_both_stages(tmp_path, train_data):
+    """RandAugment, jitter, erasing, mixup and cutmix: the student's replayed views are the teacher's
+    (every fingerprint checked), and the full float32 cache still stands in for the live teacher bit for bit."""
+    from conftest import BLOCK, SIZE, make_teacher, runner_for
+
+    from stages.extract import extract, open_store
+    from stages.views import ViewPlan, ViewRecipe
+
+    recipe = ViewRecipe(randaugment="rand-m9-mstd0.5-inc1", color_jitter=0.4, erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0)
+    plan = ViewPlan(recipe, seed=5)
+    teacher = make_teacher()
+    store = open_store(tmp_path / "s", train_data, plan, views=2, block=BLOCK, size=SIZE)
+    extract(store, train_data, runner_for(teacher, logits="full", dtype="float32"), "t", views=2, batch_size=BATCH)
+    mixed = store.plan.read_unit(0, 0, ["mix_partner"])["mix_partner"]
+    assert (mixed >= 0).mean() > 0.5  # most views really are mixed
+    views = StoredViews(store, stored_plan(store))
+    settings = TrainSettings(**STUDENT, method="kd", epochs=2, batch_size=BATCH, size=SIZE, verify="all", label_smoothing=0.1)
+    cached = train(settings, train_data, None, views, views.plan, CachedTeacher(store, "t", ("logits",)))
+    live = train(settings, train_data, None, views, views.plan, LiveTeacher(teacher, ("logits",)))
+    a, b = cached.model.state_dict(), live.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,38 @@
+"""Every shipped recipe loads into the settings it names, and its method accepts its arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import config
+from stages.distill import TrainSettings, lr_factor
+from stages.methods import MethodContext, create_method
+from stages.views import ViewPlan, ViewRecipe
+
+RECIPES = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
+
+
+def test_the_paper_recipes_are_shipped():
+    assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "demo"} <= set(RECIPES)
+    assert {f"methods/{m}" for m in ("ce", "kd", "dkd", "dist", "kdpp", "srd")} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", [r for r in RECIPES if r != "demo"])
+def test_recipe_builds_views_settings_and_method(name):
+    data = config.recipe(name)
+    plan = ViewPlan(config.build(ViewRecipe, {**ViewRecipe().to_dict(), **data.pop("views", {})}, name))
+    settings = config.build(TrainSettings, data, name)
+    context = MethodContext(num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs)
+    create_method(settings.method, context, **settings.method_args)
+    assert lr_factor(settings, steps_per_epoch=10)(0) > 0
+    assert plan.fields  # the plan draws what it records
+
+
+def test_vanillakd_a2_is_the_papers_recipe():
+    data = config.recipe("vanillakd_a2")
+    assert data["views"]["randaugment"] == "rand-m7-mstd0.5" and data["views"]["mixup_alpha"] == 0.1
+    assert (data["optimizer"], data["lr"], data["weight_decay"], data["batch_size"], data["epochs"]) == ("lamb", 0.005, 0.02, 2048, 300)
+    assert data["method_args"]["hard_loss"] == "bce" and data["drop_path"] == 0.05

@@ -44,7 +44,6 @@ from stages import cache
 from stages.datasets import open_dataset
 from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, build_student, student_forward, train
 from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
-from stages.losses import ce_loss
 from stages.replay import StoredViews
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe, normalize
@@ -88,7 +87,7 @@ def cost_ratio(teacher, args, num_classes: int) -> tuple[float, float]:
 
     def student_step():
         student.zero_grad(set_to_none=True)
-        ce_loss(student_forward(student, xs, ())["logits"], labels).backward()
+        torch.nn.functional.cross_entropy(student_forward(student, xs, ())["logits"], labels).backward()
 
     t_s = median_seconds(student_step, args.cost_runs)
     t_t = median_seconds(lambda: teacher(xt), args.cost_runs)

@@ -16,14 +16,6 @@ def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
-def ce_loss(s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled rows only (label -1 means unlabelled); 0 when none are."""
-    labelled = target >= 0
-    if not labelled.any():
-        return s.sum() * 0.0  # keeps the graph, so every step has the same structure
-    return F.cross_entropy(s[labelled], target[labelled])
-
-
 def _kl_from_log_probs(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim of KL(p_t || p_s), from log-probabilities (B, K) -> (B,).
 

@@ -10,21 +10,26 @@ run online, against the cache.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from stages import stats
 from stages.cache import output_info
 from stages.datasets import open_dataset
 from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
-from stages.extract import TeacherRunner, extract, open_store, teacher_info
+from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe
+from storage import Store
 
 from . import config
 
@@ -34,7 +39,7 @@ log = logging.getLogger("pipeline")
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default: teacher, cache, scratch vs distilled students on digits")
     p.add_argument("--out", default="runs/demo", help="where the teacher, store and students go (default: runs/demo)")
-    p.add_argument("--seeds", type=int, help="student seeds per setting (default: 3, from configs/demo.yaml)")
+    p.add_argument("--seeds", type=int, help="student seeds of the partial-label rows; the full-label control uses one (default: 3, from configs/demo.yaml)")
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: 15, from configs/demo.yaml)")
@@ -81,45 +86,69 @@ def run_demo(args) -> None:
     cached = CachedTeacher(store, "teacher", needs)
     views = StoredViews(store, plan, cached.num_views)
 
-    # 3. Stage two: the same student from scratch and from the cache, seed by seed.
-    quiet = [logging.getLogger(n) for n in ("stages", "pipeline.progress")]
-    for logger in quiet:
-        logger.setLevel(logging.WARNING)
-    rows, epoch_s = {}, []
-    try:
-        for frac in dict.fromkeys([fraction, 1.0]):
-            for name in ("ce", method):
-                accs = []
-                for seed in seeds:
-                    s = TrainSettings(**student_base, method=name, method_args=method_args if name == method else {}, seed=seed, label_fraction=frac)
-                    run = train(s, data, val, views, plan, cached if name == method else None, out_dir=out / f"student-{name}-labels{frac:g}-seed{seed}")
-                    accs.append(run.metrics[-1]["val_top1"])
-                    if name == method:
-                        epoch_s += [m["seconds"] for m in run.metrics]
-                    log.info("demo 3/4: %s, labels %.0f%%, seed %d: val top-1 %.4f", name, 100 * frac, seed, accs[-1])
-                rows[(frac, name)] = accs
+    # 3. Stage two: the same student from scratch and from the cache, one process per core.
+    runs = [
+        (frac, name, seed)
+        for frac, run_seeds in ((fraction, seeds), (1.0, seeds[:1]))  # the full-label control: one seed
+        for name in ("ce", method)
+        for seed in run_seeds
+    ]
+    if fraction == 1.0:
+        runs = [r for r in runs if r[0] == 1.0]
+    jobs = [
+        {
+            "store": str(out / "store"),
+            "settings": TrainSettings(**student_base, method=name, method_args=method_args if name != "ce" else {}, seed=seed, label_fraction=frac),
+            "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
+        }
+        for frac, name, seed in runs
+    ]
+    processes = max(1, min(len(jobs), os.cpu_count() or 1))
+    log.info("demo 3/4: %d student runs, %d at a time", len(jobs), processes)
+    rows: dict = {}
+    ctx = multiprocessing.get_context("spawn")  # forking a process that already runs torch threads can hang
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_quiet_worker, initargs=(processes,)) as pool:
+        for (frac, name, seed), acc in zip(runs, pool.map(_student_run, jobs)):
+            rows.setdefault((frac, name), []).append(acc)
+            log.info("demo 3/4: %s, labels %.0f%%, seed %d: val top-1 %.4f", name, 100 * frac, seed, acc)
 
-        # 4. The price of not caching: one epoch with the teacher run live on the same views.
-        log.info("demo 4/4: timing distillation with the teacher run online")
-        online = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
-        live = LiveTeacher(teacher, needs, class_means=cached.class_means())
-        online_s = train(online, data, None, views, plan, live).metrics[0]["seconds"]
-    finally:
-        for logger in quiet:
-            logger.setLevel(logging.NOTSET)
+    # 4. The price of not caching: one epoch from the cache and one with the teacher live, side by side.
+    log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
+    timing = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
+    live = LiveTeacher(teacher, needs, class_means=cached.class_means())
+    cache_s = train(timing, data, None, views, plan, cached).metrics[0]["seconds"]
+    online_s = train(timing, data, None, views, plan, live).metrics[0]["seconds"]
 
     print_table(
         data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
-        student=student_base, method=method, fraction=fraction, rows=rows, seeds=seeds, extracted=extracted,
-        cache_epoch_s=statistics.median(epoch_s), online_epoch_s=online_s, out=out,
+        student=student_base, method=method, fraction=fraction, rows=rows, extracted=extracted,
+        cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
     )
+
+
+def _quiet_worker(processes: int) -> None:
+    # Each process gets its share of the cores; their per-epoch logs would interleave, so only warnings.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _student_run(job: dict) -> float:
+    """One student run in a worker process: reopen the store, train, return validation top-1."""
+    store = Store(job["store"])
+    plan = stored_plan(store)
+    settings: TrainSettings = job["settings"]
+    data, val = open_dataset(store.meta["dataset"]["source"]), open_dataset(store.meta["dataset"]["source"], "val")
+    needs = method_class(settings.method).needs
+    cached = CachedTeacher(store, "teacher", needs) if needs else None
+    views = StoredViews(store, plan, cached.num_views if cached else None)
+    return train(settings, data, val, views, plan, cached, out_dir=job["out"]).metrics[-1]["val_top1"]
 
 
 def _params(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
 
 
-def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, seeds, extracted, cache_epoch_s, online_epoch_s, out):
+def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
     from stages.distill import build_student
 
     student_model = build_student(student["student"], data.num_classes, 0, **student.get("student_kwargs", {}))
@@ -129,17 +158,18 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
         return f"{pct(statistics.mean(accs))} ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else pct(accs[0])
 
     print()
-    print(f"digits: {len(data):,} training / {len(val):,} validation images at {size} px; {len(seeds)} student seeds per row")
+    print(f"digits: {len(data):,} training / {len(val):,} validation images at {size} px")
     print(f"teacher {teacher.spec.name} ({_params(teacher)} parameters); student {student['student']} ({_params(student_model)} parameters)")
     print()
-    print(f"{'model':<34}{'labels used':>12}{'val top-1':>18}{'distilled wins':>16}")
-    print(f"{'teacher ' + teacher.spec.name:<34}{'100%':>12}{pct(teacher_acc):>18}{'':>16}")
+    print(f"{'model':<42}{'labels used':>12}{'val top-1 (seeds)':>22}{'distilled wins':>16}")
+    print(f"{'teacher ' + teacher.spec.name:<42}{'100%':>12}{pct(teacher_acc):>22}{'':>16}")
     for frac in dict.fromkeys([fraction, 1.0]):
         scratch, distilled = rows[(frac, "ce")], rows[(frac, method)]
         wins = sum(d > s for d, s in zip(distilled, scratch))
-        tag = "  (control)" if frac == 1.0 and fraction != 1.0 else ""
-        print(f"{'student from scratch' + tag:<34}{pct(frac):>12}{spread(scratch):>18}{'':>16}")
-        print(f"{f'student distilled ({method}, cache)' + tag:<34}{pct(frac):>12}{spread(distilled):>18}{f'{wins} of {len(seeds)}':>16}")
+        tag = " (control)" if frac == 1.0 and fraction != 1.0 else ""
+        n = f" ({len(scratch)})"
+        print(f"{'student from scratch' + tag:<42}{pct(frac):>12}{spread(scratch) + n:>22}{'':>16}")
+        print(f"{f'student distilled ({method}, cache)' + tag:<42}{pct(frac):>12}{spread(distilled) + n:>22}{f'{wins} of {len(distilled)}':>16}")
     print()
     print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / extracted.seconds:,.0f} views/s)")
     print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")

@@ -188,3 +188,15 @@ def test_every_flag_is_explained_with_its_default():
             assert action.help, f"{name} {action.option_strings} has no help"
             if not action.required and action.option_strings[0] not in ("--out", "--config"):
                 assert "default:" in action.help, f"{name} {action.option_strings[0]} does not say its default"
+
+
+def test_demo_runs_end_to_end_and_prints_its_table(tmp_path, capsys):
+    """The embedded default at its smallest: teacher, cache, statistics (kdpp), students, the table."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--method", "kdpp", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out)]
+    assert run(*argv) == 0
+    table = capsys.readouterr().out
+    assert "student distilled (kdpp, cache)" in table and "student from scratch" in table
+    assert "The teacher was trained on every label" in table
+    assert (out / "teacher" / "model.safetensors").is_file() and (out / "store" / "stats" / "teacher").is_dir()
+    assert len(list(out.glob("student-*/student.safetensors"))) == 4

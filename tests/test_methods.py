@@ -148,3 +148,34 @@ def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
         CachedEnsemble(store, ["t1", "t2"], ("logits", "features"))
     with pytest.raises(UserError, match="teacher-weights"):
         CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[1.0])
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
+def test_logit_methods_on_a_topk_store_with_k_equal_c_match_full_logits(name):
+    from stages import cache
+
+    student, teacher, y = batch()
+    full = teacher["logits"]
+    info = {"outputs": ["logits"], "logits": "topk", "k": C, "num_classes": C, "dtype": "float32"}
+    rows = cache.encode({"logits": full}, y.labels.clamp(min=0), info)
+    rebuilt = cache.decode(rows, info, ("logits",))["logits"]
+    method = create_method(name, context())
+    a, _ = method(student, {"logits": full}, y)
+    b, _ = method(student, {"logits": rebuilt}, y)
+    assert torch.equal(a, b)
+    # With k < C the reconstruction keeps the top-k probabilities and the tail's total mass.
+    info_k = {**info, "k": 3}
+    approx = cache.decode(cache.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",))["logits"]
+    top = full.topk(3, dim=1).indices
+    torch.testing.assert_close(torch.softmax(approx, 1).gather(1, top), torch.softmax(full, 1).gather(1, top))
+
+
+def test_a_feature_method_on_a_logits_only_store_says_how_to_fix_it(tmp_path, capsys):
+    from pipeline.cli import main
+
+    store = tmp_path / "s"
+    argv = ["--quiet", "extract", "--data", "fake:64?size=32", "--teacher", "resnet10t", "--random-init", "--size", "32"]
+    assert main([*argv, "--views", "1", "--block", "32", "--outputs", "logits", "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "distill", "--from-cache", str(store), "--method", "srd", "--out", str(tmp_path / "o")]) == 2
+    assert "extract with --outputs features" in capsys.readouterr().err

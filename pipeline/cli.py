@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", help="comma-separated outputs to store: logits, features (default: all the teacher has)")
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (default: 0)")
+    p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
     _view_flags(p)
     p.set_defaults(func=commands.extract_command)

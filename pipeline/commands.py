@@ -8,6 +8,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from stages.datasets import ImageDataset, open_dataset
 from stages.distill import CachedEnsemble, CachedTeacher, LiveTeacher, TrainSettings, train
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
@@ -107,6 +109,9 @@ def train_command(args) -> None:
 def extract_command(args) -> None:
     dataset = open_dataset(args.data)
     teacher = teacher_from_flags(args, dataset, args.size)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible here: use --device cpu")
     outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
     info = teacher_info(teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, outputs=outputs))
     # Everything that can be checked is checked before a store directory exists.
@@ -123,8 +128,8 @@ def extract_command(args) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with run_log(store.path / "logs" / f"extract-{teacher_id}-{stamp}.log"):
         config.save(store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml", {"command": "extract", **vars(args), "func": None})
-        log.info("extract %s (%s, %s) into %s: %d views x %d samples", teacher_id, info["timm_name"], info["weights"], store.path, args.views, len(dataset))
-        result = extract(store, dataset, TeacherRunner(teacher, info), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
+        log.info("extract %s (%s, %s) on %s into %s: %d views x %d samples", teacher_id, info["timm_name"], info["weights"], device, store.path, args.views, len(dataset))
+        result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "

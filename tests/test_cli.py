@@ -124,6 +124,14 @@ def test_class_count_mismatch(tmp_path, capsys):
     assert not store.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_asked_for_where_there_is_none(tmp_path, capsys):
+    argv = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--views", "1", "--store", str(tmp_path / "s")]
+    assert run(*argv, "--device", "cuda") == 2
+    assert "no CUDA GPU is visible" in error_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
 def test_from_cache_pointing_at_nothing(tmp_path, capsys):
     assert run("distill", "--from-cache", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
     assert "no store at" in error_line(capsys)

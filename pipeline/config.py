@@ -71,9 +71,13 @@ def build(cls, settings: dict, where: str):
     return cls(**values)
 
 
+def dump(config: dict) -> str:
+    return yaml.safe_dump(_plain(config), sort_keys=False)
+
+
 def save(path: Path, config: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    path.write_text(dump(config))
 
 
 def _plain(value):

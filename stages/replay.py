@@ -47,7 +47,7 @@ class StoredViews:
         return np.asarray(self.store.block_range(block))
 
     def params(self, view: int, block: int) -> Table:
-        return self.group.read_unit(view, block, self.names, rows=len(self.ids(block)))
+        return self.group.read_unit(view, block, self.names, rows=len(self.ids(block)), verify=True)
 
 
 class DrawnViews:

@@ -36,7 +36,7 @@ def compute_stats(store: Store, teacher_id: str, labels: np.ndarray) -> dict:
     for v in range(views):
         for b in range(store.num_blocks):
             ids = np.asarray(store.block_range(b))
-            f = group.read_unit(v, b, ["features"], rows=len(ids))["features"].astype(np.float64)  # (n, D)
+            f = group.read_unit(v, b, ["features"], rows=len(ids), verify=True)["features"].astype(np.float64)  # (n, D)
             np.add.at(sums, labels[ids], f)
             counts += np.bincount(labels[ids], minlength=C)
             total += f.sum(0)

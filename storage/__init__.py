@@ -1,6 +1,7 @@
-"""The cache store: zarr arrays written in committed units. Knows nothing of torch models."""
+"""The cache store: arrays written in committed units, at a path or fsspec URL. Knows nothing of torch models."""
 
 from .errors import UserError
-from .store import ArraySpec, Store, UnitArrays, read_json, write_json_atomic
+from .location import Location
+from .store import ArraySpec, CommittedUnits, DamagedUnit, Store, UnitArrays
 
-__all__ = ["ArraySpec", "Store", "UnitArrays", "UserError", "read_json", "write_json_atomic"]
+__all__ = ["ArraySpec", "CommittedUnits", "DamagedUnit", "Location", "Store", "UnitArrays", "UserError"]

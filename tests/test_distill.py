@@ -17,7 +17,7 @@ from stages.extract import stored_plan
 from stages.losses import kd_loss
 from stages.methods import MethodContext, create_method, hard_loss
 from stages.replay import StoredViews, epoch_units, labelled_mask
-from storage import Store, UserError
+from storage import DamagedUnit, Store, UserError
 
 
 def _settings(**kw) -> TrainSettings:
@@ -120,9 +120,11 @@ def test_labelled_mask_keeps_a_stratified_fraction():
 
 def test_a_replay_that_differs_from_the_recorded_view_is_refused(store_copy, train_data, teacher1):
     store = Store(store_copy)
-    fp = store.plan.array("fingerprint")
     for v in range(store.num_views):  # every view of sample 5, so the first epoch meets one
-        fp[v, 5] = fp[v, 5] ^ 1
+        # The plan as another renderer would have recorded it (and committed: this is not damage).
+        unit = store.plan.read_unit(v, 0, rows=BATCH)
+        unit["fingerprint"][5] ^= 1
+        store.plan.write_unit(v, 0, unit)
     store, views = _views(store_copy)
     with pytest.raises(UserError, match="of sample 5 replays differently"):
         train(_settings(epochs=1), train_data, None, views, views.plan, CachedTeacher(store, "t1", ("logits",)))
@@ -147,7 +149,8 @@ def test_replaying_views_the_cached_teacher_lacks_is_refused(wide_store, train_d
     store, views = _views(wide_store)  # the plan has 3 complete views (teacher 'wide')
     cached = CachedTeacher(store, "t1", ("logits",))  # t1 has 2
     assert views.num_views == 3 and cached.num_views == 2
-    assert not cached.unit_rows(2, 0, BATCH)["t:logits"].any()  # what the student would be taught for view 2
+    with pytest.raises(DamagedUnit, match="not committed"):  # rather than zeros as the teacher's view-2 outputs
+        cached.unit_rows(2, 0, BATCH)
     with pytest.raises(UserError):
         train(_settings(epochs=1), train_data, None, views, views.plan, cached)
 

@@ -155,7 +155,10 @@ def test_a_teacher_with_more_views_leaves_the_others_complete(wide_store, refere
 
 def test_second_teacher_checks_the_plan_fingerprints(store_copy, train_data, plan, teacher1):
     store = Store(store_copy)
-    store.plan.array("fingerprint")[0, 40] = store.plan.array("fingerprint")[0, 40] ^ 1  # sample 40 sits in block 1
+    # The plan as another renderer would have recorded it: sample 40 (in block 1) with another fingerprint.
+    unit = store.plan.read_unit(0, 1, rows=32)
+    unit["fingerprint"][40 - 32] ^= 1
+    store.plan.write_unit(0, 1, unit)
     with pytest.raises(UserError, match="view 0 of sample 40 renders differently"):
         extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "again", views=VIEWS, batch_size=BATCH)
     assert Store(store_copy).teacher("again").committed() == {(0, 0)}  # nothing after the mismatch

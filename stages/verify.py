@@ -1,0 +1,124 @@
+"""Integrity of a store: unit counts, checksums, and a sample of replayed view fingerprints.
+
+``check_store`` reads every committed unit of the plan and of each teacher and
+compares it with its commit record, lists the units a teacher still lacks,
+and re-renders a sample of views to compare with the plan's fingerprints.
+``take_back_damaged`` removes the commit records of damaged units so that the
+next extraction writes exactly those again (``pipeline extract --repair``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import Store
+
+from .datasets import ImageDataset
+from .replay import StoredViews, ViewRenderer, render_batches, take, with_partner_params
+
+
+@dataclass(frozen=True)
+class Finding:
+    group: str  # "plan" or "teacher <id>"
+    view: int
+    block: int
+    problem: str
+    kind: str = "damaged"  # "missing": never committed; "damaged": rewriting fixes it; "replay": it renders differently now
+
+
+@dataclass
+class Report:
+    units: int = 0  # committed units read and checked
+    views_replayed: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def teacher_units(store: Store, teacher_id: str) -> set[tuple[int, int]]:
+    """The units a finished extraction of ``teacher_id`` has."""
+    return {(v, b) for v in range(store.teacher_info(teacher_id)["views"]) for b in range(store.num_blocks)}
+
+
+def _check_group(group, expected: set, name: str, report: Report) -> set[tuple[int, int]]:
+    """Check every expected unit of one group; returns the units found sound."""
+    committed = group.committed()
+    sound = set()
+    for v, b in sorted(expected):
+        if (v, b) not in committed:
+            report.findings.append(Finding(name, v, b, "not committed (extraction unfinished or its record deleted)", "missing"))
+            continue
+        report.units += 1
+        problem = group.check_unit(v, b)
+        if problem:
+            report.findings.append(Finding(name, v, b, problem))
+        else:
+            sound.add((v, b))
+    return sound
+
+
+def check_store(
+    store: Store,
+    dataset: ImageDataset | None = None,
+    teacher_ids: list[str] | None = None,
+    replay_fraction: float = 0.01,
+    workers: int = 0,
+    seed: int = 0,
+) -> Report:
+    """Everything that can be wrong with a store, unit by unit."""
+    report = Report()
+    teacher_ids = store.teacher_ids() if teacher_ids is None else teacher_ids
+    plan_units = set().union(*(teacher_units(store, t) for t in teacher_ids)) if teacher_ids else store.plan.committed()
+    sound_plan = _check_group(store.plan, plan_units, "plan", report)
+    for tid in teacher_ids:
+        _check_group(store.teacher(tid), teacher_units(store, tid), f"teacher {tid}", report)
+    if dataset is not None and replay_fraction > 0:
+        _check_replay(store, dataset, sorted(sound_plan), replay_fraction, workers, seed, report)
+    return report
+
+
+def _check_replay(store, dataset, units, fraction, workers, seed, report) -> None:
+    """Re-render a sample of views and compare them with the fingerprints the teacher's views had."""
+    from .extract import stored_plan  # extract imports this module's neighbours; keep the import local
+
+    plan = stored_plan(store)
+    source = StoredViews(store, plan, store.num_views)
+    param_names = list(plan.fields)
+    batches = []
+    for v, b in units:
+        ids = source.ids(b)
+        table = {**source.params(v, b), "id": ids, "view": np.full(len(ids), v), "unit": np.full(len(ids), b)}
+        table = with_partner_params(table, param_names)  # before any row is dropped
+        picked = np.flatnonzero(np.random.default_rng([seed, v, b]).random(len(ids)) < fraction)
+        if len(picked):
+            batch = take(table, picked)
+            batch["check"] = np.ones(len(picked), bool)
+            batches.append(batch)
+    size = store.meta["plan"]["size"]
+    renderer = ViewRenderer(dataset, plan, (size,), size)
+    for batch, rendered in render_batches(renderer, batches, param_names, workers, check_column="check"):
+        got = rendered["fingerprint"].numpy().astype(np.int64)
+        bad = np.flatnonzero(got != batch["fingerprint"].astype(np.int64))
+        report.views_replayed += len(got)
+        if len(bad):
+            v, b, i = int(batch["view"][0]), int(batch["unit"][0]), int(batch["id"][bad[0]])
+            report.findings.append(
+                Finding("plan", v, b, f"{len(bad)} of {len(got)} replayed views differ from their fingerprints (first: sample {i}); "
+                        "the images or an imaging library changed since extraction", "replay")
+            )
+
+
+def take_back_damaged(store: Store, teacher_id: str) -> list[Finding]:
+    """Uncommit the damaged units of the plan and of ``teacher_id``, so extraction rewrites them."""
+    if teacher_id not in store.teacher_ids():
+        return []
+    report = check_store(store, teacher_ids=[teacher_id], replay_fraction=0)
+    damaged = [f for f in report.findings if f.kind == "damaged"]
+    for f in damaged:
+        group = store.plan if f.group == "plan" else store.teacher(teacher_id)
+        group.uncommit(f.view, f.block)
+    return damaged

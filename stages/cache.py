@@ -2,9 +2,12 @@
 
 Writing (``encode``): logits are kept either whole (``logits``) or as top-k
 values and class indices plus the exact float32 log-sum-exp of the full row and
-the true class's logit. Reading (``decode``) always hands a method the same
-keys it would get from a live teacher: ``logits`` (B, C) and ``features`` (B, D),
-both float32, with top-k rows expanded by ``logits_from_topk``.
+the true class's logit. Features and tokens are kept in ``feature_dtype``:
+float16, float32, or int8 with a symmetric per-vector scale (``features_scale``
+[V, N], ``tokens_scale`` [V, N, T]). Reading (``decode``) always hands a method
+the same keys it would get from a live teacher: ``logits`` (B, C), ``features``
+(B, D) and ``tokens`` (B, T, D), all float32, with top-k rows expanded by
+``logits_from_topk`` and int8 rows dequantised.
 """
 
 from __future__ import annotations
@@ -15,11 +18,23 @@ import torch
 from storage import ArraySpec, UserError
 
 DTYPES = ("float16", "float32")
+FEATURE_DTYPES = ("float16", "float32", "int8")
+# int8 scales stay float32: 4 bytes per vector (1% at D = 384) buys freedom from
+# float16's subnormal range, where near-zero vectors (ReLU feature-map positions)
+# would lose their scale's precision, and from its 65504 ceiling.
+SCALE_DTYPE = "float32"
+VECTORS = ("features", "tokens")  # the outputs kept in feature_dtype
 
 
-def output_info(teacher, *, logits: str = "topk", k: int = 10, dtype: str = "float16", outputs=None) -> dict:
-    """The part of teacher.json that fixes what is stored and how."""
-    outputs = tuple(outputs or teacher.outputs)
+def output_info(
+    teacher, *, logits: str = "topk", k: int = 10, dtype: str = "float16", feature_dtype: str | None = None, outputs=None
+) -> dict:
+    """The part of teacher.json that fixes what is stored and how.
+
+    outputs: default the teacher's ``default_outputs`` (tokens only when asked for).
+    feature_dtype: how features and tokens are stored; ``None`` is ``dtype``.
+    """
+    outputs = tuple(outputs or teacher.default_outputs)
     missing = [o for o in outputs if o not in teacher.outputs]
     if missing:
         raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output (it gives: {', '.join(teacher.outputs)})")
@@ -27,16 +42,35 @@ def output_info(teacher, *, logits: str = "topk", k: int = 10, dtype: str = "flo
         raise UserError(f"--logits must be topk or full, not '{logits}'")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    feature_dtype = feature_dtype or dtype
+    if feature_dtype not in FEATURE_DTYPES:
+        raise UserError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, not '{feature_dtype}'")
     if k < 1:
         raise UserError(f"--topk must be at least 1, not {k}")
-    return {
+    info = {
         "outputs": list(outputs),
         "num_classes": teacher.num_classes,
         "feature_dim": teacher.feature_dim,
         "logits": logits,
         "k": min(k, teacher.num_classes) if teacher.num_classes else 0,
         "dtype": dtype,
+        "feature_dtype": feature_dtype,
     }
+    if "tokens" in outputs:
+        T, D = teacher.token_shape
+        # token_prefix: leading tokens that are not patches (1 = CLS for ViTs; registers are dropped).
+        info.update(num_tokens=T, token_dim=D, token_prefix=teacher.token_prefix)
+    return info
+
+
+def feature_dtype_of(info: dict) -> str:
+    """How features/tokens are stored; teacher.json written before int8 existed stored them in ``dtype``."""
+    return info.get("feature_dtype", info["dtype"])
+
+
+def with_defaults(info: dict) -> dict:
+    """``info`` with the keys that older teacher.json files leave implicit made explicit."""
+    return {**info, "feature_dtype": feature_dtype_of(info)}
 
 
 def array_specs(info: dict) -> dict[str, ArraySpec]:
@@ -51,8 +85,13 @@ def array_specs(info: dict) -> dict[str, ArraySpec]:
             specs["topk_index"] = ArraySpec((k,), "int16" if C <= np.iinfo(np.int16).max else "int32")
             specs["logsumexp"] = ArraySpec((), "float32")
             specs["target_logit"] = ArraySpec((), dtype)
-    if "features" in info["outputs"]:
-        specs["features"] = ArraySpec((info["feature_dim"],), info["dtype"])
+    rows = {"features": (info.get("feature_dim"),), "tokens": (info.get("num_tokens"), info.get("token_dim"))}
+    fdtype = feature_dtype_of(info)
+    for key in VECTORS:
+        if key in info["outputs"]:
+            specs[key] = ArraySpec(rows[key], fdtype)
+            if fdtype == "int8":
+                specs[f"{key}_scale"] = ArraySpec(rows[key][:-1], SCALE_DTYPE)  # one per vector
     return specs
 
 
@@ -66,6 +105,8 @@ def stored_names(info: dict, needs) -> list[str]:
             names += ["logits"] if info["logits"] == "full" else ["topk_values", "topk_index", "logsumexp"]
         else:
             names.append(key)
+            if key in VECTORS and feature_dtype_of(info) == "int8":
+                names.append(f"{key}_scale")
     return names
 
 
@@ -83,8 +124,15 @@ def encode(out: dict[str, torch.Tensor], labels: torch.Tensor, info: dict) -> di
             rows["topk_index"] = index.numpy()
             rows["logsumexp"] = torch.logsumexp(logits, dim=1).numpy()
             rows["target_logit"] = logits.gather(1, labels.long().view(-1, 1)).squeeze(1).to(dtype).numpy()
-    if "features" in info["outputs"]:
-        rows["features"] = out["features"].float().to(dtype).numpy()
+    fdtype = feature_dtype_of(info)
+    for key in VECTORS:
+        if key in info["outputs"]:
+            x = out[key].float()  # (B, D) or (B, T, D)
+            if fdtype == "int8":
+                q, scale = quantize(x)
+                rows[key], rows[f"{key}_scale"] = q.numpy(), scale.numpy()
+            else:
+                rows[key] = x.to(getattr(torch, fdtype)).numpy()
     return rows
 
 
@@ -99,9 +147,65 @@ def decode(rows: dict[str, np.ndarray], info: dict, needs) -> dict[str, torch.Te
                 torch.from_numpy(np.asarray(rows["logsumexp"])),
                 info["num_classes"],
             )
+        elif key in VECTORS and feature_dtype_of(info) == "int8":
+            out[key] = dequantize(torch.from_numpy(np.asarray(rows[key])), torch.from_numpy(np.asarray(rows[f"{key}_scale"])))
         else:
             out[key] = torch.from_numpy(np.asarray(rows[key])).float()
     return out
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of each vector along the last axis: (int8 like x, float32 scale x.shape[:-1]).
+
+    scale = max|x| / 127 and q = round(x / scale), so |x - q * scale| <= scale / 2
+    and every nonzero vector uses the full [-127, 127] range.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127  # (...,)
+    # An all-zero vector has scale 0 and stays zero (dividing by the tiniest float keeps it 0/eps = 0).
+    q = (x / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).round().clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 vectors from int8 ``q`` and per-vector ``scale`` (see ``quantize``)."""
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def cosine_fidelity(a, b) -> dict[str, float]:
+    """Mean and minimum cosine between matching rows (last axis) of ``a`` and ``b``, e.g. float32 vs dequantised."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
+    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
+def storage_bytes(info: dict, num_samples: int, num_views: int) -> dict[str, int]:
+    """Raw (uncompressed) bytes each output will take in the store, scales and top-k parts included."""
+    total: dict[str, int] = {}
+    for name, spec in array_specs(info).items():
+        base = name.removesuffix("_scale")
+        output = base if base in VECTORS else "logits"  # topk_*, logsumexp, target_logit are the logits
+        total[output] = total.get(output, 0) + num_samples * num_views * int(np.prod(spec.row_shape)) * np.dtype(spec.dtype).itemsize
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def storage_line(teacher_id: str, info: dict, num_samples: int, num_views: int) -> str:
+    """One line saying how much a teacher's arrays will take, before extraction starts."""
+    parts = sorted(storage_bytes(info, num_samples, num_views).items(), key=lambda kv: -kv[1])
+    total = sum(b for _, b in parts)
+    # Raw bytes: blosc-zstd saves little on float features (about 1.08x, FACTS.md), so this is a fair upper bound.
+    return (
+        f"store will hold about {_size(total)} (uncompressed) for teacher {teacher_id} "
+        f"({', '.join(f'{k} {_size(b)}' for k, b in parts)}; {num_samples:,} samples × {num_views:,} views)"
+    )
 
 
 def logits_from_topk(values: torch.Tensor, index: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -101,7 +101,7 @@ class CachedTeacher:
             )
 
     def unit_rows(self, view: int, block: int, rows: int) -> Table:
-        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows).items()}
+        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows, verify=True).items()}
 
     def class_means(self) -> torch.Tensor | None:
         return stats.class_means(self.store, self.teacher_id)
@@ -163,7 +163,7 @@ class LiveTeacher:
         return self._class_means
 
     def outputs(self, batch, views) -> dict[str, torch.Tensor]:
-        out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std))
+        out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std), self.needs)
         return {k: out[k] for k in self.needs}
 
 

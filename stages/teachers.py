@@ -2,8 +2,10 @@
 
 Every teacher maps a normalised image batch to ``dict[str, Tensor]`` with the
 keys its spec lists: ``logits`` (B, C) and/or ``features`` (B, D), the pooled
-pre-logits feature. Any timm model name works as a teacher; the short names
-below pin the hub weights and input size people mean by them.
+pre-logits feature; on request also ``tokens`` (B, T, D), which every timm
+model has (CLS plus patch tokens for ViTs, the last feature map's positions
+for CNNs). Any timm model name works as a teacher; the short names below pin
+the hub weights and input size people mean by them.
 """
 
 from __future__ import annotations
@@ -100,7 +102,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 class Teacher(nn.Module):
-    """A frozen timm model returning ``{"logits": (B, C), "features": (B, D)}`` (what it has)."""
+    """A frozen timm model returning ``{"logits": (B, C), "features": (B, D)}`` (what it has).
+
+    ``tokens`` (B, T, D) exist for every model but are computed only when asked
+    for (``teacher(x, outputs=...)``): the default outputs leave them out.
+    """
 
     def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str):
         super().__init__()
@@ -111,19 +117,54 @@ class Teacher(nn.Module):
         self.mean = tuple(spec.mean or cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(spec.std or cfg.get("std", IMAGENET_STD))
         self.num_classes = model.num_classes if "logits" in spec.outputs else 0
-        self.outputs = spec.outputs if self.num_classes else tuple(o for o in spec.outputs if o != "logits")
+        self.default_outputs = spec.outputs if self.num_classes else tuple(o for o in spec.outputs if o != "logits")
+        self.outputs = tuple(dict.fromkeys(self.default_outputs + ("tokens",)))  # everything that exists
         self.feature_dim = model.num_features
+        self._token_shape = None
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: batch norm statistics never move
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, outputs=None) -> dict[str, torch.Tensor]:
+        """The outputs named in ``outputs`` (default: ``default_outputs``) from one ``forward_features`` pass."""
+        outputs = self.default_outputs if outputs is None else tuple(outputs)
         f = self.model.forward_features(x)
-        out = {"features": self.model.forward_head(f, pre_logits=True)}
-        if "logits" in self.outputs:
+        out = {}
+        if "features" in outputs:
+            out["features"] = self.model.forward_head(f, pre_logits=True)
+        if "logits" in outputs and "logits" in self.outputs:
             out["logits"] = self.model.forward_head(f)
-        return {k: out[k] for k in self.outputs}
+        if "tokens" in outputs:
+            out["tokens"] = self._tokens(f)
+        return out
+
+    def _tokens(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tokens from ``forward_features``: CLS then patches for ViTs, H*W positions for CNNs."""
+        if f.ndim == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # swin, mambaout: (B, H, W, C)
+                return f.flatten(1, 2)
+            return f.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C), row-major positions
+        prefix = getattr(self.model, "num_prefix_tokens", 0)
+        if prefix and getattr(self.model, "cls_token", None) is not None:
+            # timm orders the prefix [CLS, registers...]; registers carry no image content, so drop them.
+            return torch.cat([f[:, :1], f[:, prefix:]], dim=1)
+        return f[:, prefix:]
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(T, D) of ``tokens`` at the teacher's input size, from one dry forward of a single zero image."""
+        if self._token_shape is None:
+            p = next(self.model.parameters())
+            x = torch.zeros(1, 3, self.input_size, self.input_size, device=p.device, dtype=p.dtype)
+            self._token_shape = tuple(self(x, outputs=("tokens",))["tokens"].shape[1:])
+        return self._token_shape
+
+    @property
+    def token_prefix(self) -> int:
+        """Leading non-patch tokens kept in ``tokens``: 1 (CLS) for ViTs with a class token, else 0."""
+        m = self.model
+        return int(bool(getattr(m, "num_prefix_tokens", 0)) and getattr(m, "cls_token", None) is not None)
 
 
 def _classes_in(state_dict: dict, model_name: str) -> int:

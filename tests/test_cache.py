@@ -112,7 +112,8 @@ def test_output_info_validates_settings(teacher1):
     info = cache.output_info(teacher1, k=50)
     assert info["k"] == 10  # never more than the classes
     assert info["outputs"] == ["logits", "features"] and info["num_classes"] == 10 and info["feature_dim"] == 512
-    for bad in (dict(logits="some"), dict(dtype="bfloat16"), dict(k=0), dict(outputs=("tokens",))):
+    assert info["feature_dtype"] == "float16" and "num_tokens" not in info  # tokens only when asked for
+    for bad in (dict(logits="some"), dict(dtype="bfloat16"), dict(feature_dtype="int4"), dict(k=0), dict(outputs=("attention",))):
         with pytest.raises(UserError):
             cache.output_info(teacher1, **bad)
 

@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: demo, train, extract, distill.
+"""The ``pipeline`` command: demo, train, extract, verify, stats, distill.
 
 Each command resolves its settings (flag > --config file > recipe > default),
 saves them beside its output with a log file, and calls into ``stages``. A
@@ -19,6 +19,7 @@ from storage import UserError
 
 from . import commands
 from .demo import add_demo_parser
+from .inspection import add_inspect_parser
 
 log = logging.getLogger("pipeline")
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_demo_parser(sub)
+    add_inspect_parser(sub)
 
     p = sub.add_parser("train", help="supervised training of any timm model (for example to fit a teacher)")
     p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
@@ -84,20 +86,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="short name (dinov2_s/b/l/g[_reg], beitv2_b/l, resnet152) or any timm model")
     _teacher_flags(p, "--seed")
     p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher)")
-    p.add_argument("--store", required=True, help="store directory; created on first use, resumed or extended later")
+    p.add_argument("--store", required=True, help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later")
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
     p.add_argument("--block", type=int, default=1024, help="samples per shard, the unit of work (default: 1024; fixed at creation)")
     p.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
     p.add_argument("--topk", type=int, default=10, help="k for --logits topk (default: 10)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
-    p.add_argument("--outputs", help="comma-separated outputs to store: logits, features (default: all the teacher has)")
+    p.add_argument("--format", choices=("zarr", "wds"), default="zarr", help="how teacher outputs are stored: zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; fixed per teacher id (default: zarr)")
+    p.add_argument(
+        "--feature-dtype",
+        choices=("float16", "float32", "int8"),
+        help="stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value (default: the --dtype value)",
+    )
+    p.add_argument(
+        "--outputs",
+        help="comma-separated outputs to store: logits, features, tokens (CLS and patch tokens, large: the cost is logged first) "
+        "(default: all the teacher has except tokens)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (default: 0)")
     p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
     p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
     _view_flags(p)
     p.set_defaults(func=commands.extract_command)
+
+    p = sub.add_parser("verify", help="check a store: unit counts, checksums against commit records, a sample of replayed views")
+    p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
+    p.add_argument("--teacher", help="teacher id to check (default: every teacher, and the plan)")
+    p.add_argument("--replay", type=float, default=0.01, help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)")
+    p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes rendering replayed views (default: 0)")
+    p.set_defaults(func=commands.verify_command)
 
     p = sub.add_parser("stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)")
     p.add_argument("--store", required=True, help="the store made by `pipeline extract`")

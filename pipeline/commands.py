@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,13 +14,13 @@ import torch
 from stages.datasets import ImageDataset, open_dataset
 from stages.distill import CachedEnsemble, CachedTeacher, LiveTeacher, TrainSettings, train
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
-from stages.cache import output_info
-from stages import stats
+from stages.cache import output_info, storage_line
+from stages import stats, verify
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe
-from storage import Store, UserError
+from storage import Location, Store, UserError
 
 from . import config
 
@@ -29,10 +30,15 @@ __all__ = ["TrainSettings", "ViewRecipe", "distill_command", "extract_command", 
 
 
 @contextmanager
-def run_log(path: Path):
-    """Also write this run's log lines to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+def run_log(path: Path | Location):
+    """Also write this run's log lines to ``path``; a log for an object store is uploaded at the end."""
+    local = path if isinstance(path, Path) else Path(path.path) if path.is_local else None
+    tmp = None
+    if local is None:
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+        local = Path(tmp.name)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(local)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -40,6 +46,9 @@ def run_log(path: Path):
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        if tmp is not None:
+            path.write_bytes(local.read_bytes())
+            local.unlink()
 
 
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
@@ -113,11 +122,15 @@ def extract_command(args) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible here: use --device cpu")
     outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
-    info = teacher_info(teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, outputs=outputs))
+    info = teacher_info(
+        teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, outputs=outputs), args.format
+    )
     # Everything that can be checked is checked before a store directory exists.
     check_classes(info, dataset.num_classes)
+    # Before any work, so a store of unexpected size (tokens) can be stopped at once.
+    log.info(storage_line(args.teacher_id or _teacher_id(args.teacher), info, len(dataset), args.views))
     dataset.sizes()  # reads every image header: unreadable files surface now
-    store_path = Path(args.store)
+    store_path = args.store
     if Store.exists(store_path):
         made = Store(store_path).meta["plan"]
         plan = ViewPlan(view_recipe(args, ViewRecipe.from_dict(made["recipe"])), made["seed"] if args.plan_seed is None else args.plan_seed)
@@ -127,9 +140,13 @@ def extract_command(args) -> None:
     teacher_id = args.teacher_id or _teacher_id(args.teacher)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with run_log(store.path / "logs" / f"extract-{teacher_id}-{stamp}.log"):
-        config.save(store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml", {"command": "extract", **vars(args), "func": None})
+        (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump({"command": "extract", **vars(args), "func": None}).encode())
         log.info("extract %s (%s, %s) on %s into %s: %d views x %d samples", teacher_id, info["timm_name"], info["weights"], device, store.path, args.views, len(dataset))
-        result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
+        with store.lock_teacher(teacher_id):
+            if args.repair:
+                damaged = verify.take_back_damaged(store, teacher_id)
+                log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
+            result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
@@ -196,6 +213,29 @@ def stats_command(args) -> None:
         arrays = stats.write_stats(store, teacher_id, dataset.labels)
         C, D = arrays["class_means"].shape
         print(f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}")
+
+
+def verify_command(args) -> None:
+    store = Store(args.store)
+    dataset = None
+    if args.replay > 0:
+        dataset = open_dataset(args.data or store.meta["dataset"]["source"])
+        check_dataset(store, dataset)
+    teachers = [_pick_teacher(store, args.teacher)] if args.teacher else None
+    report = verify.check_store(store, dataset, teachers, replay_fraction=args.replay, workers=args.workers)
+    for f in report.findings:
+        print(f"{f.group} view {f.view} block {f.block}: {f.problem}")
+    summary = f"{report.units} committed units checked, {report.views_replayed} views replayed"
+    if report.ok:
+        print(f"{store.path}: sound ({summary})")
+        return
+    kinds = {f.kind for f in report.findings}
+    todo = []
+    if kinds & {"missing", "damaged"}:
+        todo.append("run the extract command again with --repair")
+    if "replay" in kinds:
+        todo.append("compare the versions in store.json with this environment")
+    raise UserError(f"{store.path}: {len(report.findings)} bad unit(s) ({summary}): {'; '.join(todo)}")
 
 
 def _teacher_id(name: str) -> str:

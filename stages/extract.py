@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from storage import ArraySpec, Store, UnitArrays, UserError
+from storage import ArraySpec, CommittedUnits, Store, UserError
 
 from . import cache
 from .datasets import ImageDataset
@@ -102,13 +103,14 @@ class TeacherRunner:
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
         x = normalize(views, self.teacher.mean, self.teacher.std).to(self.device)
-        out = {k: v.cpu() for k, v in self.teacher(x).items()}
+        out = {k: v.cpu() for k, v in self.teacher(x, self.info["outputs"]).items()}  # tokens only when stored
         return cache.encode(out, labels, self.info)
 
 
-def teacher_info(teacher: Teacher, outputs_info: dict) -> dict:
-    """teacher.json: what made the cached arrays; re-runs must match it."""
+def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr") -> dict:
+    """teacher.json: what made the cached arrays; re-runs must match it. store_format: zarr or wds."""
     return {
+        "format": store_format,
         "name": teacher.spec.name,
         "timm_name": teacher.spec.timm_name,
         "weights": teacher.weights,
@@ -121,7 +123,7 @@ def teacher_info(teacher: Teacher, outputs_info: dict) -> dict:
 
 
 # Fields that must agree for two extractions to share one teacher group.
-_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "num_classes")
+_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format")
 
 
 def check_classes(info: dict, num_classes: int) -> None:
@@ -132,11 +134,12 @@ def check_classes(info: dict, num_classes: int) -> None:
         )
 
 
-def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> UnitArrays:
+def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> CommittedUnits:
     """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
     check_classes(info, num_classes)
     if teacher_id in store.teacher_ids():
-        made = store.teacher_info(teacher_id)
+        made = cache.with_defaults(store.teacher_info(teacher_id))  # older teacher.json: features in dtype
+        made.setdefault("format", "zarr")  # teacher.json from before wds: zarr
         diff = [k for k in _MUST_MATCH if made.get(k) != info.get(k)]
         if diff:
             raise UserError(
@@ -175,7 +178,8 @@ def extract(
     source = StoredViews(store, plan, views)
     plan_done = source.group.committed()
     done = group.committed()
-    units = [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done]
+    # A unit whose plan record is gone (repair took it back) is redone with it: extraction writes the plan.
+    units = [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done or (v, b) not in plan_done]
     skipped = views * store.num_blocks - len(units)
     if skipped:
         log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, len(units))
@@ -199,17 +203,27 @@ def extract(
         for table in unit_tables():
             yield from even_batches(table, batch_size)
 
+    def commit(v, b, parts):
+        _commit_unit(store, source, group, v, b, parts, plan_done, param_names)
+        progress.update(len(source.ids(b)))
+
     renderer = ViewRenderer(dataset, plan, (runner.teacher.input_size,), plan_size)
     start = time.perf_counter()
     parts: list[tuple[Table, dict, dict]] = []
-    for batch, rendered in render_batches(renderer, batches(), param_names, workers, check_column="check"):
-        rows = runner(rendered["views"][0], torch.from_numpy(target_class(batch, dataset.labels, rendered["lam"][:, 0].numpy())))
-        parts.append((batch, rendered["fingerprint"].numpy().astype(np.uint32), rows))
-        v, b = int(batch["view"][0]), int(batch["unit"][0])
-        if sum(len(p[0]["id"]) for p in parts) == len(source.ids(b)):
-            _commit_unit(store, source, group, v, b, parts, plan_done, param_names)
-            progress.update(len(source.ids(b)))
-            parts = []
+    # One writer thread compresses, writes and commits a unit while the teacher runs on the next
+    # (the codecs release the GIL). At most one unit waits, and waiting on it re-raises its error.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer") as writer:
+        pending = None
+        for batch, rendered in render_batches(renderer, batches(), param_names, workers, check_column="check"):
+            rows = runner(rendered["views"][0], torch.from_numpy(target_class(batch, dataset.labels, rendered["lam"][:, 0].numpy())))
+            parts.append((batch, rendered["fingerprint"].numpy().astype(np.uint32), rows))
+            v, b = int(batch["view"][0]), int(batch["unit"][0])
+            if sum(len(p[0]["id"]) for p in parts) == len(source.ids(b)):
+                if pending is not None:
+                    pending.result()
+                pending, parts = writer.submit(commit, v, b, parts), []
+        if pending is not None:
+            pending.result()
     return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)
 
 

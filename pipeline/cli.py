@@ -150,7 +150,7 @@ def setup_logging(quiet: bool) -> None:
     # only the console obeys --quiet.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     logging.getLogger().handlers[0].setLevel(logging.WARNING if quiet else logging.INFO)
-    for noisy in ("timm", "ray", "urllib3", "filelock"):
+    for noisy in ("timm", "ray", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

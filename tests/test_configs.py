@@ -12,7 +12,8 @@ from stages.distill import TrainSettings, lr_factor
 from stages.methods import MethodContext, create_method
 from stages.views import ViewPlan, ViewRecipe
 
-RECIPES = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
+ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
+RECIPES = [name for name in ALL if not name.startswith("cluster/")]  # cluster/: Ray launcher configs, not recipes
 
 
 def test_the_paper_recipes_are_shipped():
@@ -36,3 +37,13 @@ def test_vanillakd_a2_is_the_papers_recipe():
     assert data["views"]["randaugment"] == "rand-m7-mstd0.5" and data["views"]["mixup_alpha"] == 0.1
     assert (data["optimizer"], data["lr"], data["weight_decay"], data["batch_size"], data["epochs"]) == ("lamb", 0.005, 0.02, 2048, 300)
     assert data["method_args"]["hard_loss"] == "bce" and data["drop_path"] == 0.05
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n.startswith("cluster/")])
+def test_cluster_config_is_valid_for_rays_launcher(name):
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = yaml.safe_load((config.CONFIG_DIR / f"{name}.yaml").read_text())
+    validate_config(prepare_config(cluster))  # Ray's own schema, as `ray up` applies it
+    assert any("pip install" in c and "-e ." in c for c in cluster["setup_commands"])  # every node installs the project

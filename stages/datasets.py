@@ -182,9 +182,12 @@ def open_dataset(source: str, split: str = "train", val_source: str | None = Non
         opts = {k: int(v) for k, v in parse_qsl(query)}
         try:
             n = int(count) if split == "train" else max(int(count) // 5, 1)
-            return FakeDataset(n, split=split, **opts)
+            data = FakeDataset(n, split=split, **opts)
         except (ValueError, TypeError) as e:
             raise UserError(f"bad fake dataset '{source}': {e}; use fake:N or fake:N?size=64&classes=10") from e
+        # The whole spec, so that a store's recorded source reopens the same images.
+        data.source = f"fake:{int(count)}?size={data.size}&classes={len(data.classes)}"
+        return data
     if kind == "folder" and rest:
         if split == "train":
             return FolderDataset(rest)

@@ -161,3 +161,9 @@ def test_folder_errors(tmp_path, image_folder):
         open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}")
     _write_png(val / "zebra" / "v.png", np.zeros((4, 4, 3), np.uint8))
     assert open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}").classes == ["apple", "zebra"]
+
+
+def test_a_fake_datasets_recorded_source_reopens_the_same_images():
+    data = open_dataset("fake:40?size=16&classes=4")
+    again = open_dataset(data.source)  # what a store records, and distill reopens without --data
+    assert again.fingerprint() == data.fingerprint() and again.size == 16 and len(again.classes) == 4

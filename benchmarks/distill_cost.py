@@ -130,7 +130,7 @@ def main():
         for rep in range(args.repeats):
             for name, (method, source) in runs.items():
                 settings = TrainSettings(student=args.student, method=method, epochs=args.epochs,
-                                         batch_size=args.batch_size, workers=args.workers)
+                                         batch_size=args.batch_size, loader_workers=args.workers)
                 metrics = train(settings, data, None, views, views.plan, source).metrics
                 kept = metrics[1:] if len(metrics) > 1 else metrics
                 seconds[name] += [m["seconds"] for m in kept]

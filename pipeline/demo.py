@@ -44,7 +44,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: 15, from configs/demo.yaml)")
     p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd (default: kd)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views (default: 0)")
+    p.add_argument("--loader-workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
 
@@ -56,7 +56,7 @@ def run_demo(args) -> None:
     size = cfg["size"]
     data, val = open_dataset(cfg["data"]), open_dataset(cfg["data"], "val")
     recipe = config.build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
-    common = {"size": size, "workers": args.workers}
+    common = {"size": size, "loader_workers": args.loader_workers}
     teacher_settings = TrainSettings(**config.merge(cfg["teacher"], {"epochs": args.teacher_epochs}, common), method="ce")
     student_base = config.merge(cfg["student"], {"epochs": args.epochs}, common)
     method = args.method
@@ -80,7 +80,7 @@ def run_demo(args) -> None:
     info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"]))
     plan = ViewPlan(recipe, seed=0)
     store = open_store(out / "store", data, plan, views=cache_cfg["views"], block=cache_cfg["block"], size=size)
-    extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=args.workers)
+    extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=args.loader_workers)
     if "features" in needs:
         stats.write_stats(store, "teacher", data.labels)
     cached = CachedTeacher(store, "teacher", needs)

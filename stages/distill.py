@@ -6,6 +6,11 @@ distillation with the teacher run on the same replayed views
 An epoch reads, for each block of samples, one whole stored unit of some view
 (cycling through the views), shuffles rows within a window of blocks in
 memory, and renders the batch's images in loader workers.
+
+Under ``torch.distributed`` (DDP) each rank trains on its own share of every
+epoch's units and metrics are reduced over ranks; ``EpochHooks`` save and
+restore the whole training state once per epoch. With one process and no
+hooks the loop is exactly the single-process one.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import timm
@@ -72,7 +79,7 @@ class TrainSettings:
     label_fraction: float = 1.0  # share of samples whose label the student may use
     label_seed: int = 0
     window_rows: int = 16384  # rows shuffled together in memory (whole blocks)
-    workers: int = 0  # loader processes rendering views
+    loader_workers: int = 0  # loader processes rendering views
     verify: str = "sample"  # replayed views checked against stored fingerprints: all, sample, none
 
 
@@ -189,17 +196,86 @@ def student_forward(model: nn.Module, x: torch.Tensor, needs) -> dict[str, torch
 
 
 @torch.no_grad()
-def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256) -> float:
-    """Top-1 accuracy on deterministic centre-crop views."""
+def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256, device="cpu") -> float:
+    """Top-1 accuracy on deterministic centre-crop views; under DDP each rank scores every world-th sample."""
     model.eval()
-    ids = np.arange(len(dataset))
-    table = {"id": ids, "label": dataset.labels, **eval_params(dataset.sizes(), plan.recipe.eval_crop)}
+    rank, world = rank_and_world()
+    ids = np.arange(len(dataset))[rank::world]
+    table = {"id": ids, "label": dataset.labels[ids], **eval_params(dataset.sizes()[ids], plan.recipe.eval_crop)}
     renderer = ViewRenderer(dataset, plan, (size,))
     correct = 0
     for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(plan.fields), workers):
-        logits = model(normalize(rendered["views"][0], mean, std))
-        correct += int((logits.argmax(1).numpy() == batch["label"]).sum())
+        logits = model(normalize(rendered["views"][0], mean, std).to(device))
+        correct += int((logits.argmax(1).cpu().numpy() == batch["label"]).sum())
+    if world > 1:
+        correct = int(_all_sum([correct], device)[0])
     return correct / len(dataset)
+
+
+# -- several processes (DDP) -----------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: (0, 1) unless torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def rank_units(units: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
+    """This rank's share of an epoch's (view, block) units: every world-th one, so each rank reads its own shards."""
+    return units[rank::world]
+
+
+def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int) -> int:
+    """Optimiser steps every rank takes in every epoch.
+
+    DDP hangs when ranks take different numbers of steps, and a rank's rows
+    depend on which blocks the epoch's shuffle gives it. So every rank is cut
+    to a bound that holds for all epochs: the fewest whole blocks a rank can
+    get, with the short last block among them. With one rank it is the whole
+    training set, as without DDP.
+    """
+    num_blocks = -(-num_samples // block)
+    if num_blocks < world:
+        raise UserError(f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers")
+    last = num_samples - (num_blocks - 1) * block
+    return ((num_blocks // world - 1) * block + last) // batch_size
+
+
+@dataclass
+class EpochHooks:
+    """What a checkpointing caller plugs into ``train``.
+
+    ``state``: a dict made by an earlier ``save`` call; training continues after
+    its epoch. ``save(state, line)`` is called on every rank after each epoch
+    (a collective such as ``ray.train.report`` must be reached by all ranks);
+    ``state`` holds references to live tensors, so write or copy it at once.
+    """
+
+    state: dict | None = None
+    save: Callable[[dict, dict], None] | None = None
+
+
+class _StudentLoss(nn.Module):
+    """Student and method as one module, so DDP sees (and averages the gradients of) every trained parameter."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x, t_out, target):
+        return self.method(student_forward(self.model, x, self.method.student_needs), t_out, target)
 
 
 # -- optimisation ----------------------------------------------------------------------------
@@ -273,9 +349,18 @@ def train(
     teacher: CachedTeacher | CachedEnsemble | LiveTeacher | None = None,
     out_dir: str | Path | None = None,
     weights_name: str = "student.safetensors",
+    hooks: EpochHooks | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """Train ``settings.student`` on ``views`` (``StoredViews`` or ``DrawnViews``) of ``train_data``."""
+    """Train ``settings.student`` on ``views`` (``StoredViews`` or ``DrawnViews``) of ``train_data``.
+
+    Under an initialised ``torch.distributed`` the student is wrapped in DDP,
+    each rank trains on its share of the units and ``out_dir`` is written by
+    rank 0 only.
+    """
     s = settings
+    hooks = hooks or EpochHooks()
+    rank, world = rank_and_world()
     needs = method_class(s.method).needs
     if needs and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
@@ -298,30 +383,40 @@ def train(
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     method.train()
+    student_loss = _StudentLoss(model, method).to(device)
     optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
-    steps_per_epoch = len(train_data) // s.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {s.batch_size} is larger than the training set ({len(train_data)} samples)")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps_per_epoch))
+    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world)
+    if steps == 0:
+        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps))
+    forward = student_loss
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_gpu = torch.device(device).type == "cuda"
+        forward = DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)
     labels = np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1)
     sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
     renderer = ViewRenderer(train_data, plan, sizes, plan_size)
     param_names = list(plan.fields)
     window = max(1, s.window_rows // views.block)
-    out_dir = Path(out_dir) if out_dir else None
+    out_dir = Path(out_dir) if out_dir and rank == 0 else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / weights_name).unlink(missing_ok=True)  # a stale result must not pass for this run's
         (out_dir / "metrics.jsonl").write_text("")
-    metrics, start = [], time.perf_counter()
+    metrics, first_epoch, start = [], 0, time.perf_counter()
+    if hooks.state is not None:
+        first_epoch, metrics = _restore(hooks.state, model, method, optimizer, scheduler)
+        log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
 
-    for epoch in range(s.epochs):
+    for epoch in range(first_epoch, s.epochs):
         model.train()
         method.epoch = epoch
-        progress = Progress(f"epoch {epoch + 1}/{s.epochs}", steps_per_epoch * s.batch_size)
+        progress = Progress(f"epoch {epoch + 1}/{s.epochs}", steps * s.batch_size)
 
         def tables():
-            for v, b in epoch_units(epoch, views.num_views, views.num_blocks, s.seed):
+            for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed), rank, world):
                 ids = views.ids(b)
                 table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": labels[ids]}
                 table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
@@ -330,54 +425,94 @@ def train(
                     table["check"] = _check_policy(s.verify, ids, v)
                 yield table
 
-        rng = np.random.default_rng([s.seed, epoch, 2])
-        batches = rebatch(shuffle_windows(tables(), window, rng), s.batch_size, drop_last=True)
-        sums, steps, epoch_start = {}, 0, time.perf_counter()
+        rng = np.random.default_rng([s.seed, epoch, 2] + ([rank] if world > 1 else []))
+        # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
+        batches = islice(rebatch(shuffle_windows(tables(), window, rng), s.batch_size, drop_last=True), steps)
+        sums, done, epoch_start = {}, 0, time.perf_counter()
         check = "check" if plan_size is not None else None
-        for batch, rendered in render_batches(renderer, batches, param_names, s.workers, check):
+        for batch, rendered in render_batches(renderer, batches, param_names, s.loader_workers, check):
             if check:
                 _verify(batch, rendered["fingerprint"].numpy(), views.store)
-            x = normalize(rendered["views"][0], mean, std)
-            t_out = teacher.outputs(batch, rendered["views"][-1]) if teacher else {}
-            s_out = student_forward(model, x, method.student_needs)
+            x = normalize(rendered["views"][0], mean, std).to(device)
+            t_out = {k: v.to(device) for k, v in teacher.outputs(batch, rendered["views"][-1]).items()} if teacher else {}
             partner_labels, lam = None, None
             if "mix_partner" in batch:  # a mixed view's label is the mixed target, weighted by the student's own lam
                 partner = batch["mix_partner"]
                 partner_labels = np.where(partner >= 0, labels[np.maximum(partner, 0)], -1)
                 lam = rendered["lam"][:, 0].numpy()
             target = targets(batch["label"], train_data.num_classes, s.label_smoothing, partner_labels, lam)
-            loss, parts = method(s_out, t_out, target)
+            target = Targets(target.labels.to(device), target.soft.to(device))
+            loss, parts = forward(x, t_out, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             for k, v in {"loss": loss.item(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
-            steps += 1
+            done += 1
             progress.update(len(batch["id"]))
         seconds = time.perf_counter() - epoch_start
+        if world > 1:  # rank 0 reports the mean over every rank's steps
+            *totals, done = _all_sum([*sums.values(), done], device)
+            sums, done = dict(zip(sums, totals)), int(done)
         line = {
             "epoch": epoch + 1,
-            **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+            **{f"train_{k}": v / max(done, 1) for k, v in sums.items()},
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(seconds, 3),
-            "views_per_s": round(steps * s.batch_size / seconds, 1),
+            "views_per_s": round(done * s.batch_size / seconds, 1),
         }
         if val_data is not None:
-            line["val_top1"] = evaluate(model, val_data, plan, size, mean, std, s.workers)
+            line["val_top1"] = evaluate(model, val_data, plan, size, mean, std, s.loader_workers, device=device)
         metrics.append(line)
-        log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+        if rank == 0:
+            log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
         if out_dir:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
+        if hooks.save:
+            hooks.save(_state(epoch + 1, metrics, model, method, optimizer, scheduler, s, size, mean, std), line)
     if out_dir:
-        # Written once, at the end, through a rename: a crashed run leaves no weights that look finished.
-        tmp = out_dir / f".{weights_name}.tmp"
-        # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
-        meta = {"model": s.student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, out_dir / weights_name)
+        save_student(out_dir / weights_name, model.state_dict(), s.student, size, mean, std)
     return TrainResult(model, metrics, time.perf_counter() - start)
+
+
+def save_student(path: Path, state: dict, student: str, size: int, mean, std) -> None:
+    """The student's weights, written once through a rename: a crashed run leaves no weights that look finished."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
+    meta = {"model": student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _state(epochs_done, metrics, model, method, optimizer, scheduler, s: TrainSettings, size, mean, std) -> dict:
+    """Everything needed to continue after ``epochs_done`` epochs; data order is a function of (seed, epoch)."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "epoch": epochs_done,
+        "metrics": list(metrics),
+        "model": model.state_dict(),
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "student": {"name": s.student, "size": size, "mean": list(mean), "std": list(std)},
+    }
+
+
+def _restore(state: dict, model, method, optimizer, scheduler) -> tuple[int, list[dict]]:
+    model.load_state_dict(state["model"])
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["epoch"], list(state["metrics"])
 
 
 def _verify(batch: Table, rendered: np.ndarray, store: Store) -> None:

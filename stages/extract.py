@@ -15,6 +15,7 @@ import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -103,14 +104,23 @@ class TeacherRunner:
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
         x = normalize(views, self.teacher.mean, self.teacher.std).to(self.device)
-        out = {k: v.cpu() for k, v in self.teacher(x, self.info["outputs"]).items()}  # tokens only when stored
-        return cache.encode(out, labels, self.info)
+        # bf16: autocast runs matmuls and convolutions in bfloat16; the outputs are encoded from float32.
+        bf16 = self.info.get("precision") == "bf16"
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
+            raw = self.teacher(x, self.info["outputs"])  # tokens only when stored
+        return cache.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
 
 
-def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr") -> dict:
+PRECISIONS = ("fp32", "bf16")
+
+
+def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> dict:
     """teacher.json: what made the cached arrays; re-runs must match it. store_format: zarr or wds."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     return {
         "format": store_format,
+        "precision": precision,  # the teacher's arithmetic: bf16 outputs differ from fp32 ones in the 3rd digit
         "name": teacher.spec.name,
         "timm_name": teacher.spec.timm_name,
         "weights": teacher.weights,
@@ -123,7 +133,7 @@ def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr
 
 
 # Fields that must agree for two extractions to share one teacher group.
-_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format")
+_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
 
 
 def check_classes(info: dict, num_classes: int) -> None:
@@ -140,6 +150,7 @@ def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, vi
     if teacher_id in store.teacher_ids():
         made = cache.with_defaults(store.teacher_info(teacher_id))  # older teacher.json: features in dtype
         made.setdefault("format", "zarr")  # teacher.json from before wds: zarr
+        made.setdefault("precision", "fp32")  # from before --precision: fp32
         diff = [k for k in _MUST_MATCH if made.get(k) != info.get(k)]
         if diff:
             raise UserError(
@@ -162,6 +173,70 @@ class ExtractResult:
     seconds: float
 
 
+class UnitExtractor:
+    """Computes and commits single (view, block) units of one teacher: what a worker holds.
+
+    ``run(view, block)`` does one unit by itself (an actor calls it with any
+    unit, in any order, any number of times: the commit protocol makes a repeat
+    harmless); ``extract`` streams many units through the same pieces with
+    rendering ahead and a background writer.
+    """
+
+    def __init__(self, store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, batch_size: int = 64, workers: int = 0):
+        self.store, self.dataset, self.runner = store, dataset, runner
+        self.batch_size, self.workers = batch_size, workers
+        self.plan = stored_plan(store)
+        self.source = StoredViews(store, self.plan, store.num_views)
+        self.group = store.teacher(teacher_id)  # created by open_teacher before any unit runs
+        self.param_names = list(self.plan.fields)
+        self.sizes = dataset.sizes()
+        self.renderer = ViewRenderer(dataset, self.plan, (runner.teacher.input_size,), store.meta["plan"]["size"])
+
+    def unit_table(self, v: int, b: int, plan_stored: bool) -> Table:
+        """The unit's rows and view parameters: read from the plan when stored, else drawn (same values)."""
+        ids = self.source.ids(b)
+        if plan_stored:
+            table = self.source.params(v, b)
+        else:
+            table = {**self.plan.draw(v, ids, self.sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
+        table.update(id=ids, view=np.full(len(ids), v), label=self.dataset.labels[ids], unit=np.full(len(ids), b))
+        table["check"] = np.ones(len(ids), bool)
+        return with_partner_params(table, self.param_names)  # a mixing partner is in the same unit
+
+    def batches(self, tables) -> Iterator[Table]:
+        for table in tables:
+            yield from even_batches(table, self.batch_size)
+
+    def render(self, v: int, b: int) -> tuple[bool, list[tuple[Table, dict]]]:
+        """Render one unit's views (no teacher): what a worker does ahead of the teacher."""
+        plan_stored = self.source.group.is_committed(v, b)
+        table = self.unit_table(v, b, plan_stored)
+        rendered = render_batches(self.renderer, self.batches([table]), self.param_names, self.workers, check_column="check")
+        return plan_stored, list(rendered)
+
+    def infer(self, batch: Table, rendered: dict) -> tuple[Table, np.ndarray, dict]:
+        """Teacher rows of one rendered batch, with the views' fingerprints."""
+        labels = target_class(batch, self.dataset.labels, rendered["lam"][:, 0].numpy())
+        rows = self.runner(rendered["views"][0], torch.from_numpy(labels))
+        return batch, rendered["fingerprint"].numpy().astype(np.uint32), rows
+
+    def commit(self, v: int, b: int, parts: list, plan_stored: bool) -> None:
+        _commit_unit(self.store, self.source, self.group, v, b, parts, plan_stored, self.param_names)
+
+    def run(self, v: int, b: int, rendered: tuple[bool, list] | None = None) -> int:
+        """Render (unless ``rendered`` is given), run the teacher, write and commit one unit; its row count."""
+        plan_stored, batches = rendered if rendered is not None else self.render(v, b)
+        self.commit(v, b, [self.infer(batch, r) for batch, r in batches], plan_stored)
+        return len(self.source.ids(b))
+
+
+def pending_units(store: Store, teacher_id: str, views: int) -> list[tuple[int, int]]:
+    """Units still to do, view-major. A unit whose plan record is gone (repair took it back) is redone
+    with it: extraction writes the plan."""
+    done, plan_done = store.teacher(teacher_id).committed(), store.plan.committed()
+    return [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done or (v, b) not in plan_done]
+
+
 def extract(
     store: Store,
     dataset: ImageDataset,
@@ -173,52 +248,33 @@ def extract(
     workers: int = 0,
 ) -> ExtractResult:
     """Extract ``views`` views of every sample into ``store`` under ``teacher_id``; resumable."""
-    plan = stored_plan(store)
-    group = open_teacher(store, teacher_id, runner.info, dataset.num_classes, views)
-    source = StoredViews(store, plan, views)
-    plan_done = source.group.committed()
-    done = group.committed()
-    # A unit whose plan record is gone (repair took it back) is redone with it: extraction writes the plan.
-    units = [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done or (v, b) not in plan_done]
+    open_teacher(store, teacher_id, runner.info, dataset.num_classes, views)
+    units = pending_units(store, teacher_id, views)
     skipped = views * store.num_blocks - len(units)
     if skipped:
         log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, len(units))
-    total_views = sum(len(source.ids(b)) for _, b in units)
+    unit = UnitExtractor(store, dataset, runner, teacher_id, batch_size=batch_size, workers=workers)
+    total_views = sum(len(unit.source.ids(b)) for _, b in units)
     progress = Progress(f"extract {teacher_id}", total_views)
-    sizes, plan_size = dataset.sizes(), store.meta["plan"]["size"]
-    param_names = list(plan.fields)
-
-    def unit_tables():
-        for v, b in units:
-            ids = source.ids(b)
-            if (v, b) in plan_done:
-                table = source.params(v, b)
-            else:
-                table = {**plan.draw(v, ids, sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
-            table.update(id=ids, view=np.full(len(ids), v), label=dataset.labels[ids], unit=np.full(len(ids), b))
-            table["check"] = np.ones(len(ids), bool)
-            yield with_partner_params(table, param_names)  # a mixing partner is in the same unit
-
-    def batches():
-        for table in unit_tables():
-            yield from even_batches(table, batch_size)
+    plan_done = unit.source.group.committed()
 
     def commit(v, b, parts):
-        _commit_unit(store, source, group, v, b, parts, plan_done, param_names)
-        progress.update(len(source.ids(b)))
+        unit.commit(v, b, parts, (v, b) in plan_done)
+        plan_done.add((v, b))
+        progress.update(len(unit.source.ids(b)))
 
-    renderer = ViewRenderer(dataset, plan, (runner.teacher.input_size,), plan_size)
     start = time.perf_counter()
-    parts: list[tuple[Table, dict, dict]] = []
-    # One writer thread compresses, writes and commits a unit while the teacher runs on the next
-    # (the codecs release the GIL). At most one unit waits, and waiting on it re-raises its error.
+    parts: list[tuple[Table, np.ndarray, dict]] = []
+    tables = (unit.unit_table(v, b, (v, b) in plan_done) for v, b in units)
+    # Loader workers render ahead of the teacher; one writer thread compresses, writes and commits a
+    # unit while the teacher runs on the next (the codecs release the GIL). At most one unit waits,
+    # and waiting on it re-raises its error.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer") as writer:
         pending = None
-        for batch, rendered in render_batches(renderer, batches(), param_names, workers, check_column="check"):
-            rows = runner(rendered["views"][0], torch.from_numpy(target_class(batch, dataset.labels, rendered["lam"][:, 0].numpy())))
-            parts.append((batch, rendered["fingerprint"].numpy().astype(np.uint32), rows))
+        for batch, rendered in render_batches(unit.renderer, unit.batches(tables), unit.param_names, workers, check_column="check"):
+            parts.append(unit.infer(batch, rendered))
             v, b = int(batch["view"][0]), int(batch["unit"][0])
-            if sum(len(p[0]["id"]) for p in parts) == len(source.ids(b)):
+            if sum(len(p[0]["id"]) for p in parts) == len(unit.source.ids(b)):
                 if pending is not None:
                     pending.result()
                 pending, parts = writer.submit(commit, v, b, parts), []
@@ -235,10 +291,10 @@ def target_class(batch: Table, labels: np.ndarray, lam: np.ndarray) -> np.ndarra
     return np.where((partner >= 0) & (lam < 0.5), labels[np.maximum(partner, 0)], batch["label"])
 
 
-def _commit_unit(store, source, group, v, b, parts, plan_done, param_names) -> None:
+def _commit_unit(store, source, group, v, b, parts, plan_stored: bool, param_names) -> None:
     table = concat([p[0] for p in parts])
     prints = np.concatenate([p[1] for p in parts])
-    if (v, b) in plan_done:
+    if plan_stored:
         bad = np.flatnonzero(prints != table["fingerprint"])
         if len(bad):
             i = int(table["id"][bad[0]])
@@ -248,7 +304,7 @@ def _commit_unit(store, source, group, v, b, parts, plan_done, param_names) -> N
                 f"compare versions in {store.path}/store.json with this environment"
             )
     else:
+        # A duplicate of this unit may write the same plan unit at the same time: the bytes are the same.
         source.group.write_unit(v, b, {**{k: table[k] for k in param_names}, "fingerprint": prints})
-        plan_done.add((v, b))
     rows = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
     group.write_unit(v, b, rows)

@@ -195,3 +195,18 @@ def test_same_teacher_id_with_other_settings_is_refused(store_copy, train_data, 
     with pytest.raises(UserError, match="teacher 't1' with other dtype"):
         extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, logits="full", dtype="float16"), "t1", views=VIEWS)
     assert read_tree(store_copy) == before
+
+
+def test_a_bf16_teacher_is_recorded_close_to_fp32_and_never_mixed_with_it(store_copy, train_data, plan, teacher1):
+    from stages import cache
+    from stages.extract import teacher_info
+
+    bf16 = TeacherRunner(teacher1, teacher_info(teacher1, cache.output_info(teacher1, **FULL), precision="bf16"))
+    extract(_reopen(store_copy, train_data, plan), train_data, bf16, "bf", views=VIEWS, batch_size=BATCH)
+    store = Store(store_copy)
+    assert store.teacher_info("bf")["precision"] == "bf16" and store.teacher_info("t1").get("precision", "fp32") == "fp32"
+    fp32, low = store.teacher("t1").array("logits")[:], store.teacher("bf").array("logits")[:]
+    assert not np.array_equal(fp32, low)  # autocast really ran in bfloat16
+    assert np.corrcoef(fp32.ravel(), low.ravel())[0, 1] > 0.99
+    with pytest.raises(UserError, match="teacher 'bf' with other precision"):
+        extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "bf", views=VIEWS + 1)

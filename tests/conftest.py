@@ -13,6 +13,10 @@ store works on a copy (``store_copy``).
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from stages.views import ViewPlan, ViewRecipe
 
 DATA = "fake:80?size=32"
 VIEWS, BLOCK, SIZE, BATCH = 2, 32, 32, 32
+BUCKET = "teacher-cache"  # the bucket of the S3 tests, on a moto server
 STUDENT = dict(student="resnet10t", student_kwargs=dict(channels=(8, 16, 32, 64)))
 
 
@@ -117,3 +122,49 @@ def reference(base_store):
 
     store = Store(base_store)
     return {"plan": group_arrays(store.plan), "t1": group_arrays(store.teacher("t1"))}
+
+
+# -- an S3-compatible server (moto) on 127.0.0.1 ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    pytest.importorskip("moto.server")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the moto S3 server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """Credentials and endpoint as a user would set them, and an empty bucket."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    client = boto3.client("s3")
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    return client

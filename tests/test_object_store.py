@@ -7,9 +7,6 @@ endpoint differs (``AWS_ENDPOINT_URL``).
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,9 +16,8 @@ from safetensors.numpy import load_file
 from pipeline.cli import main
 from storage import Store
 
-from conftest import BATCH, DATA, VIEWS, group_arrays
+from conftest import BATCH, BUCKET, DATA, VIEWS, free_port, group_arrays
 
-BUCKET = "teacher-cache"
 TEACHER = ["--teacher", "resnet18", "--random-init", "--seed", "0", "--teacher-id", "t1", "--size", "32"]
 EXTRACT = ["extract", "--data", DATA, *TEACHER, "--views", str(VIEWS), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
 DISTILL = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "32", "--seed", "1", "--verify", "all"]
@@ -29,49 +25,6 @@ DISTILL = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "
 
 def run(*argv: str) -> int:
     return main(["--quiet", *argv])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("moto.server")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("the moto S3 server did not start")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    """Credentials and endpoint as a user would set them, and an empty bucket."""
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    client = boto3.client("s3")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    return client
 
 
 def test_a_store_in_a_bucket_equals_a_local_one(s3, base_store, reference, tmp_path, capsys):
@@ -115,7 +68,7 @@ def test_an_unreachable_endpoint_is_one_line_within_seconds(monkeypatch, capsys)
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses file systems; the endpoint comes from the environment
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     start = time.perf_counter()
     assert run(*EXTRACT, "--store", f"s3://{BUCKET}/nowhere") == 2
     assert time.perf_counter() - start < 15  # botocore alone would retry for about 11 s

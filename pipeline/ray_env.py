@@ -1,0 +1,106 @@
+"""Joining Ray: a cluster named by --ray-address or RAY_ADDRESS, or a local instance started here.
+
+``ray job submit -- pipeline ...`` runs the command on the cluster with
+RAY_ADDRESS set, so the same command line works in a job unchanged. A cluster
+that cannot be reached fails in seconds with one line instead of Ray's long
+reconnect loop; a store that the cluster's nodes cannot see is found before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from storage import Location, UserError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def resolve_address(flag: str | None) -> str | None:
+    """--ray-address, else RAY_ADDRESS, else None (start a local instance)."""
+    address = flag or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "local") else address
+
+
+def _check_reachable(address: str) -> None:
+    if address == "auto" or address.startswith("ray://"):
+        host_port = address.removeprefix("ray://") if address != "auto" else None
+    else:
+        host_port = address
+    if not host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT): pass the head node's address, e.g. 10.0.0.1:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start it with `ray start --head`, "
+            "or check --ray-address / RAY_ADDRESS"
+        ) from None
+
+
+def connect(address: str | None = None) -> None:
+    """Connect this process to Ray (once); with no address a local instance starts."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = resolve_address(address)
+    if address:
+        _check_reachable(address)
+    # Workers import the project from the driver's working tree; on a real cluster every node has it installed.
+    # "local": a new instance even where `ray start` left one running (ray.init(None) would join that).
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True)
+    resources = ray.cluster_resources()
+    log.info("ray: %s, %d node(s), %g CPU, %g GPU", address or "local instance", len(ray.nodes()), resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def require_gpus(per_worker: float, workers: int) -> None:
+    """Refuse at once when the cluster cannot give each worker its GPUs."""
+    import ray
+
+    if per_worker <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < per_worker:
+        raise UserError(
+            f"{per_worker:g} GPU per worker was asked for but the Ray cluster has {have:g} GPUs: "
+            "add GPU nodes, or pass --gpus-per-worker 0 to run on CPUs"
+        )
+    if have < per_worker * workers:
+        log.warning("the cluster has %g GPUs for %d workers of %g: some workers wait for a GPU", have, workers, per_worker)
+
+
+def check_visible(location: Location, what: str) -> None:
+    """Every node must see ``location`` (the store, the checkpoints): a probe file written here is looked for from each alive node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = location / f".probe-{uuid.uuid4().hex[:12]}"
+    probe.write_bytes(b"probe")
+    try:
+
+        @ray.remote(num_cpus=0)
+        def sees(url: str) -> tuple[str, bool]:
+            return socket.gethostname(), Location(url).exists()
+
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        checks = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe.url)
+            for n in nodes
+        ]
+        blind = [f"{n['NodeManagerAddress']} ({host})" for n, (host, ok) in zip(nodes, ray.get(checks)) if not ok]
+    finally:
+        probe.remove()
+    if blind:
+        raise UserError(
+            f"{what} {location} is not visible from Ray node(s) {', '.join(blind)}: put it on storage every node "
+            "mounts at the same path, or use an object-store URL (s3://...)"
+        )

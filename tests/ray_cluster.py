@@ -1,0 +1,138 @@
+"""A real two-node Ray cluster on loopback, for tests: head on 127.0.0.2, a worker node on 127.0.0.3.
+
+Both nodes are ``ray start`` processes with their own CPUs, so work really
+crosses a node boundary (127.0.0.1 would make Ray swap in the host's address;
+127.0.0.2/3 stay on loopback). Teardown stops only what this cluster started:
+the processes whose command line names its temp dir or its head address, found
+by process id, never a broad ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}  # the same in every node and in the driver (FACTS.md)
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _ray() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def cluster_pids(marks: list[str]) -> list[int]:
+    """Processes whose command line contains one of ``marks``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in marks):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    kids, out, todo = _children(), [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(kids.get(pid, []))
+    return out
+
+
+def worker_pids(marks: list[str], name: str) -> list[int]:
+    """Processes of this cluster whose command line mentions ``name`` (an actor class, a task).
+
+    Ray workers rename themselves (``ray::ExtractActor``), dropping the marks, so
+    the cluster's processes are searched together with their descendants.
+    """
+    out = []
+    for pid in _with_descendants(cluster_pids(marks)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if name in cmd:
+            out.append(pid)
+    return out
+
+
+class Cluster:
+    def __init__(self, address: str, temp_dir: str, env: dict[str, str], dashboard: str | None = None):
+        self.address, self.temp_dir, self.env = address, temp_dir, env
+        self.dashboard = dashboard  # http://HOST:PORT of the job server, with two_node_cluster(dashboard=True)
+
+    @property
+    def marks(self) -> list[str]:
+        return [self.temp_dir, self.address]
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = _with_descendants(cluster_pids(self.marks))
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while pids and time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+                time.sleep(0.2)
+
+
+@contextmanager
+def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False):
+    """Start the cluster; with ``dashboard`` the head also serves the job API (``ray job submit``) on a free port."""
+    # A short path: Ray's unix sockets live under the temp dir and their paths are limited to ~107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    port = _free_port(HEAD_IP)
+    address = f"{HEAD_IP}:{port}"
+    env = {**os.environ, **ENV, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
+    head_extra = ["--include-dashboard", "false"]
+    dashboard_url = None
+    if dashboard:
+        dash_port = _free_port(HEAD_IP)
+        head_extra = ["--include-dashboard", "true", "--dashboard-host", HEAD_IP, "--dashboard-port", str(dash_port)]
+        dashboard_url = f"http://{HEAD_IP}:{dash_port}"
+    cluster = Cluster(address, temp_dir, env, dashboard_url)
+    common = ["--num-cpus", str(cpus_per_node), "--num-gpus", "0", "--disable-usage-stats"]
+    try:
+        subprocess.run([_ray(), "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", temp_dir, *head_extra, *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([_ray(), "start", "--address", address, "--node-ip-address", WORKER_IP, *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,184 @@
+"""Distillation on Ray Train: ``stages.distill.train`` in N DDP workers, a checkpoint every epoch.
+
+The driver resolves and checks everything, then hands each worker a plain dict
+(paths, names, settings); a worker opens the store and its own teacher rows,
+builds the student and trains on its share of every epoch's units (DDP: gloo
+on CPUs, NCCL on GPUs). After each epoch rank 0 writes a checkpoint (the whole
+training state plus the metrics so far) and every rank reports, so a failed
+worker restarts the run from the last epoch (FailureConfig) and ``--resume``
+continues a stopped one. The checkpoints live under ``OUT/ray/distill``, or
+under ``--checkpoints DIR_OR_URL/distill`` (an s3:// prefix every node can
+reach, on a multi-node cluster); at the end the driver writes the same files
+into ``--out`` as a run without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from storage import Location, UserError
+
+from . import ray_env
+
+log = logging.getLogger("pipeline")
+
+RUN_NAME = "distill"  # one run per --out, so --resume finds it by name
+
+
+def train_loop_per_worker(job: dict) -> None:
+    """One Ray Train worker: open the inputs named in ``job``, restore the last checkpoint if any, train."""
+    import ray.train
+    import torch
+
+    from stages.datasets import open_dataset
+    from stages.distill import EpochHooks, TrainSettings, train
+    from stages.extract import stored_plan
+    from stages.methods import method_class
+    from stages.replay import StoredViews
+    from storage import Store
+
+    from .commands import cached_teacher, validation_data
+
+    settings = TrainSettings(**job["settings"])
+    store = Store(job["store"])
+    plan = stored_plan(store)
+    dataset, val = open_dataset(job["data"]), validation_data(job["data"], job["val_data"])
+    teacher = cached_teacher(store, job["teacher"], job["teacher_weights"], method_class(settings.method).needs)
+    views = StoredViews(store, plan, job["num_views"])
+    device = ray.train.torch.get_device() if job["gpus_per_worker"] else torch.device("cpu")
+    rank = ray.train.get_context().get_world_rank()
+    # Rank 0 speaks for the run: its progress and epoch lines reach the driver's console through Ray.
+    for name in ("stages", "pipeline"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.propagate = False  # Ray's worker has a root handler too: each line once
+
+    state, starts = None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+            starts = json.loads((Path(d) / "run.json").read_text())["starts"]
+    starts = [*starts, state["epoch"] if state else 0]  # where each attempt of this run began: the restart record
+
+    def save(state: dict, line: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:  # DDP keeps the replicas equal: one copy is the checkpoint
+                torch.save(state, Path(tmp) / "state.pt")
+                run = {"starts": starts, "metrics": state["metrics"], "settings": job["settings"], "student": state["student"]}
+                (Path(tmp) / "run.json").write_text(json.dumps(run))
+                saved = ray.train.Checkpoint.from_directory(tmp)
+            # Every rank reports (a barrier); result.metrics keeps only metrics reported with a checkpoint.
+            ray.train.report(line, checkpoint=saved, checkpoint_dir_name=f"epoch-{line['epoch']:04d}")
+
+    train(settings, dataset, val, views, plan, teacher, hooks=EpochHooks(state, save), device=device)
+
+
+def latest_checkpoint(run_dir: Location) -> Location | None:
+    """The newest checkpoint of the run in ``run_dir`` that holds its run record."""
+    for name in reversed([n for n in run_dir.listdir() if n.startswith("epoch-")]):
+        if (run_dir / name / "run.json").exists():
+            return run_dir / name
+    return None
+
+
+def checkpoint_storage(out: Path, checkpoints: str | None) -> Location:
+    """Where Ray Train keeps the run: --checkpoints (a directory or URL), else OUT/ray; local paths made absolute."""
+    url = checkpoints or str(out / "ray")
+    return Location(url if "://" in url else os.path.abspath(url))
+
+
+def distill_on_ray(
+    job: dict, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
+    checkpoints: str | None = None,
+):
+    """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from stages.distill import TrainResult, save_student
+
+    storage = checkpoint_storage(out, checkpoints)
+    run_dir = storage / RUN_NAME
+    if resume:
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            raise UserError(f"no checkpoint to resume under {run_dir}: run without --resume to start")
+        _check_same_run((last / "run.json").read_json()["settings"], job["settings"])
+        log.info("resuming the run in %s from its checkpoint %s", run_dir, last.name)
+    else:
+        run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
+    ray_env.connect(address)
+    ray_env.require_gpus(gpus_per_worker, workers)
+    ray_env.check_visible(Location(job["store"]), "store")
+    storage.makedirs()
+    ray_env.check_visible(storage, "checkpoint location")
+    for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's
+        (out / stale).unlink(missing_ok=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**job, "gpus_per_worker": gpus_per_worker},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+        ),
+        # Same name and storage path: Ray Train V2 reloads the run's checkpoint list, so --resume and a
+        # restart after a failed worker both get the latest checkpoint from ray.train.get_checkpoint().
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage.url,  # pyarrow resolves URLs (s3://...) with the same AWS_* settings as the store
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # one per epoch, all kept: each is one student
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise UserError(_worker_error(e, max_failures)) from e
+    if result.checkpoint is None:
+        raise UserError(f"the Ray Train run in {run_dir} reported no checkpoint: see {out / 'run.log'}")
+    with result.checkpoint.as_directory() as d:
+        import torch
+
+        run = json.loads((Path(d) / "run.json").read_text())
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
+        log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
+    student = run["student"]
+    save_student(out / "student.safetensors", state["model"], student["name"], student["size"], student["mean"], student["std"])
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in run["metrics"]))
+    os.replace(tmp, out / "metrics.jsonl")
+    for line in run["metrics"]:
+        log.info("epoch %d: %s", line["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+    return TrainResult(model=None, metrics=run["metrics"], seconds=time.perf_counter() - start)  # the weights are on disk
+
+
+def _check_same_run(saved: dict, now: dict) -> None:
+    """--resume may change the epoch count; anything else would continue another run's weights."""
+    now = json.loads(json.dumps(now))  # as the checkpoint holds it: lists, not tuples
+    changed = sorted(k for k in {*saved, *now} if k != "epochs" and saved.get(k) != now.get(k))
+    if changed:
+        raise UserError(
+            f"--resume with other settings than the stopped run ({', '.join(changed)}): "
+            "pass the same settings (only --epochs may change), or drop --resume to start afresh"
+        )
+
+
+def _worker_error(e: Exception, max_failures: int) -> str:
+    text = str(e).strip()
+    if "UserError: " in text:  # a user mistake found inside a worker: its own line
+        return text.rsplit("UserError: ", 1)[-1].splitlines()[0]
+    last = text.splitlines()[-1] if text else type(e).__name__
+    return f"Ray Train failed after {max_failures} restart(s): {last}; run again with --resume to continue from the last checkpoint"

@@ -30,7 +30,7 @@ def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     d = TRAIN_DEFAULTS
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs or d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"samples per optimiser step; a last partial batch is dropped (default: {d.batch_size})")
+    g.add_argument("--batch-size", type=int, help=f"samples per optimiser step (per worker with --workers N); a last partial batch is dropped (default: {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"AdamW peak learning rate, cosine decay (default: {d.lr})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay})")
     g.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up (default: {d.warmup_epochs})")
@@ -42,9 +42,9 @@ def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
         help="share of training samples whose label the student may use, stratified per class; the others are "
         f"supervised by the teacher alone, 0 trains from the cache only (default: {d.label_fraction})",
     )
-    g.add_argument("--workers", type=int, help=f"loader processes rendering views (default: {d.workers}, render in the main process)")
+    g.add_argument("--loader-workers", type=int, help=f"loader processes rendering views (default: {d.loader_workers}, render in the main process)")
     g.add_argument("--config", help="YAML file of settings (any TrainSettings field, method_args); flags override it")
-    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log")
+    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log (and ray/ checkpoints with --workers N)")
 
 
 def _view_flags(p: argparse.ArgumentParser) -> None:
@@ -105,8 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all the teacher has except tokens)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (default: 0)")
-    p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, "
+        "and every extraction into one teacher id must use the same (default: fp32)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)")
+    p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)")
+    g = p.add_argument_group("Ray (extraction spread over actors, each holding one teacher and taking (view, block) units from a queue)")
+    g.add_argument(
+        "--actors", type=int,
+        help="Ray actors; 0 runs in this process without Ray (default: 0, but with --ray-address or RAY_ADDRESS one per GPU, or one per node on a CPU-only cluster)",
+    )
+    g.add_argument(
+        "--gpus-per-worker", type=float,
+        help="GPUs each actor holds; 0 makes CPU actors (default: 0 with --device cpu, else 1 when --device cuda is given or the cluster has GPUs, else 0)",
+    )
+    g.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="Ray cluster to join, HOST:PORT or ray://HOST:PORT; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance started for --actors N)",
+    )
     p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
     p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
     _view_flags(p)
@@ -141,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
     p.add_argument("--verify", choices=("all", "sample", "none"), help="replayed views checked against the stored fingerprints (default: sample, about 1 in 100)")
     _training_flags(p)
+    g = p.add_argument_group("Ray Train (DDP: gloo on CPUs, NCCL on GPUs)")
+    g.add_argument("--workers", type=int, default=0, help="Ray Train workers, each training on its own part of the store; 0 trains in this process without Ray (default: 0)")
+    g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs for each Ray Train worker; 0 trains on CPUs with gloo, 1 or more on CUDA with NCCL (default: 0)")
+    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else a local Ray instance)")
+    g.add_argument("--max-failures", type=int, default=3, help="times a run restarts from its last checkpoint after a worker fails (default: 3)")
+    g.add_argument(
+        "--checkpoints", metavar="DIR_OR_URL",
+        help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue the Ray Train run under --out from its latest checkpoint, e.g. with more --epochs (default: off, start afresh)")
     p.set_defaults(func=commands.distill_command)
     return parser
 

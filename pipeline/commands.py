@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
 import tempfile
 import time
@@ -22,7 +24,7 @@ from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe
 from storage import Location, Store, UserError
 
-from . import config
+from . import config, ray_env, ray_extract
 
 log = logging.getLogger("pipeline")
 
@@ -90,7 +92,7 @@ def train_settings(args, **fixed) -> TrainSettings:
         "seed": args.seed,
         "size": args.size,
         "label_fraction": args.label_fraction,
-        "workers": args.workers,
+        "loader_workers": args.loader_workers,
         **fixed,
     }
     method = flags.get("method") or file.get("method") or TrainSettings.method
@@ -118,15 +120,19 @@ def train_command(args) -> None:
 def extract_command(args) -> None:
     dataset = open_dataset(args.data)
     teacher = teacher_from_flags(args, dataset, args.size)
+    # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU.
+    use_ray = args.actors > 0 if args.actors is not None else ray_env.resolve_address(args.ray_address) is not None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available() and not use_ray:
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible here: use --device cpu")
     outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
     info = teacher_info(
-        teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, outputs=outputs), args.format
+        teacher, output_info(teacher, logits=args.logits, k=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, outputs=outputs), args.format, args.precision
     )
     # Everything that can be checked is checked before a store directory exists.
     check_classes(info, dataset.num_classes)
+    if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
+        gpus_per_worker, actors, device = ray_extract.join_cluster(args)
     # Before any work, so a store of unexpected size (tokens) can be stopped at once.
     log.info(storage_line(args.teacher_id or _teacher_id(args.teacher), info, len(dataset), args.views))
     dataset.sizes()  # reads every image header: unreadable files surface now
@@ -146,7 +152,16 @@ def extract_command(args) -> None:
             if args.repair:
                 damaged = verify.take_back_damaged(store, teacher_id)
                 log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
-            result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
+            if use_ray:
+                spec = ray_extract.ActorSpec(
+                    data=ray_extract.absolute_source(args.data), fingerprint=dataset.fingerprint(), store=ray_extract.actor_store_url(store.path), teacher_id=teacher_id,
+                    teacher=args.teacher, weights=args.weights, random_init=args.random_init, seed=args.teacher_seed, size=args.size,
+                    info=info, device=device, batch_size=args.batch_size, workers=args.workers,
+                    unit_sleep=float(os.environ.get(ray_extract.TEST_UNIT_SLEEP_ENV, 0)),
+                )
+                result = ray_extract.extract_on_ray(store, dataset, spec, views=args.views, actors=actors, gpus_per_worker=gpus_per_worker)
+            else:
+                result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
@@ -171,6 +186,12 @@ def distill_command(args) -> None:
         size=args.size or store.meta["plan"]["size"],
     )
     needs = method_class(settings.method).needs
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (train in this process) or more, not {args.workers}")
+    if args.workers == 0 and (args.resume or args.gpus_per_worker or args.checkpoints):
+        raise UserError("--resume, --checkpoints and --gpus-per-worker are for Ray Train runs: pass --workers N (N >= 1)")
+    if args.workers and args.online:
+        raise UserError("--online runs the teacher in this process: leave --workers at 0, or distil from the cache")
     teacher = None
     if args.online:
         if not args.teacher:
@@ -182,27 +203,45 @@ def distill_command(args) -> None:
         teacher_id = _teacher_id(args.teacher)
         means = stats.class_means(store, teacher_id) if teacher_id in store.teacher_ids() else None
         teacher = LiveTeacher(live, needs, class_means=means)
-    elif needs and args.teacher and "," in args.teacher:
-        weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
-        teacher = CachedEnsemble(store, [_pick_teacher(store, t.strip()) for t in args.teacher.split(",")], needs, weights)
-    elif needs:
-        teacher = CachedTeacher(store, _pick_teacher(store, args.teacher), needs)
+    else:
+        teacher = cached_teacher(store, args.teacher, args.teacher_weights, needs)
     out = Path(args.out)
     with run_log(out / "run.log"):
         config.save(
             out / "config.yaml",
-            {"command": "distill", "store": str(store.path), "online": args.online, "teacher": args.teacher, "data": source, "train": settings},
+            {"command": "distill", "store": str(store.path), "online": args.online, "teacher": args.teacher, "data": source,
+             "workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "train": settings},
         )
         views = StoredViews(store, plan, None if teacher is None or isinstance(teacher, LiveTeacher) else teacher.num_views)
         if views.num_views == 0:
             raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
-        result = train(settings, dataset, val, views, plan, teacher, out_dir=out)
+        if args.workers:
+            from .ray_train import distill_on_ray  # Ray only where it is asked for
+
+            job = {"store": str(store.path), "data": source, "val_data": args.val_data, "teacher": args.teacher,
+                   "teacher_weights": args.teacher_weights, "num_views": views.num_views, "settings": dataclasses.asdict(settings)}
+            result = distill_on_ray(job, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                                    address=args.ray_address, max_failures=args.max_failures, resume=args.resume,
+                                    checkpoints=args.checkpoints)
+        else:
+            result = train(settings, dataset, val, views, plan, teacher, out_dir=out)
     final = result.metrics[-1]
     mode = "online teacher" if args.online else f"cache {store.path}"
+    ray = f", {args.workers} Ray Train worker(s)" if args.workers else ""
     print(
-        f"{settings.student} ({settings.method}, {mode}): val top-1 {final.get('val_top1', float('nan')):.4f} "
+        f"{settings.student} ({settings.method}, {mode}{ray}): val top-1 {final.get('val_top1', float('nan')):.4f} "
         f"after {settings.epochs} epochs, {result.seconds:.1f} s -> {out / 'student.safetensors'}"
     )
+
+
+def cached_teacher(store: Store, teacher: str | None, teacher_weights: str | None, needs) -> CachedTeacher | CachedEnsemble | None:
+    """The cached teacher(s) named by --teacher (one id, or a,b averaged with --teacher-weights); None when the method needs none."""
+    if not needs:
+        return None
+    if teacher and "," in teacher:
+        weights = [float(w) for w in teacher_weights.split(",")] if teacher_weights else None
+        return CachedEnsemble(store, [_pick_teacher(store, t.strip()) for t in teacher.split(",")], needs, weights)
+    return CachedTeacher(store, _pick_teacher(store, teacher), needs)
 
 
 def stats_command(args) -> None:

@@ -23,6 +23,8 @@ from .inspection import add_inspect_parser
 
 log = logging.getLogger("pipeline")
 
+RAY_ADDRESS_HELP = "Ray cluster to join, HOST:PORT, ray://HOST:PORT, or auto for the one `ray start` runs on this machine"
+
 TRAIN_DEFAULTS = commands.TrainSettings()
 
 
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ray-address", metavar="ADDR",
-        help="Ray cluster to join, HOST:PORT or ray://HOST:PORT; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance started for --actors N)",
+        help=f"{RAY_ADDRESS_HELP}; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance started for --actors N)",
     )
     p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
     p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Ray Train (DDP: gloo on CPUs, NCCL on GPUs)")
     g.add_argument("--workers", type=int, default=0, help="Ray Train workers, each training on its own part of the store; 0 trains in this process without Ray (default: 0)")
     g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs for each Ray Train worker; 0 trains on CPUs with gloo, 1 or more on CUDA with NCCL (default: 0)")
-    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else a local Ray instance)")
+    g.add_argument("--ray-address", metavar="ADDR", help=f"{RAY_ADDRESS_HELP} (default: RAY_ADDRESS, else a local Ray instance)")
     g.add_argument("--max-failures", type=int, default=3, help="times a run restarts from its last checkpoint after a worker fails (default: 3)")
     g.add_argument(
         "--checkpoints", metavar="DIR_OR_URL",

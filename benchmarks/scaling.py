@@ -112,7 +112,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} torch threads in-process)"
     print(f"\nextraction of {args.teacher} at {args.size} px, {total:,} views in units of {args.block}, on {device}; "
           f"medians of {args.repeats} rounds\n")
-    print(f"| setup | views/s (wall) | views/s (steady) | steady vs. in-process |\n|---|---|---|---|")
+    print("| setup | views/s (wall) | views/s (steady) | steady vs. in-process |\n|---|---|---|---|")
     base = statistics.median(s for _, s in rates["in-process"])
     for name, got in rates.items():
         wall, steady = statistics.median(w for w, _ in got), statistics.median(s for _, s in got)

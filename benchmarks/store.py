@@ -409,11 +409,11 @@ def main():
                 for b, unit in enumerate(prerendered):
                     parts = [(bt, fp, runner(x, torch.from_numpy(bt["label"]))) for bt, x, fp in unit]
                     if not overlap:
-                        _commit_unit(st, src, group, 0, b, parts, set(), names)
+                        _commit_unit(st, src, group, 0, b, parts, False, names)
                         continue
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(_commit_unit, st, src, group, 0, b, parts, set(), names)
+                    pending = writer.submit(_commit_unit, st, src, group, 0, b, parts, False, names)
                 if pending is not None:
                     pending.result()
 
@@ -437,7 +437,7 @@ def main():
 
         def store_only(st, group, src):
             for b, parts in enumerate(outs):
-                _commit_unit(st, src, group, 0, b, parts, set(), names)
+                _commit_unit(st, src, group, 0, b, parts, False, names)
 
         made = [fresh_store() for _ in range(args.repeats)]
         t_store_only = statistics.median(median_time(lambda: store_only(*m), 1) for m in made)

@@ -154,7 +154,7 @@ def extract_command(args) -> None:
                 log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
             if use_ray:
                 spec = ray_extract.ActorSpec(
-                    data=ray_extract.absolute_source(args.data), fingerprint=dataset.fingerprint(), store=ray_extract.actor_store_url(store.path), teacher_id=teacher_id,
+                    data=ray_env.source_for_workers(args.data), fingerprint=dataset.fingerprint(), store=ray_env.for_workers(store.path).url, teacher_id=teacher_id,
                     teacher=args.teacher, weights=args.weights, random_init=args.random_init, seed=args.teacher_seed, size=args.size,
                     info=info, device=device, batch_size=args.batch_size, workers=args.workers,
                     unit_sleep=float(os.environ.get(ray_extract.TEST_UNIT_SLEEP_ENV, 0)),
@@ -218,7 +218,8 @@ def distill_command(args) -> None:
         if args.workers:
             from .ray_train import distill_on_ray  # Ray only where it is asked for
 
-            job = {"store": str(store.path), "data": source, "val_data": args.val_data, "teacher": args.teacher,
+            job = {"store": ray_env.for_workers(store.path).url, "data": ray_env.source_for_workers(source),
+                   "val_data": ray_env.source_for_workers(args.val_data), "teacher": args.teacher,
                    "teacher_weights": args.teacher_weights, "num_views": views.num_views, "settings": dataclasses.asdict(settings)}
             result = distill_on_ray(job, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                                     address=args.ray_address, max_failures=args.max_failures, resume=args.resume,

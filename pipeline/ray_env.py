@@ -62,6 +62,20 @@ def connect(address: str | None = None) -> None:
     log.info("ray: %s, %d node(s), %g CPU, %g GPU", address or "local instance", len(ray.nodes()), resources.get("CPU", 0), resources.get("GPU", 0))
 
 
+def user_error(error: Exception) -> UserError | None:
+    """The UserError a Ray error carries (a failed task, an actor or a Train worker that raised one), if any."""
+    e, seen = error, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError) and not type(e).__module__.startswith("ray"):
+            return e
+        e = getattr(e, "cause", None) or getattr(e, "__cause__", None)
+    text = str(error).strip()
+    if "UserError: " in text:  # where only the remote traceback's text came back
+        return UserError(text.rsplit("UserError: ", 1)[-1].splitlines()[0])
+    return None
+
+
 def require_gpus(per_worker: float, workers: int) -> None:
     """Refuse at once when the cluster cannot give each worker its GPUs."""
     import ray
@@ -76,6 +90,19 @@ def require_gpus(per_worker: float, workers: int) -> None:
         )
     if have < per_worker * workers:
         log.warning("the cluster has %g GPUs for %d workers of %g: some workers wait for a GPU", have, workers, per_worker)
+
+
+def for_workers(where: str | Location) -> Location:
+    """A store or checkpoint place as Ray workers must name it: a local path made absolute (a worker's
+    working directory is not the driver's), a URL as it is."""
+    where = where if isinstance(where, Location) else Location(where)
+    return Location(os.path.abspath(where.path)) if where.is_local else where
+
+
+def source_for_workers(source: str | None) -> str | None:
+    """A dataset source that means the same in a worker: a folder's path made absolute."""
+    kind, _, rest = (source or "").partition(":")
+    return f"folder:{os.path.abspath(rest)}" if kind == "folder" else source
 
 
 def check_visible(location: Location, what: str) -> None:

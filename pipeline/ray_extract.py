@@ -12,7 +12,6 @@ ends the whole run with its line; committed units stay.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Callable
 
 from stages.extract import ExtractResult, UnitExtractor, open_teacher, pending_units
 from stages.progress import Progress
-from storage import Location, Store, UserError
+from storage import Store, UserError
 
 from . import ray_env
 
@@ -108,37 +107,12 @@ def plan_actors(gpus_per_worker: float | None, actors: int | None, device: str |
     return gpus_per_worker, actors, "cuda" if gpus_per_worker > 0 else (device or "cpu")
 
 
-def actor_store_url(store: Location) -> str:
-    return os.path.abspath(store.path) if store.is_local else store.url
-
-
-def absolute_source(source: str) -> str:
-    """A dataset source that means the same in a worker, whose working directory is not the driver's."""
-    kind, _, rest = source.partition(":")
-    return f"folder:{os.path.abspath(rest)}" if kind == "folder" else source
-
-
 def join_cluster(args) -> tuple[float, int, str]:
     """Connect (or start a local instance), check GPUs and that every node sees the store: before any work."""
     ray_env.connect(args.ray_address)
     plan = plan_actors(args.gpus_per_worker, args.actors, args.device)
-    store = Location(args.store)
-    ray_env.check_visible(Location(actor_store_url(store)), "store")
+    ray_env.check_visible(ray_env.for_workers(args.store), "store")
     return plan
-
-
-def _user_error(error: Exception) -> UserError | None:
-    """The UserError a Ray error carries (a failed unit, or an actor whose set-up failed), if any."""
-    e, seen = error, set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError) and not type(e).__module__.startswith("ray"):
-            return e
-        e = getattr(e, "cause", None) or getattr(e, "__cause__", None)
-    text = str(error).strip()
-    if "UserError: " in text:  # an actor whose set-up failed carries only the traceback text
-        return UserError(text.split("UserError: ")[-1].splitlines()[0])
-    return None
 
 
 def extract_on_ray(
@@ -187,7 +161,7 @@ def extract_on_ray(
             try:
                 ray.get(ref)
             except (RayTaskError, RayActorError) as e:
-                user = _user_error(e)
+                user = ray_env.user_error(e)
                 if user is not None:
                     raise UserError(str(user)) from None
                 if not isinstance(e, RayActorError):

@@ -90,12 +90,6 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
     return None
 
 
-def checkpoint_storage(out: Path, checkpoints: str | None) -> Location:
-    """Where Ray Train keeps the run: --checkpoints (a directory or URL), else OUT/ray; local paths made absolute."""
-    url = checkpoints or str(out / "ray")
-    return Location(url if "://" in url else os.path.abspath(url))
-
-
 def distill_on_ray(
     job: dict, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
     checkpoints: str | None = None,
@@ -106,7 +100,7 @@ def distill_on_ray(
 
     from stages.distill import TrainResult, save_student
 
-    storage = checkpoint_storage(out, checkpoints)
+    storage = ray_env.for_workers(checkpoints or str(out / "ray"))
     run_dir = storage / RUN_NAME
     if resume:
         last = latest_checkpoint(run_dir)
@@ -114,13 +108,13 @@ def distill_on_ray(
             raise UserError(f"no checkpoint to resume under {run_dir}: run without --resume to start")
         _check_same_run((last / "run.json").read_json()["settings"], job["settings"])
         log.info("resuming the run in %s from its checkpoint %s", run_dir, last.name)
-    else:
-        run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     ray_env.connect(address)
     ray_env.require_gpus(gpus_per_worker, workers)
     ray_env.check_visible(Location(job["store"]), "store")
     storage.makedirs()
     ray_env.check_visible(storage, "checkpoint location")
+    if not resume:  # only once every check passed: a refused run leaves the old one's checkpoints alone
+        run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
 
@@ -177,8 +171,9 @@ def _check_same_run(saved: dict, now: dict) -> None:
 
 
 def _worker_error(e: Exception, max_failures: int) -> str:
+    user = ray_env.user_error(e)
+    if user is not None:  # a user mistake found inside a worker: its own line
+        return str(user)
     text = str(e).strip()
-    if "UserError: " in text:  # a user mistake found inside a worker: its own line
-        return text.rsplit("UserError: ", 1)[-1].splitlines()[0]
     last = text.splitlines()[-1] if text else type(e).__name__
     return f"Ray Train failed after {max_failures} restart(s): {last}; run again with --resume to continue from the last checkpoint"

@@ -260,7 +260,6 @@ def extract(
 
     def commit(v, b, parts):
         unit.commit(v, b, parts, (v, b) in plan_done)
-        plan_done.add((v, b))
         progress.update(len(unit.source.ids(b)))
 
     start = time.perf_counter()

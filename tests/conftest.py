@@ -127,9 +127,9 @@ def reference(base_store):
 # -- an S3-compatible server (moto) on 127.0.0.1 ---------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return s.getsockname()[1]
 
 

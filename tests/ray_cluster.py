@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,33 +20,28 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import free_port
+
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}  # the same in every node and in the driver (FACTS.md)
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def _ray() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def cluster_pids(marks: list[str]) -> list[int]:
     """Processes whose command line contains one of ``marks``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmd for m in marks):
-            pids.append(int(entry.name))
-    return pids
+    pids = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return [pid for pid in pids if pid != os.getpid() and any(m in _cmdline(pid) for m in marks)]
 
 
 def _children() -> dict[int, list[int]]:
@@ -78,15 +72,7 @@ def worker_pids(marks: list[str], name: str) -> list[int]:
     Ray workers rename themselves (``ray::ExtractActor``), dropping the marks, so
     the cluster's processes are searched together with their descendants.
     """
-    out = []
-    for pid in _with_descendants(cluster_pids(marks)):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if name in cmd:
-            out.append(pid)
-    return out
+    return [pid for pid in _with_descendants(cluster_pids(marks)) if name in _cmdline(pid)]
 
 
 class Cluster:
@@ -116,13 +102,13 @@ def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False):
     """Start the cluster; with ``dashboard`` the head also serves the job API (``ray job submit``) on a free port."""
     # A short path: Ray's unix sockets live under the temp dir and their paths are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    port = _free_port(HEAD_IP)
+    port = free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     env = {**os.environ, **ENV, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
     head_extra = ["--include-dashboard", "false"]
     dashboard_url = None
     if dashboard:
-        dash_port = _free_port(HEAD_IP)
+        dash_port = free_port(HEAD_IP)
         head_extra = ["--include-dashboard", "true", "--dashboard-host", HEAD_IP, "--dashboard-port", str(dash_port)]
         dashboard_url = f"http://{HEAD_IP}:{dash_port}"
     cluster = Cluster(address, temp_dir, env, dashboard_url)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from pipeline.cli import main

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import read_tree
+from conftest import free_port, read_tree
 from ray_cluster import HEAD_IP, two_node_cluster, worker_pids
 
 from pipeline.cli import main
@@ -148,9 +147,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_an_unreachable_cluster_fails_in_seconds(tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind((HEAD_IP, 0))
-        port = s.getsockname()[1]  # nobody listens here
+    port = free_port(HEAD_IP)  # nobody listens here
     start = time.perf_counter()
     assert main(extract_args(tmp_path / "s", "--ray-address", f"{HEAD_IP}:{port}")) == 2
     assert time.perf_counter() - start < 15

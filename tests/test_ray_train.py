@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUCKET, SIZE, make_teacher, runner_for
-from ray_cluster import cluster_pids, two_node_cluster, worker_pids
+from ray_cluster import two_node_cluster, worker_pids
 from safetensors.torch import load_file
 
 from stages.datasets import open_dataset
@@ -56,6 +56,17 @@ def test_ray_train_flags_without_workers_are_one_line(store, tmp_path, capsys):
 
     assert main(_argv(store, tmp_path / "run", "--resume")[3:]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --resume, --checkpoints and --gpus-per-worker are for Ray Train runs")
+
+
+def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
+    """A worker's working directory is not the driver's: relative stores, checkpoints and folders are made absolute."""
+    from pipeline.ray_env import for_workers, source_for_workers
+
+    monkeypatch.chdir(tmp_path)
+    assert for_workers("runs/store").url == str(tmp_path / "runs" / "store")
+    assert for_workers(f"s3://{BUCKET}/runs/a").url == f"s3://{BUCKET}/runs/a"
+    assert source_for_workers("folder:images/train") == f"folder:{tmp_path / 'images' / 'train'}"
+    assert source_for_workers(DATA) == DATA and source_for_workers(None) is None
 
 
 # -- checkpoints in a bucket, on a local Ray instance ----------------------------------------
@@ -224,32 +235,8 @@ def _registered_checkpoints(out: Path) -> int:
 
 
 def _train_workers(cluster) -> list[int]:
-    # Train workers run as "ray::RayTrainWorker..." children of this cluster's raylets.
-    return worker_pids(cluster.marks, "RayTrainWorker") or [
-        pid for pid in _children(cluster_pids(cluster.marks)) if "RayTrainWorker" in _cmdline(pid)
-    ]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children(roots: list[int]) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), set(roots)
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return sorted(found)
+    # Train workers run as "ray::RayTrainWorker..." among the descendants of this cluster's raylets.
+    return worker_pids(cluster.marks, "RayTrainWorker")
 
 
 def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(cluster, store, tmp_path):

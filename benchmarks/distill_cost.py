@@ -42,7 +42,9 @@ import torch
 
 from stages import cache
 from stages.datasets import open_dataset
-from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, build_student, student_forward, train
+from stages.distill import TrainSettings, train
+from stages.student import build_student, student_forward
+from stages.teacher_sources import CachedTeacher, LiveTeacher
 from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
 from stages.replay import StoredViews
 from stages.teachers import build_teacher

@@ -47,7 +47,8 @@ from zarr.storage import MemoryStore
 
 from stages import cache
 from stages.datasets import open_dataset
-from stages.distill import CachedTeacher, build_student, student_forward
+from stages.student import build_student, student_forward
+from stages.teacher_sources import CachedTeacher
 from stages.extract import FINGERPRINT, TeacherRunner, _commit_unit, extract, open_store, open_teacher, stored_plan, teacher_info
 from stages.losses import kd_loss
 from stages.replay import StoredViews, ViewRenderer, concat, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params

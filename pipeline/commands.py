@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from stages.datasets import ImageDataset, open_dataset
-from stages.distill import CachedEnsemble, CachedTeacher, LiveTeacher, TrainSettings, train
+from stages.datasets import ImageDataset, open_dataset, validation_data
+from stages.distill import TrainSettings, train
+from stages.teacher_sources import LiveTeacher, cached_teacher, pick_teacher
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
 from stages.cache import output_info, storage_line
 from stages import stats, verify
@@ -58,13 +59,6 @@ def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     file = config.load_yaml(args.config).get("views", {}) if args.config else {}
     flags = {"scale": args.scale, "ratio": args.ratio, "hflip": args.hflip, "eval_crop": args.eval_crop}
     return config.build(ViewRecipe, config.merge((base or ViewRecipe()).to_dict(), file, flags), args.config or "view flags")
-
-
-def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
-    if source.startswith("folder:") and not val_source:
-        log.warning("no validation data: pass --val-data folder:PATH to evaluate each epoch")
-        return None
-    return open_dataset(source, "val", val_source)
 
 
 def teacher_from_flags(args, dataset: ImageDataset, input_size: int | None):
@@ -212,7 +206,7 @@ def distill_command(args) -> None:
             {"command": "distill", "store": str(store.path), "online": args.online, "teacher": args.teacher, "data": source,
              "workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "train": settings},
         )
-        views = StoredViews(store, plan, None if teacher is None or isinstance(teacher, LiveTeacher) else teacher.num_views)
+        views = StoredViews(store, plan, None if teacher is None else teacher.num_views)
         if views.num_views == 0:
             raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
         if args.workers:
@@ -235,16 +229,6 @@ def distill_command(args) -> None:
     )
 
 
-def cached_teacher(store: Store, teacher: str | None, teacher_weights: str | None, needs) -> CachedTeacher | CachedEnsemble | None:
-    """The cached teacher(s) named by --teacher (one id, or a,b averaged with --teacher-weights); None when the method needs none."""
-    if not needs:
-        return None
-    if teacher and "," in teacher:
-        weights = [float(w) for w in teacher_weights.split(",")] if teacher_weights else None
-        return CachedEnsemble(store, [_pick_teacher(store, t.strip()) for t in teacher.split(",")], needs, weights)
-    return CachedTeacher(store, _pick_teacher(store, teacher), needs)
-
-
 def stats_command(args) -> None:
     store = Store(args.store)
     dataset = open_dataset(store.meta["dataset"]["source"] if not args.data else args.data)
@@ -261,7 +245,7 @@ def verify_command(args) -> None:
     if args.replay > 0:
         dataset = open_dataset(args.data or store.meta["dataset"]["source"])
         check_dataset(store, dataset)
-    teachers = [_pick_teacher(store, args.teacher)] if args.teacher else None
+    teachers = [pick_teacher(store, args.teacher)] if args.teacher else None
     report = verify.check_store(store, dataset, teachers, replay_fraction=args.replay, workers=args.workers)
     for f in report.findings:
         print(f"{f.group} view {f.view} block {f.block}: {f.problem}")
@@ -280,15 +264,3 @@ def verify_command(args) -> None:
 
 def _teacher_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def _pick_teacher(store: Store, requested: str | None) -> str:
-    ids = store.teacher_ids()
-    if requested:
-        store.teacher_info(requested)  # names the known teachers when it is not there
-        return requested
-    if len(ids) == 1:
-        return ids[0]
-    if not ids:
-        raise UserError(f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first")
-    raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher")

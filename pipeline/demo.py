@@ -23,7 +23,8 @@ import torch
 from stages import stats
 from stages.cache import output_info
 from stages.datasets import open_dataset
-from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, train
+from stages.distill import TrainSettings, train
+from stages.teacher_sources import CachedTeacher, LiveTeacher
 from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
@@ -149,7 +150,7 @@ def _params(model) -> str:
 
 
 def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
-    from stages.distill import build_student
+    from stages.student import build_student
 
     student_model = build_student(student["student"], data.num_classes, 0, **student.get("student_kwargs", {}))
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731

@@ -35,14 +35,14 @@ def train_loop_per_worker(job: dict) -> None:
     import ray.train
     import torch
 
-    from stages.datasets import open_dataset
+    from stages.datasets import open_dataset, validation_data
     from stages.distill import EpochHooks, TrainSettings, train
     from stages.extract import stored_plan
     from stages.methods import method_class
     from stages.replay import StoredViews
+    from stages.teacher_sources import cached_teacher
     from storage import Store
 
-    from .commands import cached_teacher, validation_data
 
     settings = TrainSettings(**job["settings"])
     store = Store(job["store"])
@@ -98,7 +98,8 @@ def distill_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from stages.distill import TrainResult, save_student
+    from stages.distill import TrainResult
+    from stages.student import save_student
 
     storage = ray_env.for_workers(checkpoints or str(out / "ray"))
     run_dir = storage / RUN_NAME

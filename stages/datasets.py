@@ -13,6 +13,7 @@ Sources (``open_dataset``):
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from storage import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -197,3 +200,11 @@ def open_dataset(source: str, split: str = "train", val_source: str | None = Non
         val = val_source.partition(":")[2] if val_source.startswith("folder:") else val_source
         return FolderDataset(val, classes=train_classes)
     raise UserError(f"unknown dataset '{source}': use digits, folder:PATH or fake:N")
+
+
+def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
+    """The validation split of ``source``: its own for digits and fake, ``val_source`` for folders (or none)."""
+    if source.startswith("folder:") and not val_source:
+        log.warning("no validation data: pass --val-data folder:PATH to evaluate each epoch")
+        return None
+    return open_dataset(source, "val", val_source)

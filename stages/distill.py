@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -26,9 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from storage import Store, UserError
@@ -49,7 +46,8 @@ from .replay import (
     shuffle_windows,
     with_partner_params,
 )
-from .teachers import Teacher
+from .student import build_student, save_student, student_forward
+from .teacher_sources import TeacherSource
 from .views import ViewPlan, eval_params, mixed_targets, normalize
 
 log = logging.getLogger(__name__)
@@ -81,118 +79,6 @@ class TrainSettings:
     window_rows: int = 16384  # rows shuffled together in memory (whole blocks)
     loader_workers: int = 0  # loader processes rendering views
     verify: str = "sample"  # replayed views checked against stored fingerprints: all, sample, none
-
-
-# -- teacher sources -------------------------------------------------------------------------
-
-
-class CachedTeacher:
-    """Teacher outputs read from a store, one whole unit at a time, only the arrays a method needs."""
-
-    size = None  # nothing to render for it
-
-    def __init__(self, store: Store, teacher_id: str, needs, prefix: str = "t:"):
-        self.prefix = prefix  # the batch-table columns of this teacher's rows
-        self.info = store.teacher_info(teacher_id)
-        self.group = store.teacher(teacher_id)
-        self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
-        self.names = cache.stored_names(self.info, self.needs)
-        self.num_views = self.info["views"]
-        self.feature_dim = self.info["feature_dim"]
-        expected = {(v, b) for v in range(self.num_views) for b in range(store.num_blocks)}
-        missing = expected - self.group.committed()
-        if missing:
-            raise UserError(
-                f"teacher '{teacher_id}' in {store.path} has {len(expected) - len(missing)} of {len(expected)} units committed: "
-                "run the same `pipeline extract` command again to finish it"
-            )
-
-    def unit_rows(self, view: int, block: int, rows: int) -> Table:
-        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows, verify=True).items()}
-
-    def class_means(self) -> torch.Tensor | None:
-        return stats.class_means(self.store, self.teacher_id)
-
-    def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
-        n = len(self.prefix)
-        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
-
-
-class CachedEnsemble:
-    """Several cached teachers as one: their softmax probabilities averaged with ``weights``.
-
-    The averaged distribution is handed on as its log (a valid logit vector),
-    so at T = 1 every logit method sees exactly the weighted mean of the
-    teachers' probabilities.
-    """
-
-    size = None
-
-    def __init__(self, store: Store, teacher_ids: list[str], needs, weights: list[float] | None = None):
-        if "features" in needs:
-            raise UserError("several teachers are averaged over their logits; feature methods (kdpp, srd) take one --teacher")
-        weights = weights or [1.0] * len(teacher_ids)
-        if len(weights) != len(teacher_ids) or min(weights) < 0 or sum(weights) <= 0:
-            raise UserError(f"--teacher-weights needs {len(teacher_ids)} non-negative numbers, not {weights}")
-        self.members = [CachedTeacher(store, tid, needs, prefix=f"t{j}:") for j, tid in enumerate(teacher_ids)]
-        classes = {m.info["num_classes"] for m in self.members}
-        if len(classes) > 1:
-            raise UserError(f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})")
-        self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
-        self.num_views = min(m.num_views for m in self.members)
-        self.feature_dim, self.needs = None, tuple(needs)
-
-    def unit_rows(self, view, block, rows) -> Table:
-        return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
-
-    def class_means(self):
-        return None
-
-    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
-        probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
-        return {"logits": torch.log(probs)}
-
-
-class LiveTeacher:
-    """The teacher run on the same replayed views, at its own input size and normalisation."""
-
-    def __init__(self, teacher: Teacher, needs, class_means: torch.Tensor | None = None):
-        self.teacher, self.needs, self._class_means = teacher, tuple(needs), class_means
-        self.size, self.feature_dim = teacher.input_size, teacher.feature_dim
-        missing = [k for k in self.needs if k not in teacher.outputs]
-        if missing:
-            raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output, which the method needs")
-
-    def unit_rows(self, view, block, rows) -> Table:
-        return {}
-
-    def class_means(self) -> torch.Tensor | None:
-        return self._class_means
-
-    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
-        out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std), self.needs)
-        return {k: out[k] for k in self.needs}
-
-
-# -- the student -----------------------------------------------------------------------------
-
-
-def build_student(name: str, num_classes: int, seed: int, **kwargs) -> nn.Module:
-    if not timm.is_model(name):
-        raise UserError(f"unknown student '{name}': pass a timm model name (see timm.list_models())")
-    torch.manual_seed(seed)
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UserError(f"bad student settings for {name}: {e}") from e
-
-
-def student_forward(model: nn.Module, x: torch.Tensor, needs) -> dict[str, torch.Tensor]:
-    features = model.forward_head(model.forward_features(x), pre_logits=True)
-    out = {"logits": model.get_classifier()(features)}
-    if "features" in needs:
-        out["features"] = features
-    return out
 
 
 @torch.no_grad()
@@ -346,7 +232,7 @@ def train(
     val_data: ImageDataset | None,
     views,
     plan: ViewPlan,
-    teacher: CachedTeacher | CachedEnsemble | LiveTeacher | None = None,
+    teacher: TeacherSource | None = None,
     out_dir: str | Path | None = None,
     weights_name: str = "student.safetensors",
     hooks: EpochHooks | None = None,
@@ -364,7 +250,7 @@ def train(
     needs = method_class(s.method).needs
     if needs and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
-    if isinstance(teacher, (CachedTeacher, CachedEnsemble)) and views.num_views > teacher.num_views:
+    if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
         raise UserError(
             f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
             "replay only the teacher's views, or extract the rest"
@@ -475,15 +361,6 @@ def train(
     if out_dir:
         save_student(out_dir / weights_name, model.state_dict(), s.student, size, mean, std)
     return TrainResult(model, metrics, time.perf_counter() - start)
-
-
-def save_student(path: Path, state: dict, student: str, size: int, mean, std) -> None:
-    """The student's weights, written once through a rename: a crashed run leaves no weights that look finished."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
-    meta = {"model": student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
 
 
 def _state(epochs_done, metrics, model, method, optimizer, scheduler, s: TrainSettings, size, mean, std) -> dict:

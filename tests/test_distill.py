@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.distill import CachedTeacher, LiveTeacher, TrainSettings, build_student, targets, train
+from stages.distill import TrainSettings, targets, train
+from stages.student import build_student
+from stages.teacher_sources import CachedTeacher, LiveTeacher
 from stages.extract import stored_plan
 from stages.losses import kd_loss
 from stages.methods import MethodContext, create_method, hard_loss

@@ -140,7 +140,7 @@ def test_second_teacher_shares_the_plan_and_leaves_it_untouched(base_store, two_
 
 
 def test_a_teacher_with_more_views_leaves_the_others_complete(wide_store, reference):
-    from stages.distill import CachedTeacher
+    from stages.teacher_sources import CachedTeacher
 
     store = Store(wide_store)
     assert store.num_views == 3 and store.plan.complete_views(store.num_blocks) == 3

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT, VIEWS
 
 from stages import stats
-from stages.distill import CachedTeacher, TrainSettings, lr_factor, targets, train
+from stages.distill import TrainSettings, lr_factor, targets, train
+from stages.teacher_sources import CachedTeacher
 from stages.losses import kd_loss, logsum_loss
 from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class
 from stages.replay import StoredViews
@@ -135,7 +136,7 @@ def test_kdpp_trains_from_a_store_once_its_statistics_exist(store_copy, train_da
 
 
 def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
-    from stages.distill import CachedEnsemble
+    from stages.teacher_sources import CachedEnsemble
 
     store = Store(two_teacher_store)
     ensemble = CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[3.0, 1.0])

@@ -14,7 +14,8 @@ from conftest import BATCH, BLOCK, STUDENT, VIEWS
 from safetensors.torch import load_file
 
 from stages import cache
-from stages.distill import CachedTeacher, TrainSettings, train
+from stages.distill import TrainSettings, train
+from stages.teacher_sources import CachedTeacher
 from stages.extract import TeacherRunner, extract, open_store, open_teacher, stored_plan, teacher_info
 from stages.replay import StoredViews
 from storage import ArraySpec, Store, UserError

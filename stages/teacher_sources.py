@@ -1,0 +1,145 @@
+"""Where stage two's teacher outputs come from: a store (one teacher or several averaged), or a live teacher.
+
+Every source has the same interface (``TeacherSource``), so the training loop
+never asks which kind it holds:
+
+* ``unit_rows(view, block, rows)``: the source's columns for one (view, block)
+  unit of the batch table, read whole (nothing for a live teacher);
+* ``outputs(batch, views)``: the teacher's outputs for one batch, as
+  ``{"logits": (B, C), "features": (B, D), "tokens": (B, T, D)}`` (the keys the
+  method needs), from the batch's columns or from the rendered ``views``;
+* ``size``: the render size the source needs (``None``: nothing to render);
+* ``num_views``: how many stored views it covers (``None``: any view).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from storage import Store, UserError
+
+from . import cache, stats
+from .replay import Table
+from .teachers import Teacher
+from .views import normalize
+
+
+class TeacherSource(ABC):
+    needs: tuple[str, ...]
+    size: int | None = None
+    num_views: int | None = None
+    feature_dim: int | None = None
+
+    def unit_rows(self, view: int, block: int, rows: int) -> Table:
+        return {}
+
+    def class_means(self) -> torch.Tensor | None:
+        return None
+
+    @abstractmethod
+    def outputs(self, batch: Table, views: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class CachedTeacher(TeacherSource):
+    """Teacher outputs read from a store, one whole unit at a time, only the arrays a method needs."""
+
+    def __init__(self, store: Store, teacher_id: str, needs, prefix: str = "t:"):
+        self.prefix = prefix  # the batch-table columns of this teacher's rows
+        self.info = store.teacher_info(teacher_id)
+        self.group = store.teacher(teacher_id)
+        self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
+        self.names = cache.stored_names(self.info, self.needs)
+        self.num_views = self.info["views"]
+        self.feature_dim = self.info["feature_dim"]
+        expected = {(v, b) for v in range(self.num_views) for b in range(store.num_blocks)}
+        missing = expected - self.group.committed()
+        if missing:
+            raise UserError(
+                f"teacher '{teacher_id}' in {store.path} has {len(expected) - len(missing)} of {len(expected)} units committed: "
+                "run the same `pipeline extract` command again to finish it"
+            )
+
+    def unit_rows(self, view: int, block: int, rows: int) -> Table:
+        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows, verify=True).items()}
+
+    def class_means(self) -> torch.Tensor | None:
+        return stats.class_means(self.store, self.teacher_id)
+
+    def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
+        n = len(self.prefix)
+        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
+
+
+class CachedEnsemble(TeacherSource):
+    """Several cached teachers as one: their softmax probabilities averaged with ``weights``.
+
+    The averaged distribution is handed on as its log (a valid logit vector),
+    so at T = 1 every logit method sees exactly the weighted mean of the
+    teachers' probabilities.
+    """
+
+    def __init__(self, store: Store, teacher_ids: list[str], needs, weights: list[float] | None = None):
+        if set(needs) - {"logits"}:
+            raise UserError(
+                f"several teachers are averaged over their logits; a method that reads {', '.join(sorted(set(needs) - {'logits'}))} takes one --teacher"
+            )
+        weights = weights or [1.0] * len(teacher_ids)
+        if len(weights) != len(teacher_ids) or min(weights) < 0 or sum(weights) <= 0:
+            raise UserError(f"--teacher-weights needs {len(teacher_ids)} non-negative numbers, not {weights}")
+        self.members = [CachedTeacher(store, tid, needs, prefix=f"t{j}:") for j, tid in enumerate(teacher_ids)]
+        classes = {m.info["num_classes"] for m in self.members}
+        if len(classes) > 1:
+            raise UserError(f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})")
+        self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+        self.num_views = min(m.num_views for m in self.members)
+        self.needs = tuple(needs)
+
+    def unit_rows(self, view, block, rows) -> Table:
+        return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
+
+    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+        probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
+        return {"logits": torch.log(probs)}
+
+
+class LiveTeacher(TeacherSource):
+    """The teacher run on the same replayed views, at its own input size and normalisation."""
+
+    def __init__(self, teacher: Teacher, needs, class_means: torch.Tensor | None = None):
+        self.teacher, self.needs, self._class_means = teacher, tuple(needs), class_means
+        self.size, self.feature_dim = teacher.input_size, teacher.feature_dim
+        missing = [k for k in self.needs if k not in teacher.outputs]
+        if missing:
+            raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output, which the method needs")
+
+    def class_means(self) -> torch.Tensor | None:
+        return self._class_means
+
+    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+        out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std), self.needs)
+        return {k: out[k] for k in self.needs}
+
+
+def pick_teacher(store: Store, requested: str | None) -> str:
+    """The teacher id named by --teacher, or the store's only one."""
+    ids = store.teacher_ids()
+    if requested:
+        store.teacher_info(requested)  # names the known teachers when it is not there
+        return requested
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise UserError(f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first")
+    raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher")
+
+
+def cached_teacher(store: Store, teacher: str | None, teacher_weights: str | None, needs) -> TeacherSource | None:
+    """The cached teacher(s) named by --teacher (one id, or a,b averaged with --teacher-weights); None when the method needs none."""
+    if not needs:
+        return None
+    if teacher and "," in teacher:
+        weights = [float(w) for w in teacher_weights.split(",")] if teacher_weights else None
+        return CachedEnsemble(store, [pick_teacher(store, t.strip()) for t in teacher.split(",")], needs, weights)
+    return CachedTeacher(store, pick_teacher(store, teacher), needs)

@@ -13,7 +13,6 @@ import errno
 import logging
 import sys
 import time
-from pathlib import Path
 
 from storage import UserError
 
@@ -65,15 +64,7 @@ def _teacher_flags(g, seed_flag: str) -> None:
     g.add_argument(seed_flag, dest="teacher_seed", type=int, default=0, help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description="Distil students from cached teacher outputs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
-    parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    add_demo_parser(sub)
-    add_inspect_parser(sub)
-
+def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="supervised training of any timm model (for example to fit a teacher)")
     p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
     p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
@@ -83,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p)
     p.set_defaults(func=commands.train_command)
 
+
+def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
     p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
     p.add_argument("--teacher", required=True, help="short name (dinov2_s/b/l/g[_reg], beitv2_b/l, resnet152) or any timm model")
@@ -92,20 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
     p.add_argument("--block", type=int, default=1024, help="samples per shard, the unit of work (default: 1024; fixed at creation)")
-    p.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
-    p.add_argument("--topk", type=int, default=10, help="k for --logits topk (default: 10)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
-    p.add_argument("--format", choices=("zarr", "wds"), default="zarr", help="how teacher outputs are stored: zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; fixed per teacher id (default: zarr)")
-    p.add_argument(
-        "--feature-dtype",
-        choices=("float16", "float32", "int8"),
-        help="stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value (default: the --dtype value)",
-    )
-    p.add_argument(
-        "--outputs",
-        help="comma-separated outputs to store: logits, features, tokens (CLS and patch tokens, large: the cost is logged first) "
-        "(default: all the teacher has except tokens)",
-    )
+    _output_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument(
         "--precision", choices=("fp32", "bf16"), default="fp32",
@@ -114,6 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)")
     p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)")
+    _extract_ray_flags(p)
+    p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
+    p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
+    _view_flags(p)
+    p.set_defaults(func=commands.extract_command)
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what is stored")
+    g.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
+    g.add_argument("--topk", type=int, default=10, help="k for --logits topk (default: 10)")
+    g.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
+    g.add_argument("--format", choices=("zarr", "wds"), default="zarr", help="how teacher outputs are stored: zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; fixed per teacher id (default: zarr)")
+    g.add_argument(
+        "--feature-dtype",
+        choices=("float16", "float32", "int8"),
+        help="stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value (default: the --dtype value)",
+    )
+    g.add_argument(
+        "--outputs",
+        help="comma-separated outputs to store: logits, features, tokens (CLS and patch tokens, large: the cost is logged first) "
+        "(default: all the teacher has except tokens)",
+    )
+
+
+def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray (extraction spread over actors, each holding one teacher and taking (view, block) units from a queue)")
     g.add_argument(
         "--actors", type=int,
@@ -127,11 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", metavar="ADDR",
         help=f"{RAY_ADDRESS_HELP}; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance started for --actors N)",
     )
-    p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
-    p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
-    _view_flags(p)
-    p.set_defaults(func=commands.extract_command)
 
+
+def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check a store: unit counts, checksums against commit records, a sample of replayed views")
     p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
     p.add_argument("--teacher", help="teacher id to check (default: every teacher, and the plan)")
@@ -140,12 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering replayed views (default: 0)")
     p.set_defaults(func=commands.verify_command)
 
+
+def add_stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)")
     p.add_argument("--store", required=True, help="the store made by `pipeline extract`")
     p.add_argument("--teacher", help="teacher id in the store (default: every teacher)")
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
     p.set_defaults(func=commands.stats_command)
 
+
+def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
     p.add_argument("--from-cache", required=True, metavar="STORE", help="the store made by `pipeline extract`")
     p.add_argument("--teacher", help="teacher id in the store, or several as a,b to average their probabilities (default: its only teacher); with --online, the teacher to run")
@@ -161,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
     p.add_argument("--verify", choices=("all", "sample", "none"), help="replayed views checked against the stored fingerprints (default: sample, about 1 in 100)")
     _training_flags(p)
+    _distill_ray_flags(p)
+    p.set_defaults(func=commands.distill_command)
+
+
+def _distill_ray_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray Train (DDP: gloo on CPUs, NCCL on GPUs)")
     g.add_argument("--workers", type=int, default=0, help="Ray Train workers, each training on its own part of the store; 0 trains in this process without Ray (default: 0)")
     g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs for each Ray Train worker; 0 trains on CPUs with gloo, 1 or more on CUDA with NCCL (default: 0)")
@@ -171,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)",
     )
     g.add_argument("--resume", action="store_true", help="continue the Ray Train run under --out from its latest checkpoint, e.g. with more --epochs (default: off, start afresh)")
-    p.set_defaults(func=commands.distill_command)
+
+
+# One builder per command, in the order `pipeline --help` lists them.
+PARSERS = (add_demo_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser, add_distill_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Distil students from cached teacher outputs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
     return parser
 
 

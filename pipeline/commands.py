@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from stages.datasets import ImageDataset, open_dataset, validation_data
-from stages.distill import TrainSettings, train
-from stages.teacher_sources import LiveTeacher, cached_teacher, pick_teacher
+from stages.distill import EpochHooks, TrainSettings, train
+from stages.teacher_sources import LiveTeacher, TeacherSource, cached_teacher, pick_teacher
 from stages.extract import TeacherRunner, check_classes, check_dataset, extract, open_store, stored_plan, teacher_info
 from stages.cache import output_info, storage_line
 from stages import stats, verify
@@ -151,7 +151,6 @@ def extract_command(args) -> None:
                     data=ray_env.source_for_workers(args.data), fingerprint=dataset.fingerprint(), store=ray_env.for_workers(store.path).url, teacher_id=teacher_id,
                     teacher=args.teacher, weights=args.weights, random_init=args.random_init, seed=args.teacher_seed, size=args.size,
                     info=info, device=device, batch_size=args.batch_size, workers=args.workers,
-                    unit_sleep=float(os.environ.get(ray_extract.TEST_UNIT_SLEEP_ENV, 0)),
                 )
                 result = ray_extract.extract_on_ray(store, dataset, spec, views=args.views, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
@@ -163,7 +162,9 @@ def extract_command(args) -> None:
     )
 
 
-def distill_command(args) -> None:
+def distill_command(args, on_epoch: Callable[[dict], None] | None = None) -> None:
+    """``pipeline distill``; ``on_epoch(line)`` sees each epoch's metrics line (a sweep reports it to Ray Tune)."""
+    _check_ray_flags(args)
     store = Store(args.from_cache)
     plan = stored_plan(store)
     source = args.data or store.meta["dataset"]["source"]
@@ -179,26 +180,7 @@ def distill_command(args) -> None:
         verify=args.verify,
         size=args.size or store.meta["plan"]["size"],
     )
-    needs = method_class(settings.method).needs
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 (train in this process) or more, not {args.workers}")
-    if args.workers == 0 and (args.resume or args.gpus_per_worker or args.checkpoints):
-        raise UserError("--resume, --checkpoints and --gpus-per-worker are for Ray Train runs: pass --workers N (N >= 1)")
-    if args.workers and args.online:
-        raise UserError("--online runs the teacher in this process: leave --workers at 0, or distil from the cache")
-    teacher = None
-    if args.online:
-        if not args.teacher:
-            raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
-        live = teacher_from_flags(args, dataset, args.teacher_size or store.meta["plan"]["size"])
-        if "logits" in needs and live.num_classes != dataset.num_classes:
-            raise UserError(f"teacher '{args.teacher}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
-        # Class means (KD++) describe the teacher, so they come from its cache's statistics when the store has them.
-        teacher_id = _teacher_id(args.teacher)
-        means = stats.class_means(store, teacher_id) if teacher_id in store.teacher_ids() else None
-        teacher = LiveTeacher(live, needs, class_means=means)
-    else:
-        teacher = cached_teacher(store, args.teacher, args.teacher_weights, needs)
+    teacher = distill_teacher(args, store, dataset, method_class(settings.method).needs)
     out = Path(args.out)
     with run_log(out / "run.log"):
         config.save(
@@ -210,16 +192,10 @@ def distill_command(args) -> None:
         if views.num_views == 0:
             raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
         if args.workers:
-            from .ray_train import distill_on_ray  # Ray only where it is asked for
-
-            job = {"store": ray_env.for_workers(store.path).url, "data": ray_env.source_for_workers(source),
-                   "val_data": ray_env.source_for_workers(args.val_data), "teacher": args.teacher,
-                   "teacher_weights": args.teacher_weights, "num_views": views.num_views, "settings": dataclasses.asdict(settings)}
-            result = distill_on_ray(job, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                                    address=args.ray_address, max_failures=args.max_failures, resume=args.resume,
-                                    checkpoints=args.checkpoints)
+            result = _distill_on_ray(args, store, source, views.num_views, settings, out)
         else:
-            result = train(settings, dataset, val, views, plan, teacher, out_dir=out)
+            hooks = EpochHooks(save=lambda state, line: on_epoch(line)) if on_epoch else None
+            result = train(settings, dataset, val, views, plan, teacher, out_dir=out, hooks=hooks)
     final = result.metrics[-1]
     mode = "online teacher" if args.online else f"cache {store.path}"
     ray = f", {args.workers} Ray Train worker(s)" if args.workers else ""
@@ -227,6 +203,40 @@ def distill_command(args) -> None:
         f"{settings.student} ({settings.method}, {mode}{ray}): val top-1 {final.get('val_top1', float('nan')):.4f} "
         f"after {settings.epochs} epochs, {result.seconds:.1f} s -> {out / 'student.safetensors'}"
     )
+
+
+def _check_ray_flags(args) -> None:
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (train in this process) or more, not {args.workers}")
+    if args.workers == 0 and (args.resume or args.gpus_per_worker or args.checkpoints):
+        raise UserError("--resume, --checkpoints and --gpus-per-worker are for Ray Train runs: pass --workers N (N >= 1)")
+    if args.workers and args.online:
+        raise UserError("--online runs the teacher in this process: leave --workers at 0, or distil from the cache")
+
+
+def distill_teacher(args, store: Store, dataset: ImageDataset, needs) -> TeacherSource | None:
+    """The teacher a distill run reads: the cached one(s) named by --teacher, or with --online the live one."""
+    if not args.online:
+        return cached_teacher(store, args.teacher, args.teacher_weights, needs)
+    if not args.teacher:
+        raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
+    live = teacher_from_flags(args, dataset, args.teacher_size or store.meta["plan"]["size"])
+    if "logits" in needs and live.num_classes != dataset.num_classes:
+        raise UserError(f"teacher '{args.teacher}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
+    # Class means (KD++) describe the teacher, so they come from its cache's statistics when the store has them.
+    teacher_id = _teacher_id(args.teacher)
+    means = stats.class_means(store, teacher_id) if teacher_id in store.teacher_ids() else None
+    return LiveTeacher(live, needs, class_means=means)
+
+
+def _distill_on_ray(args, store: Store, source: str, num_views: int, settings: TrainSettings, out: Path):
+    from .ray_train import distill_on_ray  # Ray only where it is asked for
+
+    job = {"store": ray_env.for_workers(store.path).url, "data": ray_env.source_for_workers(source),
+           "val_data": ray_env.source_for_workers(args.val_data), "teacher": args.teacher,
+           "teacher_weights": args.teacher_weights, "num_views": num_views, "settings": dataclasses.asdict(settings)}
+    return distill_on_ray(job, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.ray_address,
+                          max_failures=args.max_failures, resume=args.resume, checkpoints=args.checkpoints)
 
 
 def stats_command(args) -> None:

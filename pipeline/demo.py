@@ -65,45 +65,57 @@ def run_demo(args) -> None:
     needs = method_class(method).needs
     config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_run": teacher_settings})
 
-    # 1. The teacher: supervised on every label, a fresh view per epoch from its own plan.
     log.info("demo 1/4: fitting teacher %s on %s (%d images, all labels)", teacher_settings.student, cfg["data"], len(data))
     t0 = time.perf_counter()
-    fit_plan = ViewPlan(recipe, seed=1)
-    fitted = train(teacher_settings, data, val, DrawnViews(fit_plan, data, teacher_settings.epochs), fit_plan, out_dir=out / "teacher", weights_name="model.safetensors")
+    teacher_acc = fit_teacher(teacher_settings, data, val, recipe, out / "teacher")
     teacher_fit_s = time.perf_counter() - t0
-    teacher_acc = fitted.metrics[-1]["val_top1"]
-    weights = out / "teacher" / "model.safetensors"
 
-    # 2. Stage one: its outputs over recorded views, into a store.
-    cache_cfg = cfg["cache"]
-    log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], out / "store")
-    teacher = build_teacher(teacher_settings.student, weights=str(weights), input_size=size)
-    info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"]))
-    plan = ViewPlan(recipe, seed=0)
-    store = open_store(out / "store", data, plan, views=cache_cfg["views"], block=cache_cfg["block"], size=size)
-    extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=args.loader_workers)
-    if "features" in needs:
-        stats.write_stats(store, "teacher", data.labels)
-    cached = CachedTeacher(store, "teacher", needs)
-    views = StoredViews(store, plan, cached.num_views)
+    log.info("demo 2/4: extracting %d views per image into %s", cfg["cache"]["views"], out / "store")
+    teacher = build_teacher(teacher_settings.student, weights=str(out / "teacher" / "model.safetensors"), input_size=size)
+    store, extracted = cache_teacher(teacher, data, recipe, cfg["cache"], size, out / "store", needs, args.loader_workers)
 
-    # 3. Stage two: the same student from scratch and from the cache, one process per core.
-    runs = [
-        (frac, name, seed)
-        for frac, run_seeds in ((fraction, seeds), (1.0, seeds[:1]))  # the full-label control: one seed
-        for name in ("ce", method)
-        for seed in run_seeds
-    ]
-    if fraction == 1.0:
-        runs = [r for r in runs if r[0] == 1.0]
+    control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
+    runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", method) for seed in run_seeds]
     jobs = [
         {
-            "store": str(out / "store"),
+            "store": str(store.path),
             "settings": TrainSettings(**student_base, method=name, method_args=method_args if name != "ce" else {}, seed=seed, label_fraction=frac),
             "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
         }
         for frac, name, seed in runs
     ]
+    rows = student_runs(runs, jobs)
+
+    log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
+    timing = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
+    cache_s, online_s = time_epochs(timing, store, data, teacher, needs)
+
+    print_table(
+        data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
+        student=student_base, method=method, fraction=fraction, rows=rows, extracted=extracted,
+        cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
+    )
+
+
+def fit_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: Path) -> float:
+    """Step 1: the teacher, supervised on every label, a fresh view per epoch from its own plan; its val top-1."""
+    fit_plan = ViewPlan(recipe, seed=1)
+    fitted = train(settings, data, val, DrawnViews(fit_plan, data, settings.epochs), fit_plan, out_dir=out, weights_name="model.safetensors")
+    return fitted.metrics[-1]["val_top1"]
+
+
+def cache_teacher(teacher, data, recipe: ViewRecipe, cache_cfg: dict, size: int, where: Path, needs, workers: int):
+    """Step 2, stage one: the teacher's outputs over recorded views, into a store (with statistics for feature methods)."""
+    info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"]))
+    store = open_store(where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size)
+    extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=workers)
+    if "features" in needs:
+        stats.write_stats(store, "teacher", data.labels)
+    return store, extracted
+
+
+def student_runs(runs: list[tuple], jobs: list[dict]) -> dict:
+    """Step 3, stage two: the same student from scratch and from the cache, one process per core; val top-1 per (fraction, method)."""
     processes = max(1, min(len(jobs), os.cpu_count() or 1))
     log.info("demo 3/4: %d student runs, %d at a time", len(jobs), processes)
     rows: dict = {}
@@ -112,19 +124,18 @@ def run_demo(args) -> None:
         for (frac, name, seed), acc in zip(runs, pool.map(_student_run, jobs)):
             rows.setdefault((frac, name), []).append(acc)
             log.info("demo 3/4: %s, labels %.0f%%, seed %d: val top-1 %.4f", name, 100 * frac, seed, acc)
+    return rows
 
-    # 4. The price of not caching: one epoch from the cache and one with the teacher live, side by side.
-    log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
-    timing = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
+
+def time_epochs(timing: TrainSettings, store: Store, data, teacher, needs) -> tuple[float, float]:
+    """Step 4, the price of not caching: seconds of one epoch from the cache and one with the teacher live."""
+    plan = stored_plan(store)
+    cached = CachedTeacher(store, "teacher", needs)
+    views = StoredViews(store, plan, cached.num_views)
     live = LiveTeacher(teacher, needs, class_means=cached.class_means())
     cache_s = train(timing, data, None, views, plan, cached).metrics[0]["seconds"]
     online_s = train(timing, data, None, views, plan, live).metrics[0]["seconds"]
-
-    print_table(
-        data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
-        student=student_base, method=method, fraction=fraction, rows=rows, extracted=extracted,
-        cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
-    )
+    return cache_s, online_s
 
 
 def _quiet_worker(processes: int) -> None:

@@ -95,11 +95,9 @@ def distill_on_ray(
     checkpoints: str | None = None,
 ):
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train import TrainingFailedError
 
     from stages.distill import TrainResult
-    from stages.student import save_student
 
     storage = ray_env.for_workers(checkpoints or str(out / "ray"))
     run_dir = storage / RUN_NAME
@@ -118,10 +116,25 @@ def distill_on_ray(
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
+    trainer = _trainer({**job, "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise UserError(_worker_error(e, max_failures)) from e
+    if result.checkpoint is None:
+        raise UserError(f"the Ray Train run in {run_dir} reported no checkpoint: see {out / 'run.log'}")
+    metrics = _write_outputs(result.checkpoint, out)
+    return TrainResult(model=None, metrics=metrics, seconds=time.perf_counter() - start)  # the weights are on disk
 
-    trainer = TorchTrainer(
+
+def _trainer(config: dict, storage: Location, workers: int, gpus_per_worker: float, max_failures: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**job, "gpus_per_worker": gpus_per_worker},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=gpus_per_worker > 0,
@@ -136,16 +149,15 @@ def distill_on_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # one per epoch, all kept: each is one student
         ),
     )
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        raise UserError(_worker_error(e, max_failures)) from e
-    if result.checkpoint is None:
-        raise UserError(f"the Ray Train run in {run_dir} reported no checkpoint: see {out / 'run.log'}")
-    with result.checkpoint.as_directory() as d:
-        import torch
 
+
+def _write_outputs(checkpoint, out: Path) -> list[dict]:
+    """The last checkpoint's student and metrics, as the same OUT files a run without Ray writes."""
+    import torch
+
+    from stages.student import save_student
+
+    with checkpoint.as_directory() as d:
         run = json.loads((Path(d) / "run.json").read_text())
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
@@ -157,7 +169,7 @@ def distill_on_ray(
     os.replace(tmp, out / "metrics.jsonl")
     for line in run["metrics"]:
         log.info("epoch %d: %s", line["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
-    return TrainResult(model=None, metrics=run["metrics"], seconds=time.perf_counter() - start)  # the weights are on disk
+    return run["metrics"]
 
 
 def _check_same_run(saved: dict, now: dict) -> None:

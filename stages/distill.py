@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from torch import nn
 
 from storage import Store, UserError
 
-from . import cache, stats
 from .datasets import ImageDataset
 from .methods import Method, MethodContext, Targets, create_method, method_class
 from .progress import Progress
@@ -218,12 +217,148 @@ class TrainResult:
     seconds: float
 
 
+@dataclass
+class Setup:
+    """What one training run is built from: the student, its method and optimiser, and how batches are made."""
+
+    model: nn.Module
+    method: Method
+    forward: nn.Module  # student + method, under DDP when there are several ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    renderer: ViewRenderer
+    labels: np.ndarray  # (N,) the labels the student may use, -1 elsewhere
+    size: int  # the student's input size
+    mean: tuple
+    std: tuple
+    steps: int  # optimiser steps per epoch, the same on every rank
+    plan_size: int | None  # the stored plan's render size; None for views drawn on the fly (nothing to verify)
+
+
 def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
     if verify == "all":
         return np.ones(len(ids), bool)
     if verify == "sample":  # about one view in a hundred, spread over samples and views
         return (ids * 7919 + view * 104729) % 100 == 0
     return np.zeros(len(ids), bool)
+
+
+def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
+    if method_class(s.method).needs and teacher is None:
+        raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
+    if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
+        raise UserError(
+            f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
+            "replay only the teacher's views, or extract the rest"
+        )
+
+
+def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int) -> Setup:
+    """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
+    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
+    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
+    needs = method_class(s.method).needs
+    context = MethodContext(
+        num_classes=train_data.num_classes,
+        student_dim=model.num_features,
+        teacher_dim=teacher.feature_dim if teacher else None,
+        class_means=teacher.class_means() if teacher and "features" in needs else None,
+        epochs=s.epochs,
+    )
+    method = create_method(s.method, context, **s.method_args)
+    method.train()
+    plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
+    size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
+    student_loss = _StudentLoss(model, method).to(device)
+    optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
+    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world)
+    if steps == 0:
+        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
+    forward = student_loss
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_gpu = torch.device(device).type == "cuda"
+        forward = DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)
+    sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
+    return Setup(
+        model=model,
+        method=method,
+        forward=forward,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps)),
+        renderer=ViewRenderer(train_data, plan, sizes, plan_size),
+        labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),
+        size=size,
+        mean=model.pretrained_cfg.get("mean"),
+        std=model.pretrained_cfg.get("std"),
+        steps=steps,
+        plan_size=plan_size,
+    )
+
+
+def epoch_tables(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, rank: int, world: int) -> Iterator[Table]:
+    """This rank's units of one epoch, each a table of rows: ids, view parameters, labels, teacher rows."""
+    param_names = list(run.renderer.plan.fields)
+    for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed), rank, world):
+        ids = views.ids(b)
+        table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": run.labels[ids]}
+        table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
+        table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
+        if run.plan_size is not None:
+            table["check"] = _check_policy(s.verify, ids, v)
+        yield table
+
+
+def batch_targets(run: Setup, batch: Table, rendered: dict, num_classes: int, smoothing: float) -> Targets:
+    """The hard and soft targets of a batch; a mixed view's is the mixed target, weighted by the student's own lam."""
+    partner_labels, lam = None, None
+    if "mix_partner" in batch:
+        partner = batch["mix_partner"]
+        partner_labels = np.where(partner >= 0, run.labels[np.maximum(partner, 0)], -1)
+        lam = rendered["lam"][:, 0].numpy()
+    return targets(batch["label"], num_classes, smoothing, partner_labels, lam)
+
+
+def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, num_classes: int, device) -> dict:
+    """One epoch of optimiser steps; the epoch's metrics line (losses averaged over every rank's steps)."""
+    rank, world = rank_and_world()
+    run.model.train()
+    run.method.epoch = epoch
+    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", run.steps * s.batch_size)
+    rng = np.random.default_rng([s.seed, epoch, 2] + ([rank] if world > 1 else []))
+    window = max(1, s.window_rows // views.block)
+    tables = epoch_tables(run, s, views, teacher, epoch, rank, world)
+    # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
+    batches = islice(rebatch(shuffle_windows(tables, window, rng), s.batch_size, drop_last=True), run.steps)
+    check = "check" if run.plan_size is not None else None
+    sums, done, start = {}, 0, time.perf_counter()
+    for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.loader_workers, check):
+        if check:
+            _verify(batch, rendered["fingerprint"].numpy(), views.store)
+        x = normalize(rendered["views"][0], run.mean, run.std).to(device)
+        t_out = {k: v.to(device) for k, v in teacher.outputs(batch, rendered["views"][-1]).items()} if teacher else {}
+        target = batch_targets(run, batch, rendered, num_classes, s.label_smoothing)
+        loss, parts = run.forward(x, t_out, Targets(target.labels.to(device), target.soft.to(device)))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        for k, v in {"loss": loss.item(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        done += 1
+        progress.update(len(batch["id"]))
+    seconds = time.perf_counter() - start
+    if world > 1:  # rank 0 reports the mean over every rank's steps
+        *totals, done = _all_sum([*sums.values(), done], device)
+        sums, done = dict(zip(sums, totals)), int(done)
+    return {
+        "epoch": epoch + 1,
+        **{f"train_{k}": v / max(done, 1) for k, v in sums.items()},
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": round(seconds, 3),
+        "views_per_s": round(done * s.batch_size / seconds, 1),
+    }
 
 
 def train(
@@ -242,50 +377,12 @@ def train(
 
     Under an initialised ``torch.distributed`` the student is wrapped in DDP,
     each rank trains on its share of the units and ``out_dir`` is written by
-    rank 0 only.
+    rank 0 only. ``hooks`` restore a saved state first and see every epoch's line.
     """
-    s = settings
-    hooks = hooks or EpochHooks()
+    s, hooks = settings, hooks or EpochHooks()
     rank, world = rank_and_world()
-    needs = method_class(s.method).needs
-    if needs and teacher is None:
-        raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
-    if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
-        raise UserError(
-            f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
-            "replay only the teacher's views, or extract the rest"
-        )
-    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
-    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
-    context = MethodContext(
-        num_classes=train_data.num_classes,
-        student_dim=model.num_features,
-        teacher_dim=teacher.feature_dim if teacher else None,
-        class_means=teacher.class_means() if teacher and "features" in needs else None,
-        epochs=s.epochs,
-    )
-    method: Method = create_method(s.method, context, **s.method_args)
-    plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
-    size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
-    mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
-    method.train()
-    student_loss = _StudentLoss(model, method).to(device)
-    optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
-    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world)
-    if steps == 0:
-        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps))
-    forward = student_loss
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        on_gpu = torch.device(device).type == "cuda"
-        forward = DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)
-    labels = np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1)
-    sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
-    renderer = ViewRenderer(train_data, plan, sizes, plan_size)
-    param_names = list(plan.fields)
-    window = max(1, s.window_rows // views.block)
+    check_teacher(s, teacher, views)
+    run = build_setup(s, train_data, views, plan, teacher, device, world)
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -293,63 +390,12 @@ def train(
         (out_dir / "metrics.jsonl").write_text("")
     metrics, first_epoch, start = [], 0, time.perf_counter()
     if hooks.state is not None:
-        first_epoch, metrics = _restore(hooks.state, model, method, optimizer, scheduler)
+        first_epoch, metrics = _restore(hooks.state, run)
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
-
     for epoch in range(first_epoch, s.epochs):
-        model.train()
-        method.epoch = epoch
-        progress = Progress(f"epoch {epoch + 1}/{s.epochs}", steps * s.batch_size)
-
-        def tables():
-            for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed), rank, world):
-                ids = views.ids(b)
-                table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": labels[ids]}
-                table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
-                table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
-                if plan_size is not None:
-                    table["check"] = _check_policy(s.verify, ids, v)
-                yield table
-
-        rng = np.random.default_rng([s.seed, epoch, 2] + ([rank] if world > 1 else []))
-        # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
-        batches = islice(rebatch(shuffle_windows(tables(), window, rng), s.batch_size, drop_last=True), steps)
-        sums, done, epoch_start = {}, 0, time.perf_counter()
-        check = "check" if plan_size is not None else None
-        for batch, rendered in render_batches(renderer, batches, param_names, s.loader_workers, check):
-            if check:
-                _verify(batch, rendered["fingerprint"].numpy(), views.store)
-            x = normalize(rendered["views"][0], mean, std).to(device)
-            t_out = {k: v.to(device) for k, v in teacher.outputs(batch, rendered["views"][-1]).items()} if teacher else {}
-            partner_labels, lam = None, None
-            if "mix_partner" in batch:  # a mixed view's label is the mixed target, weighted by the student's own lam
-                partner = batch["mix_partner"]
-                partner_labels = np.where(partner >= 0, labels[np.maximum(partner, 0)], -1)
-                lam = rendered["lam"][:, 0].numpy()
-            target = targets(batch["label"], train_data.num_classes, s.label_smoothing, partner_labels, lam)
-            target = Targets(target.labels.to(device), target.soft.to(device))
-            loss, parts = forward(x, t_out, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            for k, v in {"loss": loss.item(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            done += 1
-            progress.update(len(batch["id"]))
-        seconds = time.perf_counter() - epoch_start
-        if world > 1:  # rank 0 reports the mean over every rank's steps
-            *totals, done = _all_sum([*sums.values(), done], device)
-            sums, done = dict(zip(sums, totals)), int(done)
-        line = {
-            "epoch": epoch + 1,
-            **{f"train_{k}": v / max(done, 1) for k, v in sums.items()},
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(seconds, 3),
-            "views_per_s": round(done * s.batch_size / seconds, 1),
-        }
+        line = train_one_epoch(run, s, views, teacher, epoch, train_data.num_classes, device)
         if val_data is not None:
-            line["val_top1"] = evaluate(model, val_data, plan, size, mean, std, s.loader_workers, device=device)
+            line["val_top1"] = evaluate(run.model, val_data, plan, run.size, run.mean, run.std, s.loader_workers, device=device)
         metrics.append(line)
         if rank == 0:
             log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
@@ -357,13 +403,13 @@ def train(
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
         if hooks.save:
-            hooks.save(_state(epoch + 1, metrics, model, method, optimizer, scheduler, s, size, mean, std), line)
+            hooks.save(_state(epoch + 1, metrics, run, s), line)
     if out_dir:
-        save_student(out_dir / weights_name, model.state_dict(), s.student, size, mean, std)
-    return TrainResult(model, metrics, time.perf_counter() - start)
+        save_student(out_dir / weights_name, run.model.state_dict(), s.student, run.size, run.mean, run.std)
+    return TrainResult(run.model, metrics, time.perf_counter() - start)
 
 
-def _state(epochs_done, metrics, model, method, optimizer, scheduler, s: TrainSettings, size, mean, std) -> dict:
+def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) -> dict:
     """Everything needed to continue after ``epochs_done`` epochs; data order is a function of (seed, epoch)."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -371,20 +417,20 @@ def _state(epochs_done, metrics, model, method, optimizer, scheduler, s: TrainSe
     return {
         "epoch": epochs_done,
         "metrics": list(metrics),
-        "model": model.state_dict(),
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": run.model.state_dict(),
+        "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "rng": rng,
-        "student": {"name": s.student, "size": size, "mean": list(mean), "std": list(std)},
+        "student": {"name": s.student, "size": run.size, "mean": list(run.mean), "std": list(run.std)},
     }
 
 
-def _restore(state: dict, model, method, optimizer, scheduler) -> tuple[int, list[dict]]:
-    model.load_state_dict(state["model"])
-    method.load_state_dict(state["method"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
+    run.model.load_state_dict(state["model"])
+    run.method.load_state_dict(state["method"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -15,7 +15,7 @@ hooks the loop is exactly the single-process one.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import time
@@ -28,24 +28,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage import Store, UserError
+from storage import UserError
 
 from .datasets import ImageDataset
-from .methods import Method, MethodContext, Targets, create_method, method_class
+from .methods import Method, Targets, create_method, method_class, method_context
+from .precision import Precision
 from .progress import Progress
+from .run_metrics import RunMetrics
 from .replay import (
     StoredViews,
     Table,
     ViewRenderer,
+    check_fingerprints,
     epoch_units,
     even_batches,
     labelled_mask,
     rebatch,
     render_batches,
     shuffle_windows,
+    with_images,
     with_partner_params,
 )
-from .student import build_student, save_student, student_forward
+from .student import build_student, save_student
 from .teacher_sources import TeacherSource
 from .views import ViewPlan, eval_params, mixed_targets, normalize
 
@@ -78,10 +82,18 @@ class TrainSettings:
     window_rows: int = 16384  # rows shuffled together in memory (whole blocks)
     loader_workers: int = 0  # loader processes rendering views
     verify: str = "sample"  # replayed views checked against stored fingerprints: all, sample, none
+    amp: str | None = None  # autocast of the step: bf16, or fp16 with a gradient scaler (CUDA); None: float32
+    channels_last: bool = False  # NHWC student and inputs: faster convolutions on tensor cores
+    clip_grad: float | None = None  # largest gradient norm; None: no clipping
+    model_ema: float | None = None  # decay of an EMA of the student (timm ModelEmaV3), evaluated and saved beside it
+    compile: bool = False  # torch.compile the student's forward
 
 
 @torch.no_grad()
-def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256, device="cpu") -> float:
+def evaluate(
+    model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256, device="cpu",
+    precision: Precision | None = None, channels_last: bool = False,
+) -> float:
     """Top-1 accuracy on deterministic centre-crop views; under DDP each rank scores every world-th sample."""
     model.eval()
     rank, world = rank_and_world()
@@ -90,11 +102,68 @@ def evaluate(model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std,
     renderer = ViewRenderer(dataset, plan, (size,))
     correct = 0
     for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(plan.fields), workers):
-        logits = model(normalize(rendered["views"][0], mean, std).to(device))
+        with precision.autocast() if precision else contextlib.nullcontext():
+            logits = model(to_input(rendered["views"][0], mean, std, device, channels_last))
         correct += int((logits.argmax(1).cpu().numpy() == batch["label"]).sum())
     if world > 1:
         correct = int(_all_sum([correct], device)[0])
     return correct / len(dataset)
+
+
+def to_input(views: torch.Tensor, mean, std, device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 views -> the model's normalised input on ``device``: a quarter of float32's bytes cross the bus."""
+    if torch.device(device).type == "cuda":
+        views = views.pin_memory()
+    x = normalize(views.to(device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def teacher_outputs(teacher: TeacherSource | None, batch: Table, views: torch.Tensor, device, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The teacher's outputs for a batch, as float32 on ``device`` (a live teacher under autocast gives bf16/fp16).
+
+    ``temperature``: the method's (a top-k cache rebuilds its tail for it)."""
+    if teacher is None:
+        return {}
+    if teacher.size is not None:  # a live teacher runs where the student does
+        views = views.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True).float() for k, v in teacher.outputs(batch, views, temperature).items()}
+
+
+def step(run: Setup, loss: torch.Tensor, clip_grad: float | None) -> None:
+    """Backward, optional clipping, optimiser and schedule step, EMA update; through the fp16 scaler when it is on."""
+    scaler = run.precision.scaler
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad is not None:
+        scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(run.optimizer)
+    scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+
+
+def ema_name(weights_name: str) -> str:
+    """``student.safetensors`` -> ``student_ema.safetensors``."""
+    stem, dot, ext = weights_name.rpartition(".")
+    return f"{stem}_ema{dot}{ext}"
+
+
+def _model_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
+    if decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(f"--compile: torch.compile is not supported here (torch {torch.__version__}): drop --compile")
+    return torch.compile(model)
 
 
 # -- several processes (DDP) -----------------------------------------------------------------
@@ -150,6 +219,9 @@ class EpochHooks:
 
     state: dict | None = None
     save: Callable[[dict, dict], None] | None = None
+    # Called once on rank 0 when the run has passed its set-up (student, method, optimiser built) and the
+    # last run's weights are gone from out_dir: a caller writes its own run files (config.yaml) only then.
+    start: Callable[[], None] | None = None
 
 
 class _StudentLoss(nn.Module):
@@ -160,7 +232,7 @@ class _StudentLoss(nn.Module):
         self.model, self.method = model, method
 
     def forward(self, x, t_out, target):
-        return self.method(student_forward(self.model, x, self.method.student_needs), t_out, target)
+        return self.method(self.method.student_outputs(self.model, x), t_out, target)
 
 
 # -- optimisation ----------------------------------------------------------------------------
@@ -233,6 +305,8 @@ class Setup:
     std: tuple
     steps: int  # optimiser steps per epoch, the same on every rank
     plan_size: int | None  # the stored plan's render size; None for views drawn on the fly (nothing to verify)
+    precision: Precision
+    ema: nn.Module | None  # timm's ModelEmaV3 of the student, or None
 
 
 def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
@@ -244,7 +318,8 @@ def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
 
 
 def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
-    if method_class(s.method).needs and teacher is None:
+    cls = method_class(s.method)
+    if cls.needs and cls.requires_teacher and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
     if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
         raise UserError(
@@ -256,20 +331,18 @@ def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> Non
 def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int) -> Setup:
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
     extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
+    precision = Precision(s.amp, device)  # refuses fp16 without CUDA before anything is built
     model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
-    needs = method_class(s.method).needs
-    context = MethodContext(
-        num_classes=train_data.num_classes,
-        student_dim=model.num_features,
-        teacher_dim=teacher.feature_dim if teacher else None,
-        class_means=teacher.class_means() if teacher and "features" in needs else None,
-        epochs=s.epochs,
-    )
-    method = create_method(s.method, context, **s.method_args)
-    method.train()
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
-    student_loss = _StudentLoss(model, method).to(device)
+    cfg = model.pretrained_cfg
+    context = method_context(method_class(s.method), model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs)
+    method = create_method(s.method, context, **s.method_args)
+    method.train()
+    model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
+    student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)
     optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
     steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world)
     if steps == 0:
@@ -290,10 +363,12 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         renderer=ViewRenderer(train_data, plan, sizes, plan_size),
         labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),
         size=size,
-        mean=model.pretrained_cfg.get("mean"),
-        std=model.pretrained_cfg.get("std"),
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
         steps=steps,
         plan_size=plan_size,
+        precision=precision,
+        ema=_model_ema(model, s.model_ema),
     )
 
 
@@ -304,6 +379,7 @@ def epoch_tables(run: Setup, s: TrainSettings, views, teacher: TeacherSource | N
         ids = views.ids(b)
         table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": run.labels[ids]}
         table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
+        table = with_images(table, run.renderer.dataset)  # shard datasets: the unit's images in one pass
         table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
         if run.plan_size is not None:
             table["check"] = _check_policy(s.verify, ids, v)
@@ -335,19 +411,19 @@ def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource 
     sums, done, start = {}, 0, time.perf_counter()
     for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.loader_workers, check):
         if check:
-            _verify(batch, rendered["fingerprint"].numpy(), views.store)
-        x = normalize(rendered["views"][0], run.mean, run.std).to(device)
-        t_out = {k: v.to(device) for k, v in teacher.outputs(batch, rendered["views"][-1]).items()} if teacher else {}
+            check_fingerprints(batch, rendered["fingerprint"].numpy(), views.store, batch["check"])
+        x = to_input(rendered["views"][0], run.mean, run.std, device, s.channels_last)
         target = batch_targets(run, batch, rendered, num_classes, s.label_smoothing)
-        loss, parts = run.forward(x, t_out, Targets(target.labels.to(device), target.soft.to(device)))
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.scheduler.step()
-        for k, v in {"loss": loss.item(), **parts}.items():
+        target = Targets(target.labels.to(device, non_blocking=True), target.soft.to(device, non_blocking=True))
+        with run.precision.autocast():
+            t_out = teacher_outputs(teacher, batch, rendered["views"][-1], device, run.method.teacher_temperature)
+            loss, parts = run.forward(x, t_out, target)
+        step(run, loss, s.clip_grad)
+        for k, v in {"loss": loss.detach(), **parts}.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v
         done += 1
         progress.update(len(batch["id"]))
+    sums = {k: float(v) for k, v in sums.items()}  # the epoch's one host sync
     seconds = time.perf_counter() - start
     if world > 1:  # rank 0 reports the mean over every rank's steps
         *totals, done = _all_sum([*sums.values(), done], device)
@@ -386,27 +462,43 @@ def train(
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / weights_name).unlink(missing_ok=True)  # a stale result must not pass for this run's
-        (out_dir / "metrics.jsonl").write_text("")
+        for stale in (weights_name, ema_name(weights_name)):  # a stale result must not pass for this run's
+            (out_dir / stale).unlink(missing_ok=True)
+    if hooks.start and rank == 0:
+        hooks.start()
     metrics, first_epoch, start = [], 0, time.perf_counter()
     if hooks.state is not None:
         first_epoch, metrics = _restore(hooks.state, run)
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
-    for epoch in range(first_epoch, s.epochs):
-        line = train_one_epoch(run, s, views, teacher, epoch, train_data.num_classes, device)
-        if val_data is not None:
-            line["val_top1"] = evaluate(run.model, val_data, plan, run.size, run.mean, run.std, s.loader_workers, device=device)
-        metrics.append(line)
-        if rank == 0:
-            log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
-        if out_dir:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
-        if hooks.save:
-            hooks.save(_state(epoch + 1, metrics, run, s), line)
+    with RunMetrics(out_dir) as record:
+        for line in metrics:  # a resumed run's record starts with the epochs it already has
+            record.write(line)
+        for epoch in range(first_epoch, s.epochs):
+            line = {**train_one_epoch(run, s, views, teacher, epoch, train_data.num_classes, device), **validate(run, s, val_data, plan, device)}
+            metrics.append(line)
+            if rank == 0:
+                log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+            record.write(line)
+            if hooks.save:
+                hooks.save(_state(epoch + 1, metrics, run, s), line)
     if out_dir:
-        save_student(out_dir / weights_name, run.model.state_dict(), s.student, run.size, run.mean, run.std)
+        save_student(out_dir / weights_name, run.method.export_student(run.model).state_dict(), s.student, run.size, run.mean, run.std)
+        if run.ema is not None:
+            ema = run.method.export_student(run.ema.module).state_dict()
+            save_student(out_dir / ema_name(weights_name), ema, s.student, run.size, run.mean, run.std)
     return TrainResult(run.model, metrics, time.perf_counter() - start)
+
+
+def validate(run: Setup, s: TrainSettings, val_data: ImageDataset | None, plan: ViewPlan, device) -> dict:
+    """Validation top-1 of the student (and of its EMA), or nothing without validation data."""
+    if val_data is None:
+        return {}
+    models = {"val_top1": run.model, **({"val_top1_ema": run.ema.module} if run.ema is not None else {})}
+    return {
+        key: evaluate(model, val_data, plan, run.size, run.mean, run.std, s.loader_workers, device=device,
+                      precision=run.precision, channels_last=s.channels_last)
+        for key, model in models.items()
+    }
 
 
 def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) -> dict:
@@ -418,9 +510,13 @@ def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) 
         "epoch": epochs_done,
         "metrics": list(metrics),
         "model": run.model.state_dict(),
+        # The plain student to write at the end (the same tensors as "model" unless the method wraps the student).
+        "student_weights": run.method.export_student(run.model).state_dict(),
         "method": run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "scaler": run.precision.scaler.state_dict(),
+        **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         "rng": rng,
         "student": {"name": s.student, "size": run.size, "mean": list(run.mean), "std": list(run.std)},
     }
@@ -431,20 +527,12 @@ def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
     run.method.load_state_dict(state["method"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        run.precision.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["epoch"], list(state["metrics"])
-
-
-def _verify(batch: Table, rendered: np.ndarray, store: Store) -> None:
-    checked = batch["check"]
-    bad = np.flatnonzero(checked & (rendered.astype(np.int64) != batch["fingerprint"].astype(np.int64)))
-    if len(bad):
-        j = bad[0]
-        raise UserError(
-            f"view {int(batch['view'][j])} of sample {int(batch['id'][j])} replays differently from the view the teacher saw "
-            f"({len(bad)} of {int(checked.sum())} checked views in this batch differ): the images or an imaging library changed "
-            f"since extraction; compare the versions in {store.path}/store.json with this environment, or extract again"
-        )

@@ -1,0 +1,103 @@
+"""A training run's epoch lines: appended to ``OUT/metrics.jsonl`` and written as TensorBoard scalars beside it.
+
+Every training loop (``train``, ``distill``, sweep trials, the Ray Train
+driver) writes its epoch lines through ``RunMetrics``, so ``tensorboard
+--logdir runs/`` shows every run, and ``pipeline report`` and ``pipeline
+sweep`` read the same ``metrics.jsonl``. A line looks like
+``{"epoch": 1, "train_loss": 2.1, "train_ce": 1.2, "train_kd": 0.9, "lr": 0.001,
+"seconds": 3.2, "views_per_s": 400.0, "val_top1": 0.5}``; its numbers become
+the scalars ``train/loss``, ``train/ce``, ``train/kd``, ``lr``, ``seconds``,
+``views_per_s`` and ``val/top1`` at step ``epoch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+EVENTS_GLOB = "events.out.tfevents.*"
+_GROUPS = ("train", "val")  # key prefixes that become TensorBoard groups: train_loss -> train/loss
+
+
+def scalar_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics key: ``train_loss`` -> ``train/loss``, ``val_top1`` -> ``val/top1``, ``lr`` -> ``lr``."""
+    group, sep, rest = key.partition("_")
+    return f"{group}/{rest}" if sep and rest and group in _GROUPS else key
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class RunMetrics:
+    """Writes a run's epoch lines; ``RunMetrics(None)`` writes nothing (a DDP rank other than 0, a timing run).
+
+    Opening one starts the run's record afresh: ``metrics.jsonl`` is emptied and
+    older TensorBoard event files in the folder are removed, so a stale line or
+    curve never passes for this run's. Each line is appended and flushed at
+    once: a killed run keeps every epoch it finished.
+    """
+
+    def __init__(self, out_dir: Path | str | None):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self._writer = None
+        self._count = 0
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / METRICS_FILE).write_text("")
+        for old in self.out_dir.glob(EVENTS_GLOB):
+            old.unlink()
+
+    def write(self, line: dict) -> None:
+        self._count += 1
+        if self.out_dir is None:
+            return
+        with open(self.out_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self._writer is None:  # created on the first line: a run that fails before its first epoch leaves no event file
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.out_dir))
+        step = int(line.get("epoch", self._count))
+        for key, value in line.items():
+            if key != "epoch" and _number(value):
+                self._writer.add_scalar(scalar_tag(key), float(value), step)
+        self._writer.flush()  # tensorboard shows a running run's epochs as they finish
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "RunMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """The epoch lines of a run folder, in order; [] when it has none yet. A torn last line (a killed run) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
+def best_line(lines: list[dict], metric: str, mode: str = "max") -> dict | None:
+    """The epoch line with the best ``metric`` (``mode`` max or min); None when no line has a finite value of it."""
+    scored = [ln for ln in lines if _number(ln.get(metric)) and math.isfinite(ln[metric])]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda ln: ln[metric])

@@ -11,14 +11,19 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import re
 import sys
 import time
+import warnings
 
 from storage import UserError
 
-from . import commands
+from . import commands, settings_check
 from .demo import add_demo_parser
 from .inspection import add_inspect_parser
+from .report import add_report_parser
+from .sweep import add_sweep_parser
 
 log = logging.getLogger("pipeline")
 
@@ -45,6 +50,13 @@ def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     )
     g.add_argument("--loader-workers", type=int, help=f"loader processes rendering views (default: {d.loader_workers}, render in the main process)")
     g.add_argument("--config", help="YAML file of settings (any TrainSettings field, method_args); flags override it")
+    g = p.add_argument_group("speed (what timm's train.py gives a GPU user)")
+    g.add_argument("--device", help="where the student trains, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    g.add_argument("--amp", choices=("bf16", "fp16"), help="autocast of each step: bf16, or fp16 with a gradient scaler (CUDA only) (default: off, float32)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC student and inputs, faster convolutions on GPUs (default: off)")
+    g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM (default: no clipping)")
+    g.add_argument("--model-ema", type=float, metavar="DECAY", help="also keep an EMA of the student (timm ModelEmaV3, e.g. 0.9998), evaluated each epoch and saved beside it (default: off)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (default: off)")
     g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log (and ray/ checkpoints with --workers N)")
 
 
@@ -66,10 +78,14 @@ def _teacher_flags(g, seed_flag: str) -> None:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="supervised training of any timm model (for example to fit a teacher)")
-    p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
-    p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
+    p.add_argument("--data", required=True, help="training data: digits, folder:PATH, fake:N or wds:PATTERN (tar shards, local or s3://..., e.g. train-{0000..0099}.tar)")
+    p.add_argument("--val-data", help="validation data for folder and wds datasets: folder:PATH with the same class folders, or wds:PATTERN (default: digits and fake have their own split; none for folders and shards)")
     p.add_argument("--model", required=True, help="timm model name")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model argument, YAML value (repeatable; default: none)")
+    p.add_argument(
+        "--method", choices=commands.TEACHERLESS_METHODS,
+        help="ce: labels only; gpd: the model trained beside its widened dynamic teacher, GPD's from-scratch mode (default: ce)",
+    )
     _view_flags(p)
     _training_flags(p)
     p.set_defaults(func=commands.train_command)
@@ -77,14 +93,14 @@ def add_train_parser(sub) -> None:
 
 def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
-    p.add_argument("--data", required=True, help="training data: digits, folder:PATH or fake:N")
+    p.add_argument("--data", required=True, help="training data: digits, folder:PATH, fake:N or wds:PATTERN (tar shards, local or s3://..., e.g. train-{0000..0099}.tar)")
     p.add_argument("--teacher", required=True, help="short name (dinov2_s/b/l/g[_reg], beitv2_b/l, resnet152) or any timm model")
     _teacher_flags(p, "--seed")
     p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher)")
     p.add_argument("--store", required=True, help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later")
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
-    p.add_argument("--block", type=int, default=1024, help="samples per shard, the unit of work (default: 1024; fixed at creation)")
+    p.add_argument("--block", type=int, help="samples per shard, the unit of work, fixed when a store is made (default: 1024 for a new store; an existing one keeps its own)")
     _output_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument(
@@ -104,7 +120,7 @@ def add_extract_parser(sub) -> None:
 def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what is stored")
     g.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
-    g.add_argument("--topk", type=int, default=10, help="k for --logits topk (default: 10)")
+    g.add_argument("--topk", type=int, help="k for --logits topk, at most the teacher's class count (default: 10, or every class when fewer)")
     g.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
     g.add_argument("--format", choices=("zarr", "wds"), default="zarr", help="how teacher outputs are stored: zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; fixed per teacher id (default: zarr)")
     g.add_argument(
@@ -166,7 +182,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--method", help=f"distillation method (default: {TRAIN_DEFAULTS.method}); its recipe is configs/methods/NAME.yaml")
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method setting, e.g. temperature=4 (repeatable; default: the method's recipe in configs/methods/)")
     p.add_argument("--data", help="training data, when it moved since extraction (default: the store's; must match its fingerprint)")
-    p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH with the same class folders (default: digits and fake have their own split; none for folders)")
+    p.add_argument("--val-data", help="validation data for folder and wds datasets: folder:PATH with the same class folders, or wds:PATTERN (default: digits and fake have their own split; none for folders and shards)")
     p.add_argument("--verify", choices=("all", "sample", "none"), help="replayed views checked against the stored fingerprints (default: sample, about 1 in 100)")
     _training_flags(p)
     _distill_ray_flags(p)
@@ -187,47 +203,111 @@ def _distill_ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 # One builder per command, in the order `pipeline --help` lists them.
-PARSERS = (add_demo_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser, add_distill_parser)
+PARSERS = (
+    add_demo_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser, add_distill_parser,
+    add_sweep_parser, add_report_parser,
+)
+
+
+class BadArguments(UserError):
+    """A flag argparse refused: one line, like any other UserError."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusals are a ``BadArguments`` (what is wrong, where help is), not usage text and an exit."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        raise BadArguments(f"{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description="Distil students from cached teacher outputs.")
+    parser = OneLineParser(prog="pipeline", description="Distil students from cached teacher outputs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
     parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSERS:
         add(sub)
+    for command in sub.choices.values():
+        _declared_types(command)
     return parser
 
 
-def setup_logging(quiet: bool) -> None:
+def _declared_types(p: argparse.ArgumentParser) -> None:
+    """Every flag whose setting is declared in ``settings_check`` parses and checks with that declaration."""
+    for action in p._actions:
+        if action.nargs == 0 or action.choices is not None or action.type not in (None, int, float):
+            continue  # switches, choices, and flags with a parser of their own
+        if any(action.dest in table for table in (settings_check.FLAGS, settings_check.TRAIN, settings_check.VIEWS)):
+            action.type = settings_check.flag(action.dest)
+
+
+def setup_logging(quiet: bool, debug: bool = False) -> None:
     # The root logger passes everything from INFO up, so run logs are complete;
     # only the console obeys --quiet.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    logging.getLogger().handlers[0].setLevel(logging.WARNING if quiet else logging.INFO)
+    console = logging.getLogger().handlers[0]
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("timm", "ray", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Library warnings (torch, numpy, zarr) go to the run log as one line each, and to the console only with --debug.
+    warnings.showwarning = _log_warning
+    if not debug:
+        console.addFilter(lambda record: record.name != "py.warnings")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip().splitlines()[0] if str(message).strip() else ""
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
+
+
+def _again(args) -> str:
+    """What a stopped run keeps, and how to go on: a run without checkpoints starts over."""
+    if args.command == "extract":
+        return "committed units are kept; run the same command again to resume"
+    if args.command == "distill" and getattr(args, "workers", 0):
+        return "the checkpoint of each finished epoch is kept; run the same command with --resume to continue"
+    if args.command in ("distill", "train", "demo"):
+        return "nothing of this run was saved (a run without --workers keeps no checkpoints); run the command again to start over"
+    return "run the command again"
+
+
+def _last_line(text: str) -> None:
+    """``text`` as the last line on stderr, alone: log lines still buffered go first, none come after."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    print(text, file=sys.stderr, flush=True)
+    logging.getLogger().handlers[0].setLevel(logging.CRITICAL + 1)  # the console says nothing after it
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    try:
+        args = build_parser().parse_args(argv)
+    except BadArguments as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    setup_logging(args.quiet, args.debug)
     start = time.perf_counter()
     try:
         args.func(args)
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _last_line(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted: committed work is kept; run the same command again to resume", file=sys.stderr)
+        if args.debug:
+            raise
+        _last_line(f"interrupted: {_again(args)}")
         return 130
     except OSError as e:
         if args.debug or e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
             raise
-        print(f"error: {e.strerror}: {e.filename or ''}; free space or fix permissions, then run the same command again "
-              "(committed work is kept)", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        _last_line(f"error: {(e.strerror or os.strerror(e.errno)).lower()}{where}: free space or fix permissions; {_again(args)}")
         return 2
     log.info("done in %.1f s", time.perf_counter() - start)
     return 0

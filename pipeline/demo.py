@@ -6,6 +6,11 @@ distillation from the cache for a few seeds, with labels for a fraction of the
 images (the setting where a cache of teacher outputs helps) and with all
 labels (the control). Also times one epoch of distillation with the teacher
 run online, against the cache.
+
+A method may bring its own teacher, student and cache outputs (``methods:`` in
+configs/demo.yaml): ``--method cospress`` fits a small DINOv2-shaped ViT and
+caches its tokens for a smaller ViT student; ``--method gpd`` trains the
+usual student beside its widened dynamic teacher.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ from stages.cache import output_info
 from stages.datasets import open_dataset
 from stages.distill import TrainSettings, train
 from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
+from stages.extract import TeacherRunner, extract, teacher_info
+from stages.store_setup import open_store, stored_plan
 from stages.methods import method_class
 from stages.replay import DrawnViews, StoredViews
-from stages.teachers import build_teacher
+from stages.teachers import TeacherSpec, build_teacher, register_teacher
 from stages.views import ViewPlan, ViewRecipe
 from storage import Store
 
 from . import config
+from .report import plot_runs
 
 log = logging.getLogger("pipeline")
 
@@ -44,7 +51,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: 15, from configs/demo.yaml)")
-    p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd (default: kd)")
+    p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd, cospress, gpd (default: kd)")
     p.add_argument("--loader-workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
@@ -58,9 +65,12 @@ def run_demo(args) -> None:
     data, val = open_dataset(cfg["data"]), open_dataset(cfg["data"], "val")
     recipe = config.build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
     common = {"size": size, "loader_workers": args.loader_workers}
-    teacher_settings = TrainSettings(**config.merge(cfg["teacher"], {"epochs": args.teacher_epochs}, common), method="ce")
-    student_base = config.merge(cfg["student"], {"epochs": args.epochs}, common)
     method = args.method
+    # A method's own teacher, student and cache sections replace the defaults' keys (student_kwargs whole).
+    own = cfg.get("methods", {}).get(method, {})
+    teacher_settings = TrainSettings(**config.merge({**cfg["teacher"], **own.get("teacher", {})}, {"epochs": args.teacher_epochs}, common), method="ce")
+    student_base = config.merge({**cfg["student"], **own.get("student", {})}, {"epochs": args.epochs}, common)
+    cache_cfg = {**cfg["cache"], **own.get("cache", {})}
     method_args = config.merge(config.recipe(f"methods/{method}").get("method_args", {}), cfg["method_args"].get(method, {}))
     needs = method_class(method).needs
     config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_run": teacher_settings})
@@ -70,9 +80,9 @@ def run_demo(args) -> None:
     teacher_acc = fit_teacher(teacher_settings, data, val, recipe, out / "teacher")
     teacher_fit_s = time.perf_counter() - t0
 
-    log.info("demo 2/4: extracting %d views per image into %s", cfg["cache"]["views"], out / "store")
-    teacher = build_teacher(teacher_settings.student, weights=str(out / "teacher" / "model.safetensors"), input_size=size)
-    store, extracted = cache_teacher(teacher, data, recipe, cfg["cache"], size, out / "store", needs, args.loader_workers)
+    log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], out / "store")
+    teacher = build_teacher(_teacher_name(teacher_settings), weights=str(out / "teacher" / "model.safetensors"), input_size=size)
+    store, extracted = cache_teacher(teacher, data, recipe, cache_cfg, size, out / "store", needs, args.loader_workers)
 
     control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
     runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", method) for seed in run_seeds]
@@ -85,6 +95,9 @@ def run_demo(args) -> None:
         for frac, name, seed in runs
     ]
     rows = student_runs(runs, jobs)
+    labels = [f"{'scratch' if name == 'ce' else f'distilled ({name})'}, {frac:.0%} labels" for frac, name, _ in runs]
+    picture = plot_runs([job["out"] for job in jobs], out / "students.png", labels, title=f"digits: students from scratch and from the cache ({method})")
+    log.info("demo 3/4: curves of every student run -> %s", picture)
 
     log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
     timing = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
@@ -104,9 +117,18 @@ def fit_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: Pat
     return fitted.metrics[-1]["val_top1"]
 
 
+def _teacher_name(settings: TrainSettings) -> str:
+    """The fitted model as a teacher name: a timm name, or one registered here with the model arguments it was built with."""
+    if not settings.student_kwargs:
+        return settings.student
+    name = f"{settings.student}-demo"
+    register_teacher(TeacherSpec(name, settings.student, kwargs=dict(settings.student_kwargs)))
+    return name
+
+
 def cache_teacher(teacher, data, recipe: ViewRecipe, cache_cfg: dict, size: int, where: Path, needs, workers: int):
     """Step 2, stage one: the teacher's outputs over recorded views, into a store (with statistics for feature methods)."""
-    info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"]))
+    info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"], outputs=cache_cfg.get("outputs")))
     store = open_store(where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size)
     extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=workers)
     if "features" in needs:
@@ -190,4 +212,6 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
         f"The teacher was trained on every label. In the {pct(fraction)} rows the student's cross-entropy sees the labels of "
         f"{pct(fraction)} of the training images, while the cached teacher outputs cover all of them."
     )
+    if method == "cospress":
+        print("CosPress trains the student on the teacher's tokens alone; its val top-1 is that of a linear classifier trained on the detached features.")
     print(f"Everything is under {out}: teacher/, store/, one directory per student run (metrics.jsonl, student.safetensors).")

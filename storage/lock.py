@@ -15,8 +15,9 @@ costs duplicated work, never a wrong store.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import re
 import socket
 import threading
 import time
@@ -27,13 +28,17 @@ from .location import Location
 
 STALE_SECONDS = 600.0  # a holder refreshes every minute while it works
 REFRESH_SECONDS = 60.0
+_TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # Location.write_bytes: .NAME.XXXXXXXX.tmp
 
 log = logging.getLogger(__name__)
 
 
 class TeacherLock:
-    def __init__(self, location: Location, what: str):
-        self.location, self.what = location, what
+    """``tidy``: the store, whose leftover temporary files (a writer killed between write and rename) the new holder removes:
+    every one in the locked teacher's own folder (nobody else writes there), elsewhere those older than a minute."""
+
+    def __init__(self, location: Location, what: str, tidy: Location | None = None):
+        self.location, self.what, self.tidy = location, what, tidy
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self._stop = threading.Event()
@@ -45,6 +50,9 @@ class TeacherLock:
         for _ in range(2):  # a stale lock is removed once, then taken
             if self._try_create():
                 threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True).start()
+                if self.tidy is not None and self.tidy.is_local:  # object-store writes leave no temporary files
+                    remove_stale_temp_files(Location(self.location.parent_path), older_than=0.0)
+                    remove_stale_temp_files(self.tidy, older_than=60.0)
                 return self
             holder = self._holder()
             if holder is None or self._is_stale(holder):
@@ -111,3 +119,23 @@ class TeacherLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def remove_stale_temp_files(root: Location, older_than: float) -> int:
+    """Remove ``.NAME.XXXXXXXX.tmp`` files that ``Location.write_bytes`` left when killed before its rename.
+
+    Only local stores have them (object-store writes are single PUTs). A temporary file lives for
+    milliseconds, so one older than ``older_than`` seconds belongs to no running writer.
+    """
+    if not os.path.isdir(root.path):
+        return 0
+    removed, now = 0, time.time()
+    for folder, _, files in os.walk(root.path):
+        for name in files:
+            path = os.path.join(folder, name)
+            if _TEMP_FILE.fullmatch(name) and now - os.path.getmtime(path) > older_than:
+                os.remove(path)
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers under %s", removed, root)
+    return removed

@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from storage import ArraySpec, Store, UserError
-from storage.store import FORMAT_VERSION, checksum
+from conftest import make_record
+from storage import ArraySpec, Store, TeacherRecord, UserError, list_backends
+from storage.store import FORMAT_VERSION
+from storage.units import checksum
 
 SPECS = {"crop": ArraySpec((4,), "float32"), "flip": ArraySpec((), "uint8")}
 
@@ -82,7 +84,7 @@ def test_data_without_a_commit_record_does_not_count(store):
 
 
 def test_add_views_grows_the_view_axis_and_keeps_committed_data(store, tmp_path):
-    teacher = store.create_teacher("t", {"name": "t"}, {"logits": ArraySpec((10,), "float16")})
+    teacher = store.create_teacher("t", make_record("t", views=2), {"logits": ArraySpec((10,), "float16")})
     units = {(v, b): _unit(32, 10 * v + b) for v in range(2) for b in range(2)}
     logits = {(v, b): np.random.default_rng(v + 7 * b).random((32, 10)).astype(np.float16) for v in range(2) for b in range(2)}
     for (v, b), data in units.items():
@@ -112,10 +114,10 @@ def test_add_views_grows_the_view_axis_and_keeps_committed_data(store, tmp_path)
 
 def test_teachers_are_listed_and_unknown_ones_named(store):
     assert store.teacher_ids() == []
-    store.create_teacher("b", {"name": "b"}, {"logits": ArraySpec((3,), "float16")})
-    store.create_teacher("a", {"name": "a"}, {"features": ArraySpec((4,), "float16")})
+    store.create_teacher("b", make_record("b", views=2), {"logits": ArraySpec((3,), "float16")})
+    store.create_teacher("a", make_record("a", views=2), {"features": ArraySpec((4,), "float16")})
     assert store.teacher_ids() == ["a", "b"]
-    assert store.teacher_info("a") == {"name": "a"}
+    assert store.teacher_info("a") == make_record("a", views=2)
     assert store.teacher("a").names == ["features"]
     with pytest.raises(UserError, match="has no teacher 'c'.*a, b"):
         store.teacher("c")
@@ -167,3 +169,67 @@ def test_an_uncommitted_damaged_shard_is_rewritten(store):
     data = _unit(32, 1)
     store.plan.write_unit(0, 0, data)
     np.testing.assert_array_equal(store.plan.read_unit(0, 0)["crop"], data["crop"])
+
+
+def test_units_are_every_view_and_block_view_major(store):
+    assert store.units(2) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert store.units(0) == []
+
+
+def test_teacher_json_is_the_records_fields_and_reads_back_equal(store, tmp_path):
+    record = make_record("a", views=2)
+    store.create_teacher("a", record, {"features": ArraySpec((4,), "float16")})
+    on_disk = json.loads((tmp_path / "s" / "teachers" / "a" / "teacher.json").read_text())
+    assert on_disk == record.to_dict() and isinstance(on_disk["outputs"], list)
+    assert "num_tokens" not in on_disk  # token fields only for teachers that store tokens
+    assert TeacherRecord.from_dict(on_disk) == record
+
+
+def test_teacher_json_from_older_pipelines_gets_its_defaults(store, tmp_path):
+    """Before wds (format), --precision, int8 features (feature_dtype) and per-teacher view counts (views)."""
+    old = {k: v for k, v in make_record("old", dtype="float32", feature_dtype="float32").to_dict().items()
+           if k not in ("format", "precision", "feature_dtype", "views")}
+    store.create_teacher("old", make_record("old"), {"features": ArraySpec((4,), "float16")})
+    (tmp_path / "s" / "teachers" / "old" / "teacher.json").write_text(json.dumps(old))
+    info = Store(tmp_path / "s").teacher_info("old")
+    assert (info.format, info.precision, info.feature_dtype, info.views) == ("zarr", "fp32", "float32", store.num_views)
+    with pytest.raises(ValueError, match="lacks timm_name"):
+        TeacherRecord.from_dict({k: v for k, v in old.items() if k != "timm_name"})
+
+
+def test_a_damaged_teacher_json_or_unknown_backend_is_one_user_error(store, tmp_path):
+    store.create_teacher("a", make_record("a", views=2), {"features": ArraySpec((4,), "float16")})
+    path = tmp_path / "s" / "teachers" / "a" / "teacher.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "format": "nope"}))
+    assert list_backends()[:2] == ["zarr", "wds"]
+    with pytest.raises(UserError, match="unknown store format 'nope' \\(known: zarr, wds"):
+        store.teacher("a")
+    path.write_text('{"name": "a", ')
+    with pytest.raises(UserError, match="cannot read .*teacher.json"):
+        store.teacher_info("a")
+
+
+def test_a_new_lock_holder_removes_temporary_files_of_killed_writers(tmp_path):
+    import os
+    import time
+
+    from storage import Location
+    from storage.lock import TeacherLock
+
+    root = tmp_path / "store"
+    own = root / "teachers" / "t" / "commits"
+    plan = root / "plan" / "commits"
+    own.mkdir(parents=True)
+    plan.mkdir(parents=True)
+    (own / ".v000000-b000003.json.0123abcd.tmp").write_text("{")  # killed between write and rename
+    old, young = plan / ".v000001-b000000.json.89abcdef.tmp", plan / ".v000002-b000000.json.fedcba98.tmp"
+    old.write_text("{")
+    young.write_text("{")  # may belong to another teacher's running extraction: kept
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    keep = own / "v000000-b000002.json"
+    keep.write_text("{}")
+    with TeacherLock(Location(str(root / "teachers" / "t" / "lock.json")), "teacher 't'", tidy=Location(str(root))):
+        pass
+    left = sorted(p.name for p in root.rglob("*") if p.is_file())
+    assert left == sorted([keep.name, young.name])

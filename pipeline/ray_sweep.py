@@ -1,0 +1,255 @@
+"""The Ray Tune side of `pipeline sweep`: the trial function, a line per trial event, a fresh start or Tune's restore.
+
+A trial runs ``pipeline distill`` in its Tune process (``--workers 0``: no Ray
+of its own) and reports every epoch line through ``on_epoch`` to
+``tune.report``, which is what ASHA stops on. Trial folders are
+``--out/<trial>``; Tune's experiment state lives in ``--out`` itself, so the
+same command after a killed driver finds it (``Tuner.can_restore``) and
+continues (``Tuner.restore``). Tune saves that state only every ten seconds or
+so, so a trial also leaves ``trial.json`` in its folder: a trial that Tune
+restarts although it had finished (killed driver, state not yet saved) finds
+its record, reports its stored epochs again and returns without training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ray import tune
+
+from storage import Location, UserError
+
+from . import ray_env
+from .sweep import SweepSpec, TrialNamer, describe, distill_argv, read_record, trial_settings, write_record, write_trial_settings
+
+log = logging.getLogger("pipeline")
+
+
+def one_line(error: BaseException) -> str:
+    """A trial's failure as one line: a UserError's own text, else the exception's type and its first line."""
+    user = ray_env.user_error(error)
+    if user is not None:
+        return str(user)
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # as a JSON record holds it: lists, not tuples
+
+
+def _with_metric(line: dict, metric: str) -> dict:
+    """Tune stops the whole sweep on a result without its metric (a loss part another method has not): NaN then."""
+    return {**line, metric: line.get(metric, float("nan"))}
+
+
+def finished_before(record: dict, argv: list[str], settings: dict) -> bool:
+    return record.get("status") == "finished" and record.get("argv") == argv and record.get("settings") == _plain(settings)
+
+
+def _trial_logging() -> None:
+    """A Tune process logs at WARNING; the distill run's own run.log wants its INFO lines, the console only warnings."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_sweep_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console._sweep_console = True
+        root.addHandler(console)
+    for name in ("stages", "pipeline"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def run_trial(params: dict, job: dict) -> None:
+    """One Tune trial: ``pipeline distill`` with the sweep's settings and this trial's ``params``, each epoch reported."""
+    import torch
+
+    from .commands import distill_command, train_settings
+    from .sweep import parse_distill
+    from stages.run_metrics import read_metrics
+
+    out = Path(job["out"]) / Path(tune.get_context().get_trial_dir()).name
+    settings = trial_settings(job["fixed"], params)
+    argv = distill_argv(job, settings, out)
+    previous = read_record(out)
+    if finished_before(previous, argv, settings):
+        for line in read_metrics(out):  # Tune (and ASHA) see its epochs again; nothing is trained or written
+            tune.report(_with_metric(line, job["metric"]))
+        return
+    write_trial_settings(settings, out)
+    record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "argv": argv,
+              "command": "pipeline " + shlex.join(argv), "started": time.time(), "pid": os.getpid()}
+    write_record(out, record)
+    _trial_logging()
+    torch.set_num_threads(job["threads"])
+    start, printed, last = time.perf_counter(), io.StringIO(), []
+    try:
+        args = parse_distill(argv)
+        epochs = train_settings(args).epochs
+
+        def on_epoch(line: dict) -> None:
+            # Tune may end a trial inside any report (ASHA at max_t too): the last epoch is reported only once
+            # distill has saved the student and the record says finished.
+            if line.get("epoch", 0) < epochs:
+                tune.report(_with_metric(line, job["metric"]))
+            else:
+                last.append(_with_metric(line, job["metric"]))
+
+        with contextlib.redirect_stdout(printed):  # distill's result line: the record keeps it, the driver prints its own
+            distill_command(args, on_epoch=on_epoch)
+    except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
+        write_record(out, {**record, "status": "stopped early", "seconds": time.perf_counter() - start, "ended": time.time()})
+        raise
+    except Exception as e:
+        write_record(out, {**record, "status": "error", "error": one_line(e), "seconds": time.perf_counter() - start, "ended": time.time()})
+        raise
+    write_record(out, {**record, "status": "finished", "seconds": time.perf_counter() - start, "ended": time.time(),
+                       "result": printed.getvalue().strip()})
+    for line in last:
+        tune.report(line)
+
+
+class TrialLines(tune.Callback):
+    """One console line per trial event: started (or already finished), each epoch, finished, failed."""
+
+    def __init__(self, out: str, names: list[str], metric: str, epochs: int):
+        self.out, self.namer, self.metric, self.epochs = out, TrialNamer(names), metric, epochs
+
+    def _name(self, trial) -> str:
+        return Path(trial.path).name if getattr(trial, "path", None) else self.namer(trial)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        name = self._name(trial)
+        record = read_record(Path(self.out) / name)
+        again = " (finished before: its epochs are read back, nothing is trained)" if record.get("status") == "finished" else ""
+        log.info("%s (%s): started%s", name, describe({n: trial.config[n] for n in self.namer.names if n in trial.config}), again)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else "no " + self.metric
+        log.info("%s: epoch %s/%d, %s", self._name(trial), result.get("epoch", "?"), self.epochs, shown)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        log.info("%s: done", self._name(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        name = self._name(trial)
+        error = read_record(Path(self.out) / name).get("error")
+        if not error:  # the trial's process died before it could say why (killed, out of memory)
+            error = _last_line(getattr(trial, "error_file", None)) or "its process ended without a record"
+        log.warning("%s: failed: %s", name, error)
+
+
+def _last_line(path: str | None) -> str | None:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
+@contextlib.contextmanager
+def _tune_quiet(debug: bool):
+    """Tune's own reporter and trial tracebacks off, and no TensorBoard logger of its own (trials write theirs):
+    the sweep prints a line per trial event instead. With --debug, Tune's error logs stay on."""
+    saved = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")}
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the JSON and CSV loggers are passed explicitly
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, silent at verbose=0
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    if not debug:
+        tune_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tune_log.setLevel(level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def param_space(spec: SweepSpec) -> dict:
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {a.name: make[a.kind](a.values) for a in spec.axes}
+
+
+def _check_resources(cpus: float, gpus: float) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    if gpus > 0 and have.get("GPU", 0) < gpus:
+        raise UserError(
+            f"--gpus-per-trial {gpus:g} was asked for but the Ray cluster has {have.get('GPU', 0):g} GPUs: "
+            "add GPU nodes, or pass --gpus-per-trial 0 to train on CPUs"
+        )
+    if have.get("CPU", 0) < cpus:
+        raise UserError(f"--cpus-per-trial {cpus:g} is more than the Ray cluster's {have.get('CPU', 0):g} CPUs: no trial could start; ask for fewer")
+
+
+def join_cluster(address: str | None, cpus: float, gpus: float, out: Path, store: str) -> None:
+    """Connect to Ray and check, before anything is written, that a trial fits and every node sees the store and --out."""
+    ray_env.connect(address)
+    _check_resources(cpus, gpus)
+    out.mkdir(parents=True, exist_ok=True)
+    ray_env.check_visible(Location(str(out)), "sweep folder --out")  # trials write their folders there from any node
+    ray_env.check_visible(Location(store), "store")
+
+
+def run_sweep(spec: SweepSpec, job: dict, out: Path, *, max_epochs: int, cpus: float, gpus: float, max_concurrent: int,
+              retry_errored: bool, debug: bool) -> None:
+    """Start the sweep in ``out``, or continue the one there (after ``join_cluster``); outcomes are left in the trial folders."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cpus, "gpu": gpus})
+    if tune.Tuner.can_restore(str(out)):
+        done = sum(read_record(p).get("status") == "finished" for p in out.glob("trial-*"))
+        log.info("resuming the sweep in %s: %d trial(s) finished before are not run again", out, done)
+        tuner = tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored)
+    else:
+        scheduler = None
+        if spec.early_stop:
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(spec.early_stop["grace_epochs"], max_epochs),
+                                      reduction_factor=spec.early_stop["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.samples, scheduler=scheduler,
+                # The limit goes to the generator itself: Tune ignores max_concurrent_trials beside a generator instance.
+                search_alg=BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent),
+                trial_dirname_creator=TrialNamer([a.name for a in spec.axes]),
+                reuse_actors=True,  # the next trial runs in a finished trial's process: torch and the project are imported once
+            ),
+            run_config=tune.RunConfig(
+                name=out.name, storage_path=str(out.parent), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, not retried: its error is the user's to fix
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs)],
+            ),
+        )
+    with _tune_quiet(debug):
+        results = tuner.fit()
+    _settle_records(out, results, spec)
+
+
+def _settle_records(out: Path, results, spec: SweepSpec) -> None:
+    """After the sweep: a trial Tune stopped early, or one whose process died, says so in its record."""
+    for result in results:
+        folder = out / Path(result.path).name
+        record = read_record(folder)
+        if not record:
+            continue
+        if result.error is not None and record.get("status") != "error":
+            write_record(folder, {**record, "status": "error", "error": record.get("error") or one_line(result.error)})
+        elif result.error is None and record.get("status") == "running":
+            write_record(folder, {**record, "status": "stopped early" if spec.early_stop else "stopped"})

@@ -1,0 +1,241 @@
+"""`pipeline report RUN [RUN ...]`: a run's curves as a picture, and its final numbers as a table.
+
+A RUN is a folder written by ``train``, ``distill`` or a sweep trial (it holds
+``metrics.jsonl``), or a folder of such runs (a sweep's ``--out``, the demo's
+``--out``), which stands for every run in it. The picture puts the training
+loss and the validation top-1 of every run on shared axes, one colour per
+label; runs that share a label (the seeds of one setting) share a colour.
+``plot_runs`` is what the command and the demo call; ``plot_sweep`` draws a
+sweep's metric per epoch for ``pipeline sweep``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from stages.run_metrics import METRICS_FILE, best_line, read_metrics
+from storage import UserError
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="curves of one or more runs on shared axes (a PNG) and a table of their final numbers")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN",
+        help="a run folder (train, distill, a sweep trial: it holds metrics.jsonl), or a folder of runs such as a sweep's or the demo's --out",
+    )
+    p.add_argument("--out", metavar="PNG", help="write the picture here, e.g. report.png (default: the table only)")
+    p.add_argument("--label", action="append", metavar="NAME", help="legend name of each RUN folder given, in order; runs with one name share a colour (repeatable; default: the folder names)")
+    p.add_argument("--title", help="title of the picture (default: none)")
+    p.set_defaults(func=report_command)
+
+
+# -- finding runs --------------------------------------------------------------------------------------
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders named by ``paths``: a folder with metrics.jsonl, or every such folder directly inside one."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise UserError(f"run folder {path} not found: pass a folder written by train, distill or sweep")
+        if (path / METRICS_FILE).is_file():
+            runs.append(path)
+            continue
+        inside = sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file())
+        if not inside:
+            raise UserError(f"{path} holds no {METRICS_FILE} (nor a run folder with one): pass a folder written by train, distill or sweep")
+        runs.extend(inside)
+    return runs
+
+
+def run_labels(runs: list[Path], labels: list[str] | None) -> list[str]:
+    """One legend name per run: ``labels`` (one per run), else the folder's name, made unique by its parent where needed."""
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise UserError(f"{len(labels)} label(s) for {len(runs)} run(s): give one --label per run folder")
+        return list(labels)
+    names = [r.name for r in runs]
+    return [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
+
+
+# -- numbers -------------------------------------------------------------------------------------------
+
+
+def run_row(lines: list[dict]) -> dict:
+    """A run's final numbers: epochs, last train loss and val top-1, best val top-1 and its epoch, seconds, views/s."""
+    last = lines[-1] if lines else {}
+    best = best_line(lines, "val_top1", "max")
+    rates = [ln["views_per_s"] for ln in lines if isinstance(ln.get("views_per_s"), (int, float))]
+    return {
+        "epochs": int(last.get("epoch", len(lines))) if lines else 0,
+        "train_loss": last.get("train_loss"),
+        "val_top1": last.get("val_top1"),
+        "best_val_top1": best["val_top1"] if best else None,
+        "best_epoch": best.get("epoch") if best else None,
+        "seconds": sum(ln.get("seconds", 0.0) for ln in lines),
+        "views_per_s": sum(rates) / len(rates) if rates else None,
+    }
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant digits, missing values as '-'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def text_table(header: list[str], rows: list[list], left: int = 1, text_last: bool = False) -> list[str]:
+    """Aligned columns: the first ``left`` columns (and with ``text_last`` the last) left-aligned, numbers right-aligned."""
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    last = len(header) - 1 if text_last else -1
+    return ["  ".join(c.ljust(w) if i < left or i == last else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+
+
+def report_lines(labels: list[str], rows: list[dict]) -> list[str]:
+    header = ["run", "epochs", "train loss", "val top-1", "best val top-1 (epoch)", "seconds", "views/s"]
+    body = [
+        [
+            label, r["epochs"], fmt(r["train_loss"]), fmt(r["val_top1"]),
+            "-" if r["best_val_top1"] is None else f"{r['best_val_top1']:.4f} ({r['best_epoch']})",
+            f"{r['seconds']:.1f}", fmt(r["views_per_s"], 5),
+        ]
+        for label, r in zip(labels, rows)
+    ]
+    return text_table(header, body)
+
+
+# -- pictures ------------------------------------------------------------------------------------------
+
+
+def _colours(labels: list[str]) -> dict[str, tuple]:
+    """One colour per distinct label, in order of first appearance."""
+    from matplotlib import colormaps
+
+    distinct = list(dict.fromkeys(labels))
+    cmap = colormaps["tab10" if len(distinct) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(distinct)}
+
+
+def _save(fig, out_png: Path | str) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise UserError(f"cannot write the picture {out_png}: {e.strerror or e}") from e
+    return out_png
+
+
+def _series(lines: list[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
+    points = [(ln["epoch"], ln[key] * scale) for ln in lines if isinstance(ln.get(key), (int, float)) and "epoch" in ln]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Training loss and validation top-1 per epoch of every run, on shared axes; runs with one label share a colour.
+
+    ``run_dirs`` are run folders (each with metrics.jsonl); ``labels`` one legend
+    name per run (default: the folder names). The demo calls this with labels such
+    as ``scratch, 20% labels`` for each of its seeds. Returns ``out_png``.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
+
+    runs = [Path(r) for r in run_dirs]
+    names = run_labels(runs, labels)
+    colours = _colours(names)
+    every = [read_metrics(r) for r in runs]
+    with_val = any(_series(lines, "val_top1")[0] for lines in every)
+    fig = Figure(figsize=(11 if with_val else 6, 4.2))
+    axes = fig.subplots(1, 2 if with_val else 1, squeeze=False)[0]
+    shown: set[str] = set()
+    for name, lines in zip(names, every):
+        first = name not in shown
+        shown.add(name)
+        style = dict(color=colours[name], linewidth=1.6, alpha=0.9, marker="o" if len(lines) <= 30 else None, markersize=3)
+        axes[0].plot(*_series(lines, "train_loss"), label=name if first else None, **style)
+        if with_val:
+            axes[1].plot(*_series(lines, "val_top1", 100.0), **style)
+    axes[0].set(title="training loss (mean over the epoch)", xlabel="epoch", ylabel="loss")
+    if with_val:
+        axes[1].set(title="validation top-1", xlabel="epoch", ylabel="top-1 accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(loc="lower center", ncol=min(4, max(1, len(shown))), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(shown) - 1) // 4), 1, 0.95 if title else 1))
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | None, out_png: Path | str, title: str | None = None,
+               mode: str = "max", notes: dict[str, str] | None = None) -> Path:
+    """``metric`` per epoch for every trial (name, epoch lines, best first); the trial named ``best`` drawn bold in red.
+
+    Each legend entry carries the trial's best value and its ``notes`` entry (``stopped early``); past 12 trials
+    only the best is named. Trials without a single epoch (failed at once) have no curve: one legend line counts them.
+    """
+    notes = notes or {}
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    percent = metric.endswith("top1")
+    scale = 100.0 if percent else 1.0
+    listed = len(trials) <= 12  # a longer legend hides the curves
+    palette = [colormaps["tab10"](i) for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # no red: red is the best trial's
+
+    def value(name, lines) -> str:
+        top = best_line(lines, metric, mode)
+        words = [f"{top[metric] * scale:.4g}{'%' if percent else ''}"] if top else []
+        words += [notes[name]] if name in notes else []
+        return f" ({', '.join(words)})" if words else ""
+
+    handles, empty = [], 0
+    for i, (name, lines) in enumerate(t for t in trials if t[0] != best):
+        xs, ys = _series(lines, metric, scale)
+        if not xs:
+            empty += 1
+            continue
+        (h,) = ax.plot(xs, ys, color=palette[i % len(palette)] if listed else "0.6", linewidth=1.1, alpha=0.8, marker="o", markersize=3,
+                       label=f"{name}{value(name, lines)}")
+        handles.append(h)
+    if not listed:
+        handles = [ax.plot([], [], color="0.6", linewidth=1.1, label=f"{len(handles)} other trials")[0]]
+    if empty:
+        handles.append(ax.plot([], [], color="none", label=f"{empty} trial(s) with no epoch (failed)")[0])
+    if best is not None:
+        lines = dict(trials)[best]
+        (h,) = ax.plot(*_series(lines, metric, scale), color="crimson", linewidth=3.0, marker="o", markersize=5,
+                       label=f"best: {best}{value(best, lines)}", zorder=5)
+        handles.insert(0, h)
+    ax.set(xlabel="epoch", ylabel=f"{metric} (%)" if percent else metric, title=title or f"{metric} per epoch, every trial")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if handles:
+        ax.legend(handles=handles, fontsize="small", loc="best")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def report_command(args) -> None:
+    runs = find_runs(args.runs)
+    labels = None
+    if args.label:
+        if len(args.label) != len(args.runs):
+            raise UserError(f"{len(args.label)} --label for {len(args.runs)} RUN folder(s): give one --label per RUN")
+        # A folder of runs stands for all of them: its label goes to each.
+        labels = [label for path, label in zip(args.runs, args.label) for _ in find_runs([path])]
+    names = run_labels(runs, labels)
+    every = [read_metrics(r) for r in runs]
+    if not any(every):
+        raise UserError(f"no epoch finished yet in {', '.join(map(str, runs))}: {METRICS_FILE} is empty; report again after the first epoch")
+    print("\n".join(report_lines(names, [run_row(lines) for lines in every])))
+    if args.out:
+        out = plot_runs(runs, args.out, labels=names, title=args.title)
+        print(f"picture: training loss and validation top-1 of {len(runs)} run(s) -> {out}")

@@ -1,0 +1,112 @@
+"""Runs a person can look at: RunMetrics writes metrics.jsonl and TensorBoard scalars, `pipeline report` draws and tabulates runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from pipeline import cli, report
+from stages.run_metrics import RunMetrics, read_metrics, scalar_tag
+
+
+def _line(epoch: int, loss: float, top1: float) -> dict:
+    return {"epoch": epoch, "train_loss": loss, "train_ce": loss / 2, "train_kd": loss / 2, "lr": 0.001 / epoch,
+            "seconds": 1.5, "views_per_s": 400.0, "val_top1": top1}
+
+
+def _run(folder, lines):
+    with RunMetrics(folder) as m:
+        for line in lines:
+            m.write(line)
+    return folder
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """What tensorboard shows for a run folder: every scalar tag with its (step, value) points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_metrics_lines_go_to_jsonl_and_tensorboard_as_grouped_scalars(tmp_path):
+    lines = [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5), _line(3, 1.0, 0.6)]
+    _run(tmp_path, lines)
+    assert read_metrics(tmp_path) == lines
+    scalars = _scalars(tmp_path)
+    assert set(scalars) == {"train/loss", "train/ce", "train/kd", "lr", "seconds", "views_per_s", "val/top1"}
+    assert [s for s, _ in scalars["val/top1"]] == [1, 2, 3]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([2.0, 1.5, 1.0])
+    assert [v for _, v in scalars["lr"]] == pytest.approx([0.001, 0.0005, 0.001 / 3])
+
+
+def test_a_new_run_in_the_same_folder_starts_its_record_afresh(tmp_path):
+    _run(tmp_path, [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)])
+    _run(tmp_path, [_line(1, 9.0, 0.1)])
+    assert read_metrics(tmp_path) == [_line(1, 9.0, 0.1)]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert _scalars(tmp_path)["train/loss"] == [(1, 9.0)]
+
+
+def test_run_metrics_of_none_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with RunMetrics(None) as m:
+        m.write(_line(1, 2.0, 0.3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tags_and_a_torn_last_line(tmp_path):
+    assert [scalar_tag(k) for k in ("train_loss", "val_top1_ema", "lr", "views_per_s", "train")] == ["train/loss", "val/top1_ema", "lr", "views_per_s", "train"]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_line(1, 2.0, 0.3)) + '\n{"epoch": 2, "train_lo')  # a killed run
+    assert read_metrics(tmp_path) == [_line(1, 2.0, 0.3)]
+
+
+def _curves(tmp_path):
+    runs = []
+    for kind, top in (("scratch", 0.6), ("distilled", 0.8)):
+        for seed in range(2):
+            lines = [_line(e, 2.3 * math.exp(-e / 3), top * (1 - math.exp(-e / 2)) + 0.01 * seed) for e in range(1, 7)]
+            runs.append(_run(tmp_path / "demo" / f"student-{kind}-seed{seed}", lines))
+    return runs
+
+
+def test_report_prints_final_numbers_and_draws_the_runs(tmp_path, capsys):
+    runs = _curves(tmp_path)
+    png = tmp_path / "report.png"
+    assert cli.main(["report", str(runs[0]), str(runs[2]), "--out", str(png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["run", "epochs", "train", "loss"]
+    scratch = next(ln for ln in out if ln.startswith("student-scratch-seed0")).split()
+    assert scratch[1] == "6" and scratch[3] == f"{0.6 * (1 - math.exp(-3)):.4g}"  # epochs, last val top-1
+    assert out[-1].endswith(str(png))
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size[0] > image.size[1] > 300  # two panels side by side
+
+
+def test_a_folder_of_runs_stands_for_all_of_them_and_labels_group_colours(tmp_path, capsys):
+    runs = _curves(tmp_path)
+    assert cli.main(["report", str(tmp_path / "demo"), "--out", str(tmp_path / "all.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("student-") for ln in table) == 4
+    labels = ["scratch", "scratch", "distilled", "distilled"]
+    assert report._colours(labels) == {"scratch": report._colours(["scratch"])["scratch"], "distilled": report._colours(["x", "distilled"])["distilled"]}
+    assert report.plot_runs([runs[0], runs[1], runs[2], runs[3]], tmp_path / "demo.png", labels=labels, title="t").is_file()
+
+
+@pytest.mark.parametrize("case", ["no_metrics", "missing", "labels"])
+def test_bad_report_input_is_one_line(tmp_path, capsys, case):
+    (tmp_path / "empty").mkdir()
+    run = _run(tmp_path / "run", [_line(1, 2.0, 0.3)])
+    argv = {
+        "no_metrics": ["report", str(tmp_path / "empty")],
+        "missing": ["report", str(tmp_path / "nowhere")],
+        "labels": ["report", str(run), "--label", "a", "--label", "b"],
+    }[case]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert {"no_metrics": "holds no metrics.jsonl", "missing": "not found", "labels": "one --label per RUN"}[case] in err[0]

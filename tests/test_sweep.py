@@ -1,0 +1,287 @@
+"""`pipeline sweep`: the search space is checked before Ray starts, trials are distill runs on Ray Tune, a killed driver resumes.
+
+The fast tests need no Ray. The slow ones run real sweeps on a local Ray over
+``base_store`` (80 fake 32 px images, a random teacher) with the tiny student:
+one 4-trial sweep in this process (2 methods x 2 temperatures, 2 at a time),
+and one sweep driver started as a command, SIGKILLed once a trial finished,
+and started again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import STUDENT
+from pipeline import cli, commands, config, sweep
+from ray_cluster import _cmdline, _with_descendants
+from stages.run_metrics import read_metrics
+
+FIXED = {**STUDENT, "student_kwargs": {"channels": [8, 16, 32, 64]}, "epochs": 2, "batch_size": 16}
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _sweep_file(tmp_path: Path, data: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# -- before any trial: the whole search space ---------------------------------------------------------
+
+
+BAD = {
+    "unknown setting": ({"search": {"lrr": [0.1, 0.2]}}, "unknown setting 'lrr' (did you mean lr?)"),
+    "unknown fixed setting": ({"temprature": 4, "search": {"lr": [0.1]}}, "unknown setting 'temprature'"),
+    "unknown method argument name": ({"search": {"method_args": {"temprature": [1, 4]}}}, "method 'kd' has no setting temprature"),
+    "empty grid": ({"search": {"method": []}}, "search.method: the grid is empty"),
+    "bad distribution": ({"search": {"lr": {"normal": [0, 1]}}}, "search.lr: give a list of values (a grid) or one of"),
+    "reversed range": ({"search": {"lr": {"uniform": [0.1, 0.01]}}}, "uniform needs LOW < HIGH"),
+    "loguniform from zero": ({"search": {"lr": {"loguniform": [0, 0.01]}}}, "loguniform needs LOW > 0"),
+    "online": ({"online": True, "search": {"lr": [0.1]}}, "sweeps run from the cache"),
+    "online searched": ({"search": {"online": [True, False]}}, "sweeps run from the cache"),
+    "no search": ({"lr": 0.1}, "a sweep needs a search: section"),
+    "samples": ({"samples": 0, "search": {"lr": [0.1]}}, "samples must be a whole number"),
+    "metric": ({"metric": "accuracy", "search": {"lr": [0.1]}}, "metric must name a number of the epoch lines"),
+    "method argument of one method only": ({"method_args": {"kd_weight": 2.0}, "search": {"method": ["kd", "dkd"]}}, "method 'dkd' has no setting kd_weight"),
+    "unknown method": ({"search": {"method": ["kd", "kdd"]}}, "unknown method 'kdd'"),
+    "wrong type": ({"search": {"epochs": [2, 2.5]}}, "trial epochs=2.5: epochs"),
+    "unknown teacher": ({"search": {"teacher": ["t1", "t9"]}}, "t9"),
+    "label fraction": ({"search": {"label_fraction": {"uniform": [0.5, 1.5]}}}, "trial label_fraction=1.5: label_fraction"),
+    "student argument": ({"search": {"student_kwargs.chanels": [[8, 16, 32, 64]]}}, "bad student settings for resnet10t"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_search_space_is_one_line_before_any_trial(case, base_store, tmp_path, capsys):
+    data, message = BAD[case]
+    out = tmp_path / "out"
+    code = cli.main(["sweep", "--from-cache", str(base_store), "--config", str(_sweep_file(tmp_path, {**FIXED, **data})), "--out", str(out)])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert message in line, line
+    assert not out.exists()  # nothing was started: no sweep folder, no trial folder
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_online_flag_and_missing_inputs_are_one_line(base_store, tmp_path, capsys):
+    good = str(_sweep_file(tmp_path, {**FIXED, "search": {"lr": [0.1]}}))
+    assert cli.main(["sweep", "--from-cache", str(base_store), "--config", good, "--out", str(tmp_path / "o"), "--online"]) == 2
+    assert "sweeps run from the cache" in _one_line_error(capsys)
+    assert cli.main(["sweep", "--config", good, "--out", str(tmp_path / "o")]) == 2
+    assert "needs --from-cache STORE and --config" in _one_line_error(capsys)
+    assert cli.main(["sweep", "--out", str(tmp_path / "o"), "--summary"]) == 2
+    assert "holds no sweep" in _one_line_error(capsys)
+
+
+def test_shipped_sweep_files_parse():
+    files = sorted((config.CONFIG_DIR / "sweeps").glob("*.yaml"))
+    assert files
+    specs = {f.stem: sweep.load_sweep(f) for f in files}
+    assert specs["digits_methods"].num_trials == 4
+    assert specs["random_lr"].num_trials == 16 and specs["random_lr"].early_stop == {"grace_epochs": 2, "reduction_factor": 2}
+    assert {a.name: a.kind for a in specs["random_lr"].axes} == {"lr": "loguniform", "weight_decay": "choice", "method_args.temperature": "uniform", "seed": "grid"}
+
+
+def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, tmp_path):
+    """A trial's settings file and flags, read by distill's own parser and train_settings, give what `distill --config` gives."""
+    spec = sweep.parse_sweep({**FIXED, "method_args": {"ce_weight": 0.5}, "search": {"method": ["kd", "dkd"], "method_args.temperature": [4.0]}}, "test")
+    job = {"store": str(base_store), "device": "cpu", "data": None, "val_data": None}
+    for method in ("kd", "dkd"):
+        out = tmp_path / method
+        settings = sweep.trial_settings(spec.fixed, {"method": method, "method_args.temperature": 4.0})
+        sweep.write_trial_settings(settings, out)
+        argv = sweep.distill_argv(job, settings, out)
+        assert argv[:1] == ["distill"] and argv[argv.index("--workers") + 1] == "0" and argv[argv.index("--out") + 1] == str(out)
+        resolved = commands.train_settings(sweep.parse_distill(argv))
+        recipe = config.recipe(f"methods/{method}")["method_args"]
+        assert resolved.method == method and resolved.method_args == {**recipe, "ce_weight": 0.5, "temperature": 4.0}
+        assert (resolved.student, resolved.epochs, resolved.batch_size) == ("resnet10t", 2, 16)
+    assert sweep.TrialNamer(["method", "method_args.temperature"]).name(7, {"method": "dkd", "method_args.temperature": 4.0}) == "trial-007-method=dkd,temperature=4"
+
+
+def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
+    """--summary needs no Ray: the table, sweep.csv and sweep.png come from sweep.yaml and the trial folders."""
+    from stages.run_metrics import RunMetrics
+
+    out = tmp_path / "sweep"
+    spec = sweep.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}}, "test")
+    config.save(out / sweep.SWEEP_FILE, {"command": "sweep", **spec.to_dict()})
+    for i, (lr, tops, status) in enumerate([(0.1, [0.2, 0.4], "finished"), (0.2, [0.3, 0.7], "finished"), (0.3, [], "error")]):
+        folder = out / f"trial-{i:03d}-lr={lr}"
+        with RunMetrics(folder) as m:
+            for e, top in enumerate(tops, 1):
+                m.write({"epoch": e, "train_loss": 1.0 / e, "val_top1": top, "seconds": 1.0})
+        sweep.write_record(folder, {"status": status, "params": {"lr": lr}, "seconds": 2.0 * len(tops),
+                                    **({"error": "--batch-size 4096 is larger than ..."} if status == "error" else {})})
+    assert cli.main(["sweep", "--out", str(out), "--summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[1:4]] == ["trial-001", "trial-000", "trial-002"]  # best first; no metric last
+    assert "error: --batch-size 4096" in lines[3]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["trial"], r["status"], r["lr"], r["best_val_top1"], r["best_epoch"]) for r in rows] == [
+        ("trial-001", "finished", "0.2", "0.7", "2"), ("trial-000", "finished", "0.1", "0.4", "2"), ("trial-002", "error", "0.3", "", "")]
+    assert Image.open(out / "sweep.png").format == "PNG"
+
+
+# -- real sweeps on Ray Tune --------------------------------------------------------------------------
+
+
+def _stop(pids: list[int]) -> None:
+    """End what the killed driver left (its local Ray), by process id, as recorded before the kill."""
+    alive = {pid: _cmdline(pid) for pid in pids if _cmdline(pid)}
+    deadline = time.time() + 10
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = {pid: cmd for pid, cmd in alive.items() if _cmdline(pid) == cmd}
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp_path):
+    # Trial 1 (4096: more than the 80 samples) fails at once, and Tune starts a fresh process for trial 2 (batches of 2: many
+    # steps), so the driver is killed while trial 2 starts or trains.
+    path = _sweep_file(tmp_path, {**FIXED, "epochs": 4, "search": {"batch_size": [16, 4096, 2]}})
+    out = tmp_path / "out"
+    argv = [*CLI, "sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out), "--max-concurrent", "1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = out / "trial-000-batch_size=16" / "trial.json"
+    log = tmp_path / "first.log"
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+    pids: list[int] = []
+    try:
+        while not (first.is_file() and json.loads(first.read_text()).get("status") == "finished"):
+            assert proc.poll() is None, f"the sweep ended before a trial could be killed:\n{log.read_text()[-3000:]}"
+            assert time.perf_counter() - start < 240, log.read_text()[-3000:]
+            time.sleep(0.1)
+        pids = _with_descendants([proc.pid])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop(pids)
+    killed_at = time.perf_counter() - start
+    records = {p.name: json.loads((p / "trial.json").read_text()) for p in out.glob("trial-*") if (p / "trial.json").is_file()}
+    assert records["trial-000-batch_size=16"]["status"] == "finished"
+    assert sum(r["status"] in ("finished", "error") for r in records.values()) < 3, "the sweep finished before the kill"
+    folder = out / "trial-000-batch_size=16"
+    before = {name: (folder / name).stat().st_mtime_ns for name in ("metrics.jsonl", "student.safetensors", "trial.json", "run.log")}
+
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    total = time.perf_counter() - start
+    print(f"killed after {killed_at:.1f} s; the whole test took {total:.1f} s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished before are not run again" in again.stderr
+    assert {name: (folder / name).stat().st_mtime_ns for name in before} == before  # trial 0 was not trained again
+    records = {p.name: json.loads((p / "trial.json").read_text()) for p in sorted(out.glob("trial-*"))}
+    spans = [(r["started"], r["ended"]) for r in records.values()]
+    assert all(ended <= began for (_, ended), (began, _) in zip(spans, spans[1:])), spans  # --max-concurrent 1: one after another
+    status = {name: r["status"] for name, r in records.items()}
+    assert status == {"trial-000-batch_size=16": "finished", "trial-001-batch_size=4096": "error", "trial-002-batch_size=2": "finished"}
+    rows = [ln for ln in again.stdout.splitlines() if ln.startswith("trial-")]
+    assert len(rows) == 3
+    failed = next(ln for ln in rows if ln.startswith("trial-001"))
+    assert "error: --batch-size 4096 is larger than a worker's share of the training set" in failed  # its one-line error
+    assert len(read_metrics(out / "trial-002-batch_size=2")) == 4 and (out / "trial-002-batch_size=2" / "student.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def four_trials(base_store, tmp_path_factory):
+    """2 methods x 2 temperatures, 2 trials at a time, in this process on a local Ray (shut down afterwards)."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _sweep_file(tmp, {**FIXED, "search": {"method": ["kd", "dkd"], "method_args": {"temperature": [1.0, 4.0]}}})
+    out = tmp / "out"
+    argv = ["sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out), "--cpus-per-trial", "1", "--max-concurrent", "2"]
+    start = time.perf_counter()
+    try:
+        import contextlib
+        import io
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(argv)
+        seconds = time.perf_counter() - start
+        yield {"code": code, "out": out, "stdout": printed.getvalue(), "seconds": seconds, "store": base_store, "config": path}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()  # the local instance this test started; later tests must not find it
+
+
+@pytest.mark.slow
+def test_four_trials_complete_with_table_csv_and_picture(four_trials):
+    out, printed = four_trials["out"], four_trials["stdout"]
+    print(f"4-trial sweep: {four_trials['seconds']:.1f} s")
+    assert four_trials["code"] == 0, printed
+    table = [ln for ln in printed.splitlines() if ln.startswith("trial-")]
+    assert len(table) == 4 and all(ln.split()[-1] == "finished" for ln in table), printed
+    best = [float(ln.split()[3]) for ln in table]
+    assert best == sorted(best, reverse=True)  # ranked by val_top1
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert {(r["method"], float(r["method_args.temperature"])) for r in rows} == {("kd", 1.0), ("kd", 4.0), ("dkd", 1.0), ("dkd", 4.0)}
+    assert Image.open(out / "sweep.png").size[0] > 600
+
+
+@pytest.mark.slow
+def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = sorted(four_trials["out"].glob("trial-*"))
+    assert len(folders) == 4
+    spans = []
+    for folder in folders:
+        for name in ("config.yaml", "metrics.jsonl", "run.log", "student.safetensors", "settings.yaml", "trial.json"):
+            assert (folder / name).is_file(), (folder, name)
+        record = json.loads((folder / "trial.json").read_text())
+        assert record["status"] == "finished" and record["command"].startswith("pipeline distill --from-cache")
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["command"] == "distill" and saved["workers"] == 0
+        train = saved["train"]  # the sweep's fixed settings, the trial's values, the method's recipe under them
+        assert (train["method"], train["method_args"]["temperature"]) == (record["params"]["method"], record["params"]["method_args.temperature"])
+        assert train["student"] == "resnet10t" and train["epochs"] == 2 and train["batch_size"] == 16
+        assert set(config.recipe(f"methods/{train['method']}")["method_args"]) <= set(train["method_args"])
+        assert [ln["epoch"] for ln in read_metrics(folder)] == [1, 2]
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        assert {"train/loss", "val/top1", "lr", "views_per_s"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
+        spans.append((record["started"], record["ended"]))
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap <= 2  # --max-concurrent 2
+
+
+@pytest.mark.slow
+def test_gpus_per_trial_on_a_cluster_without_gpus_is_one_line(four_trials, tmp_path, capsys):
+    # Ray is still up from the sweep above (a CPU-only local instance): this is the cluster asked.
+    out = tmp_path / "gpu"
+    code = cli.main(["sweep", "--from-cache", str(four_trials["store"]), "--config", str(four_trials["config"]), "--out", str(out), "--gpus-per-trial", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: --gpus-per-trial 1 was asked for but the Ray cluster has 0 GPUs"), err
+    assert not out.exists()  # refused before anything was written

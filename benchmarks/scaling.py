@@ -44,7 +44,8 @@ from pipeline import ray_env  # noqa: E402
 from pipeline.ray_extract import ActorSpec, extract_on_ray  # noqa: E402
 from stages import cache  # noqa: E402
 from stages.datasets import open_dataset  # noqa: E402
-from stages.extract import PRECISIONS, TeacherRunner, extract, open_store, teacher_info  # noqa: E402
+from stages.extract import PRECISIONS, TeacherRunner, extract, teacher_info  # noqa: E402
+from stages.store_setup import open_store  # noqa: E402
 from stages.teachers import build_teacher  # noqa: E402
 from stages.views import ViewPlan, ViewRecipe  # noqa: E402
 

@@ -45,26 +45,29 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
-from stages import cache
+from stages import cache, topk
 from stages.datasets import open_dataset
 from stages.student import build_student, student_forward
 from stages.teacher_sources import CachedTeacher
-from stages.extract import FINGERPRINT, TeacherRunner, _commit_unit, extract, open_store, open_teacher, stored_plan, teacher_info
+from stages.extract import TeacherRunner, _commit_unit, extract, open_teacher, teacher_info
+from stages.store_setup import FINGERPRINT, library_versions, open_store, stored_plan
 from stages.losses import kd_loss
-from stages.replay import StoredViews, ViewRenderer, concat, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
+from stages.replay import StoredViews, ViewRenderer, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe, normalize
-from storage import Store
-from storage import store as store_module
+from storage import Store, TeacherRecord
+from storage import zarr_units
 from storage.codecs import compressor
 
-LOGIT_ARRAYS = ("topk_values", "topk_index", "logsumexp", "target_logit")
+LOGIT_ARRAYS = topk.ARRAYS  # top-k log-probabilities and classes, log-sum-exp, tail mass and mean, target
 PLAN_ARRAYS = ("crop", "flip", "fingerprint")  # the default recipe's fields (plan.fields) + fingerprint
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, 3 repeats: about 1 minute")
+    p.add_argument("--fidelity-only", action="store_true", help="only the top-k fidelity section (synthetic and digits teachers)")
+    p.add_argument("--digits-epochs", type=int, default=10, help="epochs of the digits teacher fitted for the fidelity section")
     p.add_argument("--samples", type=int, default=None, help="synthetic store samples (default 8192, quick 4096)")
     p.add_argument("--views", type=int, default=2, help="synthetic store views")
     p.add_argument("--block", type=int, default=1024, help="samples per unit (the product default)")
@@ -105,8 +108,9 @@ class SyntheticTeacher:
     Features: class mean + noise, per-dimension scales log-normal (sigma 0.7) around a shifted mean.
     """
 
-    def __init__(self, classes: int, dim: int, seed: int = 0):
+    def __init__(self, classes: int, dim: int, seed: int = 0, scale: float = 16.0):
         rng = np.random.default_rng(seed)
+        self.logit_scale = scale  # 16: top-1 probability median ~0.8; 20 ('confident'): ~0.93
         self.protos = rng.standard_normal((classes, 32))
         self.protos /= np.linalg.norm(self.protos, axis=1, keepdims=True)
         self.class_feat = rng.standard_normal((classes, dim)) * 0.5
@@ -122,7 +126,7 @@ class SyntheticTeacher:
         rng = np.random.default_rng([self.seed, view, int(ids[0])])
         f = self.protos[labels] + 0.8 * rng.standard_normal((len(ids), 32)) / np.sqrt(32)
         f /= np.linalg.norm(f, axis=1, keepdims=True)
-        logits = 16 * f @ self.protos.T + rng.standard_normal((len(ids), len(self.protos)))
+        logits = self.logit_scale * f @ self.protos.T + rng.standard_normal((len(ids), len(self.protos)))
         feats = (self.class_feat[labels] + rng.standard_normal((len(ids), len(self.scale)))) * self.scale + self.shift
         return {"logits": torch.from_numpy(logits).float(), "features": torch.from_numpy(feats).float()}
 
@@ -155,12 +159,16 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
         variants["syn-int8"] = dict(feature_dtype="int8", outputs=("features",))
     groups = {}
     for tid, kw in variants.items():
-        info = cache.output_info(teacher, logits="topk", k=10, dtype="float16", **kw)
-        groups[tid] = (store.create_teacher(tid, {**info, "name": "synthetic", "views": V}, cache.array_specs(info)), info)
+        info = TeacherRecord(
+            format="zarr", precision="fp32", name="synthetic", timm_name="synthetic", weights="synthetic", input_size=224,
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), versions=library_versions(), views=V,
+            **cache.output_info(teacher, logits="topk", k=10, dtype="float16", **kw),
+        )
+        groups[tid] = (store.create_teacher(tid, info, cache.array_specs(info)), info)
     fidelity = {}
     for v in range(V):
         for b in range(store.num_blocks):
-            ids = np.asarray(store.block_range(b))
+            ids = store.block_ids(b)
             params = plan.draw(v, ids, sizes[ids])
             fp = rng.integers(0, 2**32, len(ids), dtype=np.uint32)  # a CRC32 of distinct images: uniform
             store.plan.write_unit(v, b, {**params, "fingerprint": fp})
@@ -241,7 +249,7 @@ def codec_table(arrays: dict[str, np.ndarray], block: int) -> dict[str, dict[str
     """Per array and codec: (bytes per row, encode rows/s); 'product' is storage.codecs' choice."""
     table = {}
     for name, data in arrays.items():
-        chunk = store_module.inner_chunk_rows(block, data.shape[2:], data.dtype)  # what the store uses
+        chunk = zarr_units.inner_chunk_rows(block, data.shape[2:], data.dtype)  # what the store uses
         row = {c: (shard_layout_bytes(data, codec, block, chunk), encode_rate(data, codec, chunk)) for c, codec in candidates(data.dtype).items()}
         row["product"] = (shard_layout_bytes(data, compressor(data.dtype), block, chunk), encode_rate(data, compressor(data.dtype), chunk))
         small = min(chunk, 256)  # the alternative: 256-row chunks, cheaper for random-row reads
@@ -256,7 +264,7 @@ def codec_table(arrays: dict[str, np.ndarray], block: int) -> dict[str, dict[str
 class MemmapSource:
     """The same arrays as numpy memmaps [V, N, ...], with the reader interface of StoredViews/CachedTeacher."""
 
-    def __init__(self, root: Path, arrays: dict[str, np.ndarray], block: int, prefix: str, info: dict | None = None):
+    def __init__(self, root: Path, arrays: dict[str, np.ndarray], block: int, prefix: str, info: TeacherRecord | None = None):
         root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, data in arrays.items():
@@ -331,6 +339,113 @@ def student_rate(name, kwargs, size, classes, batch_size, repeats) -> float:
 # -- report ------------------------------------------------------------------------------------
 
 
+# -- top-k fidelity: the rebuild against the full logits ------------------------------------------
+
+
+def train_digits_teacher(root: Path, epochs: int) -> tuple[object, object, torch.Tensor, torch.Tensor]:
+    """A teacher fitted by ``pipeline train`` on digits, and its full float32 logits over one stored view of every image.
+
+    Returns (dataset, teacher, logits (N, C), target classes (N,)), read back from a
+    ``--logits full --dtype float32`` store made by ``extract``, block by block.
+    """
+    from pipeline.cli import main as pipeline_main
+
+    rc = pipeline_main(["--quiet", "train", "--data", "digits", "--model", "resnet10t",
+                        "--epochs", str(epochs), "--batch-size", "64", "--lr", "0.003", "--size", "32", "--out", str(root / "teacher")])
+    if rc:
+        raise SystemExit(f"pipeline train failed ({rc})")
+    data = open_dataset("digits")
+    teacher = build_teacher("resnet10t", weights=str(root / "teacher" / "model.safetensors"), input_size=32)
+    info = teacher_info(teacher, cache.output_info(teacher, logits="full", dtype="float32"))
+    store = open_store(root / "store", data, ViewPlan(ViewRecipe(), seed=0), views=1, block=256, size=32)
+    extract(store, data, TeacherRunner(teacher, info), "digits", views=1, batch_size=64)
+    source = StoredViews(store, stored_plan(store), 1)
+    group = store.teacher("digits")
+    logits, target = [], []
+    for b in range(store.num_blocks):
+        ids = source.ids(b)
+        logits.append(torch.from_numpy(group.read_unit(0, b, ["logits"], rows=len(ids))["logits"]))
+        target.append(torch.from_numpy(data.labels[ids]))
+    return data, teacher, torch.cat(logits), torch.cat(target)
+
+
+def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int = 0) -> dict:
+    """What a top-``k`` float16 store keeps of ``logits`` (B, C): clamped tails (before and now), KL, gradient cosines."""
+    from stages import topk
+    from stages.losses import dist_loss, dkd_loss
+
+    C = logits.shape[1]
+    tail = 1.0 - torch.softmax(logits.double(), 1).topk(k, 1).values.sum(1)  # (B,) the true mass outside the top k
+    real = tail > 1e-4
+    stored = topk.TopK.of(logits, k, target).rows("float16", "int16")
+    back = topk.TopK.from_rows(stored)
+    rebuilt = {T: back.logits(C, T) for T in (1.0, 4.0)}
+    p = torch.softmax(rebuilt[1.0].double(), 1)
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, back.topk_index, True)
+    mass = p.masked_fill(kept, 0.0).sum(1)  # the rebuilt tail (the target's share included)
+    g = torch.Generator().manual_seed(seed)
+    students = {"untrained": torch.randn(logits.shape, generator=g), "halfway": 0.5 * logits + torch.randn(logits.shape, generator=g)}
+    losses = {
+        "KD T=1": lambda s, t: kd_loss(s, t, 1.0),
+        "KD T=4": lambda s, t: kd_loss(s, t, 4.0),
+        "DKD T=1 b=2": lambda s, t: dkd_loss(s, t, target, 1.0, 2.0, 1.0),
+        "DIST tau=1": lambda s, t: dist_loss(s, t, 1.0, 1.0, 1.0),
+    }
+    cosines = {}
+    for name, loss in losses.items():
+        T = 4.0 if "T=4" in name else 1.0
+        cosines[name] = {who: topk.gradient_cosine(loss, s, logits, rebuilt[T]) for who, s in students.items()}
+        if T != 1.0:  # the same loss with the tail left uniform at T = 1's mass: what the temperature-aware tail buys
+            cosines[name + " (T=1 tail)"] = {who: topk.gradient_cosine(loss, s, logits, rebuilt[1.0]) for who, s in students.items()}
+    return {
+        "rows": len(logits), "k": k, "classes": C,
+        "top1": float(torch.softmax(logits.double(), 1).max(1).values.median()),
+        "tail_median": float(tail.median()),
+        "clamped_old": float(topk.old_tail_clamped(logits, k).double().mean()),
+        "clamped_old_real": float(topk.old_tail_clamped(logits, k)[real].double().mean()) if real.any() else float("nan"),
+        "clamped_now": float(((mass <= 0) | (mass < 0.5 * tail))[real].double().mean()) if real.any() else float("nan"),
+        "tail_rel_err": float(((mass - tail).abs() / tail)[real].max()) if real.any() else float("nan"),
+        "kl": {T: float(topk.kl(logits, rebuilt[T], T).mean()) for T in rebuilt},
+        "kl_uniform_t4": float(topk.kl(logits, rebuilt[1.0], 4.0).mean()),
+        "kl_estimate": {T: float(back.tail_kl(C, T).mean()) for T in rebuilt},
+        "cosines": cosines,
+    }
+
+
+def fidelity_section(report: "Report", tmp: Path, args) -> None:
+    """Top-k fidelity on the synthetic ImageNet-like teachers (1,000 classes, top-10) and a digits teacher (10 classes, top-3 and top-5)."""
+    t0 = time.perf_counter()
+    n = 2048 if args.quick else 4096
+    labels = np.random.default_rng(5).integers(0, args.classes, n)
+    cases = {}
+    for name, scale in (("syn", 16.0), ("syn-confident", 20.0)):
+        logits = SyntheticTeacher(args.classes, 8, seed=0, scale=scale)(0, np.arange(n), labels)["logits"]
+        cases[f"{name} top-10"] = fidelity_rows(logits, torch.from_numpy(labels), 10)
+    _, _, logits, target = train_digits_teacher(tmp / "digits", args.digits_epochs)
+    for k in (3, 5):  # of 10 classes: the even tail is 7 or 5 classes, each a large share of DKD's non-target term
+        cases[f"digits top-{k}"] = fidelity_rows(logits, target, k)
+    print(f"\ntop-k fidelity, float16 store (rebuilt vs full logits; {time.perf_counter() - t0:.1f} s; digits teacher: resnet10t "
+          f"fitted by `pipeline train` for {args.digits_epochs} epochs, one stored view of each of its images):")
+    print(f"{'teacher':20s} {'rows':>5s} {'top1':>6s} {'tail':>8s} {'clamped before':>15s} {'(tail>1e-4)':>11s} {'now':>5s} "
+          f"{'tail err':>9s} {'KL T=1':>8s} {'KL T=4':>8s} {'(T=1 tail)':>10s} {'est T=1':>8s} {'est T=4':>8s}")
+    for name, r in cases.items():
+        print(f"{name:20s} {r['rows']:5d} {r['top1']:6.3f} {r['tail_median']:8.2e} {r['clamped_old']:15.1%} {r['clamped_old_real']:11.1%} "
+              f"{r['clamped_now']:5.1%} {r['tail_rel_err']:9.1e} {r['kl'][1.0]:8.4f} {r['kl'][4.0]:8.4f} {r['kl_uniform_t4']:10.4f} "
+              f"{r['kl_estimate'][1.0]:8.4f} {r['kl_estimate'][4.0]:8.4f}")
+    print("gradient cosine, d loss / d student logits over the batch, rebuilt vs full (students: untrained N(0,1) logits / halfway 0.5 t + N(0,1)):")
+    names = list(next(iter(cases.values()))["cosines"])
+    print(f"{'teacher':20s} " + " ".join(f"{n:>21s}" for n in names))
+    for name, r in cases.items():
+        print(f"{name:20s} " + " ".join(f"{r['cosines'][n]['untrained']:10.4f}/{r['cosines'][n]['halfway']:<10.4f}" for n in names))
+    for name, r in cases.items():
+        worst = {n: min(r["cosines"][n].values()) for n in ("KD T=1", "DKD T=1 b=2")}
+        report.add(f"top-k: clamped tails where tail > 1e-4 ({name})", f"{r['clamped_now']:.1%}", "0", r["clamped_now"] == 0,
+                   f"before (float16 logits, 1 - sum): {r['clamped_old_real']:.1%} of those rows, {r['clamped_old']:.1%} of all")
+        report.add(f"top-k: gradient cosine KD, DKD at T=1 ({name})", f"{min(worst.values()):.4f}", ">= 0.99", min(worst.values()) >= 0.99,
+                   f"KD {worst['KD T=1']:.4f}, DKD {worst['DKD T=1 b=2']:.4f}; KD T=4 {min(r['cosines']['KD T=4'].values()):.3f} "
+                   f"(uniform T=1 tail {min(r['cosines']['KD T=4 (T=1 tail)'].values()):.3f}); DIST {min(r['cosines']['DIST tau=1'].values()):.4f}")
+
+
 class Report:
     def __init__(self):
         self.rows = []
@@ -358,8 +473,14 @@ def main():
           f"samples in units of {args.write_block}; batch {args.batch_size}; repeats {args.repeats}; product codecs: "
           + ", ".join(f"{d}: {compressor(d).cname.value}{compressor(d).clevel}-{compressor(d).shuffle.value}" for d in ("float16", "int16", "float32")))
     report = Report()
+    if args.fidelity_only:
+        with tempfile.TemporaryDirectory(prefix="store_bench_") as tmp:
+            fidelity_section(report, Path(tmp), args)
+        report.print()
+        return
     with tempfile.TemporaryDirectory(prefix="store_bench_") as tmp:
         tmp = Path(tmp)
+        fidelity_section(report, tmp, args)
         t0 = time.perf_counter()
         store, syn = write_synthetic_store(tmp / "syn", args)
         s = syn["stats"]
@@ -387,7 +508,8 @@ def main():
         for b in range(layout.num_blocks):
             ids = source.ids(b)
             table = with_partner_params({**source.params(0, b), "id": ids, "view": np.zeros(len(ids), int),
-                                         "label": data.labels[ids], "unit": np.full(len(ids), b), "check": np.ones(len(ids), bool)}, names)
+                                         "label": data.labels[ids], "unit": np.full(len(ids), b), "check": np.ones(len(ids), bool),
+                                         "row": np.arange(len(ids))}, names)  # "row": the commit's block order (stages.extract)
             prerendered.append([(bt, r["views"][0], r["fingerprint"].numpy().astype(np.uint32))
                                 for bt, r in render_batches(renderer, even_batches(table, args.batch_size), names, 0, "check")])
 
@@ -456,7 +578,7 @@ def main():
                                ("real", per_real, f"random-init {args.teacher}, fake {args.teacher_size} px images")):
             logit_b = sum(d[f"{label}/{n}"][1] for n in teacher_names)
             plan_b = sum(d[f"plan/{n}"][1] for n in PLAN_ARRAYS)
-            report.add(f"bytes/view: top-10 + lse + target + plan ({label})", f"{logit_b + plan_b:.1f} B", "<= 64 B",
+            report.add(f"bytes/view: top-10 + lse + tail + target + plan ({label})", f"{logit_b + plan_b:.1f} B", "<= 64 B",
                        logit_b + plan_b <= 64, f"logits {logit_b:.1f} + plan {plan_b:.1f}; {note}")
         over = (store.path / "syn" / "commits").size() + (store.path / "plan" / "commits").size()
         report.add("  (+ commit records, not counted above)", f"{over / (args.views * args.samples):.2f} B", note="per view, syn store")
@@ -490,7 +612,7 @@ def main():
         codecs = codec_table(arrays, args.block)
         cols = list(next(iter(codecs.values())))
         print(f"\ncodecs: stored bytes per view in the product layout (shard = 1 view x {args.block} rows, one inner chunk per shard "
-              f"up to {store_module.CHUNK_BYTES >> 20} MiB, 256-row chunks in the last column); * best; first {rows} rows of view 0 ({time.perf_counter() - t1:.1f} s)")
+              f"up to {zarr_units.CHUNK_BYTES >> 20} MiB, 256-row chunks in the last column); * best; first {rows} rows of view 0 ({time.perf_counter() - t1:.1f} s)")
         print(f"{'array':20s} {'raw':>5s} " + " ".join(f"{c[-11:]:>11s}" for c in cols))
         for name, row in codecs.items():
             best = min(v[0] for c, v in row.items() if c != "product 256-row chunks")
@@ -498,7 +620,7 @@ def main():
             print(f"{name:20s} {raw:5.0f} " + " ".join(f"{v[0]:10.2f}{'*' if v[0] == best else ' '}" for v in row.values()))
         logit_plan = [f"syn/{n}" for n in teacher_names] + [f"plan/{n}" for n in PLAN_ARRAYS]
         print(f"{'= syn logits + plan':20s} {'':5s} " + " ".join(f"{sum(codecs[n][c][0] for n in logit_plan):11.2f}" for c in cols))
-        print(f"{'enc krows/s topk_val':20s} {'':5s} " + " ".join(f"{codecs['syn/topk_values'][c][1] / 1e3:11.0f}" for c in cols))
+        print(f"{'enc krows/s topk_logp':20s} {'':5s} " + " ".join(f"{codecs['syn/topk_logp'][c][1] / 1e3:11.0f}" for c in cols))
         print(f"{'enc krows/s features':20s} {'':5s} " + " ".join(f"{codecs['syn/features'][c][1] / 1e3:11.1f}" for c in cols))
         print(f"(column names: {', '.join(cols)})")
 

@@ -36,7 +36,7 @@ def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     d = TRAIN_DEFAULTS
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs or d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"samples per optimiser step (per worker with --workers N); a last partial batch is dropped (default: {d.batch_size})")
+    g.add_argument("--batch-size", type=int, help=f"samples per optimiser step per worker, as timm's flag (with --workers N the global batch is N times it); a last partial batch is dropped (default: a --config recipe's global_batch split over the workers, else {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"AdamW peak learning rate, cosine decay (default: {d.lr})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay})")
     g.add_argument("--warmup-epochs", type=float, help=f"linear learning-rate warm-up (default: {d.warmup_epochs})")
@@ -222,7 +222,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="pipeline", description="Distil students from cached teacher outputs.")
+    parser = OneLineParser(prog="pipeline", description="Distil students from cached teacher outputs.", allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
     parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     for command in sub.choices.values():
         _declared_types(command)
+        command.allow_abbrev = False  # `--epoch 3` is a typo, not --epochs 3 (argparse reads this when parsing)
     return parser
 
 

@@ -8,11 +8,14 @@ default. A flag left unset (``None``) never overrides anything.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import yaml
 
 from storage import UserError
+
+from . import settings_check
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -25,6 +28,8 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {e}") from e
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
@@ -41,9 +46,13 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} takes KEY=VALUE, not '{pair}'")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise UserError(f"{flag} takes KEY=VALUE with KEY a setting's name, not '{pair}'")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"{flag} {pair}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
     return out
 
 
@@ -62,13 +71,9 @@ def merge(*layers: dict) -> dict:
 
 
 def build(cls, settings: dict, where: str):
-    """A dataclass from a settings dict, refusing unknown keys with the known ones listed."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        raise UserError(f"unknown setting(s) {', '.join(unknown)} in {where}: known are {', '.join(sorted(names))}")
-    values = {k: tuple(v) if isinstance(v, list) and k in ("scale", "ratio") else v for k, v in settings.items()}
-    return cls(**values)
+    """A dataclass from a settings dict: unknown keys refused with the known ones listed, and every value
+    checked against its declaration in ``settings_check`` (type and range), whether it came from a flag or YAML."""
+    return cls(**settings_check.check_fields(cls, settings, where))
 
 
 def dump(config: dict) -> str:
@@ -76,8 +81,11 @@ def dump(config: dict) -> str:
 
 
 def save(path: Path, config: dict) -> None:
+    """Write ``config`` as YAML through a rename: the file is the old one or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump(config))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump(config))
+    os.replace(tmp, path)
 
 
 def _plain(value):

@@ -1,16 +1,13 @@
 """`pipeline inspect STORE`: what a store holds, what its logits keep, and (``--grid``) what the teacher saw.
 
-The numbers come from ``stages.inspect``; this module only prints them as
-aligned tables and saves the grid. (Named ``inspection`` rather than
-``inspect`` so that running a file of this package as a script can never
-shadow the standard library's ``inspect``, which torch imports.)
+The numbers come from ``stages.store_report``; this module only prints them as
+aligned tables and saves the grid.
 """
 
 from __future__ import annotations
 
-from stages import inspect
-from stages.datasets import open_dataset
-from stages.extract import check_dataset
+from stages import store_report
+from stages.store_setup import store_dataset
 from storage import Store, UserError
 
 UNITS, TOPK, GRID_SAMPLES, GRID_VIEWS = 4, 10, 16, 4
@@ -22,7 +19,13 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
     p.add_argument("--teacher", help="teacher id to inspect (default: every teacher)")
     p.add_argument("--units", type=int, default=UNITS, help=f"whole committed units read per teacher for top-k mass and KL, spread over views and blocks (default: {UNITS})")
-    p.add_argument("--topk", type=int, default=TOPK, help=f"k of the top-k kept from a full-logit store when measuring mass and KL at T=1 and T=4; a top-k store uses its own k (default: {TOPK})")
+    p.add_argument("--topk", type=int, default=TOPK, help=f"k of the top-k kept from a full-logit store when measuring mass and KL; a top-k store uses its own k (default: {TOPK})")
+    p.add_argument(
+        "--temperature", default=",".join(f"{t:g}" for t in TEMPERATURES),
+        help="temperatures, comma-separated, at which to report what a top-k rebuild loses: the KL to the full logits (measured for a "
+        "full-logit store, estimated from a top-k store's tail statistics) and the softened probability it spreads evenly "
+        f"(default: {','.join(f'{t:g}' for t in TEMPERATURES)})",
+    )
     p.add_argument("--grid", metavar="PNG", help="write a picture of replayed views with the teacher's top-3 classes and the true label (default: none)")
     p.add_argument("--grid-samples", type=int, default=GRID_SAMPLES, help=f"grid rows: samples 0..N-1 (default: {GRID_SAMPLES})")
     p.add_argument("--grid-views", type=int, default=GRID_VIEWS, help=f"grid columns: the first views committed for those samples (default: {GRID_VIEWS})")
@@ -44,40 +47,57 @@ def _value(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def usage_lines(usage: inspect.GroupUsage) -> list[str]:
-    def row(a: inspect.ArrayUsage) -> list:
+def usage_lines(usage: store_report.GroupUsage) -> list[str]:
+    def row(a: store_report.ArrayUsage) -> list:
         return [a.name, a.dtype, "x".join(map(str, a.shape)), f"{a.nbytes:,}", f"{a.stored_bytes:,}", f"{a.bytes_per_view:,.2f}", f"{a.ratio:.2f}x"]
 
     return table(["array", "dtype", "shape", "raw bytes", "stored bytes", "bytes/view", "ratio"], [*map(row, usage.arrays), row(usage.total)])
 
 
-def progress_line(usage: inspect.GroupUsage) -> str:
+def progress_line(usage: store_report.GroupUsage) -> str:
     return f"{usage.complete_views} of {usage.views} views complete, {usage.committed_units} of {usage.expected_units} units committed"
 
 
-def quality_lines(q: inspect.LogitQuality | None, full: bool) -> list[str]:
+def quality_lines(q: store_report.LogitQuality | None, full: bool) -> list[str]:
     if q is None:
         return ["logits: nothing committed to measure yet"]
     lines = [f"top-{q.k} mass over {q.units} units ({q.rows:,} rows): mean {q.mass_mean:.4f}, 5th percentile {q.mass_p5:.4f}"]
-    if full:
-        parts = "; ".join(f"T={t:g} mean {m:.4g}, 95th percentile {p95:.4g}" for t, (m, p95) in q.kl.items())
-        lines.append(f"KL(full || top-{q.k} rebuilt) in nats: {parts}")
+    how = "measured" if full else "estimated from the stored tail statistics (Gaussian tail)"
+    parts = "; ".join(f"T={t:g} mean {m:.4g}, 95th percentile {p95:.4g}" for t, (m, p95) in q.kl.items())
+    lines.append(f"KL(full || top-{q.k} rebuilt) in nats, {how}: {parts}")
+    parts = "; ".join(f"T={t:g} mean {m:.3f}, 95th percentile {p95:.3f}" for t, (m, p95) in q.tail_share.items())
+    lines.append(f"softened probability the top-{q.k} rebuild spreads evenly over the other classes: {parts}")
     return lines
 
 
+def temperatures(text: str) -> tuple[float, ...]:
+    """--temperature: positive numbers, comma-separated."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(t > 0 and t < float("inf") for t in values):
+        raise UserError(f"--temperature must be positive numbers separated by commas, e.g. 1,4, not '{text}'")
+    return values
+
+
+def order_text(store: Store) -> str:
+    order = store.meta.get("order", {})
+    if order.get("kind") == "permuted":
+        return f"random samples: ids permuted with seed {order.get('seed')}"
+    return "in the source's order (its shards)"
+
+
 def inspect_command(args) -> None:
-    store = Store(args.store)
-    if args.units < 1:
-        raise UserError(f"--units must be at least 1, not {args.units}")
-    if args.topk < 1:
-        raise UserError(f"--topk must be at least 1, not {args.topk}")
+    store = Store(args.store)  # --units, --topk and the grid's sizes are checked by their declarations (settings_check)
+    temps = temperatures(args.temperature)
     teacher_ids = [args.teacher] if args.teacher else sorted(store.teacher_ids())
     for tid in teacher_ids:
         store.teacher_info(tid)  # an unknown id fails here, naming the known ones, before anything prints
     data, plan = store.meta["dataset"], store.meta["plan"]
-    usage = inspect.group_usage(store, store.plan, store.num_views)
+    usage = store_report.group_usage(store, store.plan, store.num_views)
     out = [
-        f"store {store.path}: {store.num_samples:,} samples in {store.num_blocks} blocks of {store.block}, {store.num_views} views; "
+        f"store {store.path}: {store.num_samples:,} samples in {store.num_blocks} blocks of {store.block} ({order_text(store)}), {store.num_views} views; "
         f"data {data['source']} ({data['num_classes']} classes, fingerprint {data['fingerprint'][:12]})",
         "",
         f"plan: seed {plan['seed']}, size {plan['size']}; {progress_line(usage)}",
@@ -86,21 +106,21 @@ def inspect_command(args) -> None:
     ]
     for tid in teacher_ids:
         info = store.teacher_info(tid)
-        usage = inspect.group_usage(store, store.teacher(tid), info["views"])
+        usage = store_report.group_usage(store, store.teacher(tid), info.views)
         stored = ", ".join(
-            f"logits {info['logits']}{'' if info['logits'] == 'full' else ' k=' + str(info['k'])} {info['dtype']}" if o == "logits"
-            else f"{o} {info.get('feature_dtype', info['dtype'])}"
-            for o in info["outputs"]
+            f"logits {info.logits}{'' if info.logits == 'full' else ' k=' + str(info.k)} {info.dtype}" if o == "logits"
+            else f"{o} {info.feature_dtype}"
+            for o in info.outputs
         )
-        out += ["", f"teacher {tid} ({info['name']}, timm {info['timm_name']}, {info['weights']}, {info['input_size']} px): {stored}; {progress_line(usage)}"]
+        out += ["", f"teacher {tid} ({info.name}, timm {info.timm_name}, {info.weights}, {info.input_size} px): {stored}; {progress_line(usage)}"]
         out += usage_lines(usage)
-        if "logits" in info["outputs"]:
-            q = inspect.logit_quality(store, tid, units=args.units, k=args.topk, temperatures=TEMPERATURES)
-            out += quality_lines(q, info["logits"] == "full")
-        stats = inspect.stats_arrays(store, tid)
+        if "logits" in info.outputs:
+            q = store_report.logit_quality(store, tid, units=args.units, k=args.topk, temperatures=temps)
+            out += quality_lines(q, info.logits == "full")
+        stats = store_report.stats_arrays(store, tid)
         if stats is not None:
-            made = inspect.stats_info(store, tid)
-            stale = "" if made.get("views") == info["views"] else f"; stale: the teacher now has {info['views']} views, run `pipeline stats` again"
+            made = store_report.stats_info(store, tid)
+            stale = "" if made.get("views") == info.views else f"; stale: the teacher now has {info.views} views, run `pipeline stats` again"
             arrays = ", ".join(f"{name} {dtype} {'x'.join(map(str, shape))}" for name, (dtype, shape) in stats.items())
             out.append(f"stats/{tid}: {arrays} (from {made.get('views')} views of {made.get('samples')} samples{stale})")
     print("\n".join(out))
@@ -111,15 +131,11 @@ def inspect_command(args) -> None:
 def save_grid(store: Store, args, teacher_ids: list[str]) -> None:
     if not teacher_ids:
         raise UserError(f"store {store.path} holds no teacher yet: nothing to draw for --grid")
-    if args.grid_samples < 1 or args.grid_views < 1:
-        raise UserError(f"--grid-samples and --grid-views must be at least 1, not {args.grid_samples} and {args.grid_views}")
-    # The same data resolution as `pipeline stats` and `distill`: the store's source unless --data says where it moved.
-    dataset = open_dataset(args.data or store.meta["dataset"]["source"])
-    check_dataset(store, dataset)
+    dataset = store_dataset(store, args.data)  # the store's images, or --data where they moved
     tid = teacher_ids[0]
-    cells = inspect.grid_cells(store, dataset, tid, args.grid_samples, args.grid_views)
+    cells = store_report.grid_cells(store, dataset, tid, args.grid_samples, args.grid_views)
     columns = len({c["view"] for c in cells})
-    image = inspect.render_grid(cells, dataset.classes, columns)
+    image = store_report.render_grid(cells, dataset.classes, columns)
     try:
         image.save(args.grid, format="PNG")
     except OSError as e:

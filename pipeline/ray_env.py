@@ -15,6 +15,7 @@ import socket
 import uuid
 
 from storage import Location, UserError
+from storage.errors import remote_user_error
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,7 @@ def user_error(error: Exception) -> UserError | None:
         if isinstance(e, UserError) and not type(e).__module__.startswith("ray"):
             return e
         e = getattr(e, "cause", None) or getattr(e, "__cause__", None)
-    text = str(error).strip()
-    if "UserError: " in text:  # where only the remote traceback's text came back
-        return UserError(text.rsplit("UserError: ", 1)[-1].splitlines()[0])
-    return None
+    return remote_user_error(str(error))  # where only the remote traceback's text came back
 
 
 def require_gpus(per_worker: float, workers: int) -> None:
@@ -100,9 +98,11 @@ def for_workers(where: str | Location) -> Location:
 
 
 def source_for_workers(source: str | None) -> str | None:
-    """A dataset source that means the same in a worker: a folder's path made absolute."""
+    """A dataset source that means the same in a worker: a folder's path (or local shards' pattern) made absolute."""
     kind, _, rest = (source or "").partition(":")
-    return f"folder:{os.path.abspath(rest)}" if kind == "folder" else source
+    if kind == "folder" or (kind == "wds" and "://" not in rest):
+        return f"{kind}:{os.path.abspath(rest)}"
+    return source
 
 
 def check_visible(location: Location, what: str) -> None:

@@ -16,18 +16,18 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
-from stages.extract import ExtractResult, UnitExtractor, open_teacher, pending_units
+from stages.datasets import open_dataset
+from stages.extract import ExtractResult, TeacherRunner, UnitExtractor, open_teacher, pending_units
 from stages.progress import Progress
-from storage import Store, UserError
+from stages.teachers import build_teacher
+from storage import Store, TeacherRecord, UserError
 
 from . import ray_env
 
 log = logging.getLogger("pipeline")
 
-# Tests only: seconds each actor sleeps after a unit, so that a kill lands mid-extraction.
-TEST_UNIT_SLEEP_ENV = "PIPELINE_TEST_UNIT_SLEEP"
 MAX_RESTARTS = 3  # per actor; a killed actor's unit is retried on its restarted self
 
 
@@ -44,11 +44,10 @@ class ActorSpec:
     random_init: bool
     seed: int
     size: int | None
-    info: dict  # teacher.json as the driver wrote it
+    info: TeacherRecord  # teacher.json as the driver wrote it
     device: str
     batch_size: int
     workers: int  # loader processes per actor rendering a unit
-    unit_sleep: float = 0.0
 
 
 class ExtractActor:
@@ -58,9 +57,6 @@ class ExtractActor:
     """
 
     def __init__(self, spec: ActorSpec):
-        from stages.datasets import open_dataset
-        from stages.extract import TeacherRunner
-        from stages.teachers import build_teacher
 
         dataset = open_dataset(spec.data)
         if dataset.fingerprint() != spec.fingerprint:
@@ -68,11 +64,10 @@ class ExtractActor:
         teacher = build_teacher(
             spec.teacher, weights=spec.weights, random_init=spec.random_init, num_classes=dataset.num_classes, seed=spec.seed, input_size=spec.size
         )
-        if teacher.weights != spec.info["weights"]:
-            raise UserError(f"teacher weights differ on this Ray node ({teacher.weights}, driver: {spec.info['weights']}): every node must see the same file")
+        if teacher.weights != spec.info.weights:
+            raise UserError(f"teacher weights differ on this Ray node ({teacher.weights}, driver: {spec.info.weights}): every node must see the same file")
         runner = TeacherRunner(teacher, spec.info, spec.device)
         self.unit = UnitExtractor(Store(spec.store), dataset, runner, spec.teacher_id, batch_size=spec.batch_size, workers=spec.workers)
-        self.sleep = spec.unit_sleep
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-ahead")
         self.next = None  # (unit, future of its rendered batches)
 
@@ -85,8 +80,6 @@ class ExtractActor:
         if next_unit is not None:
             self.next = (tuple(next_unit), self.ahead.submit(self.unit.render, *next_unit))
         rows = self.unit.run(view, block, rendered)
-        if self.sleep:
-            time.sleep(self.sleep)
         return view, block, rows
 
 
@@ -123,41 +116,59 @@ def extract_on_ray(
     ``on_unit(rows)`` is called as each unit is committed (benchmarks time the steady state with it).
     """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     teacher_id = spec.teacher_id
     open_teacher(store, teacher_id, spec.info, dataset.num_classes, views)
-    queue = deque(pending_units(store, teacher_id, views))
-    total_units = len(queue)
-    skipped = views * store.num_blocks - total_units
+    units = pending_units(store, teacher_id, views)
+    skipped = views * store.num_blocks - len(units)
     if skipped:
-        log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, total_units)
-    rows = {b: len(store.block_range(b)) for b in range(store.num_blocks)}
-    total_views = sum(rows[b] for _, b in queue)
-    start = time.perf_counter()
-    if not queue:
+        log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, len(units))
+    if not units:
         return ExtractResult(0, skipped, 0, 0.0)
-    actors = min(actors, total_units)
+    rows = {b: len(store.block_range(b)) for b in range(store.num_blocks)}
+    total_views = sum(rows[b] for _, b in units)
+    actors = min(actors, len(units))
     log.info("ray: %d extraction actor(s), %g GPU each, device %s", actors, gpus_per_worker, spec.device)
     remote = ray.remote(ExtractActor).options(
         num_cpus=1, num_gpus=gpus_per_worker, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
     )
-    pool = [remote.remote(spec) for _ in range(actors)]
-    running = {}  # ref -> (actor, unit, the unit it renders ahead)
     progress = Progress(f"extract {teacher_id}", total_views)
-    done_units = 0
-
-    def submit(actor, unit):
-        ahead = queue.popleft() if queue else None  # reserved for this actor: it renders it now
-        running[actor.run.remote(*unit, ahead)] = (actor, unit, ahead)
-
+    start = time.perf_counter()
+    dispatch = _Dispatch([remote.remote(spec) for _ in range(actors)], units)
     try:
+        for unit in dispatch.results():
+            progress.what = f"extract {teacher_id}: {dispatch.done}/{len(units)} units"
+            progress.update(rows[unit[1]])
+            if on_unit is not None:
+                on_unit(rows[unit[1]])
+    finally:
+        for actor in dispatch.pool:  # a finished or failed run leaves nothing running on the cluster
+            ray.kill(actor, no_restart=True)
+    return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)
+
+
+class _Dispatch:
+    """Hands queued units to actors, each with the unit it renders ahead; a dead actor's units go back to the queue."""
+
+    def __init__(self, pool: list, units: list[tuple[int, int]]):
+        self.pool, self.queue, self.done = pool, deque(units), 0
+        self.running = {}  # ref -> (actor, unit, the unit it renders ahead)
         for actor in pool:
-            if queue:
-                submit(actor, queue.popleft())
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, unit, ahead = running.pop(ref)
+            if self.queue:
+                self.submit(actor, self.queue.popleft())
+
+    def submit(self, actor, unit) -> None:
+        ahead = self.queue.popleft() if self.queue else None  # reserved for this actor: it renders it now
+        self.running[actor.run.remote(*unit, ahead)] = (actor, unit, ahead)
+
+    def results(self) -> Iterator[tuple[int, int]]:
+        """Each unit as it is committed, until none is left."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        while self.running:
+            (ref,), _ = ray.wait(list(self.running), num_returns=1)
+            actor, unit, ahead = self.running.pop(ref)
             try:
                 ray.get(ref)
             except (RayTaskError, RayActorError) as e:
@@ -166,30 +177,26 @@ def extract_on_ray(
                     raise UserError(str(user)) from None
                 if not isinstance(e, RayActorError):
                     raise
-                # Dead for good (restarts used up): its units go back to the queue for the others.
-                log.warning("extraction actor died (%s); %d left", type(e).__name__, len(pool) - 1)
-                pool.remove(actor)
-                queue.extendleft([u for u in (ahead, unit) if u is not None])
-                if not pool:
-                    raise UserError(
-                        "every extraction actor died (see the Ray logs of the nodes): committed units are kept; "
-                        "run the same command again to resume"
-                    ) from None
-                idle = [a for a in pool if all(a is not r[0] for r in running.values())]
-                for a in idle:
-                    if queue:
-                        submit(a, queue.popleft())
+                self.lose(actor, [u for u in (ahead, unit) if u is not None], e)
                 continue
-            done_units += 1
-            progress.what = f"extract {teacher_id}: {done_units}/{total_units} units"
-            progress.update(rows[unit[1]])
-            if on_unit is not None:
-                on_unit(rows[unit[1]])
+            self.done += 1
+            yield unit
             if ahead is not None:
-                submit(actor, ahead)
-            elif queue:
-                submit(actor, queue.popleft())
-    finally:
-        for actor in pool:  # a finished or failed run leaves nothing running on the cluster
-            ray.kill(actor, no_restart=True)
-    return ExtractResult(total_units, skipped, total_views, time.perf_counter() - start)
+                self.submit(actor, ahead)
+            elif self.queue:
+                self.submit(actor, self.queue.popleft())
+
+    def lose(self, actor, units: list, error: Exception) -> None:
+        """An actor dead for good (restarts used up): its units go back to the queue for the others."""
+        log.warning("extraction actor died (%s); %d left", type(error).__name__, len(self.pool) - 1)
+        self.pool.remove(actor)
+        self.queue.extendleft(units)
+        if not self.pool:
+            raise UserError(
+                "every extraction actor died (see the Ray logs of the nodes): committed units are kept; "
+                "run the same command again to resume"
+            ) from None
+        busy = [r[0] for r in self.running.values()]
+        for a in self.pool:
+            if self.queue and all(a is not b for b in busy):
+                self.submit(a, self.queue.popleft())

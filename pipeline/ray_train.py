@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def train_loop_per_worker(job: dict) -> None:
 
     from stages.datasets import open_dataset, validation_data
     from stages.distill import EpochHooks, TrainSettings, train
-    from stages.extract import stored_plan
+    from stages.store_setup import stored_plan
     from stages.methods import method_class
     from stages.replay import StoredViews
     from stages.teacher_sources import cached_teacher
@@ -64,7 +63,7 @@ def train_loop_per_worker(job: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)  # tensors and plain values only
             starts = json.loads((Path(d) / "run.json").read_text())["starts"]
     starts = [*starts, state["epoch"] if state else 0]  # where each attempt of this run began: the restart record
 
@@ -92,7 +91,7 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
 
 def distill_on_ray(
     job: dict, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
-    checkpoints: str | None = None,
+    checkpoints: str | None = None, on_start=None,
 ):
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
     from ray.train import TrainingFailedError
@@ -116,6 +115,8 @@ def distill_on_ray(
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
+    if on_start is not None:  # every check passed: the run's own files (config.yaml, run.log) may be written now
+        on_start()
     trainer = _trainer({**job, "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
     start = time.perf_counter()
     try:
@@ -155,18 +156,19 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     """The last checkpoint's student and metrics, as the same OUT files a run without Ray writes."""
     import torch
 
+    from stages.run_metrics import RunMetrics
     from stages.student import save_student
 
     with checkpoint.as_directory() as d:
         run = json.loads((Path(d) / "run.json").read_text())
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
         log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
     student = run["student"]
-    save_student(out / "student.safetensors", state["model"], student["name"], student["size"], student["mean"], student["std"])
-    tmp = out / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in run["metrics"]))
-    os.replace(tmp, out / "metrics.jsonl")
+    save_student(out / "student.safetensors", state.get("student_weights", state["model"]), student["name"], student["size"], student["mean"], student["std"])
+    with RunMetrics(out) as record:  # metrics.jsonl and TensorBoard events, as a run without Ray writes them
+        for line in run["metrics"]:
+            record.write(line)
     for line in run["metrics"]:
         log.info("epoch %d: %s", line["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
     return run["metrics"]

@@ -1,13 +1,14 @@
 """How teacher outputs become store rows, and how rows become teacher outputs again.
 
 Writing (``encode``): logits are kept either whole (``logits``) or as top-k
-values and class indices plus the exact float32 log-sum-exp of the full row and
-the true class's logit. Features and tokens are kept in ``feature_dtype``:
+log-probabilities and class indices with the exact tail mass, the float32
+log-sum-exp of the full row and the target class's log-probability
+(``stages.topk``). Features and tokens are kept in ``feature_dtype``:
 float16, float32, or int8 with a symmetric per-vector scale (``features_scale``
 [V, N], ``tokens_scale`` [V, N, T]). Reading (``decode``) always hands a method
 the same keys it would get from a live teacher: ``logits`` (B, C), ``features``
 (B, D) and ``tokens`` (B, T, D), all float32, with top-k rows expanded by
-``logits_from_topk`` and int8 rows dequantised.
+``topk.TopK.logits`` (at the method's temperature) and int8 rows dequantised.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from storage import ArraySpec, UserError
+from storage import ArraySpec, TeacherRecord, UserError
+
+from . import topk
 
 DTYPES = ("float16", "float32")
 FEATURE_DTYPES = ("float16", "float32", "int8")
@@ -29,7 +32,7 @@ VECTORS = ("features", "tokens")  # the outputs kept in feature_dtype
 def output_info(
     teacher, *, logits: str = "topk", k: int = 10, dtype: str = "float16", feature_dtype: str | None = None, outputs=None
 ) -> dict:
-    """The part of teacher.json that fixes what is stored and how.
+    """The part of teacher.json that fixes what is stored and how: ``TeacherRecord`` fields, as a dict.
 
     outputs: default the teacher's ``default_outputs`` (tokens only when asked for).
     feature_dtype: how features and tokens are stored; ``None`` is ``dtype``.
@@ -63,70 +66,65 @@ def output_info(
     return info
 
 
-def feature_dtype_of(info: dict) -> str:
-    """How features/tokens are stored; teacher.json written before int8 existed stored them in ``dtype``."""
-    return info.get("feature_dtype", info["dtype"])
-
-
-def with_defaults(info: dict) -> dict:
-    """``info`` with the keys that older teacher.json files leave implicit made explicit."""
-    return {**info, "feature_dtype": feature_dtype_of(info)}
-
-
-def array_specs(info: dict) -> dict[str, ArraySpec]:
+def array_specs(info: TeacherRecord) -> dict[str, ArraySpec]:
     """Store arrays for a teacher described by ``info`` (see ``output_info``)."""
     specs = {}
-    if "logits" in info["outputs"]:
-        C, k, dtype = info["num_classes"], info["k"], info["dtype"]
-        if info["logits"] == "full":
+    if "logits" in info.outputs:
+        C, k, dtype = info.num_classes, info.k, info.dtype
+        if info.logits == "full":
             specs["logits"] = ArraySpec((C,), dtype)
         else:
-            specs["topk_values"] = ArraySpec((k,), dtype)
-            specs["topk_index"] = ArraySpec((k,), "int16" if C <= np.iinfo(np.int16).max else "int32")
+            # The top k, then the target class (stages.topk); the tail's log-mass and mean log-probability.
+            specs["topk_logp"] = ArraySpec((k + 1,), dtype)
+            specs["topk_index"] = ArraySpec((k + 1,), index_dtype(C))
+            specs["tail"] = ArraySpec((2,), dtype)
             specs["logsumexp"] = ArraySpec((), "float32")
-            specs["target_logit"] = ArraySpec((), dtype)
-    rows = {"features": (info.get("feature_dim"),), "tokens": (info.get("num_tokens"), info.get("token_dim"))}
-    fdtype = feature_dtype_of(info)
+    rows = {"features": (info.feature_dim,), "tokens": (info.num_tokens, info.token_dim)}
+    fdtype = info.feature_dtype
     for key in VECTORS:
-        if key in info["outputs"]:
+        if key in info.outputs:
             specs[key] = ArraySpec(rows[key], fdtype)
             if fdtype == "int8":
                 specs[f"{key}_scale"] = ArraySpec(rows[key][:-1], SCALE_DTYPE)  # one per vector
     return specs
 
 
-def stored_names(info: dict, needs) -> list[str]:
+def index_dtype(num_classes: int) -> str:
+    """The dtype of stored class indices."""
+    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+
+
+def stored_names(info: TeacherRecord, needs) -> list[str]:
     """The arrays to read so that ``decode`` can give the outputs in ``needs``."""
     names = []
     for key in needs:
-        if key not in info["outputs"]:
-            raise UserError(f"the cache has no teacher '{key}' (it stores {', '.join(info['outputs'])}): extract with --outputs {key}")
+        if key not in info.outputs:
+            raise UserError(
+                f"the cached teacher has no {key} (it stores {', '.join(info.outputs)}): extract the teacher again under a new "
+                f"--teacher-id with --outputs {','.join([*info.outputs, key])}"
+            )
         if key == "logits":
-            names += ["logits"] if info["logits"] == "full" else ["topk_values", "topk_index", "logsumexp"]
+            names += ["logits"] if info.logits == "full" else list(topk.ARRAYS)
         else:
             names.append(key)
-            if key in VECTORS and feature_dtype_of(info) == "int8":
+            if key in VECTORS and info.feature_dtype == "int8":
                 names.append(f"{key}_scale")
     return names
 
 
-def encode(out: dict[str, torch.Tensor], labels: torch.Tensor, info: dict) -> dict[str, np.ndarray]:
-    """Store rows for one batch of teacher outputs."""
-    dtype = getattr(torch, info["dtype"])
+def encode(out: dict[str, torch.Tensor], labels: torch.Tensor, info: TeacherRecord) -> dict[str, np.ndarray]:
+    """Store rows for one batch of teacher outputs; ``labels`` (B,): each view's target class (top-k stores keep its log-probability)."""
+    dtype = getattr(torch, info.dtype)
     rows = {}
-    if "logits" in info["outputs"]:
+    if "logits" in info.outputs:
         logits = out["logits"].float()  # (B, C)
-        if info["logits"] == "full":
+        if info.logits == "full":
             rows["logits"] = logits.to(dtype).numpy()
         else:
-            values, index = logits.topk(info["k"], dim=1)  # (B, k)
-            rows["topk_values"] = values.to(dtype).numpy()
-            rows["topk_index"] = index.numpy()
-            rows["logsumexp"] = torch.logsumexp(logits, dim=1).numpy()
-            rows["target_logit"] = logits.gather(1, labels.long().view(-1, 1)).squeeze(1).to(dtype).numpy()
-    fdtype = feature_dtype_of(info)
+            rows.update(topk.TopK.of(logits, info.k, labels).rows(info.dtype, index_dtype(info.num_classes)))
+    fdtype = info.feature_dtype
     for key in VECTORS:
-        if key in info["outputs"]:
+        if key in info.outputs:
             x = out[key].float()  # (B, D) or (B, T, D)
             if fdtype == "int8":
                 q, scale = quantize(x)
@@ -136,18 +134,17 @@ def encode(out: dict[str, torch.Tensor], labels: torch.Tensor, info: dict) -> di
     return rows
 
 
-def decode(rows: dict[str, np.ndarray], info: dict, needs) -> dict[str, torch.Tensor]:
-    """Teacher outputs (float32) from store rows, keyed like a live teacher's."""
+def decode(rows: dict[str, np.ndarray], info: TeacherRecord, needs, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Teacher outputs (float32) from store rows, keyed like a live teacher's.
+
+    ``temperature``: the one the method softens teacher logits at; a top-k row's
+    tail is rebuilt for it (``topk.TopK.rest_logp``). Full logits ignore it.
+    """
     out = {}
     for key in needs:
-        if key == "logits" and info["logits"] == "topk":
-            out["logits"] = logits_from_topk(
-                torch.from_numpy(np.asarray(rows["topk_values"])),
-                torch.from_numpy(np.asarray(rows["topk_index"])),
-                torch.from_numpy(np.asarray(rows["logsumexp"])),
-                info["num_classes"],
-            )
-        elif key in VECTORS and feature_dtype_of(info) == "int8":
+        if key == "logits" and info.logits == "topk":
+            out["logits"] = topk.logits_from_topk(rows, info.num_classes, temperature)
+        elif key in VECTORS and info.feature_dtype == "int8":
             out[key] = dequantize(torch.from_numpy(np.asarray(rows[key])), torch.from_numpy(np.asarray(rows[f"{key}_scale"])))
         else:
             out[key] = torch.from_numpy(np.asarray(rows[key])).float()
@@ -180,12 +177,12 @@ def cosine_fidelity(a, b) -> dict[str, float]:
     return {"mean": float(cos.mean()), "min": float(cos.min())}
 
 
-def storage_bytes(info: dict, num_samples: int, num_views: int) -> dict[str, int]:
+def storage_bytes(info: TeacherRecord, num_samples: int, num_views: int) -> dict[str, int]:
     """Raw (uncompressed) bytes each output will take in the store, scales and top-k parts included."""
     total: dict[str, int] = {}
     for name, spec in array_specs(info).items():
         base = name.removesuffix("_scale")
-        output = base if base in VECTORS else "logits"  # topk_*, logsumexp, target_logit are the logits
+        output = base if base in VECTORS else "logits"  # topk_*, tail, logsumexp are the logits
         total[output] = total.get(output, 0) + num_samples * num_views * int(np.prod(spec.row_shape)) * np.dtype(spec.dtype).itemsize
     return total
 
@@ -197,7 +194,7 @@ def _size(n: float) -> str:
         n /= 1024
 
 
-def storage_line(teacher_id: str, info: dict, num_samples: int, num_views: int) -> str:
+def storage_line(teacher_id: str, info: TeacherRecord, num_samples: int, num_views: int) -> str:
     """One line saying how much a teacher's arrays will take, before extraction starts."""
     parts = sorted(storage_bytes(info, num_samples, num_views).items(), key=lambda kv: -kv[1])
     total = sum(b for _, b in parts)
@@ -206,20 +203,3 @@ def storage_line(teacher_id: str, info: dict, num_samples: int, num_views: int) 
         f"store will hold about {_size(total)} (uncompressed) for teacher {teacher_id} "
         f"({', '.join(f'{k} {_size(b)}' for k, b in parts)}; {num_samples:,} samples × {num_views:,} views)"
     )
-
-
-def logits_from_topk(values: torch.Tensor, index: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Full logits (B, C) whose softmax gives the stored top-k probabilities exactly.
-
-    The probability mass outside the top k, ``1 - sum(exp(values - lse))``, is
-    spread evenly over the other classes. The row's log-sum-exp equals the
-    stored one, so the reconstruction is a proper logit vector at any temperature.
-    """
-    values = values.float()  # (B, k)
-    lse = lse.float().view(-1, 1)  # (B, 1)
-    k = values.shape[1]
-    full = torch.empty(values.shape[0], num_classes, dtype=torch.float32)
-    if num_classes > k:
-        rest = (1.0 - torch.exp(values - lse).sum(1, keepdim=True)).clamp_min(1e-12)
-        full[:] = lse + torch.log(rest / (num_classes - k))
-    return full.scatter_(1, index.long(), values)

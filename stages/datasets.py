@@ -4,16 +4,20 @@ Every sample ``i`` in ``range(len(ds))`` has a key (a stable name), a label and
 an image returned as a uint8 (3, H, W) tensor. The fingerprint hashes count,
 keys and labels, so a store made from one dataset is never used with another.
 
-Sources (``open_dataset``):
+Sources (``open_dataset``; each kind is one ``@register_dataset`` function at the end of this file):
   digits          scikit-learn's handwritten digits, upscaled to 32 px RGB, fixed stratified split
   folder:PATH     one sub-folder per class, like torchvision's ImageFolder
   fake:N          N synthetic images (options: fake:N?size=64&classes=10), for tests and benchmarks
+  wds:PATTERN     webdataset tar shards (KEY.jpg + KEY.cls), local or at a URL (``stages.wds_dataset``)
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -48,6 +52,22 @@ class ImageDataset:
     def sizes(self) -> np.ndarray:
         """(N, 2) image heights and widths; the view plan needs them to place crops."""
         raise NotImplementedError
+
+    # Sources whose images live in shards read front to back (tar files, often remote) read a whole
+    # unit's images in one pass and send the bytes along with its rows; the others read by id.
+    sequential = False  # True: blocks must follow the id order (the source cannot be permuted cheaply)
+
+    def encoded(self, ids: np.ndarray) -> np.ndarray | None:
+        """The encoded images of ``ids`` (an object array of bytes), read in one pass; None: read each by id."""
+        return None
+
+    def decode(self, i: int, data: bytes) -> torch.Tensor:
+        """Image ``i`` as a uint8 (3, H, W) tensor from its bytes as ``encoded`` gave them."""
+        raise NotImplementedError
+
+    def order_note(self) -> str | None:
+        """One line when the source's order puts classes together where blocks must follow it (``sequential``), else None."""
+        return None
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -175,36 +195,133 @@ class FolderDataset(ImageDataset):
         return self._sizes
 
 
+# -- the registry of sources ------------------------------------------------------------------
+#
+# A source is ``KIND`` or ``KIND:ARGUMENT``; each kind is one function registered here that opens a split.
+# A new source is one more ``@register_dataset`` function, as ``wds:PATTERN`` below is.
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """A registered kind of source: ``opener(argument, split, val_source)`` returns the split's dataset."""
+
+    name: str
+    opener: Callable[[str, str, str | None], ImageDataset]
+    usage: str  # how a user writes it: "digits", "folder:PATH"
+    own_val_split: bool  # False: the validation data comes from ``val_source`` (``--val-data``)
+
+    @property
+    def takes_argument(self) -> bool:
+        return ":" in self.usage
+
+
+_DATASETS: dict[str, DatasetKind] = {}
+
+
+def register_dataset(name: str, usage: str | None = None, own_val_split: bool = True):
+    """Register ``opener(argument, split, val_source) -> ImageDataset`` as the source kind ``name``.
+
+    ``usage`` is how the source is written (``"folder:PATH"``; a ``:`` means it takes an argument).
+    """
+
+    def wrap(opener):
+        _DATASETS[name] = DatasetKind(name, opener, usage or name, own_val_split)
+        return opener
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    """How each registered kind is written, e.g. ``["digits", "fake:N", "folder:PATH"]``."""
+    return [_DATASETS[k].usage for k in sorted(_DATASETS)]
+
+
+def dataset_kind(source: str) -> DatasetKind:
+    """The registered kind of ``source``; a miss names the known kinds and what to pass."""
+    name, _, rest = source.partition(":")
+    kind = _DATASETS.get(name)
+    if kind is None:
+        close = difflib.get_close_matches(name, _DATASETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown dataset '{source}'{hint}: known kinds are {', '.join(list_datasets())}; pass one of them, e.g. --data digits")
+    if kind.takes_argument and not rest:
+        raise UserError(f"dataset '{source}' needs an argument: use {kind.usage}")
+    if not kind.takes_argument and rest:
+        raise UserError(f"dataset '{source}' takes no argument: use {kind.usage}")
+    return kind
+
+
 def open_dataset(source: str, split: str = "train", val_source: str | None = None) -> ImageDataset:
     """The dataset named by ``source``; ``split="val"`` gives its validation part."""
-    kind, _, rest = source.partition(":")
-    if kind == "digits" and not rest:
-        return DigitsDataset(split)
-    if kind == "fake" and rest:
-        count, _, query = rest.partition("?")
-        opts = {k: int(v) for k, v in parse_qsl(query)}
-        try:
-            n = int(count) if split == "train" else max(int(count) // 5, 1)
-            data = FakeDataset(n, split=split, **opts)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"bad fake dataset '{source}': {e}; use fake:N or fake:N?size=64&classes=10") from e
-        # The whole spec, so that a store's recorded source reopens the same images.
-        data.source = f"fake:{int(count)}?size={data.size}&classes={len(data.classes)}"
-        return data
-    if kind == "folder" and rest:
-        if split == "train":
-            return FolderDataset(rest)
-        if not val_source:
-            raise UserError(f"folder dataset {rest} has no validation split: pass --val-data folder:PATH")
-        train_classes = sorted(p.name for p in Path(rest).iterdir() if p.is_dir())
-        val = val_source.partition(":")[2] if val_source.startswith("folder:") else val_source
-        return FolderDataset(val, classes=train_classes)
-    raise UserError(f"unknown dataset '{source}': use digits, folder:PATH or fake:N")
+    return dataset_kind(source).opener(source.partition(":")[2], split, val_source)
+
+
+@register_dataset("digits")
+def _open_digits(_argument: str, split: str, _val_source: str | None) -> ImageDataset:
+    return DigitsDataset(split)
+
+
+@register_dataset("fake", usage="fake:N")
+def _open_fake(argument: str, split: str, _val_source: str | None) -> ImageDataset:
+    count, _, query = argument.partition("?")
+    usage = "use fake:N or fake:N?size=64&classes=10"
+    try:
+        pairs = parse_qsl(query, strict_parsing=True) if query else []
+    except ValueError:
+        raise UserError(f"bad fake dataset 'fake:{argument}': options are KEY=VALUE joined by '&'; {usage}") from None
+    unknown = sorted({k for k, _ in pairs} - set(FAKE_OPTIONS))
+    if unknown:
+        raise UserError(f"bad fake dataset 'fake:{argument}': unknown option {', '.join(unknown)} (known: {', '.join(FAKE_OPTIONS)}); {usage}")
+    values = {"N": count, **dict(pairs)}
+    opts = {name: _bounded_int(name, values[name], *FAKE_BOUNDS[name], f"fake:{argument}", usage) for name in values}
+    n = opts.pop("N")
+    data = FakeDataset(n if split == "train" else max(n // 5, 1), split=split, **opts)
+    # The whole spec, so that a store's recorded source reopens the same images.
+    data.source = f"fake:{n}?size={data.size}&classes={len(data.classes)}"
+    return data
+
+
+FAKE_OPTIONS = ("size", "classes")
+FAKE_BOUNDS = {"N": (1, 10_000_000), "size": (1, 4096), "classes": (1, 100_000)}  # sanity bounds: larger is a typing mistake
+
+
+def _bounded_int(name: str, text: str, lo: int, hi: int, source: str, usage: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise UserError(f"bad fake dataset '{source}': {name} must be an integer in [{lo}, {hi}], not '{text}'; {usage}")
+    return value
+
+
+@register_dataset("folder", usage="folder:PATH", own_val_split=False)
+def _open_folder(root: str, split: str, val_source: str | None) -> ImageDataset:
+    if split == "train":
+        return FolderDataset(root)
+    if not val_source:
+        raise UserError(f"folder dataset {root} has no validation split: pass --val-data folder:PATH")
+    train_classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    val = val_source.partition(":")[2] if val_source.startswith("folder:") else val_source
+    return FolderDataset(val, classes=train_classes)
+
+
+@register_dataset("wds", usage="wds:PATTERN", own_val_split=False)
+def _open_wds(pattern: str, split: str, val_source: str | None) -> ImageDataset:
+    from .wds_dataset import WdsDataset  # fsspec and tar reading only where shards are asked for
+
+    if split == "train":
+        return WdsDataset(pattern)
+    if not val_source:
+        raise UserError(f"wds dataset {pattern} has no validation split: pass --val-data wds:PATTERN")
+    val = val_source.partition(":")[2] if val_source.startswith("wds:") else val_source
+    return WdsDataset(val, num_classes=WdsDataset(pattern).num_classes)
 
 
 def validation_data(source: str, val_source: str | None) -> ImageDataset | None:
     """The validation split of ``source``: its own for digits and fake, ``val_source`` for folders (or none)."""
-    if source.startswith("folder:") and not val_source:
-        log.warning("no validation data: pass --val-data folder:PATH to evaluate each epoch")
+    kind = dataset_kind(source)
+    if not kind.own_val_split and not val_source:
+        log.warning("no validation data: pass --val-data %s to evaluate each epoch", kind.usage)
         return None
     return open_dataset(source, "val", val_source)

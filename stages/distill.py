@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,17 +41,18 @@ from .replay import (
     ViewRenderer,
     check_fingerprints,
     epoch_units,
+    window_units,
     even_batches,
     labelled_mask,
     rebatch,
     render_batches,
     shuffle_windows,
+    unit_table,
     with_images,
-    with_partner_params,
 )
 from .student import build_student, save_student
 from .teacher_sources import TeacherSource
-from .views import ViewPlan, eval_params, mixed_targets, normalize
+from .views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class TrainSettings:
     method: str = "kd"
     method_args: dict = field(default_factory=dict)
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per worker (timm's meaning of --batch-size); a recipe states global_batch instead
+    global_batch: int | None = None  # over all workers: batch_size x workers (``resolve_batch``); None: not stated
+    repeats: int = 1  # repeated augmentation: each sample R times per epoch, with R different stored views
     optimizer: str = "adamw"  # any timm optimizer: adamw, lamb, sgd, ...
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
@@ -98,10 +101,10 @@ def evaluate(
     model.eval()
     rank, world = rank_and_world()
     ids = np.arange(len(dataset))[rank::world]
-    table = {"id": ids, "label": dataset.labels[ids], **eval_params(dataset.sizes()[ids], plan.recipe.eval_crop)}
+    table = {"id": ids, "label": dataset.labels[ids], **eval_params(dataset.sizes()[ids], plan.recipe.eval_crop, plan.recipe.eval_interpolation)}
     renderer = ViewRenderer(dataset, plan, (size,))
     correct = 0
-    for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(plan.fields), workers):
+    for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(EVAL_FIELDS), workers):
         with precision.autocast() if precision else contextlib.nullcontext():
             logits = model(to_input(rendered["views"][0], mean, std, device, channels_last))
         correct += int((logits.argmax(1).cpu().numpy() == batch["label"]).sum())
@@ -187,24 +190,53 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 def rank_units(units: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
-    """This rank's share of an epoch's (view, block) units: every world-th one, so each rank reads its own shards."""
-    return units[rank::world]
+    """This rank's share of an epoch's (view, block) units: every world-th block's, so each rank reads its own
+    shards; the consecutive units of one block (its repeated views) stay together on one rank."""
+    groups = [list(g) for _, g in groupby(units, key=lambda unit: unit[1])]
+    return [unit for g in groups[rank::world] for unit in g]
 
 
-def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int) -> int:
+def resolve_batch(batch_size: int | None, global_batch: int | None, world: int, where: str = "the recipe") -> tuple[int, int]:
+    """(per-worker batch, global batch) for ``world`` workers (1: a single process takes the whole global batch).
+
+    ``batch_size`` (per worker, as timm's --batch-size) wins when given; else
+    ``global_batch`` (a paper's batch over all its GPUs, as a recipe states it) is
+    split over the workers, which must divide it.
+    """
+    world = max(1, world)
+    if batch_size is not None:
+        return batch_size, batch_size * world
+    if global_batch is None:
+        batch_size = TrainSettings.batch_size
+        return batch_size, batch_size * world
+    if global_batch % world:
+        raise UserError(
+            f"global_batch {global_batch} in {where} does not divide over {world} workers: choose a number of workers that divides it, "
+            f"or pass --batch-size B for B per worker"
+        )
+    return global_batch // world, global_batch
+
+
+def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> int:
     """Optimiser steps every rank takes in every epoch.
 
     DDP hangs when ranks take different numbers of steps, and a rank's rows
     depend on which blocks the epoch's shuffle gives it. So every rank is cut
     to a bound that holds for all epochs: the fewest whole blocks a rank can
     get, with the short last block among them. With one rank it is the whole
-    training set, as without DDP.
+    training set, as without DDP. With ``repeats`` R an epoch takes a share
+    1 / R of the blocks, R views of each (``epoch_units``).
     """
     num_blocks = -(-num_samples // block)
-    if num_blocks < world:
+    if num_blocks // repeats < world:
+        if repeats > 1:
+            raise UserError(
+                f"with repeats {repeats} an epoch takes {num_blocks // repeats} of the store's {num_blocks} blocks, fewer than the {world} "
+                f"workers: use at most {max(1, num_blocks // repeats)} workers, fewer repeats, or smaller blocks"
+            )
         raise UserError(f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers")
     last = num_samples - (num_blocks - 1) * block
-    return ((num_blocks // world - 1) * block + last) // batch_size
+    return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
 
 
 @dataclass
@@ -326,6 +358,16 @@ def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> Non
             f"the replay uses {views.num_views} views but the cached teacher has {teacher.num_views}: "
             "replay only the teacher's views, or extract the rest"
         )
+    check_repeats(s, views)
+
+
+def check_repeats(s: TrainSettings, views) -> None:
+    """Refuse ``repeats`` larger than the views a replay has (an epoch takes R different views of each of its samples)."""
+    if s.repeats > views.num_views:
+        raise UserError(
+            f"repeats {s.repeats} needs {s.repeats} different views of each sample in an epoch but the store has {views.num_views}: "
+            f"extract with --views {s.repeats} or more, or lower repeats"
+        )
 
 
 def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int) -> Setup:
@@ -344,7 +386,12 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)
     optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
-    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world)
+    if s.global_batch is not None and s.global_batch != s.batch_size * world:
+        raise UserError(
+            f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
+            "state one of them (pipeline.commands resolves the other)"
+        )
+    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats)
     if steps == 0:
         raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
     forward = student_loss
@@ -375,14 +422,12 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
 def epoch_tables(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, rank: int, world: int) -> Iterator[Table]:
     """This rank's units of one epoch, each a table of rows: ids, view parameters, labels, teacher rows."""
     param_names = list(run.renderer.plan.fields)
-    for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed), rank, world):
-        ids = views.ids(b)
-        table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": run.labels[ids]}
-        table = with_partner_params(table, param_names)  # a mixing partner is in the same unit
+    for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed, s.repeats), rank, world):
+        table = unit_table(views, v, b, run.labels, param_names)  # a mixing partner is in the same unit
         table = with_images(table, run.renderer.dataset)  # shard datasets: the unit's images in one pass
-        table.update(teacher.unit_rows(v, b, len(ids)) if teacher else {})
+        table.update(teacher.unit_rows(v, b, len(table["id"])) if teacher else {})
         if run.plan_size is not None:
-            table["check"] = _check_policy(s.verify, ids, v)
+            table["check"] = _check_policy(s.verify, table["id"], v)
         yield table
 
 
@@ -403,7 +448,7 @@ def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource 
     run.method.epoch = epoch
     progress = Progress(f"epoch {epoch + 1}/{s.epochs}", run.steps * s.batch_size)
     rng = np.random.default_rng([s.seed, epoch, 2] + ([rank] if world > 1 else []))
-    window = max(1, s.window_rows // views.block)
+    window = window_units(s.window_rows, views.block, s.repeats)  # a block's repeated views share a window
     tables = epoch_tables(run, s, views, teacher, epoch, rank, world)
     # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
     batches = islice(rebatch(shuffle_windows(tables, window, rng), s.batch_size, drop_last=True), run.steps)
@@ -503,7 +548,9 @@ def validate(run: Setup, s: TrainSettings, val_data: ImageDataset | None, plan: 
 
 def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) -> dict:
     """Everything needed to continue after ``epochs_done`` epochs; data order is a function of (seed, epoch)."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    # numpy's state as plain lists: a checkpoint then loads with torch.load(weights_only=True), nothing unpickled.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
@@ -532,7 +579,8 @@ def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["epoch"], list(state["metrics"])

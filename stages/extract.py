@@ -11,7 +11,6 @@ teacher that renders a unit and checked by every later one.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,76 +19,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from storage import ArraySpec, CommittedUnits, Store, UserError
+from storage import CommittedUnits, Store, TeacherRecord, UserError
 
 from . import cache
 from .datasets import ImageDataset
 from .progress import Progress
-from .replay import StoredViews, Table, ViewRenderer, concat, even_batches, render_batches, with_partner_params
+from .replay import StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
+from .store_setup import library_versions, stored_plan
 from .teachers import Teacher
-from .views import ViewPlan, ViewRecipe, normalize
+from .views import normalize
 
 log = logging.getLogger(__name__)
-
-FINGERPRINT = ArraySpec((), "uint32")
-
-
-def library_versions() -> dict:
-    import PIL
-    import timm
-    import torchvision
-    import zarr
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-    }
-
-
-def open_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, block: int, size: int) -> Store:
-    """Create the store for (dataset, plan), or reopen it after checking it was made from them."""
-    if not Store.exists(path):
-        meta = {
-            "dataset": dataset.describe(),
-            "plan": {**plan.describe(), "size": size},
-            "versions": library_versions(),
-        }
-        specs = {**plan.fields, "fingerprint": FINGERPRINT}
-        return Store.create(path, meta=meta, num_samples=len(dataset), num_views=views, block=block, plan_specs=specs)
-    store = Store(path)
-    check_dataset(store, dataset)
-    check_plan(store, plan)
-    return store
-
-
-def check_dataset(store: Store, dataset: ImageDataset) -> None:
-    made = store.meta["dataset"]
-    if made["fingerprint"] != dataset.fingerprint():
-        raise UserError(
-            f"store {store.path} was made from dataset {made['source']} ({made['num_samples']} samples, "
-            f"fingerprint {made['fingerprint'][:12]}), not {dataset.source} ({len(dataset)} samples, "
-            f"fingerprint {dataset.fingerprint()[:12]}): use the same --data, or a new --store"
-        )
-
-
-def check_plan(store: Store, plan: ViewPlan) -> None:
-    made = store.meta["plan"]
-    if made["recipe"] != plan.recipe.to_dict() or made["seed"] != plan.seed:
-        raise UserError(
-            f"store {store.path} was made with view plan seed {made['seed']} recipe {made['recipe']}, "
-            f"not seed {plan.seed} recipe {plan.recipe.to_dict()}: use the same view settings, or a new --store"
-        )
-
-
-def stored_plan(store: Store) -> ViewPlan:
-    """The view plan a store was made with."""
-    made = store.meta["plan"]
-    return ViewPlan(ViewRecipe.from_dict(made["recipe"]), made["seed"])
 
 
 class TeacherRunner:
@@ -99,70 +39,80 @@ class TeacherRunner:
     worker (a Ray actor, later) and be called with any unit in any order.
     """
 
-    def __init__(self, teacher: Teacher, info: dict, device: str = "cpu"):
+    def __init__(self, teacher: Teacher, info: TeacherRecord, device: str = "cpu"):
         self.teacher, self.info, self.device = teacher.to(device), info, device
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
         x = normalize(views, self.teacher.mean, self.teacher.std).to(self.device)
         # bf16: autocast runs matmuls and convolutions in bfloat16; the outputs are encoded from float32.
-        bf16 = self.info.get("precision") == "bf16"
+        bf16 = self.info.precision == "bf16"
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
-            raw = self.teacher(x, self.info["outputs"])  # tokens only when stored
+            raw = self.teacher(x, self.info.outputs)  # tokens only when stored
         return cache.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
 
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> dict:
-    """teacher.json: what made the cached arrays; re-runs must match it. store_format: zarr or wds."""
+def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> TeacherRecord:
+    """teacher.json: what made the cached arrays; re-runs must match it.
+
+    outputs_info: what is stored and how (``cache.output_info``); store_format: a store backend (zarr, wds).
+    """
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    return {
-        "format": store_format,
-        "precision": precision,  # the teacher's arithmetic: bf16 outputs differ from fp32 ones in the 3rd digit
-        "name": teacher.spec.name,
-        "timm_name": teacher.spec.timm_name,
-        "weights": teacher.weights,
-        "input_size": teacher.input_size,
-        "mean": list(teacher.mean),
-        "std": list(teacher.std),
+    return TeacherRecord(
+        format=store_format,
+        precision=precision,
+        name=teacher.spec.name,
+        timm_name=teacher.spec.timm_name,
+        weights=teacher.weights,
+        input_size=teacher.input_size,
+        mean=teacher.mean,
+        std=teacher.std,
         **outputs_info,
-        "versions": library_versions(),
-    }
+        versions=library_versions(),
+    )
 
 
 # Fields that must agree for two extractions to share one teacher group.
 _MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
 
 
-def check_classes(info: dict, num_classes: int) -> None:
-    if "logits" in info["outputs"] and info["num_classes"] != num_classes:
+def check_classes(info: TeacherRecord, num_classes: int) -> None:
+    if "logits" in info.outputs and info.num_classes != num_classes:
         raise UserError(
-            f"teacher '{info['name']}' predicts {info['num_classes']} classes but the dataset has {num_classes}: "
+            f"teacher '{info.name}' predicts {info.num_classes} classes but the dataset has {num_classes}: "
             "use weights trained on these classes, or --outputs features"
         )
 
 
-def open_teacher(store: Store, teacher_id: str, info: dict, num_classes: int, views: int) -> CommittedUnits:
+def check_teacher_record(store: Store, teacher_id: str, info: TeacherRecord) -> TeacherRecord | None:
+    """The record of an earlier extraction into ``teacher_id`` (None if there is none), refused unless ``info`` agrees with it."""
+    if teacher_id not in store.teacher_ids():
+        return None
+    made = store.teacher_info(teacher_id)
+    diff = [k for k in _MUST_MATCH if getattr(made, k) != getattr(info, k)]
+    if diff:
+        earlier = made.to_dict()
+        raise UserError(
+            f"store {store.path} already holds teacher '{teacher_id}' with other {', '.join(diff)} "
+            f"({', '.join(f'{k}={earlier.get(k)}' for k in diff)}): pass --teacher-id NAME to store this one beside it"
+        )
+    return made
+
+
+def open_teacher(store: Store, teacher_id: str, info: TeacherRecord, num_classes: int, views: int) -> CommittedUnits:
     """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
     check_classes(info, num_classes)
-    if teacher_id in store.teacher_ids():
-        made = cache.with_defaults(store.teacher_info(teacher_id))  # older teacher.json: features in dtype
-        made.setdefault("format", "zarr")  # teacher.json from before wds: zarr
-        made.setdefault("precision", "fp32")  # from before --precision: fp32
-        diff = [k for k in _MUST_MATCH if made.get(k) != info.get(k)]
-        if diff:
-            raise UserError(
-                f"store {store.path} already holds teacher '{teacher_id}' with other {', '.join(diff)} "
-                f"({', '.join(f'{k}={made.get(k)}' for k in diff)}): pass --teacher-id NAME to store this one beside it"
-            )
-        views = max(views, made["views"])
+    made = check_teacher_record(store, teacher_id, info)
+    if made is not None:
+        views = max(views, made.views)
     if views > store.num_views:
         log.info("store %s: adding views %d..%d", store.path, store.num_views, views - 1)
         store.add_views(views)
     # The teacher's own view count: distillation needs every unit below it.
-    return store.create_teacher(teacher_id, {**info, "views": views}, cache.array_specs(info))
+    return store.create_teacher(teacher_id, info.replace(views=views), cache.array_specs(info))
 
 
 @dataclass
@@ -194,14 +144,14 @@ class UnitExtractor:
 
     def unit_table(self, v: int, b: int, plan_stored: bool) -> Table:
         """The unit's rows and view parameters: read from the plan when stored, else drawn (same values)."""
-        ids = self.source.ids(b)
-        if plan_stored:
-            table = self.source.params(v, b)
-        else:
-            table = {**self.plan.draw(v, ids, self.sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
-        table.update(id=ids, view=np.full(len(ids), v), label=self.dataset.labels[ids], unit=np.full(len(ids), b))
-        table["check"] = np.ones(len(ids), bool)
-        return with_partner_params(table, self.param_names)  # a mixing partner is in the same unit
+        params = None
+        if not plan_stored:
+            ids = self.source.ids(b)
+            params = {**self.plan.draw(v, ids, self.sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
+        table = with_images(unit_table(self.source, v, b, self.dataset.labels, self.param_names, params=params), self.dataset)
+        n = len(table["id"])
+        # "row": batching keeps mates together and so reorders rows; the commit puts them back in block order.
+        return {**table, "unit": np.full(n, b), "check": np.ones(n, bool), "row": np.arange(n)}
 
     def batches(self, tables) -> Iterator[Table]:
         for table in tables:
@@ -234,7 +184,7 @@ def pending_units(store: Store, teacher_id: str, views: int) -> list[tuple[int, 
     """Units still to do, view-major. A unit whose plan record is gone (repair took it back) is redone
     with it: extraction writes the plan."""
     done, plan_done = store.teacher(teacher_id).committed(), store.plan.committed()
-    return [(v, b) for v in range(views) for b in range(store.num_blocks) if (v, b) not in done or (v, b) not in plan_done]
+    return [u for u in store.units(views) if u not in done or u not in plan_done]
 
 
 def extract(
@@ -292,18 +242,13 @@ def target_class(batch: Table, labels: np.ndarray, lam: np.ndarray) -> np.ndarra
 
 def _commit_unit(store, source, group, v, b, parts, plan_stored: bool, param_names) -> None:
     table = concat([p[0] for p in parts])
-    prints = np.concatenate([p[1] for p in parts])
+    order = np.argsort(table["row"], kind="stable")  # the unit's rows in block order again
+    table = take(table, order)
+    prints = np.concatenate([p[1] for p in parts])[order]
     if plan_stored:
-        bad = np.flatnonzero(prints != table["fingerprint"])
-        if len(bad):
-            i = int(table["id"][bad[0]])
-            raise UserError(
-                f"view {v} of sample {i} renders differently now than when the store's plan was written "
-                f"({len(bad)} of {len(prints)} views in this unit differ): the image data or an imaging library changed; "
-                f"compare versions in {store.path}/store.json with this environment"
-            )
+        check_fingerprints(table, prints, store)
     else:
         # A duplicate of this unit may write the same plan unit at the same time: the bytes are the same.
         source.group.write_unit(v, b, {**{k: table[k] for k in param_names}, "fingerprint": prints})
-    rows = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+    rows = {k: np.concatenate([p[2][k] for p in parts])[order] for k in parts[0][2]}
     group.write_unit(v, b, rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -133,3 +135,80 @@ def logsum_loss(ns: torch.Tensor, nt: torch.Tensor, exponent: float = 4.0) -> to
     inputs give -inf by definition (and a nan gradient); any real difference gives a finite value.
     """
     return torch.log((ns - nt).abs().pow(exponent).sum())
+
+
+# -- CosPress (Mannix & Bui, "Preserving Angles Improves Feature Distillation of Foundation Models") --
+
+# Self-pairs get this much less than the lowest similarity logit a pair can have (cosine -1): their
+# probability is exactly 0 in float32 and float64, and everything stays finite (no -inf - -inf).
+_SELF_GAP = 1e4
+
+
+def _cosines(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) -> (..., N, N) pairwise cosines, in float32 even under autocast: at temperature 0.01 a
+    bfloat16 cosine's rounding (~4e-3) would move the logits by ~0.4."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1)
+        return x @ x.transpose(-1, -2)
+
+
+def _joint_log_probs(cos: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = cos / temperature  # (..., N, N)
+    self_pairs = torch.eye(cos.shape[-1], dtype=torch.bool, device=cos.device)
+    logits = logits.masked_fill(self_pairs, -1.0 / temperature - _SELF_GAP)
+    log_cond = F.log_softmax(logits, dim=-1)  # log p(j|i), rows sum to 1
+    log_sym = torch.logaddexp(log_cond, log_cond.transpose(-1, -2).contiguous())  # log (p(j|i) + p(i|j))
+    # Every row of p(j|i) sums to 1, so the N x N sums of p(j|i) + p(i|j) are exactly 2N: no log-sum-exp needed.
+    return log_sym - math.log(2 * cos.shape[-1])
+
+
+def joint_similarity_log_probs(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """t-SNE-style joint distribution over the pairs of vectors in each set, from their cosines.
+
+    x: (..., N, D), N vectors per set. With c_ij the cosine of vectors i and j:
+        p(j|i) = softmax over j != i of c_ij / temperature      (self-pairs excluded)
+        p_ij   = (p(j|i) + p(i|j)) / (2 N)                        (symmetric, sums to 1 over i, j)
+    Returns log p_ij, (..., N, N); the diagonal holds a finite, very negative number (p = 0).
+    """
+    return _joint_log_probs(_cosines(x), temperature)
+
+
+def similarity_kl(teacher: torch.Tensor, mapped: torch.Tensor, temperatures) -> torch.Tensor:
+    """CosPress's similarity-preserving loss: how far the mapping moves the cosine structure of each set.
+
+    teacher, mapped: (B, N, D_t) and (B, N, D_s), B sets of N vectors (the tokens of one image; or
+    B = 1 and the CLS tokens of a whole batch). For each temperature t, the KL divergence between the
+    joint similarity distributions (``joint_similarity_log_probs``), summed over the N x N pairs of a
+    set, averaged over the B sets; then averaged over the temperatures. Zero when the mapping
+    preserves every cosine, whatever the widths.
+    """
+    cos_p, cos_q = _cosines(teacher), _cosines(mapped)  # once, for every temperature
+    total = 0.0
+    for t in temperatures:
+        log_p, log_q = _joint_log_probs(cos_p, t), _joint_log_probs(cos_q, t)  # (B, N, N)
+        total = total + (log_p.exp() * (log_p - log_q)).sum(dim=(-2, -1)).mean()
+    return total / len(temperatures)
+
+
+def flat_cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between s and t flattened per sample, averaged over the batch: (B, ...) -> scalar.
+
+    For tokens (B, T, D) this is one cosine per image over all its tokens together, as the
+    official CosPress code computes it (not a mean of per-token cosines).
+    """
+    return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
+
+
+# -- GPD (Guo et al., "Gap Preserving Distillation by Building Bidirectional Mappings with a Dynamic Teacher") --
+
+
+def smoothed_soft_ce(s: torch.Tensor, p: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """Soft-target cross-entropy with label smoothing, GPD's "SCE" between the student and the dynamic teacher:
+
+        mean over the batch of (1 - smoothing) * sum_c -p_c log q_c + smoothing * mean_c -log q_c
+
+    with q = softmax(s). s: (B, C) student logits; p: (B, C) target probabilities (the dynamic
+    teacher's softmax, detached).
+    """
+    log_q = F.log_softmax(s, dim=1)
+    return ((1 - smoothing) * (-p * log_q).sum(dim=1) + smoothing * (-log_q).mean(dim=1)).mean()

@@ -1,10 +1,25 @@
 """Distillation methods: a registry of losses over (student outputs, teacher outputs, targets).
 
-A method declares the teacher outputs it reads (``needs``: ``logits``,
-``features``) so the loader reads only those arrays from the cache, and the
-student outputs it uses (``student_needs``). It is an ``nn.Module``: any
-projector it owns trains with the student. It is built from a
-``MethodContext`` (class count, feature widths, teacher class means) plus its
+A method is one class, registered by name, that declares everything the
+trainer must know about it:
+
+* ``needs``: the teacher outputs it reads (``logits`` (B, C), ``features``
+  (B, D), ``tokens`` (B, T, D)), so the loader reads only those arrays from
+  the cache and a store or teacher that lacks one is refused before any work;
+  ``requires_teacher = False`` when it also trains without any teacher;
+* ``student_needs``: the student outputs it uses (``logits``, ``features``,
+  ``tokens`` after the final norm), computed by ``student_outputs``;
+* three hooks whose defaults leave the student alone, for methods that own
+  the student's forward (GPD trains a widened network that contains it):
+  ``wrap_student(model)``, called once before the optimiser is built, returns
+  the module that trains in the student's place; ``student_outputs(model, x)``,
+  called every step inside the (DDP-wrapped) forward, returns the dict that
+  ``forward`` receives; ``export_student(model)`` returns the plain timm
+  student that is saved.
+
+It is an ``nn.Module``: any projector it owns trains with the student. It is
+built from a ``MethodContext`` (class count, widths and token shapes of
+student and teacher, teacher class means: see ``method_context``) plus its
 own settings, and ``forward`` returns the total loss and its named parts.
 """
 
@@ -20,8 +35,11 @@ from torch import nn
 from storage import UserError
 
 from .losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss
+from .student import student_forward, token_shape
 
 _METHODS: dict[str, type["Method"]] = {}
+# Methods that live in a file of their own register when it is imported: one line each, as timm's model files.
+METHOD_MODULES = ("stages.cospress", "stages.gpd")
 
 
 def register_method(name: str):
@@ -33,11 +51,20 @@ def register_method(name: str):
     return wrap
 
 
+def _import_method_modules() -> None:
+    import importlib
+
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+
+
 def list_methods() -> list[str]:
+    _import_method_modules()
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type["Method"]:
+    _import_method_modules()
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -47,11 +74,39 @@ def method_class(name: str) -> type["Method"]:
 
 @dataclass
 class MethodContext:
+    """What a method may need to know before training, about the student and the teacher it will see."""
+
     num_classes: int
-    student_dim: int
-    teacher_dim: int | None = None
+    student_dim: int  # width of the student's pooled features
+    teacher_dim: int | None = None  # width of the teacher's pooled features
     class_means: torch.Tensor | None = None  # (C, D) teacher class means, from the store's stats
     epochs: int = 1
+    student_tokens: tuple[int, int] | None = None  # (T, D) of the student's tokens, when the method reads them
+    teacher_tokens: tuple[int, int] | None = None  # (T, D) of the teacher's tokens, when the method reads them
+    teacher_token_prefix: int = 0  # leading teacher tokens that are not patches (1: CLS)
+    has_teacher: bool = True  # False: training without a teacher (methods with requires_teacher = False)
+    size: int | None = None  # the student's input size
+
+
+def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int) -> MethodContext:
+    """The context for method class ``cls``, from the built student ``model`` and a ``TeacherSource`` (or None).
+
+    Only what ``cls`` declares is looked up: token shapes cost a dry forward of the student, class
+    means a read of the store's statistics.
+    """
+    reads = teacher is not None
+    return MethodContext(
+        num_classes=num_classes,
+        student_dim=model.num_features,
+        teacher_dim=teacher.feature_dim if reads else None,
+        class_means=teacher.class_means() if reads and "features" in cls.needs else None,
+        epochs=epochs,
+        student_tokens=token_shape(model, size) if "tokens" in cls.student_needs else None,
+        teacher_tokens=teacher.token_shape if reads and "tokens" in cls.needs else None,
+        teacher_token_prefix=teacher.token_prefix if reads and "tokens" in cls.needs else 0,
+        has_teacher=reads,
+        size=size,
+    )
 
 
 @dataclass
@@ -95,15 +150,36 @@ def hard_loss(kind: str, s: torch.Tensor, targets: Targets) -> torch.Tensor:
 class Method(nn.Module):
     name = ""
     needs: tuple[str, ...] = ()  # teacher outputs read from the cache (or a live teacher)
+    requires_teacher = True  # False: also trains without a teacher (then ``teacher`` is {} in forward)
     student_needs: tuple[str, ...] = ("logits",)
     epoch = 0  # set by the trainer at the start of each epoch
 
-    def forward(self, student: dict, teacher: dict, targets: Targets) -> tuple[torch.Tensor, dict[str, float]]:
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature this method softens teacher logits at: a top-k cache rebuilds its tail for it
+        (``stages.topk``). Default: the method's ``temperature`` setting, else 1."""
+        return float(getattr(self, "temperature", 1.0))
+
+    def wrap_student(self, model: nn.Module) -> nn.Module:
+        """The module that trains in the student's place: its parameters go to the optimiser, its state
+        to checkpoints, and ``module(x)`` gives the student's logits for evaluation. Default: the student."""
+        return model
+
+    def student_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student outputs ``forward`` receives, from the module ``wrap_student`` returned."""
+        return student_forward(model, x, self.student_needs)
+
+    def export_student(self, model: nn.Module) -> nn.Module:
+        """The plain timm student to save, from the module ``wrap_student`` returned. Default: that module."""
+        return model
+
+    def forward(self, student: dict, teacher: dict, targets: Targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
 
-def _parts(**terms: torch.Tensor) -> dict[str, float]:
-    return {k: v.item() for k, v in terms.items()}
+def _parts(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named loss terms for logging, detached and left on the device (the trainer reads them once an epoch)."""
+    return {k: v.detach() for k, v in terms.items()}
 
 
 @register_method("ce")
@@ -170,6 +246,10 @@ class DIST(Method):
         super().__init__()
         self.beta, self.gamma, self.tau = beta, gamma, tau
         self.kd_weight, self.ce_weight, self.hard_loss = kd_weight, ce_weight, hard_loss
+
+    @property
+    def teacher_temperature(self) -> float:
+        return float(self.tau)
 
     def forward(self, student, teacher, targets):
         ce = hard_loss(self.hard_loss, student["logits"], targets)

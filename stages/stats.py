@@ -23,26 +23,25 @@ log = logging.getLogger(__name__)
 def compute_stats(store: Store, teacher_id: str, labels: np.ndarray) -> dict:
     """Per-class means, feature mean and covariance of ``teacher_id``'s stored features (float64 sums)."""
     info = store.teacher_info(teacher_id)
-    if "features" not in info["outputs"]:
+    if "features" not in info.outputs:
         raise UserError(f"teacher '{teacher_id}' has no stored features: extract with --outputs features to compute statistics")
-    group, views = store.teacher(teacher_id), info["views"]
-    missing = {(v, b) for v in range(views) for b in range(store.num_blocks)} - group.committed()
+    group, units = store.teacher(teacher_id), store.units(info.views)
+    missing = set(units) - group.committed()
     if missing:
         raise UserError(f"teacher '{teacher_id}' is missing {len(missing)} units: finish `pipeline extract` first")
-    C, D = int(labels.max()) + 1, info["feature_dim"]
+    C, D = int(labels.max()) + 1, info.feature_dim
     sums, counts = np.zeros((C, D)), np.zeros(C, np.int64)
     total, outer, n = np.zeros(D), np.zeros((D, D)), 0
-    progress = Progress(f"stats {teacher_id}", views * store.num_samples)
-    for v in range(views):
-        for b in range(store.num_blocks):
-            ids = np.asarray(store.block_range(b))
-            f = group.read_unit(v, b, ["features"], rows=len(ids), verify=True)["features"].astype(np.float64)  # (n, D)
-            np.add.at(sums, labels[ids], f)
-            counts += np.bincount(labels[ids], minlength=C)
-            total += f.sum(0)
-            outer += f.T @ f
-            n += len(ids)
-            progress.update(len(ids))
+    progress = Progress(f"stats {teacher_id}", info.views * store.num_samples)
+    for v, b in units:
+        ids = store.block_ids(b)  # the block's samples, at its rows
+        f = group.read_unit(v, b, ["features"], rows=len(ids), verify=True)["features"].astype(np.float64)  # (n, D)
+        np.add.at(sums, labels[ids], f)
+        counts += np.bincount(labels[ids], minlength=C)
+        total += f.sum(0)
+        outer += f.T @ f
+        n += len(ids)
+        progress.update(len(ids))
     mean = total / n
     return {
         "class_means": (sums / np.maximum(counts, 1)[:, None]).astype(np.float32),
@@ -54,7 +53,7 @@ def compute_stats(store: Store, teacher_id: str, labels: np.ndarray) -> dict:
 
 def write_stats(store: Store, teacher_id: str, labels: np.ndarray) -> dict:
     arrays = compute_stats(store, teacher_id, labels)
-    store.write_stats(teacher_id, arrays, {"views": store.teacher_info(teacher_id)["views"], "samples": store.num_samples})
+    store.write_stats(teacher_id, arrays, {"views": store.teacher_info(teacher_id).views, "samples": store.num_samples})
     return arrays
 
 

@@ -5,11 +5,16 @@ never asks which kind it holds:
 
 * ``unit_rows(view, block, rows)``: the source's columns for one (view, block)
   unit of the batch table, read whole (nothing for a live teacher);
-* ``outputs(batch, views)``: the teacher's outputs for one batch, as
+* ``outputs(batch, views, temperature)``: the teacher's outputs for one batch, as
   ``{"logits": (B, C), "features": (B, D), "tokens": (B, T, D)}`` (the keys the
   method needs), from the batch's columns or from the rendered ``views``;
+  ``temperature`` is the one the method softens teacher logits at, for which a
+  top-k cache rebuilds its tail (``stages.topk``);
 * ``size``: the render size the source needs (``None``: nothing to render);
-* ``num_views``: how many stored views it covers (``None``: any view).
+* ``num_views``: how many stored views it covers (``None``: any view);
+* ``feature_dim``, ``token_shape`` (T, D) and ``token_prefix`` (leading
+  non-patch tokens, 1 for a ViT's CLS): the shapes a method is built for
+  (``None`` where the source has no such output).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class TeacherSource(ABC):
     size: int | None = None
     num_views: int | None = None
     feature_dim: int | None = None
+    token_shape: tuple[int, int] | None = None
+    token_prefix: int = 0
 
     def unit_rows(self, view: int, block: int, rows: int) -> Table:
         return {}
@@ -39,7 +46,7 @@ class TeacherSource(ABC):
         return None
 
     @abstractmethod
-    def outputs(self, batch: Table, views: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def outputs(self, batch: Table, views: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]: ...
 
 
 class CachedTeacher(TeacherSource):
@@ -51,10 +58,12 @@ class CachedTeacher(TeacherSource):
         self.group = store.teacher(teacher_id)
         self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
         self.names = cache.stored_names(self.info, self.needs)
-        self.num_views = self.info["views"]
-        self.feature_dim = self.info["feature_dim"]
-        expected = {(v, b) for v in range(self.num_views) for b in range(store.num_blocks)}
-        missing = expected - self.group.committed()
+        self.num_views = self.info.views
+        self.feature_dim = self.info.feature_dim
+        if "tokens" in self.info.outputs:
+            self.token_shape, self.token_prefix = (self.info.num_tokens, self.info.token_dim), self.info.token_prefix
+        expected = store.units(self.num_views)
+        missing = set(expected) - self.group.committed()
         if missing:
             raise UserError(
                 f"teacher '{teacher_id}' in {store.path} has {len(expected) - len(missing)} of {len(expected)} units committed: "
@@ -67,9 +76,9 @@ class CachedTeacher(TeacherSource):
     def class_means(self) -> torch.Tensor | None:
         return stats.class_means(self.store, self.teacher_id)
 
-    def outputs(self, batch: Table, views) -> dict[str, torch.Tensor]:
+    def outputs(self, batch: Table, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         n = len(self.prefix)
-        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
+        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs, temperature)
 
 
 class CachedEnsemble(TeacherSource):
@@ -77,7 +86,8 @@ class CachedEnsemble(TeacherSource):
 
     The averaged distribution is handed on as its log (a valid logit vector),
     so at T = 1 every logit method sees exactly the weighted mean of the
-    teachers' probabilities.
+    teachers' probabilities (top-k members are rebuilt for T = 1, where that
+    mean is taken).
     """
 
     def __init__(self, store: Store, teacher_ids: list[str], needs, weights: list[float] | None = None):
@@ -89,7 +99,7 @@ class CachedEnsemble(TeacherSource):
         if len(weights) != len(teacher_ids) or min(weights) < 0 or sum(weights) <= 0:
             raise UserError(f"--teacher-weights needs {len(teacher_ids)} non-negative numbers, not {weights}")
         self.members = [CachedTeacher(store, tid, needs, prefix=f"t{j}:") for j, tid in enumerate(teacher_ids)]
-        classes = {m.info["num_classes"] for m in self.members}
+        classes = {m.info.num_classes for m in self.members}
         if len(classes) > 1:
             raise UserError(f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})")
         self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
@@ -99,7 +109,7 @@ class CachedEnsemble(TeacherSource):
     def unit_rows(self, view, block, rows) -> Table:
         return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
 
-    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+    def outputs(self, batch, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
         return {"logits": torch.log(probs)}
 
@@ -113,11 +123,13 @@ class LiveTeacher(TeacherSource):
         missing = [k for k in self.needs if k not in teacher.outputs]
         if missing:
             raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output, which the method needs")
+        if "tokens" in self.needs:  # one dry forward, only for methods that read tokens
+            self.token_shape, self.token_prefix = teacher.token_shape, teacher.token_prefix
 
     def class_means(self) -> torch.Tensor | None:
         return self._class_means
 
-    def outputs(self, batch, views) -> dict[str, torch.Tensor]:
+    def outputs(self, batch, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std), self.needs)
         return {k: out[k] for k in self.needs}
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -290,5 +291,26 @@ def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
             **kwargs,
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {first}") from e
+        raise UserError(f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {state_dict_problem(e)}") from e
+
+
+def state_dict_problem(e: Exception) -> str:
+    """torch's load_state_dict error in one short line: how many keys are missing, unexpected or of another shape, with an example of each."""
+    text = str(e).strip()
+    if not text.startswith("Error(s) in loading state_dict"):
+        return text.splitlines()[0] if text else type(e).__name__
+
+    def keys(label: str) -> list[str]:
+        found = re.search(rf"{label} key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)", text, re.S)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+                        r"the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    parts = []
+    for label, found in (("missing", keys("Missing")), ("unexpected", keys("Unexpected"))):
+        if found:
+            parts.append(f"{len(found)} {label} key(s) (e.g. {found[0]})")
+    if shapes:
+        key, file_shape, model_shape = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {key}: {file_shape} in the file, {model_shape} in the model)")
+    return "; ".join(parts) or text.splitlines()[0]

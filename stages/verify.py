@@ -16,7 +16,8 @@ import numpy as np
 from storage import Store
 
 from .datasets import ImageDataset
-from .replay import StoredViews, ViewRenderer, render_batches, take, with_partner_params
+from .replay import StoredViews, ViewRenderer, fingerprint_mismatch, render_batches, take, unit_table
+from .store_setup import stored_plan
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Report:
 
 def teacher_units(store: Store, teacher_id: str) -> set[tuple[int, int]]:
     """The units a finished extraction of ``teacher_id`` has."""
-    return {(v, b) for v in range(store.teacher_info(teacher_id)["views"]) for b in range(store.num_blocks)}
+    return set(store.units(store.teacher_info(teacher_id).views))
 
 
 def _check_group(group, expected: set, name: str, report: Report) -> set[tuple[int, int]]:
@@ -83,33 +84,26 @@ def check_store(
 
 def _check_replay(store, dataset, units, fraction, workers, seed, report) -> None:
     """Re-render a sample of views and compare them with the fingerprints the teacher's views had."""
-    from .extract import stored_plan  # extract imports this module's neighbours; keep the import local
-
     plan = stored_plan(store)
     source = StoredViews(store, plan, store.num_views)
     param_names = list(plan.fields)
     batches = []
     for v, b in units:
-        ids = source.ids(b)
-        table = {**source.params(v, b), "id": ids, "view": np.full(len(ids), v), "unit": np.full(len(ids), b)}
-        table = with_partner_params(table, param_names)  # before any row is dropped
-        picked = np.flatnonzero(np.random.default_rng([seed, v, b]).random(len(ids)) < fraction)
+        table = unit_table(source, v, b, None, param_names)  # partners attached before any row is dropped
+        n = len(table["id"])
+        picked = np.flatnonzero(np.random.default_rng([seed, v, b]).random(n) < fraction)
         if len(picked):
-            batch = take(table, picked)
+            batch = take({**table, "unit": np.full(n, b)}, picked)
             batch["check"] = np.ones(len(picked), bool)
             batches.append(batch)
     size = store.meta["plan"]["size"]
     renderer = ViewRenderer(dataset, plan, (size,), size)
     for batch, rendered in render_batches(renderer, batches, param_names, workers, check_column="check"):
-        got = rendered["fingerprint"].numpy().astype(np.int64)
-        bad = np.flatnonzero(got != batch["fingerprint"].astype(np.int64))
+        got = rendered["fingerprint"].numpy()
         report.views_replayed += len(got)
-        if len(bad):
-            v, b, i = int(batch["view"][0]), int(batch["unit"][0]), int(batch["id"][bad[0]])
-            report.findings.append(
-                Finding("plan", v, b, f"{len(bad)} of {len(got)} replayed views differ from their fingerprints (first: sample {i}); "
-                        "the images or an imaging library changed since extraction", "replay")
-            )
+        problem = fingerprint_mismatch(batch, got)
+        if problem:
+            report.findings.append(Finding("plan", int(batch["view"][0]), int(batch["unit"][0]), problem, "replay"))
 
 
 def take_back_damaged(store: Store, teacher_id: str) -> list[Finding]:

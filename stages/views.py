@@ -26,8 +26,10 @@ Streams are fixed per op, so turning one augmentation on never changes what
 another draws, and the default recipe (crop + flip) draws what it always did.
 Every model renders the same view at its own size: the crop is resized to
 that size first and everything after it works at that size (erasing and
-cutmix boxes are normalised). A mixing view renders its partner with the
-partner's own parameters (every op but the mixing) and mixes the two.
+cutmix boxes are normalised). A mixing view mixes its own render (every op
+but the mixing) with its partner's own render; partners are mates in a random
+perfect matching of the block, so a loader that keeps mates together renders
+each image once for both mixes (``stages.replay``).
 """
 
 from __future__ import annotations
@@ -138,7 +140,9 @@ class RandomResizedCrop(ViewOp):
         return {"crop": box.astype(np.float32)}
 
     def apply(self, image, params, size):
-        return crop_resize(image, params["crop"], size)
+        # crop_interp: evaluation views only (``eval_params``); training crops resize bilinearly.
+        interpolation = INTERPOLATIONS[int(params["crop_interp"])] if "crop_interp" in params else "bilinear"
+        return crop_resize(image, params["crop"], size, interpolation)
 
 
 class HorizontalFlip(ViewOp):
@@ -156,13 +160,14 @@ class HorizontalFlip(ViewOp):
         return TF.horizontal_flip(image) if params.get("flip", 0) else image
 
 
-def crop_resize(image: torch.Tensor, box, size: int) -> torch.Tensor:
-    """Cut a normalised (top, left, height, width) box out of a uint8 image and resize it."""
+def crop_resize(image: torch.Tensor, box, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Cut a normalised (top, left, height, width) box out of a uint8 image and resize it (antialiased)."""
     H, W = image.shape[-2:]
     top, left = int(round(float(box[0]) * H)), int(round(float(box[1]) * W))
     h = max(1, min(H - top, int(round(float(box[2]) * H))))
     w = max(1, min(W - left, int(round(float(box[3]) * W))))
-    return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    mode = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    return TF.resized_crop(image, top, left, h, w, [size, size], interpolation=mode, antialias=True)
 
 
 def pixel_box(box, size: int) -> tuple[int, int, int, int]:
@@ -178,13 +183,20 @@ def pixel_box(box, size: int) -> tuple[int, int, int, int]:
 
 
 def to_pil(image: torch.Tensor):
+    """A uint8 (3, H, W) tensor as an RGB PIL image (the same bytes; Pillow interleaves the planes, 5x faster than a transpose)."""
     from PIL import Image
 
-    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    if image.shape[0] != 3:
+        return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    planes = image.contiguous().numpy()
+    h, w = planes.shape[1:]
+    return Image.merge("RGB", [Image.frombuffer("L", (w, h), planes[k], "raw", "L", 0, 1) for k in range(3)])
 
 
 def from_pil(image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """An RGB PIL image as a contiguous uint8 (3, H, W) tensor (the planes as Pillow splits them)."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
 
 
 def _gauss(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
@@ -448,6 +460,28 @@ class RandomErasing(ViewOp):
 # -- mixup / cutmix --------------------------------------------------------------------------
 
 
+def pair_partners(ids: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Each id's mate in a uniformly random perfect matching of the distinct ``ids``, -1 for an id alone.
+
+    The distinct ids are ordered by their own uniforms ``u`` (one per entry of
+    ``ids``; ties by id) and paired off in that order, so the matching depends
+    on the set of ids and their draws, never on the order of the call. With an
+    odd count the last one mixes with the first of that order, whose own mate
+    is another: then one image serves three views.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    pool, first = np.unique(ids, return_index=True)
+    if len(pool) < 2:
+        return np.full(len(ids), -1, np.int64)
+    order = np.lexsort((pool, u[first]))  # a uniform random permutation of the pool
+    mate = np.empty(len(pool), np.int64)
+    even = len(order) - len(order) % 2
+    mate[order[0:even:2]], mate[order[1:even:2]] = order[1:even:2], order[0:even:2]
+    if even < len(order):
+        mate[order[-1]] = order[0]
+    return pool[mate[np.searchsorted(pool, ids)]]
+
+
 def beta_quantile(alpha: float, u: np.ndarray) -> np.ndarray:
     """Beta(alpha, alpha) samples as the inverse CDF at uniforms ``u``."""
     if alpha == 1.0:
@@ -458,13 +492,15 @@ def beta_quantile(alpha: float, u: np.ndarray) -> np.ndarray:
 
 
 class MixupCutmix(ViewOp):
-    """timm's Mixup/CutMix per sample (its 'elem' mode), partner drawn from the same block.
+    """timm's Mixup/CutMix per sample (its 'elem' mode), partners paired within the same block.
 
     For each sample, with probability ``prob`` the view mixes; if both alphas
     are set, cutmix with probability ``switch_prob`` else mixup (timm's rule).
-    ``mix_partner`` is another sample of the ids drawn together (one whole
-    block: the loader has the partner at hand), never the sample itself, -1
-    for no mixing. ``mix_lam`` (float64) is the share of the sample itself:
+    ``mix_partner`` is the sample's mate in a random perfect matching of the
+    ids drawn together (one whole block, ``pair_partners``), never the sample
+    itself, -1 for no mixing. Mates mix with each other, as timm's batch mode
+    pairs a batch with its flip, so each image is decoded and rendered once
+    and both mixes come from the two renders; each keeps its own lambda and box. ``mix_lam`` (float64) is the share of the sample itself:
     the Beta(alpha, alpha) draw for mixup; for cutmix 1 - the area of the
     recorded box after clipping to the view (timm's ``correct_lam``).
     ``mix_box`` (top, left, height, width, normalised) is the cutmix box,
@@ -498,12 +534,8 @@ class MixupCutmix(ViewOp):
         else:
             cut = np.full(n, self.cutmix_alpha > 0)
         lam = np.where(cut, beta_quantile(self.cutmix_alpha or 1.0, u[:, 2]), beta_quantile(self.mixup_alpha or 1.0, u[:, 2]))
-        # Partner: a uniform pick among the *other* ids of the call, sorted so the call's order never matters.
-        pool = np.unique(ids)
-        mix = (u[:, 0] < self.prob) & (len(pool) > 1)
-        pos = np.searchsorted(pool, ids)
-        k = np.minimum((u[:, 5] * (len(pool) - 1)).astype(np.int64), max(len(pool) - 2, 0))
-        partner = np.where(mix, pool[np.minimum(k + (k >= pos), len(pool) - 1)], -1)
+        partner = np.where((u[:, 0] < self.prob), pair_partners(ids, u[:, 5]), -1)
+        mix = partner >= 0
         # Cutmix box: a square of side sqrt(1 - lam) around a uniform centre, clipped to the view (timm's rand_bbox).
         side = np.sqrt(1.0 - lam)
         cy, cx = u[:, 3], u[:, 4]
@@ -525,8 +557,12 @@ class MixupCutmix(ViewOp):
             view[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
             return view
         lam = float(params["mix_lam"])
-        mixed = view.to(torch.float64) * lam + partner.to(torch.float64) * (1.0 - lam)
-        return torch.round(mixed).clamp_(0, 255).to(torch.uint8)
+        # x * lam + p * (1 - lam) in float64, rounded, for each of the 256 x 256 pixel pairs: the same float
+        # operations as on the whole view, element by element, so a table lookup gives the same bytes, faster.
+        levels = torch.arange(256, dtype=torch.float64)
+        table = torch.round(levels[:, None] * lam + levels[None, :] * (1.0 - lam)).clamp_(0, 255).to(torch.uint8)
+        pairs = (view.to(torch.int32) << 8) | partner.to(torch.int32)  # x * 256 + p
+        return table.view(-1).index_select(0, pairs.reshape(-1)).view(view.shape)
 
     @staticmethod
     def lam_at(params: dict, size: int) -> float:
@@ -595,12 +631,15 @@ class ViewRecipe:
     ``mixup_alpha``/``cutmix_alpha``/``mix_prob``/``mix_switch_prob``: timm's Mixup.
     ``fill``: the uint8 colour of pixels uncovered by RandAugment and of erased
     boxes (the ImageNet mean, as timm's training transforms use it).
+    ``eval_crop``/``eval_interpolation``: the centre crop of evaluation views
+    and how it is resized (timm's ``crop_pct`` and ``interpolation``).
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     eval_crop: float = 0.875  # centre-crop fraction for evaluation views
+    eval_interpolation: str = "bilinear"  # how evaluation crops are resized: bilinear or bicubic (timm's RSB A1/A2 eval)
     randaugment: str | None = None
     ra_interpolation: str = "random"
     color_jitter: float | tuple[float, ...] | None = None
@@ -622,6 +661,8 @@ class ViewRecipe:
         self.ops()  # validate now: a bad setting fails at set-up, not in a loader worker
 
     def ops(self) -> list[ViewOp]:
+        if self.eval_interpolation not in INTERPOLATIONS:
+            raise UserError(f"eval_interpolation '{self.eval_interpolation}': use bilinear or bicubic")
         ops: list[ViewOp] = [RandomResizedCrop(self.scale, self.ratio), HorizontalFlip(self.hflip)]
         if self.randaugment:
             if self.ra_interpolation not in ("random", *INTERPOLATIONS):
@@ -652,6 +693,8 @@ class ViewRecipe:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.augments():
             d = {k: v for k, v in d.items() if k not in _ADDED}
+        if self.eval_interpolation == "bilinear":  # the default, left out so that the default recipe's record stays as it was
+            del d["eval_interpolation"]
         return d
 
     @classmethod
@@ -716,12 +759,17 @@ class ViewPlan:
         return {"recipe": self.recipe.to_dict(), "seed": self.seed}
 
 
-def eval_params(sizes: np.ndarray, crop: float) -> dict[str, np.ndarray]:
-    """Deterministic evaluation views: a centred square crop of ``crop`` times the shorter side."""
+def eval_params(sizes: np.ndarray, crop: float, interpolation: str = "bilinear") -> dict[str, np.ndarray]:
+    """Deterministic evaluation views: a centred square crop of ``crop`` times the shorter side, resized with
+    ``interpolation`` (``crop_interp``, which only evaluation views carry)."""
     H, W = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     side = np.maximum(1, np.round(crop * np.minimum(H, W)))
     box = np.stack([(H - side) // 2 / H, (W - side) // 2 / W, side / H, side / W], axis=1)
-    return {"crop": box.astype(np.float32), "flip": np.zeros(len(sizes), np.uint8)}
+    interp = np.full(len(sizes), INTERPOLATIONS.index(interpolation), np.uint8)
+    return {"crop": box.astype(np.float32), "flip": np.zeros(len(sizes), np.uint8), "crop_interp": interp}
+
+
+EVAL_FIELDS = ("crop", "flip", "crop_interp")  # the parameters of an evaluation view
 
 
 def row(params: dict[str, np.ndarray], j: int) -> dict:
@@ -736,6 +784,7 @@ def fingerprint(view: torch.Tensor) -> int:
 
 def normalize(views: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32, the one normalisation every model input goes through."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (views.float() / 255.0 - mean) / std
+    mean = torch.tensor(mean, dtype=torch.float32, device=views.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=views.device).view(1, -1, 1, 1)
+    # In place on a float copy of its own: the same operations in the same order (the same bits), 3x faster on a CPU.
+    return views.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)

@@ -8,3 +8,10 @@ keeps its traceback.
 
 class UserError(Exception):
     """A mistake in input or environment that the user can fix."""
+
+
+def remote_user_error(text: str) -> UserError | None:
+    """The UserError named in a traceback's text (what a loader worker or a Ray task sends back), if any."""
+    if "UserError: " not in text:
+        return None
+    return UserError(text.rsplit("UserError: ", 1)[-1].strip().splitlines()[0])

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import threading
 import uuid
 
 import fsspec
@@ -21,14 +24,67 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
+from .errors import UserError
+
 
 # An unreachable endpoint should fail in seconds, not after botocore's default
 # minute of retries; "standard" mode still retries throttling and 5xx answers.
 STORAGE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}}}
 
+# The URL schemes a store may live at, with the package that implements each. Anything else (ftp, http,
+# ssh, a typo) is refused before any connection: http is read-only and cannot list, ftp and ssh connect
+# when a location is merely named.
+SCHEMES = {"file": None, "local": None, "memory": None, "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
+           "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # a bucket (container) first, then keys
+REACH_SECONDS = 20.0  # any file system must answer within this; S3's own timeouts (above) answer sooner
+
 
 def storage_options(url: str) -> dict:
     return STORAGE_OPTIONS.get(fsspec.utils.get_protocol(url), {})
+
+
+def check_url(url: str) -> str:
+    """``url`` when it names a directory, or a URL of a known scheme whose file system is installed."""
+    if "://" not in url and "::" not in url:
+        return url  # a local path
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if "::" in url or scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES if s not in ("local", "s3a", "gcs", "abfs", "abfss"))
+        raise UserError(f"unknown URL scheme in {url}: a store is a directory or a URL of {known}")
+    package = SCHEMES[scheme]
+    if package is not None:
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ImportError:
+            raise UserError(f"{url} needs the {package} package, which is not installed: pip install {package}") from None
+    if scheme in OBJECT_STORES:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if scheme in ("s3", "s3a") and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise UserError(f"'{bucket}' in {url} is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'")
+        if not bucket:
+            raise UserError(f"{url} names no bucket: use {scheme}://BUCKET/PATH")
+    return url
+
+
+def _within(seconds: float, fn, what: str):
+    """``fn()``, or a UserError when it has not answered within ``seconds`` (a hung mount, an endpoint that never replies)."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name="reach")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise UserError(f"cannot reach {what}: no answer within {seconds:.0f} s; check the URL, network and credentials")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 class Location:
@@ -36,7 +92,7 @@ class Location:
 
     def __init__(self, url: str | os.PathLike, *, _fs=None, _path: str | None = None):
         if _fs is None:
-            url = os.fspath(url)
+            url = check_url(os.fspath(url))
             _fs, _path = fsspec.core.url_to_fs(url, **storage_options(url))
         self.fs, self.path = _fs, _path.rstrip("/") or "/"
         self.url = url if isinstance(url, str) else os.fspath(url)
@@ -63,7 +119,44 @@ class Location:
         self.fs.invalidate_cache(self.path)  # s3fs caches listings; another writer may have changed them
         return self.fs.exists(self.path)
 
+    @property
+    def bucket(self) -> str | None:
+        """The bucket (container) of an object-store location; None on other file systems."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return self.path.lstrip("/").split("/", 1)[0] if protocol in OBJECT_STORES else None
+
+    def reach(self, seconds: float = REACH_SECONDS) -> bool:
+        """``exists()``, after checking that the file system answers within ``seconds`` and that its bucket exists.
+
+        Any failure is one UserError naming the location: an endpoint that is down or answers 404, a
+        missing bucket, refused credentials, a mount that hangs.
+        """
+        def probe() -> bool:
+            if self.bucket is not None:
+                self.fs.invalidate_cache(self.bucket)
+                try:
+                    self.fs.info(self.bucket)  # unlike exists(), says why: no answer, refused credentials, no bucket
+                except FileNotFoundError:
+                    raise UserError(
+                        f"bucket {self.bucket} of {self.url} does not exist or these credentials cannot see it: "
+                        "create it first, or check the URL, the endpoint (AWS_ENDPOINT_URL) and the credentials"
+                    ) from None
+            try:
+                return self.exists()
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+        try:
+            return _within(seconds, probe, self.url)
+        except UserError:
+            raise
+        except Exception as e:  # network, credentials, DNS: the library's own words say which
+            words = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"cannot reach {self.url}: {type(e).__name__}: {words}; check the URL, network and credentials") from e
+
     def read_bytes(self) -> bytes:
+        if self.is_local:
+            check_regular(self.path, allow_dir=False)
         return self.fs.cat_file(self.path)
 
     def write_bytes(self, data: bytes) -> None:
@@ -90,7 +183,9 @@ class Location:
         return self.path.rsplit("/", 1)[0] or "/"
 
     def remove(self) -> None:
-        """Delete this file if it exists."""
+        """Delete this file if it exists; a directory standing where the file should be is refused, not deleted."""
+        if self.is_local and os.path.isdir(self.path):
+            raise UserError(f"{self.path} is a directory where a file of the store should be: move it away, then run the same command again")
         try:
             self.fs.rm_file(self.path)
         except FileNotFoundError:
@@ -102,8 +197,9 @@ class Location:
 
     # -- directories ------------------------------------------------------------------------
     def makedirs(self) -> None:
-        # Object stores have no directories; for them this is a no-op.
-        self.fs.makedirs(self.path, exist_ok=True)
+        # Object stores have no directories: nothing to make (s3fs would create a missing bucket).
+        if self.bucket is None:
+            self.fs.makedirs(self.path, exist_ok=True)
 
     def listdir(self) -> list[str]:
         """Names directly under this location; empty when there is nothing."""
@@ -121,8 +217,38 @@ class Location:
     # -- zarr -------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = False):
         if self.is_local:
-            return LocalStore(self.path, read_only=read_only)
+            return RegularFilesStore(self.path, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=storage_options(self.url), read_only=read_only)
 
     def open_group(self, mode: str = "a") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+def check_regular(path: str, allow_dir: bool = True) -> None:
+    """Refuse to read anything but a regular file: a FIFO where a shard should be would block its reader forever.
+
+    ``allow_dir``: a directory passes (zarr reads one as a missing chunk).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the reader's own error says so
+    if not stat.S_ISREG(mode) and not (allow_dir and stat.S_ISDIR(mode)):
+        raise UserError(
+            f"{path} is not a regular file (a pipe, a device or a directory stands where a file of the store should be): "
+            "move it away, then run the same command again (`pipeline verify` lists what is missing)"
+        )
+
+
+class RegularFilesStore(LocalStore):
+    """zarr's LocalStore, reading regular files only (see ``check_regular``); directories read as missing, as in zarr."""
+
+    async def get(self, key, prototype=None, byte_range=None):
+        check_regular(os.path.join(self.root, key))
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            check_regular(os.path.join(self.root, key))
+        return await super().get_partial_values(prototype, key_ranges)

@@ -16,8 +16,10 @@ Each tar holds one record, ``__key__`` = ``vVVVVVV-bBBBBBB``, with two members:
   format, but with fixed timestamps so the same unit gives the same bytes).
   Dtypes are kept exactly; ``np.load`` reads it, and so does webdataset's
   default decoder.
-* ``<key>.json``: ``{"view", "block", "start", "rows"}``; sample ids are
-  ``start .. start + rows - 1``.
+* ``<key>.json``: ``{"view", "block", "start", "rows"}``; the rows are
+  positions ``start .. start + rows - 1`` of the store's order, so their sample
+  ids are ``order[start : start + rows]`` (the ``STORE/order`` array; for a
+  store made from tar shards, a ``sequential`` source, the ids themselves).
 
 Why npz and not the zarr backend's blosc: it decodes anywhere with nothing but
 numpy, and it stores about as small (measured on teacher outputs: within a few
@@ -47,7 +49,7 @@ import numpy as np
 
 from .errors import UserError
 from .location import Location
-from .store import ArraySpec, CommittedUnits, as_location
+from .units import ArraySpec, CommittedUnits, as_location, register_backend
 
 ARRAYS_FILE = "arrays.json"
 # Fixed member metadata: the same unit always gives byte-identical tars.
@@ -92,6 +94,7 @@ def read_record(data: bytes) -> dict[str, bytes]:
     return out
 
 
+@register_backend
 class TarUnits(CommittedUnits):
     """A teacher's [V, N, ...] arrays as one webdataset tar per (view, block) unit."""
 
@@ -210,4 +213,4 @@ def wds_urls(store, teacher_id: str) -> list[str]:
     group = store.teacher(teacher_id)
     if not isinstance(group, TarUnits):
         raise UserError(f"teacher '{teacher_id}' in {store.path} is stored as {group.format}, not wds: extract it with --format wds")
-    return group.urls(store.teacher_info(teacher_id).get("views"))  # views beyond the teacher's count are not its own
+    return group.urls(store.teacher_info(teacher_id).views)  # views beyond the teacher's count are not its own

@@ -24,9 +24,11 @@ import pytest
 
 from stages import cache
 from stages.datasets import open_dataset
-from stages.extract import TeacherRunner, extract, open_store, teacher_info
+from stages.extract import TeacherRunner, extract, teacher_info
+from stages.store_setup import open_store
 from stages.teachers import build_teacher
 from stages.views import ViewPlan, ViewRecipe
+from storage import TeacherRecord
 
 DATA = "fake:80?size=32"
 VIEWS, BLOCK, SIZE, BATCH = 2, 32, 32, 32
@@ -40,6 +42,16 @@ def make_teacher(seed: int = 0, num_classes: int = 10):
 
 def runner_for(teacher, **output_kwargs) -> TeacherRunner:
     return TeacherRunner(teacher, teacher_info(teacher, cache.output_info(teacher, **output_kwargs)))
+
+
+def make_record(name: str = "t", **fields) -> TeacherRecord:
+    """A teacher.json for tests that need no real teacher: 10 classes as top-3 float16 logits, 4-d features, unless ``fields`` say otherwise."""
+    base = dict(
+        format="zarr", precision="fp32", name=name, timm_name=name, weights="random-init:seed=0", input_size=SIZE,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), outputs=("logits", "features"), num_classes=10, feature_dim=4,
+        logits="topk", k=3, dtype="float16", feature_dtype="float16", versions={},
+    )
+    return TeacherRecord(**{**base, **fields})
 
 
 def read_tree(root) -> dict[str, bytes]:
@@ -168,3 +180,14 @@ def s3(s3_server, monkeypatch):
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket=BUCKET)
     return client
+
+
+# -- the slow marker -----------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts an S3 server or a Ray cluster must be marked slow: README's fast command leaves those out."""
+    for item in items:
+        uses = {"s3_server", "cluster"} & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(uses))}: mark it @pytest.mark.slow")

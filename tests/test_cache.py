@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from stages import cache
-from storage import Store, UnitArrays, UserError
+from conftest import make_record
+from stages import cache, topk
+from storage import Store, TeacherRecord, UnitArrays, UserError
 
 
-def _info(logits="topk", k=3, dtype="float32", num_classes=10, feature_dim=6, outputs=("logits", "features")):
-    return {"outputs": list(outputs), "num_classes": num_classes, "feature_dim": feature_dim, "logits": logits, "k": k, "dtype": dtype}
+def _info(logits="topk", k=3, dtype="float32", num_classes=10, feature_dim=6, outputs=("logits", "features")) -> TeacherRecord:
+    return make_record(outputs=outputs, num_classes=num_classes, feature_dim=feature_dim, logits=logits, k=k, dtype=dtype, feature_dtype=dtype)
 
 
 def _outputs(batch=8, num_classes=10, feature_dim=6, seed=0):
@@ -29,10 +30,8 @@ def test_topk_reconstruction_keeps_the_teacher_probabilities():
     out = _outputs()
     info = _info(k=3)
     rows = cache.encode(out, LABELS, info)
-    index = torch.from_numpy(rows["topk_index"]).long()
-    full = cache.logits_from_topk(
-        torch.from_numpy(rows["topk_values"]), index, torch.from_numpy(rows["logsumexp"]), info["num_classes"]
-    )
+    index = torch.from_numpy(rows["topk_index"][:, :3]).long()  # the top k (the last slot is the target class)
+    full = topk.logits_from_topk(rows, info.num_classes)
     assert full.shape == (8, 10) and full.dtype == torch.float32
     p_teacher, p_full = out["logits"].softmax(1), full.softmax(1)
     # At T=1 the top-k probabilities are the teacher's.
@@ -40,30 +39,32 @@ def test_topk_reconstruction_keeps_the_teacher_probabilities():
     # The row's normaliser is the stored one, which is the teacher's exact log-sum-exp.
     torch.testing.assert_close(torch.logsumexp(full, 1), torch.from_numpy(rows["logsumexp"]), rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(rows["logsumexp"]), torch.logsumexp(out["logits"], 1), rtol=0, atol=1e-6)
-    # The rest of the mass is spread evenly over the other classes, and everything sums to one.
-    rest = p_full.scatter(1, index, 0.0)
-    expected = (1 - p_teacher.gather(1, index).sum(1, keepdim=True)) / 7
-    torch.testing.assert_close(rest, expected.expand(-1, 10).scatter(1, index, 0.0), rtol=0, atol=1e-6)
+    # The target class keeps its own probability; the rest of the mass is spread evenly over the other classes.
+    kept = torch.zeros(8, 10, dtype=torch.bool).scatter_(1, index, True)
+    kept[torch.arange(8), LABELS] = True
+    torch.testing.assert_close(p_full[torch.arange(8), LABELS], p_teacher[torch.arange(8), LABELS], rtol=0, atol=1e-6)
+    rest = p_full.masked_fill(kept, 0.0)
+    expected = (1 - p_teacher.masked_fill(~kept, 0.0).sum(1, keepdim=True)) / (~kept).sum(1, keepdim=True)
+    torch.testing.assert_close(rest, expected.expand(-1, 10).masked_fill(kept, 0.0), rtol=0, atol=1e-6)
     # The top-k classes stay the top-k classes.
     assert torch.equal(full.topk(3, 1).indices.sort(1).values, index.sort(1).values)
 
 
-def test_topk_with_k_equal_to_classes_gives_the_logits_back_exactly():
+def test_topk_with_k_equal_to_classes_gives_the_logits_back():
     out = _outputs()
     rows = cache.encode(out, LABELS, _info(k=10))
-    full = cache.logits_from_topk(
-        torch.from_numpy(rows["topk_values"]),
-        torch.from_numpy(rows["topk_index"]),
-        torch.from_numpy(rows["logsumexp"]),
-        10,
-    )
-    assert torch.equal(full, out["logits"])
+    full = topk.logits_from_topk(rows, 10)
+    # log-probability + log-sum-exp, each float32: the logits to float32 rounding.
+    torch.testing.assert_close(full, out["logits"], rtol=0, atol=2e-6)
 
 
-def test_target_logit_is_the_true_class_logit():
+def test_target_log_probability_is_the_true_class_one():
     out = _outputs()
     rows = cache.encode(out, LABELS, _info(k=3))
-    np.testing.assert_array_equal(rows["target_logit"], out["logits"][torch.arange(8), LABELS].numpy())
+    np.testing.assert_array_equal(rows["topk_index"][:, -1], LABELS.numpy())  # the top k, then the target class
+    expected = torch.log_softmax(out["logits"].double(), 1)[torch.arange(8), LABELS].float().numpy()
+    np.testing.assert_allclose(rows["topk_logp"][:, -1], expected, rtol=1e-6)
+    assert rows["topk_logp"].shape == rows["topk_index"].shape == (8, 4) and rows["tail"].shape == (8, 2)
 
 
 def _through_store(tmp_path, rows, info):
@@ -86,20 +87,21 @@ def test_full_float32_round_trip_through_the_store_is_exact(tmp_path):
 def test_topk_float16_round_trip_through_the_store_is_close(tmp_path):
     out, info = _outputs(), _info(logits="topk", k=3, dtype="float16")
     rows = _through_store(tmp_path, cache.encode(out, LABELS, info), info)
-    assert rows["topk_values"].dtype == np.float16 and rows["topk_index"].dtype == np.int16
+    assert rows["topk_logp"].dtype == np.float16 and rows["topk_index"].dtype == np.int16
+    assert rows["tail"].dtype == np.float16
     assert rows["logsumexp"].dtype == np.float32 and rows["features"].dtype == np.float16
     back = cache.decode({k: rows[k] for k in cache.stored_names(info, ("logits", "features"))}, info, ("logits", "features"))
     assert back["logits"].dtype == torch.float32 and back["features"].dtype == torch.float32
-    index = torch.from_numpy(rows["topk_index"]).long()
+    index = torch.from_numpy(rows["topk_index"]).long()  # the top 3 and the target: all kept
     torch.testing.assert_close(back["logits"].softmax(1).gather(1, index), out["logits"].softmax(1).gather(1, index), rtol=0, atol=2e-3)
     assert torch.equal(back["logits"].argmax(1), out["logits"].argmax(1))
     torch.testing.assert_close(back["features"], out["features"], rtol=1e-3, atol=1e-3)
 
 
 def test_stored_names_read_only_what_is_needed():
-    assert cache.stored_names(_info(logits="topk"), ("logits",)) == ["topk_values", "topk_index", "logsumexp"]
+    assert cache.stored_names(_info(logits="topk"), ("logits",)) == list(topk.ARRAYS)
     assert cache.stored_names(_info(logits="full"), ("logits", "features")) == ["logits", "features"]
-    with pytest.raises(UserError, match="extract with --outputs features"):
+    with pytest.raises(UserError, match="has no features .* --outputs logits,features"):
         cache.stored_names(_info(outputs=("logits",)), ("features",))
 
 
@@ -109,10 +111,10 @@ def test_class_index_dtype_grows_with_the_class_count():
 
 
 def test_output_info_validates_settings(teacher1):
-    info = cache.output_info(teacher1, k=50)
-    assert info["k"] == 10  # never more than the classes
-    assert info["outputs"] == ["logits", "features"] and info["num_classes"] == 10 and info["feature_dim"] == 512
-    assert info["feature_dtype"] == "float16" and "num_tokens" not in info  # tokens only when asked for
+    fields = cache.output_info(teacher1, k=50)  # TeacherRecord fields
+    assert fields["k"] == 10  # never more than the classes
+    assert fields["outputs"] == ["logits", "features"] and fields["num_classes"] == 10 and fields["feature_dim"] == 512
+    assert fields["feature_dtype"] == "float16" and "num_tokens" not in fields  # tokens only when asked for
     for bad in (dict(logits="some"), dict(dtype="bfloat16"), dict(feature_dtype="int4"), dict(k=0), dict(outputs=("attention",))):
         with pytest.raises(UserError):
             cache.output_info(teacher1, **bad)
@@ -120,7 +122,7 @@ def test_output_info_validates_settings(teacher1):
 
 def test_cached_rows_equal_the_live_teacher(base_store, train_data, plan, teacher1):
     """Block 1 of view 0 from the shared store, against the teacher run on the same views now."""
-    from stages.extract import stored_plan
+    from stages.store_setup import stored_plan
     from stages.replay import StoredViews
     from stages.views import normalize, row
 

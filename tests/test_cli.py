@@ -73,12 +73,12 @@ def test_more_views_append_and_a_second_teacher_shares_the_plan(tmp_path, teache
     store = tmp_path / "store"
     base = ["extract", "--data", DATA, "--weights", str(teacher_file), "--store", str(store), "--block", "32"]
     assert run(*base, "--teacher", "resnet18", "--views", "1") == 0
-    first = zarr_copy(store / "teachers" / "resnet18" / "topk_values")
+    first = zarr_copy(store / "teachers" / "resnet18" / "topk_logp")
     assert run(*base, "--teacher", "resnet18", "--views", "2") == 0
-    grown = zarr_copy(store / "teachers" / "resnet18" / "topk_values")
+    grown = zarr_copy(store / "teachers" / "resnet18" / "topk_logp")
     assert grown.shape[0] == 2 and (grown[:1] == first).all()
     assert run(*base, "--teacher", "resnet18", "--teacher-id", "again", "--views", "2") == 0
-    assert (zarr_copy(store / "teachers" / "again" / "topk_values") == grown).all()
+    assert (zarr_copy(store / "teachers" / "again" / "topk_logp") == grown).all()
     assert run("distill", "--from-cache", str(store), "--teacher", "again", *TINY_STUDENT, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "s")) == 0
 
 
@@ -188,7 +188,7 @@ def test_every_flag_is_explained_with_its_default():
     from pipeline.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(commands) == {"demo", "train", "extract", "verify", "inspect", "stats", "distill"}
+    assert set(commands) == {"demo", "train", "extract", "verify", "inspect", "stats", "distill", "sweep", "report"}
     for name, parser in commands.items():
         for action in parser._actions:
             if action.dest == "help":

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from stages.methods import MethodContext, create_method
 from stages.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
-RECIPES = [name for name in ALL if not name.startswith("cluster/")]  # cluster/: Ray launcher configs, not recipes
+RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/test_sweep.py)
 
 
 def test_the_paper_recipes_are_shipped():
@@ -24,18 +23,36 @@ def test_the_paper_recipes_are_shipped():
 @pytest.mark.parametrize("name", [r for r in RECIPES if r != "demo"])
 def test_recipe_builds_views_settings_and_method(name):
     data = config.recipe(name)
-    plan = ViewPlan(config.build(ViewRecipe, {**ViewRecipe().to_dict(), **data.pop("views", {})}, name))
+    views = data.pop("views", {})
+    plan = ViewPlan(config.build(ViewRecipe, {**ViewRecipe().to_dict(), **views}, name))
     settings = config.build(TrainSettings, data, name)
     context = MethodContext(num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs)
     create_method(settings.method, context, **settings.method_args)
     assert lr_factor(settings, steps_per_epoch=10)(0) > 0
-    assert plan.fields  # the plan draws what it records
+    # The plan is the recipe's views section (nothing dropped on the way), and draws exactly the fields the store records.
+    for key, value in views.items():
+        assert getattr(plan.recipe, key) == (tuple(value) if isinstance(value, list) else value), key
+    expected = {"crop", "flip"}
+    if views.get("randaugment"):
+        expected |= {"ra_op", "ra_apply", "ra_mag"}
+        if views.get("ra_interpolation", "random") == "random":  # timm's per-op choice is drawn and recorded
+            expected |= {"ra_interp"}
+    if views.get("erase_prob"):
+        expected |= {"erase_box"}
+    if views.get("mixup_alpha") or views.get("cutmix_alpha"):
+        expected |= {"mix_partner", "mix_lam", "mix_box"}  # the teacher saw the mixed image: the partner is recorded
+    assert set(plan.fields) == expected
+    drawn = plan.draw(0, np.arange(8), np.full((8, 2), 64))
+    assert set(drawn) == expected
+    for key, spec in plan.fields.items():
+        assert drawn[key].shape == (8, *spec.row_shape) and drawn[key].dtype == np.dtype(spec.dtype), key
 
 
 def test_vanillakd_a2_is_the_papers_recipe():
     data = config.recipe("vanillakd_a2")
     assert data["views"]["randaugment"] == "rand-m7-mstd0.5" and data["views"]["mixup_alpha"] == 0.1
-    assert (data["optimizer"], data["lr"], data["weight_decay"], data["batch_size"], data["epochs"]) == ("lamb", 0.005, 0.02, 2048, 300)
+    assert (data["optimizer"], data["lr"], data["weight_decay"], data["global_batch"], data["epochs"]) == ("lamb", 0.005, 0.02, 2048, 300)
+    assert data["repeats"] == 3 and (data["views"]["eval_crop"], data["views"]["eval_interpolation"]) == (0.95, "bicubic")
     assert data["method_args"]["hard_loss"] == "bce" and data["drop_path"] == 0.05
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.datasets import DigitsDataset, FolderDataset, open_dataset
+from stages import datasets
+from stages.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
 from storage import UserError
 
 # -- digits ----------------------------------------------------------------------------------
@@ -167,3 +168,50 @@ def test_a_fake_datasets_recorded_source_reopens_the_same_images():
     data = open_dataset("fake:40?size=16&classes=4")
     again = open_dataset(data.source)  # what a store records, and distill reopens without --data
     assert again.fingerprint() == data.fingerprint() and again.size == 16 and len(again.classes) == 4
+
+
+# -- the registry of sources -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["nosuch", "nosuch:x", "digit"])
+def test_an_unknown_kind_names_the_known_kinds(source):
+    with pytest.raises(UserError, match="known kinds are digits, fake:N, folder:PATH") as e:
+        open_dataset(source)
+    assert all(usage in str(e.value) for usage in list_datasets()) and "--data" in str(e.value)
+    if source == "digit":
+        assert "did you mean digits" in str(e.value)
+
+
+@pytest.mark.parametrize("source, match", [("folder:", "needs an argument: use folder:PATH"), ("digits:x", "takes no argument: use digits")])
+def test_a_kinds_argument_is_checked(source, match):
+    with pytest.raises(UserError, match=match):
+        open_dataset(source)
+
+
+def test_a_new_source_is_one_registration(monkeypatch):
+    monkeypatch.setattr(datasets, "_DATASETS", dict(datasets._DATASETS))  # leave the real registry as it was
+    seen = []
+
+    @register_dataset("tiny", usage="tiny:N")
+    def _open_tiny(argument, split, val_source):
+        seen.append((argument, split, val_source))
+        return FakeDataset(int(argument), size=8, split=split)
+
+    assert "tiny:N" in list_datasets()
+    data = open_dataset("tiny:12")
+    assert len(data) == 12 and data.image(0).shape == (3, 8, 8)
+    val = validation_data("tiny:12", None)  # a kind has its own validation split unless it says otherwise
+    assert val is not None and val.split == "val"
+    assert seen == [("12", "train", None), ("12", "val", None)]
+    with pytest.raises(UserError, match="needs an argument: use tiny:N"):
+        open_dataset("tiny")
+
+
+def test_validation_data_for_each_kind(image_folder, caplog):
+    root, _ = image_folder
+    val = validation_data("digits", None)
+    assert len(val) == 364 and val.fingerprint() == DigitsDataset("val").fingerprint()
+    assert len(validation_data("fake:30?size=24&classes=3", None)) == 6
+    assert validation_data(f"folder:{root}", None) is None  # a folder has no validation split of its own
+    assert "--val-data folder:PATH" in caplog.text
+    assert validation_data(f"folder:{root}", f"folder:{root}").keys == open_dataset(f"folder:{root}").keys

@@ -7,7 +7,8 @@ import pytest
 from conftest import BATCH, BLOCK, SIZE, VIEWS, group_arrays, make_teacher, read_tree, runner_for
 
 from stages.datasets import open_dataset
-from stages.extract import TeacherRunner, extract, open_store
+from stages.extract import TeacherRunner, extract
+from stages.store_setup import open_store
 from stages.views import ViewPlan, ViewRecipe
 from storage import Store, UserError
 
@@ -31,8 +32,8 @@ def test_extract_writes_every_unit_once(base_store, train_data):
     units = {(v, b) for v in range(VIEWS) for b in range(3)}
     assert store.plan.committed() == units and store.teacher("t1").committed() == units
     info = store.teacher_info("t1")
-    assert (info["name"], info["logits"], info["dtype"], info["num_classes"]) == ("resnet18", "full", "float32", 10)
-    assert info["weights"] == "random-init:seed=0" and info["views"] == VIEWS
+    assert (info.name, info.logits, info.dtype, info.num_classes) == ("resnet18", "full", "float32", 10)
+    assert info.weights == "random-init:seed=0" and info.views == VIEWS
     assert store.meta["dataset"]["fingerprint"] == train_data.fingerprint()
     logits = store.teacher("t1").array("logits")[:]
     assert logits.shape == (VIEWS, len(train_data), 10) and np.isfinite(logits).all()
@@ -113,7 +114,7 @@ def test_more_views_are_appended_without_touching_existing_ones(store_copy, trai
     after = old_view_files()
     assert {k: after[k] for k in before} == before  # old shards and records: byte for byte
     reopened = Store(store_copy)
-    assert reopened.num_views == 3 and reopened.teacher_info("t1")["views"] == 3
+    assert reopened.num_views == 3 and reopened.teacher_info("t1").views == 3
     assert reopened.teacher("t1").committed() == {(v, b) for v in range(3) for b in range(3)}
     for group, ref in ((reopened.plan, reference["plan"]), (reopened.teacher("t1"), reference["t1"])):
         got = group_arrays(group)
@@ -132,8 +133,8 @@ def test_second_teacher_shares_the_plan_and_leaves_it_untouched(base_store, two_
     _assert_same_arrays(group_arrays(store.teacher("t1")), reference["t1"])
     t2 = store.teacher("t2")
     assert t2.committed() == {(v, b) for v in range(VIEWS) for b in range(3)}
-    assert store.teacher_info("t2")["weights"] == "random-init:seed=1"
-    assert t2.names == ["features", "logsumexp", "target_logit", "topk_index", "topk_values"]
+    assert store.teacher_info("t2").weights == "random-init:seed=1"
+    assert t2.names == ["features", "logsumexp", "tail", "topk_index", "topk_logp"]
     # Another teacher: its top classes are not t1's.
     t1_top = np.argsort(-reference["t1"]["logits"], axis=-1)[..., :3]
     assert not np.array_equal(np.sort(t2.array("topk_index")[:], -1), np.sort(t1_top, -1))
@@ -144,7 +145,7 @@ def test_a_teacher_with_more_views_leaves_the_others_complete(wide_store, refere
 
     store = Store(wide_store)
     assert store.num_views == 3 and store.plan.complete_views(store.num_blocks) == 3
-    assert store.teacher_info("t1")["views"] == VIEWS and store.teacher_info("wide")["views"] == 3
+    assert store.teacher_info("t1").views == VIEWS and store.teacher_info("wide").views == 3
     assert CachedTeacher(store, "t1", ("logits",)).num_views == VIEWS  # still complete: no refusal
     t1 = group_arrays(store.teacher("t1"))
     _assert_same_arrays({k: a[:VIEWS] for k, a in t1.items()}, reference["t1"])
@@ -155,11 +156,12 @@ def test_a_teacher_with_more_views_leaves_the_others_complete(wide_store, refere
 
 def test_second_teacher_checks_the_plan_fingerprints(store_copy, train_data, plan, teacher1):
     store = Store(store_copy)
-    # The plan as another renderer would have recorded it: sample 40 (in block 1) with another fingerprint.
+    # The plan as another renderer would have recorded it: the ninth sample of block 1 with another fingerprint.
     unit = store.plan.read_unit(0, 1, rows=32)
-    unit["fingerprint"][40 - 32] ^= 1
+    unit["fingerprint"][8] ^= 1
     store.plan.write_unit(0, 1, unit)
-    with pytest.raises(UserError, match="view 0 of sample 40 renders differently"):
+    sample = int(store.block_ids(1)[8])
+    with pytest.raises(UserError, match=f"view 0 of sample {sample} replays differently"):
         extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "again", views=VIEWS, batch_size=BATCH)
     assert Store(store_copy).teacher("again").committed() == {(0, 0)}  # nothing after the mismatch
 
@@ -204,7 +206,7 @@ def test_a_bf16_teacher_is_recorded_close_to_fp32_and_never_mixed_with_it(store_
     bf16 = TeacherRunner(teacher1, teacher_info(teacher1, cache.output_info(teacher1, **FULL), precision="bf16"))
     extract(_reopen(store_copy, train_data, plan), train_data, bf16, "bf", views=VIEWS, batch_size=BATCH)
     store = Store(store_copy)
-    assert store.teacher_info("bf")["precision"] == "bf16" and store.teacher_info("t1").get("precision", "fp32") == "fp32"
+    assert store.teacher_info("bf").precision == "bf16" and store.teacher_info("t1").precision == "fp32"
     fp32, low = store.teacher("t1").array("logits")[:], store.teacher("bf").array("logits")[:]
     assert not np.array_equal(fp32, low)  # autocast really ran in bfloat16
     assert np.corrcoef(fp32.ravel(), low.ravel())[0, 1] > 0.99

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import build_parser, main
-from stages import inspect
+from stages import store_report, topk
 from stages.stats import write_stats
 from storage import Store
 
@@ -56,12 +56,13 @@ def test_table_matches_the_stores_own_description(two_teacher_store, capsys):
             assert number(per_view) == pytest.approx(d["stored_bytes"] / (VIEWS * N), abs=0.005)
             assert number(ratio) == pytest.approx(d["nbytes"] / d["stored_bytes"], abs=0.005)
         assert number(rows["total"][2]) == sum(d["stored_bytes"] for d in described.values())
-    assert set(table_of(out, "teacher t2 ")) == {"topk_values", "topk_index", "logsumexp", "target_logit", "features", "total"}
+    assert set(table_of(out, "teacher t2 ")) == {*topk.ARRAYS, "features", "total"}
     assert set(table_of(out, "recipe: ")) == {"crop", "flip", "fingerprint", "total"}
     blocks = -(-N // BLOCK)
     assert out.count(f"{VIEWS} of {VIEWS} views complete, {VIEWS * blocks} of {VIEWS * blocks} units committed") == 3  # plan, t1, t2
-    assert "KL(full || top-10 rebuilt)" in out  # t1 keeps full logits
+    assert "KL(full || top-10 rebuilt) in nats, measured: T=1 mean" in out  # t1 keeps full logits
     assert "top-3 mass over" in out  # t2 keeps its own k
+    assert "KL(full || top-3 rebuilt) in nats, estimated from the stored tail statistics" in out
 
 
 def test_partial_teacher_and_stats_are_reported(store_copy, train_data, capsys):
@@ -79,7 +80,7 @@ def test_partial_teacher_and_stats_are_reported(store_copy, train_data, capsys):
 
 def test_topk_mass_is_the_probability_the_top_k_keep(base_store, two_teacher_store):
     store = Store(base_store)
-    q = inspect.logit_quality(store, "t1", units=2, k=3)
+    q = store_report.logit_quality(store, "t1", units=2, k=3)
     # An independent computation on the same two units (the first and the last committed).
     units = sorted(store.teacher("t1").committed())
     logits = torch.cat([torch.from_numpy(store.teacher("t1").read_unit(v, b, ["logits"], rows=len(store.block_range(b)))["logits"]) for v, b in (units[0], units[-1])])
@@ -87,8 +88,9 @@ def test_topk_mass_is_the_probability_the_top_k_keep(base_store, two_teacher_sto
     assert q.rows == len(mass) and q.units == 2
     assert q.mass_mean == pytest.approx(float(mass.mean()), rel=1e-6)
     assert q.mass_p5 == pytest.approx(float(np.percentile(mass.numpy(), 5)), rel=1e-6)
-    top3 = inspect.logit_quality(Store(two_teacher_store), "t2", units=3)
-    assert top3.k == 3 and not top3.kl  # a top-k store cannot say what it lost
+    top3 = store_report.logit_quality(Store(two_teacher_store), "t2", units=3)
+    assert top3.k == 3 and not top3.measured and set(top3.kl) == {1.0, 4.0}  # a top-k store estimates what it lost
+    assert all(0 < share <= 1 for share, _ in top3.tail_share.values())
     assert 0 < top3.mass_p5 <= top3.mass_mean <= 1
     # A random-init teacher over 10 classes is nearly uniform: 3 classes keep about 0.3.
     assert 0.25 < top3.mass_mean < 0.5
@@ -96,10 +98,10 @@ def test_topk_mass_is_the_probability_the_top_k_keep(base_store, two_teacher_sto
 
 def test_kl_is_zero_with_every_class_and_positive_without(base_store):
     store = Store(base_store)
-    everything = inspect.logit_quality(store, "t1", units=6, k=10)
+    everything = store_report.logit_quality(store, "t1", units=6, k=10)
     assert everything.mass_mean == pytest.approx(1.0, abs=1e-6)
     assert all(mean < 1e-9 and p95 < 1e-9 for mean, p95 in everything.kl.values())
-    fewer = inspect.logit_quality(store, "t1", units=6, k=3)
+    fewer = store_report.logit_quality(store, "t1", units=6, k=3)
     assert all(mean > 0 and p95 >= mean * 0.5 for mean, p95 in fewer.kl.values())
     assert set(fewer.kl) == {1.0, 4.0}
 
@@ -110,28 +112,28 @@ def test_kl_golden_value():
     p = torch.softmax(logits.double(), 1)[0]
     q = torch.tensor([p[0], (1 - p[0]) / 2, (1 - p[0]) / 2], dtype=torch.float64)
     expected = float((p * (p / q).log()).sum())
-    assert float(inspect.kl_full_vs_topk(logits, 1)[0]) == pytest.approx(expected, rel=1e-5)
-    assert float(inspect.kl_full_vs_topk(logits, 3)[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(store_report.kl_full_vs_topk(logits, 1)[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(store_report.kl_full_vs_topk(logits, 3)[0]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_grid_shows_the_replayed_views_and_the_teachers_classes(base_store, train_data, tmp_path, capsys):
     png = tmp_path / "grid.png"
     rc, out, _ = run(capsys, str(base_store), "--grid", str(png), "--grid-samples", "5", "--grid-views", "3")
     assert rc == 0 and f"grid: 5 samples x 2 views of teacher t1 -> {png}" in out  # only 2 views exist
-    width, height = inspect.tile_size(SIZE)
+    width, height = store_report.tile_size(SIZE)
     image = Image.open(png)
     assert image.size == (2 * width, 5 * height)
     store = Store(base_store)
-    cells = inspect.grid_cells(store, train_data, "t1", samples=5, views=2)
+    cells = store_report.grid_cells(store, train_data, "t1", samples=5, views=2)
     assert [(c["id"], c["view"]) for c in cells] == [(i, v) for i in range(5) for v in range(2)]
     logits = store.teacher("t1").array("logits")
     for c in cells:
-        row = torch.from_numpy(logits[c["view"], c["id"]])
+        row = torch.from_numpy(logits[c["view"], int(store.positions([c["id"]])[0])])  # rows are in the store's order
         assert c["top"][0][0] == int(row.argmax()) and c["top"][0][1] == pytest.approx(float(torch.softmax(row, 0).max()))
         assert c["label"] == int(train_data.labels[c["id"]])
     # The tile of sample 1, view 1 holds that replayed view, enlarged by whole pixels.
-    side = width - 2 * inspect.PAD
-    tile = np.asarray(image.crop((width + inspect.PAD, height + inspect.PAD, width + inspect.PAD + side, height + inspect.PAD + side)))
+    side = width - 2 * store_report.PAD
+    tile = np.asarray(image.crop((width + store_report.PAD, height + store_report.PAD, width + store_report.PAD + side, height + store_report.PAD + side)))
     scale = side // SIZE
     assert np.array_equal(tile[::scale, ::scale], cells[3]["image"].permute(1, 2, 0).numpy())
 
@@ -142,28 +144,31 @@ def test_grid_refuses_views_that_no_longer_replay(store_copy, tmp_path, capsys):
     plan.write_unit(0, 0, {**unit, "fingerprint": unit["fingerprint"] ^ np.uint32(1)})  # a library "changed" the pixels
     rc, _, err = run(capsys, str(store_copy), "--grid", str(tmp_path / "g.png"))
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "view 0 of sample 0 replays differently" in err
+    first = next(int(i) for i in Store(store_copy).block_ids(0) if i < 16)  # the grid's first sample (of 0..15) in block 0
+    assert f"view 0 of sample {first} replays differently" in err
     assert not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("case", ["missing store", "unknown teacher", "bad units"])
+@pytest.mark.parametrize("case", ["missing store", "unknown teacher", "bad units", "bad temperature"])
 def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
     argv = {
         "missing store": [str(tmp_path / "nowhere")],
         "unknown teacher": [str(base_store), "--teacher", "nope"],
         "bad units": [str(base_store), "--units", "0"],
+        "bad temperature": [str(base_store), "--temperature", "1,0"],
     }[case]
     rc, out, err = run(capsys, *argv)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and out == ""
-    expected = {"missing store": "no store at", "unknown teacher": "has no teacher 'nope' (it has: t1)", "bad units": "--units must be at least 1"}
+    expected = {"missing store": "no store at", "unknown teacher": "has no teacher 'nope' (it has: t1)", "bad units": "--units: must be an integer in [1,",
+                "bad temperature": "--temperature must be positive numbers"}
     assert expected[case] in lines[0]
 
 
 def test_every_inspect_flag_states_its_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["inspect"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--teacher", "--units", "--topk", "--grid", "--grid-samples", "--grid-views", "--data"}
+    assert {a.option_strings[0] for a in flags} == {"--teacher", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-views", "--data"}
     for action in flags:
         assert "default:" in action.help, action.option_strings
         if action.default is not None:

@@ -20,6 +20,7 @@ from stages import verify
 from stages.extract import extract
 from storage import DamagedUnit, Store, UserError
 from storage.lock import TeacherLock
+from storage.store import FORMAT_VERSION
 
 from conftest import BATCH, DATA, VIEWS, group_arrays, read_tree, runner_for
 
@@ -167,14 +168,33 @@ def test_a_full_disk_leaves_no_committed_partial_unit(store_copy, train_data, te
     assert (1, 2) not in store.teacher("t1").committed()
     # Through the command line it is one line and exit 2.
     assert run(*EXTRACT, "--store", str(store_copy)) == 2
-    assert "No space left on device" in capsys.readouterr().err
+    assert "no space left on device" in capsys.readouterr().err.lower()
     monkeypatch.undo()
     assert run(*EXTRACT, "--store", str(store_copy)) == 0
     assert verify.check_store(Store(store_copy)).ok
 
 
+@pytest.mark.parametrize("command", ["distill", "extract", "inspect", "verify"])
+def test_a_store_of_the_old_format_is_refused_with_how_to_extract_it_again(store_copy, tmp_path, capsys, command):
+    """Format 1 laid blocks out as runs of consecutive ids: nothing may read it as if its blocks were random samples."""
+    meta = store_copy / "store.json"
+    meta.write_text(meta.read_text().replace(f'"format": {FORMAT_VERSION}', '"format": 1'))
+    before = read_tree(store_copy)
+    argv = {
+        "distill": ["distill", "--from-cache", str(store_copy), "--student", "resnet10t", "--epochs", "1", "--out", str(tmp_path / "run")],
+        "extract": [*EXTRACT, "--store", str(store_copy)],
+        "inspect": ["inspect", str(store_copy)],
+        "verify": ["verify", str(store_copy)],
+    }[command]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has store format 1, this pipeline reads format {FORMAT_VERSION}" in err[0]
+    assert "extract it again into a new --store" in err[0]
+    assert read_tree(store_copy) == before and not (tmp_path / "run").exists()
+
+
 def test_a_store_from_a_newer_pipeline_is_refused(store_copy):
     meta = store_copy / "store.json"
-    meta.write_text(meta.read_text().replace('"format": 1', '"format": 7'))
+    meta.write_text(meta.read_text().replace(f'"format": {FORMAT_VERSION}', '"format": 7'))
     with pytest.raises(UserError, match="newer pipeline"):
         Store(store_copy)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss
+from stages.losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss  # the README's public import
+from stages.losses import flat_cosine_loss, joint_similarity_log_probs, similarity_kl, smoothed_soft_ce
 
 
 def _t(x, grad=False):
@@ -28,14 +29,6 @@ def _softmax(row):
 
 def _kl(p, q):
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
-
-
-def test_importable_from_stages_losses():
-    import stages.losses as losses
-
-    for name in ("kd_loss", "dkd_loss", "dist_loss", "nd_loss", "logsum_loss"):
-        fn = getattr(losses, name)
-        assert callable(fn) and fn.__doc__
 
 
 # -- DKD -------------------------------------------------------------------------------------
@@ -335,3 +328,105 @@ def test_kd_two_by_three_by_hand():
         _kl(_softmax([v / temperature for v in zt]), _softmax([v / temperature for v in zs])) for zs, zt in zip(S23, T23)
     ) / 2 * temperature**2
     assert kd_loss(_t(S23), _t(T23), temperature=temperature).item() == pytest.approx(expected, rel=1e-12)
+
+
+# -- CosPress: the similarity-preserving KL and the flattened cosine -----------------------------
+
+
+def _joint(vectors, temperature):
+    """t-SNE's symmetric joint p_ij from cosines, by loops: p(j|i) over j != i, p_ij = (p(j|i) + p(i|j)) / 2N."""
+    n = len(vectors)
+    unit = [np.asarray(v, float) / np.linalg.norm(v) for v in vectors]
+    cond = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        e = {j: math.exp(float(unit[i] @ unit[j]) / temperature) for j in range(n) if j != i}
+        for j, v in e.items():
+            cond[i][j] = v / sum(e.values())
+    return [[(cond[i][j] + cond[j][i]) / (2 * n) for j in range(n)] for i in range(n)]
+
+
+def _sim_kl(teacher_sets, mapped_sets, temperatures):
+    total = 0.0
+    for t in temperatures:
+        per_set = []
+        for a, b in zip(teacher_sets, mapped_sets):
+            p, q = _joint(a, t), _joint(b, t)
+            per_set.append(sum(p[i][j] * math.log(p[i][j] / q[i][j]) for i in range(len(a)) for j in range(len(a)) if i != j))
+        total += sum(per_set) / len(per_set)
+    return total / len(temperatures)
+
+
+def test_similarity_kl_three_vectors_by_hand():
+    # Teacher: three directions at 0, 90 and 180 degrees (cosines 0, -1, 0). Mapped: all three the same
+    # direction (cosines 1), so q is uniform over the six ordered pairs: q_ij = 1/6.
+    teacher = _t([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    mapped = _t([[[2.0], [1.0], [3.0]]])
+    a = 1 / (1 + math.exp(-1))  # p(2|1) = p(2|3) at temperature 1; p(1|2) = p(3|2) = 1/2
+    p12, p13 = (a + 0.5) / 6, 2 * (1 - a) / 6  # p23 = p12
+    expected = 2 * (2 * p12 * math.log(6 * p12) + p13 * math.log(6 * p13))
+    assert similarity_kl(teacher, mapped, [1.0]).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_similarity_kl_is_the_loop_reference_at_every_temperature_and_averages_them():
+    rng = np.random.default_rng(10)
+    teacher, mapped = rng.normal(size=(2, 5, 6)), rng.normal(size=(2, 5, 3))
+    temperatures = [0.05, 0.1, 0.5]
+    got = similarity_kl(_t(teacher), _t(mapped), temperatures).item()
+    assert got == pytest.approx(_sim_kl(teacher, mapped, temperatures), rel=1e-5)
+    each = [similarity_kl(_t(teacher), _t(mapped), [t]).item() for t in temperatures]
+    assert got == pytest.approx(sum(each) / 3, rel=1e-6)
+
+
+def test_similarity_kl_is_zero_when_the_mapping_preserves_every_cosine():
+    # Teacher tokens span 3 of 8 dimensions: their coordinates in that subspace, rescaled per token,
+    # keep every cosine in 3 dimensions.
+    g = torch.Generator().manual_seed(11)
+    basis, _ = torch.linalg.qr(torch.randn(8, 3, generator=g, dtype=torch.float64))  # (8, 3) orthonormal columns
+    coords = torch.randn(4, 7, 3, generator=g, dtype=torch.float64)
+    teacher = coords @ basis.T  # (4, 7, 8)
+    mapped = coords * torch.rand(4, 7, 1, generator=g, dtype=torch.float64).add(0.5)
+    assert similarity_kl(teacher, mapped, [0.01, 0.05, 0.1]).item() == pytest.approx(0.0, abs=1e-6)
+    assert similarity_kl(teacher, coords @ torch.randn(3, 3, generator=g, dtype=torch.float64), [0.05]).item() > 1e-3
+
+
+def test_similarity_terms_stay_finite_with_masked_self_pairs():
+    # At temperature 0.01 with identical and nearly identical vectors; the self-pairs have p = 0 exactly.
+    x = torch.ones(2, 4, 5, dtype=torch.float32)
+    x[1, 1:] += 1e-4 * torch.arange(3 * 5, dtype=torch.float32).view(3, 5)
+    log_p = joint_similarity_log_probs(x, 0.01)
+    assert torch.isfinite(log_p).all()
+    assert torch.equal(log_p.exp().diagonal(dim1=-2, dim2=-1), torch.zeros(2, 4))
+    assert log_p.exp().sum(dim=(-2, -1)).sub(1).abs().max() < 1e-5
+    mapped = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(12)).requires_grad_()
+    loss = similarity_kl(x, mapped, [0.01, 0.1])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(mapped.grad).all()
+
+
+def test_flat_cosine_is_one_cosine_over_all_tokens_of_an_image():
+    s = _t([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, T=2, D=2)
+    t = _t([[[3.0, 0.0], [0.0, 1.0]]])
+    # Flattened: (1, 0, 0, 1) . (3, 0, 0, 1) / (sqrt 2 sqrt 10); token by token both cosines are 1.
+    assert flat_cosine_loss(s, t).item() == pytest.approx(1 - 4 / math.sqrt(20), rel=1e-12)
+    assert flat_cosine_loss(_t([[1.0, 2.0], [0.0, 1.0]]), _t([[2.0, 4.0], [0.0, -3.0]])).item() == pytest.approx((0 + 2) / 2)
+
+
+# -- GPD's SCE ----------------------------------------------------------------------------------
+
+
+def test_smoothed_soft_ce_by_hand():
+    # softmax(0, ln 2) = (1/3, 2/3); target (1/4, 3/4)
+    ce = -(0.25 * math.log(1 / 3) + 0.75 * math.log(2 / 3))
+    uniform = -(math.log(1 / 3) + math.log(2 / 3)) / 2
+    got = smoothed_soft_ce(_t([[0.0, math.log(2)]]), _t([[0.25, 0.75]]))
+    assert got.item() == pytest.approx(0.9 * ce + 0.1 * uniform, rel=1e-12)
+    assert smoothed_soft_ce(_t([[0.0, math.log(2)]]), _t([[0.25, 0.75]]), smoothing=0.0).item() == pytest.approx(ce, rel=1e-12)
+
+
+def test_similarity_kl_is_computed_in_float32_under_autocast():
+    g = torch.Generator().manual_seed(13)
+    teacher, mapped = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = similarity_kl(teacher, mapped, [0.01, 0.1])
+    assert under.dtype == torch.float32
+    assert under.item() == pytest.approx(similarity_kl(teacher, mapped, [0.01, 0.1]).item(), rel=1e-6)

@@ -6,20 +6,23 @@ import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-from conftest import BATCH, STUDENT, VIEWS
+from conftest import BATCH, STUDENT, VIEWS, make_record
 
 from stages import stats
 from stages.distill import TrainSettings, lr_factor, targets, train
-from stages.teacher_sources import CachedTeacher
+from stages.teacher_sources import CachedTeacher, TeacherSource
 from stages.losses import kd_loss, logsum_loss
-from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class
+from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class, method_context
 from stages.replay import StoredViews
-from stages.extract import stored_plan
+from stages.store_setup import stored_plan
 from storage import Store, UserError
 
 C, DS, DT, B = 10, 64, 512, 8
+T = 17  # tokens of the test ViT (below): CLS + 4 x 4 patches at 32 px
+VIT = dict(student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
 
 
 def context(**kw):
@@ -35,23 +38,88 @@ def batch(labels=None):
     return student, teacher, targets(labels, C, 0.0)
 
 
+class ShapesOnly(TeacherSource):
+    """A teacher that has every output, for building any method: C classes, D_T-wide features and T tokens."""
+
+    needs = ("logits", "features", "tokens")
+    feature_dim, token_shape, token_prefix = DT, (T, DT), 1
+
+    def class_means(self):
+        return torch.randn(C, DT, generator=torch.Generator().manual_seed(3))
+
+    def outputs(self, batch, views, temperature=1.0):
+        g = torch.Generator().manual_seed(4)
+        return {"logits": torch.randn(B, C, generator=g), "features": torch.randn(B, DT, generator=g), "tokens": torch.randn(B, T, DT, generator=g)}
+
+
+def vit_student():
+    """A student every method can train: a tiny ViT with pooled features, CLS + 4 x 4 patch tokens and a classifier."""
+    torch.manual_seed(0)
+    return timm.create_model(VIT["student"], pretrained=False, num_classes=C, **VIT["student_kwargs"])
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_trains_what_it_owns(name):
-    method = create_method(name, context())
+    """Through the interface the trainer uses: context, wrap_student, student_outputs, forward, export_student."""
+    cls = method_class(name)
+    teacher = ShapesOnly()
+    model = vit_student()
+    method = create_method(name, method_context(cls, model, teacher, num_classes=C, size=32, epochs=10))
     method.train()
-    student, teacher, y = batch()
-    loss, parts = method({k: student[k] for k in method.student_needs}, {k: teacher[k] for k in method.needs}, y)
+    trained = method.wrap_student(model)
+    x = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    t_out = {k: v for k, v in teacher.outputs(None, None).items() if k in cls.needs}
+    y = targets(np.arange(B) % C, C, 0.0)
+
+    def loss_now():
+        torch.manual_seed(2)  # the same dropout mask (kdpp's projector) in every call
+        out = method.student_outputs(trained, x)
+        assert set(cls.student_needs) <= set(out), f"{name} declares {cls.student_needs}"
+        return method(out, t_out, y)
+
+    loss, parts = loss_now()
     loss.backward()
-    assert loss.ndim == 0 and math.isfinite(loss.item()) and all(math.isfinite(v) for v in parts.values())
-    assert student["logits"].grad is not None and student["logits"].grad.abs().sum() > 0
-    for p in method.parameters():  # projectors learn with the student
-        assert p.grad is not None
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and all(math.isfinite(float(v)) for v in parts.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())  # the student learns
+    owned = [p for p in method.parameters() if p.requires_grad]  # what the trainer hands its optimiser beside the student's
+    if name in ("kdpp", "srd", "cospress"):
+        assert owned, "its projector or mapping (student width 32 <-> teacher width 48 here) is the method's own"
+    if owned:  # what a method owns learns with the student: it has gradients, and a small step on it alone lowers its loss
+        assert all(p.grad is not None for p in owned) and any(p.grad.abs().sum() > 0 for p in owned)
+        # CosPress's mapping learns from its similarity terms only (the student chases it detached).
+        own_loss = (lambda p: p["local"] + p["global"]) if name == "cospress" else (lambda p: None)
+        before = own_loss(parts) if name == "cospress" else loss
+        torch.nn.utils.clip_grad_norm_(owned, 1.0)
+        torch.optim.SGD(owned, lr=1e-3).step()
+        with torch.no_grad():
+            after_loss, after_parts = loss_now()
+            after = own_loss(after_parts) if name == "cospress" else after_loss
+            assert after.item() < before.item()
+    # What is saved is the plain timm student: it loads into the model the student was built as.
+    plain = timm.create_model(VIT["student"], pretrained=False, num_classes=C, **VIT["student_kwargs"])
+    plain.load_state_dict(method.export_student(trained).state_dict())
 
 
 def test_methods_declare_what_they_read():
     assert method_class("ce").needs == ()
     assert method_class("kd").needs == method_class("dkd").needs == method_class("dist").needs == ("logits",)
     assert method_class("kdpp").needs == method_class("srd").needs == ("logits", "features")
+    assert method_class("cospress").needs == ("tokens",) and method_class("cospress").student_needs == ("features", "tokens")
+    assert method_class("gpd").needs == ("logits",) and not method_class("gpd").requires_teacher  # also from scratch
+    assert all(method_class(m).requires_teacher for m in list_methods() if m not in ("ce", "gpd"))
+
+
+@pytest.mark.parametrize("name", [m for m in list_methods() if method_class(m).needs])
+def test_a_store_without_an_output_a_method_reads_is_refused_with_the_extract_flags(name):
+    """Before any work: the cached teacher is refused when it is opened, naming the --outputs that add what is missing."""
+    from stages import cache
+
+    needs = method_class(name).needs
+    for missing in needs:
+        stored = tuple(o for o in ("logits", "features", "tokens") if o != missing)
+        record = make_record(outputs=stored, num_tokens=T, token_dim=DT, token_prefix=1)
+        with pytest.raises(UserError, match=f"no teacher '{missing}'.*--outputs {','.join([*stored, missing])}"):
+            cache.stored_names(record, needs)
 
 
 def test_hard_losses_on_labelled_rows_only():
@@ -80,10 +148,10 @@ def test_kdpp_ramps_its_kd_weight_and_projects_only_when_widths_differ():
     student, teacher, y = batch()
     method.epoch = 0
     at0, parts0 = method(student, teacher, y)
-    assert at0.item() == pytest.approx(parts0["ce"] + 2.0 * parts0["nd"], rel=1e-6)
+    assert at0.item() == pytest.approx((parts0["ce"] + 2.0 * parts0["nd"]).item(), rel=1e-6)
     method.epoch = 2
     at2, parts2 = method(student, teacher, y)
-    assert at2.item() == pytest.approx(parts2["ce"] + 4.0 * 0.4 * parts2["kd"] + 2.0 * parts2["nd"], rel=1e-6)
+    assert at2.item() == pytest.approx((parts2["ce"] + 4.0 * 0.4 * parts2["kd"] + 2.0 * parts2["nd"]).item(), rel=1e-6)
     same = create_method("kdpp", MethodContext(C, DT, DT, torch.randn(C, DT)))
     assert isinstance(same.project, torch.nn.Identity) and not isinstance(method.project, torch.nn.Identity)
 
@@ -93,11 +161,11 @@ def test_srd_adds_its_parts_as_the_recipe_says():
     method.train()
     student, teacher, y = batch()
     total, parts = method(student, teacher, y)
-    assert total.item() == pytest.approx(parts["ce"] + 2.0 * parts["rep"] + parts["kd"], rel=1e-6)
+    assert total.item() == pytest.approx((parts["ce"] + 2.0 * parts["rep"] + parts["kd"]).item(), rel=1e-6)
     ns = method.project(student["features"])
     assert ns.mean(0).abs().max() < 1e-5  # batch-normalised without affine
-    assert parts["kd"] == pytest.approx(kd_loss(student["logits"], teacher["logits"]).item(), rel=1e-6)
-    assert parts["rep"] == pytest.approx(logsum_loss(ns, method.teacher_norm(teacher["features"])).item(), rel=1e-5)
+    assert parts["kd"].item() == pytest.approx(kd_loss(student["logits"], teacher["logits"]).item(), rel=1e-6)
+    assert parts["rep"].item() == pytest.approx(logsum_loss(ns, method.teacher_norm(teacher["features"])).item(), rel=1e-5)
 
 
 def test_learning_rate_schedules():
@@ -116,7 +184,7 @@ def test_class_means_are_the_per_class_mean_of_every_stored_feature(store_copy, 
     arrays = stats.write_stats(store, "t1", train_data.labels)
     group = store.teacher("t1")
     feats = np.concatenate([group.array("features")[v] for v in range(VIEWS)]).astype(np.float64)  # (V*N, D)
-    labels = np.tile(train_data.labels, VIEWS)
+    labels = np.tile(train_data.labels[store.order], VIEWS)  # the rows are in the store's order
     for c in (0, 7):
         np.testing.assert_allclose(arrays["class_means"][c], feats[labels == c].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(arrays["feature_cov"], np.cov(feats.T, bias=True), rtol=1e-4, atol=1e-5)
@@ -145,8 +213,10 @@ def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
     p1 = torch.softmax(CachedTeacher(store, "t1", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t0:")}, None)["logits"], 1)
     p2 = torch.softmax(CachedTeacher(store, "t2", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t1:")}, None)["logits"], 1)
     torch.testing.assert_close(torch.softmax(got, 1), 0.75 * p1 + 0.25 * p2)
-    with pytest.raises(UserError, match="feature methods"):
+    with pytest.raises(UserError, match="a method that reads features takes one --teacher"):
         CachedEnsemble(store, ["t1", "t2"], ("logits", "features"))
+    with pytest.raises(UserError, match="a method that reads tokens takes one --teacher"):  # refused, never dropped
+        CachedEnsemble(store, ["t1", "t2"], ("tokens",))
     with pytest.raises(UserError, match="teacher-weights"):
         CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[1.0])
 
@@ -157,7 +227,7 @@ def test_logit_methods_on_a_topk_store_with_k_equal_c_match_full_logits(name):
 
     student, teacher, y = batch()
     full = teacher["logits"]
-    info = {"outputs": ["logits"], "logits": "topk", "k": C, "num_classes": C, "dtype": "float32"}
+    info = make_record(outputs=("logits",), logits="topk", k=C, num_classes=C, dtype="float32")
     rows = cache.encode({"logits": full}, y.labels.clamp(min=0), info)
     rebuilt = cache.decode(rows, info, ("logits",))["logits"]
     method = create_method(name, context())
@@ -165,7 +235,7 @@ def test_logit_methods_on_a_topk_store_with_k_equal_c_match_full_logits(name):
     b, _ = method(student, {"logits": rebuilt}, y)
     assert torch.equal(a, b)
     # With k < C the reconstruction keeps the top-k probabilities and the tail's total mass.
-    info_k = {**info, "k": 3}
+    info_k = info.replace(k=3)
     approx = cache.decode(cache.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",))["logits"]
     top = full.topk(3, dim=1).indices
     torch.testing.assert_close(torch.softmax(approx, 1).gather(1, top), torch.softmax(full, 1).gather(1, top))
@@ -179,4 +249,4 @@ def test_a_feature_method_on_a_logits_only_store_says_how_to_fix_it(tmp_path, ca
     assert main([*argv, "--views", "1", "--block", "32", "--outputs", "logits", "--store", str(store)]) == 0
     capsys.readouterr()
     assert main(["--quiet", "distill", "--from-cache", str(store), "--method", "srd", "--out", str(tmp_path / "o")]) == 2
-    assert "extract with --outputs features" in capsys.readouterr().err
+    assert "under a new --teacher-id with --outputs logits,features" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import gc
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from pipeline.cli import main
@@ -27,6 +28,7 @@ def run(*argv: str) -> int:
     return main(["--quiet", *argv])
 
 
+@pytest.mark.slow
 def test_a_store_in_a_bucket_equals_a_local_one(s3, base_store, reference, tmp_path, capsys):
     url = f"s3://{BUCKET}/runs/fake"
     assert run(*EXTRACT, "--store", url) == 0
@@ -51,6 +53,7 @@ def test_a_store_in_a_bucket_equals_a_local_one(s3, base_store, reference, tmp_p
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_damage_in_a_bucket_is_found_and_repaired(s3, reference, capsys):
     url = f"s3://{BUCKET}/runs/damaged"
     assert run(*EXTRACT, "--store", url) == 0

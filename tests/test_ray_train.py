@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from stages.datasets import open_dataset
 from stages.distill import rank_units, steps_per_epoch
-from stages.extract import extract, open_store
+from stages.extract import extract
+from stages.store_setup import open_store
 from stages.replay import epoch_units
 from stages.views import ViewPlan, ViewRecipe
 
@@ -72,6 +73,7 @@ def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
 # -- checkpoints in a bucket, on a local Ray instance ----------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoints_go_to_a_url_and_resume_from_it(s3, store, tmp_path):
     """--checkpoints s3://...: every epoch lands in the bucket, nothing under OUT/ray, and --resume reads it back."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the s3 fixture's AWS_* settings included
@@ -170,6 +172,7 @@ def two_workers(cluster, store, tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_workers_train_checkpoint_every_epoch_and_survive_a_killed_worker(two_workers):
     out, run = two_workers["out"], two_workers["run"]
     assert two_workers["checkpoints"] == [f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)]
@@ -187,6 +190,7 @@ def test_two_workers_train_checkpoint_every_epoch_and_survive_a_killed_worker(tw
     assert two_workers["metrics"][0]["train_loss"] > two_workers["metrics"][-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
     """Same views, same number of optimiser steps: 2 workers x batch 16 (restarted once) against 1 process x batch 32.
 
@@ -205,6 +209,7 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
     assert abs(one - two) <= 0.1
 
 
+@pytest.mark.slow
 def test_resume_continues_a_stopped_run_from_its_last_checkpoint(two_workers, cluster, store):
     out = two_workers["out"]
     proc = _distill(cluster, store, out, "--workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS + 2), "--resume")
@@ -239,6 +244,7 @@ def _train_workers(cluster) -> list[int]:
     return worker_pids(cluster.marks, "RayTrainWorker")
 
 
+@pytest.mark.slow
 def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(cluster, store, tmp_path):
     t0 = time.perf_counter()
     proc = _distill(cluster, store, tmp_path / "gpu", "--workers", "2", "--gpus-per-worker", "1", timeout=60)

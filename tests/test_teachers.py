@@ -13,7 +13,7 @@ from stages.teachers import build_teacher, list_teachers, resolve_teacher
 from storage import UserError
 
 
-@pytest.mark.parametrize("name", list_teachers())
+@pytest.mark.parametrize("name", [n for n in list_teachers() if not n.startswith("test_")])  # tests register tiny teachers of their own
 def test_every_short_name_maps_to_a_timm_model(name):
     spec = resolve_teacher(name)
     assert timm.is_model(spec.timm_name)

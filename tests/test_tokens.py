@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BATCH, BLOCK, DATA, runner_for
+from conftest import BATCH, BLOCK, DATA, make_record, runner_for
 from pipeline.cli import main
 from stages import cache
-from stages.extract import TeacherRunner, extract, open_store, stored_plan, teacher_info
+from stages.extract import TeacherRunner, extract, teacher_info
+from stages.store_setup import open_store, stored_plan
 from stages.replay import StoredViews
 from stages.teachers import build_teacher
 from stages.views import normalize, row
-from storage import Store, UnitArrays, UserError
+from storage import Store, TeacherRecord, UnitArrays, UserError
 
 NEEDS = ("features", "tokens")
 
@@ -24,11 +25,9 @@ def gaussian(*shape, seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features", "tokens")):
-    info = {"outputs": list(outputs), "num_classes": 0, "feature_dim": D, "logits": "topk", "k": 0, "dtype": dtype}
-    if feature_dtype:
-        info["feature_dtype"] = feature_dtype
-    return {**info, "num_tokens": T, "token_dim": D, "token_prefix": 1} if "tokens" in outputs else info
+def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features", "tokens")) -> TeacherRecord:
+    info = dict(outputs=outputs, num_classes=0, feature_dim=D, logits="topk", k=0, dtype=dtype, feature_dtype=feature_dtype or dtype)
+    return make_record(**info, num_tokens=T, token_dim=D, token_prefix=1) if "tokens" in outputs else make_record(**info)
 
 
 # -- quantisation -------------------------------------------------------------------------
@@ -86,9 +85,11 @@ def test_int8_arrays_and_names_carry_their_scales():
 
 
 def test_teacher_json_without_feature_dtype_reads_as_before():
-    old = _info(None, dtype="float32", outputs=("features",))  # written before --feature-dtype existed
+    written = _info(dtype="float32", outputs=("features",)).to_dict()
+    del written["feature_dtype"]  # written before --feature-dtype existed
+    old = TeacherRecord.from_dict(written)
+    assert old.feature_dtype == "float32"
     assert cache.array_specs(old)["features"].dtype == "float32" and cache.stored_names(old, ("features",)) == ["features"]
-    assert cache.with_defaults(old)["feature_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("fdtype", ["float32", "float16", "int8"])
@@ -164,7 +165,7 @@ def test_vit_tokens_in_the_store_are_the_live_teachers(tmp_path, train_data, pla
     info = teacher_info(vit, cache.output_info(vit, outputs=NEEDS, dtype="float32", feature_dtype=fdtype))
     extract(store, train_data, TeacherRunner(vit, info), "t", views=1, batch_size=BATCH)
     made = store.teacher_info("t")
-    assert (made["feature_dtype"], made["num_tokens"], made["token_dim"], made["token_prefix"]) == (fdtype, 5, 384, 1)
+    assert (made.feature_dtype, made.num_tokens, made.token_dim, made.token_prefix) == (fdtype, 5, 384, 1)
     group = store.teacher("t")
     assert group.array("tokens").shape == (1, 80, 5, 384) and str(group.array("tokens").dtype) == fdtype
     assert ("tokens_scale" in group.names) == (fdtype == "int8")
@@ -191,6 +192,7 @@ def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, ca
     err = capsys.readouterr().err
     made = json.loads((path / "teachers" / "resnet10t" / "teacher.json").read_text())
     assert made["outputs"] == ["logits", "features", "tokens"] and made["feature_dtype"] == "int8" and made["dtype"] == "float16"
+    made = TeacherRecord.from_dict(made)
     line = cache.storage_line("resnet10t", made, 80, 1)
     assert line in err and "tokens 161.2 KiB" in line  # 80 x 4 x (512 + 4) bytes
     assert err.index(line) < err.index("extract resnet10t")  # before any work

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, BLOCK, STUDENT, VIEWS
+from conftest import BATCH, BLOCK, STUDENT, VIEWS, make_record
 from safetensors.torch import load_file
 
 from stages import cache
 from stages.distill import TrainSettings, train
 from stages.teacher_sources import CachedTeacher
-from stages.extract import TeacherRunner, extract, open_store, open_teacher, stored_plan, teacher_info
+from stages.extract import TeacherRunner, extract, open_teacher, teacher_info
+from stages.store_setup import open_store, stored_plan
 from stages.replay import StoredViews
 from storage import ArraySpec, Store, UserError
 from storage.location import Location
@@ -57,7 +58,7 @@ def store(tmp_path) -> Store:
 
 @pytest.fixture
 def units(store) -> TarUnits:
-    return store.create_teacher("w", {"name": "w", "format": "wds"}, SPECS)
+    return store.create_teacher("w", make_record("w", format="wds", views=2), SPECS)
 
 
 def _tar(units: TarUnits, view: int, block: int) -> Path:
@@ -92,7 +93,7 @@ def test_the_same_unit_gives_byte_identical_tars(store, units, tmp_path):
     data = _unit(32, 3)
     units.write_unit(1, 0, data)
     first = _tar(units, 1, 0).read_bytes()
-    other = store.create_teacher("w2", {"name": "w2", "format": "wds"}, SPECS)
+    other = store.create_teacher("w2", make_record("w2", format="wds", views=2), SPECS)
     other.write_unit(1, 0, {k: v.copy() for k, v in data.items()})
     units.write_unit(1, 0, data)  # a rerun, later
     assert _tar(other, 1, 0).read_bytes() == first == _tar(units, 1, 0).read_bytes()
@@ -191,7 +192,7 @@ def test_a_plain_webdataset_pipeline_reads_the_tars(store, units):
         assert sorted(s["npz"]) == sorted(SPECS)
         for name, a in data.items():
             assert s["npz"][name].dtype == a.dtype and s["npz"][name].tobytes() == a.tobytes()
-    store.create_teacher("plain", {"name": "plain"}, SPECS)  # zarr
+    store.create_teacher("plain", make_record("plain", views=2), SPECS)  # zarr
     with pytest.raises(UserError, match="not wds"):
         wds_urls(store, "plain")
 
@@ -210,7 +211,7 @@ def test_zarr_and_wds_stores_of_one_run_train_the_same_student(base_store, train
     # base_store: teacher1, full float32 logits, extracted into zarr; the same run into wds:
     wds_store = _extract(tmp_path / "wds", train_data, plan, teacher1, "wds")
     zarr_store = Store(base_store)
-    assert isinstance(wds_store.teacher("t1"), TarUnits) and wds_store.teacher_info("t1")["format"] == "wds"
+    assert isinstance(wds_store.teacher("t1"), TarUnits) and wds_store.teacher_info("t1").format == "wds"
     assert not (tmp_path / "wds" / "teachers" / "t1" / "logits").exists()  # no zarr arrays beside the tars
     for v in range(VIEWS):
         for b in range(zarr_store.num_blocks):
@@ -240,5 +241,5 @@ def test_one_teacher_id_keeps_one_format(store_copy, teacher1):
     old = json.loads(path.read_text())
     old.pop("format", None)
     path.write_text(json.dumps(old))
-    open_teacher(store, "t1", {**info, "format": "zarr"}, 10, VIEWS)
-    assert Store(store_copy).teacher_info("t1")["format"] == "zarr"
+    open_teacher(store, "t1", info.replace(format="zarr"), 10, VIEWS)
+    assert Store(store_copy).teacher_info("t1").format == "zarr"

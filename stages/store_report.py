@@ -2,8 +2,9 @@
 
 ``group_usage`` sizes a group's arrays (bytes as stored, per view, compression)
 and counts its committed units; ``logit_quality`` measures, over a few whole
-committed units, how much probability the top-k keeps and, for a full-logit
-store, the KL a top-k store would lose; ``render_grid`` replays views exactly
+committed units, how much probability the top-k keeps and, at the
+temperatures a user trains at, what a top-k rebuild loses (measured against a
+full-logit store; estimated from a top-k store's own tail statistics); ``render_grid`` replays views exactly
 as distillation does and draws them with the teacher's top classes. All of
 them return data (numbers, an image); the command line prints and saves.
 """
@@ -18,9 +19,10 @@ import torch
 
 from storage import Store, UserError
 
-from . import cache
+from . import cache, topk
 from .datasets import ImageDataset
-from .replay import StoredViews, ViewRenderer, items, take, with_partner_params
+from .replay import StoredViews, ViewRenderer, check_fingerprints, items, take, unit_table, with_images
+from .store_setup import stored_plan
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ArrayUsage:
     nbytes: int  # decoded size of the whole [V, N, ...] array
     stored_bytes: int  # bytes as written (compressed shards that exist)
     rows: int  # views x samples that are committed
+    committed_nbytes: int = -1  # decoded size of the committed rows only; -1: the whole array (``nbytes``)
 
     @property
     def bytes_per_view(self) -> float:
@@ -38,7 +41,9 @@ class ArrayUsage:
 
     @property
     def ratio(self) -> float:
-        return self.nbytes / self.stored_bytes if self.stored_bytes else float("nan")
+        """Compression: decoded over stored bytes of the same rows (a partial store stores only its committed rows)."""
+        raw = self.nbytes if self.committed_nbytes < 0 else self.committed_nbytes
+        return raw / self.stored_bytes if self.stored_bytes else float("nan")
 
 
 @dataclass(frozen=True)
@@ -55,17 +60,23 @@ class GroupUsage:
     @property
     def total(self) -> ArrayUsage:
         return ArrayUsage(
-            "total", "", (), sum(a.nbytes for a in self.arrays), sum(a.stored_bytes for a in self.arrays), self.rows
+            "total", "", (), sum(a.nbytes for a in self.arrays), sum(a.stored_bytes for a in self.arrays), self.rows,
+            sum(a.nbytes if a.committed_nbytes < 0 else a.committed_nbytes for a in self.arrays),
         )
 
 
 def group_usage(store: Store, group, views: int) -> GroupUsage:
     """Sizes and commit counts of ``group`` (any backend with ``describe``), expected to hold ``views`` views."""
-    expected = {(v, b) for v in range(views) for b in range(store.num_blocks)}
-    committed = group.committed() & expected
+    expected = store.units(views)
+    committed = group.committed() & set(expected)
     rows = sum(len(store.block_range(b)) for _, b in committed)
+    def committed_nbytes(shape, nbytes: int) -> int:  # rows are [V, N] cells of equal size
+        cells = shape[0] * shape[1] if len(shape) >= 2 else 0
+        return nbytes * rows // cells if cells else nbytes
+
     arrays = [
-        ArrayUsage(name, d["dtype"], tuple(d["shape"]), int(d["nbytes"]), int(d["stored_bytes"]), rows)
+        ArrayUsage(name, d["dtype"], tuple(d["shape"]), int(d["nbytes"]), int(d["stored_bytes"]), rows,
+                   committed_nbytes(tuple(d["shape"]), int(d["nbytes"])))
         for name, d in group.describe().items()
     ]
     return GroupUsage(arrays, views, group.complete_views(store.num_blocks), len(committed), len(expected), rows)
@@ -103,7 +114,12 @@ class LogitQuality:
     rows: int
     mass_mean: float  # probability the top k keep, per row
     mass_p5: float
-    kl: dict[float, tuple[float, float]]  # temperature -> (mean, 95th percentile) of KL(full || top-k rebuilt); full stores only
+    # temperature -> (mean, 95th percentile) of KL(full || top-k rebuilt) in nats: measured for a
+    # full-logit store, estimated from the stored tail statistics (``topk.TopK.tail_kl``) for a top-k store
+    kl: dict[float, tuple[float, float]]
+    # temperature -> (mean, 95th percentile) of the softened probability the rebuild spreads evenly
+    tail_share: dict[float, tuple[float, float]]
+    measured: bool  # True: kl against the full logits; False: estimated
 
 
 def sample_units(committed: set[tuple[int, int]], count: int) -> list[tuple[int, int]]:
@@ -115,57 +131,59 @@ def sample_units(committed: set[tuple[int, int]], count: int) -> list[tuple[int,
     return [units[i] for i in pick]
 
 
-def topk_mass(values: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """(B,) probability mass of top-k logits ``values`` (B, k) under the softmax normaliser ``lse`` (B,)."""
-    return torch.exp(values.double() - lse.double().view(-1, 1)).sum(1)
+def kl_full_vs_topk(logits: torch.Tensor, k: int, temperature: float = 1.0, target=None, dtype: str = "float32") -> torch.Tensor:
+    """(B,) KL(softmax(full / T) || softmax(rebuilt / T)), rebuilt from the row's top k as a ``dtype`` store keeps it.
 
-
-def kl_full_vs_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """(B,) KL(softmax(full / T) || softmax(rebuilt / T)), rebuilt by ``cache.logits_from_topk`` from the row's top k."""
+    ``target`` (B,): the classes a store would keep beside the top k (default: the top class, so nothing more).
+    """
     logits = logits.float()  # (B, C)
-    values, index = logits.topk(k, dim=1)
-    rebuilt = cache.logits_from_topk(values, index, torch.logsumexp(logits, dim=1), logits.shape[1])
-    p = torch.log_softmax(logits.double() / temperature, dim=1)
-    q = torch.log_softmax(rebuilt.double() / temperature, dim=1)
-    return (p.exp() * (p - q)).sum(1).clamp_min(0.0)  # rounding can give -1e-17
+    target = logits.argmax(1) if target is None else torch.as_tensor(target)
+    return topk.kl(logits, topk.rebuilt(logits, k, target, dtype, temperature), temperature)
+
+
+def _summary(parts: list[torch.Tensor]) -> tuple[float, float]:
+    x = torch.cat(parts).numpy()
+    return float(x.mean()), float(np.percentile(x, 95))
 
 
 def logit_quality(store: Store, teacher_id: str, units: int = 4, k: int = 10, temperatures=(1.0, 4.0)) -> LogitQuality | None:
-    """Top-k mass and (full-logit stores) KL to the top-k rebuild, over ``units`` whole committed units.
+    """Top-k mass, and what a top-k rebuild loses at each of ``temperatures``, over ``units`` whole committed units.
 
-    ``k`` applies to full-logit stores (what a top-k store would keep); a top-k
-    store is measured at its own k. None when the teacher stores no logits or
-    nothing is committed yet.
+    ``k`` applies to full-logit stores (what a top-k store would keep, in the
+    store's dtype); a top-k store is measured at its own k, from its own tail
+    statistics. None when the teacher stores no logits or nothing is committed yet.
     """
     info = store.teacher_info(teacher_id)
-    if "logits" not in info["outputs"]:
+    if "logits" not in info.outputs:
         return None
     if k < 1:
         raise ValueError(f"k must be at least 1, not {k}")
     group = store.teacher(teacher_id)
-    expected = {(v, b) for v in range(info["views"]) for b in range(store.num_blocks)}
-    picked = sample_units(group.committed() & expected, units)
+    picked = sample_units(group.committed() & set(store.units(info.views)), units)
     if not picked:
         return None
-    full = info["logits"] == "full"
-    names = ["logits"] if full else ["topk_values", "logsumexp"]
-    k = min(k, info["num_classes"]) if full else info["k"]
-    masses, kls = [], {t: [] for t in temperatures}
+    full = info.logits == "full"
+    names = ["logits"] if full else list(topk.ARRAYS)
+    k = min(k, info.num_classes) if full else info.k
+    masses, kls, shares = [], {t: [] for t in temperatures}, {t: [] for t in temperatures}
     for v, b in picked:
         rows = group.read_unit(v, b, names, rows=len(store.block_range(b)), verify=True)
         if full:
             logits = torch.from_numpy(np.asarray(rows["logits"])).float()  # (B, C)
-            masses.append(topk_mass(logits.topk(k, dim=1).values, torch.logsumexp(logits, dim=1)))
-            for t in temperatures:
-                kls[t].append(kl_full_vs_topk(logits, k, t))
-        else:
-            masses.append(topk_mass(torch.from_numpy(np.asarray(rows["topk_values"])), torch.from_numpy(np.asarray(rows["logsumexp"]))))
+            rows = topk.TopK.of(logits, k, logits.argmax(1)).rows(info.dtype, "int32")
+        rows = topk.TopK.from_rows(rows)
+        masses.append(rows.topk_logp.exp().sum(1))
+        for t in temperatures:
+            shares[t].append(rows.tail_share(info.num_classes, t))
+            if full:
+                kls[t].append(topk.kl(logits, rows.logits(info.num_classes, t), t))
+            else:
+                kls[t].append(rows.tail_kl(info.num_classes, t))
     mass = torch.cat(masses).numpy()
-    kl = {}
-    for t, parts in kls.items() if full else ():
-        x = torch.cat(parts).numpy()
-        kl[t] = (float(x.mean()), float(np.percentile(x, 95)))
-    return LogitQuality(k, len(picked), len(mass), float(mass.mean()), float(np.percentile(mass, 5)), kl)
+    return LogitQuality(
+        k, len(picked), len(mass), float(mass.mean()), float(np.percentile(mass, 5)),
+        {t: _summary(p) for t, p in kls.items()}, {t: _summary(p) for t, p in shares.items()}, full,
+    )
 
 
 # -- the grid: what the teacher saw ----------------------------------------------------------
@@ -199,12 +217,17 @@ def grid_views(store: Store, teacher_id: str, samples: int, views: int) -> tuple
     """Sample ids 0..samples-1 and the first ``views`` views committed for all of them, in the teacher and the plan."""
     info = store.teacher_info(teacher_id)
     ids = np.arange(min(samples, store.num_samples))
-    blocks = sorted({int(i) // store.block for i in ids})
+    blocks = grid_blocks(store, ids)
     done = store.teacher(teacher_id).committed() & store.plan.committed()
-    chosen = [v for v in range(info["views"]) if all((v, b) in done for b in blocks)][:views]
+    chosen = [v for v in range(info.views) if all((v, b) in done for b in blocks)][:views]
     if not len(ids) or not chosen:
         raise UserError(f"teacher '{teacher_id}' in {store.path} has no committed view of samples 0..{len(ids) - 1} yet: finish `pipeline extract` first")
     return ids, chosen
+
+
+def grid_blocks(store: Store, ids: np.ndarray) -> list[int]:
+    """The blocks that hold samples ``ids`` (anywhere in the store's order)."""
+    return sorted({int(p) // store.block for p in store.positions(ids)})
 
 
 def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: int = 16, views: int = 4) -> list[dict]:
@@ -217,8 +240,6 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
     distillation renderer and checked against its stored fingerprint, so the
     picture is what the teacher saw.
     """
-    from .extract import stored_plan  # extract imports replay and teachers; keep the dependency local
-
     info = store.teacher_info(teacher_id)
     group = store.teacher(teacher_id)
     plan = stored_plan(store)
@@ -226,15 +247,15 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
     source = StoredViews(store, plan, store.num_views)
     param_names = list(plan.fields)
     plan_size = store.meta["plan"]["size"]
-    renderer = ViewRenderer(dataset, plan, (info["input_size"],), plan_size)
-    has_logits = "logits" in info["outputs"]
+    renderer = ViewRenderer(dataset, plan, (info.input_size,), plan_size)
+    has_logits = "logits" in info.outputs
     names = cache.stored_names(info, ["logits"]) if has_logits else []
     cells = {}
     for v in chosen:
-        for b in sorted({int(i) // store.block for i in ids}):
-            block_ids = source.ids(b)
+        for b in grid_blocks(store, ids):
             # Partners come from the whole unit, so attach them before picking rows.
-            table = with_partner_params({**source.params(v, b), "id": block_ids}, param_names)
+            table = unit_table(source, v, b, None, param_names)
+            block_ids = table["id"]
             pick = np.flatnonzero(np.isin(block_ids, ids))
             batch = take(table, pick)
             top = [[] for _ in pick]
@@ -243,18 +264,15 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
                 logits = cache.decode(take(rows, pick), info, ["logits"])["logits"]  # (n, C)
                 p, c = torch.softmax(logits, dim=1).topk(min(TOP, logits.shape[1]), dim=1)
                 top = [list(zip(c[j].tolist(), p[j].tolist())) for j in range(len(pick))]
-            for j, item in enumerate(items(batch, param_names, np.ones(len(pick), bool))):
-                out = renderer[item]
-                if out["fingerprint"] != int(batch["fingerprint"][j]):
-                    raise UserError(
-                        f"view {v} of sample {item[0]} replays differently from the view the teacher saw: the images or an "
-                        f"imaging library changed since extraction; compare the versions in {store.path}/store.json with this environment"
-                    )
+            rendered = renderer.render_batch(items(with_images(batch, dataset), param_names, np.ones(len(pick), bool)))
+            check_fingerprints(batch, rendered["fingerprint"].numpy(), store)
+            for j in range(len(pick)):
+                i = int(batch["id"][j])
                 partner = int(batch["mix_partner"][j]) if "mix_partner" in batch else -1
-                cells[item[0], v] = {
-                    "image": out["views"][0], "id": item[0], "view": v, "label": int(dataset.labels[item[0]]),
+                cells[i, v] = {
+                    "image": rendered["views"][0][j], "id": i, "view": v, "label": int(dataset.labels[i]),
                     "partner": partner, "partner_label": int(dataset.labels[partner]) if partner >= 0 else -1,
-                    "lam": float(out["lam"][0]), "top": top[j],
+                    "lam": float(rendered["lam"][j, 0]), "top": top[j],
                 }
     return [cells[int(i), v] for i in ids for v in chosen]
 

@@ -1,0 +1,203 @@
+"""Loader speed: the replay renderer against timm's training transforms and Mixup, on the same JPEG folder.
+
+One run, side by side, on ImageNet-sized JPEGs (500x375, made here from scikit-learn's two sample
+photos by random crops, resizes, flips and colour shifts, class-per-folder):
+
+  timm    ``create_transform(224, is_training=True, auto_augment="rand-m7-mstd0.5")`` on
+          ``timm.data.ImageDataset(folder)``, a shuffled DataLoader, and with mixing on
+          ``timm.data.Mixup(mixup_alpha=0.1, cutmix_alpha=1.0)`` on each batch (timm's
+          ``train.py`` without the prefetcher): normalised float32 batches.
+  replay  the VanillaKD A2 views (``configs/vanillakd_a2.yaml``: crop, flip, rand-m7-mstd0.5,
+          mixup 0.1 / cutmix 1.0) drawn on the fly (``DrawnViews``), shuffled and batched as
+          distillation does, rendered by ``ViewRenderer`` (one decode and one render per image,
+          mates mixed from the two renders): uint8 batches, which the student loop moves to
+          its device and normalises there. Without mixing: the same recipe with both alphas 0.
+  replay+norm  the same, normalised to float32 in the main process (what a CPU-only student
+          loop pays, and the same float32 batches timm's loader gives).
+
+Each is measured with the views made in the main process (``--workers 0``) and with loader
+workers; rounds interleave every configuration, so machine noise hits all alike, and medians are
+quoted. Each measurement is one epoch over the folder; the first batch (worker start-up) is not
+timed. The target: replay >= 1.2x timm with mixing on.
+
+Run from the repository root (about 3 minutes on 2 CPU cores with the defaults):
+
+    .venv/bin/python benchmarks/loader.py
+    .venv/bin/python benchmarks/loader.py --images 800 --rounds 7 --workers 0 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=400, help="JPEGs in the folder (default: 400)")
+    p.add_argument("--classes", type=int, default=10, help="class folders (default: 10)")
+    p.add_argument("--folder", help="where the JPEGs are made (kept; made again only if missing); default: a temporary folder")
+    p.add_argument("--size", type=int, default=224, help="view size (default: 224)")
+    p.add_argument("--batch-size", type=int, default=64, help="views per batch, even for timm's Mixup (default: 64)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to measure (default: 0 2)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are quoted (default: 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the main process (default: 1, see distill_cost.py)")
+    p.add_argument("--recipe", default="configs/vanillakd_a2.yaml", help="the replay's view recipe (its views: section)")
+    p.add_argument(
+        "--interpolation", choices=("bilinear", "random"), default="bilinear",
+        help="resampling of timm's crop and of both sides' RandAugment ops: bilinear (create_transform's default) or random "
+             "(timm train.py's default, bilinear or bicubic per call; the replay's crops stay bilinear) (default: bilinear)",
+    )
+    return p.parse_args()
+
+
+# -- the images --------------------------------------------------------------------------------
+
+
+def make_jpegs(root: Path, count: int, classes: int, seed: int = 0) -> Path:
+    """``count`` distinct 500x375 JPEGs in ``classes`` folders, cut from scikit-learn's sample photos."""
+    from PIL import Image, ImageEnhance
+    from sklearn.datasets import load_sample_images
+
+    marker = root / f".made-{count}-{classes}-{seed}"
+    if marker.exists():
+        return root
+    photos = [Image.fromarray(p) for p in load_sample_images().images]  # china.jpg, flower.jpg: 640x427
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        W, H = photo.size
+        # A random crop of 40-100% of the side, resized to ImageNet's most common 500x375 (or 375x500).
+        frac = rng.uniform(0.4, 1.0)
+        w, h = int(W * frac), int(H * frac)
+        x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+        size = (500, 375) if rng.random() < 0.8 else (375, 500)
+        image = photo.crop((x, y, x + w, y + h)).resize(size, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
+        folder = root / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"img{i:05d}.jpg", quality=int(rng.integers(75, 96)))
+    marker.touch()
+    return root
+
+
+# -- the two loaders ---------------------------------------------------------------------------
+
+
+def timm_epoch(folder: Path, size: int, batch_size: int, workers: int, mixing: bool, seed: int, interpolation: str) -> tuple[float, float]:
+    """One epoch of timm's training loader: ``_timed``'s (views/s, CPU ms per view)."""
+    from timm.data import ImageDataset, Mixup, create_transform
+
+    transform = create_transform(size, is_training=True, auto_augment="rand-m7-mstd0.5", interpolation=interpolation)
+    dataset = ImageDataset(str(folder), transform=transform)
+    mixup = Mixup(mixup_alpha=0.1, cutmix_alpha=1.0, num_classes=len(dataset.reader.class_to_idx)) if mixing else None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None,
+    )
+    return _timed(((x, y) if mixup is None else mixup(x, y) for x, y in loader), batch_size)
+
+
+def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False) -> tuple[float, float]:
+    """One epoch of the replay loader, uint8 batches or normalised here: ``_timed``'s (views/s, CPU ms per view)."""
+    from stages.datasets import FolderDataset
+    from stages.replay import DrawnViews, ViewRenderer, rebatch, render_batches, shuffle_windows, unit_table, with_images
+    from stages.views import ViewPlan, normalize
+
+    data = FolderDataset(str(folder))
+    plan = ViewPlan(recipe, seed=seed)
+    views = DrawnViews(plan, data, num_views=1, block=1024)
+    names = list(plan.fields)
+    tables = (with_images(unit_table(views, 0, b, data.labels, names), data) for b in range(views.num_blocks))
+    batches = rebatch(shuffle_windows(tables, 16, np.random.default_rng(seed)), batch_size, drop_last=True)
+    renderer = ViewRenderer(data, plan, (size,))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rendered = (r["views"][0] for _, r in render_batches(renderer, batches, names, workers))
+    return _timed((normalize(v, mean, std) for v in rendered) if cpu_normalize else rendered, batch_size)
+
+
+def _timed(batches, batch_size: int) -> tuple[float, float]:
+    """(views per second after the first batch, CPU milliseconds per view over the whole epoch, loader workers included)."""
+    import resource
+
+    cpu0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    it = iter(batches)
+    next(it)  # workers start, first batch: not timed
+    start, n = time.perf_counter(), 0
+    for _ in it:
+        n += batch_size
+    wall = time.perf_counter() - start
+    del it  # the loader's workers exit (and are waited for) here, so their CPU time is counted
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu0[0] + (children.ru_utime + children.ru_stime) - (cpu0[1].ru_utime + cpu0[1].ru_stime)
+    return n / wall, 1000 * cpu / (n + batch_size)
+
+
+NAMES = ("timm", "replay", "replay+norm")
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    from pipeline import config
+    from stages.views import ViewRecipe
+
+    views = {**config.load_yaml(args.recipe)["views"], "ra_interpolation": args.interpolation}
+    recipes = {True: ViewRecipe.from_dict(views), False: ViewRecipe.from_dict({**views, "mixup_alpha": 0.0, "cutmix_alpha": 0.0})}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_jpegs(Path(args.folder or tmp), args.images, args.classes)
+        print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, "
+              f"interpolation {args.interpolation}, {args.rounds} rounds; torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()})")
+        configs = [(mixing, workers) for mixing in (True, False) for workers in args.workers]
+        wall: dict[tuple, list[float]] = {}
+        cpu: dict[tuple, list[float]] = {}
+        for r in range(args.rounds):
+            for mixing, workers in configs:
+                for name in NAMES:
+                    if name == "timm":
+                        rate, ms = timm_epoch(folder, args.size, args.batch_size, workers, mixing, r, args.interpolation)
+                    else:
+                        rate, ms = replay_epoch(folder, recipes[mixing], args.size, args.batch_size, workers, r, cpu_normalize=name != "replay")
+                    wall.setdefault((name, mixing, workers), []).append(rate)
+                    cpu.setdefault((name, mixing, workers), []).append(ms)
+            print(f"  round {r + 1}/{args.rounds} (replay / timm, views/s): " + ", ".join(
+                f"{'mix' if m else 'plain'}/w{w} {wall['replay', m, w][-1] / wall['timm', m, w][-1]:.2f}x" for m, w in configs), flush=True)
+
+    def ratio(table, name, key, inverse=False) -> float:
+        # The median of per-round ratios: the two were measured next to each other in time.
+        pairs = zip(table[(name,) + key], table[("timm",) + key])
+        return statistics.median([(b / a) if inverse else (a / b) for a, b in pairs])
+
+    med = statistics.median
+    print()
+    print("| mixing | loader workers | timm views/s | replay views/s | replay / timm | replay+norm views/s | replay+norm / timm |")
+    print("|---|---|---|---|---|---|---|")
+    for key in configs:
+        mixing, workers = key
+        print(f"| {'mixup 0.1 / cutmix 1.0' if mixing else 'off'} | {workers or 'none (1 process)'} | {med(wall[('timm',) + key]):.0f} | "
+              f"{med(wall[('replay',) + key]):.0f} | **{ratio(wall, 'replay', key):.2f}x** | {med(wall[('replay+norm',) + key]):.0f} | {ratio(wall, 'replay+norm', key):.2f}x |")
+    print()
+    print("CPU time per view (main process and loader workers, whole epoch); the ratio is timm's CPU time over the replay's:")
+    print()
+    print("| mixing | loader workers | timm ms/view | replay ms/view | replay+norm ms/view | timm / replay | timm / replay+norm |")
+    print("|---|---|---|---|---|---|---|")
+    for key in configs:
+        mixing, workers = key
+        print(f"| {'mixup 0.1 / cutmix 1.0' if mixing else 'off'} | {workers or 'none (1 process)'} | {med(cpu[('timm',) + key]):.2f} | "
+              f"{med(cpu[('replay',) + key]):.2f} | {med(cpu[('replay+norm',) + key]):.2f} | {ratio(cpu, 'replay', key, True):.2f}x | {ratio(cpu, 'replay+norm', key, True):.2f}x |")
+    worst = min(ratio(wall, "replay", (True, w)) for w in args.workers)
+    print(f"\ntarget: replay >= 1.2x timm with mixing on: {'met' if worst >= 1.2 else 'NOT met'} (worst {worst:.2f}x, views/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""teacher.json as one typed record: what produced a teacher's cached arrays, and how they are stored.
+
+Written once per extraction (``Store.create_teacher``) and read by every stage
+that uses the cache (``Store.teacher_info``). The JSON is the record's fields,
+flat, with the token fields and ``views`` left out while they are unset;
+``from_dict`` is the one place where the defaults for teacher.json files
+written by earlier versions of the pipeline are filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherRecord:
+    """One teacher's entry in a store (``teachers/<id>/teacher.json``)."""
+
+    # What made the arrays: re-running an extraction must match it.
+    format: str  # the store backend: "zarr" or "wds"
+    precision: str  # the teacher's arithmetic, "fp32" or "bf16" (bf16 outputs differ from fp32 ones in the 3rd digit)
+    name: str  # the teacher's registry name (dinov2_s, resnet152, a timm model name)
+    timm_name: str
+    weights: str  # what the weights were: a file's sha256, a hub tag, or random-init:seed=N
+    input_size: int  # pixels, square
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # What is stored and how (stages.cache.output_info).
+    outputs: tuple[str, ...]  # of logits, features, tokens
+    num_classes: int  # 0 for a teacher without a classifier
+    feature_dim: int
+    logits: str  # "topk" or "full"
+    k: int  # top-k kept (0 without logits)
+    dtype: str  # logits (and, unless feature_dtype says otherwise, features)
+    feature_dtype: str  # features and tokens: float16, float32 or int8 (with per-vector scales)
+    num_tokens: int | None = None  # tokens only: T, D, and how many leading tokens are not patches (1 = CLS)
+    token_dim: int | None = None
+    token_prefix: int | None = None
+    versions: dict  # library versions of the extraction
+    views: int | None = None  # the teacher's own view count: set when its arrays are created (open_teacher)
+
+    def __post_init__(self):
+        # JSON gives lists; the record keeps tuples, so two records compare by value and stay unchanged.
+        for name in ("mean", "std", "outputs"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, data: dict, *, default_views: int | None = None) -> TeacherRecord:
+        """A record from teacher.json's contents; keys it does not know are ignored.
+
+        ``default_views``: the view count of a teacher.json written before each
+        teacher recorded its own (then every view of the store was the teacher's).
+        Raises ``ValueError`` naming the fields that are missing.
+        """
+        data = dict(data)
+        # Fields that teacher.json files from earlier versions leave implicit.
+        data.setdefault("format", "zarr")  # before the wds backend: zarr
+        data.setdefault("precision", "fp32")  # before --precision: fp32
+        if "dtype" in data:
+            data.setdefault("feature_dtype", data["dtype"])  # before int8 features: features stored in dtype
+        if default_views is not None:
+            data.setdefault("views", default_views)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"teacher.json lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def to_dict(self) -> dict:
+        """teacher.json's contents: every set field, tuples as lists."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue  # tokens fields without tokens, views before the arrays exist
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes) -> TeacherRecord:
+        return dataclasses.replace(self, **changes)

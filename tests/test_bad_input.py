@@ -1,0 +1,488 @@
+"""Bad input, one table: every case exits 2 with one line on stderr, and nothing was created or changed.
+
+Each case runs the command line in this process (``pipeline.cli.main``)
+without ``--quiet``: a refused setting must fail before any log line, so the
+error is the only line. Around every case the test compares, byte for byte,
+a store that the case points at, a finished run folder that it points
+``--out`` at, and its own scratch folder (where the new stores and run
+folders it names would appear). After the table: the interruptions (a kill
+while a store is being made, a run refused into a finished folder) and the
+messages that used to mislead.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import cli
+from pipeline.cli import main
+from storage import Store
+
+from conftest import BATCH, BLOCK, DATA, SIZE, VIEWS, group_arrays, read_tree
+
+STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]"]
+E = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--size", str(SIZE), "--views", "1", "--block", str(BLOCK)]
+EN = [*E, "--store", "{new}"]  # extraction into a store that must not come into being
+ES = [*E, "--store", "{store}"]  # extraction into the existing store (teacher t1, 2 views)
+D = ["distill", "--from-cache", "{store}", *STUDENT, "--epochs", "1", "--batch-size", "32", "--out", "{run}"]
+T = ["train", "--data", DATA, "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1", "--size", "32",
+     "--batch-size", "32", "--out", "{run}"]
+V = ["verify", "{store}", "--replay", "0"]
+# The extraction that made conftest's base_store, through the command line.
+SAME_AS_BASE = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--seed", "0", "--teacher-id", "t1", "--size", str(SIZE),
+                "--views", str(VIEWS), "--block", str(BLOCK), "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
+
+
+@dataclass
+class Bad:
+    argv: list[str]
+    says: str  # a piece of the one line
+    yaml: str | None = None  # written to {yaml} first
+    env: dict = field(default_factory=dict)  # "{endpoint}": a server that answers 404 to everything
+
+
+def drop(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value."""
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2 :]
+
+
+def replace(argv: list[str], flag: str, value: str | list[str]) -> list[str]:
+    """``argv`` with ``flag``'s value(s) replaced (or appended when absent)."""
+    values = value if isinstance(value, list) else [value]
+    if flag not in argv:
+        return [*argv, flag, *values]
+    i = argv.index(flag)
+    n = 2 if flag in ("--scale", "--ratio") else 1
+    return [*argv[: i + 1], *values, *argv[i + 1 + n :]]
+
+
+CASES = {
+    # -- extract: where the store lives ---------------------------------------------------------------
+    "extract-ftp-url": Bad(replace(E, "--store", "ftp://x/s"), "unknown URL scheme"),
+    "extract-unknown-scheme": Bad(replace(E, "--store", "foo://b/s"), "unknown URL scheme"),
+    "extract-http-url": Bad(replace(E, "--store", "http://127.0.0.1:9/s"), "unknown URL scheme"),
+    "extract-chained-url": Bad(replace(E, "--store", "simplecache::s3://bucket/s"), "unknown URL scheme"),
+    "extract-invalid-bucket": Bad(replace(E, "--store", "s3://Invalid_Bucket/s"), "not a valid S3 bucket name"),
+    "extract-uninstalled-scheme": Bad(replace(E, "--store", "gs://bucket/s"), "pip install gcsfs"),
+    "extract-endpoint-404": Bad(replace(E, "--store", "s3://teacher-cache/s"), "does not exist or these credentials cannot see it",
+                                env={"AWS_ENDPOINT_URL": "{endpoint}"}),
+    # -- extract: sizes and counts ------------------------------------------------------------------------
+    "extract-batch-size-0": Bad(replace(EN, "--batch-size", "0"), "--batch-size: must be an integer in [1,"),
+    "extract-batch-size-negative": Bad(replace(EN, "--batch-size", "-1"), "--batch-size"),
+    "extract-block-0": Bad(replace(EN, "--block", "0"), "--block: must be an integer in [1,"),
+    "extract-block-huge": Bad(replace(EN, "--block", "1000000000"), "--block"),
+    "extract-size-negative": Bad(replace(EN, "--size", "-32"), "--size: must be an integer in [1, 4096]"),
+    "extract-size-0": Bad(replace(EN, "--size", "0"), "--size"),
+    "extract-size-huge": Bad(replace(EN, "--size", "100000"), "--size"),
+    "extract-workers-negative": Bad(replace(EN, "--workers", "-1"), "--workers"),
+    "extract-views-0": Bad(replace(EN, "--views", "0"), "--views: must be an integer in [1,"),
+    "extract-views-negative": Bad(replace(EN, "--views", "-18"), "--views"),
+    "extract-views-word": Bad(replace(EN, "--views", "two"), "--views"),
+    "extract-actors-negative": Bad(replace(EN, "--actors", "-1"), "--actors"),
+    "extract-gpus-negative": Bad(replace(EN, "--gpus-per-worker", "-1"), "--gpus-per-worker"),
+    "extract-topk-0": Bad(replace(EN, "--topk", "0"), "--topk"),
+    "extract-topk-above-classes": Bad(replace(EN, "--topk", "11"), "--topk 11 is more than the 10 classes"),
+    "extract-device-tpu": Bad(replace(EN, "--device", "tpu"), "--device: must be cpu, cuda, cuda:N or mps"),
+    "extract-device-typo": Bad(replace(EN, "--device", "cuda:x"), "--device"),
+    "extract-plan-seed-negative": Bad(replace(EN, "--plan-seed", "-1"), "--plan-seed"),
+    "extract-teacher-seed-negative": Bad(replace(EN, "--seed", "-3"), "--seed"),
+    "extract-unknown-choice": Bad(replace(EN, "--logits", "some"), "--logits: invalid choice"),
+    "extract-abbreviated-flag": Bad([*drop(EN, "--views"), "--view", "2"], "the following arguments are required: --views"),
+    # -- extract: views ---------------------------------------------------------------------------------
+    "extract-hflip-2": Bad(replace(EN, "--hflip", "2"), "--hflip: must be a number in [0, 1]"),
+    "extract-scale-zero": Bad(replace(EN, "--scale", ["0", "0"]), "--scale"),
+    "extract-scale-reversed": Bad(replace(EN, "--scale", ["1", "0.5"]), "scale in view flags must be a (min, max) pair with min <= max"),
+    "extract-ratio-zero": Bad(replace(EN, "--ratio", ["0", "0"]), "--ratio"),
+    "extract-eval-crop-5": Bad(replace(EN, "--eval-crop", "5"), "--eval-crop"),
+    "extract-yaml-hflip": Bad([*EN, "--config", "{yaml}"], "hflip in", yaml="views:\n  hflip: 2\n"),
+    "extract-yaml-scale-reversed": Bad([*EN, "--config", "{yaml}"], "scale in", yaml="views:\n  scale: [0.9, 0.1]\n"),
+    "extract-yaml-word": Bad([*EN, "--config", "{yaml}"], "eval_crop in", yaml="views:\n  eval_crop: most\n"),
+    "extract-yaml-unknown": Bad([*EN, "--config", "{yaml}"], "unknown setting(s) bogus", yaml="views:\n  bogus: 1\n"),
+    "extract-yaml-python-tag": Bad([*EN, "--config", "{yaml}"], "not valid YAML", yaml="views: !!python/object/apply:os.system [ls]\n"),
+    "extract-yaml-missing": Bad([*EN, "--config", "/nonexistent/x.yaml"], "not found"),
+    # -- extract: names ---------------------------------------------------------------------------------
+    "extract-teacher-id-escapes": Bad([*EN, "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"),
+    "extract-teacher-id-empty": Bad([*EN, "--teacher-id", ""], "--teacher-id"),
+    "extract-teacher-id-slash": Bad([*EN, "--teacher-id", "a/b"], "--teacher-id"),
+    "extract-teacher-id-hidden": Bad([*EN, "--teacher-id", ".t"], "--teacher-id"),
+    # -- extract: data ----------------------------------------------------------------------------------
+    "extract-fake-0": Bad(replace(EN, "--data", "fake:0"), "N must be an integer in [1,"),
+    "extract-fake-negative": Bad(replace(EN, "--data", "fake:-5"), "N must be"),
+    "extract-fake-classes-0": Bad(replace(EN, "--data", "fake:8?classes=0"), "classes must be"),
+    "extract-fake-size-0": Bad(replace(EN, "--data", "fake:8?size=0"), "size must be"),
+    "extract-fake-unknown-option": Bad(replace(EN, "--data", "fake:8?colour=1"), "unknown option colour"),
+    "extract-unknown-dataset": Bad(replace(EN, "--data", "imagenet"), "unknown dataset"),
+    # -- extract into the existing store ----------------------------------------------------------------
+    "extract-other-block": Bad(replace(ES, "--block", "64"), "has blocks of 32 samples"),
+    "extract-other-plan-seed": Bad([*ES, "--plan-seed", "7"], "view plan seed 0"),
+    "extract-other-views": Bad([*ES, "--hflip", "0.1"], "view plan seed 0"),
+    "extract-other-data": Bad(replace(ES, "--data", "fake:64?size=32"), "was made from dataset"),
+    "extract-other-teacher-record": Bad([*ES, "--teacher-id", "t1"], "already holds teacher 't1' with other"),
+    # -- distill -------------------------------------------------------------------------------------------
+    "distill-epochs-0": Bad(replace(D, "--epochs", "0"), "--epochs: must be an integer in [1,"),
+    "distill-epochs-negative": Bad(replace(D, "--epochs", "-1"), "--epochs"),
+    "distill-batch-size-0": Bad(replace(D, "--batch-size", "0"), "--batch-size"),
+    "distill-batch-size-above-data": Bad(replace(D, "--batch-size", "1000"), "larger than a worker's share"),
+    "distill-loader-workers-negative": Bad([*D, "--loader-workers", "-2"], "--loader-workers"),
+    "distill-lr-word": Bad([*D, "--lr", "abc"], "--lr: must be a number > 0"),
+    "distill-lr-0": Bad([*D, "--lr", "0"], "--lr"),
+    "distill-label-fraction-2": Bad([*D, "--label-fraction", "2"], "--label-fraction: must be a number in [0, 1]"),
+    "distill-warmup-negative": Bad([*D, "--warmup-epochs", "-1"], "--warmup-epochs"),
+    "distill-size-0": Bad([*D, "--size", "0"], "--size"),
+    "distill-size-huge": Bad([*D, "--size", "100000"], "--size"),
+    "distill-seed-negative": Bad([*D, "--seed", "-1"], "--seed"),
+    "distill-clip-grad-0": Bad([*D, "--clip-grad", "0"], "--clip-grad"),
+    "distill-model-ema-above-1": Bad([*D, "--model-ema", "1.5"], "--model-ema"),
+    "distill-device-tpu": Bad([*D, "--device", "tpu"], "--device"),
+    "distill-unknown-method": Bad([*D, "--method", "kdd"], "unknown method 'kdd'"),
+    "distill-method-escapes": Bad([*D, "--method", "../../etc/passwd"], "--method: must be a plain name"),
+    "distill-method-arg-word": Bad([*D, "--method-arg", "temperature=abc"], "setting temperature"),
+    "distill-method-arg-unknown": Bad([*D, "--method-arg", "temprature=4"], "has no setting temprature"),
+    "distill-method-arg-no-key": Bad([*D, "--method-arg", "=4"], "--method-arg takes KEY=VALUE"),
+    "distill-method-arg-bad-yaml": Bad([*D, "--method-arg", "temperature=[1"], "not valid YAML"),
+    "distill-student-arg-unknown": Bad([*D, "--student-arg", "bogus=1"], "bad student settings for resnet10t"),
+    "distill-unknown-student": Bad(replace(D, "--student", "resnet7"), "unknown student 'resnet7'"),
+    "distill-yaml-epochs-word": Bad([*drop(D, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: three\n"),
+    "distill-yaml-lr-word": Bad([*D, "--config", "{yaml}"], "lr in", yaml="lr: abc\n"),
+    "distill-yaml-epochs-fraction": Bad([*drop(D, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: 1.7\n"),
+    "distill-yaml-schedule": Bad([*D, "--config", "{yaml}"], "schedule in", yaml="schedule: linear\n"),
+    "distill-yaml-method-args": Bad([*D, "--config", "{yaml}"], "setting kd_weight", yaml="method_args:\n  kd_weight: heavy\n"),
+    "distill-yaml-not-a-mapping": Bad([*D, "--config", "{yaml}"], "must hold a mapping", yaml="- epochs\n- 3\n"),
+    "distill-yaml-unknown": Bad([*D, "--config", "{yaml}"], "unknown setting(s) epoch", yaml="epoch: 3\n"),
+    "distill-out-is-a-file": Bad(replace(D, "--out", "{file}"), "is a file, not a directory"),
+    "distill-out-below-a-file": Bad(replace(D, "--out", "{file}/run"), "cannot be made"),
+    "distill-store-url": Bad(replace(D, "--from-cache", "ftp://x/s"), "unknown URL scheme"),
+    "distill-no-store": Bad(replace(D, "--from-cache", "{new}"), "no store at"),
+    "distill-teacher-escapes": Bad([*D, "--teacher", "../t1"], "is not a plain name"),
+    "distill-unknown-teacher": Bad([*D, "--teacher", "t9"], "has no teacher 't9'"),
+    "distill-teacher-weights-word": Bad([*D, "--teacher", "t1", "--teacher-weights", "0.7,abc"], "--teacher-weights"),
+    "distill-workers-negative": Bad([*D, "--workers", "-1"], "--workers"),
+    "distill-max-failures-negative": Bad([*D, "--max-failures", "-1"], "--max-failures"),
+    "distill-gpus-without-workers": Bad([*D, "--gpus-per-worker", "1"], "are for Ray Train runs"),
+    "distill-unknown-verify": Bad([*D, "--verify", "most"], "--verify: invalid choice"),
+    "distill-other-data": Bad([*D, "--data", "fake:64?size=32"], "was made from dataset"),
+    "distill-online-without-teacher": Bad([*D, "--online"], "--online needs --teacher"),
+    # -- train -------------------------------------------------------------------------------------------
+    "train-epochs-0": Bad(replace(T, "--epochs", "0"), "--epochs"),
+    "train-model-arg-unknown": Bad([*T, "--model-arg", "bogus=1"], "bad student settings for resnet10t"),
+    "train-unknown-model": Bad(replace(T, "--model", "resnet7"), "unknown student 'resnet7'"),
+    "train-batch-size-0": Bad(replace(T, "--batch-size", "0"), "--batch-size"),
+    "train-fake-0": Bad(replace(T, "--data", "fake:0"), "N must be"),
+    "train-hflip-2": Bad([*T, "--hflip", "2"], "--hflip"),
+    "train-size-huge": Bad(replace(T, "--size", "100000"), "--size"),
+    "train-out-is-a-file": Bad(replace(T, "--out", "{file}"), "is a file"),
+    "train-yaml-epochs-word": Bad([*drop(T, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: three\n"),
+    "train-yaml-views": Bad([*T, "--config", "{yaml}"], "mix_prob in", yaml="views:\n  mix_prob: 3\n"),
+    # -- verify, inspect, stats ----------------------------------------------------------------------------
+    "verify-replay-negative": Bad(replace(V, "--replay", "-1"), "--replay: must be a number in [0, 1]"),
+    "verify-replay-above-1": Bad(replace(V, "--replay", "2"), "--replay"),
+    "verify-workers-negative": Bad([*V, "--workers", "-1"], "--workers"),
+    "verify-url": Bad(["verify", "foo://b/s"], "unknown URL scheme"),
+    "verify-no-store": Bad(["verify", "{new}"], "no store at"),
+    "verify-teacher-escapes": Bad([*V, "--teacher", "../../t1"], "is not a plain name"),
+    "verify-unknown-teacher": Bad([*V, "--teacher", "t9"], "has no teacher 't9'"),
+    "inspect-units-0": Bad(["inspect", "{store}", "--units", "0"], "--units"),
+    "inspect-topk-0": Bad(["inspect", "{store}", "--topk", "0"], "--topk"),
+    "inspect-grid-samples-0": Bad(["inspect", "{store}", "--grid-samples", "0"], "--grid-samples"),
+    "inspect-url": Bad(["inspect", "ftp://x/s"], "unknown URL scheme"),
+    "inspect-teacher-escapes": Bad(["inspect", "{store}", "--teacher", "../x"], "is not a plain name"),
+    "stats-teacher-escapes": Bad(["stats", "--store", "{store}", "--teacher", "../../evil"], "--teacher '../../evil' is not a plain name"),
+    "stats-no-store": Bad(["stats", "--store", "{new}"], "no store at"),
+    "stats-unknown-teacher": Bad(["stats", "--store", "{store}", "--teacher", "t9"], "has no teacher 't9'"),
+    "no-such-flag": Bad([*D, "--epochz", "3"], "unrecognized arguments: --epochz 3"),
+    "no-such-command": Bad(["extrakt"], "invalid choice: 'extrakt'"),
+}
+
+
+# -- the shared store and the finished run every case points at --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, base_store):
+    """A copy of base_store, and a finished distill run from it (student, metrics, config, log)."""
+    root = tmp_path_factory.mktemp("shared")
+    store = root / "store"
+    shutil.copytree(base_store, store)
+    run = root / "run"
+    argv = [a.replace("{store}", str(store)).replace("{run}", str(run)) for a in D]
+    assert main(["--quiet", *argv]) == 0
+    assert (run / "student.safetensors").is_file() and (run / "config.yaml").is_file()
+    return {"store": store, "run": run, "trees": {"store": read_tree(store), "run": read_tree(run)}}
+
+
+@pytest.fixture(scope="module")
+def endpoint_404():
+    """An HTTP server on loopback that answers 404 to every request: an S3 endpoint that is not one."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines  # the error alone: no log line before it, no warning, no usage text
+    assert lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(case, shared, tmp_path, capsys, monkeypatch, request):
+    bad = CASES[case]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "a-file").write_text("not a directory\n")
+    if bad.yaml is not None:
+        (scratch / "c.yaml").write_text(bad.yaml)
+    if bad.env:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses file systems; the endpoint comes from the environment
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", **bad.env}.items():
+            monkeypatch.setenv(key, value.replace("{endpoint}", request.getfixturevalue("endpoint_404")))
+    names = {"{store}": shared["store"], "{run}": shared["run"], "{new}": scratch / "new", "{file}": scratch / "a-file", "{yaml}": scratch / "c.yaml"}
+
+    def fill(arg: str) -> str:
+        for key, value in names.items():
+            arg = arg.replace(key, str(value))
+        return arg
+
+    before = read_tree(scratch)
+    capsys.readouterr()
+    assert main([fill(a) for a in bad.argv]) == 2
+    line = one_line(capsys)
+    assert bad.says in line, line
+    assert read_tree(scratch) == before  # no new store, no run folder, no evil/ beside them
+    assert read_tree(shared["store"]) == shared["trees"]["store"]  # the store is byte-identical
+    assert read_tree(shared["run"]) == shared["trees"]["run"]  # the finished run still describes itself
+    assert not (shared["store"].parent / "evil").exists()
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 60
+    commands = {bad.argv[0] for bad in CASES.values()}
+    assert {"extract", "distill", "train", "verify", "inspect", "stats"} <= commands
+
+
+def test_every_settings_field_is_declared():
+    """One declaration per setting: a new TrainSettings or ViewRecipe field gets its type and range in settings_check."""
+    from dataclasses import MISSING, fields
+
+    from pipeline import settings_check
+    from stages.distill import TrainSettings
+    from stages.views import ViewRecipe
+
+    for cls in (TrainSettings, ViewRecipe):
+        missing = {f.name for f in fields(cls)} - set(settings_check.declared(cls))
+        assert not missing, f"{cls.__name__} fields without a declaration in pipeline/settings_check.py: {sorted(missing)}"
+        for f in fields(cls):  # every default passes its own declaration
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            settings_check.declared(cls)[f.name](default, f.name)
+
+
+# -- interruptions --------------------------------------------------------------------------------------
+
+
+def test_a_store_whose_creation_stopped_is_made_again(tmp_path, monkeypatch, reference, capsys):
+    """A crash between the root zarr.json and store.json (here: while the plan's arrays are made) leaves no store;
+    the same command then makes it, and the result equals a clean extraction."""
+    from storage import zarr_units
+
+    store = tmp_path / "store"
+    real = zarr_units.UnitArrays.create
+
+    def crash(location, specs, *args, **kwargs):
+        real(location, dict(list(specs.items())[:1]), *args, **kwargs)  # one array of the plan, then the crash
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zarr_units.UnitArrays, "create", classmethod(lambda cls, *a, **k: crash(*a, **k)))
+    argv = [*SAME_AS_BASE, "--store", str(store)]
+    assert main(["--quiet", *argv]) == 130
+    assert "committed units are kept; run the same command again" in capsys.readouterr().err
+    assert (store / "zarr.json").is_file() and not (store / "store.json").exists()
+    monkeypatch.undo()
+    assert main(["--quiet", *argv]) == 0
+    s = Store(store)
+    for group, arrays in (("plan", group_arrays(s.plan)), ("t1", group_arrays(s.teacher("t1")))):
+        for name, want in reference[group].items():
+            np.testing.assert_array_equal(arrays[name], want)
+
+
+def test_a_kill_right_after_the_root_zarr_json_is_resumed(tmp_path, capsys):
+    """SIGKILL the real command as soon as the store's root zarr.json appears; running it again finishes the store."""
+    store = tmp_path / "store"
+    argv = [*SAME_AS_BASE[:-2], "--batch-size", "16", "--store", str(store)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.time() + 120
+        while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert (store / "zarr.json").exists()  # killed at creation, or (on a slow start) a little later: both resume
+    capsys.readouterr()
+    assert main(["--quiet", *argv]) == 0
+    assert main(["--quiet", "verify", str(store), "--replay", "0"]) == 0
+
+
+def test_epochs_0_leaves_no_run_folder(tmp_path, base_store, capsys):
+    for argv in ([*D[:-1], str(tmp_path / "d")], [*T[:-1], str(tmp_path / "t")]):
+        argv = [a.replace("{store}", str(base_store)) for a in replace(argv, "--epochs", "0")]
+        assert main(argv) == 2
+        assert "--epochs" in one_line(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_refused_late_in_its_set_up_leaves_the_finished_folder_alone(shared, capsys):
+    """The student, method and optimiser are built inside train(); a batch larger than the data is found only then,
+    and config.yaml, run.log, metrics and student are still the old run's."""
+    argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(shared["run"])) for a in replace(D, "--batch-size", "1000")]
+    assert main([*argv, "--method", "dkd"]) == 2
+    assert "larger than a worker's share" in one_line(capsys)
+    assert read_tree(shared["run"]) == shared["trees"]["run"]
+
+
+# -- store damage: a directory or a pipe where a shard should be -------------------------------------------
+
+
+def _shard(store: Path) -> Path:
+    return next(p for p in sorted((store / "teachers" / "t1" / "logits").rglob("*")) if p.is_file() and p.name != "zarr.json")
+
+
+def test_a_directory_where_a_shard_should_be(store_copy, capsys):
+    shard = _shard(store_copy)
+    shard.unlink()
+    shard.mkdir()
+    (shard / "keep").write_text("somebody's file")
+    assert main(["--quiet", *SAME_AS_BASE, "--store", str(store_copy), "--repair"]) == 2
+    assert "is a directory where a file of the store should be" in one_line(capsys)
+    assert (shard / "keep").read_text() == "somebody's file"  # refused, not deleted
+    shutil.rmtree(shard)
+    assert main(["--quiet", *SAME_AS_BASE, "--store", str(store_copy), "--repair"]) == 0
+    assert main(["--quiet", "verify", str(store_copy), "--replay", "0"]) == 0
+
+
+def test_a_pipe_where_a_shard_should_be_does_not_hang(store_copy, tmp_path, capsys):
+    shard = _shard(store_copy)
+    shard.unlink()
+    os.mkfifo(shard)
+    results = {}
+    commands = {"verify": ["verify", str(store_copy), "--replay", "0"],
+                "distill": [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D]}
+
+    def run_all():
+        for name, argv in commands.items():
+            results[name] = (main(["--quiet", *argv]), capsys.readouterr())
+
+    worker = threading.Thread(target=run_all, daemon=True)
+    worker.start()
+    worker.join(300)
+    assert not worker.is_alive(), "a reader waits on the pipe"
+    assert results["verify"][0] == 2 and "not a regular file" in results["verify"][1].out
+    assert results["distill"][0] == 2 and "not a regular file" in results["distill"][1].err
+    assert len(results["distill"][1].err.strip().splitlines()) == 1
+
+
+# -- messages that misled ---------------------------------------------------------------------------------
+
+
+def test_an_unfinished_extraction_is_not_called_damaged(store_copy, capsys):
+    Store(store_copy).teacher("t1").uncommit(1, 2)
+    assert main(["--quiet", "verify", str(store_copy), "--replay", "0"]) == 2
+    line = one_line(capsys)
+    assert "1 unit(s) not extracted yet: run the extract command again to finish" in line and "--repair" not in line
+
+
+def test_interrupted_runs_say_what_is_kept(monkeypatch, capsys, base_store, tmp_path):
+    def stop(args, *rest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.commands, "distill_command", stop)
+    argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted: nothing of this run was saved") and "start over" in err[-1]
+    assert main([*argv, "--workers", "2"]) == 130
+    assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_full_disk_names_the_file(monkeypatch, capsys, base_store, tmp_path):
+    def full(args, *rest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli.commands, "distill_command", full)
+    argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
+    assert main(argv) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: no space left on device: free space") and ": ;" not in line
+
+
+def test_library_warnings_stay_off_the_console(monkeypatch, capsys, base_store, tmp_path):
+    import warnings
+
+    from storage import UserError
+
+    def warn_then_fail(args, *rest):
+        warnings.warn("divide by zero encountered in remainder", RuntimeWarning)
+        raise UserError("what is wrong, what to do")
+
+    monkeypatch.setattr(cli.commands, "distill_command", warn_then_fail)
+    argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
+    assert main(argv) == 2
+    assert one_line(capsys) == "error: what is wrong, what to do"
+
+
+def test_weights_that_do_not_fit_say_which_keys(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "small.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(weights))
+    assert main(["extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(weights), "--views", "1", "--store", str(tmp_path / "s")]) == 2
+    line = one_line(capsys)
+    assert "missing key(s) (e.g. " in line and "unexpected key(s)" in line and "of another shape" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_partial_store_reports_compression_of_what_it_holds(store_copy, capsys):
+    store = Store(store_copy)
+    full = store.teacher("t1").describe()["logits"]
+    for block in range(store.num_blocks):
+        store.teacher("t1").uncommit(1, block)
+        shutil.rmtree(store_copy / "teachers" / "t1" / "logits" / "c" / "1", ignore_errors=True)
+    assert main(["--quiet", "inspect", str(store_copy), "--teacher", "t1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("logits "))
+    stored = store.teacher("t1").describe()["logits"]["stored_bytes"]
+    ratio = float(row[-1].rstrip("x"))
+    assert ratio == pytest.approx(full["nbytes"] / 2 / stored, abs=0.01)  # raw bytes of view 0 only, over its stored bytes

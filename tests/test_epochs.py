@@ -1,0 +1,155 @@
+"""The papers' batches and epochs: a recipe's global batch over workers, repeated augmentation, evaluation views."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import pytest
+import torch
+
+from pipeline import config
+from pipeline.cli import main
+from pipeline.commands import train_settings
+from stages.distill import TrainSettings, rank_units, resolve_batch, steps_per_epoch
+from stages.replay import epoch_units, window_units
+from stages.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
+from storage import UserError
+
+# -- the global batch ------------------------------------------------------------------------
+
+
+class _Flags(argparse.Namespace):
+    """Parsed flags as train_settings reads them: every flag not given is None, as argparse leaves it."""
+
+    def __getattr__(self, name):
+        return None
+
+
+def _args(**kw) -> argparse.Namespace:
+    return _Flags(**kw)
+
+
+@pytest.mark.parametrize("workers,per_worker", [(0, 2048), (1, 2048), (8, 256), (16, 128)])
+def test_a_recipes_global_batch_is_split_over_the_workers(workers, per_worker):
+    s = train_settings(_args(config=str(config.CONFIG_DIR / "vanillakd_a2.yaml"), workers=workers))
+    assert (s.batch_size, s.global_batch) == (per_worker, 2048)
+
+
+def test_batch_size_on_the_command_line_is_per_worker_and_the_config_records_both(tmp_path):
+    recipe = str(config.CONFIG_DIR / "kdpp_r34_r18.yaml")
+    s = train_settings(_args(config=recipe, batch_size=64, workers=4))
+    assert (s.batch_size, s.global_batch) == (64, 256)  # timm's --batch-size: per worker
+    text = config.dump({"train": s})
+    assert "batch_size: 64" in text and "global_batch: 256" in text
+    plain = train_settings(_args(workers=0))  # no recipe batch: the per-worker default, one process
+    assert (plain.batch_size, plain.global_batch) == (TrainSettings.batch_size, TrainSettings.batch_size)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused():
+    with pytest.raises(UserError, match="global_batch 2048 in .* does not divide over 3 workers"):
+        train_settings(_args(config=str(config.CONFIG_DIR / "vanillakd_a1.yaml"), workers=3))
+    with pytest.raises(UserError, match="does not divide"):
+        resolve_batch(None, 100, 8)
+    assert resolve_batch(32, 100, 8) == (32, 256)  # a per-worker batch never needs to divide
+
+
+def test_a_file_stating_both_batches_must_agree(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("global_batch: 512\nbatch_size: 64\n")
+    assert train_settings(_args(config=str(both), workers=8)).batch_size == 64
+    with pytest.raises(UserError, match="states both batch_size 64 .* and global_batch 512"):
+        train_settings(_args(config=str(both), workers=4))
+
+
+# -- repeated augmentation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("repeats,num_views,num_blocks", [(3, 3, 10), (3, 5, 7), (2, 4, 9), (3, 10, 1000)])
+def test_repeated_epochs_give_each_sample_r_different_views_and_keep_n_samples_of_rows(repeats, num_views, num_blocks):
+    covered = Counter()
+    for epoch in range(4 * repeats):
+        units = epoch_units(epoch, num_views, num_blocks, seed=2, repeats=repeats)
+        per_block = {}
+        for v, b in units:
+            per_block.setdefault(b, []).append(v)
+        for b, views in per_block.items():
+            assert len(views) == repeats and len(set(views)) == repeats  # R different views of the block
+        blocks = [b for _, b in units]
+        for i in range(0, len(blocks), repeats):  # a block's R units are next to each other: one window holds them
+            assert len(set(blocks[i : i + repeats])) == 1
+        # About N samples' worth of units: R x (blocks / R).
+        assert abs(len(units) - num_blocks) < repeats
+        covered.update(per_block.keys())
+        if epoch % repeats == repeats - 1:  # every R epochs, every block once
+            assert set(covered.values()) == {epoch // repeats + 1} and len(covered) == num_blocks
+
+
+def test_one_repeat_is_the_plain_order():
+    for epoch in range(6):
+        assert epoch_units(epoch, 4, 6, 1, repeats=1) == epoch_units(epoch, 4, 6, 1)
+    assert window_units(16384, 1024) == 16 and window_units(16384, 1024, 3) == 15 and window_units(100, 1024, 3) == 3
+
+
+def test_ranks_keep_a_blocks_repeats_together_and_take_equal_steps():
+    num_samples, block, world, repeats = 1000, 64, 2, 3
+    num_blocks = -(-num_samples // block)
+    steps = steps_per_epoch(num_samples, block, 16, world, repeats)
+    for epoch in range(6):
+        units = epoch_units(epoch, 4, num_blocks, seed=0, repeats=repeats)
+        shares = [rank_units(units, r, world) for r in range(world)]
+        assert sorted(u for share in shares for u in share) == sorted(units)
+        assert not set(b for _, b in shares[0]) & set(b for _, b in shares[1])  # no block split over ranks
+        for share in shares:
+            assert sum(min(block, num_samples - b * block) for _, b in share) // 16 >= steps
+    with pytest.raises(UserError, match="with repeats 3 an epoch takes 1 of the store's 4 blocks"):
+        steps_per_epoch(256, 64, 16, 2, 3)
+
+
+def test_repeats_larger_than_the_stored_views_is_one_line(tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "run"
+    argv = ["--quiet", "extract", "--data", "fake:64?size=32", "--teacher", "resnet18", "--random-init", "--views", "2",
+            "--store", str(store), "--block", "32", "--batch-size", "32"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("repeats: 3\n")
+    rc = main(["--quiet", "distill", "--from-cache", str(store), "--config", str(recipe), "--student", "resnet10t",
+               "--epochs", "1", "--batch-size", "16", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "repeats 3 needs 3 different views of each sample" in err[0] and "--views 3" in err[0]
+    assert not out.exists()
+    recipe.write_text("global_batch: 64\n")
+    rc = main(["--quiet", "distill", "--from-cache", str(store), "--config", str(recipe), "--student", "resnet10t",
+               "--epochs", "1", "--workers", "3", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "global_batch 64" in err[0] and "3 workers" in err[0]
+    assert not out.exists()
+
+
+# -- evaluation views ------------------------------------------------------------------------
+
+
+def test_evaluation_views_use_the_recipes_crop_and_interpolation(train_data):
+    image, sizes = train_data.image(5), train_data.sizes()[5:6]
+    plan = ViewPlan(ViewRecipe(), seed=0)
+    default = plan.render(image, row(eval_params(sizes, 0.875), 0), 32)
+    # The default is what evaluation always rendered: a bilinear crop.
+    before = plan.render(image, {k: v for k, v in row(eval_params(sizes, 0.875), 0).items() if k != "crop_interp"}, 32)
+    assert torch.equal(default, before)
+    bicubic = plan.render(image, row(eval_params(sizes, 0.95, "bicubic"), 0), 32)
+    assert not torch.equal(bicubic, plan.render(image, row(eval_params(sizes, 0.95), 0), 32))
+    assert set(eval_params(sizes, 0.95, "bicubic")) == set(EVAL_FIELDS)
+    a1 = config.recipe("vanillakd_a1")["views"]
+    assert ViewRecipe(**a1).eval_interpolation == "bicubic" and ViewRecipe(**a1).eval_crop == 0.95
+    assert ViewRecipe().eval_interpolation == "bilinear" and ViewRecipe().eval_crop == 0.875
+
+
+def test_an_unknown_eval_interpolation_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("views:\n  eval_interpolation: lanczos\n")
+    out = tmp_path / "run"
+    rc = main(["--quiet", "train", "--data", "fake:32?size=32", "--model", "resnet10t", "--config", str(recipe), "--epochs", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "eval_interpolation" in err[0] and "bilinear, bicubic" in err[0]
+    assert not out.exists()

@@ -176,6 +176,11 @@ def s3(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    import s3fs
+
+    # fsspec keeps one S3FileSystem per set of arguments for the process: one made for an earlier module's
+    # server (another port, now stopped) would otherwise be reused here.
+    s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3")
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket=BUCKET)

@@ -146,7 +146,7 @@ def test_an_incomplete_teacher_is_refused(store_copy):
 
 
 def test_cached_teacher_refuses_outputs_it_does_not_store(base_store):
-    with pytest.raises(UserError, match="no teacher 'tokens'"):
+    with pytest.raises(UserError, match="has no tokens"):
         CachedTeacher(Store(base_store), "t1", ("tokens",))
     with pytest.raises(UserError, match="no teacher 'nobody'"):
         CachedTeacher(Store(base_store), "nobody", ("logits",))

@@ -259,3 +259,13 @@ def test_pipeline_train_runs_gpd_from_scratch_and_distill_refuses_an_unsupported
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot widen student mobilenetv3_small_050" in err and "gpd supports timm ResNets" in err and "\n" not in err
+
+
+def test_the_gpd_demo_prints_its_table(tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["--quiet", "demo", "--method", "gpd", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out)]) == 0
+    assert "student distilled (gpd, cache)" in capsys.readouterr().out
+    for weights in out.glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
+        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))

@@ -118,7 +118,7 @@ def test_a_store_without_an_output_a_method_reads_is_refused_with_the_extract_fl
     for missing in needs:
         stored = tuple(o for o in ("logits", "features", "tokens") if o != missing)
         record = make_record(outputs=stored, num_tokens=T, token_dim=DT, token_prefix=1)
-        with pytest.raises(UserError, match=f"no teacher '{missing}'.*--outputs {','.join([*stored, missing])}"):
+        with pytest.raises(UserError, match=f"has no {missing} .*--outputs {','.join([*stored, missing])}"):
             cache.stored_names(record, needs)
 
 

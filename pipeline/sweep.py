@@ -67,7 +67,7 @@ MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep sta
 
 def add_sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="many distill runs over one store as Ray Tune trials: grid and random search, early stopping, a ranked table")
-    p.add_argument("--from-cache", metavar="STORE", help="the store made by `pipeline extract` (required unless --summary)")
+    p.add_argument("--from-cache", metavar="STORE", help="the store made by `pipeline extract` (required unless --summary; default: none)")
     p.add_argument("--config", metavar="SWEEP_YAML", help="fixed distill settings plus a search: section (see configs/sweeps/) (required unless --summary)")
     p.add_argument("--out", required=True, help="the sweep folder: one folder per trial (what distill --out writes), sweep.yaml, sweep.csv, sweep.png, sweep.log")
     p.add_argument("--summary", action="store_true", help="only print the table and write sweep.csv and sweep.png of the sweep in --out, from its trial folders (default: run the sweep)")
@@ -80,7 +80,7 @@ def add_sweep_parser(sub) -> None:
     g.add_argument("--early-stop", action="store_true", help="stop weak trials early (ASHA on the metric per epoch; the sweep file's early_stop: tunes it) (default: off, unless the file has early_stop:)")
     g.add_argument("--retry-errored", action="store_true", help="when resuming, run the trials that failed again from scratch (default: failed trials stay failed)")
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local Ray instance)")
-    p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache")
+    p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache (default: off)")
     p.set_defaults(func=sweep_command)
 
 

@@ -50,7 +50,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seeds", type=int, help="student seeds of the partial-label rows; the full-label control uses one (default: 3, from configs/demo.yaml)")
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml; cospress 15, gpd 10)")
-    p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 12)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 15)")
     p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd, cospress, gpd (default: kd)")
     p.add_argument("--loader-workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
@@ -195,15 +195,17 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
     print(f"digits: {len(data):,} training / {len(val):,} validation images at {size} px")
     print(f"teacher {teacher.spec.name} ({_params(teacher)} parameters); student {student['student']} ({_params(student_model)} parameters)")
     print()
-    print(f"{'model':<42}{'labels used':>12}{'val top-1 (seeds)':>22}{'distilled wins':>16}")
-    print(f"{'teacher ' + teacher.spec.name:<42}{'100%':>12}{pct(teacher_acc):>22}{'':>16}")
+    table = [("model", "labels used", "val top-1 (seeds)", "distilled wins"), (f"teacher {teacher.spec.name}", pct(1.0), pct(teacher_acc), "")]
     for frac in dict.fromkeys([fraction, 1.0]):
         scratch, distilled = rows[(frac, "ce")], rows[(frac, method)]
         wins = sum(d > s for d, s in zip(distilled, scratch))
         tag = " (control)" if frac == 1.0 and fraction != 1.0 else ""
         n = f" ({len(scratch)})"
-        print(f"{'student from scratch' + tag:<42}{pct(frac):>12}{spread(scratch) + n:>22}{'':>16}")
-        print(f"{f'student distilled ({method}, cache)' + tag:<42}{pct(frac):>12}{spread(distilled) + n:>22}{f'{wins} of {len(distilled)}':>16}")
+        table.append(("student from scratch" + tag, pct(frac), spread(scratch) + n, ""))
+        table.append((f"student distilled ({method}, cache)" + tag, pct(frac), spread(distilled) + n, f"{wins} of {len(distilled)}"))
+    first = max(len(r[0]) for r in table) + 2
+    for name, labels, top1, wins in table:
+        print(f"{name:<{first}}{labels:>12}{top1:>22}{wins:>16}")
     print()
     print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / extracted.seconds:,.0f} views/s)")
     print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")

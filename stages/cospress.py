@@ -40,18 +40,41 @@ from .student import student_forward
 TEMPERATURES = tuple(round(0.01 * i, 2) for i in range(1, 11))  # 0.01 ... 0.10, the official recipe's
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every worker's rows of ``x`` concatenated in rank order, with gradients flowing back to each worker's own.
+class _GatherRows(torch.autograd.Function):
+    """all_gather whose backward hands each worker the gradient of its own rows, summed over workers.
 
-    Without torch.distributed (one process) this is ``x`` itself.
+    Every worker computes the same loss from the gathered rows, so each worker's rows get a gradient from
+    every worker; DDP then averages parameter gradients, and the sum here makes that average the
+    single-process gradient of the whole batch. (Written out because torch.distributed.nn's all_gather,
+    which does the same, is deprecated.)
     """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows of ``x`` (the same count on each: all workers take equal batches) in rank order,
+    with gradients flowing back to each worker's own. Without torch.distributed (one process), ``x`` itself."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherRows.apply(x.contiguous())
 
 
 def _grid(tokens: int, prefix: int) -> str:

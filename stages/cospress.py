@@ -105,6 +105,11 @@ class CosPress(Method):
                 f"method 'cospress' needs a ViT teacher's CLS token first in its tokens; this teacher's {t_tokens[0]} tokens have "
                 f"{context.teacher_token_prefix} leading non-patch tokens: extract a ViT teacher such as dinov2_s"
             )
+        if s_tokens and context.student_token_prefix != 1:
+            raise UserError(
+                "method 'cospress' needs a ViT student with a CLS token (e.g. vit_tiny_patch16_224 with patch_size=14 at 224 px); "
+                "this student's tokens have none"
+            )
         if t_tokens and s_tokens and s_tokens[0] != t_tokens[0]:
             size = f" at {context.size} px" if context.size else ""
             raise UserError(
@@ -120,14 +125,6 @@ class CosPress(Method):
         self.token_weight, self.cls_weight, self.probe_weight, self.hard_loss = token_weight, cls_weight, probe_weight, hard_loss
         # The mapping compresses the teacher's space to the student's width; both similarity losses train it.
         self.map = nn.Sequential(nn.LayerNorm(teacher_dim), nn.Linear(teacher_dim, student_dim))
-
-    def wrap_student(self, model):
-        if getattr(model, "cls_token", None) is None:
-            raise UserError(
-                f"method 'cospress' needs a ViT student with a CLS token (e.g. vit_tiny_patch16_224 with patch_size=14 at 224 px), "
-                f"not {type(model).__name__}"
-            )
-        return model
 
     def student_outputs(self, model, x):
         out = student_forward(model, x, ("features", "tokens"))

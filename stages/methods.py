@@ -35,7 +35,7 @@ from torch import nn
 from storage import UserError
 
 from .losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss
-from .student import student_forward, token_shape
+from .student import student_forward, token_prefix, token_shape
 
 _METHODS: dict[str, type["Method"]] = {}
 # Methods that live in a file of their own register when it is imported: one line each, as timm's model files.
@@ -84,6 +84,7 @@ class MethodContext:
     student_tokens: tuple[int, int] | None = None  # (T, D) of the student's tokens, when the method reads them
     teacher_tokens: tuple[int, int] | None = None  # (T, D) of the teacher's tokens, when the method reads them
     teacher_token_prefix: int = 0  # leading teacher tokens that are not patches (1: CLS)
+    student_token_prefix: int = 0  # the same for the student's tokens
     has_teacher: bool = True  # False: training without a teacher (methods with requires_teacher = False)
     size: int | None = None  # the student's input size
 
@@ -104,6 +105,7 @@ def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classe
         student_tokens=token_shape(model, size) if "tokens" in cls.student_needs else None,
         teacher_tokens=teacher.token_shape if reads and "tokens" in cls.needs else None,
         teacher_token_prefix=teacher.token_prefix if reads and "tokens" in cls.needs else 0,
+        student_token_prefix=token_prefix(model) if "tokens" in cls.student_needs else 0,
         has_teacher=reads,
         size=size,
     )

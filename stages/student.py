@@ -57,6 +57,11 @@ def tokens_of(model: nn.Module, f: torch.Tensor) -> torch.Tensor:
     return f[:, prefix:]
 
 
+def token_prefix(model: nn.Module) -> int:
+    """Leading non-patch tokens ``tokens_of`` keeps: 1 (the CLS token) for ViTs with a class token, else 0."""
+    return int(bool(getattr(model, "num_prefix_tokens", 0)) and getattr(model, "cls_token", None) is not None)
+
+
 @torch.no_grad()
 def token_shape(model: nn.Module, size: int) -> tuple[int, int]:
     """(T, D) of the student's ``tokens`` at ``size`` px, from one forward of a zero image in eval mode."""

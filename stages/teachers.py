@@ -26,6 +26,8 @@ from torch import nn
 
 from storage import UserError
 
+from .student import token_prefix
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,8 +166,7 @@ class Teacher(nn.Module):
     @property
     def token_prefix(self) -> int:
         """Leading non-patch tokens kept in ``tokens``: 1 (CLS) for ViTs with a class token, else 0."""
-        m = self.model
-        return int(bool(getattr(m, "num_prefix_tokens", 0)) and getattr(m, "cls_token", None) is not None)
+        return token_prefix(self.model)
 
 
 def _classes_in(state_dict: dict, model_name: str) -> int:

@@ -3,6 +3,8 @@ training the same student as the live teacher."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -14,7 +16,7 @@ from stages import cache
 from stages.distill import TrainSettings, targets, train
 from stages.extract import TeacherRunner, extract, teacher_info
 from stages.losses import flat_cosine_loss, similarity_kl
-from stages.methods import MethodContext, create_method
+from stages.methods import MethodContext, create_method, method_class, method_context
 from stages.replay import StoredViews
 from stages.store_setup import open_store, stored_plan
 from stages.teacher_sources import CachedTeacher, LiveTeacher
@@ -38,7 +40,7 @@ def vit_student(**kwargs):
 
 
 def context(**kw):
-    base = dict(num_classes=10, student_dim=DS, teacher_dim=DT, student_tokens=(T, DS), teacher_tokens=(T, DT), teacher_token_prefix=1, size=32)
+    base = dict(num_classes=10, student_dim=DS, teacher_dim=DT, student_tokens=(T, DS), teacher_tokens=(T, DT), teacher_token_prefix=1, student_token_prefix=1, size=32)
     return MethodContext(**{**base, **kw})
 
 
@@ -101,8 +103,10 @@ def test_refusals_say_what_to_change_in_one_line(base_store):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="CLS token"):
         create_method("cospress", context(teacher_token_prefix=0))
-    with pytest.raises(UserError, match="ViT student with a CLS token"):
-        create_method("cospress", context()).wrap_student(timm.create_model("resnet10t", pretrained=False, num_classes=10))
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=10)  # 1 token at 32 px, and no CLS token
+    with pytest.raises(UserError, match="ViT student with a CLS token"):  # said before the grid, which a CNN cannot fix
+        student_side = method_context(method_class("cospress"), cnn, None, num_classes=10, size=32, epochs=1)
+        create_method("cospress", dataclasses.replace(student_side, teacher_dim=DT, teacher_tokens=(T, DT), teacher_token_prefix=1))
     with pytest.raises(UserError, match="--outputs logits,features,tokens"):
         CachedTeacher(__import__("storage").Store(base_store), "t1", ("tokens",))
 

@@ -9,7 +9,7 @@ the argparse ``type=`` of a flag, so ``--epochs 0`` and ``epochs: 0`` in a
 YAML file are refused in the same words, before anything is written.
 
 Method settings (``--method-arg``, ``method_args:``) are checked against the
-method class's constructor (``check_method_args``); timm model arguments
+method class's constructor and ``METHOD`` (``check_method_args``); timm model arguments
 (``--student-arg``, ``--model-arg``) against timm's builder, which raises
 ``TypeError`` when the student is built, before a run writes any file.
 """
@@ -360,6 +360,23 @@ FLAGS = {  # command-line settings that are no dataclass field (a flag of the sa
     "teacher_epochs": Int(1, 100_000),
 }
 
+TEMPERATURE = Float(0.0, 1000.0, lo_open=True)
+METHOD = {  # the registered methods' settings (constructor arguments), by name: a name means one thing in every method
+    "temperature": TEMPERATURE,
+    "tau": TEMPERATURE,  # DIST's temperature
+    "temperatures": ListOf(TEMPERATURE),  # CosPress's similarity temperatures
+    "alpha": NON_NEGATIVE,  # DKD's target-class weight; KD++'s KD weight
+    "beta": NON_NEGATIVE,  # DKD's non-target weight; DIST's inter-class weight; KD++'s ND weight
+    "gamma": NON_NEGATIVE,  # DIST's intra-class weight
+    **dict.fromkeys(("ce_weight", "kd_weight", "rep_weight", "local_weight", "global_weight", "token_weight", "cls_weight", "probe_weight"), NON_NEGATIVE),
+    "warmup_epochs": NON_NEGATIVE,  # epochs over which a loss weight ramps up
+    "exponent": POSITIVE,  # SRD's LogSum exponent
+    "smoothing": Float(0.0, 1.0, hi_open=True),  # GPD's SCE smoothing
+    "ratio": Int(2, 8),  # GPD's widening: r^2 the student's cost per step
+    "noise": NON_NEGATIVE,  # GPD's N(0, noise) on widened weights
+    "hard_loss": Choice(("ce", "bce")),
+}
+
 
 def declared(cls) -> dict[str, Check]:
     """The declaration of a settings dataclass's fields (TrainSettings, ViewRecipe); empty for others."""
@@ -401,7 +418,8 @@ def flag(name: str, check: Check | None = None):
 
 
 def check_method_args(method_cls, args: dict, where: str) -> None:
-    """Method settings against the method's constructor: known names, and values of the kind its defaults have."""
+    """Method settings against the method's constructor: known names, and each value against its declaration in
+    ``METHOD`` (else of the kind its default has)."""
     params = list(inspect.signature(method_cls.__init__).parameters.values())[2:]  # after (self, context)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
@@ -413,8 +431,7 @@ def check_method_args(method_cls, args: dict, where: str) -> None:
             f"method '{name}' has no setting {', '.join(unknown)} ({where}): its settings are {', '.join(known) or 'none'}"
         )
     for key, value in args.items():
-        default = known[key].default
-        check = _like(default)
+        check = METHOD.get(key) or _like(known[key].default)
         if check is not None:
             check(value, f"method '{name}' setting {key} ({where})")
 

@@ -152,6 +152,12 @@ CASES = {
     "distill-method-escapes": Bad([*D, "--method", "../../etc/passwd"], "--method: must be a plain name"),
     "distill-method-arg-word": Bad([*D, "--method-arg", "temperature=abc"], "setting temperature"),
     "distill-method-arg-unknown": Bad([*D, "--method-arg", "temprature=4"], "has no setting temprature"),
+    "distill-method-arg-temperature-0": Bad([*D, "--method-arg", "temperature=0"], "setting temperature (--method-arg"),
+    "distill-method-arg-negative-weight": Bad([*D, "--method-arg", "kd_weight=-1"], "must be a number >= 0"),
+    "distill-method-arg-hard-loss": Bad([*D, "--method-arg", "hard_loss=mse"], "must be one of ce, bce"),
+    "distill-gpd-ratio-1": Bad([*D, "--method", "gpd", "--method-arg", "ratio=1"], "setting ratio"),
+    "distill-gpd-smoothing-1": Bad([*D, "--method", "gpd", "--method-arg", "smoothing=1"], "setting smoothing"),
+    "distill-cospress-temperatures": Bad([*D, "--method", "cospress", "--method-arg", "temperatures=[0.1,-1]"], "setting temperatures"),
     "distill-method-arg-no-key": Bad([*D, "--method-arg", "=4"], "--method-arg takes KEY=VALUE"),
     "distill-method-arg-bad-yaml": Bad([*D, "--method-arg", "temperature=[1"], "not valid YAML"),
     "distill-student-arg-unknown": Bad([*D, "--student-arg", "bogus=1"], "bad student settings for resnet10t"),
@@ -306,6 +312,21 @@ def test_every_settings_field_is_declared():
         for f in fields(cls):  # every default passes its own declaration
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             settings_check.declared(cls)[f.name](default, f.name)
+
+
+def test_every_method_setting_is_declared():
+    """A new method's numeric or text settings get their range in settings_check.METHOD, and its defaults pass it."""
+    import inspect
+
+    from pipeline import settings_check
+    from stages.methods import list_methods, method_class
+
+    for name in list_methods():
+        params = list(inspect.signature(method_class(name).__init__).parameters.values())[2:]
+        for p in params:
+            if isinstance(p.default, (int, float, str, list, tuple)):
+                assert p.name in settings_check.METHOD, f"method {name}'s setting {p.name} has no declaration in METHOD"
+                settings_check.METHOD[p.name](p.default, p.name)
 
 
 # -- interruptions --------------------------------------------------------------------------------------

@@ -109,8 +109,14 @@ def distill_on_ray(
     ray_env.connect(address)
     ray_env.require_gpus(gpus_per_worker, workers)
     ray_env.check_visible(Location(job["store"]), "store")
+    made = not storage.exists()
     storage.makedirs()
-    ray_env.check_visible(storage, "checkpoint location")
+    try:
+        ray_env.check_visible(storage, "checkpoint location")
+    except UserError:
+        if made:  # a refused run leaves no empty checkpoint folder behind
+            storage.remove_tree()
+        raise
     if not resume:  # only once every check passed: a refused run leaves the old one's checkpoints alone
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's

@@ -70,6 +70,24 @@ def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
     assert source_for_workers(DATA) == DATA and source_for_workers(None) is None
 
 
+def test_a_checkpoint_location_some_node_cannot_see_leaves_no_folder(store, tmp_path, monkeypatch, capsys):
+    """The refusal comes after the checkpoint folder is made (a probe file goes in it): the folder goes again."""
+    from pipeline import ray_env
+    from pipeline.cli import main
+    from storage import UserError
+
+    def check_visible(location, what):
+        if what == "checkpoint location":
+            raise UserError(f"{what} {location} is not visible from Ray node(s) 127.0.0.3 (node-b)")
+
+    monkeypatch.setattr(ray_env, "connect", lambda address: None)  # no cluster: the visibility answer is the point
+    monkeypatch.setattr(ray_env, "check_visible", check_visible)
+    out = tmp_path / "run"
+    assert main(_argv(store, out, "--workers", "2")[3:]) == 2
+    assert "checkpoint location" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "ray").exists()
+
+
 # -- checkpoints in a bucket, on a local Ray instance ----------------------------------------
 
 

@@ -77,7 +77,7 @@ def group_usage(store: Store, group, views: int) -> GroupUsage:
     arrays = [
         ArrayUsage(name, d["dtype"], tuple(d["shape"]), int(d["nbytes"]), int(d["stored_bytes"]), rows,
                    committed_nbytes(tuple(d["shape"]), int(d["nbytes"])))
-        for name, d in group.describe().items()
+        for name, d in group.describe(committed).items()
     ]
     return GroupUsage(arrays, views, group.complete_views(store.num_blocks), len(committed), len(expected), rows)
 

@@ -210,6 +210,16 @@ class Location:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != self.path)
 
+    def file_sizes(self) -> dict[str, int]:
+        """Every file under this location, by path relative to it, with its size in bytes (one listing)."""
+        self.fs.invalidate_cache(self.path)
+        try:
+            found = self.fs.find(self.path, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.path.rstrip("/") + "/"
+        return {p[len(root):] if p.startswith(root) else p: int(e["size"]) for p, e in found.items()}
+
     def size(self) -> int:
         """Bytes under this location (a file's size, or a directory's total)."""
         return self.fs.du(self.path, total=True) if self.exists() else 0

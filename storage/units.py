@@ -82,8 +82,10 @@ class CommittedUnits(ABC):
         """The group's array names, sorted."""
 
     @abstractmethod
-    def describe(self) -> dict[str, dict]:
-        """Per array: ``dtype``, full ``shape``, decoded ``nbytes`` and ``stored_bytes`` (after compression)."""
+    def describe(self, units: set[tuple[int, int]] | None = None) -> dict[str, dict]:
+        """Per array: ``dtype``, full ``shape``, decoded ``nbytes`` and ``stored_bytes`` (after compression);
+        ``units``: count only the stored bytes of these (view, block) units (the committed ones), not a killed
+        writer's leftovers."""
 
     @abstractmethod
     def resize_views(self, num_views: int) -> None:

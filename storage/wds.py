@@ -126,13 +126,16 @@ class TarUnits(CommittedUnits):
     def _shape(self, name: str) -> tuple[int, ...]:
         return (self.meta["num_views"], self.meta["num_samples"], *self.specs[name].row_shape)
 
-    def describe(self) -> dict[str, dict]:
+    def describe(self, units=None) -> dict[str, dict]:
         """Per array: dtype, full shape, decoded bytes and bytes as stored.
 
         All arrays of a unit share one tar, so the tars' total size (one listing)
         is split between arrays in the proportions of one sampled unit's members.
         """
         sizes = {e["name"]: e["size"] for e in self._listing()}
+        if units is not None:
+            keep = {self.tar(v, b).path for v, b in units}
+            sizes = {name: size for name, size in sizes.items() if name.rstrip("/") in keep}
         decoded = {name: int(np.prod(self._shape(name))) * np.dtype(spec.dtype).itemsize for name, spec in self.specs.items()}
         weight = decoded  # until a unit is read: in proportion to the decoded sizes
         if sizes:

@@ -72,12 +72,19 @@ class UnitArrays(CommittedUnits):
     def names(self) -> list[str]:
         return sorted(name for name, _ in self._arrays())
 
-    def describe(self) -> dict[str, dict]:
+    def describe(self, units=None) -> dict[str, dict]:
         """Per array: dtype, full shape, decoded bytes and bytes as stored (after compression)."""
         return {
-            name: {"dtype": str(arr.dtype), "shape": list(arr.shape), "nbytes": arr.nbytes, "stored_bytes": arr.nbytes_stored()}
+            name: {"dtype": str(arr.dtype), "shape": list(arr.shape), "nbytes": arr.nbytes, "stored_bytes": self._stored(name, arr, units)}
             for name, arr in sorted(self._arrays())
         }
+
+    def _stored(self, name: str, arr: zarr.Array, units) -> int:
+        if units is None:
+            return arr.nbytes_stored()
+        sizes = (self.location / name).file_sizes()  # one listing: shards and the array's zarr.json
+        keys = {arr.metadata.encode_chunk_key((v, b) + (0,) * (arr.ndim - 2)) for v, b in units}
+        return sum(size for key, size in sizes.items() if key in keys or key == "zarr.json")
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._opened:

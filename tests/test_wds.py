@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, BLOCK, STUDENT, VIEWS, make_record
+from conftest import BATCH, BLOCK, BUCKET, STUDENT, VIEWS, make_record
 from safetensors.torch import load_file
 
 from stages import cache
@@ -97,6 +97,30 @@ def test_the_same_unit_gives_byte_identical_tars(store, units, tmp_path):
     other.write_unit(1, 0, {k: v.copy() for k, v in data.items()})
     units.write_unit(1, 0, data)  # a rerun, later
     assert _tar(other, 1, 0).read_bytes() == first == _tar(units, 1, 0).read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_stored_bytes_of_committed_units_leave_out_a_killed_writers_unit(store, backend):
+    """A writer killed before its commit leaves the unit's data on disk: inspect counts only committed units."""
+    _check_stored_bytes_leave_out_uncommitted(store, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_stored_bytes_in_a_bucket_leave_out_a_killed_writers_unit(s3, backend):
+    url = f"s3://{BUCKET}/stored-bytes-{backend}"
+    _check_stored_bytes_leave_out_uncommitted(Store.create(url, meta={}, num_samples=70, num_views=2, block=32, plan_specs={}), backend)
+
+
+def _check_stored_bytes_leave_out_uncommitted(store, backend):
+    units = store.create_teacher("k", make_record("k", format=backend, views=2), SPECS)
+    units.write_unit(0, 0, _unit(32, 0))
+    whole = sum(d["stored_bytes"] for d in units.describe({(0, 0)}).values())
+    units.write_unit(1, 1, _unit(32, 1))
+    units.uncommit(1, 1)  # its data stays, as after a kill between the write and the commit
+    assert units.committed() == {(0, 0)}
+    assert sum(d["stored_bytes"] for d in units.describe(units.committed()).values()) == whole
+    assert sum(d["stored_bytes"] for d in units.describe().values()) > whole  # every byte on disk, as before
 
 
 def test_describe_and_growing_the_view_axis_need_no_tars(store, units, tmp_path):

@@ -7,6 +7,8 @@ from the S3 server (moto) the other object-store tests use.
 
 from __future__ import annotations
 
+import json
+
 import io
 import tarfile
 from pathlib import Path
@@ -230,6 +232,31 @@ def test_extract_verify_and_distill_from_local_shards(tmp_path, monkeypatch):
     assert run("verify", str(store), "--replay", "1") == 0
     assert run("distill", "--from-cache", str(store), *STUDENT, "--verify", "all", "--val-data", f"wds:{val}", "--out", str(tmp_path / "d")) == 0
     assert (tmp_path / "d" / "student.safetensors").exists()
+
+
+def test_train_without_a_store_reads_shards(tmp_path):
+    pattern, _ = make_shards(tmp_path / "shards")
+    val, _ = make_shards(tmp_path / "val", prefix="val", shards=1, per_shard=10, seed=1)
+    out = tmp_path / "scratch"
+    argv = ["train", "--data", f"wds:{pattern}", "--val-data", f"wds:{val}", "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]",
+            "--epochs", "1", "--batch-size", "16", "--size", "32", "--out", str(out)]
+    assert run(*argv) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and 0 <= metrics[0]["val_top1"] <= 1 and (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ray_train_distills_from_a_store_of_shards(tmp_path):
+    """distill --workers 2 (a local Ray): each worker opens the shard source and the validation shards itself."""
+    pattern, _ = make_shards(tmp_path / "shards")
+    val, _ = make_shards(tmp_path / "val", prefix="val", shards=1, per_shard=10, seed=1)
+    config = tmp_path / "plain.yaml"
+    config.write_text("views:\n  hflip: 0.5\n")
+    assert run(*_extract(f"wds:{pattern}", tmp_path / "store", config)) == 0
+    out = tmp_path / "ray-run"
+    assert run("distill", "--from-cache", str(tmp_path / "store"), *STUDENT, "--val-data", f"wds:{val}", "--workers", "2", "--out", str(out)) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and "val_top1" in metrics[0] and (out / "student.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -16,10 +16,12 @@ import re
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from storage import UserError
 
 from . import commands, settings_check
+from .resume import CHECKPOINT
 from .demo import add_demo_parser
 from .inspection import add_inspect_parser
 from .report import add_report_parser
@@ -57,7 +59,8 @@ def _training_flags(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM (default: no clipping)")
     g.add_argument("--model-ema", type=float, metavar="DECAY", help="also keep an EMA of the student (timm ModelEmaV3, e.g. 0.9998), evaluated each epoch and saved beside it (default: off)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (default: off)")
-    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log (and ray/ checkpoints with --workers N)")
+    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log, checkpoint.pt (ray/ checkpoints instead with --workers N)")
+    g.add_argument("--resume", action="store_true", help="continue the run under --out from its last checkpoint (OUT/checkpoint.pt, or Ray Train's with --workers N), e.g. with more --epochs (default: off, start afresh)")
 
 
 def _view_flags(p: argparse.ArgumentParser) -> None:
@@ -199,7 +202,6 @@ def _distill_ray_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoints", metavar="DIR_OR_URL",
         help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)",
     )
-    g.add_argument("--resume", action="store_true", help="continue the Ray Train run under --out from its latest checkpoint, e.g. with more --epochs (default: off, start afresh)")
 
 
 # One builder per command, in the order `pipeline --help` lists them.
@@ -266,10 +268,10 @@ def _again(args) -> str:
     """What a stopped run keeps, and how to go on: a run without checkpoints starts over."""
     if args.command == "extract":
         return "committed units are kept; run the same command again to resume"
-    if args.command == "distill" and getattr(args, "workers", 0):
-        return "the checkpoint of each finished epoch is kept; run the same command with --resume to continue"
-    if args.command in ("distill", "train", "demo"):
-        return "nothing of this run was saved (a run without --workers keeps no checkpoints); run the command again to start over"
+    if args.command in ("distill", "train"):
+        if getattr(args, "workers", 0) or (Path(args.out) / CHECKPOINT).is_file():
+            return "the checkpoint of the last finished epoch is kept; run the same command with --resume to continue"
+        return "no epoch had finished, so there is no checkpoint; run the command again to start over"
     return "run the command again"
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from stages.datasets import ImageDataset, open_dataset, validation_data
-from stages.distill import EpochHooks, TrainSettings, check_repeats, resolve_batch, train
+from stages.distill import TrainSettings, check_repeats, resolve_batch, train
 from stages.teacher_sources import LiveTeacher, TeacherSource, cached_teacher, pick_teacher
 from stages.extract import TeacherRunner, check_classes, check_teacher_record, extract, teacher_info
 from stages.store_setup import check_dataset, check_plan, data_source, open_store, store_dataset, stored_plan
@@ -29,6 +29,7 @@ from storage import Location, Store, UserError
 from storage.names import check_name
 
 from . import config, ray_env, ray_extract, settings_check
+from .resume import checkpoint_hooks
 
 log = logging.getLogger("pipeline")
 
@@ -218,8 +219,9 @@ def train_command(args) -> None:
     with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}) as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
         views = DrawnViews(plan, dataset, num_views=settings.epochs * settings.repeats)  # R fresh views per use of a block
-        result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device,
-                       hooks=EpochHooks(start=files.start))
+        run = {"data": args.data, "views": plan.describe(), **dataclasses.asdict(settings)}
+        hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start)
+        result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device, hooks=hooks)
     final = result.metrics[-1]
     print(f"{args.model}: val top-1 {final.get('val_top1', float('nan')):.4f} after {settings.epochs} epochs -> {out / 'model.safetensors'}")
 
@@ -320,8 +322,9 @@ def distill_command(args, on_epoch: Callable[[dict], None] | None = None) -> Non
         if args.workers:
             result = _distill_on_ray(args, store, source, views.num_views, settings, out, files.start)
         else:
-            save = (lambda state, line: on_epoch(line)) if on_epoch else None
-            result = train(settings, dataset, val, views, plan, teacher, out_dir=out, hooks=EpochHooks(save=save, start=files.start), device=device)
+            run = {"store": str(store.path), "teacher": args.teacher, "online": args.online, **dataclasses.asdict(settings)}
+            hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start, on_epoch=on_epoch)
+            result = train(settings, dataset, val, views, plan, teacher, out_dir=out, hooks=hooks, device=device)
     final = result.metrics[-1]
     mode = "online teacher" if args.online else f"cache {store.path}"
     ray = f", {args.workers} Ray Train worker(s)" if args.workers else ""
@@ -332,8 +335,8 @@ def distill_command(args, on_epoch: Callable[[dict], None] | None = None) -> Non
 
 
 def _check_ray_flags(args) -> None:
-    if args.workers == 0 and (args.resume or args.gpus_per_worker or args.checkpoints):
-        raise UserError("--resume, --checkpoints and --gpus-per-worker are for Ray Train runs: pass --workers N (N >= 1)")
+    if args.workers == 0 and (args.gpus_per_worker or args.checkpoints):
+        raise UserError("--checkpoints and --gpus-per-worker are for Ray Train runs: pass --workers N (N >= 1)")
     if args.workers and args.online:
         raise UserError("--online runs the teacher in this process: leave --workers at 0, or distil from the cache")
 

@@ -8,7 +8,9 @@ same command after a killed driver finds it (``Tuner.can_restore``) and
 continues (``Tuner.restore``). Tune saves that state only every ten seconds or
 so, so a trial also leaves ``trial.json`` in its folder: a trial that Tune
 restarts although it had finished (killed driver, state not yet saved) finds
-its record, reports its stored epochs again and returns without training.
+its record, reports its stored epochs again and returns without training. A
+trial killed mid-run continues from its folder's checkpoint.pt (``--resume``),
+which it removes once it has ended.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ray import tune
 from storage import Location, UserError
 
 from . import ray_env
+from .resume import CHECKPOINT
 from .sweep import SweepSpec, TrialNamer, describe, distill_argv, read_record, trial_settings, write_record, write_trial_settings
 
 log = logging.getLogger("pipeline")
@@ -83,6 +86,8 @@ def run_trial(params: dict, job: dict) -> None:
         for line in read_metrics(out):  # Tune (and ASHA) see its epochs again; nothing is trained or written
             tune.report(_with_metric(line, job["metric"]))
         return
+    # A trial whose process was killed mid-run (with the driver) continues after its last finished epoch.
+    resume = previous.get("argv") == argv and (out / CHECKPOINT).is_file()
     write_trial_settings(settings, out)
     record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "argv": argv,
               "command": "pipeline " + shlex.join(argv), "started": time.time(), "pid": os.getpid()}
@@ -91,7 +96,7 @@ def run_trial(params: dict, job: dict) -> None:
     torch.set_num_threads(job["threads"])
     start, printed, last = time.perf_counter(), io.StringIO(), []
     try:
-        args = parse_distill(argv)
+        args = parse_distill([*argv, "--resume"] if resume else argv)
         epochs = train_settings(args).epochs
 
         def on_epoch(line: dict) -> None:
@@ -106,12 +111,14 @@ def run_trial(params: dict, job: dict) -> None:
             distill_command(args, on_epoch=on_epoch)
     except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
         write_record(out, {**record, "status": "stopped early", "seconds": time.perf_counter() - start, "ended": time.time()})
+        (out / CHECKPOINT).unlink(missing_ok=True)  # an ended trial is never continued: keep the sweep's folder lean
         raise
     except Exception as e:
         write_record(out, {**record, "status": "error", "error": one_line(e), "seconds": time.perf_counter() - start, "ended": time.time()})
         raise
     write_record(out, {**record, "status": "finished", "seconds": time.perf_counter() - start, "ended": time.time(),
                        "result": printed.getvalue().strip()})
+    (out / CHECKPOINT).unlink(missing_ok=True)
     for line in last:
         tune.report(line)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from storage import Location, UserError
 
 from . import ray_env
+from .resume import check_same_run
 
 log = logging.getLogger("pipeline")
 
@@ -104,7 +105,7 @@ def distill_on_ray(
         last = latest_checkpoint(run_dir)
         if last is None:
             raise UserError(f"no checkpoint to resume under {run_dir}: run without --resume to start")
-        _check_same_run((last / "run.json").read_json()["settings"], job["settings"])
+        check_same_run((last / "run.json").read_json()["settings"], job["settings"])
         log.info("resuming the run in %s from its checkpoint %s", run_dir, last.name)
     ray_env.connect(address)
     ray_env.require_gpus(gpus_per_worker, workers)
@@ -178,17 +179,6 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     for line in run["metrics"]:
         log.info("epoch %d: %s", line["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
     return run["metrics"]
-
-
-def _check_same_run(saved: dict, now: dict) -> None:
-    """--resume may change the epoch count; anything else would continue another run's weights."""
-    now = json.loads(json.dumps(now))  # as the checkpoint holds it: lists, not tuples
-    changed = sorted(k for k in {*saved, *now} if k != "epochs" and saved.get(k) != now.get(k))
-    if changed:
-        raise UserError(
-            f"--resume with other settings than the stopped run ({', '.join(changed)}): "
-            "pass the same settings (only --epochs may change), or drop --resume to start afresh"
-        )
 
 
 def _worker_error(e: Exception, max_failures: int) -> str:

@@ -452,7 +452,11 @@ def test_interrupted_runs_say_what_is_kept(monkeypatch, capsys, base_store, tmp_
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("interrupted: nothing of this run was saved") and "start over" in err[-1]
+    assert err[-1].startswith("interrupted: no epoch had finished") and "start over" in err[-1]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")  # an epoch had finished
+    assert main(argv) == 130
+    assert "run the same command with --resume" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main([*argv, "--workers", "2"]) == 130
     assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
 

@@ -55,8 +55,8 @@ def test_ranks_read_disjoint_units_and_take_the_same_number_of_steps(num_samples
 def test_ray_train_flags_without_workers_are_one_line(store, tmp_path, capsys):
     from pipeline.cli import main
 
-    assert main(_argv(store, tmp_path / "run", "--resume")[3:]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --resume, --checkpoints and --gpus-per-worker are for Ray Train runs")
+    assert main(_argv(store, tmp_path / "run", "--checkpoints", str(tmp_path / "c"))[3:]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --checkpoints and --gpus-per-worker are for Ray Train runs")
 
 
 def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):

@@ -162,19 +162,20 @@ def _stop(pids: list[int]) -> None:
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp_path):
     # Trial 1 (4096: more than the 80 samples) fails at once, and Tune starts a fresh process for trial 2 (batches of 2: many
-    # steps), so the driver is killed while trial 2 starts or trains.
+    # steps); the driver is killed once trial 2 has finished an epoch, so the rerun continues trial 2 from its checkpoint.
     path = _sweep_file(tmp_path, {**FIXED, "epochs": 4, "search": {"batch_size": [16, 4096, 2]}})
     out = tmp_path / "out"
     argv = [*CLI, "sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out), "--max-concurrent", "1"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     first = out / "trial-000-batch_size=16" / "trial.json"
+    third = out / "trial-002-batch_size=2"
     log = tmp_path / "first.log"
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
     pids: list[int] = []
     try:
-        while not (first.is_file() and json.loads(first.read_text()).get("status") == "finished"):
+        while not (first.is_file() and json.loads(first.read_text()).get("status") == "finished" and (third / "checkpoint.pt").is_file()):
             assert proc.poll() is None, f"the sweep ended before a trial could be killed:\n{log.read_text()[-3000:]}"
             assert time.perf_counter() - start < 240, log.read_text()[-3000:]
             time.sleep(0.1)
@@ -207,7 +208,9 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp
     assert len(rows) == 3
     failed = next(ln for ln in rows if ln.startswith("trial-001"))
     assert "error: --batch-size 4096 is larger than a worker's share of the training set" in failed  # its one-line error
-    assert len(read_metrics(out / "trial-002-batch_size=2")) == 4 and (out / "trial-002-batch_size=2" / "student.safetensors").is_file()
+    assert [line["epoch"] for line in read_metrics(third)] == [1, 2, 3, 4] and (third / "student.safetensors").is_file()
+    assert "resuming the run" in (third / "run.log").read_text()  # trial 2 went on from its last epoch, not from scratch
+    assert not list(out.glob("trial-*/checkpoint.pt"))  # ended trials keep no checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,122 @@
+"""In-process runs keep OUT/checkpoint.pt: --resume continues them (after a kill too) to the very weights of an
+uninterrupted run, with more epochs if asked; other changed settings, or no checkpoint, are one line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import STUDENT
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+
+STUDENT_FLAGS = ["--student", STUDENT["student"], "--student-arg", "channels=[8,16,32,64]"]
+DISTILL = ["distill", *STUDENT_FLAGS, "--method", "kd", "--batch-size", "16", "--seed", "3", "--model-ema", "0.9", "--verify", "none"]
+TRAIN = ["train", "--data", "fake:96?size=32", "--model", STUDENT["student"], "--model-arg", "channels=[8,16,32,64]", "--size", "32",
+         "--batch-size", "16", "--seed", "3", "--hflip", "0.5"]
+
+
+def _same_weights(a, b) -> None:
+    a, b = load_file(a), load_file(b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _epochs(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_time(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k not in ("seconds", "views_per_s")} for line in lines]
+
+
+def _stop_in_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C at the end of epoch ``epoch``'s training, before its checkpoint: the one before it is the last kept."""
+    from stages import distill
+
+    real, calls = distill.validate, []
+
+    def validate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "validate", validate)
+
+
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(command, base_store, tmp_path, monkeypatch, capsys):
+    argv = [*DISTILL, "--from-cache", str(base_store)] if command == "distill" else TRAIN
+    weights = ["student.safetensors", "student_ema.safetensors"] if command == "distill" else ["model.safetensors"]
+    assert main(["--quiet", *argv, "--epochs", "3", "--out", str(tmp_path / "straight")]) == 0
+    part = tmp_path / "part"
+    with monkeypatch.context() as m:
+        _stop_in_epoch(m, 2)
+        assert main(["--quiet", *argv, "--epochs", "3", "--out", str(part)]) == 130
+    assert "run the same command with --resume to continue" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert [line["epoch"] for line in _epochs(part)] == [1] and not (part / weights[0]).exists()
+    assert main(["--quiet", *argv, "--epochs", "3", "--out", str(part), "--resume"]) == 0
+    for name in weights:
+        _same_weights(tmp_path / "straight" / name, part / name)
+    assert _without_time(_epochs(part)) == _without_time(_epochs(tmp_path / "straight"))  # epochs 1, 2, 3, each once
+    assert "resuming the run" in (part / "run.log").read_text()
+
+
+def test_a_finished_run_resumes_to_more_epochs(base_store, tmp_path):
+    argv = [*DISTILL, "--from-cache", str(base_store)]
+    out = tmp_path / "run"
+    assert main(["--quiet", *argv, "--epochs", "1", "--out", str(out)]) == 0
+    first = _epochs(out)
+    assert main(["--quiet", *argv, "--epochs", "3", "--out", str(out), "--resume"]) == 0  # the one change allowed
+    lines = _epochs(out)
+    assert [line["epoch"] for line in lines] == [1, 2, 3] and lines[0] == first[0]  # epoch 1 kept, not trained again
+
+
+def test_resume_refuses_other_settings_and_a_missing_checkpoint_in_one_line(base_store, tmp_path, capsys):
+    argv = [*DISTILL, "--from-cache", str(base_store), "--epochs", "1"]
+    out = tmp_path / "run"
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: no checkpoint to resume in {tmp_path / 'none'} (no checkpoint.pt): run without --resume to start"]
+    assert main(["--quiet", *argv, "--out", str(out)]) == 0
+    saved = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["--quiet", *argv, "--out", str(out), "--resume", "--lr", "0.01", "--seed", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --resume with other settings than the stopped run (lr, seed): pass the same settings (only --epochs may change), or drop --resume to start afresh"]
+    assert (out / "checkpoint.pt").read_bytes() == saved
+
+
+def test_a_killed_run_resumes_from_its_last_finished_epoch(base_store, tmp_path):
+    argv = [*DISTILL, "--from-cache", str(base_store), "--epochs", "4", "--batch-size", "4"]  # small batches: many steps
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv, "--out", str(out)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").is_file():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = len(_epochs(out))
+    assert done < 4, "the run finished before it could be killed"
+    assert main(["--quiet", *argv, "--out", str(out), "--resume"]) == 0
+    _same_weights(tmp_path / "straight" / "student.safetensors", out / "student.safetensors")
+    assert [line["epoch"] for line in _epochs(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoint(command, base_store, tmp_path):
+    argv = [*DISTILL, "--from-cache", str(base_store)] if command == "distill" else TRAIN
+    out = tmp_path / "run"
+    assert main(["--quiet", *argv, "--epochs", "2", "--out", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert main(["--quiet", *argv, "--epochs", "1", "--out", str(out)]) == 0  # no --resume: start afresh
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1

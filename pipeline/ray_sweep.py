@@ -185,7 +185,8 @@ def _tune_quiet(debug: bool):
 
 
 def param_space(spec: SweepSpec) -> dict:
-    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1)}
     return {a.name: make[a.kind](a.values) for a in spec.axes}
 
 

@@ -49,7 +49,7 @@ log = logging.getLogger("pipeline")
 SWEEP_FILE, CSV_FILE, PNG_FILE, LOG_FILE = "sweep.yaml", "sweep.csv", "sweep.png", "sweep.log"
 TRIAL_RECORD, TRIAL_SETTINGS, TRIAL_PREFIX = "trial.json", "settings.yaml", "trial-"
 SWEEP_KEYS = ("search", "samples", "metric", "mode", "early_stop", "search_seed")
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 FLAG_SETTINGS = {"teacher": "--teacher", "teacher_weights": "--teacher-weights"}  # distill settings that are flags, not TrainSettings fields
 NESTED = ("method_args", "student_kwargs")  # dict settings searched key by key: method_args.temperature
 REFUSED = {
@@ -89,7 +89,7 @@ def add_sweep_parser(sub) -> None:
 
 @dataclass
 class Axis:
-    """One searched setting: ``grid``/``choice`` values, or the [low, high] of ``uniform``/``loguniform``."""
+    """One searched setting: ``grid``/``choice`` values, or the [low, high] of ``uniform``/``loguniform``/``randint``."""
 
     name: str
     kind: str
@@ -150,7 +150,7 @@ def _axis(name: str, spec, where: str) -> Axis:
     else:
         raise UserError(
             f"{here}: give a list of values (a grid) or one of grid: [...], choice: [...], uniform: [LOW, HIGH], "
-            f"loguniform: [LOW, HIGH], not {spec!r}"
+            f"loguniform: [LOW, HIGH], randint: [LOW, HIGH], not {spec!r}"
         )
     if kind in ("grid", "choice"):
         if not isinstance(values, list) or not values:
@@ -160,6 +160,10 @@ def _axis(name: str, spec, where: str) -> Axis:
     if not numbers:
         raise UserError(f"{here}: {kind} takes [LOW, HIGH], two numbers, not {values!r}")
     low, high = values
+    if kind == "randint":  # whole numbers from LOW to HIGH, both included (Tune's own randint leaves HIGH out)
+        if not all(isinstance(v, int) for v in values) or not low < high:
+            raise UserError(f"{here}: randint takes [LOW, HIGH], whole numbers with LOW < HIGH (both may be drawn), not {values!r}")
+        return Axis(name, kind, [low, high])
     if not low < high:
         raise UserError(f"{here}: {kind} needs LOW < HIGH, not [{low}, {high}]")
     if kind == "loguniform" and low <= 0:

@@ -64,6 +64,8 @@ BAD = {
     "wrong type": ({"search": {"epochs": [2, 2.5]}}, "trial epochs=2.5: epochs"),
     "unknown teacher": ({"search": {"teacher": ["t1", "t9"]}}, "t9"),
     "label fraction": ({"search": {"label_fraction": {"uniform": [0.5, 1.5]}}}, "trial label_fraction=1.5: label_fraction"),
+    "randint of fractions": ({"search": {"epochs": {"randint": [1, 2.5]}}}, "randint takes [LOW, HIGH], whole numbers"),
+    "randint from zero epochs": ({"search": {"epochs": {"randint": [0, 2]}}}, "trial epochs=0: epochs"),
     "student argument": ({"search": {"student_kwargs.chanels": [[8, 16, 32, 64]]}}, "bad student settings for resnet10t"),
 }
 
@@ -99,6 +101,14 @@ def test_shipped_sweep_files_parse():
     assert specs["digits_methods"].num_trials == 4
     assert specs["random_lr"].num_trials == 16 and specs["random_lr"].early_stop == {"grace_epochs": 2, "reduction_factor": 2}
     assert {a.name: a.kind for a in specs["random_lr"].axes} == {"lr": "loguniform", "weight_decay": "choice", "method_args.temperature": "uniform", "seed": "grid"}
+
+
+def test_randint_draws_every_whole_number_from_low_to_high():
+    from pipeline.ray_sweep import param_space
+
+    spec = sweep.parse_sweep({"search": {"seed": {"randint": [1, 3]}}}, "test")
+    domain = param_space(spec)["seed"]
+    assert set(domain.sample(size=200)) == {1, 2, 3}
 
 
 def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, tmp_path):

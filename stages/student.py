@@ -75,10 +75,17 @@ def token_shape(model: nn.Module, size: int) -> tuple[int, int]:
     return tuple(tokens_of(model, f).shape[1:])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_student(path: Path, state: dict, student: str, size: int, mean, std) -> None:
     """The student's weights, written once through a rename: a crashed run leaves no weights that look finished."""
     tmp = path.with_name(f".{path.name}.tmp")
     # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
     meta = {"model": student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors makes its files 0600: weights on a shared disk are for the team too
     os.replace(tmp, path)

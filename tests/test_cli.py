@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_train_writes_weights_with_their_input_size(teacher_file):
     with safe_open(str(teacher_file), "pt") as f:
         meta = f.metadata()
     assert meta["input_size"] == "32" and json.loads(meta["mean"]) == [0.485, 0.456, 0.406]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert teacher_file.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by the team as any file the user makes
 
 
 def test_cache_and_online_give_the_same_student(tmp_path, exact_store, teacher_file):

@@ -102,8 +102,8 @@ class CosPress(Method):
             raise UserError("method 'cospress' needs the teacher's tokens: extract the teacher with --outputs features,tokens")
         if t_tokens and context.teacher_token_prefix != 1:
             raise UserError(
-                f"method 'cospress' needs a ViT teacher's CLS token first in its tokens; this teacher's {t_tokens[0]} tokens have "
-                f"{context.teacher_token_prefix} leading non-patch tokens: extract a ViT teacher such as dinov2_s"
+                f"method 'cospress' needs a ViT teacher whose tokens start with a CLS token; this teacher's {t_tokens[0]} token(s) "
+                "have none: use a ViT teacher such as dinov2_s"
             )
         if s_tokens and context.student_token_prefix != 1:
             raise UserError(

@@ -322,7 +322,8 @@ def distill_command(args, on_epoch: Callable[[dict], None] | None = None) -> Non
         if args.workers:
             result = _distill_on_ray(args, store, source, views.num_views, settings, out, files.start)
         else:
-            run = {"store": str(store.path), "teacher": args.teacher, "online": args.online, **dataclasses.asdict(settings)}
+            run = {"store": str(store.path), "teacher": args.teacher, "teacher_weights": args.teacher_weights, "online": args.online,
+                   **dataclasses.asdict(settings)}
             hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start, on_epoch=on_epoch)
             result = train(settings, dataset, val, views, plan, teacher, out_dir=out, hooks=hooks, device=device)
     final = result.metrics[-1]

@@ -90,6 +90,8 @@ def resolve_teacher(name: str) -> TeacherSpec:
             input_size=cfg.input_size[-1] if cfg else None,
             mean=tuple(cfg.mean) if cfg else None,
             std=tuple(cfg.std) if cfg else None,
+            # A model built for one input size (ViTs: position embeddings) is built for the render size instead.
+            kwargs={"img_size": cfg.input_size[-1]} if cfg and cfg.fixed_input_size else {},
         )
     close = difflib.get_close_matches(name, list(_TEACHERS) + timm.list_models(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"known short names: {', '.join(list_teachers())}"

@@ -38,6 +38,15 @@ def test_any_timm_name_works_and_random_init_is_deterministic():
     assert not a.training and not any(p.requires_grad for p in a.parameters())
 
 
+@pytest.mark.parametrize("name,tokens", [("deit_tiny_patch16_224", 1 + 2 * 2), ("vit_small_patch14_dinov2", 1 + 4 * 4)])
+def test_a_timm_vit_built_for_one_size_is_built_for_the_render_size(name, tokens):
+    """Any timm name, not only a short one: a fixed-size ViT (DINOv2 at 518 px) rendered at --size 56 or 32."""
+    size = 56 if "patch14" in name else 32
+    teacher = build_teacher(name, random_init=True, num_classes=10, input_size=size)
+    out = teacher(torch.randn(2, 3, size, size), outputs=("logits", "tokens"))
+    assert out["logits"].shape == (2, 10) and out["tokens"].shape[:2] == (2, tokens)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "checkpoint"])
 def test_weights_from_a_file_set_the_class_count(tmp_path, fmt):
     model = timm.create_model("resnet10t", num_classes=4)

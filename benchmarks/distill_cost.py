@@ -13,7 +13,9 @@ One run, on one machine, side by side:
           (``--no-online`` leaves it out).
   (d)     with ``--method NAME``: that method from the same cache, e.g. ``gpd``, whose dynamic
           teacher (the student widened r = 2 times) costs about r^2 of the student per step;
-          d/b is its step-time ratio against KD.
+          d/b is its step-time ratio against KD. The store then also holds what the method
+          reads (CosPress: the teacher's tokens, so pass a timm ViT teacher with a classifier
+          and a student whose token grid matches, through ``--student-arg``).
 
 (a), (b), (c) run round-robin, ``--repeats`` times, so machine noise hits all three alike.
 An epoch's time is the ``seconds`` field of its metrics (training only, no validation);
@@ -31,6 +33,8 @@ Run from the repository root (about 3-5 minutes on 2 CPU cores with the defaults
     .venv/bin/python benchmarks/distill_cost.py
     .venv/bin/python benchmarks/distill_cost.py --threads 2 --data 'fake:1024?size=32&classes=100'
     .venv/bin/python benchmarks/distill_cost.py --method gpd --no-online --teacher resnet34 --student resnet18
+    .venv/bin/python benchmarks/distill_cost.py --method cospress --no-online --size 224 --teacher vit_small_patch14_dinov2 \
+        --student vit_tiny_patch16_224 --student-arg patch_size=14 --data 'fake:128?size=224&classes=100' --batch-size 32
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from pathlib import Path
 import timm
 import torch
 
+from pipeline.config import parse_pairs
 from stages import cache
 from stages.datasets import open_dataset
 from stages.distill import TrainSettings, train
+from stages.methods import method_class
 from stages.student import build_student, student_forward
 from stages.teacher_sources import CachedTeacher, LiveTeacher
 from stages.extract import TeacherRunner, extract, teacher_info
@@ -64,6 +70,7 @@ def parse_args():
     p.add_argument("--data", default="fake:256?size=32&classes=100", help="dataset (stages.datasets.open_dataset)")
     p.add_argument("--teacher", default="regnety_320", help="teacher: timm name or registered short name")
     p.add_argument("--student", default="resnet10t", help="student: timm name")
+    p.add_argument("--student-arg", action="append", metavar="KEY=VALUE", help="timm.create_model argument of the student (repeatable)")
     p.add_argument("--size", type=int, default=32, help="input size of teacher and student views")
     p.add_argument("--views", type=int, default=1, help="stored views per sample")
     p.add_argument("--block", type=int, default=128, help="samples per store unit")
@@ -95,7 +102,7 @@ def cost_ratio(teacher, args, num_classes: int) -> tuple[float, float]:
     """Median seconds of one teacher forward and one student forward+backward on a batch."""
     x = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8, device=args.device)
     labels = torch.arange(args.batch_size, device=args.device) % num_classes
-    student = build_student(args.student, num_classes, seed=0).train().to(args.device)
+    student = build_student(args.student, num_classes, seed=0, **args.student_kwargs).train().to(args.device)
     autocast = Precision(args.amp, args.device).autocast
     xs = normalize(x, student.pretrained_cfg["mean"], student.pretrained_cfg["std"])
     xt = normalize(x, teacher.mean, teacher.std)
@@ -124,6 +131,7 @@ def synchronize(device: str) -> None:
 
 def main():
     args = parse_args()
+    args.student_kwargs = parse_pairs(args.student_arg, "--student-arg")
     torch.set_num_threads(args.threads)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -142,10 +150,12 @@ def main():
     with tempfile.TemporaryDirectory(prefix="distill_cost_") as tmp:
         plan = ViewPlan(ViewRecipe(), seed=0)
         store = open_store(Path(tmp) / "store", data, plan, views=args.views, block=args.block, size=args.size)
-        info = teacher_info(teacher, cache.output_info(teacher, logits="topk", k=args.topk, dtype="float16"))
+        needs = method_class(args.method).needs if args.method else ()
+        outputs = tuple(dict.fromkeys(("logits", *needs)))  # what (b) and (d) read
+        info = teacher_info(teacher, cache.output_info(teacher, logits="topk", k=args.topk, dtype="float16", outputs=outputs))
         r = extract(store, data, TeacherRunner(teacher, info, args.device), "t", views=args.views,
                     batch_size=args.batch_size, workers=args.workers)
-        print(f"extract: {r.views} views (top-{info.k} float16) in {r.seconds:.1f} s = {r.views / r.seconds:.0f} views/s")
+        print(f"extract: {r.views} views ({', '.join(outputs)}; top-{info.k} float16) in {r.seconds:.1f} s = {r.views / r.seconds:.0f} views/s")
 
         views = StoredViews(store, stored_plan(store))
         runs = {
@@ -156,14 +166,12 @@ def main():
         if args.no_online:
             del runs["(c) distill online"]
         if args.method:
-            from stages.methods import method_class
-
             runs[f"(d) {args.method} from cache"] = (args.method, CachedTeacher(store, "t", method_class(args.method).needs))
         seconds = {name: [] for name in runs}
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):
             for name, (method, source) in runs.items():
-                settings = TrainSettings(student=args.student, method=method, epochs=args.epochs,
+                settings = TrainSettings(student=args.student, student_kwargs=args.student_kwargs, method=method, epochs=args.epochs,
                                          batch_size=args.batch_size, loader_workers=args.workers, amp=args.amp)
                 metrics = train(settings, data, None, views, views.plan, source, device=args.device).metrics
                 kept = metrics[1:] if len(metrics) > 1 else metrics

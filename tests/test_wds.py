@@ -99,6 +99,23 @@ def test_the_same_unit_gives_byte_identical_tars(store, units, tmp_path):
     assert _tar(other, 1, 0).read_bytes() == first == _tar(units, 1, 0).read_bytes()
 
 
+def test_a_pipe_named_like_a_tar_is_refused_not_waited_on(units):
+    """describe (what inspect reads) samples one tar: a FIFO there is one line, not a reader blocked forever."""
+    import os
+    import threading
+
+    units.write_unit(0, 0, _unit(32, 0))
+    tar = _tar(units, 0, 0)
+    tar.unlink()
+    os.mkfifo(tar)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(UserError, units.describe)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "describe waits on the pipe"
+    assert "is not a regular file" in str(errors[0].value)
+
+
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_stored_bytes_of_committed_units_leave_out_a_killed_writers_unit(store, backend):
     """A writer killed before its commit leaves the unit's data on disk: inspect counts only committed units."""

@@ -181,6 +181,8 @@ def train_settings(args, **fixed) -> TrainSettings:
     settings = with_batch(settings, merged, args.batch_size, getattr(args, "workers", 0) or 0, args.config or "the command line")
     where = f"--method-arg, method_args in {args.config or 'no --config'} or configs/methods/{method}.yaml"
     settings_check.check_method_args(method_class(settings.method), settings.method_args, where)
+    if settings.size is not None:
+        settings_check.check_batch_bytes(settings.batch_size, settings.size, args.config or "the command line")
     return settings
 
 
@@ -243,6 +245,8 @@ def extract_command(args) -> None:
     )
     # Everything that can be checked is checked before a store directory exists or an existing one changes.
     check_classes(info, dataset.num_classes)
+    if teacher.input_size:
+        settings_check.check_batch_bytes(args.batch_size, teacher.input_size, "the teacher's batch")
     store_path = args.store
     if Store.exists(store_path):
         made = Store(store_path)

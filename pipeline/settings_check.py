@@ -34,6 +34,7 @@ MAX_BLOCK = 1 << 20  # samples per shard
 MAX_VIEWS = 100_000
 MAX_WORKERS = 1024  # processes, actors
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence both take it
+MAX_BATCH_BYTES = 16 << 30  # one batch's float32 input: 1024 views at 224 px is 0.6 GiB
 
 
 class Check:
@@ -415,6 +416,16 @@ def flag(name: str, check: Check | None = None):
 
     parse.__name__ = name  # argparse names the type in some messages
     return parse
+
+
+def check_batch_bytes(batch: int, size: int, where: str) -> None:
+    """Batch and size are each in range on their own; together they can still ask for more memory than any device has."""
+    nbytes = batch * 3 * size * size * 4
+    if nbytes > MAX_BATCH_BYTES:
+        raise UserError(
+            f"a batch of {batch:,} views at {size} px is {nbytes / 2**30:,.0f} GiB of float32 input before any activation "
+            f"({where}), over the {MAX_BATCH_BYTES >> 30} GiB this tool allows: lower --batch-size or --size"
+        )
 
 
 def check_method_args(method_cls, args: dict, where: str) -> None:

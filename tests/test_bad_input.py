@@ -83,6 +83,7 @@ CASES = {
     # -- extract: sizes and counts ------------------------------------------------------------------------
     "extract-batch-size-0": Bad(replace(EN, "--batch-size", "0"), "--batch-size: must be an integer in [1,"),
     "extract-batch-size-negative": Bad(replace(EN, "--batch-size", "-1"), "--batch-size"),
+    "extract-batch-too-big-together": Bad([*replace(EN, "--batch-size", "4096"), "--size", "2048"], "is 192 GiB of float32 input"),
     "extract-block-0": Bad(replace(EN, "--block", "0"), "--block: must be an integer in [1,"),
     "extract-block-huge": Bad(replace(EN, "--block", "1000000000"), "--block"),
     "extract-size-negative": Bad(replace(EN, "--size", "-32"), "--size: must be an integer in [1, 4096]"),
@@ -137,6 +138,7 @@ CASES = {
     "distill-epochs-negative": Bad(replace(D, "--epochs", "-1"), "--epochs"),
     "distill-batch-size-0": Bad(replace(D, "--batch-size", "0"), "--batch-size"),
     "distill-batch-size-above-data": Bad(replace(D, "--batch-size", "1000"), "larger than a worker's share"),
+    "distill-batch-too-big-together": Bad([*replace(D, "--batch-size", "2000"), "--size", "1024"], "lower --batch-size or --size"),
     "distill-loader-workers-negative": Bad([*D, "--loader-workers", "-2"], "--loader-workers"),
     "distill-lr-word": Bad([*D, "--lr", "abc"], "--lr: must be a number > 0"),
     "distill-lr-0": Bad([*D, "--lr", "0"], "--lr"),

@@ -8,12 +8,12 @@ default. A flag left unset (``None``) never overrides anything.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import yaml
 
 from storage import UserError
+from storage.location import written_whole
 
 from . import settings_check
 
@@ -83,9 +83,8 @@ def dump(config: dict) -> str:
 def save(path: Path, config: dict) -> None:
     """Write ``config`` as YAML through a rename: the file is the old one or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump(config))
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        tmp.write_text(dump(config))
 
 
 def _plain(value):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch
 
 from stages.distill import EpochHooks
 from storage import UserError
+from storage.location import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], 
                 on_epoch(line)
 
     def save(epoch_state: dict, line: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({**epoch_state, "run": json.loads(json.dumps(run))}, tmp)
-        os.replace(tmp, path)  # a kill mid-write leaves the previous epoch's checkpoint whole
+        with written_whole(path) as tmp:  # a kill mid-write leaves the previous epoch's checkpoint whole
+            torch.save({**epoch_state, "run": json.loads(json.dumps(run))}, tmp)
         if on_epoch:
             on_epoch(line)
 

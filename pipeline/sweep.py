@@ -41,6 +41,7 @@ from pathlib import Path
 from stages.distill import TrainSettings
 from stages.run_metrics import best_line, read_metrics
 from storage import UserError
+from storage.location import written_whole
 
 from . import config, report
 
@@ -460,9 +461,8 @@ def read_record(folder: Path) -> dict:
 
 def write_record(folder: Path, record: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{TRIAL_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(folder / TRIAL_RECORD)
+    with written_whole(folder / TRIAL_RECORD) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
 
 
 def collect(out: Path) -> tuple[dict, list[TrialRow]]:

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from storage import UserError
+from storage.location import written_whole
 
 
 def build_student(name: str, num_classes: int, seed: int, **kwargs) -> nn.Module:
@@ -83,9 +84,8 @@ def _umask() -> int:
 
 def save_student(path: Path, state: dict, student: str, size: int, mean, std) -> None:
     """The student's weights, written once through a rename: a crashed run leaves no weights that look finished."""
-    tmp = path.with_name(f".{path.name}.tmp")
     # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
     meta = {"model": student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors makes its files 0600: weights on a shared disk are for the team too
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors makes its files 0600: weights on a shared disk are for the team too

@@ -18,6 +18,9 @@ import re
 import stat
 import threading
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import fsspec
 import zarr
@@ -232,6 +235,21 @@ class Location:
 
     def open_group(self, mode: str = "a") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary file beside local ``path`` to write in the block; it then replaces ``path`` in one rename.
+
+    Readers see the old file or the new one, never a part; a write that fails leaves no temporary file.
+    For files one writer owns (run files, checkpoints, weights); ``Location.write_bytes`` is the store's own.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_regular(path: str, allow_dir: bool = True) -> None:

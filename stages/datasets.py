@@ -295,15 +295,19 @@ def _bounded_int(name: str, text: str, lo: int, hi: int, source: str, usage: str
     return value
 
 
+def _val_location(kind: str, usage: str, source: str, val_source: str | None) -> str:
+    """Where ``--val-data`` points for a dataset with no split of its own (its ``kind:`` prefix optional)."""
+    if not val_source:
+        raise UserError(f"{kind} dataset {source} has no validation split: pass --val-data {usage}")
+    return val_source.partition(":")[2] if val_source.startswith(f"{kind}:") else val_source
+
+
 @register_dataset("folder", usage="folder:PATH", own_val_split=False)
 def _open_folder(root: str, split: str, val_source: str | None) -> ImageDataset:
     if split == "train":
         return FolderDataset(root)
-    if not val_source:
-        raise UserError(f"folder dataset {root} has no validation split: pass --val-data folder:PATH")
-    train_classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-    val = val_source.partition(":")[2] if val_source.startswith("folder:") else val_source
-    return FolderDataset(val, classes=train_classes)
+    val = _val_location("folder", "folder:PATH", root, val_source)
+    return FolderDataset(val, classes=sorted(p.name for p in Path(root).iterdir() if p.is_dir()))
 
 
 @register_dataset("wds", usage="wds:PATTERN", own_val_split=False)
@@ -312,10 +316,7 @@ def _open_wds(pattern: str, split: str, val_source: str | None) -> ImageDataset:
 
     if split == "train":
         return WdsDataset(pattern)
-    if not val_source:
-        raise UserError(f"wds dataset {pattern} has no validation split: pass --val-data wds:PATTERN")
-    val = val_source.partition(":")[2] if val_source.startswith("wds:") else val_source
-    return WdsDataset(val, num_classes=WdsDataset(pattern).num_classes)
+    return WdsDataset(_val_location("wds", "wds:PATTERN", pattern, val_source), num_classes=WdsDataset(pattern).num_classes)
 
 
 def validation_data(source: str, val_source: str | None) -> ImageDataset | None:

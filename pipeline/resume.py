@@ -58,6 +58,7 @@ def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], 
     """
     path = out / CHECKPOINT
     state = load_checkpoint(out, run) if resume else None
+    record = json.loads(json.dumps(run))  # once, as the checkpoint holds it: lists, not tuples
 
     def begin() -> None:
         start()
@@ -70,7 +71,7 @@ def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], 
 
     def save(epoch_state: dict, line: dict) -> None:
         with written_whole(path) as tmp:  # a kill mid-write leaves the previous epoch's checkpoint whole
-            torch.save({**epoch_state, "run": json.loads(json.dumps(run))}, tmp)
+            torch.save({**epoch_state, "run": record}, tmp)
         if on_epoch:
             on_epoch(line)
 

@@ -51,18 +51,19 @@ import timm
 import torch
 
 from pipeline.config import parse_pairs
-from stages import cache
-from stages.datasets import open_dataset
-from stages.distill import TrainSettings, train
+from stages.cache import teacher_rows
+from stages.data.datasets import open_dataset
+from stages.training.distill import TrainSettings, train
 from stages.methods import method_class
-from stages.student import build_student, student_forward
-from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.extract import TeacherRunner, extract, teacher_info
-from stages.store_setup import open_store, stored_plan
-from stages.replay import StoredViews
-from stages.teachers import build_teacher
-from stages.precision import Precision
-from stages.views import ViewPlan, ViewRecipe, normalize
+from stages.model_outputs import student_forward
+from stages.training.student import build_student
+from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.cache.store_setup import open_store, stored_plan
+from stages.data.replay import StoredViews
+from stages.teachers.teachers import build_teacher
+from stages.training.precision import Precision
+from stages.data.views import ViewPlan, ViewRecipe, normalize
 
 
 def parse_args():
@@ -152,7 +153,7 @@ def main():
         store = open_store(Path(tmp) / "store", data, plan, views=args.views, block=args.block, size=args.size)
         needs = method_class(args.method).needs if args.method else ()
         outputs = tuple(dict.fromkeys(("logits", *needs)))  # what (b) and (d) read
-        info = teacher_info(teacher, cache.output_info(teacher, logits="topk", k=args.topk, dtype="float16", outputs=outputs))
+        info = teacher_info(teacher, teacher_rows.output_info(teacher, logits="topk", k=args.topk, dtype="float16", outputs=outputs))
         r = extract(store, data, TeacherRunner(teacher, info, args.device), "t", views=args.views,
                     batch_size=args.batch_size, workers=args.workers)
         print(f"extract: {r.views} views ({', '.join(outputs)}; top-{info.k} float16) in {r.seconds:.1f} s = {r.views / r.seconds:.0f} views/s")

@@ -110,9 +110,9 @@ def timm_epoch(folder: Path, size: int, batch_size: int, workers: int, mixing: b
 
 def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False) -> tuple[float, float]:
     """One epoch of the replay loader, uint8 batches or normalised here: ``_timed``'s (views/s, CPU ms per view)."""
-    from stages.datasets import FolderDataset
-    from stages.replay import DrawnViews, ViewRenderer, rebatch, render_batches, shuffle_windows, unit_table, with_images
-    from stages.views import ViewPlan, normalize
+    from stages.data.datasets import FolderDataset
+    from stages.data.replay import DrawnViews, ViewRenderer, rebatch, render_batches, shuffle_windows, unit_table, with_images
+    from stages.data.views import ViewPlan, normalize
 
     data = FolderDataset(str(folder))
     plan = ViewPlan(recipe, seed=seed)
@@ -150,7 +150,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     from pipeline import config
-    from stages.views import ViewRecipe
+    from stages.data.views import ViewRecipe
 
     views = {**config.load_yaml(args.recipe)["views"], "ra_interpolation": args.interpolation}
     recipes = {True: ViewRecipe.from_dict(views), False: ViewRecipe.from_dict({**views, "mixup_alpha": 0.0, "cutmix_alpha": 0.0})}

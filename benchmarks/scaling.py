@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import ray_env  # noqa: E402
 from pipeline.ray_extract import ActorSpec, extract_on_ray  # noqa: E402
-from stages import cache  # noqa: E402
-from stages.datasets import open_dataset  # noqa: E402
-from stages.extract import PRECISIONS, TeacherRunner, extract, teacher_info  # noqa: E402
-from stages.store_setup import open_store  # noqa: E402
-from stages.teachers import build_teacher  # noqa: E402
-from stages.views import ViewPlan, ViewRecipe  # noqa: E402
+from stages.cache import teacher_rows  # noqa: E402
+from stages.data.datasets import open_dataset  # noqa: E402
+from stages.teachers.extract import PRECISIONS, TeacherRunner, extract, teacher_info  # noqa: E402
+from stages.cache.store_setup import open_store  # noqa: E402
+from stages.teachers.teachers import build_teacher  # noqa: E402
+from stages.data.views import ViewPlan, ViewRecipe  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
 
     dataset = open_dataset(args.data)
     teacher = build_teacher(args.teacher, random_init=True, num_classes=dataset.num_classes, input_size=args.size)
-    info = teacher_info(teacher, cache.output_info(teacher), precision=args.precision)
+    info = teacher_info(teacher, teacher_rows.output_info(teacher), precision=args.precision)
     plan = ViewPlan(ViewRecipe(), 0)
     gpu = args.device.startswith("cuda")
     ray_env.connect(None)  # a local instance, started once
@@ -134,7 +134,7 @@ def teacher_rates(args) -> None:
     rows = []
     for name in args.teachers.split(","):
         teacher = build_teacher(name, random_init=True, num_classes=dataset.num_classes, input_size=args.size)
-        info = teacher_info(teacher, cache.output_info(teacher), precision=args.precision)
+        info = teacher_info(teacher, teacher_rows.output_info(teacher), precision=args.precision)
         runner = TeacherRunner(teacher, info, args.device)
         rates = []
         with tempfile.TemporaryDirectory(prefix="rates-") as tmp:

@@ -3,7 +3,7 @@
 One run, on one machine, side by side (medians of ``--repeats``; ratios are what count, since
 machines here are shared and noisy):
 
-  bytes   a product store written with ``Store``/``UnitArrays`` and ``cache.encode``: the default
+  bytes   a product store written with ``Store``/``UnitArrays`` and ``teacher_rows.encode``: the default
           plan (crop, flip, fingerprint) and top-10 float16 logits with their log-sum-exp and
           true-class logit, plus pooled features (float16, and int8 where ``cache`` offers it).
           Two sources, labelled: (syn) synthetic outputs with the statistics of a strong
@@ -13,7 +13,7 @@ machines here are shared and noisy):
           worst case for compression), and (real) a random-init timm teacher run by ``extract``.
   codecs  every stored array re-encoded with each candidate codec in the product's shard layout.
   read    one epoch as ``stages.distill.train`` reads it (whole units, window shuffle, re-batch,
-          ``cache.decode``), without rendering: bytes fetched (``/proc/self/io`` rchar) over the
+          ``teacher_rows.decode``), without rendering: bytes fetched (``/proc/self/io`` rchar) over the
           stored bytes of the rows it used; views/s of that reader vs. the same arrays read from
           numpy memmaps through the same code, vs. a small student's training step.
   write   the teacher forward alone on pre-rendered views vs. the same forward plus the store
@@ -45,16 +45,18 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
-from stages import cache, topk
-from stages.datasets import open_dataset
-from stages.student import build_student, student_forward
-from stages.teacher_sources import CachedTeacher
-from stages.extract import TeacherRunner, _commit_unit, extract, open_teacher, teacher_info
-from stages.store_setup import FINGERPRINT, library_versions, open_store, stored_plan
-from stages.losses import kd_loss
-from stages.replay import StoredViews, ViewRenderer, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
-from stages.teachers import build_teacher
-from stages.views import ViewPlan, ViewRecipe, normalize
+from stages.cache import teacher_rows
+from stages.cache import topk
+from stages.data.datasets import open_dataset
+from stages.model_outputs import student_forward
+from stages.training.student import build_student
+from stages.teachers.teacher_sources import CachedTeacher
+from stages.teachers.extract import TeacherRunner, _commit_unit, extract, open_teacher, teacher_info
+from stages.cache.store_setup import FINGERPRINT, library_versions, open_store, stored_plan
+from stages.methods.losses import kd_loss
+from stages.data.replay import StoredViews, ViewRenderer, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
+from stages.teachers.teachers import build_teacher
+from stages.data.views import ViewPlan, ViewRecipe, normalize
 from storage import Store, TeacherRecord
 from storage import zarr_units
 from storage.codecs import compressor
@@ -117,7 +119,7 @@ class SyntheticTeacher:
         self.scale = np.exp(0.7 * rng.standard_normal(dim))
         self.shift = rng.standard_normal(dim) * 0.3
         self.seed = seed
-        # What cache.output_info reads from a teacher.
+        # What teacher_rows.output_info reads from a teacher.
         self.spec = types.SimpleNamespace(name="synthetic")
         self.num_classes, self.feature_dim = classes, dim
         self.default_outputs = self.outputs = ("logits", "features")
@@ -141,7 +143,7 @@ def imagenet_like_sizes(n: int, rng) -> np.ndarray:
 
 
 def has_int8() -> bool:
-    return "feature_dtype" in inspect.signature(cache.output_info).parameters and "int8" in getattr(cache, "FEATURE_DTYPES", ())
+    return "feature_dtype" in inspect.signature(teacher_rows.output_info).parameters and "int8" in getattr(teacher_rows, "FEATURE_DTYPES", ())
 
 
 def write_synthetic_store(path, args) -> tuple[Store, dict]:
@@ -162,9 +164,9 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
         info = TeacherRecord(
             format="zarr", precision="fp32", name="synthetic", timm_name="synthetic", weights="synthetic", input_size=224,
             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), versions=library_versions(), views=V,
-            **cache.output_info(teacher, logits="topk", k=10, dtype="float16", **kw),
+            **teacher_rows.output_info(teacher, logits="topk", k=10, dtype="float16", **kw),
         )
-        groups[tid] = (store.create_teacher(tid, info, cache.array_specs(info)), info)
+        groups[tid] = (store.create_teacher(tid, info, teacher_rows.array_specs(info)), info)
     fidelity = {}
     for v in range(V):
         for b in range(store.num_blocks):
@@ -174,11 +176,11 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
             store.plan.write_unit(v, b, {**params, "fingerprint": fp})
             out = teacher(v, ids, labels[ids])
             for tid, (group, info) in groups.items():
-                rows = cache.encode(out, torch.from_numpy(labels[ids]), info)
+                rows = teacher_rows.encode(out, torch.from_numpy(labels[ids]), info)
                 group.write_unit(v, b, rows)
-                if v == 0 and b == 0 and hasattr(cache, "cosine_fidelity"):
-                    dec = cache.decode(rows, info, ("features",))["features"]
-                    fidelity[tid] = cache.cosine_fidelity(out["features"], dec)
+                if v == 0 and b == 0 and hasattr(teacher_rows, "cosine_fidelity"):
+                    dec = teacher_rows.decode(rows, info, ("features",))["features"]
+                    fidelity[tid] = teacher_rows.cosine_fidelity(out["features"], dec)
     p = torch.softmax(teacher(0, np.arange(2048), labels[:2048])["logits"], 1).sort(1, descending=True).values
     stats = {"top1": float(p[:, 0].median()), "top10": float(p[:, :10].sum(1).median()),
              "acc": float((teacher(0, np.arange(2048), labels[:2048])["logits"].argmax(1).numpy() == labels[:2048]).mean())}
@@ -282,7 +284,7 @@ class MemmapSource:
 
     def outputs(self, batch, views):
         n = len(self.prefix)
-        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
+        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
 
 
 def read_epoch(views, teacher, ids_of, labels, num_views, num_blocks, epoch, batch_size, window_rows=16384) -> int:
@@ -356,7 +358,7 @@ def train_digits_teacher(root: Path, epochs: int) -> tuple[object, object, torch
         raise SystemExit(f"pipeline train failed ({rc})")
     data = open_dataset("digits")
     teacher = build_teacher("resnet10t", weights=str(root / "teacher" / "model.safetensors"), input_size=32)
-    info = teacher_info(teacher, cache.output_info(teacher, logits="full", dtype="float32"))
+    info = teacher_info(teacher, teacher_rows.output_info(teacher, logits="full", dtype="float32"))
     store = open_store(root / "store", data, ViewPlan(ViewRecipe(), seed=0), views=1, block=256, size=32)
     extract(store, data, TeacherRunner(teacher, info), "digits", views=1, batch_size=64)
     source = StoredViews(store, stored_plan(store), 1)
@@ -371,8 +373,8 @@ def train_digits_teacher(root: Path, epochs: int) -> tuple[object, object, torch
 
 def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int = 0) -> dict:
     """What a top-``k`` float16 store keeps of ``logits`` (B, C): clamped tails (before and now), KL, gradient cosines."""
-    from stages import topk
-    from stages.losses import dist_loss, dkd_loss
+    from stages.cache import topk
+    from stages.methods.losses import dist_loss, dkd_loss
 
     C = logits.shape[1]
     tail = 1.0 - torch.softmax(logits.double(), 1).topk(k, 1).values.sum(1)  # (B,) the true mass outside the top k
@@ -490,7 +492,7 @@ def main():
         # -- write: real random-init teacher, extract() into a product store ---------------------
         data = open_dataset(f"fake:{args.write_samples}?size={args.teacher_size}&classes={args.classes}")
         teacher = build_teacher(args.teacher, random_init=True, num_classes=args.classes, input_size=args.teacher_size)
-        info = teacher_info(teacher, cache.output_info(teacher, logits="topk", k=10, dtype="float16"))
+        info = teacher_info(teacher, teacher_rows.output_info(teacher, logits="topk", k=10, dtype="float16"))
         runner = TeacherRunner(teacher, info)
         plan = ViewPlan(ViewRecipe(), seed=0)
 
@@ -595,7 +597,7 @@ def main():
             report.add(f"bytes/dim: features int8 + scale (syn, D={args.dim})", f"{b8 / args.dim:.3f} B", "<= 2 B", b8 / args.dim <= 2,
                        f"cosine mean {fid['mean']:.6f}, min {fid['min']:.6f}")
         else:
-            report.add("bytes/dim: features int8 (SKIPPED)", "-", "<= 2 B", None, "cache.output_info(feature_dtype='int8') not available")
+            report.add("bytes/dim: features int8 (SKIPPED)", "-", "<= 2 B", None, "teacher_rows.output_info(feature_dtype='int8') not available")
 
         # -- codecs ---------------------------------------------------------------------------
         t1 = time.perf_counter()

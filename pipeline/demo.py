@@ -25,17 +25,17 @@ from pathlib import Path
 
 import torch
 
-from stages import stats
-from stages.cache import output_info
-from stages.datasets import open_dataset
-from stages.distill import TrainSettings, train
-from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.extract import TeacherRunner, extract, teacher_info
-from stages.store_setup import open_store, stored_plan
+from stages.cache import stats
+from stages.cache.teacher_rows import output_info
+from stages.data.datasets import open_dataset
+from stages.training.distill import TrainSettings, train
+from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.cache.store_setup import open_store, stored_plan
 from stages.methods import method_class
-from stages.replay import DrawnViews, StoredViews
-from stages.teachers import TeacherSpec, build_teacher, register_teacher
-from stages.views import ViewPlan, ViewRecipe
+from stages.data.replay import DrawnViews, StoredViews
+from stages.teachers.teachers import TeacherSpec, build_teacher, register_teacher
+from stages.data.views import ViewPlan, ViewRecipe
 from storage import Store
 
 from . import config
@@ -183,7 +183,7 @@ def _params(model) -> str:
 
 
 def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
-    from stages.student import build_student
+    from stages.training.student import build_student
 
     student_model = build_student(student["student"], data.num_classes, 0, **student.get("student_kwargs", {}))
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731

@@ -6,8 +6,8 @@ aligned tables and saves the grid.
 
 from __future__ import annotations
 
-from stages import store_report
-from stages.store_setup import store_dataset
+from stages.cache import store_report
+from stages.cache.store_setup import store_dataset
 from storage import Store, UserError
 
 UNITS, TOPK, GRID_SAMPLES, GRID_VIEWS = 4, 10, 16, 4

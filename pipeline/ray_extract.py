@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from stages.datasets import open_dataset
-from stages.extract import ExtractResult, TeacherRunner, UnitExtractor, open_teacher, pending_units
+from stages.data.datasets import open_dataset
+from stages.teachers.extract import ExtractResult, TeacherRunner, UnitExtractor, open_teacher, pending_units
 from stages.progress import Progress
-from stages.teachers import build_teacher
+from stages.teachers.teachers import build_teacher
 from storage import Store, TeacherRecord, UserError
 
 from . import ray_env

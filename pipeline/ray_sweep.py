@@ -74,9 +74,9 @@ def run_trial(params: dict, job: dict) -> None:
     """One Tune trial: ``pipeline distill`` with the sweep's settings and this trial's ``params``, each epoch reported."""
     import torch
 
-    from .commands import distill_command, train_settings
+    from .distill_command import distill_command, train_settings
     from .sweep import parse_distill
-    from stages.run_metrics import read_metrics
+    from stages.training.run_metrics import read_metrics
 
     out = Path(job["out"]) / Path(tune.get_context().get_trial_dir()).name
     settings = trial_settings(job["fixed"], params)

@@ -35,12 +35,12 @@ def train_loop_per_worker(job: dict) -> None:
     import ray.train
     import torch
 
-    from stages.datasets import open_dataset, validation_data
-    from stages.distill import EpochHooks, TrainSettings, train
-    from stages.store_setup import stored_plan
+    from stages.data.datasets import open_dataset, validation_data
+    from stages.training.distill import EpochHooks, TrainSettings, train
+    from stages.cache.store_setup import stored_plan
     from stages.methods import method_class
-    from stages.replay import StoredViews
-    from stages.teacher_sources import cached_teacher
+    from stages.data.replay import StoredViews
+    from stages.teachers.teacher_sources import cached_teacher
     from storage import Store
 
 
@@ -97,7 +97,7 @@ def distill_on_ray(
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
     from ray.train import TrainingFailedError
 
-    from stages.distill import TrainResult
+    from stages.training.distill import TrainResult
 
     storage = ray_env.for_workers(checkpoints or str(out / "ray"))
     run_dir = storage / RUN_NAME
@@ -163,8 +163,8 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     """The last checkpoint's student and metrics, as the same OUT files a run without Ray writes."""
     import torch
 
-    from stages.run_metrics import RunMetrics
-    from stages.student import save_student
+    from stages.training.run_metrics import RunMetrics
+    from stages.training.student import save_student
 
     with checkpoint.as_directory() as d:
         run = json.loads((Path(d) / "run.json").read_text())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from stages.run_metrics import METRICS_FILE, best_line, read_metrics
+from stages.training.run_metrics import METRICS_FILE, best_line, read_metrics
 from storage import UserError
 
 

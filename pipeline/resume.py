@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from stages.distill import EpochHooks
+from stages.training.distill import EpochHooks
 from storage import UserError
 from storage.location import written_whole
 

@@ -38,8 +38,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.distill import TrainSettings
-from stages.run_metrics import best_line, read_metrics
+from stages.training.distill import TrainSettings
+from stages.training.run_metrics import best_line, read_metrics
 from storage import UserError
 from storage.location import written_whole
 
@@ -323,14 +323,14 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     method's arguments), its student through timm (built once per distinct
     model and arguments), its teacher(s) through the store.
     """
-    from stages.datasets import validation_data
+    from stages.data.datasets import validation_data
     from stages.methods import method_class
-    from stages.store_setup import store_dataset
-    from stages.student import build_student
-    from stages.teacher_sources import cached_teacher
+    from stages.cache.store_setup import store_dataset
+    from stages.training.student import build_student
+    from stages.teachers.teacher_sources import cached_teacher
     from storage import Store
 
-    from .commands import train_settings
+    from .distill_command import train_settings
 
     store = Store(job["store"])
     store_dataset(store, job.get("data"))  # the store's data (or --data) exists and is the one it was made from
@@ -417,7 +417,7 @@ def sweep_command(args) -> None:
                 f"{out} holds a sweep with other settings ({', '.join(changed)} changed): run the same command to resume it, "
                 "or pass another --out for a new sweep"
             )
-    from .commands import run_log
+    from .run_files import run_log
     from .ray_sweep import join_cluster, run_sweep
 
     join_cluster(args.ray_address, args.cpus_per_trial, args.gpus_per_trial, out, job["store"])

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import cache
-from stages.datasets import open_dataset
-from stages.extract import TeacherRunner, extract, teacher_info
-from stages.store_setup import open_store
-from stages.teachers import build_teacher
-from stages.views import ViewPlan, ViewRecipe
+from stages.cache import teacher_rows
+from stages.data.datasets import open_dataset
+from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.cache.store_setup import open_store
+from stages.teachers.teachers import build_teacher
+from stages.data.views import ViewPlan, ViewRecipe
 from storage import TeacherRecord
 
 DATA = "fake:80?size=32"
@@ -41,7 +41,7 @@ def make_teacher(seed: int = 0, num_classes: int = 10):
 
 
 def runner_for(teacher, **output_kwargs) -> TeacherRunner:
-    return TeacherRunner(teacher, teacher_info(teacher, cache.output_info(teacher, **output_kwargs)))
+    return TeacherRunner(teacher, teacher_info(teacher, teacher_rows.output_info(teacher, **output_kwargs)))
 
 
 def make_record(name: str = "t", **fields) -> TeacherRecord:

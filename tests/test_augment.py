@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.replay import ViewRenderer, render_batches, with_partner_params
-from stages.views import (
+from stages.data.replay import ViewRenderer, render_batches, with_partner_params
+from stages.data.views import (
     NEGATED_OPS,
     ColorJitter,
     RandAugment,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli
+from pipeline import cli, distill_command
 from pipeline.cli import main
 from storage import Store
 
@@ -305,8 +305,8 @@ def test_every_settings_field_is_declared():
     from dataclasses import MISSING, fields
 
     from pipeline import settings_check
-    from stages.distill import TrainSettings
-    from stages.views import ViewRecipe
+    from stages.training.distill import TrainSettings
+    from stages.data.views import ViewRecipe
 
     for cls in (TrainSettings, ViewRecipe):
         missing = {f.name for f in fields(cls)} - set(settings_check.declared(cls))
@@ -450,7 +450,7 @@ def test_interrupted_runs_say_what_is_kept(monkeypatch, capsys, base_store, tmp_
     def stop(args, *rest):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.commands, "distill_command", stop)
+    monkeypatch.setattr(distill_command, "distill_command", stop)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -467,7 +467,7 @@ def test_a_full_disk_names_the_file(monkeypatch, capsys, base_store, tmp_path):
     def full(args, *rest):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cli.commands, "distill_command", full)
+    monkeypatch.setattr(distill_command, "distill_command", full)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 2
     line = one_line(capsys)
@@ -483,7 +483,7 @@ def test_library_warnings_stay_off_the_console(monkeypatch, capsys, base_store, 
         warnings.warn("divide by zero encountered in remainder", RuntimeWarning)
         raise UserError("what is wrong, what to do")
 
-    monkeypatch.setattr(cli.commands, "distill_command", warn_then_fail)
+    monkeypatch.setattr(distill_command, "distill_command", warn_then_fail)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 2
     assert one_line(capsys) == "error: what is wrong, what to do"

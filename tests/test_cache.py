@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import make_record
-from stages import cache, topk
+from stages.cache import teacher_rows
+from stages.cache import topk
 from storage import Store, TeacherRecord, UnitArrays, UserError
 
 
@@ -29,7 +30,7 @@ LABELS = torch.arange(8) % 10
 def test_topk_reconstruction_keeps_the_teacher_probabilities():
     out = _outputs()
     info = _info(k=3)
-    rows = cache.encode(out, LABELS, info)
+    rows = teacher_rows.encode(out, LABELS, info)
     index = torch.from_numpy(rows["topk_index"][:, :3]).long()  # the top k (the last slot is the target class)
     full = topk.logits_from_topk(rows, info.num_classes)
     assert full.shape == (8, 10) and full.dtype == torch.float32
@@ -52,7 +53,7 @@ def test_topk_reconstruction_keeps_the_teacher_probabilities():
 
 def test_topk_with_k_equal_to_classes_gives_the_logits_back():
     out = _outputs()
-    rows = cache.encode(out, LABELS, _info(k=10))
+    rows = teacher_rows.encode(out, LABELS, _info(k=10))
     full = topk.logits_from_topk(rows, 10)
     # log-probability + log-sum-exp, each float32: the logits to float32 rounding.
     torch.testing.assert_close(full, out["logits"], rtol=0, atol=2e-6)
@@ -60,7 +61,7 @@ def test_topk_with_k_equal_to_classes_gives_the_logits_back():
 
 def test_target_log_probability_is_the_true_class_one():
     out = _outputs()
-    rows = cache.encode(out, LABELS, _info(k=3))
+    rows = teacher_rows.encode(out, LABELS, _info(k=3))
     np.testing.assert_array_equal(rows["topk_index"][:, -1], LABELS.numpy())  # the top k, then the target class
     expected = torch.log_softmax(out["logits"].double(), 1)[torch.arange(8), LABELS].float().numpy()
     np.testing.assert_allclose(rows["topk_logp"][:, -1], expected, rtol=1e-6)
@@ -69,7 +70,7 @@ def test_target_log_probability_is_the_true_class_one():
 
 def _through_store(tmp_path, rows, info):
     """Write encoded rows as one unit of a real zarr group and read them back."""
-    group = UnitArrays.create(tmp_path / "t", cache.array_specs(info), num_views=1, num_samples=8, block=8)
+    group = UnitArrays.create(tmp_path / "t", teacher_rows.array_specs(info), num_views=1, num_samples=8, block=8)
     group.write_unit(0, 0, rows)
     assert group.committed() == {(0, 0)}
     return group.read_unit(0, 0)
@@ -77,20 +78,20 @@ def _through_store(tmp_path, rows, info):
 
 def test_full_float32_round_trip_through_the_store_is_exact(tmp_path):
     out, info = _outputs(), _info(logits="full", dtype="float32")
-    assert set(cache.array_specs(info)) == {"logits", "features"}
-    rows = _through_store(tmp_path, cache.encode(out, LABELS, info), info)
-    back = cache.decode(rows, info, ("logits", "features"))
+    assert set(teacher_rows.array_specs(info)) == {"logits", "features"}
+    rows = _through_store(tmp_path, teacher_rows.encode(out, LABELS, info), info)
+    back = teacher_rows.decode(rows, info, ("logits", "features"))
     assert torch.equal(back["logits"], out["logits"])
     assert torch.equal(back["features"], out["features"])
 
 
 def test_topk_float16_round_trip_through_the_store_is_close(tmp_path):
     out, info = _outputs(), _info(logits="topk", k=3, dtype="float16")
-    rows = _through_store(tmp_path, cache.encode(out, LABELS, info), info)
+    rows = _through_store(tmp_path, teacher_rows.encode(out, LABELS, info), info)
     assert rows["topk_logp"].dtype == np.float16 and rows["topk_index"].dtype == np.int16
     assert rows["tail"].dtype == np.float16
     assert rows["logsumexp"].dtype == np.float32 and rows["features"].dtype == np.float16
-    back = cache.decode({k: rows[k] for k in cache.stored_names(info, ("logits", "features"))}, info, ("logits", "features"))
+    back = teacher_rows.decode({k: rows[k] for k in teacher_rows.stored_names(info, ("logits", "features"))}, info, ("logits", "features"))
     assert back["logits"].dtype == torch.float32 and back["features"].dtype == torch.float32
     index = torch.from_numpy(rows["topk_index"]).long()  # the top 3 and the target: all kept
     torch.testing.assert_close(back["logits"].softmax(1).gather(1, index), out["logits"].softmax(1).gather(1, index), rtol=0, atol=2e-3)
@@ -99,32 +100,32 @@ def test_topk_float16_round_trip_through_the_store_is_close(tmp_path):
 
 
 def test_stored_names_read_only_what_is_needed():
-    assert cache.stored_names(_info(logits="topk"), ("logits",)) == list(topk.ARRAYS)
-    assert cache.stored_names(_info(logits="full"), ("logits", "features")) == ["logits", "features"]
+    assert teacher_rows.stored_names(_info(logits="topk"), ("logits",)) == list(topk.ARRAYS)
+    assert teacher_rows.stored_names(_info(logits="full"), ("logits", "features")) == ["logits", "features"]
     with pytest.raises(UserError, match="has no features .* --outputs logits,features"):
-        cache.stored_names(_info(outputs=("logits",)), ("features",))
+        teacher_rows.stored_names(_info(outputs=("logits",)), ("features",))
 
 
 def test_class_index_dtype_grows_with_the_class_count():
-    assert cache.array_specs(_info(num_classes=1000))["topk_index"].dtype == "int16"
-    assert cache.array_specs(_info(num_classes=40000))["topk_index"].dtype == "int32"
+    assert teacher_rows.array_specs(_info(num_classes=1000))["topk_index"].dtype == "int16"
+    assert teacher_rows.array_specs(_info(num_classes=40000))["topk_index"].dtype == "int32"
 
 
 def test_output_info_validates_settings(teacher1):
-    fields = cache.output_info(teacher1, k=50)  # TeacherRecord fields
+    fields = teacher_rows.output_info(teacher1, k=50)  # TeacherRecord fields
     assert fields["k"] == 10  # never more than the classes
     assert fields["outputs"] == ["logits", "features"] and fields["num_classes"] == 10 and fields["feature_dim"] == 512
     assert fields["feature_dtype"] == "float16" and "num_tokens" not in fields  # tokens only when asked for
     for bad in (dict(logits="some"), dict(dtype="bfloat16"), dict(feature_dtype="int4"), dict(k=0), dict(outputs=("attention",))):
         with pytest.raises(UserError):
-            cache.output_info(teacher1, **bad)
+            teacher_rows.output_info(teacher1, **bad)
 
 
 def test_cached_rows_equal_the_live_teacher(base_store, train_data, plan, teacher1):
     """Block 1 of view 0 from the shared store, against the teacher run on the same views now."""
-    from stages.store_setup import stored_plan
-    from stages.replay import StoredViews
-    from stages.views import normalize, row
+    from stages.cache.store_setup import stored_plan
+    from stages.data.replay import StoredViews
+    from stages.data.views import normalize, row
 
     store = Store(base_store)
     views = StoredViews(store, stored_plan(store))
@@ -133,6 +134,6 @@ def test_cached_rows_equal_the_live_teacher(base_store, train_data, plan, teache
     images = torch.stack([plan.render(train_data.image(int(i)), row(params, j), 32) for j, i in enumerate(ids)])
     live = teacher1(normalize(images, teacher1.mean, teacher1.std))
     info = store.teacher_info("t1")
-    stored = cache.decode(store.teacher("t1").read_unit(0, 1), info, ("logits", "features"))
+    stored = teacher_rows.decode(store.teacher("t1").read_unit(0, 1), info, ("logits", "features"))
     assert torch.equal(stored["logits"], live["logits"])
     assert torch.equal(stored["features"], live["features"])

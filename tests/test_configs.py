@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline import config
-from stages.distill import TrainSettings, lr_factor
+from stages.training.distill import TrainSettings, lr_factor
 from stages.methods import MethodContext, create_method
-from stages.views import ViewPlan, ViewRecipe
+from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
 RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/test_sweep.py)

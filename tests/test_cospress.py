@@ -12,15 +12,15 @@ import torch
 import torch.multiprocessing as mp
 from conftest import BATCH, BLOCK, free_port
 
-from stages import cache
-from stages.distill import TrainSettings, targets, train
-from stages.extract import TeacherRunner, extract, teacher_info
-from stages.losses import flat_cosine_loss, similarity_kl
+from stages.cache import teacher_rows
+from stages.training.distill import TrainSettings, targets, train
+from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.methods.losses import flat_cosine_loss, similarity_kl
 from stages.methods import MethodContext, create_method, method_class, method_context
-from stages.replay import StoredViews
-from stages.store_setup import open_store, stored_plan
-from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, build_teacher, register_teacher
+from stages.data.replay import StoredViews
+from stages.cache.store_setup import open_store, stored_plan
+from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.teachers.teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, build_teacher, register_teacher
 from storage import UserError
 
 # A DINOv2-shaped teacher small enough for two cores: patch 8 at 32 px, 1 CLS + 4 x 4 patches of 48.
@@ -167,7 +167,7 @@ def token_store(tmp_path_factory, train_data, plan):
     teacher = build_teacher("test_dinov2", random_init=True, num_classes=10, input_size=32)
     path = tmp_path_factory.mktemp("tokens") / "store"
     store = open_store(path, train_data, plan, views=2, block=BLOCK, size=32)
-    info = teacher_info(teacher, cache.output_info(teacher, outputs=("features", "tokens"), dtype="float32"))
+    info = teacher_info(teacher, teacher_rows.output_info(teacher, outputs=("features", "tokens"), dtype="float32"))
     extract(store, train_data, TeacherRunner(teacher, info), "vit", views=2, batch_size=BATCH)
     return store, teacher
 

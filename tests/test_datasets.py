@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import datasets
-from stages.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
+from stages.data import datasets
+from stages.data.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
 from storage import UserError
 
 # -- digits ----------------------------------------------------------------------------------

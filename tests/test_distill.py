@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.distill import TrainSettings, targets, train
-from stages.student import build_student
-from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.store_setup import stored_plan
-from stages.losses import kd_loss
+from stages.training.distill import TrainSettings, targets, train
+from stages.training.student import build_student
+from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.cache.store_setup import stored_plan
+from stages.methods.losses import kd_loss
 from stages.methods import MethodContext, create_method, hard_loss
-from stages.replay import StoredViews, epoch_units, labelled_mask
+from stages.data.replay import StoredViews, epoch_units, labelled_mask
 from storage import DamagedUnit, Store, UserError
 
 
@@ -235,9 +235,9 @@ def test_heavy_augmentation_replays_exactly_through_both_stages(tmp_path, train_
     (every fingerprint checked), and the full float32 cache still stands in for the live teacher bit for bit."""
     from conftest import BLOCK, SIZE, make_teacher, runner_for
 
-    from stages.extract import extract
-    from stages.store_setup import open_store
-    from stages.views import ViewPlan, ViewRecipe
+    from stages.teachers.extract import extract
+    from stages.cache.store_setup import open_store
+    from stages.data.views import ViewPlan, ViewRecipe
 
     recipe = ViewRecipe(randaugment="rand-m9-mstd0.5-inc1", color_jitter=0.4, erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0)
     plan = ViewPlan(recipe, seed=5)

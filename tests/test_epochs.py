@@ -10,10 +10,10 @@ import torch
 
 from pipeline import config
 from pipeline.cli import main
-from pipeline.commands import train_settings
-from stages.distill import TrainSettings, rank_units, resolve_batch, steps_per_epoch
-from stages.replay import epoch_units, window_units
-from stages.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
+from pipeline.distill_command import train_settings
+from stages.training.distill import TrainSettings, rank_units, resolve_batch, steps_per_epoch
+from stages.data.replay import epoch_units, window_units
+from stages.data.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
 from storage import UserError
 
 # -- the global batch ------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import BATCH, BLOCK, SIZE, VIEWS, group_arrays, make_teacher, read_tree, runner_for
 
-from stages.datasets import open_dataset
-from stages.extract import TeacherRunner, extract
-from stages.store_setup import open_store
-from stages.views import ViewPlan, ViewRecipe
+from stages.data.datasets import open_dataset
+from stages.teachers.extract import TeacherRunner, extract
+from stages.cache.store_setup import open_store
+from stages.data.views import ViewPlan, ViewRecipe
 from storage import Store, UserError
 
 FULL = dict(logits="full", dtype="float32")
@@ -141,7 +141,7 @@ def test_second_teacher_shares_the_plan_and_leaves_it_untouched(base_store, two_
 
 
 def test_a_teacher_with_more_views_leaves_the_others_complete(wide_store, reference):
-    from stages.teacher_sources import CachedTeacher
+    from stages.teachers.teacher_sources import CachedTeacher
 
     store = Store(wide_store)
     assert store.num_views == 3 and store.plan.complete_views(store.num_blocks) == 3
@@ -200,10 +200,10 @@ def test_same_teacher_id_with_other_settings_is_refused(store_copy, train_data, 
 
 
 def test_a_bf16_teacher_is_recorded_close_to_fp32_and_never_mixed_with_it(store_copy, train_data, plan, teacher1):
-    from stages import cache
-    from stages.extract import teacher_info
+    from stages.cache import teacher_rows
+    from stages.teachers.extract import teacher_info
 
-    bf16 = TeacherRunner(teacher1, teacher_info(teacher1, cache.output_info(teacher1, **FULL), precision="bf16"))
+    bf16 = TeacherRunner(teacher1, teacher_info(teacher1, teacher_rows.output_info(teacher1, **FULL), precision="bf16"))
     extract(_reopen(store_copy, train_data, plan), train_data, bf16, "bf", views=VIEWS, batch_size=BATCH)
     store = Store(store_copy)
     assert store.teacher_info("bf").precision == "bf16" and store.teacher_info("t1").precision == "fp32"

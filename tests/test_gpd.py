@@ -10,13 +10,13 @@ import torch
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.distill import TrainSettings, targets, train
-from stages.extract import stored_plan
-from stages.gpd import DynamicTeacher, WideBatchNorm2d, WideConv2d
-from stages.losses import dkd_loss, smoothed_soft_ce
+from stages.training.distill import TrainSettings, targets, train
+from stages.teachers.extract import stored_plan
+from stages.methods.gpd import DynamicTeacher, WideBatchNorm2d, WideConv2d
+from stages.methods.losses import dkd_loss, smoothed_soft_ce
 from stages.methods import MethodContext, create_method, hard_loss
-from stages.replay import StoredViews
-from stages.teacher_sources import CachedTeacher
+from stages.data.replay import StoredViews
+from stages.teachers.teacher_sources import CachedTeacher
 from storage import Store, UserError
 
 VIT = dict(student="deit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
@@ -220,7 +220,7 @@ def test_a_resnet_without_gpd_support_is_refused_before_training(base_store, tra
 def _ddp_worker(rank, world, port, store_path, out):
     import torch.distributed as dist
 
-    from stages.datasets import open_dataset
+    from stages.data.datasets import open_dataset
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from pipeline.cli import build_parser, main
-from stages import store_report, topk
-from stages.stats import write_stats
+from stages.cache import store_report
+from stages.cache import topk
+from stages.cache.stats import write_stats
 from storage import Store
 
 from conftest import BLOCK, SIZE, VIEWS

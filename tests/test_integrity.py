@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from stages import verify
-from stages.extract import extract
+from stages.cache import verify
+from stages.teachers.extract import extract
 from storage import DamagedUnit, Store, UserError
 from storage.lock import TeacherLock
 from storage.store import FORMAT_VERSION

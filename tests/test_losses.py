@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss  # the README's public import
-from stages.losses import flat_cosine_loss, joint_similarity_log_probs, similarity_kl, smoothed_soft_ce
+from stages.methods.losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss  # the README's public import
+from stages.methods.losses import flat_cosine_loss, joint_similarity_log_probs, similarity_kl, smoothed_soft_ce
 
 
 def _t(x, grad=False):

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import BATCH, STUDENT, VIEWS, make_record
 
-from stages import stats
-from stages.distill import TrainSettings, lr_factor, targets, train
-from stages.teacher_sources import CachedTeacher, TeacherSource
-from stages.losses import kd_loss, logsum_loss
+from stages.cache import stats
+from stages.training.distill import TrainSettings, lr_factor, targets, train
+from stages.teachers.teacher_sources import CachedTeacher, TeacherSource
+from stages.methods.losses import kd_loss, logsum_loss
 from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class, method_context
-from stages.replay import StoredViews
-from stages.store_setup import stored_plan
+from stages.data.replay import StoredViews
+from stages.cache.store_setup import stored_plan
 from storage import Store, UserError
 
 C, DS, DT, B = 10, 64, 512, 8
@@ -112,14 +112,14 @@ def test_methods_declare_what_they_read():
 @pytest.mark.parametrize("name", [m for m in list_methods() if method_class(m).needs])
 def test_a_store_without_an_output_a_method_reads_is_refused_with_the_extract_flags(name):
     """Before any work: the cached teacher is refused when it is opened, naming the --outputs that add what is missing."""
-    from stages import cache
+    from stages.cache import teacher_rows
 
     needs = method_class(name).needs
     for missing in needs:
         stored = tuple(o for o in ("logits", "features", "tokens") if o != missing)
         record = make_record(outputs=stored, num_tokens=T, token_dim=DT, token_prefix=1)
         with pytest.raises(UserError, match=f"has no {missing} .*--outputs {','.join([*stored, missing])}"):
-            cache.stored_names(record, needs)
+            teacher_rows.stored_names(record, needs)
 
 
 def test_hard_losses_on_labelled_rows_only():
@@ -204,7 +204,7 @@ def test_kdpp_trains_from_a_store_once_its_statistics_exist(store_copy, train_da
 
 
 def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
-    from stages.teacher_sources import CachedEnsemble
+    from stages.teachers.teacher_sources import CachedEnsemble
 
     store = Store(two_teacher_store)
     ensemble = CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[3.0, 1.0])
@@ -223,20 +223,20 @@ def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
 
 @pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
 def test_logit_methods_on_a_topk_store_with_k_equal_c_match_full_logits(name):
-    from stages import cache
+    from stages.cache import teacher_rows
 
     student, teacher, y = batch()
     full = teacher["logits"]
     info = make_record(outputs=("logits",), logits="topk", k=C, num_classes=C, dtype="float32")
-    rows = cache.encode({"logits": full}, y.labels.clamp(min=0), info)
-    rebuilt = cache.decode(rows, info, ("logits",))["logits"]
+    rows = teacher_rows.encode({"logits": full}, y.labels.clamp(min=0), info)
+    rebuilt = teacher_rows.decode(rows, info, ("logits",))["logits"]
     method = create_method(name, context())
     a, _ = method(student, {"logits": full}, y)
     b, _ = method(student, {"logits": rebuilt}, y)
     assert torch.equal(a, b)
     # With k < C the reconstruction keeps the top-k probabilities and the tail's total mass.
     info_k = info.replace(k=3)
-    approx = cache.decode(cache.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",))["logits"]
+    approx = teacher_rows.decode(teacher_rows.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",))["logits"]
     top = full.topk(3, dim=1).indices
     torch.testing.assert_close(torch.softmax(approx, 1).gather(1, top), torch.softmax(full, 1).gather(1, top))
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import replay
-from stages.datasets import FakeDataset
-from stages.replay import (
+from stages.data import replay
+from stages.data.datasets import FakeDataset
+from stages.data.replay import (
     PAIR,
     DrawnViews,
     ViewRenderer,
@@ -24,7 +24,7 @@ from stages.replay import (
     shuffle_windows,
     unit_table,
 )
-from stages.views import ViewPlan, ViewRecipe, pair_partners, row
+from stages.data.views import ViewPlan, ViewRecipe, pair_partners, row
 
 A2 = dict(randaugment="rand-m7-mstd0.5", mixup_alpha=0.1, cutmix_alpha=1.0)
 
@@ -172,8 +172,8 @@ def test_a_batch_of_mates_decodes_and_renders_each_image_once(monkeypatch):
 def test_one_decode_per_image_in_extraction(tmp_path):
     from conftest import make_teacher, runner_for
 
-    from stages.extract import extract
-    from stages.store_setup import open_store
+    from stages.teachers.extract import extract
+    from stages.cache.store_setup import open_store
     from storage import Store
 
     data = CountingFake(64, size=32)
@@ -203,7 +203,7 @@ def test_a_unit_table_names_groups_of_mates():
 def test_mixup_by_table_is_the_float64_blend_and_pil_conversions_keep_the_bytes():
     from PIL import Image
 
-    from stages.views import MixupCutmix, from_pil, to_pil
+    from stages.data.views import MixupCutmix, from_pil, to_pil
 
     rng = np.random.default_rng(0)
     mixer = MixupCutmix(mixup_alpha=1.0)

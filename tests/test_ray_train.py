@@ -22,12 +22,12 @@ from conftest import BUCKET, SIZE, make_teacher, runner_for
 from ray_cluster import two_node_cluster, worker_pids
 from safetensors.torch import load_file
 
-from stages.datasets import open_dataset
-from stages.distill import rank_units, steps_per_epoch
-from stages.extract import extract
-from stages.store_setup import open_store
-from stages.replay import epoch_units
-from stages.views import ViewPlan, ViewRecipe
+from stages.data.datasets import open_dataset
+from stages.training.distill import rank_units, steps_per_epoch
+from stages.teachers.extract import extract
+from stages.cache.store_setup import open_store
+from stages.data.replay import epoch_units
+from stages.data.views import ViewPlan, ViewRecipe
 
 DATA = "fake:640?size=32&classes=20"  # 640 train / 128 val images; a class colour under noise: learnable in a few epochs
 BLOCK, EPOCHS = 64, 6

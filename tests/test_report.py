@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import cli, report
-from stages.run_metrics import RunMetrics, read_metrics, scalar_tag
+from stages.training.run_metrics import RunMetrics, read_metrics, scalar_tag
 
 
 def _line(epoch: int, loss: float, top1: float) -> dict:

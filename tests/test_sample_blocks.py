@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from conftest import STUDENT
-from stages.datasets import open_dataset
-from stages.distill import TrainSettings, train
-from stages.replay import DrawnViews, StoredViews, epoch_units, rebatch, sample_order, shuffle_windows, window_units
-from stages.store_setup import open_store
-from stages.views import ViewPlan, ViewRecipe
+from stages.data.datasets import open_dataset
+from stages.training.distill import TrainSettings, train
+from stages.data.replay import DrawnViews, StoredViews, epoch_units, rebatch, sample_order, shuffle_windows, window_units
+from stages.cache.store_setup import open_store
+from stages.data.views import ViewPlan, ViewRecipe
 from storage import Store
 
 # -- what independent sampling gives -----------------------------------------------------------

@@ -11,11 +11,11 @@ from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
 from pipeline import cli
-from stages.distill import EpochHooks, TrainSettings, train
-from stages.store_setup import stored_plan
-from stages.student import build_student
-from stages.teacher_sources import CachedTeacher, LiveTeacher
-from stages.replay import StoredViews
+from stages.training.distill import EpochHooks, TrainSettings, train
+from stages.cache.store_setup import stored_plan
+from stages.training.student import build_student
+from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.data.replay import StoredViews
 from storage import Store, UserError
 
 

@@ -23,9 +23,9 @@ import yaml
 from PIL import Image
 
 from conftest import STUDENT
-from pipeline import cli, commands, config, sweep
+from pipeline import cli, config, distill_command, sweep
 from ray_cluster import _cmdline, _with_descendants
-from stages.run_metrics import read_metrics
+from stages.training.run_metrics import read_metrics
 
 FIXED = {**STUDENT, "student_kwargs": {"channels": [8, 16, 32, 64]}, "epochs": 2, "batch_size": 16}
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -121,7 +121,7 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
         sweep.write_trial_settings(settings, out)
         argv = sweep.distill_argv(job, settings, out)
         assert argv[:1] == ["distill"] and argv[argv.index("--workers") + 1] == "0" and argv[argv.index("--out") + 1] == str(out)
-        resolved = commands.train_settings(sweep.parse_distill(argv))
+        resolved = distill_command.train_settings(sweep.parse_distill(argv))
         recipe = config.recipe(f"methods/{method}")["method_args"]
         assert resolved.method == method and resolved.method_args == {**recipe, "ce_weight": 0.5, "temperature": 4.0}
         assert (resolved.student, resolved.epochs, resolved.batch_size) == ("resnet10t", 2, 16)
@@ -130,7 +130,7 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
 
 def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
     """--summary needs no Ray: the table, sweep.csv and sweep.png come from sweep.yaml and the trial folders."""
-    from stages.run_metrics import RunMetrics
+    from stages.training.run_metrics import RunMetrics
 
     out = tmp_path / "sweep"
     spec = sweep.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}}, "test")

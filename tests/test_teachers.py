@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from stages.teachers import build_teacher, list_teachers, resolve_teacher
+from stages.teachers.teachers import build_teacher, list_teachers, resolve_teacher
 from storage import UserError
 
 

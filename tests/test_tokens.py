@@ -10,12 +10,12 @@ import torch
 
 from conftest import BATCH, BLOCK, DATA, make_record, runner_for
 from pipeline.cli import main
-from stages import cache
-from stages.extract import TeacherRunner, extract, teacher_info
-from stages.store_setup import open_store, stored_plan
-from stages.replay import StoredViews
-from stages.teachers import build_teacher
-from stages.views import normalize, row
+from stages.cache import teacher_rows
+from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.cache.store_setup import open_store, stored_plan
+from stages.data.replay import StoredViews
+from stages.teachers.teachers import build_teacher
+from stages.data.views import normalize, row
 from storage import Store, TeacherRecord, UnitArrays, UserError
 
 NEEDS = ("features", "tokens")
@@ -35,35 +35,35 @@ def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features"
 
 def test_int8_round_trip_stays_within_half_a_step_with_cosine_above_0999():
     x = gaussian(4096, 384)  # (N, D), like DINOv2-S pooled features
-    q, scale = cache.quantize(x)
+    q, scale = teacher_rows.quantize(x)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (4096,)
     assert torch.equal(q.abs().amax(1), torch.full((4096,), 127, dtype=torch.int8))  # every row uses the full range
-    back = cache.dequantize(q, scale)
+    back = teacher_rows.dequantize(q, scale)
     assert ((back - x).abs() <= 0.5001 * scale[:, None]).all()  # round to nearest: at most half a step
-    fidelity = cache.cosine_fidelity(x, back)
+    fidelity = teacher_rows.cosine_fidelity(x, back)
     assert fidelity["min"] >= 0.999 and fidelity["mean"] >= 0.9999, fidelity
     # About one byte per dimension, the float32 scale included.
-    specs = cache.array_specs(_info("int8", outputs=("features",)))
+    specs = teacher_rows.array_specs(_info("int8", outputs=("features",)))
     stored = sum(int(np.prod(s.row_shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
     assert stored / 384 == pytest.approx(388 / 384)
 
 
 def test_cosine_fidelity_tells_good_from_bad():
     x = gaussian(512, 384)
-    assert cache.cosine_fidelity(x, x)["min"] == pytest.approx(1.0)
-    assert cache.cosine_fidelity(x, -x)["mean"] == pytest.approx(-1.0)
+    assert teacher_rows.cosine_fidelity(x, x)["min"] == pytest.approx(1.0)
+    assert teacher_rows.cosine_fidelity(x, -x)["mean"] == pytest.approx(-1.0)
     # 4-bit steps (max|x| / 7) are too coarse: the threshold the int8 mode meets is not vacuous.
     scale = x.abs().amax(1, keepdim=True) / 7
-    assert cache.cosine_fidelity(x, (x / scale).round() * scale)["mean"] < 0.999
+    assert teacher_rows.cosine_fidelity(x, (x / scale).round() * scale)["mean"] < 0.999
 
 
 def test_zero_vectors_and_tokens_quantise_per_vector():
     x = gaussian(3, 5, 16)  # (B, T, D)
     x[1, 2] = 0  # e.g. a dead ReLU position
     x[2] *= torch.logspace(-3, 3, 5).view(5, 1)  # tokens of very different norms each keep their precision
-    q, scale = cache.quantize(x)
+    q, scale = teacher_rows.quantize(x)
     assert q.shape == (3, 5, 16) and scale.shape == (3, 5) and scale[1, 2] == 0
-    back = cache.dequantize(q, scale)
+    back = teacher_rows.dequantize(q, scale)
     assert torch.equal(back[1, 2], torch.zeros(16)) and torch.isfinite(back).all()
     assert ((back - x).abs() <= 0.5001 * scale.unsqueeze(-1)).all()
 
@@ -73,15 +73,15 @@ def test_zero_vectors_and_tokens_quantise_per_vector():
 
 def test_int8_arrays_and_names_carry_their_scales():
     info = _info("int8")
-    specs = cache.array_specs(info)
+    specs = teacher_rows.array_specs(info)
     assert {k: (s.row_shape, s.dtype) for k, s in specs.items()} == {
         "features": ((384,), "int8"),
         "features_scale": ((), "float32"),
         "tokens": ((257, 384), "int8"),
         "tokens_scale": ((257,), "float32"),
     }
-    assert cache.stored_names(info, ("tokens",)) == ["tokens", "tokens_scale"]
-    assert cache.stored_names(_info("float16"), NEEDS) == ["features", "tokens"]
+    assert teacher_rows.stored_names(info, ("tokens",)) == ["tokens", "tokens_scale"]
+    assert teacher_rows.stored_names(_info("float16"), NEEDS) == ["features", "tokens"]
 
 
 def test_teacher_json_without_feature_dtype_reads_as_before():
@@ -89,28 +89,28 @@ def test_teacher_json_without_feature_dtype_reads_as_before():
     del written["feature_dtype"]  # written before --feature-dtype existed
     old = TeacherRecord.from_dict(written)
     assert old.feature_dtype == "float32"
-    assert cache.array_specs(old)["features"].dtype == "float32" and cache.stored_names(old, ("features",)) == ["features"]
+    assert teacher_rows.array_specs(old)["features"].dtype == "float32" and teacher_rows.stored_names(old, ("features",)) == ["features"]
 
 
 @pytest.mark.parametrize("fdtype", ["float32", "float16", "int8"])
 def test_tokens_round_trip_through_a_real_store(tmp_path, fdtype):
     info = _info(fdtype, D=24, T=5)
     out = {"features": gaussian(8, 24, seed=1), "tokens": gaussian(8, 5, 24, seed=2)}
-    group = UnitArrays.create(tmp_path / "t", cache.array_specs(info), num_views=1, num_samples=8, block=8)
-    group.write_unit(0, 0, cache.encode(out, torch.zeros(8), info))
+    group = UnitArrays.create(tmp_path / "t", teacher_rows.array_specs(info), num_views=1, num_samples=8, block=8)
+    group.write_unit(0, 0, teacher_rows.encode(out, torch.zeros(8), info))
     assert group.array("tokens").shape == (1, 8, 5, 24) and str(group.array("tokens").dtype) == fdtype
-    back = cache.decode(group.read_unit(0, 0, cache.stored_names(info, NEEDS)), info, NEEDS)
+    back = teacher_rows.decode(group.read_unit(0, 0, teacher_rows.stored_names(info, NEEDS)), info, NEEDS)
     for key, x in out.items():
         assert back[key].dtype == torch.float32 and back[key].shape == x.shape
         expected = {"float32": x, "float16": x.half().float()}.get(fdtype)
-        assert torch.equal(back[key], expected if expected is not None else cache.dequantize(*cache.quantize(x)))
+        assert torch.equal(back[key], expected if expected is not None else teacher_rows.dequantize(*teacher_rows.quantize(x)))
 
 
 def test_storage_line_counts_every_array():
     info = _info("int8", D=384, T=257, outputs=("features", "tokens"))
-    sizes = cache.storage_bytes(info, 1000, 2)
+    sizes = teacher_rows.storage_bytes(info, 1000, 2)
     assert sizes == {"features": 2000 * (384 + 4), "tokens": 2000 * 257 * (384 + 4)}
-    line = cache.storage_line("dinov2_s", info, 1_281_167, 50)
+    line = teacher_rows.storage_line("dinov2_s", info, 1_281_167, 50)
     assert line.startswith("store will hold about 5.8 TiB") and "(tokens 5.8 TiB, features 23.1 GiB;" in line  # 1.28M x 50 x 257 x 388 B
     assert "1,281,167 samples × 50 views" in line
 
@@ -162,14 +162,14 @@ def _live(store: Store, data, plan, teacher, block: int = 1) -> dict[str, torch.
 @pytest.mark.parametrize("fdtype", ["float32", "float16", "int8"])
 def test_vit_tokens_in_the_store_are_the_live_teachers(tmp_path, train_data, plan, vit, fdtype):
     store = open_store(tmp_path / "store", train_data, plan, views=1, block=BLOCK, size=vit.input_size)
-    info = teacher_info(vit, cache.output_info(vit, outputs=NEEDS, dtype="float32", feature_dtype=fdtype))
+    info = teacher_info(vit, teacher_rows.output_info(vit, outputs=NEEDS, dtype="float32", feature_dtype=fdtype))
     extract(store, train_data, TeacherRunner(vit, info), "t", views=1, batch_size=BATCH)
     made = store.teacher_info("t")
     assert (made.feature_dtype, made.num_tokens, made.token_dim, made.token_prefix) == (fdtype, 5, 384, 1)
     group = store.teacher("t")
     assert group.array("tokens").shape == (1, 80, 5, 384) and str(group.array("tokens").dtype) == fdtype
     assert ("tokens_scale" in group.names) == (fdtype == "int8")
-    stored = cache.decode(group.read_unit(0, 1, cache.stored_names(made, NEEDS)), made, NEEDS)
+    stored = teacher_rows.decode(group.read_unit(0, 1, teacher_rows.stored_names(made, NEEDS)), made, NEEDS)
     live = _live(store, train_data, plan, vit)
     for key in NEEDS:
         assert stored[key].dtype == torch.float32 and stored[key].shape == live[key].shape
@@ -178,10 +178,10 @@ def test_vit_tokens_in_the_store_are_the_live_teachers(tmp_path, train_data, pla
         elif fdtype == "float16":
             assert torch.equal(stored[key], live[key].half().float())
         else:
-            q, scale = cache.quantize(live[key])
-            assert torch.equal(stored[key], cache.dequantize(q, scale))
+            q, scale = teacher_rows.quantize(live[key])
+            assert torch.equal(stored[key], teacher_rows.dequantize(q, scale))
             assert ((stored[key] - live[key]).abs() <= 0.5001 * scale.unsqueeze(-1)).all()
-            assert cache.cosine_fidelity(live[key], stored[key])["min"] >= 0.999
+            assert teacher_rows.cosine_fidelity(live[key], stored[key])["min"] >= 0.999
 
 
 def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, capsys, train_data, plan, cnn):
@@ -193,17 +193,17 @@ def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, ca
     made = json.loads((path / "teachers" / "resnet10t" / "teacher.json").read_text())
     assert made["outputs"] == ["logits", "features", "tokens"] and made["feature_dtype"] == "int8" and made["dtype"] == "float16"
     made = TeacherRecord.from_dict(made)
-    line = cache.storage_line("resnet10t", made, 80, 1)
+    line = teacher_rows.storage_line("resnet10t", made, 80, 1)
     assert line in err and "tokens 161.2 KiB" in line  # 80 x 4 x (512 + 4) bytes
     assert err.index(line) < err.index("extract resnet10t")  # before any work
     store = Store(path)
     group = store.teacher("resnet10t")
     assert group.array("tokens").shape == (1, 80, 4, 512) and group.array("tokens_scale").shape == (1, 80, 4)
     needs = ("logits", "features", "tokens")
-    stored = cache.decode(group.read_unit(0, 1, cache.stored_names(made, needs)), made, needs)
+    stored = teacher_rows.decode(group.read_unit(0, 1, teacher_rows.stored_names(made, needs)), made, needs)
     live = _live(store, train_data, plan, cnn)
     for key in ("features", "tokens"):
-        assert torch.equal(stored[key], cache.dequantize(*cache.quantize(live[key])))
+        assert torch.equal(stored[key], teacher_rows.dequantize(*teacher_rows.quantize(live[key])))
     assert torch.equal(stored["logits"].argmax(1), live["logits"].argmax(1))
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import cache, topk
-from stages.losses import dist_loss, dkd_loss, kd_loss
+from stages.cache import teacher_rows
+from stages.cache import topk
+from stages.methods.losses import dist_loss, dkd_loss, kd_loss
 
 from conftest import make_record
 
@@ -127,9 +128,9 @@ def test_the_tail_is_rebuilt_for_the_methods_temperature():
 def test_decode_rebuilds_for_the_temperature_it_is_given():
     logits, labels = imagenet_like_logits(rows=32)
     info = make_record(outputs=("logits",), num_classes=C, feature_dim=4, k=K, dtype="float16")
-    rows = cache.encode({"logits": logits}, labels, info)
-    at1 = cache.decode(rows, info, ["logits"])["logits"]
-    at4 = cache.decode(rows, info, ["logits"], temperature=4.0)["logits"]
+    rows = teacher_rows.encode({"logits": logits}, labels, info)
+    at1 = teacher_rows.decode(rows, info, ["logits"])["logits"]
+    at4 = teacher_rows.decode(rows, info, ["logits"], temperature=4.0)["logits"]
     kept = torch.zeros(32, C, dtype=torch.bool).scatter_(1, torch.from_numpy(rows["topk_index"]).long(), True)
     kept[torch.arange(32), labels] = True
     assert torch.equal(at1[kept], at4[kept])  # the stored classes are the same at any temperature

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.replay import ViewRenderer, render_batches
-from stages.views import (
+from stages.data.replay import ViewRenderer, render_batches
+from stages.data.views import (
     RandomResizedCrop,
     ViewPlan,
     ViewRecipe,

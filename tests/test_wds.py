@@ -13,12 +13,12 @@ import torch
 from conftest import BATCH, BLOCK, BUCKET, STUDENT, VIEWS, make_record
 from safetensors.torch import load_file
 
-from stages import cache
-from stages.distill import TrainSettings, train
-from stages.teacher_sources import CachedTeacher
-from stages.extract import TeacherRunner, extract, open_teacher, teacher_info
-from stages.store_setup import open_store, stored_plan
-from stages.replay import StoredViews
+from stages.cache import teacher_rows
+from stages.training.distill import TrainSettings, train
+from stages.teachers.teacher_sources import CachedTeacher
+from stages.teachers.extract import TeacherRunner, extract, open_teacher, teacher_info
+from stages.cache.store_setup import open_store, stored_plan
+from stages.data.replay import StoredViews
 from storage import ArraySpec, Store, UserError
 from storage.location import Location
 from storage.wds import TarUnits, wds_urls
@@ -243,7 +243,7 @@ def test_a_plain_webdataset_pipeline_reads_the_tars(store, units):
 
 def _extract(path, train_data, plan, teacher, store_format) -> Store:
     store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=32)
-    runner = TeacherRunner(teacher, teacher_info(teacher, cache.output_info(teacher, logits="full", dtype="float32"), store_format))
+    runner = TeacherRunner(teacher, teacher_info(teacher, teacher_rows.output_info(teacher, logits="full", dtype="float32"), store_format))
     extract(store, train_data, runner, "t1", views=VIEWS, batch_size=BATCH)
     return store
 
@@ -274,7 +274,7 @@ def test_zarr_and_wds_stores_of_one_run_train_the_same_student(base_store, train
 
 def test_one_teacher_id_keeps_one_format(store_copy, teacher1):
     store = Store(store_copy)
-    info = teacher_info(teacher1, cache.output_info(teacher1, logits="full", dtype="float32"), "wds")
+    info = teacher_info(teacher1, teacher_rows.output_info(teacher1, logits="full", dtype="float32"), "wds")
     with pytest.raises(UserError, match="other format.*format=zarr.*--teacher-id"):
         open_teacher(store, "t1", info, 10, VIEWS)
     # teacher.json from before the format key means zarr, and matches it.

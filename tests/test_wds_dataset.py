@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from stages import wds_dataset
-from stages.datasets import open_dataset
-from stages.wds_dataset import WdsDataset
+from stages.data import wds_dataset
+from stages.data.datasets import open_dataset
+from stages.data.wds_dataset import WdsDataset
 from storage import Store, UserError
 
 from conftest import BUCKET, group_arrays
@@ -298,7 +298,7 @@ def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, tmp_path):
 def test_validation_shards_keep_the_training_classes(tmp_path):
     pattern, _ = make_shards(tmp_path / "shards")
     val, _ = make_shards(tmp_path / "val", prefix="val", shards=1, per_shard=10, seed=1)
-    from stages.datasets import validation_data
+    from stages.data.datasets import validation_data
 
     data = validation_data(f"wds:{pattern}", f"wds:{val}")
     assert len(data) == 10 and data.num_classes == CLASSES

@@ -25,10 +25,11 @@ import torch
 
 from storage import Store, UserError
 
-from . import cache, stats
-from .replay import Table
+from ..cache import teacher_rows
+from ..cache import stats
+from ..data.replay import Table
 from .teachers import Teacher
-from .views import normalize
+from ..data.views import normalize
 
 
 class TeacherSource(ABC):
@@ -57,7 +58,7 @@ class CachedTeacher(TeacherSource):
         self.info = store.teacher_info(teacher_id)
         self.group = store.teacher(teacher_id)
         self.store, self.teacher_id, self.needs = store, teacher_id, tuple(needs)
-        self.names = cache.stored_names(self.info, self.needs)
+        self.names = teacher_rows.stored_names(self.info, self.needs)
         self.num_views = self.info.views
         self.feature_dim = self.info.feature_dim
         if "tokens" in self.info.outputs:
@@ -78,7 +79,7 @@ class CachedTeacher(TeacherSource):
 
     def outputs(self, batch: Table, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         n = len(self.prefix)
-        return cache.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs, temperature)
+        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs, temperature)
 
 
 class CachedEnsemble(TeacherSource):

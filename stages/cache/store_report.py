@@ -19,9 +19,10 @@ import torch
 
 from storage import Store, UserError
 
-from . import cache, topk
-from .datasets import ImageDataset
-from .replay import StoredViews, ViewRenderer, check_fingerprints, items, take, unit_table, with_images
+from . import teacher_rows
+from . import topk
+from ..data.datasets import ImageDataset
+from ..data.replay import StoredViews, ViewRenderer, check_fingerprints, items, take, unit_table, with_images
 from .store_setup import stored_plan
 
 
@@ -249,7 +250,7 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
     plan_size = store.meta["plan"]["size"]
     renderer = ViewRenderer(dataset, plan, (info.input_size,), plan_size)
     has_logits = "logits" in info.outputs
-    names = cache.stored_names(info, ["logits"]) if has_logits else []
+    names = teacher_rows.stored_names(info, ["logits"]) if has_logits else []
     cells = {}
     for v in chosen:
         for b in grid_blocks(store, ids):
@@ -261,7 +262,7 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
             top = [[] for _ in pick]
             if has_logits:
                 rows = group.read_unit(v, b, names, rows=len(block_ids), verify=True)
-                logits = cache.decode(take(rows, pick), info, ["logits"])["logits"]  # (n, C)
+                logits = teacher_rows.decode(take(rows, pick), info, ["logits"])["logits"]  # (n, C)
                 p, c = torch.softmax(logits, dim=1).topk(min(TOP, logits.shape[1]), dim=1)
                 top = [list(zip(c[j].tolist(), p[j].tolist())) for j in range(len(pick))]
             rendered = renderer.render_batch(items(with_images(batch, dataset), param_names, np.ones(len(pick), bool)))

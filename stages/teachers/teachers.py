@@ -26,7 +26,7 @@ from torch import nn
 
 from storage import UserError
 
-from .student import token_prefix
+from ..model_outputs import token_prefix
 
 log = logging.getLogger(__name__)
 

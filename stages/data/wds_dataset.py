@@ -43,7 +43,7 @@ import torch
 from storage import UserError
 from storage.location import storage_options
 
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 
 log = logging.getLogger(__name__)
 

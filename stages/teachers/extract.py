@@ -21,13 +21,13 @@ import torch
 
 from storage import CommittedUnits, Store, TeacherRecord, UserError
 
-from . import cache
-from .datasets import ImageDataset
-from .progress import Progress
-from .replay import StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
-from .store_setup import library_versions, stored_plan
+from ..cache import teacher_rows
+from ..data.datasets import ImageDataset
+from ..progress import Progress
+from ..data.replay import StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
+from ..cache.store_setup import library_versions, stored_plan
 from .teachers import Teacher
-from .views import normalize
+from ..data.views import normalize
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TeacherRunner:
         bf16 = self.info.precision == "bf16"
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
             raw = self.teacher(x, self.info.outputs)  # tokens only when stored
-        return cache.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
+        return teacher_rows.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -57,7 +57,7 @@ PRECISIONS = ("fp32", "bf16")
 def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> TeacherRecord:
     """teacher.json: what made the cached arrays; re-runs must match it.
 
-    outputs_info: what is stored and how (``cache.output_info``); store_format: a store backend (zarr, wds).
+    outputs_info: what is stored and how (``teacher_rows.output_info``); store_format: a store backend (zarr, wds).
     """
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
@@ -112,7 +112,7 @@ def open_teacher(store: Store, teacher_id: str, info: TeacherRecord, num_classes
         log.info("store %s: adding views %d..%d", store.path, store.num_views, views - 1)
         store.add_views(views)
     # The teacher's own view count: distillation needs every unit below it.
-    return store.create_teacher(teacher_id, info.replace(views=views), cache.array_specs(info))
+    return store.create_teacher(teacher_id, info.replace(views=views), teacher_rows.array_specs(info))
 
 
 @dataclass

@@ -41,7 +41,7 @@ from torch import nn
 from storage import UserError
 
 from .losses import dkd_loss, smoothed_soft_ce
-from .methods import Method, MethodContext, _parts, hard_loss, register_method
+from .base import Method, MethodContext, hard_loss, loss_parts, register_method
 
 SUPPORTED = "timm ResNets (resnet18, resnet34, resnet50, resnet10t ...: plain convolutions) and plain timm ViTs (deit_tiny_patch16_224, vit_tiny_patch16_224 ...)"
 
@@ -445,4 +445,4 @@ class GPD(Method):
         sce = smoothed_soft_ce(z_s, torch.softmax(z_d.detach(), dim=1), self.smoothing)
         loss_s = loss_s + self.kd_weight * sce
         # One backward of the sum gives each parameter the gradients of L_D's and L_S's backward passes added.
-        return loss_d + loss_s, _parts(ce=ce_s, wide_ce=ce_d, sce=sce, **parts)
+        return loss_d + loss_s, loss_parts(ce=ce_s, wide_ce=ce_d, sce=sce, **parts)

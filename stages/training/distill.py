@@ -30,12 +30,12 @@ from torch import nn
 
 from storage import UserError
 
-from .datasets import ImageDataset
-from .methods import Method, Targets, create_method, method_class, method_context
+from ..data.datasets import ImageDataset
+from ..methods import Method, Targets, create_method, method_class, method_context
 from .precision import Precision
-from .progress import Progress
+from ..progress import Progress
 from .run_metrics import RunMetrics
-from .replay import (
+from ..data.replay import (
     StoredViews,
     Table,
     ViewRenderer,
@@ -51,8 +51,8 @@ from .replay import (
     with_images,
 )
 from .student import build_student, save_student
-from .teacher_sources import TeacherSource
-from .views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
+from ..teachers.teacher_sources import TeacherSource
+from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
 
 log = logging.getLogger(__name__)
 

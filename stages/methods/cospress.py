@@ -34,8 +34,8 @@ from torch import nn
 from storage import UserError
 
 from .losses import flat_cosine_loss, similarity_kl
-from .methods import Method, MethodContext, _parts, hard_loss, register_method
-from .student import student_forward
+from .base import Method, MethodContext, hard_loss, loss_parts, register_method
+from ..model_outputs import student_forward
 
 TEMPERATURES = tuple(round(0.01 * i, 2) for i in range(1, 11))  # 0.01 ... 0.10, the official recipe's
 
@@ -148,4 +148,4 @@ class CosPress(Method):
             self.local_weight * local + self.global_weight * glob + self.token_weight * tokens + self.cls_weight * cls
             + self.probe_weight * probe
         )
-        return total, _parts(**{"local": local, "global": glob, "tokens": tokens, "cls": cls, "probe": probe})
+        return total, loss_parts(**{"local": local, "global": glob, "tokens": tokens, "cls": cls, "probe": probe})

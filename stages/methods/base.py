@@ -34,12 +34,9 @@ from torch import nn
 
 from storage import UserError
 
-from .losses import dist_loss, dkd_loss, kd_loss, logsum_loss, nd_loss
-from .student import student_forward, token_prefix, token_shape
+from ..model_outputs import student_forward, token_prefix, token_shape
 
-_METHODS: dict[str, type["Method"]] = {}
-# Methods that live in a file of their own register when it is imported: one line each, as timm's model files.
-METHOD_MODULES = ("stages.cospress", "stages.gpd")
+_METHODS: dict[str, type["Method"]] = {}  # filled by @register_method as stages.methods imports each method's module
 
 
 def register_method(name: str):
@@ -51,20 +48,11 @@ def register_method(name: str):
     return wrap
 
 
-def _import_method_modules() -> None:
-    import importlib
-
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-
-
 def list_methods() -> list[str]:
-    _import_method_modules()
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type["Method"]:
-    _import_method_modules()
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -179,154 +167,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-def _parts(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
+def loss_parts(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
     """Named loss terms for logging, detached and left on the device (the trainer reads them once an epoch)."""
     return {k: v.detach() for k, v in terms.items()}
 
 
-@register_method("ce")
-class CrossEntropy(Method):
-    """Labels only: the from-scratch baseline and plain supervised training."""
-
-    def __init__(self, context: MethodContext, hard_loss: str = "ce"):
-        super().__init__()
-        self.hard_loss = hard_loss
-
-    def forward(self, student, teacher, targets):
-        loss = hard_loss(self.hard_loss, student["logits"], targets)
-        return loss, _parts(**{self.hard_loss: loss})
-
-
-@register_method("kd")
-class KD(Method):
-    """Vanilla KD: ce_weight * hard loss + kd_weight * T^2 KL(teacher || student) at temperature T.
-
-    Unlabelled samples are supervised by the teacher alone. ``hard_loss: bce``
-    trains as VanillaKD (Hao et al., 2023) does, on (mixed) targets.
-    """
-
-    needs = ("logits",)
-
-    def __init__(self, context, temperature=1.0, kd_weight=1.0, ce_weight=1.0, hard_loss="ce"):
-        super().__init__()
-        self.temperature, self.kd_weight, self.ce_weight, self.hard_loss = temperature, kd_weight, ce_weight, hard_loss
-
-    def forward(self, student, teacher, targets):
-        ce = hard_loss(self.hard_loss, student["logits"], targets)
-        kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
-        return self.ce_weight * ce + self.kd_weight * kd, _parts(ce=ce, kd=kd)
-
-
-@register_method("dkd")
-class DKD(Method):
-    """Decoupled KD (Zhao et al., 2022), a VanillaKD baseline: alpha * TCKD + beta * NCKD at T, ramped in
-    linearly over ``warmup_epochs``. The target class is the argmax of the (mixed) target."""
-
-    needs = ("logits",)
-
-    def __init__(self, context, alpha=1.0, beta=2.0, temperature=1.0, ce_weight=1.0, warmup_epochs=0, hard_loss="ce"):
-        super().__init__()
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        self.ce_weight, self.warmup_epochs, self.hard_loss = ce_weight, warmup_epochs, hard_loss
-
-    def forward(self, student, teacher, targets):
-        ce = hard_loss(self.hard_loss, student["logits"], targets)
-        target = targets.classes(teacher["logits"])
-        dkd = dkd_loss(student["logits"], teacher["logits"], target, self.alpha, self.beta, self.temperature)
-        ramp = min(1.0, (self.epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
-        return self.ce_weight * ce + ramp * dkd, _parts(ce=ce, dkd=dkd)
-
-
-@register_method("dist")
-class DIST(Method):
-    """DIST (Huang et al., 2022), a VanillaKD baseline: Pearson-correlation relations between and
-    within classes, tau^2 (beta * inter + gamma * intra)."""
-
-    needs = ("logits",)
-
-    def __init__(self, context, beta=1.0, gamma=1.0, tau=1.0, kd_weight=1.0, ce_weight=1.0, hard_loss="ce"):
-        super().__init__()
-        self.beta, self.gamma, self.tau = beta, gamma, tau
-        self.kd_weight, self.ce_weight, self.hard_loss = kd_weight, ce_weight, hard_loss
-
-    @property
-    def teacher_temperature(self) -> float:
-        return float(self.tau)
-
-    def forward(self, student, teacher, targets):
-        ce = hard_loss(self.hard_loss, student["logits"], targets)
-        dist = dist_loss(student["logits"], teacher["logits"], self.beta, self.gamma, self.tau)
-        return self.ce_weight * ce + self.kd_weight * dist, _parts(ce=ce, dist=dist)
-
-
-def _require_features(context: MethodContext, method: str) -> None:
+def require_features(context: MethodContext, method: str) -> None:
     if context.teacher_dim is None:
         raise UserError(f"method '{method}' needs teacher features: extract with --outputs logits,features")
-
-
-@register_method("kdpp")
-class KDPP(Method):
-    """KD++ (Wang et al., 2023): CE + alpha * KD(T) + beta * L_nd, feature norm and direction.
-
-    L_nd pulls the student embedding toward the teacher's unit class mean and
-    its norm up to the teacher's. When widths differ the student feature goes
-    through BatchNorm -> Dropout(0.5) -> Linear. The KD weight ramps linearly
-    from 0 over ``warmup_epochs``.
-    """
-
-    needs = ("logits", "features")
-    student_needs = ("logits", "features")
-
-    def __init__(self, context, alpha=2.5, beta=1.0, temperature=1.0, warmup_epochs=5, ce_weight=1.0, hard_loss="ce"):
-        super().__init__()
-        _require_features(context, "kdpp")
-        if context.class_means is None:
-            raise UserError(
-                "method 'kdpp' needs the teacher's class means: compute them with `pipeline stats --store STORE --teacher ID`"
-            )
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        self.warmup_epochs, self.ce_weight, self.hard_loss = warmup_epochs, ce_weight, hard_loss
-        self.register_buffer("class_means", context.class_means.float())
-        s, t = context.student_dim, context.teacher_dim
-        self.project = (
-            nn.Sequential(nn.BatchNorm1d(s), nn.Dropout(0.5), nn.Linear(s, t)) if s != t else nn.Identity()
-        )
-
-    def forward(self, student, teacher, targets):
-        ce = hard_loss(self.hard_loss, student["logits"], targets)
-        kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
-        embedding = self.project(student["features"])  # (B, D_t)
-        nd = nd_loss(embedding, teacher["features"].norm(dim=1), self.class_means, targets.classes(teacher["logits"]))
-        ramp = min(1.0, self.epoch / self.warmup_epochs) if self.warmup_epochs else 1.0
-        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, _parts(ce=ce, kd=kd, nd=nd)
-
-
-@register_method("srd")
-class SRD(Method):
-    """The projector + BatchNorm + LogSum recipe (Miles & Mikolajczyk, 2024).
-
-    Student feature -> Linear -> BatchNorm1d (no affine, eps 1e-4); teacher
-    feature -> its own BatchNorm1d (no affine); L_rep = log of the sum of
-    |difference|^4 over the batch; total = CE + rep_weight * L_rep + kd_weight * KL(T).
-    """
-
-    needs = ("logits", "features")
-    student_needs = ("logits", "features")
-
-    def __init__(self, context, rep_weight=2.0, exponent=4.0, kd_weight=1.0, temperature=1.0, ce_weight=1.0, hard_loss="ce"):
-        super().__init__()
-        _require_features(context, "srd")
-        self.rep_weight, self.exponent, self.kd_weight = rep_weight, exponent, kd_weight
-        self.temperature, self.ce_weight, self.hard_loss = temperature, ce_weight, hard_loss
-        self.project = nn.Sequential(
-            nn.Linear(context.student_dim, context.teacher_dim),
-            nn.BatchNorm1d(context.teacher_dim, eps=1e-4, affine=False),
-        )
-        self.teacher_norm = nn.BatchNorm1d(context.teacher_dim, eps=1e-4, affine=False)
-
-    def forward(self, student, teacher, targets):
-        ce = hard_loss(self.hard_loss, student["logits"], targets)
-        kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
-        rep = logsum_loss(self.project(student["features"]), self.teacher_norm(teacher["features"]), self.exponent)
-        total = self.ce_weight * ce + self.rep_weight * rep + self.kd_weight * kd
-        return total, _parts(ce=ce, kd=kd, rep=rep)

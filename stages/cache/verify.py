@@ -15,8 +15,8 @@ import numpy as np
 
 from storage import Store
 
-from .datasets import ImageDataset
-from .replay import StoredViews, ViewRenderer, fingerprint_mismatch, render_batches, take, unit_table
+from ..data.datasets import ImageDataset
+from ..data.replay import StoredViews, ViewRenderer, fingerprint_mismatch, render_batches, take, unit_table
 from .store_setup import stored_plan
 
 

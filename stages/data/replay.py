@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from storage import Store, UserError
 from storage.errors import remote_user_error
 
-from .datasets import ImageDataset
+from .image_dataset import ImageDataset
 from .views import ViewPlan, fingerprint, row, uniforms
 
 Table = dict[str, np.ndarray]

@@ -15,7 +15,7 @@ import torch
 
 from storage import Store, UserError
 
-from .progress import Progress
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 

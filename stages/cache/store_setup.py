@@ -13,9 +13,9 @@ import numpy as np
 
 from storage import ArraySpec, Store, UserError
 
-from .datasets import ImageDataset, open_dataset
-from .replay import sample_order
-from .views import ViewPlan, ViewRecipe
+from ..data.datasets import ImageDataset, open_dataset
+from ..data.replay import sample_order
+from ..data.views import ViewPlan, ViewRecipe
 
 FINGERPRINT = ArraySpec((), "uint32")  # the plan's per-view render fingerprint, [V, N]
 

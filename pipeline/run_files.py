@@ -1,0 +1,94 @@
+"""A run's own files: its log (run.log, or a store's logs/), its config.yaml, written only once its set-up passed."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from storage import Location, UserError
+
+from . import config
+
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+@contextmanager
+def run_log(path: Path | Location):
+    """Also write this run's log lines to ``path``; a log for an object store is uploaded at the end."""
+    local = path if isinstance(path, Path) else Path(path.path) if path.is_local else None
+    tmp = None
+    if local is None:
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+        local = Path(tmp.name)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(local)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        if tmp is not None:
+            path.write_bytes(local.read_bytes())
+            local.unlink()
+
+class RunFiles:
+    """A training run's ``config.yaml`` and ``run.log`` in OUT, written only once the run has passed its set-up.
+
+    A run refused at set-up (a bad setting, a student or a method that cannot be built, a cluster that
+    cannot be reached) leaves OUT as it was, so a folder of an earlier run keeps files that agree with
+    each other. Log lines from before ``start()`` are held and go to run.log when it opens; config.yaml
+    is replaced through a rename, never left half-written.
+    """
+
+    def __init__(self, out: Path, record: dict):
+        self.out, self.record = out, record
+        self.held = _HeldLines()
+        self.file: logging.Handler | None = None
+
+    def __enter__(self) -> "RunFiles":
+        logging.getLogger().addHandler(self.held)
+        return self
+
+    def start(self) -> None:
+        """The run begins: write config.yaml, open run.log with the lines so far."""
+        if self.file is not None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        config.save(self.out / "config.yaml", self.record)
+        self.file = logging.FileHandler(self.out / "run.log")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        for record in self.held.records:
+            self.file.handle(record)
+        root = logging.getLogger()
+        root.removeHandler(self.held)
+        root.addHandler(self.file)
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.held)
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()
+
+class _HeldLines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+def check_out(out: Path) -> Path:
+    """--out: a run directory that exists, or one that can be made (its nearest existing parent is a directory)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: pass a new or an existing run directory")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out} cannot be made: {parent} is a file, not a directory")
+    return out

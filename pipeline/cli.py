@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _declared_types(p: argparse.ArgumentParser) -> None:
-    """Every flag whose setting is declared in ``settings_check`` parses and checks with that declaration."""
+    """Every flag whose setting is declared (``settings_check.declaration``) parses and checks with that declaration."""
     for action in p._actions:
         if action.nargs == 0 or action.choices is not None or action.type not in (None, int, float):
-            continue  # switches, choices, and flags with a parser of their own
-        if any(action.dest in table for table in (settings_check.FLAGS, settings_check.TRAIN, settings_check.VIEWS)):
-            action.type = settings_check.flag(action.dest)
+            continue  # switches, choices, and flags with a parser of their own (the settings' fields)
+        if settings_check.declaration(action.dest) is not None:
+            action.type = settings_check.flag_type(action.dest)
 
 
 def setup_logging(quiet: bool, debug: bool = False) -> None:
@@ -96,7 +96,7 @@ def _again(args) -> str:
     if args.command == "extract":
         return "committed units are kept; run the same command again to resume"
     if args.command in ("distill", "train"):
-        if getattr(args, "workers", 0) or (Path(args.out) / CHECKPOINT).is_file():
+        if getattr(args, "ray_workers", 0) or (Path(args.out) / CHECKPOINT).is_file():
             return "the checkpoint of the last finished epoch is kept; run the same command with --resume to continue"
         return "no epoch had finished, so there is no checkpoint; run the command again to start over"
     return "run the command again"

@@ -1,8 +1,8 @@
 """Configuration as data: YAML recipes under configs/, overridden by the command line, always saved.
 
 Resolution order for every setting: command-line flag, then ``--config FILE``,
-then the method's recipe ``configs/methods/<method>.yaml``, then the code's
-default. A flag left unset (``None``) never overrides anything.
+then the default its declaration gives (a method's settings: its constructor's,
+the paper's). A flag left unset (``None``) never overrides anything.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import yaml
 from storage import UserError
 from storage.location import written_whole
 
-from . import settings_check
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -36,7 +35,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def recipe(name: str) -> dict:
-    """A YAML recipe shipped in configs/ (``methods/kd``, ``demo``); empty when there is none."""
+    """A YAML recipe shipped in configs/ (``demo``, ``vanillakd_a2``); empty when there is none."""
     path = CONFIG_DIR / f"{name}.yaml"
     return load_yaml(path) if path.is_file() else {}
 
@@ -68,12 +67,6 @@ def merge(*layers: dict) -> dict:
             else:
                 out[key] = value
     return out
-
-
-def build(cls, settings: dict, where: str):
-    """A dataclass from a settings dict: unknown keys refused with the known ones listed, and every value
-    checked against its declaration in ``settings_check`` (type and range), whether it came from a flag or YAML."""
-    return cls(**settings_check.check_fields(cls, settings, where))
 
 
 def dump(config: dict) -> str:

@@ -15,6 +15,8 @@ usual student beside its widened dynamic teacher.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -28,15 +30,19 @@ import torch
 from stages.cache import stats
 from stages.cache.teacher_rows import output_info
 from stages.data.datasets import open_dataset
-from stages.training.distill import TrainSettings, train
-from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
+from stages.settings import build
+from stages.training.distill import train
+from stages.training.job import DistillJob, OnlineTeacher, build_distill
+from stages.training.settings import TrainSettings
 from stages.teachers.extract import TeacherRunner, extract, teacher_info
-from stages.cache.store_setup import open_store, stored_plan
-from stages.methods import method_class
-from stages.data.replay import DrawnViews, StoredViews
+from stages.cache.store_setup import open_store
+from stages.methods import list_methods, method_class
+from stages.data.replay import DrawnViews
 from stages.teachers.teachers import TeacherSpec, build_teacher, register_teacher
 from stages.data.views import ViewPlan, ViewRecipe
-from storage import Store
+
+from storage import Location, Store
+from storage.location import written_whole
 
 from . import config
 from .report import plot_runs
@@ -46,50 +52,46 @@ log = logging.getLogger("pipeline")
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default: teacher, cache, scratch vs distilled students on digits")
-    p.add_argument("--out", default="runs/demo", help="where the teacher, store and students go (default: runs/demo)")
+    p.add_argument("--out", help="where the teacher, store and students go; a second run reuses the teacher and store that still match "
+                   "(default: runs/demo, runs/demo-METHOD for another --method)")
     p.add_argument("--seeds", type=int, help="student seeds of the partial-label rows; the full-label control uses one (default: 3, from configs/demo.yaml)")
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml; cospress 15, gpd 10)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 15)")
-    p.add_argument("--method", default="kd", help="distillation method of the distilled rows: kd, dkd, dist, kdpp, srd, cospress, gpd (default: kd)")
-    p.add_argument("--loader-workers", type=int, default=0, help="loader processes rendering views (default: 0)")
+    p.add_argument("--method", default="kd", help=f"distillation method of the distilled rows: {', '.join(m for m in list_methods() if m != 'ce')} (default: kd)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> None:
     cfg = config.recipe("demo")
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo" if args.method == "kd" else f"runs/demo-{args.method}"))  # each variant its own teacher and store
     seeds = list(range(args.seeds)) if args.seeds else cfg["seeds"]
     fraction = cfg["label_fraction"] if args.label_fraction is None else args.label_fraction
     size = cfg["size"]
     data, val = open_dataset(cfg["data"]), open_dataset(cfg["data"], "val")
-    recipe = config.build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
-    common = {"size": size, "loader_workers": args.loader_workers}
+    recipe = build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
+    common = {"size": size, "workers": args.workers}
     method = args.method
     # A method's own teacher, student and cache sections replace the defaults' keys (student_kwargs whole).
     own = cfg.get("methods", {}).get(method, {})
     teacher_settings = TrainSettings(**config.merge({**cfg["teacher"], **own.get("teacher", {})}, {"epochs": args.teacher_epochs}, common), method="ce")
     student_base = config.merge({**cfg["student"], **own.get("student", {})}, {"epochs": args.epochs}, common)
     cache_cfg = {**cfg["cache"], **own.get("cache", {})}
-    method_args = config.merge(config.recipe(f"methods/{method}").get("method_args", {}), cfg["method_args"].get(method, {}))
+    method_args = cfg["method_args"].get(method, {})  # over the method's own defaults (the paper's), for a few epochs on digits
     needs = method_class(method).needs
     config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_run": teacher_settings})
 
-    log.info("demo 1/4: fitting teacher %s on %s (%d images, all labels)", teacher_settings.student, cfg["data"], len(data))
-    t0 = time.perf_counter()
-    teacher_acc = fit_teacher(teacher_settings, data, val, recipe, out / "teacher")
-    teacher_fit_s = time.perf_counter() - t0
-
-    log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], out / "store")
+    teacher_acc, teacher_fit_s = fitted_teacher(teacher_settings, data, val, recipe, out / "teacher")
     teacher = build_teacher(_teacher_name(teacher_settings), weights=str(out / "teacher" / "model.safetensors"), input_size=size)
-    store, extracted = cache_teacher(teacher, data, recipe, cache_cfg, size, out / "store", needs, args.loader_workers)
+    store, extracted = cache_teacher(teacher, data, recipe, cache_cfg, size, out, needs, args.workers)
 
     control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
     runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", method) for seed in run_seeds]
     jobs = [
         {
-            "store": str(store.path),
-            "settings": TrainSettings(**student_base, method=name, method_args=method_args if name != "ce" else {}, seed=seed, label_fraction=frac),
+            "job": DistillJob(str(store.path), TrainSettings(**student_base, method=name, method_args=method_args if name != "ce" else {}, seed=seed,
+                                                             label_fraction=frac), teacher_id="teacher").to_dict(),
             "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
         }
         for frac, name, seed in runs
@@ -100,8 +102,10 @@ def run_demo(args) -> None:
     log.info("demo 3/4: curves of every student run -> %s", picture)
 
     log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
-    timing = TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction)
-    cache_s, online_s = time_epochs(timing, store, data, teacher, needs)
+    timing = DistillJob(str(store.path), TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction),
+                        teacher_id="teacher")
+    online = OnlineTeacher(teacher.spec.name, weights=str(out / "teacher" / "model.safetensors"), size=size)
+    cache_s, online_s = time_epochs(timing, online)
 
     print_table(
         data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
@@ -110,11 +114,38 @@ def run_demo(args) -> None:
     )
 
 
-def fit_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: Path) -> float:
-    """Step 1: the teacher, supervised on every label, a fresh view per epoch from its own plan; its val top-1."""
-    fit_plan = ViewPlan(recipe, seed=1)
+def fitted_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: Path) -> tuple[float, float]:
+    """Step 1: the teacher, supervised on every label, a fresh view per epoch from its own plan: (val top-1, seconds).
+
+    A teacher fitted before in ``out`` with the same settings is reused (its ``fit.json`` says how it was made)."""
+    key = _plain({"settings": dataclasses.asdict(settings), "views": recipe.to_dict(), "data": data.source})
+    saved = _read_json(out / FIT_RECORD)
+    if saved.get("key") == key and (out / "model.safetensors").is_file():
+        log.info("demo 1/4: reusing the teacher in %s (fitted before with the same settings)", out)
+        return saved["val_top1"], saved["seconds"]
+    if saved:
+        log.info("demo 1/4: replacing the teacher in %s, which was fitted with other settings", out)
+    log.info("demo 1/4: fitting teacher %s on %s (%d images, all labels)", settings.student, data.source, len(data))
+    start, fit_plan = time.perf_counter(), ViewPlan(recipe, seed=1)
     fitted = train(settings, data, val, DrawnViews(fit_plan, data, settings.epochs), fit_plan, out_dir=out, weights_name="model.safetensors")
-    return fitted.metrics[-1]["val_top1"]
+    record = {"key": key, "val_top1": fitted.metrics[-1]["val_top1"], "seconds": time.perf_counter() - start}
+    with written_whole(out / FIT_RECORD) as tmp:
+        tmp.write_text(json.dumps(record))
+    return record["val_top1"], record["seconds"]
+
+
+FIT_RECORD, CACHE_RECORD = "fit.json", "cache.json"  # how the demo's teacher and store were made: a rerun reuses what matches
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _teacher_name(settings: TrainSettings) -> str:
@@ -126,11 +157,22 @@ def _teacher_name(settings: TrainSettings) -> str:
     return name
 
 
-def cache_teacher(teacher, data, recipe: ViewRecipe, cache_cfg: dict, size: int, where: Path, needs, workers: int):
-    """Step 2, stage one: the teacher's outputs over recorded views, into a store (with statistics for feature methods)."""
+def cache_teacher(teacher, data, recipe: ViewRecipe, cache_cfg: dict, size: int, out: Path, needs, workers: int):
+    """Step 2, stage one: the teacher's outputs over recorded views, into OUT/store (with statistics for feature methods).
+
+    A store made before for this teacher, plan and cache settings is reused (extraction skips its committed
+    units); one made for another is replaced, with a line saying so."""
+    where, key = out / "store", _plain({"weights": teacher.weights, "views": recipe.to_dict(), "cache": cache_cfg, "size": size})
+    saved = _read_json(out / CACHE_RECORD)
+    if Store.exists(where) and saved.get("key") != key:
+        log.info("demo 2/4: replacing the store in %s, made for another teacher or other cache settings", where)
+        Location(str(where)).remove_tree()
+    log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], where)
     info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"], outputs=cache_cfg.get("outputs")))
     store = open_store(where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size)
     extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=workers)
+    with written_whole(out / CACHE_RECORD) as tmp:
+        tmp.write_text(json.dumps({"key": key}))
     if "features" in needs:
         stats.write_stats(store, "teacher", data.labels)
     return store, extracted
@@ -149,14 +191,10 @@ def student_runs(runs: list[tuple], jobs: list[dict]) -> dict:
     return rows
 
 
-def time_epochs(timing: TrainSettings, store: Store, data, teacher, needs) -> tuple[float, float]:
+def time_epochs(timing: DistillJob, online: OnlineTeacher) -> tuple[float, float]:
     """Step 4, the price of not caching: seconds of one epoch from the cache and one with the teacher live."""
-    plan = stored_plan(store)
-    cached = CachedTeacher(store, "teacher", needs)
-    views = StoredViews(store, plan, cached.num_views)
-    live = LiveTeacher(teacher, needs, class_means=cached.class_means())
-    cache_s = train(timing, data, None, views, plan, cached).metrics[0]["seconds"]
-    online_s = train(timing, data, None, views, plan, live).metrics[0]["seconds"]
+    cache_s = build_distill(timing).train().metrics[0]["seconds"]
+    online_s = build_distill(dataclasses.replace(timing, online=online)).train().metrics[0]["seconds"]
     return cache_s, online_s
 
 
@@ -167,15 +205,8 @@ def _quiet_worker(processes: int) -> None:
 
 
 def _student_run(job: dict) -> float:
-    """One student run in a worker process: reopen the store, train, return validation top-1."""
-    store = Store(job["store"])
-    plan = stored_plan(store)
-    settings: TrainSettings = job["settings"]
-    data, val = open_dataset(store.meta["dataset"]["source"]), open_dataset(store.meta["dataset"]["source"], "val")
-    needs = method_class(settings.method).needs
-    cached = CachedTeacher(store, "teacher", needs) if needs else None
-    views = StoredViews(store, plan, cached.num_views if cached else None)
-    return train(settings, data, val, views, plan, cached, out_dir=job["out"]).metrics[-1]["val_top1"]
+    """One student run in a worker process: build its distill job, train, return validation top-1."""
+    return build_distill(DistillJob.from_dict(job["job"])).train(out_dir=job["out"]).metrics[-1]["val_top1"]
 
 
 def _params(model) -> str:
@@ -207,7 +238,9 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
     for name, labels, top1, wins in table:
         print(f"{name:<{first}}{labels:>12}{top1:>22}{wins:>16}")
     print()
-    print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / extracted.seconds:,.0f} views/s)")
+    made = (f"{extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / max(extracted.seconds, 1e-9):,.0f} views/s)" if extracted.units
+            else f"reused ({extracted.skipped} units committed by an earlier run)")
+    print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {made}")
     print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")
     print()
     print(

@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 
-from stages.data.datasets import ImageDataset
+from stages.data.datasets import ImageDataset, list_datasets
 from stages.data.views import ViewRecipe
+from stages.settings import build
 from stages.teachers.teachers import build_teacher
+from stages.training.job import default_teacher_id as teacher_id_of  # noqa: F401  (extract names its teacher id with it)
 from storage import UserError
 
 from . import config
+from .settings_check import add_setting_flags, flag_type, settings_from_args
 
+def data_help(what: str = "training data") -> str:
+    """--data's help, naming the kinds of source the dataset registry holds."""
+    return f"{what}: {', '.join(list_datasets())} (wds: tar shards, local or at a URL such as s3://bucket/train-{{0000..0099}}.tar)"
+
+
+VAL_DATA_HELP = "validation data for sources without their own split: folder:PATH with the same class folders, or wds:PATTERN (default: digits and fake have their own split; none for folders and shards)"
 
 RAY_ADDRESS_HELP = "Ray cluster to join, HOST:PORT, ray://HOST:PORT, or auto for the one `ray start` runs on this machine"
 
-
 def view_flags(p: argparse.ArgumentParser) -> None:
-    d = ViewRecipe()
+    """One flag per view setting (``ViewRecipe``'s declarations), and the plan's seed."""
     g = p.add_argument_group("views (fixed when a store is created; an existing store keeps its own)")
-    g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help=f"RandomResizedCrop area range (default: {d.scale[0]} {d.scale[1]})")
-    g.add_argument("--ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help=f"RandomResizedCrop aspect range (default: {d.ratio[0]:.4g} {d.ratio[1]:.4g})")
-    g.add_argument("--hflip", type=float, help=f"horizontal flip probability (default: {d.hflip})")
-    g.add_argument("--eval-crop", type=float, help=f"centre-crop fraction of evaluation views (default: {d.eval_crop})")
-    g.add_argument("--plan-seed", type=int, help="seed of the view plan (default: 0)")
+    add_setting_flags(g, ViewRecipe)
+    g.add_argument("--plan-seed", type=flag_type("plan_seed"), help="seed of the view plan (default: 0)")
 
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
     file = config.load_yaml(args.config).get("views", {}) if args.config else {}
-    flags = {"scale": args.scale, "ratio": args.ratio, "hflip": args.hflip, "eval_crop": args.eval_crop}
-    return config.build(ViewRecipe, config.merge((base or ViewRecipe()).to_dict(), file, flags), args.config or "view flags")
+    merged = config.merge((base or ViewRecipe()).to_dict(), file, settings_from_args(args, ViewRecipe))
+    return build(ViewRecipe, merged, args.config or "view flags")
 
 def teacher_flags(g, seed_flag: str) -> None:
     g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher)")
@@ -60,6 +64,3 @@ def local_device(flag: str | None) -> str:
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but this machine has no Apple GPU: use --device cpu")
     return device
-
-def teacher_id_of(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

@@ -1,8 +1,10 @@
 """The Ray Tune side of `pipeline sweep`: the trial function, a line per trial event, a fresh start or Tune's restore.
 
-A trial runs ``pipeline distill`` in its Tune process (``--workers 0``: no Ray
-of its own) and reports every epoch line through ``on_epoch`` to
-``tune.report``, which is what ASHA stops on. Trial folders are
+A trial builds its ``DistillJob`` from the sweep's settings and its own values
+(``sweep_spec.trial_job``) and trains it in its Tune process as an in-process
+distill run does (``distill_command.distill_here``: no Ray Train), reporting
+every epoch line through ``on_epoch`` to ``tune.report``, which is what ASHA
+stops on. Trial folders are
 ``--out/<trial>``; Tune's experiment state lives in ``--out`` itself, so the
 same command after a killed driver finds it (``Tuner.can_restore``) and
 continues (``Tuner.restore``). Tune saves that state only every ten seconds or
@@ -16,11 +18,9 @@ which it removes once it has ended.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,7 +31,8 @@ from storage import Location, UserError
 
 from . import ray_env
 from .resume import CHECKPOINT
-from .sweep import SweepSpec, TrialNamer, describe, distill_argv, read_record, trial_settings, write_record, write_trial_settings
+from .distill_command import distill_here, result_line, run_record
+from .sweep_spec import SweepSpec, TrialNamer, describe, read_record, rerun_command, trial_job, trial_settings, write_record, write_trial_settings
 
 log = logging.getLogger("pipeline")
 
@@ -54,8 +55,8 @@ def _with_metric(line: dict, metric: str) -> dict:
     return {**line, metric: line.get(metric, float("nan"))}
 
 
-def finished_before(record: dict, argv: list[str], settings: dict) -> bool:
-    return record.get("status") == "finished" and record.get("argv") == argv and record.get("settings") == _plain(settings)
+def finished_before(record: dict, job: dict, settings: dict) -> bool:
+    return record.get("status") == "finished" and record.get("job") == job and record.get("settings") == _plain(settings)
 
 
 def _trial_logging() -> None:
@@ -71,56 +72,57 @@ def _trial_logging() -> None:
 
 
 def run_trial(params: dict, job: dict) -> None:
-    """One Tune trial: ``pipeline distill`` with the sweep's settings and this trial's ``params``, each epoch reported."""
+    """One Tune trial: the distill run of the sweep's settings with this trial's ``params``, each epoch reported."""
     import torch
 
-    from .distill_command import distill_command, train_settings
-    from .sweep import parse_distill
     from stages.training.run_metrics import read_metrics
 
     out = Path(job["out"]) / Path(tune.get_context().get_trial_dir()).name
     settings = trial_settings(job["fixed"], params)
-    argv = distill_argv(job, settings, out)
+    trial = trial_job(job, settings, f"trial {describe(params)}")
+    key = _plain(trial.to_dict())
     previous = read_record(out)
-    if finished_before(previous, argv, settings):
+    if finished_before(previous, key, settings):
         for line in read_metrics(out):  # Tune (and ASHA) see its epochs again; nothing is trained or written
             tune.report(_with_metric(line, job["metric"]))
         return
     # A trial whose process was killed mid-run (with the driver) continues after its last finished epoch.
-    resume = previous.get("argv") == argv and (out / CHECKPOINT).is_file()
+    resume = previous.get("job") == key and (out / CHECKPOINT).is_file()
     write_trial_settings(settings, out)
-    record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "argv": argv,
-              "command": "pipeline " + shlex.join(argv), "started": time.time(), "pid": os.getpid()}
+    record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "job": key,
+              "command": rerun_command(trial, out, job["device"]), "started": time.time(), "pid": os.getpid()}
     write_record(out, record)
     _trial_logging()
     torch.set_num_threads(job["threads"])
-    start, printed, last = time.perf_counter(), io.StringIO(), []
+    start, last = time.perf_counter(), []
+
+    def on_epoch(line: dict) -> None:
+        # Tune may end a trial inside any report (ASHA at max_t too): the last epoch is reported only once
+        # the student is saved and the record says finished.
+        if line.get("epoch", 0) < trial.train.epochs:
+            tune.report(_with_metric(line, job["metric"]))
+        else:
+            last.append(_with_metric(line, job["metric"]))
+
     try:
-        args = parse_distill([*argv, "--resume"] if resume else argv)
-        epochs = train_settings(args).epochs
-
-        def on_epoch(line: dict) -> None:
-            # Tune may end a trial inside any report (ASHA at max_t too): the last epoch is reported only once
-            # distill has saved the student and the record says finished.
-            if line.get("epoch", 0) < epochs:
-                tune.report(_with_metric(line, job["metric"]))
-            else:
-                last.append(_with_metric(line, job["metric"]))
-
-        with contextlib.redirect_stdout(printed):  # distill's result line: the record keeps it, the driver prints its own
-            distill_command(args, on_epoch=on_epoch)
+        result = distill_here(trial, out, device=job["device"], resume=resume, on_epoch=on_epoch,
+                              record=run_record(trial, device=job["device"], sweep=job["out"]))
     except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
-        write_record(out, {**record, "status": "stopped early", "seconds": time.perf_counter() - start, "ended": time.time()})
-        (out / CHECKPOINT).unlink(missing_ok=True)  # an ended trial is never continued: keep the sweep's folder lean
+        _ended(out, record, "stopped early", start)
         raise
     except Exception as e:
-        write_record(out, {**record, "status": "error", "error": one_line(e), "seconds": time.perf_counter() - start, "ended": time.time()})
+        _ended(out, record, "error", start, error=one_line(e))
         raise
-    write_record(out, {**record, "status": "finished", "seconds": time.perf_counter() - start, "ended": time.time(),
-                       "result": printed.getvalue().strip()})
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    _ended(out, record, "finished", start, result=result_line(trial, result))
     for line in last:
         tune.report(line)
+
+
+def _ended(out: Path, record: dict, status: str, start: float, **more) -> None:
+    """The trial's record says how it ended; an ended trial is never continued, so its checkpoint goes (a lean sweep folder)."""
+    write_record(out, {**record, "status": status, "seconds": time.perf_counter() - start, "ended": time.time(), **more})
+    if status != "error":
+        (out / CHECKPOINT).unlink(missing_ok=True)
 
 
 class TrialLines(tune.Callback):

@@ -1,8 +1,8 @@
 """Distillation on Ray Train: ``stages.distill.train`` in N DDP workers, a checkpoint every epoch.
 
-The driver resolves and checks everything, then hands each worker a plain dict
-(paths, names, settings); a worker opens the store and its own teacher rows,
-builds the student and trains on its share of every epoch's units (DDP: gloo
+The driver resolves and checks everything, then hands each worker the run's
+``DistillJob`` as a plain dict; a worker builds it (``build_distill``: the store,
+its own teacher rows, the student) and trains on its share of every epoch's units (DDP: gloo
 on CPUs, NCCL on GPUs). After each epoch rank 0 writes a checkpoint (the whole
 training state plus the metrics so far) and every rank reports, so a failed
 worker restarts the run from the last epoch (FailureConfig) and ``--resume``
@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from stages.training.job import DistillJob, build_distill
 from storage import Location, UserError
 
 from . import ray_env
@@ -30,27 +31,15 @@ log = logging.getLogger("pipeline")
 RUN_NAME = "distill"  # one run per --out, so --resume finds it by name
 
 
-def train_loop_per_worker(job: dict) -> None:
-    """One Ray Train worker: open the inputs named in ``job``, restore the last checkpoint if any, train."""
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build the run ``config["job"]`` describes, restore the last checkpoint if any, train."""
     import ray.train
     import torch
 
-    from stages.data.datasets import open_dataset, validation_data
-    from stages.training.distill import EpochHooks, TrainSettings, train
-    from stages.cache.store_setup import stored_plan
-    from stages.methods import method_class
-    from stages.data.replay import StoredViews
-    from stages.teachers.teacher_sources import cached_teacher
-    from storage import Store
-
-
-    settings = TrainSettings(**job["settings"])
-    store = Store(job["store"])
-    plan = stored_plan(store)
-    dataset, val = open_dataset(job["data"]), validation_data(job["data"], job["val_data"])
-    teacher = cached_teacher(store, job["teacher"], job["teacher_weights"], method_class(settings.method).needs)
-    views = StoredViews(store, plan, job["num_views"])
-    device = ray.train.torch.get_device() if job["gpus_per_worker"] else torch.device("cpu")
+    from stages.training.distill import EpochHooks
+    job = DistillJob.from_dict(config["job"])
+    device = ray.train.torch.get_device() if config["gpus_per_worker"] else torch.device("cpu")
+    run = build_distill(job, device)
     rank = ray.train.get_context().get_world_rank()
     # Rank 0 speaks for the run: its progress and epoch lines reach the driver's console through Ray.
     for name in ("stages", "pipeline"):
@@ -73,13 +62,13 @@ def train_loop_per_worker(job: dict) -> None:
             saved = None
             if rank == 0:  # DDP keeps the replicas equal: one copy is the checkpoint
                 torch.save(state, Path(tmp) / "state.pt")
-                run = {"starts": starts, "metrics": state["metrics"], "settings": job["settings"], "student": state["student"]}
+                run = {"starts": starts, "metrics": state["metrics"], "settings": job.run_record(), "student": state["student"]}
                 (Path(tmp) / "run.json").write_text(json.dumps(run))
                 saved = ray.train.Checkpoint.from_directory(tmp)
             # Every rank reports (a barrier); result.metrics keeps only metrics reported with a checkpoint.
             ray.train.report(line, checkpoint=saved, checkpoint_dir_name=f"epoch-{line['epoch']:04d}")
 
-    train(settings, dataset, val, views, plan, teacher, hooks=EpochHooks(state, save), device=device)
+    run.train(hooks=EpochHooks(state, save), device=device)
 
 
 def latest_checkpoint(run_dir: Location) -> Location | None:
@@ -91,7 +80,7 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
 
 
 def distill_on_ray(
-    job: dict, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
+    job: DistillJob, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
     checkpoints: str | None = None, on_start=None,
 ):
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
@@ -105,11 +94,11 @@ def distill_on_ray(
         last = latest_checkpoint(run_dir)
         if last is None:
             raise UserError(f"no checkpoint to resume under {run_dir}: run without --resume to start")
-        check_same_run((last / "run.json").read_json()["settings"], job["settings"])
+        check_same_run((last / "run.json").read_json()["settings"], job.run_record())
         log.info("resuming the run in %s from its checkpoint %s", run_dir, last.name)
     ray_env.connect(address)
     ray_env.require_gpus(gpus_per_worker, workers)
-    ray_env.check_visible(Location(job["store"]), "store")
+    ray_env.check_visible(Location(job.store), "store")
     made = not storage.exists()
     storage.makedirs()
     try:
@@ -124,7 +113,7 @@ def distill_on_ray(
         (out / stale).unlink(missing_ok=True)
     if on_start is not None:  # every check passed: the run's own files (config.yaml, run.log) may be written now
         on_start()
-    trainer = _trainer({**job, "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
+    trainer = _trainer({"job": job.to_dict(), "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
     start = time.perf_counter()
     try:
         result = trainer.fit()

@@ -215,6 +215,9 @@ class Mapping(Check):
 class Jitter(Check):
     what = "one number >= 0, or 3 or 4 of them (brightness, contrast, saturation[, hue <= 0.5])"
 
+    def parse(self, text):
+        return [float(v) for v in text.split(",")] if "," in text else float(text)  # --color-jitter 0.4 or 0.4,0.4,0.4
+
     def check(self, value):
         if isinstance(value, (list, tuple)):
             values = [NON_NEGATIVE.check(v) for v in value]

@@ -44,6 +44,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from storage import ArraySpec, UserError
 
+from ..settings import NON_NEGATIVE, POSITIVE, PROB, Choice, Float, Int, Jitter, Optional, Seq, Text, check_fields, setting
+
 # -- counter-based uniforms ------------------------------------------------------------------
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -620,37 +622,30 @@ _ADDED = (
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """How views are drawn. Saved in the store; two stores agree only if recipes and seeds do.
+    """How views are drawn, timm's training transforms as recorded ops. Saved in the store; two stores agree only
+    if recipes and seeds do. Each field is declared once here: its check, its help (the flags and YAML keys of
+    every command derive from it, ``stages.settings``)."""
 
-    ``randaugment``: timm's ``rand-m9-mstd0.5[-inc1]`` string. ``ra_interpolation``:
-    the resampling of its geometric ops, 'random' (timm's training default:
-    bilinear or bicubic per op, recorded), 'bilinear' or 'bicubic'.
-    ``color_jitter``: one float or (brightness, contrast, saturation[, hue]); timm
-    turns jitter off when RandAugment is on, so leave it None to match timm.
-    ``erase_prob``/``erase_area``/``erase_aspect``: timm's RandomErasing (one box).
-    ``mixup_alpha``/``cutmix_alpha``/``mix_prob``/``mix_switch_prob``: timm's Mixup.
-    ``fill``: the uint8 colour of pixels uncovered by RandAugment and of erased
-    boxes (the ImageNet mean, as timm's training transforms use it).
-    ``eval_crop``/``eval_interpolation``: the centre crop of evaluation views
-    and how it is resized (timm's ``crop_pct`` and ``interpolation``).
-    """
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    eval_crop: float = 0.875  # centre-crop fraction for evaluation views
-    eval_interpolation: str = "bilinear"  # how evaluation crops are resized: bilinear or bicubic (timm's RSB A1/A2 eval)
-    randaugment: str | None = None
-    ra_interpolation: str = "random"
-    color_jitter: float | tuple[float, ...] | None = None
-    erase_prob: float = 0.0
-    erase_area: tuple[float, float] = (0.02, 1 / 3)
-    erase_aspect: tuple[float, float] = (0.3, 1 / 0.3)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    mix_switch_prob: float = 0.5
-    fill: tuple[int, int, int] = (124, 116, 104)
+    scale: tuple[float, float] = setting((0.08, 1.0), Seq(Float(0.0, 1.0, lo_open=True)), "RandomResizedCrop area range")
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), Seq(POSITIVE), "RandomResizedCrop aspect range", show_default="0.75 1.333")
+    hflip: float = setting(0.5, PROB, "horizontal flip probability")
+    eval_crop: float = setting(0.875, Float(0.0, 1.0, lo_open=True), "centre-crop fraction of evaluation views (timm's crop_pct)")
+    eval_interpolation: str = setting("bilinear", Choice(INTERPOLATIONS), "how evaluation crops are resized (timm's RSB A1/A2 evaluate bicubic)")
+    randaugment: str | None = setting(None, Optional(Text()), "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1", show_default="off")
+    ra_interpolation: str = setting(
+        "random", Choice(("random", *INTERPOLATIONS)), "resampling of RandAugment's geometric ops: random (timm's: one of the two per op, recorded), bilinear, bicubic"
+    )
+    color_jitter: float | tuple[float, ...] | None = setting(
+        None, Optional(Jitter()), "colour jitter: one value, or B,C,S[,H] (brightness, contrast, saturation, hue); timm turns it off under RandAugment", show_default="off"
+    )
+    erase_prob: float = setting(0.0, PROB, "timm's RandomErasing probability (one box, constant fill)")
+    erase_area: tuple[float, float] = setting((0.02, 1 / 3), Seq(Float(0.0, 1.0, lo_open=True, hi_open=True)), "RandomErasing area range", show_default="0.02 0.333")
+    erase_aspect: tuple[float, float] = setting((0.3, 1 / 0.3), Seq(POSITIVE), "RandomErasing aspect range", show_default="0.3 3.333")
+    mixup_alpha: float = setting(0.0, NON_NEGATIVE, "timm's Mixup alpha; 0 turns mixup off")
+    cutmix_alpha: float = setting(0.0, NON_NEGATIVE, "timm's CutMix alpha; 0 turns cutmix off")
+    mix_prob: float = setting(1.0, PROB, "share of views that mix, when mixup or cutmix is on")
+    mix_switch_prob: float = setting(0.5, PROB, "share of mixing views that use cutmix when both are on")
+    fill: tuple[int, int, int] = setting((124, 116, 104), Seq(Int(0, 255), n=3, ordered=False), "uint8 colour of uncovered and erased pixels (the ImageNet mean)")
 
     def __post_init__(self):
         # YAML and JSON give lists; the recipe holds tuples so that it stays hashable and comparable.
@@ -658,31 +653,21 @@ class ViewRecipe:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        self.ops()  # validate now: a bad setting fails at set-up, not in a loader worker
+        # Every field against its one declaration, however the recipe was made (YAML, flags, Python, a store):
+        # a bad setting fails at set-up, not in a loader worker.
+        check_fields(ViewRecipe, {f.name: getattr(self, f.name) for f in dataclass_fields(self)}, "the view recipe")
+        self.ops()  # and what only an op can check: the RandAugment string
 
     def ops(self) -> list[ViewOp]:
-        if self.eval_interpolation not in INTERPOLATIONS:
-            raise UserError(f"eval_interpolation '{self.eval_interpolation}': use bilinear or bicubic")
         ops: list[ViewOp] = [RandomResizedCrop(self.scale, self.ratio), HorizontalFlip(self.hflip)]
         if self.randaugment:
-            if self.ra_interpolation not in ("random", *INTERPOLATIONS):
-                raise UserError(f"ra_interpolation '{self.ra_interpolation}': use random, bilinear or bicubic")
             ops.append(RandAugment(self.randaugment, self.fill, self.ra_interpolation))
         if self.color_jitter is not None and any(normalise_jitter(self.color_jitter)):
             ops.append(ColorJitter(self.color_jitter))
-        for name in ("erase_prob", "mix_prob", "mix_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"{name} {getattr(self, name)} must be a probability in [0, 1]")
         if self.erase_prob > 0:
-            if not (0 < self.erase_area[0] <= self.erase_area[1] < 1 and 0 < self.erase_aspect[0] <= self.erase_aspect[1]):
-                raise UserError(f"erase_area {self.erase_area} must lie in (0, 1) and erase_aspect {self.erase_aspect} be > 0, each (min, max)")
             ops.append(RandomErasing(self.erase_prob, self.erase_area, self.erase_aspect, self.fill))
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise UserError(f"mixup_alpha {self.mixup_alpha} and cutmix_alpha {self.cutmix_alpha} must be >= 0 (0 turns one off)")
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0:
             ops.append(MixupCutmix(self.mixup_alpha, self.cutmix_alpha, self.mix_prob, self.mix_switch_prob))
-        if len(self.fill) != 3 or not all(0 <= int(v) <= 255 for v in self.fill):
-            raise UserError(f"fill {self.fill} must be three uint8 values (R, G, B)")
         return ops
 
     def augments(self) -> bool:

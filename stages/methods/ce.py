@@ -1,4 +1,7 @@
-"""Cross-entropy on labels alone: the from-scratch baseline and plain supervised training."""
+"""Cross-entropy on labels alone: the from-scratch baseline and plain supervised training.
+
+Labels only: training from scratch, the baseline every distillation run is compared with.
+"""
 
 from __future__ import annotations
 

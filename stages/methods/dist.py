@@ -1,4 +1,13 @@
-"""DIST (Huang et al., 2022), one of VanillaKD's baselines."""
+"""DIST (Huang et al., 2022), one of VanillaKD's baselines.
+
+DIST: Knowledge Distillation from A Stronger Teacher (Huang, You, Wang, Qian & Xu, NeurIPS 2022), a baseline
+in VanillaKD. CE + tau^2 (beta * inter-class + gamma * intra-class relation loss), Pearson correlation of
+softmax(./tau). kd_weight: 1 is VanillaKD's DIST baseline, the value used here; DIST's own ImageNet runs
+weight the DIST term 2 (pass --method-arg kd_weight=2 for them).
+
+The defaults below are the paper's (VanillaKD's for its baselines); ``--method-arg KEY=VALUE`` or a recipe's
+``method_args:`` change them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""Decoupled KD (Zhao et al., 2022), one of VanillaKD's baselines."""
+"""Decoupled KD (Zhao et al., 2022), one of VanillaKD's baselines.
+
+Decoupled Knowledge Distillation (Zhao, Cui, Song, Qiu & Liang, CVPR 2022), a baseline in VanillaKD. CE +
+alpha * TCKD + beta * NCKD at temperature T. beta: 2 is VanillaKD's DKD baseline (Hao et al., 2023), the value
+used here; DKD's own ImageNet ResNet-34 -> ResNet-18 run uses beta 0.5 (and 2 for ResNet-50 -> MobileNet):
+pass --method-arg beta=0.5 for it.
+
+The defaults below are the paper's (VanillaKD's for its baselines); ``--method-arg KEY=VALUE`` or a recipe's
+``method_args:`` change them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""Vanilla KD (Hinton et al., 2015) at scale, as VanillaKD (Hao et al., 2023) trains it."""
+"""Vanilla KD (Hinton et al., 2015) at scale, as VanillaKD (Hao et al., 2023) trains it.
+
+Vanilla knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network"):
+ce_weight * CE(labels) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)).
+
+The defaults below are the paper's (VanillaKD's for its baselines); ``--method-arg KEY=VALUE`` or a recipe's
+``method_args:`` change them.
+"""
 
 from __future__ import annotations
 

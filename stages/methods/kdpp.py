@@ -1,4 +1,13 @@
-"""KD++ (Wang et al., 2023): feature norm and direction with the teacher's class means."""
+"""KD++ (Wang et al., 2023): feature norm and direction with the teacher's class means.
+
+KD++: Improving Knowledge Distillation via Regularizing Feature Norm and Direction (Wang et al., 2023). CE +
+alpha * KD(T) + beta * L_nd; needs the teacher's class means (`pipeline stats --store STORE`). Pair defaults
+from the paper: R34->R18 alpha 2.5 beta 1; R50->R18 alpha 4 beta 1; R152->R18 alpha 4 beta 2. The KD weight
+ramps linearly from 0 over warmup_epochs (5, ImageNet's).
+
+The defaults below are the paper's (VanillaKD's for its baselines); ``--method-arg KEY=VALUE`` or a recipe's
+``method_args:`` change them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""The projector + BatchNorm + LogSum recipe (Miles & Mikolajczyk, 2024)."""
+"""The projector + BatchNorm + LogSum recipe (Miles & Mikolajczyk, 2024).
+
+Understanding the Role of the Projector in Knowledge Distillation (Miles & Mikolajczyk, AAAI 2024): student
+feature -> Linear -> BatchNorm (no affine, eps 1e-4), teacher feature -> BatchNorm (no affine); total = CE + 2
+* log(sum |difference|^4) + KL at T = 1.
+
+The defaults below are the paper's (VanillaKD's for its baselines); ``--method-arg KEY=VALUE`` or a recipe's
+``method_args:`` change them.
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby, islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +35,7 @@ from ..methods import Method, Targets, create_method, method_class, method_conte
 from .precision import Precision
 from ..progress import Progress
 from .run_metrics import RunMetrics
+from .settings import TrainSettings
 from ..data.replay import (
     StoredViews,
     Table,
@@ -55,41 +56,6 @@ from ..teachers.teacher_sources import TeacherSource
 from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainSettings:
-    student: str = "resnet18"
-    student_kwargs: dict = field(default_factory=dict)
-    size: int | None = None  # student input size; None: the plan's size
-    method: str = "kd"
-    method_args: dict = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 64  # per worker (timm's meaning of --batch-size); a recipe states global_batch instead
-    global_batch: int | None = None  # over all workers: batch_size x workers (``resolve_batch``); None: not stated
-    repeats: int = 1  # repeated augmentation: each sample R times per epoch, with R different stored views
-    optimizer: str = "adamw"  # any timm optimizer: adamw, lamb, sgd, ...
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.05  # not applied to biases and norm layers (timm's default filter)
-    schedule: str = "cosine"  # cosine (per step), or step (x lr_gamma at each of lr_milestones epochs)
-    lr_milestones: list = field(default_factory=list)
-    lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    drop_path: float | None = None  # stochastic depth of the student; None: the model's default
-    seed: int = 0
-    label_fraction: float = 1.0  # share of samples whose label the student may use
-    label_seed: int = 0
-    window_rows: int = 16384  # rows shuffled together in memory (whole blocks)
-    loader_workers: int = 0  # loader processes rendering views
-    verify: str = "sample"  # replayed views checked against stored fingerprints: all, sample, none
-    amp: str | None = None  # autocast of the step: bf16, or fp16 with a gradient scaler (CUDA); None: float32
-    channels_last: bool = False  # NHWC student and inputs: faster convolutions on tensor cores
-    clip_grad: float | None = None  # largest gradient norm; None: no clipping
-    model_ema: float | None = None  # decay of an EMA of the student (timm ModelEmaV3), evaluated and saved beside it
-    compile: bool = False  # torch.compile the student's forward
 
 
 @torch.no_grad()
@@ -377,7 +343,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plan_size = views.store.meta["plan"]["size"] if isinstance(views, StoredViews) else None
+    plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     cfg = model.pretrained_cfg
     context = method_context(method_class(s.method), model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs)
@@ -454,7 +420,7 @@ def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource 
     batches = islice(rebatch(shuffle_windows(tables, window, rng), s.batch_size, drop_last=True), run.steps)
     check = "check" if run.plan_size is not None else None
     sums, done, start = {}, 0, time.perf_counter()
-    for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.loader_workers, check):
+    for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.workers, check):
         if check:
             check_fingerprints(batch, rendered["fingerprint"].numpy(), views.store, batch["check"])
         x = to_input(rendered["views"][0], run.mean, run.std, device, s.channels_last)
@@ -540,7 +506,7 @@ def validate(run: Setup, s: TrainSettings, val_data: ImageDataset | None, plan: 
         return {}
     models = {"val_top1": run.model, **({"val_top1_ema": run.ema.module} if run.ema is not None else {})}
     return {
-        key: evaluate(model, val_data, plan, run.size, run.mean, run.std, s.loader_workers, device=device,
+        key: evaluate(model, val_data, plan, run.size, run.mean, run.std, s.workers, device=device,
                       precision=run.precision, channels_last=s.channels_last)
         for key, model in models.items()
     }

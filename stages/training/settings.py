@@ -1,0 +1,67 @@
+"""A training run's settings, each declared once: its default, its check and its help.
+
+The flags of ``pipeline train`` / ``distill`` (``--epochs``, ``--lr``, ...), the keys of a YAML recipe or sweep
+file, their checks and their help all come from these fields (``stages.settings.setting``): a new setting is
+one field here. ``size``, ``method`` and the timm names are resolved against the store and the registries by
+the run's builder (``stages.training.job``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, Name, Optional, Text, setting
+
+BATCH = Int(1, MAX_BATCH)
+
+
+@dataclass
+class TrainSettings:
+    student: str = setting("resnet18", Text(), "timm model name of the student")
+    student_kwargs: dict = setting(
+        None, Mapping(), "extra timm.create_model argument of the student, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64] (repeatable)",
+        flag="--student-arg", factory=dict, show_default="none",
+    )
+    size: int | None = setting(None, Optional(SIZE), "input size of the student", show_default="the store's view size, else the model's own")
+    method: str = setting("kd", Name(), "distillation method")
+    method_args: dict = setting(
+        None, Mapping(), "method setting, KEY=VALUE, e.g. temperature=4 (repeatable)", flag="--method-arg", factory=dict, show_default="the method's own",
+    )
+    epochs: int = setting(10, Int(1, 100_000), "training epochs")
+    batch_size: int = setting(
+        64, BATCH, "samples per optimiser step per Ray Train worker, as timm's flag (with --ray-workers N the global batch is N times it); "
+        "a last partial batch is dropped", show_default="a recipe's global_batch split over the workers, else 64",
+    )
+    global_batch: int | None = setting(
+        None, Optional(Int(1, MAX_BATCH * MAX_WORKERS)), "samples per optimiser step over all Ray Train workers, as a paper states it; split over --ray-workers, "
+        "which must divide it", show_default="--batch-size times the workers",
+    )
+    repeats: int = setting(1, Int(1, 1000), "repeated augmentation: each sample R times per epoch, with R different stored views (timm's --aug-repeats)")
+    optimizer: str = setting("adamw", Text(), "any timm optimizer: adamw, lamb, sgd (momentum; --nesterov), ...")
+    momentum: float = setting(0.9, PROB, "momentum of sgd")
+    nesterov: bool = setting(False, Flag(), "Nesterov momentum for sgd")
+    lr: float = setting(1e-3, POSITIVE, "peak learning rate of --optimizer, reached after --warmup-epochs and then decayed by --schedule")
+    weight_decay: float = setting(0.05, NON_NEGATIVE, "weight decay of --optimizer, not applied to biases and norm layers (timm's filter)")
+    schedule: str = setting("cosine", Choice(("cosine", "step")), "learning-rate decay: cosine (per step), or step (x --lr-gamma at each of --lr-milestones)")
+    lr_milestones: list = setting(None, ListOf(Int(0)), "epochs at which a step schedule multiplies the rate by --lr-gamma", factory=list, show_default="none")
+    lr_gamma: float = setting(0.1, POSITIVE, "factor of a step schedule at each milestone")
+    warmup_epochs: float = setting(0.0, NON_NEGATIVE, "linear learning-rate warm-up, in epochs")
+    label_smoothing: float = setting(0.0, Float(0.0, 1.0, hi_open=True), "label smoothing of the hard targets")
+    drop_path: float | None = setting(None, Optional(Float(0.0, 1.0, hi_open=True)), "stochastic depth rate of the student", show_default="the model's own")
+    seed: int = setting(0, SEED, "seed of the student's initialisation and data order")
+    label_fraction: float = setting(
+        1.0, PROB, "share of training samples whose label the student may use, stratified per class; the others are supervised by the teacher "
+        "alone, 0 trains from the cache only",
+    )
+    label_seed: int = setting(0, SEED, "seed of the stratified choice of --label-fraction")
+    window_rows: int = setting(16384, Int(1), "rows shuffled together in memory (whole blocks of the store)")
+    workers: int = setting(0, WORKERS, "loader processes rendering views, as timm's --workers; 0 renders in the training process")
+    verify: str = setting("sample", Choice(("all", "sample", "none")), "replayed views checked against the stored fingerprints: all, sample (about 1 in 100), none")
+    amp: str | None = setting(None, Optional(Choice(("bf16", "fp16"))), "autocast of each step: bf16, or fp16 with a gradient scaler (CUDA only)", show_default="off, float32")
+    channels_last: bool = setting(False, Flag(), "NHWC student and inputs, faster convolutions on GPUs")
+    clip_grad: float | None = setting(None, Optional(POSITIVE), "clip the gradient norm to this value", show_default="no clipping")
+    model_ema: float | None = setting(
+        None, Optional(Float(0.0, 1.0, lo_open=True, hi_open=True)), "also keep an EMA of the student with this decay (timm ModelEmaV3, e.g. 0.9998), "
+        "evaluated each epoch and saved beside it", show_default="off",
+    )
+    compile: bool = setting(False, Flag(), "torch.compile the student")

@@ -153,15 +153,14 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     import torch
 
     from stages.training.run_metrics import RunMetrics
-    from stages.training.student import save_student
+    from stages.training.student import StudentCard, save_student
 
     with checkpoint.as_directory() as d:
         run = json.loads((Path(d) / "run.json").read_text())
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
         log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
-    student = run["student"]
-    save_student(out / "student.safetensors", state.get("student_weights", state["model"]), student["name"], student["size"], student["mean"], student["std"])
+    save_student(out, state.get("student_weights", state["model"]), StudentCard(**run["student"]))
     with RunMetrics(out) as record:  # metrics.jsonl and TensorBoard events, as a run without Ray writes them
         for line in run["metrics"]:
             record.write(line)

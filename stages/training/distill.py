@@ -51,7 +51,7 @@ from ..data.replay import (
     unit_table,
     with_images,
 )
-from .student import build_student, save_student
+from .student import StudentCard, build_student, save_student
 from ..teachers.teacher_sources import TeacherSource
 from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
 
@@ -113,10 +113,7 @@ def step(run: Setup, loss: torch.Tensor, clip_grad: float | None) -> None:
         run.ema.update(run.model)
 
 
-def ema_name(weights_name: str) -> str:
-    """``student.safetensors`` -> ``student_ema.safetensors``."""
-    stem, dot, ext = weights_name.rpartition(".")
-    return f"{stem}_ema{dot}{ext}"
+EMA_FOLDER = "ema"  # OUT/ema/: the EMA student as a timm model folder of its own (model.safetensors, config.json)
 
 
 def _model_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
@@ -305,6 +302,7 @@ class Setup:
     plan_size: int | None  # the stored plan's render size; None for views drawn on the fly (nothing to verify)
     precision: Precision
     ema: nn.Module | None  # timm's ModelEmaV3 of the student, or None
+    card: StudentCard  # what timm needs beside the weights: the saved student's config.json
 
 
 def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
@@ -382,6 +380,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         plan_size=plan_size,
         precision=precision,
         ema=_model_ema(model, s.model_ema),
+        card=StudentCard(s.student, dict(s.student_kwargs), train_data.num_classes, size, tuple(cfg.get("mean")), tuple(cfg.get("std")),
+                         plan.recipe.eval_interpolation, plan.recipe.eval_crop, list(train_data.classes)),
     )
 
 
@@ -473,8 +473,8 @@ def train(
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (weights_name, ema_name(weights_name)):  # a stale result must not pass for this run's
-            (out_dir / stale).unlink(missing_ok=True)
+        for stale in (weights_name, "config.json", f"{EMA_FOLDER}/model.safetensors", f"{EMA_FOLDER}/config.json"):
+            (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
     if hooks.start and rank == 0:
         hooks.start()
     metrics, first_epoch, start = [], 0, time.perf_counter()
@@ -493,10 +493,9 @@ def train(
             if hooks.save:
                 hooks.save(_state(epoch + 1, metrics, run, s), line)
     if out_dir:
-        save_student(out_dir / weights_name, run.method.export_student(run.model).state_dict(), s.student, run.size, run.mean, run.std)
+        save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name)
         if run.ema is not None:
-            ema = run.method.export_student(run.ema.module).state_dict()
-            save_student(out_dir / ema_name(weights_name), ema, s.student, run.size, run.mean, run.std)
+            save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors")
     return TrainResult(run.model, metrics, time.perf_counter() - start)
 
 
@@ -531,7 +530,7 @@ def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) 
         "scaler": run.precision.scaler.state_dict(),
         **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         "rng": rng,
-        "student": {"name": s.student, "size": run.size, "mean": list(run.mean), "std": list(run.std)},
+        "student": run.card.to_dict(),  # what the Ray Train driver writes beside the weights
     }
 
 

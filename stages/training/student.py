@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf  # timm's own writer of config.json (push_to_hf_hub uses it)
 from torch import nn
 
 from storage import UserError
@@ -32,10 +35,49 @@ def _umask() -> int:
     return mask
 
 
-def save_student(path: Path, state: dict, student: str, size: int, mean, std) -> None:
-    """The student's weights, written once through a rename: a crashed run leaves no weights that look finished."""
-    # The metadata lets the weights be used as a teacher at the size and normalisation they were trained with.
-    meta = {"model": student, "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
-    with written_whole(path) as tmp:
+@dataclass
+class StudentCard:
+    """What timm needs besides the weights to use a trained student: how it was built and how its inputs look."""
+
+    name: str  # the timm model
+    kwargs: dict  # its timm.create_model arguments (channels=..., img_size=...)
+    num_classes: int
+    size: int  # the input size it was trained at
+    mean: tuple
+    std: tuple
+    interpolation: str = "bilinear"  # how evaluation views are resized
+    crop_pct: float = 0.875  # the centre crop of evaluation views
+    label_names: list | None = None  # the dataset's class names, when it has them
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # plain values: a checkpoint holds it
+
+
+def save_student(folder: Path, state: dict, card: StudentCard, weights_name: str = "student.safetensors") -> None:
+    """The student's weights and timm's ``config.json`` beside them, each written once through a rename.
+
+    The folder is then a timm model folder: ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds
+    the trained model (architecture, class count, model arguments, input size, normalisation, interpolation,
+    crop, label names) and ``timm.models.push_to_hf_hub`` publishes it as it is. The safetensors metadata
+    also carries the input size and normalisation, so the weights can be a teacher as they were trained.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model": card.name, "input_size": str(card.size), "mean": json.dumps(list(card.mean)), "std": json.dumps(list(card.std))}
+    with written_whole(folder / weights_name) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors makes its files 0600: weights on a shared disk are for the team too
+    with written_whole(folder / "config.json") as tmp:
+        save_config_for_hf(timm_model(card), str(tmp), model_config=_labels(card), model_args=dict(card.kwargs), data_config={
+            "input_size": (3, card.size, card.size), "mean": tuple(card.mean), "std": tuple(card.std),
+            "interpolation": card.interpolation, "crop_pct": card.crop_pct,
+        })
+
+
+def timm_model(card: StudentCard) -> nn.Module:
+    """The untrained student as timm builds it (timm reads the config it exports from the model)."""
+    with torch.device("meta"):  # the architecture only: no memory, no initialisation
+        return timm.create_model(card.name, pretrained=False, num_classes=card.num_classes, **card.kwargs)
+
+
+def _labels(card: StudentCard) -> dict:
+    return {"label_names": list(card.label_names)} if card.label_names else {}

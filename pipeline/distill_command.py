@@ -36,7 +36,7 @@ log = logging.getLogger("pipeline")
 
 # Methods `pipeline train` runs: those that need no teacher at all (ce) or can do without one (gpd from scratch).
 TEACHERLESS_METHODS = tuple(m for m in list_methods() if not method_class(m).needs or not method_class(m).requires_teacher)
-TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg"}  # `train` fits any model, often a teacher
+TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg", "student_weights": "--model-weights"}  # `train` fits any model, often a teacher
 
 
 # -- flags ---------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     from .ray_train import distill_on_ray  # Ray only where it is asked for
 
     run = build_distill(job)  # every check of the store, data and teacher, here before Ray starts
-    build_student(job.train.student, run.dataset.num_classes, job.train.seed, **job.train.student_kwargs)  # bad --student-arg values fail now
+    build_student(job.train.student, run.dataset.num_classes, job.train.seed, job.train.student_weights, **job.train.student_kwargs)  # bad student settings fail now
     where = dataclasses.replace(job, store=ray_env.for_workers(run.store.path).url, data=ray_env.source_for_workers(job.data or run.store.record.dataset.source),
                                 val_data=ray_env.source_for_workers(job.val_data))
     record = run_record(job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker)

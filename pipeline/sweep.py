@@ -102,12 +102,12 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
             if spec.metric == "val_top1_ema" and not train.model_ema:
                 raise UserError("metric val_top1_ema needs model_ema in every trial")
             epochs = max(epochs, train.epochs)
-            student = (train.student, json.dumps(train.student_kwargs, sort_keys=True))
+            student = (train.student, train.student_weights, json.dumps(train.student_kwargs, sort_keys=True))
             needs = method_class(train.method).needs
             teacher = (trial.teacher_id, trial.teacher_weights, tuple(needs))
             if student not in students:  # timm refuses a bad model argument only when the model is built
                 students.add(student)
-                build_student(train.student, store.record.dataset.num_classes, 0, **train.student_kwargs)
+                build_student(train.student, store.record.dataset.num_classes, 0, train.student_weights, **train.student_kwargs)
             if teacher not in teachers:
                 teachers.add(teacher)
                 cached_teacher(store, trial.teacher_id, trial.teacher_weights, needs)

@@ -338,7 +338,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
     extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
     precision = Precision(s.amp, device)  # refuses fp16 without CUDA before anything is built
-    model = build_student(s.student, train_data.num_classes, s.seed, **s.student_kwargs, **extra)
+    model = build_student(s.student, train_data.num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None

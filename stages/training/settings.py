@@ -22,6 +22,11 @@ class TrainSettings:
         None, Mapping(), "extra timm.create_model argument of the student, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64] (repeatable)",
         flag="--student-arg", factory=dict, show_default="none",
     )
+    student_weights: str | None = setting(
+        None, Optional(Text()), "start the student from weights: hub (timm's pretrained weights of --student), a safetensors or torch file "
+        "(an earlier run's student.safetensors), or an earlier run's folder; a classifier for another class count starts afresh",
+        show_default="random initialisation from --seed",
+    )
     size: int | None = setting(None, Optional(SIZE), "input size of the student", show_default="the store's view size, else the model's own")
     method: str = setting("kd", Name(), "distillation method")
     method_args: dict = setting(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf  # timm's own writer of config.json (push_to_hf_hub uses it)
 from torch import nn
@@ -18,15 +19,68 @@ from storage import UserError
 from storage.location import written_whole
 
 
-def build_student(name: str, num_classes: int, seed: int, **kwargs) -> nn.Module:
+def build_student(name: str, num_classes: int, seed: int, weights: str | None = None, **kwargs) -> nn.Module:
+    """The timm student, randomly initialised from ``seed``, or started from ``weights``.
+
+    ``weights``: ``hub`` for timm's pretrained weights of ``name``, a safetensors or torch file (an earlier run's
+    ``student.safetensors``), or a timm model folder (an earlier run's OUT). A classifier for another class count
+    is left out and initialised afresh, as timm does for pretrained weights; any other misfit is one line.
+    """
     if not timm.is_model(name):
         raise UserError(f"unknown student '{name}': pass a timm model name (see timm.list_models())")
     torch.manual_seed(seed)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        if weights is None:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError) as e:  # how model builders refuse arguments
         words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"bad student settings for {name} ({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {words}") from e
+    return _pretrained(name, num_classes, weights, kwargs)
+
+
+def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.Module:
+    from ..teachers.teachers import hub_weights_reachable, state_dict_problem
+
+    if weights == "hub":
+        if not hub_weights_reachable(name):
+            raise UserError(f"--student-weights hub: timm's weights of {name} are not in the hub cache and the hub cannot be reached: "
+                            "pass a local weights file or folder")
+        overlay = {}
+    else:
+        file = _weights_file(Path(weights))
+        overlay = {"pretrained_cfg_overlay": {"file": str(file), "num_classes": _classes_in_file(file, name, kwargs)}}
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay, **kwargs)
+    except Exception as e:
+        raise UserError(f"--student-weights {weights} do not fit student {name}: {state_dict_problem(e)}") from e
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights in ``path``: the file itself, or a timm model folder's (model.safetensors first, as timm's loader)."""
+    if path.is_dir():
+        found = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+        if not found:
+            raise UserError(f"--student-weights {path} holds no .safetensors file: pass a weights file or a run folder")
+        return found[0]
+    if not path.is_file():
+        raise UserError(f"--student-weights {path} does not exist: pass a weights file, a run folder, or hub")
+    return path
+
+
+def _classes_in_file(path: Path, name: str, kwargs: dict) -> int:
+    """The class count of the weights in ``path``: the rows of the student's classifier there (0: none)."""
+    with torch.device("meta"):
+        classifier = timm.create_model(name, pretrained=False, **kwargs).pretrained_cfg.get("classifier", "")
+    key = f"{classifier}.weight"
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                return f.get_slice(key).get_shape()[0] if key in f.keys() else 0
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--student-weights {path} is not a weights file this pipeline can read ({type(e).__name__})") from e
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
+    return int(state[key].shape[0]) if key in state else 0
 
 
 def _umask() -> int:

@@ -99,6 +99,8 @@ def _again(args) -> str:
         if getattr(args, "ray_workers", 0) or (Path(args.out) / CHECKPOINT).is_file():
             return "the checkpoint of the last finished epoch is kept; run the same command with --resume to continue"
         return "no epoch had finished, so there is no checkpoint; run the command again to start over"
+    if args.command == "sweep":
+        return "finished trials are kept and unfinished ones keep their last checkpoint; run the same command to resume the sweep"
     return "run the command again"
 
 

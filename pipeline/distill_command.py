@@ -164,8 +164,7 @@ def train_command(args) -> None:
         run = {"data": args.data, "views": plan.describe(), **dataclasses.asdict(settings)}
         hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start)
         result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device, hooks=hooks)
-    final = result.metrics[-1]
-    print(f"{settings.student}: val top-1 {final.get('val_top1', float('nan')):.4f} after {settings.epochs} epochs -> {out / 'model.safetensors'}")
+    print(f"{settings.student}: {_top1(result)} after {settings.epochs} epochs -> {out / 'model.safetensors'}")
 
 
 def distill_command(args) -> None:
@@ -185,21 +184,26 @@ def run_record(job: DistillJob, **how) -> dict:
     return {"command": "distill", **how, "job": job.to_dict()}
 
 
-def distill_here(job: DistillJob, out: Path, *, device, resume: bool, on_epoch: Callable[[dict], None] | None = None, record: dict | None = None):
+def distill_here(job: DistillJob, out: Path, *, device, resume: bool, on_epoch: Callable[[dict], None] | None = None, record: dict | None = None,
+                 lock: bool = True):
     """A distill run in this process (the CLI without Ray Train, a sweep trial): OUT/checkpoint.pt every epoch.
 
     ``on_epoch(line)`` sees each epoch's metrics line (a sweep reports it to Ray Tune)."""
     run = build_distill(job, device)
     # Nothing is written to --out before the run has passed its set-up (see RunFiles).
-    with RunFiles(out, record or run_record(job, device=str(device))) as files:
+    with RunFiles(out, record or run_record(job, device=str(device)), lock=lock) as files:
         hooks = checkpoint_hooks(out, job.run_record(), resume=resume, start=files.start, on_epoch=on_epoch)
         return run.train(out_dir=out, hooks=hooks, device=device)
 
 
 def result_line(job: DistillJob, result, how: str = "") -> str:
-    final = result.metrics[-1]
     s = job.train
-    return f"{s.student} ({s.method}{how}): val top-1 {final.get('val_top1', float('nan')):.4f} after {s.epochs} epochs, {result.seconds:.1f} s"
+    return f"{s.student} ({s.method}{how}): {_top1(result)} after {s.epochs} epochs, {result.seconds:.1f} s"
+
+
+def _top1(result) -> str:
+    top1 = result.metrics[-1].get("val_top1")
+    return "no validation data (pass --val-data)" if top1 is None else f"val top-1 {top1:.4f}"
 
 
 def _distill_on_ray(args, job: DistillJob, out: Path):

@@ -106,7 +106,7 @@ def run_trial(params: dict, job: dict) -> None:
 
     try:
         result = distill_here(trial, out, device=job["device"], resume=resume, on_epoch=on_epoch,
-                              record=run_record(trial, device=job["device"], sweep=job["out"]))
+                              record=run_record(trial, device=job["device"], sweep=job["out"]), lock=False)  # the sweep holds its folder
     except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
         _ended(out, record, "stopped early", start)
         raise
@@ -168,9 +168,12 @@ def _last_line(path: str | None) -> str | None:
 def _tune_quiet(debug: bool):
     """Tune's own reporter and trial tracebacks off, and no TensorBoard logger of its own (trials write theirs):
     the sweep prints a line per trial event instead. With --debug, Tune's error logs stay on."""
-    saved = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")}
+    saved = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_SIGINT_HANDLER")}
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the JSON and CSV loggers are passed explicitly
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, silent at verbose=0
+    # Ctrl-C stops the sweep as a killed driver does: running trials keep their records and checkpoints, and the same
+    # command resumes them (Tune's own handler would end them as if stopped early, and throw their checkpoints away).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tune_log = logging.getLogger("ray.tune")
     level = tune_log.level
     if not debug:

@@ -107,12 +107,12 @@ def distill_on_ray(
         if made:  # a refused run leaves no empty checkpoint folder behind
             storage.remove_tree()
         raise
-    if not resume:  # only once every check passed: a refused run leaves the old one's checkpoints alone
-        run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
-    for stale in ("student.safetensors", "metrics.jsonl"):  # a stale result must not pass for this run's
-        (out / stale).unlink(missing_ok=True)
-    if on_start is not None:  # every check passed: the run's own files (config.yaml, run.log) may be written now
+    if on_start is not None:  # every check passed: the run's own files (its lock, config.yaml, run.log) may be written now
         on_start()
+    if not resume:  # only once every check passed and the folder is ours: a refused run leaves the old one's checkpoints alone
+        run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
+    for stale in ("student.safetensors", "config.json", "metrics.jsonl"):  # a stale result must not pass for this run's
+        (out / stale).unlink(missing_ok=True)
     trainer = _trainer({"job": job.to_dict(), "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
     start = time.perf_counter()
     try:

@@ -10,6 +10,7 @@ and Ray Train runs alike (``check_same_run``).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -70,8 +71,12 @@ def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], 
                 on_epoch(line)
 
     def save(epoch_state: dict, line: dict) -> None:
+        # Serialised in memory, then written as plain bytes: a full disk is then an OSError with its errno (one line
+        # from the CLI), where torch.save's own writer raises a RuntimeError of many lines.
+        data = io.BytesIO()
+        torch.save({**epoch_state, "run": record}, data)
         with written_whole(path) as tmp:  # a kill mid-write leaves the previous epoch's checkpoint whole
-            torch.save({**epoch_state, "run": record}, tmp)
+            tmp.write_bytes(data.getbuffer())
         if on_epoch:
             on_epoch(line)
 

@@ -8,10 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from storage import Location, UserError
+from storage.lock import WriterLock
 
 from . import config
 
 
+LOCK_FILE = "run.lock"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 @contextmanager
@@ -44,8 +46,10 @@ class RunFiles:
     is replaced through a rename, never left half-written.
     """
 
-    def __init__(self, out: Path, record: dict):
+    def __init__(self, out: Path, record: dict, lock: bool = True):
         self.out, self.record = out, record
+        # A sweep's trials skip it: the sweep holds its folder, and a trial may be resumed on another node.
+        self.lock = WriterLock(Location(str(out / LOCK_FILE)), f"run folder {out}", busy="is in use") if lock else None
         self.held = _HeldLines()
         self.file: logging.Handler | None = None
 
@@ -54,10 +58,12 @@ class RunFiles:
         return self
 
     def start(self) -> None:
-        """The run begins: write config.yaml, open run.log with the lines so far."""
+        """The run begins: take the folder's lock (a second run into it is refused), write config.yaml, open run.log."""
         if self.file is not None:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.lock is not None:
+            self.lock.acquire()
         config.save(self.out / "config.yaml", self.record)
         self.file = logging.FileHandler(self.out / "run.log")
         self.file.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -68,6 +74,8 @@ class RunFiles:
         root.addHandler(self.file)
 
     def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()  # only removes the lock file this run holds
         root = logging.getLogger()
         root.removeHandler(self.held)
         if self.file is not None:

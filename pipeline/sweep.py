@@ -33,7 +33,8 @@ import json
 import logging
 from pathlib import Path
 
-from storage import UserError
+from storage import Location, UserError
+from storage.lock import WriterLock
 
 from . import config
 from .sweep_spec import EARLY_STOP_DEFAULTS, LOG_FILE, SWEEP_FILE, SweepSpec, describe, load_sweep, trial_job, trial_settings
@@ -41,6 +42,7 @@ from .sweep_summary import print_summary
 
 log = logging.getLogger("pipeline")
 
+MAX_TRIALS = 1000  # trials a sweep may make unless --max-trials says more
 MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep starts
 
 
@@ -57,6 +59,7 @@ def add_sweep_parser(sub) -> None:
     g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial holds (0.5: two trials share one); a trial with a GPU trains on CUDA (default: 0)")
     g.add_argument("--max-concurrent", type=int, default=0, help="trials at once at most; 0: as many as the CPUs and GPUs hold (default: 0)")
     g.add_argument("--early-stop", action="store_true", help="stop weak trials early (ASHA on the metric per epoch; the sweep file's early_stop: tunes it) (default: off, unless the file has early_stop:)")
+    g.add_argument("--max-trials", type=int, default=MAX_TRIALS, help=f"refuse a sweep file that makes more trials than this (default: {MAX_TRIALS:,})")
     g.add_argument("--retry-errored", action="store_true", help="when resuming, run the trials that failed again from scratch (default: failed trials stay failed)")
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache (default: off)")
@@ -134,6 +137,11 @@ def sweep_command(args) -> None:
         )
     where = f"sweep {args.config}"
     spec = load_sweep(args.config)
+    if spec.num_trials > args.max_trials:  # a typo (samples: 1000000000, three grids of 100) would never start a trial
+        raise UserError(
+            f"{where} makes {spec.num_trials:,} trials ({spec.grid_size:,} grid combination(s) x {spec.samples:,} sample(s)), more than "
+            f"--max-trials {args.max_trials:,}: narrow the search, or raise --max-trials"
+        )
     if args.early_stop and spec.early_stop is None:
         spec.early_stop = dict(EARLY_STOP_DEFAULTS)
     job = {
@@ -162,7 +170,7 @@ def sweep_command(args) -> None:
     from .ray_sweep import join_cluster, run_sweep
 
     join_cluster(args.ray_address, args.cpus_per_trial, args.gpus_per_trial, out, job["store"])
-    with run_log(out / LOG_FILE):
+    with WriterLock(Location(str(out / "sweep.lock")), f"sweep folder {out}", busy="is in use"), run_log(out / LOG_FILE):
         config.save(saved, record)
         log.info(
             "sweep %s: %d trial(s) (%d grid combination(s) x %d sample(s)) of %s over %s, ranked by %s (%s)%s",

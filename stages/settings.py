@@ -212,6 +212,18 @@ class Mapping(Check):
         return value
 
 
+class ModelArgs(Mapping):
+    """Extra ``timm.create_model`` arguments; the class count and the weights are the run's, never an argument."""
+
+    what = "timm.create_model arguments (KEY: VALUE) other than num_classes, pretrained and checkpoint_path, which the run sets"
+
+    def check(self, value):
+        value = super().check(value)
+        if {"num_classes", "pretrained", "pretrained_cfg_overlay", "checkpoint_path"} & set(value):
+            raise ValueError
+        return value
+
+
 class Jitter(Check):
     what = "one number >= 0, or 3 or 4 of them (brightness, contrast, saturation[, hue <= 0.5])"
 

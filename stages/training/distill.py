@@ -468,15 +468,17 @@ def train(
     """
     s, hooks = settings, hooks or EpochHooks()
     rank, world = rank_and_world()
+    if train_data.num_classes < 2:
+        log.warning("the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing", train_data.num_classes)
     check_teacher(s, teacher, views)
     run = build_setup(s, train_data, views, plan, teacher, device, world)
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
+    if hooks.start and rank == 0:
+        hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (weights_name, "config.json", f"{EMA_FOLDER}/model.safetensors", f"{EMA_FOLDER}/config.json"):
             (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
-    if hooks.start and rank == 0:
-        hooks.start()
     metrics, first_epoch, start = [], 0, time.perf_counter()
     if hooks.state is not None:
         first_epoch, metrics = _restore(hooks.state, run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, Name, Optional, Text, setting
+from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, ModelArgs, Name, Optional, Text, setting
 
 BATCH = Int(1, MAX_BATCH)
 
@@ -19,7 +19,7 @@ BATCH = Int(1, MAX_BATCH)
 class TrainSettings:
     student: str = setting("resnet18", Text(), "timm model name of the student")
     student_kwargs: dict = setting(
-        None, Mapping(), "extra timm.create_model argument of the student, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64] (repeatable)",
+        None, ModelArgs(), "extra timm.create_model argument of the student, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64] (repeatable)",
         flag="--student-arg", factory=dict, show_default="none",
     )
     student_weights: str | None = setting(

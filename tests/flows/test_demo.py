@@ -1,0 +1,68 @@
+"""`pipeline demo`: every variant one after another in one working folder, as README's Measurements section runs them.
+
+Each variant writes to its own default folder (``runs/demo``, ``runs/demo-cospress``, ``runs/demo-gpd``) and ends
+with its table; a second run into a folder reuses the teacher and store that still match. Tiny epochs: the
+point is the flow, not the accuracy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+from pipeline import config
+from pipeline.cli import main
+
+FAST = ["--seeds", "1", "--epochs", "1", "--teacher-epochs", "1"]
+
+
+@pytest.mark.slow  # four whole demos: the full run has them, the quick one leaves them out
+def test_every_demo_variant_runs_in_its_own_folder_and_a_rerun_reuses_what_matches(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    variants = ["kd", *config.recipe("demo")["methods"]]  # the default and every method with its own demo section
+    assert {"cospress", "gpd"} <= set(variants)
+    tables = {}
+    for method in variants:
+        assert main(["demo", *([] if method == "kd" else ["--method", method]), *FAST]) == 0, method
+        table = tables[method] = capsys.readouterr().out
+        assert f"student distilled ({method}, cache)" in table and "student from scratch" in table, method
+        folder = tmp_path / "runs" / ("demo" if method == "kd" else f"demo-{method}")
+        assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == 4
+    assert "The teacher was trained on every label" in tables["kd"]
+    cospress = tmp_path / "runs" / "demo-cospress"
+    assert (cospress / "store" / "teachers" / "teacher" / "tokens").is_dir()
+    assert "linear classifier trained on the detached features" in tables["cospress"]
+    for weights in (tmp_path / "runs" / "demo-gpd").glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
+        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))
+
+    # KD++ into the default folder: the same teacher and cache, so both are reused; its class means are added.
+    # (All labels: no control rows, two student runs.)
+    assert main(["demo", "--method", "kdpp", "--out", "runs/demo", *FAST, "--label-fraction", "1"]) == 0
+    out, log = capsys.readouterr()
+    assert "student distilled (kdpp, cache)" in out and "reused (" in out
+    assert "reusing the teacher" in log and "replacing" not in log
+    assert (tmp_path / "runs" / "demo" / "store" / "stats" / "teacher").is_dir()
+
+
+def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_line(tmp_path, train_data, val_data, caplog):
+    """What the last demo step reuses must match: a teacher fitted with other settings is fitted again, and the store
+    that cached the old one is replaced, each with a line saying so (on fake data, to stay cheap)."""
+    import logging
+
+    from pipeline import demo
+    from stages.data.views import ViewRecipe
+    from stages.teachers.teachers import build_teacher
+    from stages.training.settings import TrainSettings
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    recipe, cache = ViewRecipe(hflip=0.0), {"views": 1, "block": 32, "topk": 3}
+    for epochs, says in ((1, None), (1, "reusing the teacher"), (2, "replacing the teacher")):
+        caplog.clear()
+        settings = TrainSettings(student="resnet10t", student_kwargs={"channels": [8, 16, 32, 64]}, epochs=epochs, batch_size=32, size=32, method="ce")
+        demo.fitted_teacher(settings, train_data, val_data, recipe, tmp_path / "teacher")
+        teacher = build_teacher(demo._teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32)
+        demo.cache_teacher(teacher, train_data, recipe, cache, 32, tmp_path, (), 0)
+        if says:
+            assert says in caplog.text
+        assert ("replacing the store" in caplog.text) == (epochs == 2)

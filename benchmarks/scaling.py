@@ -41,10 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import ray_env  # noqa: E402
-from pipeline.ray_extract import ActorSpec, extract_on_ray  # noqa: E402
+from pipeline.ray_extract import extract_on_ray  # noqa: E402
 from stages.cache import teacher_rows  # noqa: E402
 from stages.data.datasets import open_dataset  # noqa: E402
 from stages.teachers.extract import PRECISIONS, TeacherRunner, extract, teacher_info  # noqa: E402
+from stages.teachers.extract_job import ExtractJob, prepare_extract  # noqa: E402
 from stages.cache.store_setup import open_store  # noqa: E402
 from stages.teachers.teachers import build_teacher  # noqa: E402
 from stages.data.views import ViewPlan, ViewRecipe  # noqa: E402
@@ -89,15 +90,16 @@ def main() -> None:
 
     def on_ray(actors):
         def go(r):
-            store = fresh_store(f"ray{actors}-{r}")
-            spec = ActorSpec(
-                data=args.data, fingerprint=dataset.fingerprint(), store=str(store.path), teacher_id="t", teacher=args.teacher,
-                weights=None, random_init=True, seed=0, size=args.size, info=info, device="cuda" if gpu else "cpu",
-                batch_size=args.batch_size, workers=0,
+            # The same plan and outputs as fresh_store and info: the job's defaults.
+            job = ExtractJob(
+                store=str(tmp / f"ray{actors}-{r}"), data=args.data, teacher=args.teacher, views=args.views, teacher_id="t", random_init=True,
+                size=args.size, block=args.block, precision=args.precision, batch_size=args.batch_size, device="cuda" if gpu else "cpu",
             )
+            ready = prepare_extract(job, load=False)  # as the driver does: the teacher described, not loaded
             marks = []  # (time, views) as units come back
-            res = extract_on_ray(store, dataset, spec, views=args.views, actors=actors, gpus_per_worker=1.0 if gpu else 0.0,
-                                 on_unit=lambda rows: marks.append((time.perf_counter(), rows)))
+            with ready.open_store().lock_teacher("t"):
+                res = extract_on_ray(ready, job, actors=actors, gpus_per_worker=1.0 if gpu else 0.0,
+                                     on_unit=lambda rows: marks.append((time.perf_counter(), rows)))
             steady = sum(n for _, n in marks[1:]) / (marks[-1][0] - marks[0][0])
             return res.views / res.seconds, steady
         return go

@@ -57,7 +57,7 @@ from stages.methods.losses import kd_loss
 from stages.data.replay import StoredViews, ViewRenderer, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
 from stages.teachers.teachers import build_teacher
 from stages.data.views import ViewPlan, ViewRecipe, normalize
-from storage import Store, TeacherRecord
+from storage import DatasetRecord, PlanRecord, Store, TeacherRecord
 from storage import zarr_units
 from storage.codecs import compressor
 
@@ -153,8 +153,13 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
     plan = ViewPlan(ViewRecipe(), seed=0)
     labels = rng.integers(0, args.classes, N)  # random order: no help from class-sorted ids
     sizes = imagenet_like_sizes(N, rng)
-    meta = {"dataset": {"source": "synthetic", "fingerprint": "synthetic", "num_samples": N}, "plan": {**plan.describe(), "size": 224}}
-    store = Store.create(path, meta=meta, num_samples=N, num_views=V, block=B, plan_specs={**plan.fields, "fingerprint": FINGERPRINT})
+    dataset = DatasetRecord(
+        source="synthetic", fingerprint="synthetic", num_samples=N, num_classes=args.classes, classes=tuple(map(str, range(args.classes)))
+    )
+    store = Store.create(
+        path, dataset=dataset, plan=PlanRecord(**plan.describe(), size=224), versions=library_versions(),
+        num_views=V, block=B, plan_specs={**plan.fields, "fingerprint": FINGERPRINT},
+    )
     teacher = SyntheticTeacher(args.classes, args.dim)
     variants = {"syn": {}}
     if has_int8():  # the same features again, stored as int8 with a per-vector scale
@@ -178,9 +183,9 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
             for tid, (group, info) in groups.items():
                 rows = teacher_rows.encode(out, torch.from_numpy(labels[ids]), info)
                 group.write_unit(v, b, rows)
-                if v == 0 and b == 0 and hasattr(teacher_rows, "cosine_fidelity"):
+                if v == 0 and b == 0:
                     dec = teacher_rows.decode(rows, info, ("features",))["features"]
-                    fidelity[tid] = teacher_rows.cosine_fidelity(out["features"], dec)
+                    fidelity[tid] = cosine_fidelity(out["features"], dec)
     p = torch.softmax(teacher(0, np.arange(2048), labels[:2048])["logits"], 1).sort(1, descending=True).values
     stats = {"top1": float(p[:, 0].median()), "top10": float(p[:, :10].sum(1).median()),
              "acc": float((teacher(0, np.arange(2048), labels[:2048])["logits"].argmax(1).numpy() == labels[:2048]).mean())}
@@ -371,6 +376,35 @@ def train_digits_teacher(root: Path, epochs: int) -> tuple[object, object, torch
     return data, teacher, torch.cat(logits), torch.cat(target)
 
 
+def gradient_cosine(loss, student: torch.Tensor, full: torch.Tensor, other: torch.Tensor) -> float:
+    """Cosine between d loss(student, full) / d student and d loss(student, other) / d student, over the whole batch.
+
+    ``loss(student_logits, teacher_logits)``: a scalar loss, e.g. ``lambda s, t: kd_loss(s, t, 4.0)``.
+    """
+    grads = []
+    for teacher in (full, other):
+        s = student.detach().double().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(s, teacher.detach().double()), s)
+        grads.append(g.flatten())
+    a, b = grads
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def old_tail_clamped(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) whether the encoding before store format 2 (float16 top-k logits, ``1 - sum`` tail) clamped the row's tail."""
+    values = logits.float().topk(k, dim=1).values.half().float()
+    lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)
+    return (1.0 - torch.exp(values - lse).sum(1)) <= 0
+
+
+def cosine_fidelity(a, b) -> dict[str, float]:
+    """Mean and minimum cosine between matching rows (last axis) of ``a`` and ``b``, e.g. float32 vs dequantised."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
+    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
 def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int = 0) -> dict:
     """What a top-``k`` float16 store keeps of ``logits`` (B, C): clamped tails (before and now), KL, gradient cosines."""
     from stages.cache import topk
@@ -396,15 +430,15 @@ def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int 
     cosines = {}
     for name, loss in losses.items():
         T = 4.0 if "T=4" in name else 1.0
-        cosines[name] = {who: topk.gradient_cosine(loss, s, logits, rebuilt[T]) for who, s in students.items()}
+        cosines[name] = {who: gradient_cosine(loss, s, logits, rebuilt[T]) for who, s in students.items()}
         if T != 1.0:  # the same loss with the tail left uniform at T = 1's mass: what the temperature-aware tail buys
-            cosines[name + " (T=1 tail)"] = {who: topk.gradient_cosine(loss, s, logits, rebuilt[1.0]) for who, s in students.items()}
+            cosines[name + " (T=1 tail)"] = {who: gradient_cosine(loss, s, logits, rebuilt[1.0]) for who, s in students.items()}
     return {
         "rows": len(logits), "k": k, "classes": C,
         "top1": float(torch.softmax(logits.double(), 1).max(1).values.median()),
         "tail_median": float(tail.median()),
-        "clamped_old": float(topk.old_tail_clamped(logits, k).double().mean()),
-        "clamped_old_real": float(topk.old_tail_clamped(logits, k)[real].double().mean()) if real.any() else float("nan"),
+        "clamped_old": float(old_tail_clamped(logits, k).double().mean()),
+        "clamped_old_real": float(old_tail_clamped(logits, k)[real].double().mean()) if real.any() else float("nan"),
         "clamped_now": float(((mass <= 0) | (mass < 0.5 * tail))[real].double().mean()) if real.any() else float("nan"),
         "tail_rel_err": float(((mass - tail).abs() / tail)[real].max()) if real.any() else float("nan"),
         "kl": {T: float(topk.kl(logits, rebuilt[T], T).mean()) for T in rebuilt},

@@ -7,36 +7,38 @@ import logging
 import time
 
 from stages.cache import stats, verify
-from stages.cache.store_setup import check_dataset, check_plan, open_store, store_dataset
-from stages.cache.teacher_rows import output_info, storage_line
-from stages.data.datasets import open_dataset
-from stages.data.views import ViewPlan, ViewRecipe
-from stages.teachers.extract import TeacherRunner, check_classes, check_teacher_record, extract, teacher_info
+from stages.cache.store_setup import store_dataset
+from stages.cache.teacher_rows import DTYPES, FEATURE_DTYPES, storage_line
+from stages.data.views import ViewRecipe
+from stages.teachers.extract import PRECISIONS
+from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
-from storage import Store, UserError
+from stages.teachers.teachers import list_teachers
+from storage import Store, UserError, list_backends
 from storage.names import check_name
 
-from . import config, ray_env, ray_extract, settings_check
-from .flags import RAY_ADDRESS_HELP, local_device, teacher_flags, teacher_from_flags, teacher_id_of, view_flags, view_recipe
+from . import config, ray_env, ray_extract
+from .flags import RAY_ADDRESS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
 from .run_files import run_log
+from .settings_check import settings_from_args
 
 log = logging.getLogger("pipeline")
 
 
 def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
-    p.add_argument("--data", required=True, help="training data: digits, folder:PATH, fake:N or wds:PATTERN (tar shards, local or s3://..., e.g. train-{0000..0099}.tar)")
-    p.add_argument("--teacher", required=True, help="short name (dinov2_s/b/l/g[_reg], beitv2_b/l, resnet152) or any timm model")
-    teacher_flags(p, "--seed")
+    p.add_argument("--data", required=True, help=data_help())
+    p.add_argument("--teacher", required=True, help=f"short name ({', '.join(list_teachers())}) or any timm model")
+    teacher_flags(p, "--teacher-seed")
     p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher)")
     p.add_argument("--store", required=True, help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later")
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
-    p.add_argument("--block", type=int, help="samples per shard, the unit of work, fixed when a store is made (default: 1024 for a new store; an existing one keeps its own)")
+    p.add_argument("--block", type=int, help=f"samples per shard, the unit of work, fixed when a store is made (default: {BLOCK} for a new store; an existing one keeps its own)")
     _output_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
     p.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32",
+        "--precision", choices=PRECISIONS, default="fp32",
         help="the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, "
         "and every extraction into one teacher id must use the same (default: fp32)",
     )
@@ -48,15 +50,20 @@ def add_extract_parser(sub) -> None:
     view_flags(p)
     p.set_defaults(func=extract_command)
 
+
 def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what is stored")
     g.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
-    g.add_argument("--topk", type=int, help="k for --logits topk, at most the teacher's class count (default: 10, or every class when fewer)")
-    g.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored float type; float32 stores are exact (default: float16)")
-    g.add_argument("--format", choices=("zarr", "wds"), default="zarr", help="how teacher outputs are stored: zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; fixed per teacher id (default: zarr)")
+    g.add_argument("--topk", type=int, help=f"k for --logits topk, at most the teacher's class count (default: {TOPK}, or every class when fewer)")
+    g.add_argument("--dtype", choices=DTYPES, default="float16", help="stored float type; float32 stores are exact (default: float16)")
+    g.add_argument(
+        "--format", choices=list_backends(), default="zarr",
+        help="how teacher outputs are stored (a store backend): zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; "
+        "fixed per teacher id (default: zarr)",
+    )
     g.add_argument(
         "--feature-dtype",
-        choices=("float16", "float32", "int8"),
+        choices=FEATURE_DTYPES,
         help="stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value (default: the --dtype value)",
     )
     g.add_argument(
@@ -83,7 +90,7 @@ def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
 def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check a store: unit counts, checksums against commit records, a sample of replayed views")
     p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
-    p.add_argument("--teacher", help="teacher id to check (default: every teacher, and the plan)")
+    p.add_argument("--teacher-id", help="teacher id in the store to check (default: every teacher, and the plan)")
     p.add_argument("--replay", type=float, default=0.01, help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)")
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering replayed views (default: 0)")
@@ -92,79 +99,71 @@ def add_verify_parser(sub) -> None:
 def add_stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)")
     p.add_argument("--store", required=True, help="the store made by `pipeline extract`")
-    p.add_argument("--teacher", help="teacher id in the store (default: every teacher)")
+    p.add_argument("--teacher-id", help="teacher id in the store (default: every teacher)")
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
     p.set_defaults(func=stats_command)
 
-BLOCK = 1024  # samples per shard of a new store
+def extract_job(args, device: str | None) -> ExtractJob:
+    """The extraction the flags and the --config file describe, resolved once."""
+    return ExtractJob(
+        store=args.store, data=args.data, teacher=args.teacher, views=args.views, teacher_id=args.teacher_id, weights=args.weights,
+        random_init=args.random_init, teacher_seed=args.teacher_seed, size=args.size, block=args.block, view_settings=_view_settings(args),
+        plan_seed=args.plan_seed, outputs=tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None, logits=args.logits,
+        topk=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, format=args.format, precision=args.precision,
+        batch_size=args.batch_size, workers=args.workers, device=device,
+    )
+
+
+def _view_settings(args) -> dict:
+    """The view settings given, flags over the ``views:`` section of --config, each checked now in the words of where it came from."""
+    view_recipe(args)
+    file = config.load_yaml(args.config).get("views", {}) if args.config else {}
+    return config.merge(file, settings_from_args(args, ViewRecipe))
+
 
 def extract_command(args) -> None:
-    dataset = open_dataset(args.data)
-    teacher = teacher_from_flags(args, dataset, args.size)
-    teacher_id = check_name(args.teacher_id or teacher_id_of(args.teacher), "teacher id (--teacher-id)")
-    # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU.
+    # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU and no weights.
     use_ray = args.actors > 0 if args.actors is not None else ray_env.resolve_address(args.ray_address) is not None
-    device = None if use_ray else local_device(args.device)  # on Ray, the actors' device comes from the cluster
-    outputs = [o.strip() for o in args.outputs.split(",")] if args.outputs else None
-    info = teacher_info(
-        teacher, output_info(teacher, logits=args.logits, k=_topk(args, teacher), dtype=args.dtype, feature_dtype=args.feature_dtype, outputs=outputs),
-        args.format, args.precision,
-    )
-    # Everything that can be checked is checked before a store directory exists or an existing one changes.
-    check_classes(info, dataset.num_classes)
-    if teacher.input_size:
-        settings_check.check_batch_bytes(args.batch_size, teacher.input_size, "the teacher's batch")
-    store_path = args.store
-    if Store.exists(store_path):
-        made = Store(store_path)
-        if args.block is not None and args.block != made.block:
-            raise UserError(
-                f"store {made.path} has blocks of {made.block} samples, fixed when it was made: "
-                f"leave --block out (or pass --block {made.block}), or extract into a new --store"
-            )
-        plan = ViewPlan(view_recipe(args, ViewRecipe.from_dict(made.meta["plan"]["recipe"])), made.meta["plan"]["seed"] if args.plan_seed is None else args.plan_seed)
-        check_dataset(made, dataset)
-        check_plan(made, plan)
-        check_teacher_record(made, teacher_id, info)
-    else:
-        plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
+    job = extract_job(args, None if use_ray else local_device(args.device))  # on Ray, the actors' device comes from the cluster
+    ready = prepare_extract(job, load=not use_ray)  # every check, before a store directory exists or an existing one changes
     if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
         gpus_per_worker, actors, device = ray_extract.join_cluster(args)
+        job = job.replace(device=device)
+    teacher_id, info, dataset = job.id, ready.info, ready.dataset
     # Before any work, so a store of unexpected size (tokens) can be stopped at once.
-    log.info(storage_line(teacher_id, info, len(dataset), args.views))
+    log.info(storage_line(teacher_id, info, len(dataset), job.views))
     dataset.sizes()  # reads every image header: unreadable files surface now
     if note := dataset.order_note():  # shards written in class order: blocks cannot be random samples
         log.warning(note)
-    store = open_store(store_path, dataset, plan, views=args.views, block=args.block or BLOCK, size=teacher.input_size)
+    store = ready.open_store()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with run_log(store.path / "logs" / f"extract-{teacher_id}-{stamp}.log"):
-        (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump({"command": "extract", **vars(args), "func": None}).encode())
-        log.info("extract %s (%s, %s) on %s into %s: %d views x %d samples", teacher_id, info.timm_name, info.weights, device, store.path, args.views, len(dataset))
+        # The flags as given (to run the same command again) and the job they resolved to.
+        flags = {"command": "extract", **vars(args), "func": None, "job": job.to_dict()}
+        (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump(flags).encode())
+        log.info("extract %s (%s, %s) on %s into %s: %d views x %d samples", teacher_id, info.timm_name, info.weights, job.device, store.path, job.views, len(dataset))
         with store.lock_teacher(teacher_id):
             if args.repair:
                 damaged = verify.take_back_damaged(store, teacher_id)
                 log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
             if use_ray:
-                spec = ray_extract.ActorSpec(
-                    data=ray_env.source_for_workers(args.data), fingerprint=dataset.fingerprint(), store=ray_env.for_workers(store.path).url, teacher_id=teacher_id,
-                    teacher=args.teacher, weights=args.weights, random_init=args.random_init, seed=args.teacher_seed, size=args.size,
-                    info=info, device=device, batch_size=args.batch_size, workers=args.workers,
-                )
-                result = ray_extract.extract_on_ray(store, dataset, spec, views=args.views, actors=actors, gpus_per_worker=gpus_per_worker)
+                where = job.replace(data=ray_env.source_for_workers(job.data), store=ray_env.for_workers(store.path).url)
+                result = ray_extract.extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
-                result = extract(store, dataset, TeacherRunner(teacher, info, device), teacher_id, views=args.views, batch_size=args.batch_size, workers=args.workers)
+                result = ready.run()
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
         f"{result.skipped} already committed -> {store.path}"
     )
 
+
 def stats_command(args) -> None:
-    if args.teacher:
-        check_name(args.teacher, "--teacher")  # it names stats/<id> in the store
+    if args.teacher_id:
+        check_name(args.teacher_id, "--teacher-id")  # it names stats/<id> in the store
     store = Store(args.store)
     dataset = store_dataset(store, args.data)
-    for teacher_id in [args.teacher] if args.teacher else store.teacher_ids():
+    for teacher_id in [args.teacher_id] if args.teacher_id else store.teacher_ids():
         arrays = stats.write_stats(store, teacher_id, dataset.labels)
         C, D = arrays["class_means"].shape
         print(f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}")
@@ -174,7 +173,7 @@ def verify_command(args) -> None:
     dataset = None
     if args.replay > 0:
         dataset = store_dataset(store, args.data)
-    teachers = [pick_teacher(store, args.teacher)] if args.teacher else None
+    teachers = [pick_teacher(store, args.teacher_id)] if args.teacher_id else None
     report = verify.check_store(store, dataset, teachers, replay_fraction=args.replay, workers=args.workers)
     for f in report.findings:
         print(f"{f.group} view {f.view} block {f.block}: {f.problem}")
@@ -193,16 +192,3 @@ def verify_command(args) -> None:
     if not count["damaged"] and not count["replay"]:
         raise UserError(f"{store.path}: unfinished ({summary}): {'; '.join(todo)}")
     raise UserError(f"{store.path}: {count['damaged'] + count['replay']} bad unit(s) ({summary}): {'; '.join(todo)}")
-
-def _topk(args, teacher) -> int:
-    """k of stored top-k logits: --topk, at most the teacher's class count; by default 10 (or every class when fewer)."""
-    if args.topk is None:
-        return min(TOPK, teacher.num_classes) if teacher.num_classes else TOPK
-    if args.logits == "topk" and teacher.num_classes and args.topk > teacher.num_classes:
-        raise UserError(
-            f"--topk {args.topk} is more than the {teacher.num_classes} classes teacher '{teacher.spec.name}' predicts: "
-            f"pass --topk {teacher.num_classes} or less, or --logits full"
-        )
-    return args.topk
-
-TOPK = 10

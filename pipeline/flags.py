@@ -6,11 +6,9 @@ import argparse
 
 import torch
 
-from stages.data.datasets import ImageDataset, list_datasets
+from stages.data.datasets import list_datasets
 from stages.data.views import ViewRecipe
 from stages.settings import build
-from stages.teachers.teachers import build_teacher
-from stages.training.job import default_teacher_id as teacher_id_of  # noqa: F401  (extract names its teacher id with it)
 from storage import UserError
 
 from . import config
@@ -41,17 +39,6 @@ def teacher_flags(g, seed_flag: str) -> None:
     g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher)")
     g.add_argument("--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)")
     g.add_argument(seed_flag, dest="teacher_seed", type=int, default=0, help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)")
-
-def teacher_from_flags(args, dataset: ImageDataset, input_size: int | None):
-    """The teacher named by --teacher, --weights / --random-init and its seed flag."""
-    return build_teacher(
-        args.teacher,
-        weights=args.weights,
-        random_init=args.random_init,
-        num_classes=dataset.num_classes,
-        seed=args.teacher_seed,
-        input_size=input_size,
-    )
 
 def local_device(flag: str | None) -> str:
     """--device, else cuda when a GPU is visible, else cpu."""

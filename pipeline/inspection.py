@@ -17,7 +17,7 @@ TEMPERATURES = (1.0, 4.0)
 def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="what a store holds: arrays, bytes per view, top-k mass, KL of a top-k rebuild, a picture of replayed views")
     p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
-    p.add_argument("--teacher", help="teacher id to inspect (default: every teacher)")
+    p.add_argument("--teacher-id", help="teacher id in the store to inspect (default: every teacher)")
     p.add_argument("--units", type=int, default=UNITS, help=f"whole committed units read per teacher for top-k mass and KL, spread over views and blocks (default: {UNITS})")
     p.add_argument("--topk", type=int, default=TOPK, help=f"k of the top-k kept from a full-logit store when measuring mass and KL; a top-k store uses its own k (default: {TOPK})")
     p.add_argument(
@@ -82,26 +82,26 @@ def temperatures(text: str) -> tuple[float, ...]:
 
 
 def order_text(store: Store) -> str:
-    order = store.meta.get("order", {})
-    if order.get("kind") == "permuted":
-        return f"random samples: ids permuted with seed {order.get('seed')}"
+    order = store.record.order
+    if order.kind == "permuted":
+        return f"random samples: ids permuted with seed {order.seed}"
     return "in the source's order (its shards)"
 
 
 def inspect_command(args) -> None:
     store = Store(args.store)  # --units, --topk and the grid's sizes are checked by their declarations (settings_check)
     temps = temperatures(args.temperature)
-    teacher_ids = [args.teacher] if args.teacher else sorted(store.teacher_ids())
+    teacher_ids = [args.teacher_id] if args.teacher_id else sorted(store.teacher_ids())
     for tid in teacher_ids:
         store.teacher_info(tid)  # an unknown id fails here, naming the known ones, before anything prints
-    data, plan = store.meta["dataset"], store.meta["plan"]
+    data, plan = store.record.dataset, store.record.plan
     usage = store_report.group_usage(store, store.plan, store.num_views)
     out = [
         f"store {store.path}: {store.num_samples:,} samples in {store.num_blocks} blocks of {store.block} ({order_text(store)}), {store.num_views} views; "
-        f"data {data['source']} ({data['num_classes']} classes, fingerprint {data['fingerprint'][:12]})",
+        f"data {data.source} ({data.num_classes} classes, fingerprint {data.fingerprint[:12]})",
         "",
-        f"plan: seed {plan['seed']}, size {plan['size']}; {progress_line(usage)}",
-        f"recipe: {' '.join(f'{k}={_value(v)}' for k, v in plan['recipe'].items())}",
+        f"plan: seed {plan.seed}, size {plan.size}; {progress_line(usage)}",
+        f"recipe: {' '.join(f'{k}={_value(v)}' for k, v in plan.recipe.items())}",
         *usage_lines(usage),
     ]
     for tid in teacher_ids:
@@ -140,5 +140,5 @@ def save_grid(store: Store, args, teacher_ids: list[str]) -> None:
         image.save(args.grid, format="PNG")
     except OSError as e:
         raise UserError(f"cannot write --grid {args.grid}: {e}") from e
-    more = f" (of teachers {', '.join(teacher_ids)}: choose one with --teacher)" if len(teacher_ids) > 1 else ""
+    more = f" (of teachers {', '.join(teacher_ids)}: choose one with --teacher-id)" if len(teacher_ids) > 1 else ""
     print(f"grid: {len(cells) // columns} samples x {columns} views of teacher {tid}{more} -> {args.grid}")

@@ -1,7 +1,9 @@
 """Extraction on Ray: long-lived actors, each holding one teacher, take (view, block) units from a queue.
 
-The driver (the ``pipeline extract`` process) holds the teacher lock, creates
-the teacher's arrays, and hands each actor one unit to run plus the unit it
+The driver (the ``pipeline extract`` process) has checked everything against
+the store without loading the teacher's weights (``prepare_extract(load=False)``);
+it holds the teacher lock, creates the teacher's arrays, starts actors that each
+build their teacher from the same ``ExtractJob``, and hands each actor one unit to run plus the unit it
 will get next, which the actor renders in a thread while its teacher runs on
 the current one. A unit is written whole and committed by the actor
 (``stages.extract.UnitExtractor``), so a unit retried after an actor died, or
@@ -15,14 +17,12 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from stages.data.datasets import open_dataset
-from stages.teachers.extract import ExtractResult, TeacherRunner, UnitExtractor, open_teacher, pending_units
 from stages.progress import Progress
-from stages.teachers.teachers import build_teacher
-from storage import Store, TeacherRecord, UserError
+from stages.teachers.extract import ExtractResult, pending_units
+from stages.teachers.extract_job import ExtractJob, ReadyExtract, worker_extractor
+from storage import UserError
 
 from . import ray_env
 
@@ -31,43 +31,15 @@ log = logging.getLogger("pipeline")
 MAX_RESTARTS = 3  # per actor; a killed actor's unit is retried on its restarted self
 
 
-@dataclass(frozen=True)
-class ActorSpec:
-    """What an actor builds its teacher, dataset and store from: small values, no objects."""
-
-    data: str
-    fingerprint: str
-    store: str  # an absolute local path or a URL: workers do not share the driver's working directory
-    teacher_id: str
-    teacher: str
-    weights: str | None
-    random_init: bool
-    seed: int
-    size: int | None
-    info: TeacherRecord  # teacher.json as the driver wrote it
-    device: str
-    batch_size: int
-    workers: int  # loader processes per actor rendering a unit
-
-
 class ExtractActor:
-    """One teacher on one device; ``run`` commits a unit while the next unit renders in a thread.
+    """One teacher on one device, built from the job (``stages.teachers.extract_job.worker_extractor``); ``run``
+    commits a unit while the next unit renders in a thread.
 
     Plain Python, testable without Ray; ``extract_on_ray`` wraps it with ``ray.remote``.
     """
 
-    def __init__(self, spec: ActorSpec):
-
-        dataset = open_dataset(spec.data)
-        if dataset.fingerprint() != spec.fingerprint:
-            raise UserError(f"dataset {spec.data} differs on this Ray node from the driver's: every node must see the same data")
-        teacher = build_teacher(
-            spec.teacher, weights=spec.weights, random_init=spec.random_init, num_classes=dataset.num_classes, seed=spec.seed, input_size=spec.size
-        )
-        if teacher.weights != spec.info.weights:
-            raise UserError(f"teacher weights differ on this Ray node ({teacher.weights}, driver: {spec.info.weights}): every node must see the same file")
-        runner = TeacherRunner(teacher, spec.info, spec.device)
-        self.unit = UnitExtractor(Store(spec.store), dataset, runner, spec.teacher_id, batch_size=spec.batch_size, workers=spec.workers)
+    def __init__(self, job: ExtractJob):
+        self.unit = worker_extractor(job)
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-ahead")
         self.next = None  # (unit, future of its rendered batches)
 
@@ -109,16 +81,18 @@ def join_cluster(args) -> tuple[float, int, str]:
 
 
 def extract_on_ray(
-    store: Store, dataset, spec: ActorSpec, *, views: int, actors: int, gpus_per_worker: float, on_unit: Callable[[int], None] | None = None
+    ready: ReadyExtract, job: ExtractJob, *, actors: int, gpus_per_worker: float, on_unit: Callable[[int], None] | None = None
 ) -> ExtractResult:
-    """Extract ``views`` views into ``store`` with ``actors`` Ray actors; resumable, like ``stages.extract.extract``.
+    """Extract ``ready``'s job with ``actors`` Ray actors, each built from ``job`` (the same job, with the data, store and
+    device as the actors see them); resumable, like ``ReadyExtract.run``. Hold the teacher's lock.
 
     ``on_unit(rows)`` is called as each unit is committed (benchmarks time the steady state with it).
     """
     import ray
 
-    teacher_id = spec.teacher_id
-    open_teacher(store, teacher_id, spec.info, dataset.num_classes, views)
+    teacher_id, views = job.id, job.views
+    ready.open_teacher()
+    store = ready.open_store()
     units = pending_units(store, teacher_id, views)
     skipped = views * store.num_blocks - len(units)
     if skipped:
@@ -128,13 +102,13 @@ def extract_on_ray(
     rows = {b: len(store.block_range(b)) for b in range(store.num_blocks)}
     total_views = sum(rows[b] for _, b in units)
     actors = min(actors, len(units))
-    log.info("ray: %d extraction actor(s), %g GPU each, device %s", actors, gpus_per_worker, spec.device)
+    log.info("ray: %d extraction actor(s), %g GPU each, device %s", actors, gpus_per_worker, job.device)
     remote = ray.remote(ExtractActor).options(
         num_cpus=1, num_gpus=gpus_per_worker, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
     )
     progress = Progress(f"extract {teacher_id}", total_views)
     start = time.perf_counter()
-    dispatch = _Dispatch([remote.remote(spec) for _ in range(actors)], units)
+    dispatch = _Dispatch([remote.remote(job) for _ in range(actors)], units)
     try:
         for unit in dispatch.results():
             progress.what = f"extract {teacher_id}: {dispatch.done}/{len(units)} units"

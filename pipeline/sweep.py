@@ -119,6 +119,28 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     return epochs
 
 
+def _bounded(spec: SweepSpec, max_trials: int, where: str) -> SweepSpec:
+    if spec.num_trials > max_trials:  # a typo (samples: 1000000000, three grids of 100) would never start a trial
+        raise UserError(
+            f"{where} makes {spec.num_trials:,} trials ({spec.grid_size:,} grid combination(s) x {spec.samples:,} sample(s)), more than "
+            f"--max-trials {max_trials:,}: narrow the search, or raise --max-trials"
+        )
+    return spec
+
+
+def _check_same_sweep(saved: Path, record: dict, out: Path) -> None:
+    """A sweep folder resumes only the sweep it holds."""
+    if not saved.is_file():
+        return
+    before = config.load_yaml(saved)
+    changed = sorted(k for k in record if json.dumps(before.get(k), sort_keys=True) != json.dumps(json.loads(json.dumps(record[k])), sort_keys=True))
+    if changed:
+        raise UserError(
+            f"{out} holds a sweep with other settings ({', '.join(changed)} changed): run the same command to resume it, "
+            "or pass another --out for a new sweep"
+        )
+
+
 def sweep_command(args) -> None:
     from . import ray_env
 
@@ -136,12 +158,7 @@ def sweep_command(args) -> None:
             f"{args.cpus_per_trial:g}, {args.gpus_per_trial:g} and {args.max_concurrent}"
         )
     where = f"sweep {args.config}"
-    spec = load_sweep(args.config)
-    if spec.num_trials > args.max_trials:  # a typo (samples: 1000000000, three grids of 100) would never start a trial
-        raise UserError(
-            f"{where} makes {spec.num_trials:,} trials ({spec.grid_size:,} grid combination(s) x {spec.samples:,} sample(s)), more than "
-            f"--max-trials {args.max_trials:,}: narrow the search, or raise --max-trials"
-        )
+    spec = _bounded(load_sweep(args.config), args.max_trials, where)
     if args.early_stop and spec.early_stop is None:
         spec.early_stop = dict(EARLY_STOP_DEFAULTS)
     job = {
@@ -158,14 +175,7 @@ def sweep_command(args) -> None:
     max_epochs = check_sweep(spec, job, where)
     record = {"command": "sweep", "store": job["store"], "data": job["data"], "val_data": job["val_data"], **spec.to_dict()}
     saved = out / SWEEP_FILE
-    if saved.is_file():
-        before = config.load_yaml(saved)
-        changed = sorted(k for k in record if json.dumps(before.get(k), sort_keys=True) != json.dumps(json.loads(json.dumps(record[k])), sort_keys=True))
-        if changed:
-            raise UserError(
-                f"{out} holds a sweep with other settings ({', '.join(changed)} changed): run the same command to resume it, "
-                "or pass another --out for a new sweep"
-            )
+    _check_same_sweep(saved, record, out)
     from .run_files import run_log
     from .ray_sweep import join_cluster, run_sweep
 

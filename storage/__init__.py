@@ -7,6 +7,7 @@ teacher.json names; a new backend is one more module with a ``@register_backend`
 from .errors import UserError
 from .location import Location
 from .store import Store
+from .store_record import DatasetRecord, OrderRecord, PlanRecord, StoreRecord
 from .teacher_record import TeacherRecord
 from .units import ArraySpec, CommittedUnits, DamagedUnit, list_backends, register_backend
 from .zarr_units import UnitArrays  # registers "zarr" (first: the order a miss lists them in)
@@ -16,8 +17,12 @@ __all__ = [
     "ArraySpec",
     "CommittedUnits",
     "DamagedUnit",
+    "DatasetRecord",
     "Location",
+    "OrderRecord",
+    "PlanRecord",
     "Store",
+    "StoreRecord",
     "TarUnits",
     "TeacherRecord",
     "UnitArrays",

@@ -1,4 +1,4 @@
-"""One extraction per teacher at a time: a lock file beside the teacher's arrays.
+"""One writer at a time: a lock file beside a teacher's arrays (one extraction per teacher), or in a run's folder.
 
 Two writers of the same teacher would both compute every pending unit (the
 commit protocol keeps the store right, but half the work is wasted), so the
@@ -33,12 +33,14 @@ _TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # Location.write_bytes: .NAM
 log = logging.getLogger(__name__)
 
 
-class TeacherLock:
-    """``tidy``: the store, whose leftover temporary files (a writer killed between write and rename) the new holder removes:
+class WriterLock:
+    """One writer of a folder at a time (a teacher's arrays, a run's folder); ``busy`` says what the holder does.
+
+    ``tidy``: the store, whose leftover temporary files (a writer killed between write and rename) the new holder removes:
     every one in the locked teacher's own folder (nobody else writes there), elsewhere those older than a minute."""
 
-    def __init__(self, location: Location, what: str, tidy: Location | None = None):
-        self.location, self.what, self.tidy = location, what, tidy
+    def __init__(self, location: Location, what: str, tidy: Location | None = None, busy: str = "is being extracted"):
+        self.location, self.what, self.tidy, self.busy = location, what, tidy, busy
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self._stop = threading.Event()
@@ -46,7 +48,7 @@ class TeacherLock:
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "started": self.started, "heartbeat": time.time()}
 
-    def acquire(self) -> "TeacherLock":
+    def acquire(self) -> "WriterLock":
         for _ in range(2):  # a stale lock is removed once, then taken
             if self._try_create():
                 threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True).start()
@@ -60,10 +62,10 @@ class TeacherLock:
                 continue
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
             raise UserError(
-                f"{self.what} is being extracted by process {holder.get('pid')} on {holder.get('host')} since {since} "
+                f"{self.what} {self.busy} by process {holder.get('pid')} on {holder.get('host')} since {since} "
                 f"(lock {self.location}): wait for it to finish, or delete the lock file if that run is gone"
             )
-        raise UserError(f"could not take the lock {self.location}: another extraction keeps taking it; try again")
+        raise UserError(f"could not take the lock {self.location}: another process keeps taking it; try again")
 
     def _try_create(self) -> bool:
         data = json.dumps(self._record()).encode()
@@ -114,7 +116,7 @@ class TeacherLock:
         if holder is not None and holder.get("token") == self.token:
             self.location.remove()
 
-    def __enter__(self) -> "TeacherLock":
+    def __enter__(self) -> "WriterLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

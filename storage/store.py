@@ -13,7 +13,7 @@ Every group (the plan, each teacher) is written in committed (view, block)
 units (``storage.units``). Rows are laid out in the store's ``order``, fixed
 when it is created: block b is rows ``b * block .. (b + 1) * block - 1``, which
 hold samples ``order[b * block : (b + 1) * block]``. The caller chooses the
-order (``stages.store_setup``: a seeded permutation, so that every block is a
+order (``stages.cache.store_setup``: a seeded permutation, so that every block is a
 random sample of a class-ordered dataset); the store records it and checks it. The plan is always a zarr group; a teacher's
 arrays use the backend named by its teacher.json ``format``, looked up in the
 backend registry (``storage.zarr_units``, ``storage.wds``).
@@ -26,8 +26,9 @@ import numpy as np
 from .codecs import compressor
 from .errors import UserError
 from .location import Location
-from .lock import TeacherLock
+from .lock import WriterLock
 from .names import check_name
+from .store_record import DatasetRecord, OrderRecord, PlanRecord, StoreRecord
 from .teacher_record import TeacherRecord
 from .units import ArraySpec, CommittedUnits, as_location, backend, checksum
 from .zarr_units import UnitArrays
@@ -43,25 +44,18 @@ class Store:
 
     def __init__(self, path):
         self.path = as_location(path)
-        meta_file = self.path / STORE_FILE
-        if not _reachable_exists(meta_file):
+        record_file = self.path / STORE_FILE
+        if not _reachable_exists(record_file):
             raise UserError(f"no store at {self.path} (missing {STORE_FILE}): run `pipeline extract --store {self.path} ...` first")
         try:
-            self.meta = meta_file.read_json()
+            data = record_file.read_json()
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {meta_file}: {e}; the store is damaged, extract it again") from e
-        version = self.meta.get("format")
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise UserError(
-                f"store {self.path} was written by a newer pipeline (store format {version}; this one reads {FORMAT_VERSION}): "
-                "upgrade this pipeline to read it"
-            )
-        if version != FORMAT_VERSION:
-            raise UserError(
-                f"store {self.path} has store format {version}, this pipeline reads format {FORMAT_VERSION} (blocks that are random "
-                "samples of the dataset, top-k logits with their exact tail): extract it again into a new --store with the same "
-                f"`pipeline extract` flags (the ones it was made with are in {self.path / 'logs'}/extract-*.yaml)"
-            )
+            raise UserError(f"cannot read {record_file}: {e}; the store is damaged, extract it again") from e
+        _check_format(self.path, data.get("format") if isinstance(data, dict) else None)
+        try:
+            self.record = StoreRecord.from_dict(data)
+        except ValueError as e:
+            raise UserError(f"cannot read {record_file}: {e}; the store is damaged, extract it again") from e
         self._order: np.ndarray | None = None
 
     # -- creation --------------------------------------------------------------------------
@@ -71,12 +65,15 @@ class Store:
 
     @classmethod
     def create(
-        cls, path, *, meta: dict, num_samples: int, num_views: int, block: int, plan_specs: dict[str, ArraySpec], order: np.ndarray | None = None
+        cls, path, *, dataset: DatasetRecord, plan: PlanRecord, versions: dict, num_views: int, block: int,
+        plan_specs: dict[str, ArraySpec], order: np.ndarray | None = None, order_seed: int | None = None,
     ):
-        """Make a store; a creation that was stopped before store.json (a kill, a crash) is made again from the start.
+        """Make a store of ``dataset``'s samples; a creation that was stopped before store.json (a kill, a crash) is made again from the start.
 
-        ``order``: the sample id at each row position, a permutation of 0..N-1 (default: the ids in order).
+        ``order``: the sample id at each row position, a permutation of 0..N-1 (default: the ids in order);
+        ``order_seed``: the seed it was permuted with (None: it is the source's own order).
         """
+        num_samples = dataset.num_samples
         for name, value in (("samples", num_samples), ("views", num_views), ("block", block)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"a store needs at least 1 {name}, not {value}")
@@ -89,31 +86,33 @@ class Store:
         order = np.arange(num_samples, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
         if order.shape != (num_samples,) or not np.array_equal(np.sort(order), np.arange(num_samples)):
             raise ValueError(f"a store's order must be a permutation of its {num_samples} sample ids")
+        kind = "source" if order_seed is None else "permuted"
+        record = StoreRecord(
+            format=FORMAT_VERSION, num_samples=num_samples, num_views=num_views, block=block, dataset=dataset, plan=plan,
+            order=OrderRecord(kind=kind, checksum=checksum(order), seed=order_seed), versions=versions,
+        )
+        record.check()
         loc.makedirs()
         root = loc.open_group("a")
         root.create_array(ORDER_ARRAY, data=order, compressors=[compressor(order.dtype)], overwrite=True)
         UnitArrays.create(loc / "plan", plan_specs, num_views, num_samples, block)
-        meta = {
-            **meta, "format": FORMAT_VERSION, "num_samples": num_samples, "num_views": num_views, "block": block,
-            "order": {**meta.get("order", {}), "checksum": checksum(order)},
-        }
         # store.json last: a store without it is not a store, so a crash during
         # creation leaves nothing that later looks whole.
-        (loc / STORE_FILE).write_json(meta)
+        (loc / STORE_FILE).write_json(record.to_dict())
         return cls(loc)
 
     # -- shape -----------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        return self.meta["num_samples"]
+        return self.record.num_samples
 
     @property
     def num_views(self) -> int:
-        return self.meta["num_views"]
+        return self.record.num_views
 
     @property
     def block(self) -> int:
-        return self.meta["block"]
+        return self.record.block
 
     @property
     def num_blocks(self) -> int:
@@ -132,7 +131,7 @@ class Store:
                 order = np.asarray(self.path.open_group("r")[ORDER_ARRAY][:], dtype=np.int64)
             except (KeyError, FileNotFoundError, ValueError, OSError) as e:
                 raise UserError(f"store {self.path} has no readable sample order ({loc}: {type(e).__name__}); the store is damaged, extract it again") from e
-            if order.shape != (self.num_samples,) or checksum(order) != self.meta.get("order", {}).get("checksum"):
+            if order.shape != (self.num_samples,) or checksum(order) != self.record.order.checksum:
                 raise UserError(f"{loc} does not match its checksum in {STORE_FILE}: the store is damaged, extract it again")
             self._order = order
         return self._order
@@ -158,8 +157,8 @@ class Store:
         self.plan.resize_views(num_views)
         for tid in self.teacher_ids():
             self.teacher(tid).resize_views(num_views)
-        self.meta["num_views"] = num_views
-        (self.path / STORE_FILE).write_json(self.meta)
+        self.record = self.record.replace(num_views=num_views)
+        (self.path / STORE_FILE).write_json(self.record.to_dict())
 
     # -- groups ----------------------------------------------------------------------------
     @property
@@ -177,20 +176,21 @@ class Store:
             known = ", ".join(self.teacher_ids()) or "none"
             raise UserError(f"store {self.path} has no teacher '{teacher_id}' (it has: {known})")
         try:
-            # A teacher.json from before per-teacher view counts: all of the store's views were the teacher's.
-            return TeacherRecord.from_dict(loc.read_json(), default_views=self.num_views)
+            return TeacherRecord.from_dict(loc.read_json())
         except ValueError as e:  # unreadable JSON, or fields missing
             raise UserError(f"cannot read {loc}: {e}; the teacher's record is damaged, extract it again into a new --teacher-id") from e
 
     def teacher(self, teacher_id: str) -> CommittedUnits:
         return backend(self.teacher_info(teacher_id).format)(self.path / "teachers" / teacher_id, self.block)
 
-    def lock_teacher(self, teacher_id: str) -> TeacherLock:
+    def lock_teacher(self, teacher_id: str) -> WriterLock:
         """A lock that lets one extraction at a time write ``teacher_id`` (use with ``with``)."""
-        return TeacherLock(self.path / "teachers" / _plain(teacher_id) / "lock.json", f"teacher '{teacher_id}' in {self.path}", tidy=self.path)
+        return WriterLock(self.path / "teachers" / _plain(teacher_id) / "lock.json", f"teacher '{teacher_id}' in {self.path}", tidy=self.path)
 
     def create_teacher(self, teacher_id: str, info: TeacherRecord, specs: dict[str, ArraySpec]) -> CommittedUnits:
-        """Create a teacher's arrays, or reopen them; ``info`` (teacher.json) is written either way."""
+        """Create a teacher's arrays, or reopen them; ``info`` (teacher.json, with its ``views``) is written either way."""
+        if info.views is None:
+            raise ValueError("a teacher's record needs its view count (views) before its arrays are created")
         root = self.path / "teachers" / _plain(teacher_id)
         group = backend(info.format).create(root, specs, self.num_views, self.num_samples, self.block)
         (root / "teacher.json").write_json(info.to_dict())
@@ -210,6 +210,21 @@ class Store:
         if not (root / "stats.json").exists():
             return None
         return root.open_group("r")[name][:]
+
+
+def _check_format(path: Location, version) -> None:
+    """Refuse a store of another format before reading its fields: they may mean something else there."""
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(
+            f"store {path} was written by a newer pipeline (store format {version}; this one reads {FORMAT_VERSION}): "
+            "upgrade this pipeline to read it"
+        )
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"store {path} has store format {version}, this pipeline reads format {FORMAT_VERSION} (blocks that are random "
+            "samples of the dataset, top-k logits with their exact tail): extract it again into a new --store with the same "
+            f"`pipeline extract` flags (the ones it was made with are in {path / 'logs'}/extract-*.yaml)"
+        )
 
 
 def _reachable_exists(loc: Location) -> bool:

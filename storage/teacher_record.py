@@ -2,15 +2,18 @@
 
 Written once per extraction (``Store.create_teacher``) and read by every stage
 that uses the cache (``Store.teacher_info``). The JSON is the record's fields,
-flat, with the token fields and ``views`` left out while they are unset;
-``from_dict`` is the one place where the defaults for teacher.json files
-written by earlier versions of the pipeline are filled in.
+flat, with the token fields left out for a teacher without tokens. A
+teacher.json on disk always has its ``views`` (``Store.create_teacher``
+refuses a record without them); one that lacks a field is damaged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+
+_TOKEN_FIELDS = ("num_tokens", "token_dim", "token_prefix")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +41,7 @@ class TeacherRecord:
     token_dim: int | None = None
     token_prefix: int | None = None
     versions: dict  # library versions of the extraction
-    views: int | None = None  # the teacher's own view count: set when its arrays are created (open_teacher)
+    views: int | None = None  # the teacher's own view count: set when its arrays are created (open_teacher), always on disk
 
     def __post_init__(self):
         # JSON gives lists; the record keeps tuples, so two records compare by value and stay unchanged.
@@ -46,23 +49,17 @@ class TeacherRecord:
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
-    def from_dict(cls, data: dict, *, default_views: int | None = None) -> TeacherRecord:
+    def from_dict(cls, data: dict) -> TeacherRecord:
         """A record from teacher.json's contents; keys it does not know are ignored.
 
-        ``default_views``: the view count of a teacher.json written before each
-        teacher recorded its own (then every view of the store was the teacher's).
-        Raises ``ValueError`` naming the fields that are missing.
+        Raises ``ValueError`` naming the fields that are missing: every field but the token ones,
+        which a teacher that stores tokens has too.
         """
-        data = dict(data)
-        # Fields that teacher.json files from earlier versions leave implicit.
-        data.setdefault("format", "zarr")  # before the wds backend: zarr
-        data.setdefault("precision", "fp32")  # before --precision: fp32
-        if "dtype" in data:
-            data.setdefault("feature_dtype", data["dtype"])  # before int8 features: features stored in dtype
-        if default_views is not None:
-            data.setdefault("views", default_views)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING]
+        if not isinstance(data, dict):
+            raise ValueError("teacher.json must hold a JSON object")
+        optional = () if "tokens" in (data.get("outputs") or ()) else _TOKEN_FIELDS
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in fields if name not in data and name not in optional]
         if missing:
             raise ValueError(f"teacher.json lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in fields})

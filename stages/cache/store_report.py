@@ -132,16 +132,6 @@ def sample_units(committed: set[tuple[int, int]], count: int) -> list[tuple[int,
     return [units[i] for i in pick]
 
 
-def kl_full_vs_topk(logits: torch.Tensor, k: int, temperature: float = 1.0, target=None, dtype: str = "float32") -> torch.Tensor:
-    """(B,) KL(softmax(full / T) || softmax(rebuilt / T)), rebuilt from the row's top k as a ``dtype`` store keeps it.
-
-    ``target`` (B,): the classes a store would keep beside the top k (default: the top class, so nothing more).
-    """
-    logits = logits.float()  # (B, C)
-    target = logits.argmax(1) if target is None else torch.as_tensor(target)
-    return topk.kl(logits, topk.rebuilt(logits, k, target, dtype, temperature), temperature)
-
-
 def _summary(parts: list[torch.Tensor]) -> tuple[float, float]:
     x = torch.cat(parts).numpy()
     return float(x.mean()), float(np.percentile(x, 95))
@@ -247,7 +237,7 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
     ids, chosen = grid_views(store, teacher_id, samples, views)
     source = StoredViews(store, plan, store.num_views)
     param_names = list(plan.fields)
-    plan_size = store.meta["plan"]["size"]
+    plan_size = store.record.plan.size
     renderer = ViewRenderer(dataset, plan, (info.input_size,), plan_size)
     has_logits = "logits" in info.outputs
     names = teacher_rows.stored_names(info, ["logits"]) if has_logits else []

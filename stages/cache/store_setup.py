@@ -11,7 +11,7 @@ import platform
 
 import numpy as np
 
-from storage import ArraySpec, Store, UserError
+from storage import ArraySpec, DatasetRecord, PlanRecord, Store, UserError
 
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.replay import sample_order
@@ -47,50 +47,52 @@ def open_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, block
     Appending views and adding teachers keep the order the store was made with.
     """
     if not Store.exists(path):
-        permute = not dataset.sequential
-        meta = {
-            "dataset": dataset.describe(),
-            "plan": {**plan.describe(), "size": size},
-            "order": {"kind": "permuted", "seed": plan.seed} if permute else {"kind": "source"},
-            "versions": library_versions(),
-        }
-        specs = {**plan.fields, "fingerprint": FINGERPRINT}
-        order = sample_order(len(dataset), plan.seed, permute)
-        return Store.create(path, meta=meta, num_samples=len(dataset), num_views=views, block=block, plan_specs=specs, order=order)
+        return create_store(path, dataset, plan, views=views, block=block, size=size)
     store = Store(path)
     check_dataset(store, dataset)
     check_plan(store, plan)
     return store
 
 
+def create_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, block: int, size: int) -> Store:
+    """A new store for (dataset, plan), its views rendered at ``size``: see ``open_store``."""
+    permute = not dataset.sequential
+    specs = {**plan.fields, "fingerprint": FINGERPRINT}
+    order = sample_order(len(dataset), plan.seed, permute)
+    return Store.create(
+        path, dataset=DatasetRecord(**dataset.describe()), plan=PlanRecord(**plan.describe(), size=size), versions=library_versions(),
+        num_views=views, block=block, plan_specs=specs, order=order, order_seed=plan.seed if permute else None,
+    )
+
+
 def check_dataset(store: Store, dataset: ImageDataset) -> None:
-    made = store.meta["dataset"]
-    if made["fingerprint"] != dataset.fingerprint():
+    made = store.record.dataset
+    if made.fingerprint != dataset.fingerprint():
         raise UserError(
-            f"store {store.path} was made from dataset {made['source']} ({made['num_samples']} samples, "
-            f"fingerprint {made['fingerprint'][:12]}), not {dataset.source} ({len(dataset)} samples, "
+            f"store {store.path} was made from dataset {made.source} ({made.num_samples} samples, "
+            f"fingerprint {made.fingerprint[:12]}), not {dataset.source} ({len(dataset)} samples, "
             f"fingerprint {dataset.fingerprint()[:12]}): use the same --data, or a new --store"
         )
 
 
 def check_plan(store: Store, plan: ViewPlan) -> None:
-    made = store.meta["plan"]
-    if made["recipe"] != plan.recipe.to_dict() or made["seed"] != plan.seed:
+    made = store.record.plan
+    if made.recipe != plan.recipe.to_dict() or made.seed != plan.seed:
         raise UserError(
-            f"store {store.path} was made with view plan seed {made['seed']} recipe {made['recipe']}, "
+            f"store {store.path} was made with view plan seed {made.seed} recipe {made.recipe}, "
             f"not seed {plan.seed} recipe {plan.recipe.to_dict()}: use the same view settings, or a new --store"
         )
 
 
 def stored_plan(store: Store) -> ViewPlan:
     """The view plan a store was made with."""
-    made = store.meta["plan"]
-    return ViewPlan(ViewRecipe.from_dict(made["recipe"]), made["seed"])
+    made = store.record.plan
+    return ViewPlan(ViewRecipe.from_dict(made.recipe), made.seed)
 
 
 def data_source(store: Store, data: str | None) -> str:
     """The training data of a store: ``data`` (--data, where the images moved since extraction), else the store's own."""
-    return data or store.meta["dataset"]["source"]
+    return data or store.record.dataset.source
 
 
 def store_dataset(store: Store, data: str | None = None) -> ImageDataset:

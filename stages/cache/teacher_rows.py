@@ -169,14 +169,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float().unsqueeze(-1)
 
 
-def cosine_fidelity(a, b) -> dict[str, float]:
-    """Mean and minimum cosine between matching rows (last axis) of ``a`` and ``b``, e.g. float32 vs dequantised."""
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
-    return {"mean": float(cos.mean()), "min": float(cos.min())}
-
-
 def storage_bytes(info: TeacherRecord, num_samples: int, num_views: int) -> dict[str, int]:
     """Raw (uncompressed) bytes each output will take in the store, scales and top-k parts included."""
     total: dict[str, int] = {}

@@ -168,13 +168,6 @@ def logits_from_topk(rows: dict, num_classes: int, temperature: float = 1.0) -> 
     return TopK.from_rows(rows).logits(num_classes, temperature)
 
 
-def rebuilt(logits: torch.Tensor, k: int, target: torch.Tensor, dtype: str = "float16", temperature: float = 1.0) -> torch.Tensor:
-    """``logits`` (B, C) after a round trip through a top-``k`` store in ``dtype``: what a student would be given."""
-    C = logits.shape[1]
-    rows = TopK.of(logits, k, target).rows(dtype, "int32")
-    return logits_from_topk(rows, C, temperature)
-
-
 # -- fidelity: the rebuild against the full logits -------------------------------------------------
 
 
@@ -183,24 +176,3 @@ def kl(full: torch.Tensor, other: torch.Tensor, temperature: float = 1.0) -> tor
     p = torch.log_softmax(full.double() / temperature, dim=1)
     q = torch.log_softmax(other.double() / temperature, dim=1)
     return (p.exp() * (p - q)).sum(1).clamp_min(0.0)  # rounding can give -1e-17
-
-
-def gradient_cosine(loss, student: torch.Tensor, full: torch.Tensor, other: torch.Tensor) -> float:
-    """Cosine between d loss(student, full) / d student and d loss(student, other) / d student, over the whole batch.
-
-    ``loss(student_logits, teacher_logits)``: a scalar loss, e.g. ``lambda s, t: kd_loss(s, t, 4.0)``.
-    """
-    grads = []
-    for teacher in (full, other):
-        s = student.detach().double().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss(s, teacher.detach().double()), s)
-        grads.append(g.flatten())
-    a, b = grads
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
-def old_tail_clamped(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) whether the encoding before store format 2 (float16 top-k logits, ``1 - sum`` tail) clamped the row's tail."""
-    values = logits.float().topk(k, dim=1).values.half().float()
-    lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)
-    return (1.0 - torch.exp(values - lse).sum(1)) <= 0

@@ -96,7 +96,7 @@ def _check_replay(store, dataset, units, fraction, workers, seed, report) -> Non
             batch = take({**table, "unit": np.full(n, b)}, picked)
             batch["check"] = np.ones(len(picked), bool)
             batches.append(batch)
-    size = store.meta["plan"]["size"]
+    size = store.record.plan.size
     renderer = ViewRenderer(dataset, plan, (size,), size)
     for batch, rendered in render_batches(renderer, batches, param_names, workers, check_column="check"):
         got = rendered["fingerprint"].numpy()

@@ -107,8 +107,6 @@ class ShardIndex:
 
 def scan_shard(url: str) -> ShardIndex:
     """Index one shard in a single streaming pass; a sample without an image or a class is one clear line."""
-    from PIL import Image
-
     fs, path = _file_system(url)
     samples: list[dict] = []
     seen: set[str] = set()
@@ -138,19 +136,7 @@ def scan_shard(url: str) -> ShardIndex:
                         raise UserError(f"shard {url}: sample {key} appears twice, apart: a sample's members must be neighbours in the tar")
                     seen.add(key)
                     current = {"key": key}
-                data = tar.extractfile(member).read()
-                if ext == "cls":
-                    try:
-                        current["label"] = int(data.decode().strip())
-                    except (UnicodeDecodeError, ValueError):
-                        raise UserError(f"shard {url}: sample {key}: {key}.cls holds {data[:20]!r}, not a class number") from None
-                else:
-                    try:
-                        with Image.open(io.BytesIO(data)) as im:
-                            w, h = im.size
-                    except Exception as e:
-                        raise UserError(f"shard {url}: sample {key}: cannot read its image {key}.{ext} ({e}); replace or remove the sample") from None
-                    current.update(ext=ext, offset=member.offset_data, length=member.size, hw=(h, w))
+                _take_member(url, current, ext, tar.extractfile(member).read(), member)
             finish(current)
     except (tarfile.TarError, EOFError) as e:
         raise UserError(f"cannot read shard {url}: {e}; the tar file is damaged or not a tar: write it again") from None
@@ -167,6 +153,25 @@ def scan_shard(url: str) -> ShardIndex:
         length=np.asarray([s["length"] for s in samples], np.int64),
         hw=np.asarray([s["hw"] for s in samples], np.int64).reshape(-1, 2),
     )
+
+
+def _take_member(url: str, sample: dict, ext: str, data: bytes, member: tarfile.TarInfo) -> None:
+    """Add one tar member to its sample: the class of a .cls member, the place and size of an image."""
+    from PIL import Image
+
+    key = sample["key"]
+    if ext == "cls":
+        try:
+            sample["label"] = int(data.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise UserError(f"shard {url}: sample {key}: {key}.cls holds {data[:20]!r}, not a class number") from None
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception as e:
+        raise UserError(f"shard {url}: sample {key}: cannot read its image {key}.{ext} ({e}); replace or remove the sample") from None
+    sample.update(ext=ext, offset=member.offset_data, length=member.size, hw=(h, w))
 
 
 def _stamp(url: str) -> tuple[int, str]:

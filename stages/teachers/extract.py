@@ -105,9 +105,22 @@ def check_teacher_record(store: Store, teacher_id: str, info: TeacherRecord) -> 
 def open_teacher(store: Store, teacher_id: str, info: TeacherRecord, num_classes: int, views: int) -> CommittedUnits:
     """Check ``info`` against the store and any earlier extraction, then grow the store to ``views``."""
     check_classes(info, num_classes)
-    made = check_teacher_record(store, teacher_id, info)
+    return grow_teacher(store, teacher_id, info, views, check_teacher_record(store, teacher_id, info))
+
+
+def grow_teacher(store: Store, teacher_id: str, info: TeacherRecord, views: int, made: TeacherRecord | None) -> CommittedUnits:
+    """Create the teacher's arrays (or reopen them) and grow the store to ``views``, after ``info`` was checked
+    against ``made``, the record of the earlier extraction into ``teacher_id`` (None: there was none).
+
+    Call it holding the teacher's lock: the record is read again here for its view count, which only grows.
+    """
+    if made is None and teacher_id in store.teacher_ids():
+        raise UserError(
+            f"teacher '{teacher_id}' appeared in {store.path} while this extraction was starting (another `pipeline extract` made it): "
+            "run the same command again, to be checked against it"
+        )
     if made is not None:
-        views = max(views, made.views)
+        views = max(views, store.teacher_info(teacher_id).views)
     if views > store.num_views:
         log.info("store %s: adding views %d..%d", store.path, store.num_views, views - 1)
         store.add_views(views)
@@ -140,7 +153,7 @@ class UnitExtractor:
         self.group = store.teacher(teacher_id)  # created by open_teacher before any unit runs
         self.param_names = list(self.plan.fields)
         self.sizes = dataset.sizes()
-        self.renderer = ViewRenderer(dataset, self.plan, (runner.teacher.input_size,), store.meta["plan"]["size"])
+        self.renderer = ViewRenderer(dataset, self.plan, (runner.teacher.input_size,), store.record.plan.size)
 
     def unit_table(self, v: int, b: int, plan_stored: bool) -> Table:
         """The unit's rows and view parameters: read from the plan when stored, else drawn (same values)."""
@@ -197,8 +210,16 @@ def extract(
     batch_size: int = 64,
     workers: int = 0,
 ) -> ExtractResult:
-    """Extract ``views`` views of every sample into ``store`` under ``teacher_id``; resumable."""
+    """Check the teacher against ``store`` (``open_teacher``), then extract ``views`` views of every sample into it
+    under ``teacher_id``; resumable."""
     open_teacher(store, teacher_id, runner.info, dataset.num_classes, views)
+    return extract_units(store, dataset, runner, teacher_id, views=views, batch_size=batch_size, workers=workers)
+
+
+def extract_units(
+    store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, views: int, batch_size: int = 64, workers: int = 0
+) -> ExtractResult:
+    """Extract the pending units of the first ``views`` views of a teacher whose arrays exist (``open_teacher``)."""
     units = pending_units(store, teacher_id, views)
     skipped = views * store.num_blocks - len(units)
     if skipped:

@@ -94,7 +94,7 @@ class CachedEnsemble(TeacherSource):
     def __init__(self, store: Store, teacher_ids: list[str], needs, weights: list[float] | None = None):
         if set(needs) - {"logits"}:
             raise UserError(
-                f"several teachers are averaged over their logits; a method that reads {', '.join(sorted(set(needs) - {'logits'}))} takes one --teacher"
+                f"several teachers are averaged over their logits; a method that reads {', '.join(sorted(set(needs) - {'logits'}))} takes one --teacher-id"
             )
         weights = weights or [1.0] * len(teacher_ids)
         if len(weights) != len(teacher_ids) or min(weights) < 0 or sum(weights) <= 0:
@@ -136,7 +136,7 @@ class LiveTeacher(TeacherSource):
 
 
 def pick_teacher(store: Store, requested: str | None) -> str:
-    """The teacher id named by --teacher, or the store's only one."""
+    """The teacher id named by --teacher-id, or the store's only one."""
     ids = store.teacher_ids()
     if requested:
         store.teacher_info(requested)  # names the known teachers when it is not there
@@ -145,11 +145,11 @@ def pick_teacher(store: Store, requested: str | None) -> str:
         return ids[0]
     if not ids:
         raise UserError(f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first")
-    raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher")
+    raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher-id")
 
 
 def cached_teacher(store: Store, teacher: str | None, teacher_weights: str | None, needs) -> TeacherSource | None:
-    """The cached teacher(s) named by --teacher (one id, or a,b averaged with --teacher-weights); None when the method needs none."""
+    """The cached teacher(s) named by --teacher-id (one id, or a,b averaged with --teacher-weights); None when the method needs none."""
     if not needs:
         return None
     if teacher and "," in teacher:

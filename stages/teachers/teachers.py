@@ -171,13 +171,33 @@ class Teacher(nn.Module):
         return token_prefix(self.model)
 
 
-def _classes_in(state_dict: dict, model_name: str) -> int:
-    """The classifier width stored in a state dict (0 when it has no classifier)."""
+def _classes_in(shapes: dict[str, tuple[int, ...]], model_name: str) -> int:
+    """The classifier width in a state dict's tensor shapes (0 when it has no classifier)."""
     classifier = getattr(timm.models.get_pretrained_cfg(model_name), "classifier", None) or "head"
     for key in (f"{classifier}.weight", f"{classifier}.fc.weight", "fc.weight", "head.weight", "head.fc.weight"):
-        if key in state_dict:
-            return int(state_dict[key].shape[0])
+        if key in shapes:
+            return int(shapes[key][0])
     return 0
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a weights file: a safetensors file's header alone, else the checkpoint read as timm reads it."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:
+            raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
+    return {k: tuple(getattr(v, "shape", ())) for k, v in _read_state_dict(path).items()}
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        return timm.models.load_state_dict(str(path), use_ema=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -198,6 +218,7 @@ def build_teacher(
     num_classes: int | None = None,
     seed: int = 0,
     input_size: int | None = None,
+    load: bool = True,
 ) -> Teacher:
     """Load a frozen teacher.
 
@@ -205,6 +226,9 @@ def build_teacher(
     random_init: no weights, initialised from ``seed`` (tests); ``num_classes`` from the dataset.
     neither: the hub weights of the spec's timm model (the usual hub cache), failing fast offline.
     input_size: render size; ``None`` keeps the teacher's own.
+    load: ``False`` describes the teacher without its weights, for a process that only needs its record (a Ray
+    driver): the model is built on torch's "meta" device (shapes, no memory), its class count read from the weights
+    file's header or timm's pretrained config; the weights are identified as when loaded (a file's sha256).
     """
     spec = resolve_teacher(name)
     if input_size is not None:
@@ -214,6 +238,8 @@ def build_teacher(
     kwargs = dict(spec.kwargs)
     if random_init:
         nc = num_classes if "logits" in spec.outputs else 0
+        if not load:
+            return Teacher(spec, _shapes_only(spec.timm_name, num_classes=nc, **kwargs), weights=f"random-init:seed={seed}")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=nc, **kwargs)
@@ -223,8 +249,10 @@ def build_teacher(
         if not path.is_file():
             raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
         spec = _with_file_metadata(spec, path, input_size)
-        return Teacher(spec, _load_file(spec, path, kwargs), weights=f"sha256:{file_sha256(path)}")
+        return Teacher(spec, _from_file(spec, path, kwargs, load), weights=f"sha256:{file_sha256(path)}")
     if _hub_reachable():
+        if not load:  # the hub weights have the classes of timm's pretrained config, the default of create_model
+            return Teacher(spec, _shapes_only(spec.timm_name, **kwargs), weights=f"hub:{spec.timm_name}")
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as e:
@@ -237,7 +265,24 @@ def build_teacher(
             f"teacher '{name}' needs the hub weights of {spec.timm_name}, which are not in the local hub cache, "
             "and the hub cannot be reached: download them elsewhere and pass --weights FILE (safetensors or torch checkpoint)"
         )
-    return Teacher(spec, _load_file(spec, Path(cached), kwargs), weights=f"hub:{spec.timm_name}")
+    return Teacher(spec, _from_file(spec, Path(cached), kwargs, load), weights=f"hub:{spec.timm_name}")
+
+
+def default_teacher_id(name: str) -> str:
+    """The id a teacher gets in a store when none is given: its name, as a plain file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _shapes_only(timm_name: str, **kwargs) -> nn.Module:
+    """The model on torch's "meta" device: every shape (classes, width, tokens through a dry forward), no weights."""
+    with torch.device("meta"):
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+def _from_file(spec: TeacherSpec, path: Path, kwargs: dict, load: bool) -> nn.Module:
+    if load:
+        return _load_file(spec, path, kwargs)
+    return _shapes_only(spec.timm_name, num_classes=_classes_in(_file_shapes(path), spec.timm_name), **kwargs)
 
 
 def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -> TeacherSpec:
@@ -263,6 +308,11 @@ def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -
     )
 
 
+def hub_weights_reachable(timm_name: str) -> bool:
+    """Whether timm's pretrained weights of ``timm_name`` can be had now: in the hub cache, or from the hub (quickly checked)."""
+    return _cached_hub_file(timm_name) is not None or _hub_reachable()
+
+
 def _cached_hub_file(timm_name: str) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -277,11 +327,8 @@ def _cached_hub_file(timm_name: str) -> str | None:
 
 def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
     """A timm model with weights from a local file; its class count comes from the file."""
-    try:
-        state_dict = timm.models.load_state_dict(str(path), use_ema=True)
-    except Exception as e:
-        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
-    nc = _classes_in(state_dict, spec.timm_name)
+    state_dict = _read_state_dict(path)
+    nc = _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
     del state_dict
     try:
         # Through timm's loader so each model's checkpoint filter runs (position

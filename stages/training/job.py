@@ -11,7 +11,6 @@ runs the loop. How a run is spread (in this process, Ray Train workers, a Tune t
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ..data.views import ViewPlan
 from ..methods import method_class
 from ..settings import check_batch_bytes
 from ..teachers.teacher_sources import LiveTeacher, TeacherSource, cached_teacher
-from ..teachers.teachers import build_teacher
+from ..teachers.teachers import build_teacher, default_teacher_id
 from .distill import EpochHooks, TrainResult, check_repeats, train
 from .settings import TrainSettings
 
@@ -112,7 +111,3 @@ def _live_teacher(online: OnlineTeacher, teacher_id: str | None, store: Store, d
     means = stats.class_means(store, cached_id) if cached_id in store.teacher_ids() else None
     return LiveTeacher(live.to(device or "cpu"), needs, class_means=means)
 
-
-def default_teacher_id(name: str) -> str:
-    """The id a teacher gets in a store when none is given: its name, as a plain file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

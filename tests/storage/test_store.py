@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 import json
+import re
 
 import numpy as np
 import pytest
 
 from conftest import make_record
-from storage import ArraySpec, Store, TeacherRecord, UserError, list_backends
+from storage import ArraySpec, DatasetRecord, PlanRecord, Store, TeacherRecord, UserError, list_backends
 from storage.store import FORMAT_VERSION
 from storage.units import checksum
 
 SPECS = {"crop": ArraySpec((4,), "float32"), "flip": ArraySpec((), "uint8")}
+PLAN = PlanRecord(recipe={"crop_scale": [0.08, 1.0]}, seed=0, size=32)
+
+
+def _dataset(n: int) -> DatasetRecord:
+    return DatasetRecord(source="test", fingerprint="f" * 32, num_samples=n, num_classes=2, classes=("a", "b"))
+
+
+def _create(path, n: int, views: int, block: int) -> Store:
+    return Store.create(path, dataset=_dataset(n), plan=PLAN, versions={"numpy": "1"}, num_views=views, block=block, plan_specs=SPECS)
 
 
 def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -24,7 +34,7 @@ def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
 @pytest.fixture
 def store(tmp_path) -> Store:
     # 70 samples in blocks of 32: blocks of 32, 32 and 6 rows.
-    return Store.create(tmp_path / "s", meta={"dataset": {"source": "test"}}, num_samples=70, num_views=2, block=32, plan_specs=SPECS)
+    return _create(tmp_path / "s", 70, views=2, block=32)
 
 
 def test_create_open_round_trip(store, tmp_path):
@@ -35,7 +45,9 @@ def test_create_open_round_trip(store, tmp_path):
     reopened = Store(tmp_path / "s")
     assert (reopened.num_samples, reopened.num_views, reopened.block, reopened.num_blocks) == (70, 2, 32, 3)
     assert reopened.block_range(2) == range(64, 70)
-    assert reopened.meta["dataset"] == {"source": "test"} and reopened.meta["format"] == FORMAT_VERSION
+    record = reopened.record
+    assert record.dataset == _dataset(70) and record.plan == PLAN and record.format == FORMAT_VERSION and record.versions == {"numpy": "1"}
+    assert (record.num_samples, record.num_views, record.block, record.order.kind, record.order.seed) == (70, 2, 32, "source", None)
     plan = reopened.plan
     assert plan.names == ["crop", "flip"]
     assert plan.committed() == {(0, 1), (1, 2)}
@@ -148,12 +160,12 @@ def test_create_refuses_a_directory_that_is_not_empty(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file.txt").write_text("mine")
     with pytest.raises(UserError, match="not a store"):
-        Store.create(tmp_path / "busy", meta={}, num_samples=10, num_views=1, block=8, plan_specs=SPECS)
+        _create(tmp_path / "busy", 10, views=1, block=8)
     assert (tmp_path / "busy" / "file.txt").read_text() == "mine"
 
 
 def test_any_block_size_makes_a_working_store(tmp_path):
-    store = Store.create(tmp_path / "s", meta={}, num_samples=700, num_views=1, block=300, plan_specs=SPECS)
+    store = _create(tmp_path / "s", 700, views=1, block=300)
     data = _unit(300, 0)
     store.plan.write_unit(0, 1, data)
     np.testing.assert_array_equal(store.plan.read_unit(0, 1)["crop"], data["crop"])
@@ -185,16 +197,54 @@ def test_teacher_json_is_the_records_fields_and_reads_back_equal(store, tmp_path
     assert TeacherRecord.from_dict(on_disk) == record
 
 
-def test_teacher_json_from_older_pipelines_gets_its_defaults(store, tmp_path):
-    """Before wds (format), --precision, int8 features (feature_dtype) and per-teacher view counts (views)."""
-    old = {k: v for k, v in make_record("old", dtype="float32", feature_dtype="float32").to_dict().items()
-           if k not in ("format", "precision", "feature_dtype", "views")}
-    store.create_teacher("old", make_record("old"), {"features": ArraySpec((4,), "float16")})
-    (tmp_path / "s" / "teachers" / "old" / "teacher.json").write_text(json.dumps(old))
-    info = Store(tmp_path / "s").teacher_info("old")
-    assert (info.format, info.precision, info.feature_dtype, info.views) == ("zarr", "fp32", "float32", store.num_views)
-    with pytest.raises(ValueError, match="lacks timm_name"):
-        TeacherRecord.from_dict({k: v for k, v in old.items() if k != "timm_name"})
+@pytest.mark.parametrize("field", ["format", "precision", "feature_dtype", "views", "timm_name"])
+def test_a_teacher_json_lacking_a_field_is_refused_in_one_line(store, tmp_path, field):
+    """No defaults for files of earlier pipelines (their store format is refused anyway): a missing field is damage."""
+    store.create_teacher("old", make_record("old", views=2), {"features": ArraySpec((4,), "float16")})
+    path = tmp_path / "s" / "teachers" / "old" / "teacher.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != field}))
+    with pytest.raises(UserError, match=f"cannot read .*teacher.json: teacher.json lacks {field}; .*extract it again"):
+        Store(tmp_path / "s").teacher_info("old")
+    with pytest.raises(ValueError, match="views"):
+        store.create_teacher("new", make_record("new"), {"features": ArraySpec((4,), "float16")})  # a record without its view count
+
+
+def test_tokens_fields_are_needed_only_with_tokens():
+    record = make_record("t", views=1).to_dict()
+    assert TeacherRecord.from_dict(record).num_tokens is None
+    with pytest.raises(ValueError, match="lacks num_tokens, token_dim, token_prefix"):
+        TeacherRecord.from_dict({**record, "outputs": ["features", "tokens"]})
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda d: d.pop("block"), "field 'block' is missing"),
+        (lambda d: d["plan"].pop("size"), "field 'plan.size' is missing"),
+        (lambda d: d["plan"].update(size="32"), "field 'plan.size' must be a whole number of at least 1, not '32'"),
+        (lambda d: d["dataset"].update(fingerprint=7), "field 'dataset.fingerprint' must be a non-empty string, not 7"),
+        (lambda d: d["order"].update(kind="shuffled"), "field 'order.kind' must be one of permuted, source, not 'shuffled'"),
+        (lambda d: d.update(num_views=True), "field 'num_views' must be a whole number of at least 1, not True"),
+        (lambda d: d["dataset"].update(num_samples=71), "field 'dataset.num_samples' is 71, but the store's arrays have num_samples 70 rows"),
+        (lambda d: d["dataset"].update(classes=["a"]), "field 'dataset.classes' names 1 classes, but 'dataset.num_classes' is 2"),
+        (lambda d: d.update(versions=[]), "field 'versions' must be an object"),
+    ],
+)
+def test_a_damaged_store_json_field_is_one_user_error_naming_the_file_and_field(store, tmp_path, change, problem):
+    path = tmp_path / "s" / "store.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=f"cannot read .*store.json: {re.escape(problem)}.*; the store is damaged, extract it again"):
+        Store(tmp_path / "s")
+
+
+def test_store_json_is_the_records_fields_and_grows_with_the_views(store, tmp_path):
+    on_disk = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert on_disk == store.record.to_dict() and on_disk["order"] == {"kind": "source", "checksum": checksum(np.arange(70))}
+    assert on_disk["dataset"]["classes"] == ["a", "b"] and on_disk["plan"] == {"recipe": {"crop_scale": [0.08, 1.0]}, "seed": 0, "size": 32}
+    store.add_views(3)
+    assert Store(tmp_path / "s").record == store.record.replace(num_views=3) and store.num_views == 3
 
 
 def test_a_damaged_teacher_json_or_unknown_backend_is_one_user_error(store, tmp_path):
@@ -215,7 +265,7 @@ def test_a_new_lock_holder_removes_temporary_files_of_killed_writers(tmp_path):
     import time
 
     from storage import Location
-    from storage.lock import TeacherLock
+    from storage.lock import WriterLock
 
     root = tmp_path / "store"
     own = root / "teachers" / "t" / "commits"
@@ -229,7 +279,7 @@ def test_a_new_lock_holder_removes_temporary_files_of_killed_writers(tmp_path):
     os.utime(old, (time.time() - 120, time.time() - 120))
     keep = own / "v000000-b000002.json"
     keep.write_text("{}")
-    with TeacherLock(Location(str(root / "teachers" / "t" / "lock.json")), "teacher 't'", tidy=Location(str(root))):
+    with WriterLock(Location(str(root / "teachers" / "t" / "lock.json")), "teacher 't'", tidy=Location(str(root))):
         pass
     left = sorted(p.name for p in root.rglob("*") if p.is_file())
     assert left == sorted([keep.name, young.name])

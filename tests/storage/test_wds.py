@@ -19,7 +19,7 @@ from stages.teachers.teacher_sources import CachedTeacher
 from stages.teachers.extract import TeacherRunner, extract, open_teacher, teacher_info
 from stages.cache.store_setup import open_store, stored_plan
 from stages.data.replay import StoredViews
-from storage import ArraySpec, Store, UserError
+from storage import ArraySpec, DatasetRecord, PlanRecord, Store, UserError
 from storage.location import Location
 from storage.wds import TarUnits, wds_urls
 
@@ -53,7 +53,13 @@ def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
 @pytest.fixture
 def store(tmp_path) -> Store:
     # 70 samples in blocks of 32: blocks of 32, 32 and 6 rows.
-    return Store.create(tmp_path / "s", meta={}, num_samples=70, num_views=2, block=32, plan_specs={"flip": ArraySpec((), "uint8")})
+    return _bare_store(tmp_path / "s", {"flip": ArraySpec((), "uint8")})
+
+
+def _bare_store(path, plan_specs) -> Store:
+    """70 samples in blocks of 32 (32, 32 and 6 rows), 2 views, no images behind them."""
+    dataset = DatasetRecord(source="test", fingerprint="f", num_samples=70, num_classes=1, classes=("a",))
+    return Store.create(path, dataset=dataset, plan=PlanRecord(recipe={}, seed=0, size=32), versions={}, num_views=2, block=32, plan_specs=plan_specs)
 
 
 @pytest.fixture
@@ -126,7 +132,7 @@ def test_stored_bytes_of_committed_units_leave_out_a_killed_writers_unit(store, 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_stored_bytes_in_a_bucket_leave_out_a_killed_writers_unit(s3, backend):
     url = f"s3://{BUCKET}/stored-bytes-{backend}"
-    _check_stored_bytes_leave_out_uncommitted(Store.create(url, meta={}, num_samples=70, num_views=2, block=32, plan_specs={}), backend)
+    _check_stored_bytes_leave_out_uncommitted(_bare_store(url, {}), backend)
 
 
 def _check_stored_bytes_leave_out_uncommitted(store, backend):
@@ -277,10 +283,10 @@ def test_one_teacher_id_keeps_one_format(store_copy, teacher1):
     info = teacher_info(teacher1, teacher_rows.output_info(teacher1, logits="full", dtype="float32"), "wds")
     with pytest.raises(UserError, match="other format.*format=zarr.*--teacher-id"):
         open_teacher(store, "t1", info, 10, VIEWS)
-    # teacher.json from before the format key means zarr, and matches it.
-    path = store_copy / "teachers" / "t1" / "teacher.json"
-    old = json.loads(path.read_text())
-    old.pop("format", None)
-    path.write_text(json.dumps(old))
     open_teacher(store, "t1", info.replace(format="zarr"), 10, VIEWS)
     assert Store(store_copy).teacher_info("t1").format == "zarr"
+    # A teacher.json without its format key is damaged, not zarr by default.
+    path = store_copy / "teachers" / "t1" / "teacher.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "format"}))
+    with pytest.raises(UserError, match="teacher.json lacks format"):
+        open_teacher(Store(store_copy), "t1", info.replace(format="zarr"), 10, VIEWS)

@@ -1,8 +1,8 @@
 """Distillation on Ray Train, on a real two-node cluster on loopback (one CPU per node, one worker each).
 
 The cluster tests run the real command line as a subprocess against one small
-store of learnable fake data (20 class colours under noise). Starting the
-cluster costs about 20 s and each Ray Train run 30-90 s here, so there are
+store of learnable fake data (20 class colours under noise), on the session's
+one cluster (conftest's ``cluster``). Each Ray Train run costs 30-90 s here, so there are
 two: one 2-worker run that loses a worker mid-run is checked for its outputs
 and its restart and compared with a 1-process run, then resumed for more epochs.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUCKET, SIZE, make_teacher, runner_for
-from ray_cluster import two_node_cluster, worker_pids
+from ray_cluster import worker_pids
 from safetensors.torch import load_file
 
 from stages.data.datasets import open_dataset
@@ -83,7 +83,7 @@ def test_a_checkpoint_location_some_node_cannot_see_leaves_no_folder(store, tmp_
     monkeypatch.setattr(ray_env, "connect", lambda address: None)  # no cluster: the visibility answer is the point
     monkeypatch.setattr(ray_env, "check_visible", check_visible)
     out = tmp_path / "run"
-    assert main(_argv(store, out, "--workers", "2")[3:]) == 2
+    assert main(_argv(store, out, "--ray-workers", "2")[3:]) == 2
     assert "checkpoint location" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (out / "ray").exists()
 
@@ -96,7 +96,7 @@ def test_checkpoints_go_to_a_url_and_resume_from_it(s3, store, tmp_path):
     """--checkpoints s3://...: every epoch lands in the bucket, nothing under OUT/ray, and --resume reads it back."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the s3 fixture's AWS_* settings included
     url, out = f"s3://{BUCKET}/runs/a", tmp_path / "run"
-    first = subprocess.run(_argv(store, out, "--workers", "1", "--epochs", "2", "--checkpoints", url), env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(_argv(store, out, "--ray-workers", "1", "--epochs", "2", "--checkpoints", url), env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/a/distill/")["Contents"]}
     for epoch in (1, 2):
@@ -105,19 +105,13 @@ def test_checkpoints_go_to_a_url_and_resume_from_it(s3, store, tmp_path):
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
 
-    more = subprocess.run(_argv(store, out, "--workers", "1", "--epochs", "3", "--checkpoints", url, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    more = subprocess.run(_argv(store, out, "--ray-workers", "1", "--epochs", "3", "--checkpoints", url, "--resume"), env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
     assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3] and _metrics(out)[:2] == metrics
     assert "runs/a/distill/epoch-0003/state.pt" in {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/a/")["Contents"]}
 
 
 # -- on the cluster --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with two_node_cluster() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +151,7 @@ def two_workers(cluster, store, tmp_path_factory) -> dict:
     what it wrote is captured before the resume test extends it.
     """
     out = tmp_path_factory.mktemp("two") / "run"
-    argv = _argv(store, out, "--ray-address", cluster.address, "--workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS))
+    argv = _argv(store, out, "--ray-address", cluster.address, "--ray-workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS))
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed, registered = None, 0
@@ -219,7 +213,7 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
     """
     from pipeline.cli import main
 
-    assert main(_argv(store, tmp_path / "one", "--workers", "0", "--batch-size", "32", "--epochs", str(EPOCHS))[3:]) == 0
+    assert main(_argv(store, tmp_path / "one", "--ray-workers", "0", "--batch-size", "32", "--epochs", str(EPOCHS))[3:]) == 0
     one = _metrics(tmp_path / "one")[-1]["val_top1"]
     two = two_workers["metrics"][-1]["val_top1"]
     print(f"val top-1 after {EPOCHS} epochs: 1 worker {one:.4f}, 2 workers {two:.4f}")
@@ -230,7 +224,7 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_a_stopped_run_from_its_last_checkpoint(two_workers, cluster, store):
     out = two_workers["out"]
-    proc = _distill(cluster, store, out, "--workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS + 2), "--resume")
+    proc = _distill(cluster, store, out, "--ray-workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS + 2), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == list(range(1, EPOCHS + 3))
@@ -238,7 +232,7 @@ def test_resume_continues_a_stopped_run_from_its_last_checkpoint(two_workers, cl
     assert _run_record(out)["starts"] == [*two_workers["run"]["starts"], EPOCHS]
     assert f"continuing from the checkpoint after epoch {EPOCHS} of {EPOCHS + 2}" in proc.stdout + proc.stderr
     # Settings other than --epochs would continue another run's weights: refused.
-    bad = _distill(cluster, store, out, "--workers", "2", "--batch-size", "8", "--epochs", "9", "--resume")
+    bad = _distill(cluster, store, out, "--ray-workers", "2", "--batch-size", "8", "--epochs", "9", "--resume")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --resume with other settings")
 
 
@@ -265,7 +259,7 @@ def _train_workers(cluster) -> list[int]:
 @pytest.mark.slow
 def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(cluster, store, tmp_path):
     t0 = time.perf_counter()
-    proc = _distill(cluster, store, tmp_path / "gpu", "--workers", "2", "--gpus-per-worker", "1", timeout=60)
+    proc = _distill(cluster, store, tmp_path / "gpu", "--ray-workers", "2", "--gpus-per-worker", "1", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: 1 GPU per worker was asked for but the Ray cluster has 0 GPUs"), line

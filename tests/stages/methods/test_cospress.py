@@ -191,14 +191,3 @@ def test_a_student_whose_grid_differs_from_the_caches_is_refused_before_training
     settings = TrainSettings(student=VIT["student"], student_kwargs={**VIT["student_kwargs"], "patch_size": 16}, method="cospress", epochs=1, batch_size=16, size=32)
     with pytest.raises(UserError, match="token grid does not match"):
         train(settings, train_data, None, views, plan, CachedTeacher(store, "vit", ("tokens",)))
-
-
-def test_the_cospress_demo_caches_a_vit_teachers_tokens_and_prints_its_table(tmp_path, capsys):
-    from pipeline.cli import main
-
-    out = tmp_path / "demo"
-    assert main(["--quiet", "demo", "--method", "cospress", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out)]) == 0
-    table = capsys.readouterr().out
-    assert "student distilled (cospress, cache)" in table and "linear classifier trained on the detached features" in table
-    assert (out / "store" / "teachers" / "teacher" / "tokens").is_dir()
-    assert len(list(out.glob("student-cospress-*/student.safetensors"))) == 2

@@ -192,8 +192,10 @@ def test_gpd_trains_from_a_store_and_saves_a_plain_timm_student(base_store, trai
     assert {"train_ce", "train_wide_ce", "train_dkd", "train_wide_dkd", "train_sce", "val_top1", "val_top1_ema"} <= set(line)
     assert all(np.isfinite(v) for v in line.values())
     plain = timm.create_model(STUDENT["student"], pretrained=False, num_classes=10, **STUDENT["student_kwargs"])
-    plain.load_state_dict(load_file(tmp_path / "student_ema.safetensors"))  # the EMA's student, exported the same way
+    plain.load_state_dict(load_file(tmp_path / "ema" / "model.safetensors"))  # the EMA's student, exported the same way
     plain.load_state_dict(load_file(tmp_path / "student.safetensors"))  # strict: exactly the student's keys and shapes, no GPD code
+    for folder in (tmp_path, tmp_path / "ema"):  # timm's own loader builds the plain student from each folder
+        assert timm.create_model(f"local-dir:{folder}", pretrained=True).default_cfg["architecture"] == STUDENT["student"]
     plain.eval()
     result.model.eval()
     x = images()
@@ -228,7 +230,7 @@ def _ddp_worker(rank, world, port, store_path, out):
         store = Store(store_path)
         plan = stored_plan(store)
         settings = TrainSettings(**STUDENT, method="gpd", epochs=1, batch_size=16, size=32, clip_grad=5.0)
-        result = train(settings, open_dataset(store.meta["dataset"]["source"]), None, StoredViews(store, plan), plan, CachedTeacher(store, "t1", ("logits",)))
+        result = train(settings, open_dataset(store.record.dataset.source), None, StoredViews(store, plan), plan, CachedTeacher(store, "t1", ("logits",)))
         torch.save({"metrics": result.metrics, "weights": result.model.state_dict()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -259,13 +261,3 @@ def test_pipeline_train_runs_gpd_from_scratch_and_distill_refuses_an_unsupported
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot widen student mobilenetv3_small_050" in err and "gpd supports timm ResNets" in err and "\n" not in err
-
-
-def test_the_gpd_demo_prints_its_table(tmp_path, capsys):
-    from pipeline.cli import main
-
-    out = tmp_path / "demo"
-    assert main(["--quiet", "demo", "--method", "gpd", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out)]) == 0
-    assert "student distilled (gpd, cache)" in capsys.readouterr().out
-    for weights in out.glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
-        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from conftest import STUDENT
-from pipeline import cli, config, distill_command, sweep
+from pipeline import cli, config, distill_command, sweep_spec
 from ray_cluster import _cmdline, _with_descendants
 from stages.training.run_metrics import read_metrics
 
@@ -62,11 +62,13 @@ BAD = {
     "method argument of one method only": ({"method_args": {"kd_weight": 2.0}, "search": {"method": ["kd", "dkd"]}}, "method 'dkd' has no setting kd_weight"),
     "unknown method": ({"search": {"method": ["kd", "kdd"]}}, "unknown method 'kdd'"),
     "wrong type": ({"search": {"epochs": [2, 2.5]}}, "trial epochs=2.5: epochs"),
-    "unknown teacher": ({"search": {"teacher": ["t1", "t9"]}}, "t9"),
+    "unknown teacher": ({"search": {"teacher_id": ["t1", "t9"]}}, "t9"),
     "label fraction": ({"search": {"label_fraction": {"uniform": [0.5, 1.5]}}}, "trial label_fraction=1.5: label_fraction"),
     "randint of fractions": ({"search": {"epochs": {"randint": [1, 2.5]}}}, "randint takes [LOW, HIGH], whole numbers"),
     "randint from zero epochs": ({"search": {"epochs": {"randint": [0, 2]}}}, "trial epochs=0: epochs"),
     "student argument": ({"search": {"student_kwargs.chanels": [[8, 16, 32, 64]]}}, "bad student settings for resnet10t"),
+    "a billion samples": ({"samples": 1_000_000_000, "search": {"lr": {"uniform": [0.1, 0.2]}}}, "1,000,000,000 trials"),
+    "a million grid points": ({"search": {"lr": list(range(1, 101)), "seed": list(range(100)), "label_seed": list(range(100))}}, "more than --max-trials 1,000"),
 }
 
 
@@ -97,7 +99,7 @@ def test_online_flag_and_missing_inputs_are_one_line(base_store, tmp_path, capsy
 def test_shipped_sweep_files_parse():
     files = sorted((config.CONFIG_DIR / "sweeps").glob("*.yaml"))
     assert files
-    specs = {f.stem: sweep.load_sweep(f) for f in files}
+    specs = {f.stem: sweep_spec.load_sweep(f) for f in files}
     assert specs["digits_methods"].num_trials == 4
     assert specs["random_lr"].num_trials == 16 and specs["random_lr"].early_stop == {"grace_epochs": 2, "reduction_factor": 2}
     assert {a.name: a.kind for a in specs["random_lr"].axes} == {"lr": "loguniform", "weight_decay": "choice", "method_args.temperature": "uniform", "seed": "grid"}
@@ -106,26 +108,27 @@ def test_shipped_sweep_files_parse():
 def test_randint_draws_every_whole_number_from_low_to_high():
     from pipeline.ray_sweep import param_space
 
-    spec = sweep.parse_sweep({"search": {"seed": {"randint": [1, 3]}}}, "test")
+    spec = sweep_spec.parse_sweep({"search": {"seed": {"randint": [1, 3]}}}, "test")
     domain = param_space(spec)["seed"]
     assert set(domain.sample(size=200)) == {1, 2, 3}
 
 
 def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, tmp_path):
-    """A trial's settings file and flags, read by distill's own parser and train_settings, give what `distill --config` gives."""
-    spec = sweep.parse_sweep({**FIXED, "method_args": {"ce_weight": 0.5}, "search": {"method": ["kd", "dkd"], "method_args.temperature": [4.0]}}, "test")
-    job = {"store": str(base_store), "device": "cpu", "data": None, "val_data": None}
+    """A trial's job, made from the sweep's settings without any command line, is the job `pipeline distill --config
+    OUT/settings.yaml` makes from the settings file the trial leaves (its command to rerun by hand)."""
+    spec = sweep_spec.parse_sweep({**FIXED, "method_args": {"ce_weight": 0.5}, "search": {"method": ["kd", "dkd"], "method_args.temperature": [4.0]}}, "test")
+    base = {"store": str(base_store), "data": None, "val_data": None}
     for method in ("kd", "dkd"):
         out = tmp_path / method
-        settings = sweep.trial_settings(spec.fixed, {"method": method, "method_args.temperature": 4.0})
-        sweep.write_trial_settings(settings, out)
-        argv = sweep.distill_argv(job, settings, out)
-        assert argv[:1] == ["distill"] and argv[argv.index("--workers") + 1] == "0" and argv[argv.index("--out") + 1] == str(out)
-        resolved = distill_command.train_settings(sweep.parse_distill(argv))
-        recipe = config.recipe(f"methods/{method}")["method_args"]
-        assert resolved.method == method and resolved.method_args == {**recipe, "ce_weight": 0.5, "temperature": 4.0}
-        assert (resolved.student, resolved.epochs, resolved.batch_size) == ("resnet10t", 2, 16)
-    assert sweep.TrialNamer(["method", "method_args.temperature"]).name(7, {"method": "dkd", "method_args.temperature": 4.0}) == "trial-007-method=dkd,temperature=4"
+        settings = sweep_spec.trial_settings(spec.fixed, {"method": method, "method_args.temperature": 4.0})
+        sweep_spec.write_trial_settings(settings, out)
+        trial = sweep_spec.trial_job(base, settings, "test")
+        assert trial.train.method == method and trial.train.method_args == {"ce_weight": 0.5, "temperature": 4.0}
+        assert (trial.train.student, trial.train.epochs, trial.train.batch_size) == ("resnet10t", 2, 16)
+        command = sweep_spec.rerun_command(trial, out, "cpu").split()
+        assert command[:2] == ["pipeline", "distill"]
+        assert distill_command.distill_job(cli.build_parser().parse_args(command[1:])) == trial
+    assert sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(7, {"method": "dkd", "method_args.temperature": 4.0}) == "trial-007-method=dkd,temperature=4"
 
 
 def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
@@ -133,14 +136,14 @@ def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
     from stages.training.run_metrics import RunMetrics
 
     out = tmp_path / "sweep"
-    spec = sweep.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}}, "test")
-    config.save(out / sweep.SWEEP_FILE, {"command": "sweep", **spec.to_dict()})
+    spec = sweep_spec.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}}, "test")
+    config.save(out / sweep_spec.SWEEP_FILE, {"command": "sweep", **spec.to_dict()})
     for i, (lr, tops, status) in enumerate([(0.1, [0.2, 0.4], "finished"), (0.2, [0.3, 0.7], "finished"), (0.3, [], "error")]):
         folder = out / f"trial-{i:03d}-lr={lr}"
         with RunMetrics(folder) as m:
             for e, top in enumerate(tops, 1):
                 m.write({"epoch": e, "train_loss": 1.0 / e, "val_top1": top, "seconds": 1.0})
-        sweep.write_record(folder, {"status": status, "params": {"lr": lr}, "seconds": 2.0 * len(tops),
+        sweep_spec.write_record(folder, {"status": status, "params": {"lr": lr}, "seconds": 2.0 * len(tops),
                                     **({"error": "--batch-size 4096 is larger than ..."} if status == "error" else {})})
     assert cli.main(["sweep", "--out", str(out), "--summary"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -274,11 +277,10 @@ def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
         record = json.loads((folder / "trial.json").read_text())
         assert record["status"] == "finished" and record["command"].startswith("pipeline distill --from-cache")
         saved = yaml.safe_load((folder / "config.yaml").read_text())
-        assert saved["command"] == "distill" and saved["workers"] == 0
-        train = saved["train"]  # the sweep's fixed settings, the trial's values, the method's recipe under them
+        assert saved["command"] == "distill" and saved["job"] == record["job"]
+        train = saved["job"]["train"]  # the sweep's fixed settings and the trial's values
         assert (train["method"], train["method_args"]["temperature"]) == (record["params"]["method"], record["params"]["method_args.temperature"])
         assert train["student"] == "resnet10t" and train["epochs"] == 2 and train["batch_size"] == 16
-        assert set(config.recipe(f"methods/{train['method']}")["method_args"]) <= set(train["method_args"])
         assert [ln["epoch"] for ln in read_metrics(folder)] == [1, 2]
         acc = EventAccumulator(str(folder))
         acc.Reload()

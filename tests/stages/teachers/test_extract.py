@@ -34,7 +34,7 @@ def test_extract_writes_every_unit_once(base_store, train_data):
     info = store.teacher_info("t1")
     assert (info.name, info.logits, info.dtype, info.num_classes) == ("resnet18", "full", "float32", 10)
     assert info.weights == "random-init:seed=0" and info.views == VIEWS
-    assert store.meta["dataset"]["fingerprint"] == train_data.fingerprint()
+    assert store.record.dataset.fingerprint == train_data.fingerprint()
     logits = store.teacher("t1").array("logits")[:]
     assert logits.shape == (VIEWS, len(train_data), 10) and np.isfinite(logits).all()
     assert (np.abs(logits).sum(-1) > 0).all()  # every row written, none left at the fill value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import pytest
@@ -11,44 +10,39 @@ import torch
 from pipeline import config
 from pipeline.cli import main
 from pipeline.distill_command import train_settings
-from stages.training.distill import TrainSettings, rank_units, resolve_batch, steps_per_epoch
+from stages.training.distill import rank_units, resolve_batch, steps_per_epoch
 from stages.data.replay import epoch_units, window_units
 from stages.data.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
+from stages.training.settings import TrainSettings
 from storage import UserError
 
 # -- the global batch ------------------------------------------------------------------------
 
 
-class _Flags(argparse.Namespace):
-    """Parsed flags as train_settings reads them: every flag not given is None, as argparse leaves it."""
-
-    def __getattr__(self, name):
-        return None
-
-
-def _args(**kw) -> argparse.Namespace:
-    return _Flags(**kw)
+def _settings(config_file=None, ray_workers: int = 0, **flags):
+    """Settings as distill resolves them from a --config file and flags, for ``ray_workers`` Ray Train workers."""
+    return train_settings(config.load_yaml(config_file) if config_file else {}, flags, config_file or "the command line", ray_workers)
 
 
 @pytest.mark.parametrize("workers,per_worker", [(0, 2048), (1, 2048), (8, 256), (16, 128)])
 def test_a_recipes_global_batch_is_split_over_the_workers(workers, per_worker):
-    s = train_settings(_args(config=str(config.CONFIG_DIR / "vanillakd_a2.yaml"), workers=workers))
+    s = _settings(str(config.CONFIG_DIR / "vanillakd_a2.yaml"), workers)
     assert (s.batch_size, s.global_batch) == (per_worker, 2048)
 
 
 def test_batch_size_on_the_command_line_is_per_worker_and_the_config_records_both(tmp_path):
     recipe = str(config.CONFIG_DIR / "kdpp_r34_r18.yaml")
-    s = train_settings(_args(config=recipe, batch_size=64, workers=4))
+    s = _settings(recipe, 4, batch_size=64)
     assert (s.batch_size, s.global_batch) == (64, 256)  # timm's --batch-size: per worker
     text = config.dump({"train": s})
     assert "batch_size: 64" in text and "global_batch: 256" in text
-    plain = train_settings(_args(workers=0))  # no recipe batch: the per-worker default, one process
+    plain = _settings()  # no recipe batch: the per-worker default, one process
     assert (plain.batch_size, plain.global_batch) == (TrainSettings.batch_size, TrainSettings.batch_size)
 
 
 def test_a_global_batch_that_does_not_divide_is_refused():
     with pytest.raises(UserError, match="global_batch 2048 in .* does not divide over 3 workers"):
-        train_settings(_args(config=str(config.CONFIG_DIR / "vanillakd_a1.yaml"), workers=3))
+        _settings(str(config.CONFIG_DIR / "vanillakd_a1.yaml"), 3)
     with pytest.raises(UserError, match="does not divide"):
         resolve_batch(None, 100, 8)
     assert resolve_batch(32, 100, 8) == (32, 256)  # a per-worker batch never needs to divide
@@ -57,9 +51,9 @@ def test_a_global_batch_that_does_not_divide_is_refused():
 def test_a_file_stating_both_batches_must_agree(tmp_path):
     both = tmp_path / "both.yaml"
     both.write_text("global_batch: 512\nbatch_size: 64\n")
-    assert train_settings(_args(config=str(both), workers=8)).batch_size == 64
+    assert _settings(str(both), 8).batch_size == 64
     with pytest.raises(UserError, match="states both batch_size 64 .* and global_batch 512"):
-        train_settings(_args(config=str(both), workers=4))
+        _settings(str(both), 4)
 
 
 # -- repeated augmentation -------------------------------------------------------------------
@@ -121,7 +115,7 @@ def test_repeats_larger_than_the_stored_views_is_one_line(tmp_path, capsys):
     assert not out.exists()
     recipe.write_text("global_batch: 64\n")
     rc = main(["--quiet", "distill", "--from-cache", str(store), "--config", str(recipe), "--student", "resnet10t",
-               "--epochs", "1", "--workers", "3", "--out", str(out)])
+               "--epochs", "1", "--ray-workers", "3", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "global_batch 64" in err[0] and "3 workers" in err[0]
     assert not out.exists()

@@ -1,6 +1,6 @@
 """Extraction on a real two-node Ray cluster (loopback): same bytes as in-process, killed workers and drivers.
 
-One cluster serves the module. Each extraction runs as a real ``pipeline``
+The session's one cluster (conftest's ``cluster``) serves the module. Each extraction runs as a real ``pipeline``
 process joined with ``--ray-address``, so killing it is a real SIGKILL. Stores
 are compared file by file (logs aside) with one made in this process without
 Ray: every array, every commit record exactly once, no stray shard.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, read_tree
-from ray_cluster import HEAD_IP, two_node_cluster, worker_pids
+from ray_cluster import HEAD_IP, worker_pids
 
 from pipeline.cli import main
 
@@ -36,12 +36,6 @@ ARGS = [
 
 def extract_args(store, *extra) -> list[str]:
     return [*ARGS, "--store", str(store), *extra]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with two_node_cluster(dashboard=True) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

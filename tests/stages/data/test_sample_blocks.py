@@ -140,7 +140,7 @@ def test_a_store_records_a_seeded_permutation_and_keeps_it(class_ordered, tmp_pa
     assert sorted(order) == list(range(len(data))) and not np.array_equal(order, np.arange(len(data)))
     assert np.array_equal(order, sample_order(len(data), 3))  # and training without a store uses the same blocks
     assert np.array_equal(DrawnViews(plan, data, 1, block=BLOCK).ids(2), store.block_ids(2))
-    assert store.meta["order"]["kind"] == "permuted" and store.meta["order"]["seed"] == 3
+    assert store.record.order.kind == "permuted" and store.record.order.seed == 3
     views = StoredViews(store, plan, 1)
     assert np.array_equal(np.concatenate([views.ids(b) for b in range(store.num_blocks)]), order)
     # Every block is a mix of classes, not a run of one.
@@ -198,12 +198,15 @@ def test_a_student_learns_from_class_ordered_folders_as_from_mixed_order(class_o
 def test_the_store_checks_its_order(tmp_path):
     import zarr
 
-    from storage import ArraySpec, UserError
+    from storage import ArraySpec, DatasetRecord, PlanRecord, UserError
 
-    specs = {"crop": ArraySpec((4,), "float32")}
+    made = dict(
+        dataset=DatasetRecord(source="test", fingerprint="f", num_samples=10, num_classes=1, classes=("a",)),
+        plan=PlanRecord(recipe={}, seed=0, size=32), versions={}, num_views=1, block=4, plan_specs={"crop": ArraySpec((4,), "float32")},
+    )
     with pytest.raises(ValueError, match="permutation"):
-        Store.create(tmp_path / "a", meta={}, num_samples=10, num_views=1, block=4, plan_specs=specs, order=np.zeros(10, int))
-    store = Store.create(tmp_path / "b", meta={}, num_samples=10, num_views=1, block=4, plan_specs=specs, order=np.arange(10)[::-1])
+        Store.create(tmp_path / "a", **made, order=np.zeros(10, int))
+    store = Store.create(tmp_path / "b", **made, order=np.arange(10)[::-1])
     assert list(store.block_ids(2)) == [1, 0] and list(store.block_range(2)) == [8, 9]
     assert list(store.positions([9, 0, 5])) == [0, 9, 4]
     zarr.open_array(str(tmp_path / "b" / "order"), mode="r+")[:] = np.arange(10)  # another order than the one recorded

@@ -55,7 +55,7 @@ def _stop_in_epoch(monkeypatch, epoch: int) -> None:
 @pytest.mark.parametrize("command,method", [("distill", "kd"), ("distill", "srd"), ("distill", "gpd"), ("train", "ce")])
 def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(command, method, base_store, tmp_path, monkeypatch, capsys):
     argv = [*DISTILL, "--from-cache", str(base_store), "--method", method] if command == "distill" else TRAIN
-    weights = ["student.safetensors", "student_ema.safetensors"] if command == "distill" else ["model.safetensors"]
+    weights = ["student.safetensors", "ema/model.safetensors"] if command == "distill" else ["model.safetensors"]
     assert main(["--quiet", *argv, "--epochs", "3", "--out", str(tmp_path / "straight")]) == 0
     part = tmp_path / "part"
     with monkeypatch.context() as m:

@@ -19,7 +19,7 @@ from storage import Store
 
 from conftest import BATCH, BUCKET, DATA, VIEWS, free_port, group_arrays
 
-TEACHER = ["--teacher", "resnet18", "--random-init", "--seed", "0", "--teacher-id", "t1", "--size", "32"]
+TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", "32"]
 EXTRACT = ["extract", "--data", DATA, *TEACHER, "--views", str(VIEWS), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
 DISTILL = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "32", "--seed", "1", "--verify", "all"]
 

@@ -83,7 +83,7 @@ def test_more_views_append_and_a_second_teacher_shares_the_plan(tmp_path, teache
     assert grown.shape[0] == 2 and (grown[:1] == first).all()
     assert run(*base, "--teacher", "resnet18", "--teacher-id", "again", "--views", "2") == 0
     assert (zarr_copy(store / "teachers" / "again" / "topk_logp") == grown).all()
-    assert run("distill", "--from-cache", str(store), "--teacher", "again", *TINY_STUDENT, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "s")) == 0
+    assert run("distill", "--from-cache", str(store), "--teacher-id", "again", *TINY_STUDENT, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "s")) == 0
 
 
 def zarr_copy(path: Path):
@@ -202,13 +202,20 @@ def test_every_flag_is_explained_with_its_default():
                 assert "default:" in action.help, f"{name} {action.option_strings[0]} does not say its default"
 
 
-def test_demo_runs_end_to_end_and_prints_its_table(tmp_path, capsys):
-    """The embedded default at its smallest: teacher, cache, statistics (kdpp), students, the table."""
-    out = tmp_path / "demo"
-    argv = ["demo", "--method", "kdpp", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out)]
-    assert run(*argv) == 0
-    table = capsys.readouterr().out
-    assert "student distilled (kdpp, cache)" in table and "student from scratch" in table
-    assert "The teacher was trained on every label" in table
-    assert (out / "teacher" / "model.safetensors").is_file() and (out / "store" / "stats" / "teacher").is_dir()
-    assert len(list(out.glob("student-*/student.safetensors"))) == 4
+def test_extract_and_store_commands_share_one_vocabulary_from_the_registries():
+    """--teacher is a model to run, --teacher-id a teacher in a store, --teacher-seed the teacher's seed;
+    --format, the teacher names and the dataset kinds come from their registries."""
+    from pipeline.cli import build_parser
+    from stages.data.datasets import list_datasets
+    from stages.teachers.teachers import list_teachers
+    from storage import list_backends
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    extract = {a.option_strings[0]: a for a in commands["extract"]._actions if a.option_strings}
+    assert extract["--format"].choices == list_backends()
+    assert all(name in extract["--teacher"].help for name in list_teachers())
+    assert all(kind in extract["--data"].help for kind in list_datasets())
+    assert "--teacher-seed" in extract and "--seed" not in extract
+    for name in ("verify", "inspect", "stats"):
+        flags = {s for a in commands[name]._actions for s in a.option_strings}
+        assert "--teacher-id" in flags and "--teacher" not in flags, name

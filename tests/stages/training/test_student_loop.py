@@ -6,6 +6,7 @@ import copy
 import io
 
 import pytest
+import timm
 import torch
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
@@ -76,11 +77,18 @@ def test_model_ema_is_evaluated_saved_and_follows_its_decay(base_store, train_da
     out = tmp_path / "run"
     result = train(_settings(model_ema=0.5, epochs=2), train_data, val_data, views, views.plan, cached, out_dir=out)
     assert {"val_top1", "val_top1_ema"} <= set(result.metrics[-1])
-    student, ema = load_file(out / "student.safetensors"), load_file(out / "student_ema.safetensors")
+    student, ema = load_file(out / "student.safetensors"), load_file(out / "ema" / "model.safetensors")
     assert student.keys() == ema.keys() and _max_change(student, ema) > 0
+    # Both folders are timm model folders: timm's own loader builds each trained model with its input settings.
+    for folder, weights in ((out, student), (out / "ema", ema)):
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        assert _max_change(weights, model.state_dict()) == 0 and model.num_classes == 10
+        cfg = model.pretrained_cfg
+        assert tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == views.plan.recipe.eval_crop
+        assert cfg["label_names"] == list(train_data.classes) and tuple(cfg["mean"]) == tuple(result.model.pretrained_cfg["mean"])
     # Decay 0 copies the student after every step: the EMA is the student.
     copy_ = train(_settings(model_ema=0.0), train_data, None, views, views.plan, cached, out_dir=tmp_path / "zero")
-    assert _max_change(load_file(tmp_path / "zero" / "student_ema.safetensors"), copy_.model.state_dict()) == 0
+    assert _max_change(load_file(tmp_path / "zero" / "ema" / "model.safetensors"), copy_.model.state_dict()) == 0
 
 
 def test_a_resumed_run_with_ema_from_a_pickle_free_checkpoint_equals_the_uninterrupted_one(base_store, train_data):

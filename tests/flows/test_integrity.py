@@ -19,12 +19,12 @@ from pipeline.cli import main
 from stages.cache import verify
 from stages.teachers.extract import extract
 from storage import DamagedUnit, Store, UserError
-from storage.lock import TeacherLock
+from storage.lock import WriterLock
 from storage.store import FORMAT_VERSION
 
 from conftest import BATCH, DATA, VIEWS, group_arrays, read_tree, runner_for
 
-TEACHER = ["--teacher", "resnet18", "--random-init", "--seed", "0", "--teacher-id", "t1"]
+TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1"]
 EXTRACT = ["extract", "--data", DATA, *TEACHER, "--size", "32", "--views", str(VIEWS), "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
 
 
@@ -147,7 +147,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": 2147483000, "token": "x", "started": 0, "heartbeat": 0}}')
     from storage import Location
 
-    with TeacherLock(Location(str(lock)), "teacher t"):
+    with WriterLock(Location(str(lock)), "teacher t"):
         assert '"pid": %d' % os.getpid() in lock.read_text()
     assert not lock.exists()
 

@@ -70,7 +70,7 @@ def test_partial_teacher_and_stats_are_reported(store_copy, train_data, capsys):
     store = Store(store_copy)
     write_stats(store, "t1", train_data.labels)
     store.teacher("t1").uncommit(1, 2)  # the last block (16 rows) of view 1
-    rc, out, _ = run(capsys, str(store_copy), "--teacher", "t1")
+    rc, out, _ = run(capsys, str(store_copy), "--teacher-id", "t1")
     assert rc == 0
     assert "1 of 2 views complete, 5 of 6 units committed" in out
     group = store.teacher("t1")
@@ -109,14 +109,21 @@ def test_kl_is_zero_with_every_class_and_positive_without(base_store):
     assert set(fewer.kl) == {1.0, 4.0}
 
 
+def kl_full_vs_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) KL(softmax(full) || softmax(rebuilt)), rebuilt from the row's top k (and its top class as target) in float32."""
+    logits = logits.float()  # (B, C)
+    rows = topk.TopK.of(logits, k, logits.argmax(1)).rows("float32", "int32")
+    return topk.kl(logits, topk.logits_from_topk(rows, logits.shape[1]))
+
+
 def test_kl_golden_value():
     # Logits (2, 1, 0) keeping k = 1: the rebuild keeps p0 and spreads the rest evenly.
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     p = torch.softmax(logits.double(), 1)[0]
     q = torch.tensor([p[0], (1 - p[0]) / 2, (1 - p[0]) / 2], dtype=torch.float64)
     expected = float((p * (p / q).log()).sum())
-    assert float(store_report.kl_full_vs_topk(logits, 1)[0]) == pytest.approx(expected, rel=1e-5)
-    assert float(store_report.kl_full_vs_topk(logits, 3)[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(kl_full_vs_topk(logits, 1)[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(kl_full_vs_topk(logits, 3)[0]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_grid_shows_the_replayed_views_and_the_teachers_classes(base_store, train_data, tmp_path, capsys):
@@ -156,7 +163,7 @@ def test_grid_refuses_views_that_no_longer_replay(store_copy, tmp_path, capsys):
 def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
     argv = {
         "missing store": [str(tmp_path / "nowhere")],
-        "unknown teacher": [str(base_store), "--teacher", "nope"],
+        "unknown teacher": [str(base_store), "--teacher-id", "nope"],
         "bad units": [str(base_store), "--units", "0"],
         "bad temperature": [str(base_store), "--temperature", "1,0"],
     }[case]
@@ -171,7 +178,7 @@ def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
 def test_every_inspect_flag_states_its_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["inspect"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--teacher", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-views", "--data"}
+    assert {a.option_strings[0] for a in flags} == {"--teacher-id", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-views", "--data"}
     for action in flags:
         assert "default:" in action.help, action.option_strings
         if action.default is not None:

@@ -7,25 +7,40 @@ import pytest
 import torch
 
 from pipeline import config
-from stages.training.distill import TrainSettings, lr_factor
+from stages.settings import build
+from stages.training.distill import lr_factor
+from stages.training.settings import TrainSettings
 from stages.methods import MethodContext, create_method
 from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
-RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/test_sweep.py)
+RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/pipeline/test_sweep.py)
 
 
 def test_the_paper_recipes_are_shipped():
     assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "demo"} <= set(RECIPES)
-    assert {f"methods/{m}" for m in ("ce", "kd", "dkd", "dist", "kdpp", "srd")} <= set(RECIPES)
+
+
+
+@pytest.mark.parametrize("recipe", ["vanillakd_a2", "kdpp_r34_r18"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "dist", "ce"])
+def test_a_paper_recipe_takes_any_method(recipe, method):
+    """`--config vanillakd_a2.yaml --method dkd`: the recipe's optimisation applies, its method_args belong to its own method."""
+    from pipeline.distill_command import train_settings
+
+    data = config.recipe(recipe)
+    settings = train_settings(data, {"method": method}, recipe)
+    assert settings.method == method and (settings.optimizer, settings.lr) == (data["optimizer"], data["lr"])
+    expected = data["method_args"] if method == data["method"] else {}
+    assert settings.method_args == expected
 
 
 @pytest.mark.parametrize("name", [r for r in RECIPES if r != "demo"])
 def test_recipe_builds_views_settings_and_method(name):
     data = config.recipe(name)
     views = data.pop("views", {})
-    plan = ViewPlan(config.build(ViewRecipe, {**ViewRecipe().to_dict(), **views}, name))
-    settings = config.build(TrainSettings, data, name)
+    plan = ViewPlan(build(ViewRecipe, {**ViewRecipe().to_dict(), **views}, name))
+    settings = build(TrainSettings, data, name)
     context = MethodContext(num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs)
     create_method(settings.method, context, **settings.method_args)
     assert lr_factor(settings, steps_per_epoch=10)(0) > 0

@@ -27,7 +27,7 @@ from storage import Store, UserError
 from conftest import BUCKET, group_arrays
 
 SHARDS, PER_SHARD, CLASSES = 4, 15, 5
-TEACHER = ["--teacher", "resnet18", "--random-init", "--seed", "0", "--size", "32", "--logits", "full", "--dtype", "float32"]
+TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--size", "32", "--logits", "full", "--dtype", "float32"]
 STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "16", "--seed", "1"]
 
 
@@ -228,7 +228,7 @@ def test_extract_verify_and_distill_from_local_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(WdsDataset, "image", lambda self, i: per_image.append(i) or image(self, i))
     assert run(*_extract(f"wds:{pattern}", store, config)) == 0
     assert per_image == []  # every image came with its unit, read in one pass; none by id
-    assert Store(store).meta["dataset"]["source"] == f"wds:{pattern}"
+    assert Store(store).record.dataset.source == f"wds:{pattern}"
     assert run("verify", str(store), "--replay", "1") == 0
     assert run("distill", "--from-cache", str(store), *STUDENT, "--verify", "all", "--val-data", f"wds:{val}", "--out", str(tmp_path / "d")) == 0
     assert (tmp_path / "d" / "student.safetensors").exists()
@@ -254,15 +254,13 @@ def test_ray_train_distills_from_a_store_of_shards(tmp_path):
     config.write_text("views:\n  hflip: 0.5\n")
     assert run(*_extract(f"wds:{pattern}", tmp_path / "store", config)) == 0
     out = tmp_path / "ray-run"
-    assert run("distill", "--from-cache", str(tmp_path / "store"), *STUDENT, "--val-data", f"wds:{val}", "--workers", "2", "--out", str(out)) == 0
+    assert run("distill", "--from-cache", str(tmp_path / "store"), *STUDENT, "--val-data", f"wds:{val}", "--ray-workers", "2", "--out", str(out)) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "val_top1" in metrics[0] and (out / "student.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, tmp_path):
-    from ray_cluster import two_node_cluster
-
+def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, cluster, tmp_path):
     pattern, _ = make_shards(tmp_path / "shards")
     val, _ = make_shards(tmp_path / "val", prefix="val", shards=1, per_shard=10, seed=1)
     for path in [*(tmp_path / "shards").iterdir(), *(tmp_path / "val").iterdir()]:
@@ -274,7 +272,7 @@ def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, tmp_path):
     assert run(*_extract(remote, tmp_path / "s3", config)) == 0
     want = Store(tmp_path / "local")
     got = Store(tmp_path / "s3")
-    assert got.meta["dataset"]["fingerprint"] == want.meta["dataset"]["fingerprint"]
+    assert got.record.dataset.fingerprint == want.record.dataset.fingerprint
     for group in ("plan", "t"):
         a = group_arrays(got.plan if group == "plan" else got.teacher(group))
         b = group_arrays(want.plan if group == "plan" else want.teacher(group))
@@ -282,13 +280,13 @@ def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, tmp_path):
     assert run("verify", str(tmp_path / "s3"), "--replay", "1") == 0
     assert run("distill", "--from-cache", str(tmp_path / "s3"), *STUDENT, "--verify", "all",
                "--val-data", f"wds:s3://{BUCKET}/in/val-0000.tar", "--out", str(tmp_path / "d")) == 0
-    # Ray actors on a two-node cluster read the shards from the bucket themselves.
+    # Ray actors on the session's two-node cluster read the shards from the bucket themselves (its nodes have the
+    # S3 settings in their environment).
     import subprocess
     import sys
 
-    with two_node_cluster() as cluster:
-        cmd = [str(Path(sys.executable).with_name("pipeline")), "--quiet", *_extract(remote, tmp_path / "ray", config, "--ray-address", cluster.address)]
-        done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300)
+    cmd = [str(Path(sys.executable).with_name("pipeline")), "--quiet", *_extract(remote, tmp_path / "ray", config, "--ray-address", cluster.address)]
+    done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     ray_store = Store(tmp_path / "ray")
     for name, want_array in group_arrays(want.teacher("t")).items():

@@ -28,7 +28,7 @@ from stages.data.views import (
     row,
     to_pil,
 )
-from storage import Store, UserError
+from storage import DatasetRecord, PlanRecord, Store, UserError
 
 FULL = dict(
     randaugment="rand-m9-mstd0.5-inc1",
@@ -181,7 +181,8 @@ def test_every_op_replays_bit_identically_after_a_json_round_trip(name, train_da
 
 def test_params_survive_the_store_bit_for_bit(tmp_path, train_data):
     plan = ViewPlan(ViewRecipe(**FULL), seed=0)
-    store = Store.create(tmp_path / "s", meta={}, num_samples=32, num_views=1, block=32, plan_specs=plan.fields)
+    dataset = DatasetRecord(source="test", fingerprint="f", num_samples=32, num_classes=1, classes=("a",))
+    store = Store.create(tmp_path / "s", dataset=dataset, plan=PlanRecord(**plan.describe(), size=32), versions={}, num_views=1, block=32, plan_specs=plan.fields)
     params = _draw(plan, train_data)
     store.plan.write_unit(0, 0, params)
     back = Store(tmp_path / "s").plan.read_unit(0, 0, list(plan.fields), rows=32)

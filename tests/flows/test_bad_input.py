@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli, distill_command
+from pipeline import distill_command
 from pipeline.cli import main
 from storage import Store
 
@@ -42,7 +42,7 @@ T = ["train", "--data", DATA, "--model", "resnet10t", "--model-arg", "channels=[
      "--batch-size", "32", "--out", "{run}"]
 V = ["verify", "{store}", "--replay", "0"]
 # The extraction that made conftest's base_store, through the command line.
-SAME_AS_BASE = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--seed", "0", "--teacher-id", "t1", "--size", str(SIZE),
+SAME_AS_BASE = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", str(SIZE),
                 "--views", str(VIEWS), "--block", str(BLOCK), "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
 
 
@@ -100,7 +100,7 @@ CASES = {
     "extract-device-tpu": Bad(replace(EN, "--device", "tpu"), "--device: must be cpu, cuda, cuda:N or mps"),
     "extract-device-typo": Bad(replace(EN, "--device", "cuda:x"), "--device"),
     "extract-plan-seed-negative": Bad(replace(EN, "--plan-seed", "-1"), "--plan-seed"),
-    "extract-teacher-seed-negative": Bad(replace(EN, "--seed", "-3"), "--seed"),
+    "extract-teacher-seed-negative": Bad(replace(EN, "--teacher-seed", "-3"), "--teacher-seed"),
     "extract-unknown-choice": Bad(replace(EN, "--logits", "some"), "--logits: invalid choice"),
     "extract-abbreviated-flag": Bad([*drop(EN, "--views"), "--view", "2"], "the following arguments are required: --views"),
     # -- extract: views ---------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ CASES = {
     "distill-batch-size-0": Bad(replace(D, "--batch-size", "0"), "--batch-size"),
     "distill-batch-size-above-data": Bad(replace(D, "--batch-size", "1000"), "larger than a worker's share"),
     "distill-batch-too-big-together": Bad([*replace(D, "--batch-size", "2000"), "--size", "1024"], "lower --batch-size or --size"),
-    "distill-loader-workers-negative": Bad([*D, "--loader-workers", "-2"], "--loader-workers"),
+    "distill-loader-workers-negative": Bad([*D, "--workers", "-2"], "--workers"),
     "distill-lr-word": Bad([*D, "--lr", "abc"], "--lr: must be a number > 0"),
     "distill-lr-0": Bad([*D, "--lr", "0"], "--lr"),
     "distill-label-fraction-2": Bad([*D, "--label-fraction", "2"], "--label-fraction: must be a number in [0, 1]"),
@@ -175,10 +175,11 @@ CASES = {
     "distill-out-below-a-file": Bad(replace(D, "--out", "{file}/run"), "cannot be made"),
     "distill-store-url": Bad(replace(D, "--from-cache", "ftp://x/s"), "unknown URL scheme"),
     "distill-no-store": Bad(replace(D, "--from-cache", "{new}"), "no store at"),
-    "distill-teacher-escapes": Bad([*D, "--teacher", "../t1"], "is not a plain name"),
-    "distill-unknown-teacher": Bad([*D, "--teacher", "t9"], "has no teacher 't9'"),
-    "distill-teacher-weights-word": Bad([*D, "--teacher", "t1", "--teacher-weights", "0.7,abc"], "--teacher-weights"),
-    "distill-workers-negative": Bad([*D, "--workers", "-1"], "--workers"),
+    "distill-teacher-escapes": Bad([*D, "--teacher-id", "../t1"], "is not a plain name"),
+    "distill-unknown-teacher": Bad([*D, "--teacher-id", "t9"], "has no teacher 't9'"),
+    "distill-teacher-without-online": Bad([*D, "--teacher", "resnet18"], "add --online, or name the cached teacher with --teacher-id"),
+    "distill-teacher-weights-word": Bad([*D, "--teacher-id", "t1", "--teacher-weights", "0.7,abc"], "--teacher-weights"),
+    "distill-ray-workers-negative": Bad([*D, "--ray-workers", "-1"], "--ray-workers"),
     "distill-max-failures-negative": Bad([*D, "--max-failures", "-1"], "--max-failures"),
     "distill-gpus-without-workers": Bad([*D, "--gpus-per-worker", "1"], "are for Ray Train runs"),
     "distill-unknown-verify": Bad([*D, "--verify", "most"], "--verify: invalid choice"),
@@ -201,16 +202,16 @@ CASES = {
     "verify-workers-negative": Bad([*V, "--workers", "-1"], "--workers"),
     "verify-url": Bad(["verify", "foo://b/s"], "unknown URL scheme"),
     "verify-no-store": Bad(["verify", "{new}"], "no store at"),
-    "verify-teacher-escapes": Bad([*V, "--teacher", "../../t1"], "is not a plain name"),
-    "verify-unknown-teacher": Bad([*V, "--teacher", "t9"], "has no teacher 't9'"),
+    "verify-teacher-escapes": Bad([*V, "--teacher-id", "../../t1"], "--teacher-id: must be a plain name"),
+    "verify-unknown-teacher": Bad([*V, "--teacher-id", "t9"], "has no teacher 't9'"),
     "inspect-units-0": Bad(["inspect", "{store}", "--units", "0"], "--units"),
     "inspect-topk-0": Bad(["inspect", "{store}", "--topk", "0"], "--topk"),
     "inspect-grid-samples-0": Bad(["inspect", "{store}", "--grid-samples", "0"], "--grid-samples"),
     "inspect-url": Bad(["inspect", "ftp://x/s"], "unknown URL scheme"),
-    "inspect-teacher-escapes": Bad(["inspect", "{store}", "--teacher", "../x"], "is not a plain name"),
-    "stats-teacher-escapes": Bad(["stats", "--store", "{store}", "--teacher", "../../evil"], "--teacher '../../evil' is not a plain name"),
+    "inspect-teacher-escapes": Bad(["inspect", "{store}", "--teacher-id", "../x"], "--teacher-id: must be a plain name"),
+    "stats-teacher-escapes": Bad(["stats", "--store", "{store}", "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"),
     "stats-no-store": Bad(["stats", "--store", "{new}"], "no store at"),
-    "stats-unknown-teacher": Bad(["stats", "--store", "{store}", "--teacher", "t9"], "has no teacher 't9'"),
+    "stats-unknown-teacher": Bad(["stats", "--store", "{store}", "--teacher-id", "t9"], "has no teacher 't9'"),
     "no-such-flag": Bad([*D, "--epochz", "3"], "unrecognized arguments: --epochz 3"),
     "no-such-command": Bad(["extrakt"], "invalid choice: 'extrakt'"),
 }
@@ -300,35 +301,40 @@ def test_the_table_is_big_enough():
     assert {"extract", "distill", "train", "verify", "inspect", "stats"} <= commands
 
 
-def test_every_settings_field_is_declared():
-    """One declaration per setting: a new TrainSettings or ViewRecipe field gets its type and range in settings_check."""
-    from dataclasses import MISSING, fields
+def test_every_settings_field_is_declared_once_and_is_a_flag():
+    """One declaration per setting: a TrainSettings or ViewRecipe field declares its check and help where it is
+    defined, its default passes the check, and the commands get a flag for it with that help and its default."""
+    from dataclasses import fields
 
-    from pipeline import settings_check
-    from stages.training.distill import TrainSettings
+    from pipeline.cli import build_parser
     from stages.data.views import ViewRecipe
+    from stages.settings import declared, default_of
+    from stages.training.settings import TrainSettings
 
-    for cls in (TrainSettings, ViewRecipe):
-        missing = {f.name for f in fields(cls)} - set(settings_check.declared(cls))
-        assert not missing, f"{cls.__name__} fields without a declaration in pipeline/settings_check.py: {sorted(missing)}"
-        for f in fields(cls):  # every default passes its own declaration
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            settings_check.declared(cls)[f.name](default, f.name)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for cls, command in ((TrainSettings, "distill"), (ViewRecipe, "extract"), (ViewRecipe, "train")):
+        missing = {f.name for f in fields(cls)} - set(declared(cls))
+        assert not missing, f"{cls.__name__} fields declared without setting(default, check, help): {sorted(missing)}"
+        flags = {a.dest: a for a in commands[command]._actions}
+        for f in fields(cls):
+            declared(cls)[f.name](default_of(f), f.name)  # every default passes its own declaration
+            assert f.name in flags, f"pipeline {command} has no flag for {cls.__name__}.{f.name}"
+            assert f.metadata["help"] in flags[f.name].help and "(default: " in flags[f.name].help
 
 
 def test_every_method_setting_is_declared():
-    """A new method's numeric or text settings get their range in settings_check.METHOD, and its defaults pass it."""
+    """A new method's numeric or text settings get their range in method_settings.METHOD, and its defaults pass it."""
     import inspect
 
-    from pipeline import settings_check
     from stages.methods import list_methods, method_class
+    from stages.methods.method_settings import METHOD
 
     for name in list_methods():
         params = list(inspect.signature(method_class(name).__init__).parameters.values())[2:]
         for p in params:
             if isinstance(p.default, (int, float, str, list, tuple)):
-                assert p.name in settings_check.METHOD, f"method {name}'s setting {p.name} has no declaration in METHOD"
-                settings_check.METHOD[p.name](p.default, p.name)
+                assert p.name in METHOD, f"method {name}'s setting {p.name} has no declaration in METHOD"
+                METHOD[p.name](p.default, p.name)
 
 
 # -- interruptions --------------------------------------------------------------------------------------
@@ -364,7 +370,7 @@ def test_a_kill_right_after_the_root_zarr_json_is_resumed(tmp_path, capsys):
     store = tmp_path / "store"
     argv = [*SAME_AS_BASE[:-2], "--batch-size", "16", "--store", str(store)]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.time() + 120
         while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -459,7 +465,7 @@ def test_interrupted_runs_say_what_is_kept(monkeypatch, capsys, base_store, tmp_
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")  # an epoch had finished
     assert main(argv) == 130
     assert "run the same command with --resume" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert main([*argv, "--workers", "2"]) == 130
+    assert main([*argv, "--ray-workers", "2"]) == 130
     assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -507,7 +513,7 @@ def test_a_partial_store_reports_compression_of_what_it_holds(store_copy, capsys
     for block in range(store.num_blocks):
         store.teacher("t1").uncommit(1, block)
         shutil.rmtree(store_copy / "teachers" / "t1" / "logits" / "c" / "1", ignore_errors=True)
-    assert main(["--quiet", "inspect", str(store_copy), "--teacher", "t1"]) == 0
+    assert main(["--quiet", "inspect", str(store_copy), "--teacher-id", "t1"]) == 0
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.startswith("logits "))
     stored = store.teacher("t1").describe()["logits"]["stored_bytes"]

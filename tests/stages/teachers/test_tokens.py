@@ -25,6 +25,14 @@ def gaussian(*shape, seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def cosine_fidelity(a, b) -> dict[str, float]:
+    """Mean and minimum cosine between matching rows (last axis) of ``a`` and ``b``, e.g. float32 vs dequantised."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
+    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
 def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features", "tokens")) -> TeacherRecord:
     info = dict(outputs=outputs, num_classes=0, feature_dim=D, logits="topk", k=0, dtype=dtype, feature_dtype=feature_dtype or dtype)
     return make_record(**info, num_tokens=T, token_dim=D, token_prefix=1) if "tokens" in outputs else make_record(**info)
@@ -40,7 +48,7 @@ def test_int8_round_trip_stays_within_half_a_step_with_cosine_above_0999():
     assert torch.equal(q.abs().amax(1), torch.full((4096,), 127, dtype=torch.int8))  # every row uses the full range
     back = teacher_rows.dequantize(q, scale)
     assert ((back - x).abs() <= 0.5001 * scale[:, None]).all()  # round to nearest: at most half a step
-    fidelity = teacher_rows.cosine_fidelity(x, back)
+    fidelity = cosine_fidelity(x, back)
     assert fidelity["min"] >= 0.999 and fidelity["mean"] >= 0.9999, fidelity
     # About one byte per dimension, the float32 scale included.
     specs = teacher_rows.array_specs(_info("int8", outputs=("features",)))
@@ -50,11 +58,11 @@ def test_int8_round_trip_stays_within_half_a_step_with_cosine_above_0999():
 
 def test_cosine_fidelity_tells_good_from_bad():
     x = gaussian(512, 384)
-    assert teacher_rows.cosine_fidelity(x, x)["min"] == pytest.approx(1.0)
-    assert teacher_rows.cosine_fidelity(x, -x)["mean"] == pytest.approx(-1.0)
+    assert cosine_fidelity(x, x)["min"] == pytest.approx(1.0)
+    assert cosine_fidelity(x, -x)["mean"] == pytest.approx(-1.0)
     # 4-bit steps (max|x| / 7) are too coarse: the threshold the int8 mode meets is not vacuous.
     scale = x.abs().amax(1, keepdim=True) / 7
-    assert teacher_rows.cosine_fidelity(x, (x / scale).round() * scale)["mean"] < 0.999
+    assert cosine_fidelity(x, (x / scale).round() * scale)["mean"] < 0.999
 
 
 def test_zero_vectors_and_tokens_quantise_per_vector():
@@ -84,12 +92,12 @@ def test_int8_arrays_and_names_carry_their_scales():
     assert teacher_rows.stored_names(_info("float16"), NEEDS) == ["features", "tokens"]
 
 
-def test_teacher_json_without_feature_dtype_reads_as_before():
-    written = _info(dtype="float32", outputs=("features",)).to_dict()
-    del written["feature_dtype"]  # written before --feature-dtype existed
-    old = TeacherRecord.from_dict(written)
-    assert old.feature_dtype == "float32"
-    assert teacher_rows.array_specs(old)["features"].dtype == "float32" and teacher_rows.stored_names(old, ("features",)) == ["features"]
+def test_teacher_json_without_feature_dtype_is_refused():
+    written = _info(dtype="float32", outputs=("features",)).replace(views=1).to_dict()
+    assert TeacherRecord.from_dict(written).feature_dtype == "float32"
+    del written["feature_dtype"]  # as written before --feature-dtype existed: no default any more
+    with pytest.raises(ValueError, match="lacks feature_dtype"):
+        TeacherRecord.from_dict(written)
 
 
 @pytest.mark.parametrize("fdtype", ["float32", "float16", "int8"])
@@ -181,7 +189,7 @@ def test_vit_tokens_in_the_store_are_the_live_teachers(tmp_path, train_data, pla
             q, scale = teacher_rows.quantize(live[key])
             assert torch.equal(stored[key], teacher_rows.dequantize(q, scale))
             assert ((stored[key] - live[key]).abs() <= 0.5001 * scale.unsqueeze(-1)).all()
-            assert teacher_rows.cosine_fidelity(live[key], stored[key])["min"] >= 0.999
+            assert cosine_fidelity(live[key], stored[key])["min"] >= 0.999
 
 
 def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, capsys, train_data, plan, cnn):
@@ -207,13 +215,15 @@ def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, ca
     assert torch.equal(stored["logits"].argmax(1), live["logits"].argmax(1))
 
 
-def test_an_older_store_resumes_and_refuses_another_feature_dtype(store_copy, train_data, plan, teacher1):
-    meta = store_copy / "teachers" / "t1" / "teacher.json"
-    old = json.loads(meta.read_text())
-    del old["feature_dtype"]  # as written before --feature-dtype existed
-    meta.write_text(json.dumps(old))
+def test_a_teacher_without_feature_dtype_is_refused_and_one_with_it_resumes(store_copy, train_data, plan, teacher1):
     store = open_store(store_copy, train_data, plan, views=2, block=BLOCK, size=32)
     result = extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH)
     assert result.units == 0 and result.skipped == 6
     with pytest.raises(UserError, match="feature_dtype"):
         extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32", feature_dtype="int8"), "t1", views=2)
+    path = store_copy / "teachers" / "t1" / "teacher.json"
+    old = json.loads(path.read_text())
+    del old["feature_dtype"]  # as written before --feature-dtype existed
+    path.write_text(json.dumps(old))
+    with pytest.raises(UserError, match="cannot read .*teacher.json: teacher.json lacks feature_dtype; .*extract it again"):
+        extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH)

@@ -1,0 +1,143 @@
+"""store.json as one typed record: what a store was made from, and how its rows are laid out.
+
+Written by ``Store.create`` (and again by ``Store.add_views``), parsed and checked once when a ``Store``
+opens (``StoreRecord.from_dict``); every stage reads ``store.record``, never the JSON. A missing or
+wrongly typed field, or a number that contradicts another, is one ``ValueError`` naming the field
+(``Store`` turns it into one line naming the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ORDER_KINDS = ("permuted", "source")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetRecord:
+    """The training data a store was made from (``ImageDataset.describe``): stages check its fingerprint."""
+
+    source: str  # --data as given: digits, folder:PATH, fake:N, wds:PATTERN
+    fingerprint: str  # hash of count, keys and labels
+    num_samples: int
+    num_classes: int
+    classes: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    @classmethod
+    def from_dict(cls, data, where: str = "dataset") -> DatasetRecord:
+        f = _Fields(data, where)
+        return cls(
+            source=f.text("source"), fingerprint=f.text("fingerprint"), num_samples=f.count("num_samples"),
+            num_classes=f.count("num_classes"), classes=f.texts("classes"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRecord:
+    """The view plan: its recipe (what ``ViewRecipe.from_dict`` takes), its seed, and the size views are fingerprinted at."""
+
+    recipe: dict
+    seed: int
+    size: int  # pixels, square: the render size of the first teacher, at which the plan's fingerprints were taken
+
+    @classmethod
+    def from_dict(cls, data, where: str = "plan") -> PlanRecord:
+        f = _Fields(data, where)
+        return cls(recipe=f.mapping("recipe"), seed=f.integer("seed"), size=f.count("size"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderRecord:
+    """How row positions map to sample ids: a seeded permutation, or the source's own order (tar shards)."""
+
+    kind: str  # one of ORDER_KINDS
+    checksum: str  # of the ``order`` array, checked when it is read
+    seed: int | None = None  # permuted only
+
+    @classmethod
+    def from_dict(cls, data, where: str = "order") -> OrderRecord:
+        f = _Fields(data, where)
+        kind = f.text("kind")
+        if kind not in ORDER_KINDS:
+            raise ValueError(f"field '{where}.kind' must be one of {', '.join(ORDER_KINDS)}, not '{kind}'")
+        return cls(kind=kind, checksum=f.text("checksum"), seed=f.integer("seed") if kind == "permuted" else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreRecord:
+    """One store's store.json."""
+
+    format: int  # storage.store.FORMAT_VERSION
+    num_samples: int  # N: rows of every [V, N, ...] array
+    num_views: int  # V: views of the plan (a teacher's own count is in its teacher.json)
+    block: int  # samples per shard, the unit of work
+    dataset: DatasetRecord
+    plan: PlanRecord
+    order: OrderRecord
+    versions: dict  # library versions of the store's creation (the plan's renders)
+
+    @classmethod
+    def from_dict(cls, data) -> StoreRecord:
+        f = _Fields(data, "")
+        record = cls(
+            format=f.integer("format"), num_samples=f.count("num_samples"), num_views=f.count("num_views"), block=f.count("block"),
+            dataset=DatasetRecord.from_dict(f.mapping("dataset")), plan=PlanRecord.from_dict(f.mapping("plan")),
+            order=OrderRecord.from_dict(f.mapping("order")), versions=f.mapping("versions"),
+        )
+        record.check()
+        return record
+
+    def check(self) -> None:
+        """The numbers that must agree with each other (a hand-edited or damaged file breaks them)."""
+        if self.dataset.num_samples != self.num_samples:
+            raise ValueError(f"field 'dataset.num_samples' is {self.dataset.num_samples}, but the store's arrays have num_samples {self.num_samples} rows")
+        if len(self.dataset.classes) != self.dataset.num_classes:
+            raise ValueError(f"field 'dataset.classes' names {len(self.dataset.classes)} classes, but 'dataset.num_classes' is {self.dataset.num_classes}")
+
+    def to_dict(self) -> dict:
+        """store.json's contents: tuples as lists, no ``order.seed`` for the source's own order."""
+        out = dataclasses.asdict(self)
+        out["dataset"]["classes"] = list(self.dataset.classes)
+        if self.order.seed is None:
+            del out["order"]["seed"]
+        return out
+
+    def replace(self, **changes) -> StoreRecord:
+        return dataclasses.replace(self, **changes)
+
+
+class _Fields:
+    """Typed reads of one JSON object's fields; a miss names the field by its dotted path."""
+
+    def __init__(self, data, where: str):
+        if not isinstance(data, dict):
+            raise ValueError(f"field '{where}' must be an object, not {type(data).__name__}" if where else "it must hold a JSON object")
+        self.data, self.where = data, where
+
+    def _get(self, key: str, ok, kind: str):
+        name = f"{self.where}.{key}" if self.where else key
+        if key not in self.data:
+            raise ValueError(f"field '{name}' is missing")
+        value = self.data[key]
+        if not ok(value):
+            raise ValueError(f"field '{name}' must be {kind}, not {value!r}")
+        return value
+
+    def text(self, key: str) -> str:
+        return self._get(key, lambda v: isinstance(v, str) and v != "", "a non-empty string")
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        return tuple(self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"))
+
+    def integer(self, key: str) -> int:
+        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+
+    def count(self, key: str) -> int:
+        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of at least 1")
+
+    def mapping(self, key: str) -> dict:
+        return self._get(key, lambda v: isinstance(v, dict), "an object")

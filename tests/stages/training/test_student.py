@@ -1,0 +1,46 @@
+"""Students that start from weights: an earlier run's file or folder, another class count, and the one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import STUDENT
+from stages.training.student import StudentCard, build_student, save_student
+from storage import UserError
+
+KW = STUDENT["student_kwargs"]
+
+
+def _saved(tmp_path, num_classes: int = 10, seed: int = 3):
+    model = build_student(STUDENT["student"], num_classes, seed, **KW)
+    card = StudentCard(STUDENT["student"], dict(KW), num_classes, 32, (0.5,) * 3, (0.5,) * 3)
+    save_student(tmp_path / "run", model.state_dict(), card)
+    return model
+
+
+def test_a_student_starts_from_an_earlier_runs_file_or_folder(tmp_path):
+    before = _saved(tmp_path).state_dict()
+    for weights in (tmp_path / "run" / "student.safetensors", tmp_path / "run"):
+        after = build_student(STUDENT["student"], 10, 0, str(weights), **KW).state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_another_class_count_keeps_the_backbone_and_starts_the_classifier_afresh(tmp_path):
+    before = _saved(tmp_path, num_classes=10).state_dict()
+    after = build_student(STUDENT["student"], 4, 0, str(tmp_path / "run" / "student.safetensors"), **KW).state_dict()
+    assert after["fc.weight"].shape == (4, 64)
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
+
+
+@pytest.mark.parametrize("case", ["missing", "other architecture", "not weights", "hub offline"])
+def test_weights_that_do_not_fit_are_one_line(tmp_path, monkeypatch, case):
+    _saved(tmp_path)
+    weights = {"missing": tmp_path / "nope.safetensors", "other architecture": tmp_path / "run" / "student.safetensors",
+               "not weights": tmp_path / "junk.pt", "hub offline": "hub"}[case]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name, kwargs = ("resnet18", {}) if case in ("other architecture", "hub offline") else (STUDENT["student"], KW)
+    with pytest.raises(UserError) as e:
+        build_student(name, 10, 0, str(weights), **kwargs)
+    assert "\n" not in str(e.value) and "--student-weights" in str(e.value)

@@ -226,12 +226,13 @@ def extract_units(
         log.info("teacher %s: %d units already committed, %d to do", teacher_id, skipped, len(units))
     unit = UnitExtractor(store, dataset, runner, teacher_id, batch_size=batch_size, workers=workers)
     total_views = sum(len(unit.source.ids(b)) for _, b in units)
+    # Counted per teacher batch, not per committed unit: a big teacher on a CPU takes minutes per unit of 1,024
+    # samples, and its first line must come within seconds (a unit commits shortly after its last batch).
     progress = Progress(f"extract {teacher_id}", total_views)
     plan_done = unit.source.group.committed()
 
     def commit(v, b, parts):
         unit.commit(v, b, parts, (v, b) in plan_done)
-        progress.update(len(unit.source.ids(b)))
 
     start = time.perf_counter()
     parts: list[tuple[Table, np.ndarray, dict]] = []
@@ -243,6 +244,7 @@ def extract_units(
         pending = None
         for batch, rendered in render_batches(unit.renderer, unit.batches(tables), unit.param_names, workers, check_column="check"):
             parts.append(unit.infer(batch, rendered))
+            progress.update(len(batch["id"]))
             v, b = int(batch["view"][0]), int(batch["unit"][0])
             if sum(len(p[0]["id"]) for p in parts) == len(unit.source.ids(b)):
                 if pending is not None:

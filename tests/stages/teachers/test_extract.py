@@ -212,3 +212,23 @@ def test_a_bf16_teacher_is_recorded_close_to_fp32_and_never_mixed_with_it(store_
     assert np.corrcoef(fp32.ravel(), low.ravel())[0, 1] > 0.99
     with pytest.raises(UserError, match="teacher 'bf' with other precision"):
         extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "bf", views=VIEWS + 1)
+
+
+def test_progress_comes_per_teacher_batch_not_per_unit(tmp_path, train_data, plan, teacher1, monkeypatch, caplog):
+    """A big teacher on a CPU spends minutes in one unit: progress is counted per batch, so the first line comes
+    before the first unit commits (here: one unit of 32 samples in batches of 8, a line allowed every 0 s)."""
+    import logging
+
+    from stages import progress
+    from stages.teachers import extract as extract_module
+
+    class Eager(progress.Progress):
+        def __init__(self, what, total, unit="views", every=0.0):
+            super().__init__(what, total, unit, every=0.0)
+
+    monkeypatch.setattr(extract_module, "Progress", Eager)
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    store = open_store(tmp_path / "s", train_data, plan, views=1, block=BLOCK, size=SIZE)
+    extract(store, train_data, runner_for(teacher1), "t", views=1, batch_size=8)
+    done = [int(r.getMessage().split(": ")[1].split("/")[0].replace(",", "")) for r in caplog.records if r.name == "pipeline.progress"]
+    assert done[0] == 8 and done[-1] == len(train_data) and len(done) == len(train_data) // 8

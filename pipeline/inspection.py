@@ -11,6 +11,7 @@ from stages.cache.store_setup import store_dataset
 from storage import Store, UserError
 
 UNITS, TOPK, GRID_SAMPLES, GRID_VIEWS = 4, 10, 16, 4
+GRID_WIDTH = 1800  # pixels: the grid wraps its samples to fit a screen
 TEMPERATURES = (1.0, 4.0)
 
 
@@ -27,8 +28,10 @@ def add_inspect_parser(sub) -> None:
         f"(default: {','.join(f'{t:g}' for t in TEMPERATURES)})",
     )
     p.add_argument("--grid", metavar="PNG", help="write a picture of replayed views with the teacher's top-3 classes and the true label (default: none)")
-    p.add_argument("--grid-samples", type=int, default=GRID_SAMPLES, help=f"grid rows: samples 0..N-1 (default: {GRID_SAMPLES})")
-    p.add_argument("--grid-views", type=int, default=GRID_VIEWS, help=f"grid columns: the first views committed for those samples (default: {GRID_VIEWS})")
+    p.add_argument("--grid-samples", type=int, default=GRID_SAMPLES, help=f"samples in the grid, a seeded random choice (default: {GRID_SAMPLES})")
+    p.add_argument("--grid-classes", metavar="A,B", help="draw the grid's samples from these classes only, by name or index (default: every class)")
+    p.add_argument("--grid-ids", metavar="I,J", help="show exactly these sample ids (default: a random choice, see --grid-samples)")
+    p.add_argument("--grid-views", type=int, default=GRID_VIEWS, help=f"views of each sample: the first ones committed for all of them (default: {GRID_VIEWS})")
     p.add_argument("--data", help="the training data for --grid, when it moved since extraction (default: the store's)")
     p.set_defaults(func=inspect_command)
 
@@ -133,12 +136,25 @@ def save_grid(store: Store, args, teacher_ids: list[str]) -> None:
         raise UserError(f"store {store.path} holds no teacher yet: nothing to draw for --grid")
     dataset = store_dataset(store, args.data)  # the store's images, or --data where they moved
     tid = teacher_ids[0]
-    cells = store_report.grid_cells(store, dataset, tid, args.grid_samples, args.grid_views)
-    columns = len({c["view"] for c in cells})
+    ids = store_report.grid_ids(dataset, args.grid_samples, classes=_listed(args.grid_classes, str, "--grid-classes"),
+                                ids=_listed(args.grid_ids, int, "--grid-ids"))
+    cells = store_report.grid_cells(store, dataset, tid, ids, args.grid_views)
+    views = len({c["view"] for c in cells})
+    columns = views * max(1, GRID_WIDTH // (views * store_report.tile_size(cells[0]["image"].shape[-1])[0]))  # samples side by side, to fit a screen
     image = store_report.render_grid(cells, dataset.classes, columns)
     try:
         image.save(args.grid, format="PNG")
     except OSError as e:
         raise UserError(f"cannot write --grid {args.grid}: {e}") from e
     more = f" (of teachers {', '.join(teacher_ids)}: choose one with --teacher-id)" if len(teacher_ids) > 1 else ""
-    print(f"grid: {len(cells) // columns} samples x {columns} views of teacher {tid}{more} -> {args.grid}")
+    print(f"grid: {len(cells) // views} samples x {views} views of teacher {tid}{more} -> {args.grid}")
+
+
+def _listed(text: str | None, kind, flag: str) -> list | None:
+    """``"a,b"`` -> ``["a", "b"]`` (``kind`` each), None when the flag is not given."""
+    if text is None:
+        return None
+    try:
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes values separated by commas, not {text!r}") from None

@@ -179,7 +179,7 @@ def logit_quality(store: Store, teacher_id: str, units: int = 4, k: int = 10, te
 
 # -- the grid: what the teacher saw ----------------------------------------------------------
 
-SCALE_TO = 128  # small views are enlarged (nearest neighbour) to at least this many pixels
+SCALE_TO = 160  # small views are enlarged (nearest neighbour) to at least this many pixels, enough to see
 PAD = 4
 TOP = 3  # teacher classes written under each view
 
@@ -204,16 +204,37 @@ def _line_height() -> int:
     return _font().getbbox("Ag")[3] + 2
 
 
-def grid_views(store: Store, teacher_id: str, samples: int, views: int) -> tuple[np.ndarray, list[int]]:
-    """Sample ids 0..samples-1 and the first ``views`` views committed for all of them, in the teacher and the plan."""
+def grid_ids(dataset: ImageDataset, samples: int, *, seed: int = 0, classes: list[str] | None = None, ids: list[int] | None = None) -> np.ndarray:
+    """The samples a grid shows: ``ids`` as given, else a seeded random choice of ``samples`` (from ``classes`` only,
+    when named: by name or index). Never 0..N-1: class-ordered data would show its first class alone."""
+    n = len(dataset)
+    if ids is not None:
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise UserError(f"--grid-ids {bad[0]} is not a sample of the store: its ids run from 0 to {n - 1}")
+        return np.asarray(ids, dtype=np.int64)
+    pool = np.arange(n)
+    if classes:
+        index = {name: c for c, name in enumerate(dataset.classes)}
+        wanted = [index.get(c, int(c) if c.isdigit() and int(c) < len(dataset.classes) else None) for c in classes]
+        unknown = [c for c, w in zip(classes, wanted) if w is None]
+        if unknown:
+            raise UserError(f"--grid-classes {unknown[0]} is no class of the data: its classes are {', '.join(dataset.classes[:12])}"
+                            f"{', ...' if len(dataset.classes) > 12 else ''}")
+        pool = np.flatnonzero(np.isin(dataset.labels, wanted))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(pool, size=min(samples, len(pool)), replace=False))
+
+
+def grid_views(store: Store, teacher_id: str, ids: np.ndarray, views: int) -> list[int]:
+    """The first ``views`` views committed for all of ``ids``, in the teacher and the plan."""
     info = store.teacher_info(teacher_id)
-    ids = np.arange(min(samples, store.num_samples))
     blocks = grid_blocks(store, ids)
     done = store.teacher(teacher_id).committed() & store.plan.committed()
     chosen = [v for v in range(info.views) if all((v, b) in done for b in blocks)][:views]
     if not len(ids) or not chosen:
-        raise UserError(f"teacher '{teacher_id}' in {store.path} has no committed view of samples 0..{len(ids) - 1} yet: finish `pipeline extract` first")
-    return ids, chosen
+        raise UserError(f"teacher '{teacher_id}' in {store.path} has no committed view of the grid's samples yet: finish `pipeline extract` first")
+    return chosen
 
 
 def grid_blocks(store: Store, ids: np.ndarray) -> list[int]:
@@ -221,8 +242,8 @@ def grid_blocks(store: Store, ids: np.ndarray) -> list[int]:
     return sorted({int(p) // store.block for p in store.positions(ids)})
 
 
-def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: int = 16, views: int = 4) -> list[dict]:
-    """Replayed views of the first ``samples`` samples, with the teacher's top classes and the label.
+def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, ids: np.ndarray, views: int = 4) -> list[dict]:
+    """Replayed views of samples ``ids`` (``grid_ids``), with the teacher's top classes and the label.
 
     One dict per (sample, view), views inner: ``image`` uint8 (3, S, S) at the
     teacher's input size, ``id``, ``view``, ``label``, ``partner`` (-1 unless
@@ -234,7 +255,7 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, samples: in
     info = store.teacher_info(teacher_id)
     group = store.teacher(teacher_id)
     plan = stored_plan(store)
-    ids, chosen = grid_views(store, teacher_id, samples, views)
+    chosen = grid_views(store, teacher_id, ids, views)
     source = StoredViews(store, plan, store.num_views)
     param_names = list(plan.fields)
     plan_size = store.record.plan.size

@@ -11,9 +11,10 @@ from pipeline.cli import build_parser, main
 from stages.cache import store_report
 from stages.cache import topk
 from stages.cache.stats import write_stats
-from storage import Store
+from stages.data.datasets import open_dataset
+from storage import Store, UserError
 
-from conftest import BLOCK, SIZE, VIEWS
+from conftest import BLOCK, DATA, SIZE, VIEWS
 
 N = 80  # samples in the conftest stores (fake:80)
 
@@ -128,24 +129,46 @@ def test_kl_golden_value():
 
 def test_grid_shows_the_replayed_views_and_the_teachers_classes(base_store, train_data, tmp_path, capsys):
     png = tmp_path / "grid.png"
-    rc, out, _ = run(capsys, str(base_store), "--grid", str(png), "--grid-samples", "5", "--grid-views", "3")
+    rc, out, _ = run(capsys, str(base_store), "--grid", str(png), "--grid-ids", "0,1,2,3,4", "--grid-views", "3")
     assert rc == 0 and f"grid: 5 samples x 2 views of teacher t1 -> {png}" in out  # only 2 views exist
     width, height = store_report.tile_size(SIZE)
     image = Image.open(png)
-    assert image.size == (2 * width, 5 * height)
+    per_row = 1800 // (2 * width)  # samples side by side, wrapped to a screen's width
+    assert image.size == (2 * per_row * width, -(-5 // per_row) * height) and per_row >= 2
     store = Store(base_store)
-    cells = store_report.grid_cells(store, train_data, "t1", samples=5, views=2)
+    cells = store_report.grid_cells(store, train_data, "t1", np.arange(5), views=2)
     assert [(c["id"], c["view"]) for c in cells] == [(i, v) for i in range(5) for v in range(2)]
     logits = store.teacher("t1").array("logits")
     for c in cells:
         row = torch.from_numpy(logits[c["view"], int(store.positions([c["id"]])[0])])  # rows are in the store's order
         assert c["top"][0][0] == int(row.argmax()) and c["top"][0][1] == pytest.approx(float(torch.softmax(row, 0).max()))
         assert c["label"] == int(train_data.labels[c["id"]])
-    # The tile of sample 1, view 1 holds that replayed view, enlarged by whole pixels.
+    # The tile of sample 1, view 1 (the 4th tile of the first row) holds that replayed view, enlarged by whole pixels.
     side = width - 2 * store_report.PAD
-    tile = np.asarray(image.crop((width + store_report.PAD, height + store_report.PAD, width + store_report.PAD + side, height + store_report.PAD + side)))
+    x = 3 * width + store_report.PAD
+    tile = np.asarray(image.crop((x, store_report.PAD, x + side, store_report.PAD + side)))
     scale = side // SIZE
     assert np.array_equal(tile[::scale, ::scale], cells[3]["image"].permute(1, 2, 0).numpy())
+
+
+def test_the_grid_draws_a_seeded_choice_across_classes_of_class_ordered_data(tmp_path):
+    """On class-ordered data (ImageNet's folders) samples 0..15 are one class: the grid draws a seeded random choice,
+    from named classes with --grid-classes, and --grid-ids outside the data is one line."""
+    from stages.data.datasets import FolderDataset
+
+    for c in range(8):
+        folder = tmp_path / "data" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (8, 8), (c * 30, i, 0)).save(folder / f"{i}.png")
+    data = FolderDataset(str(tmp_path / "data"))
+    ids = store_report.grid_ids(data, 16)
+    assert len(set(data.labels[ids])) >= 5 and np.array_equal(ids, store_report.grid_ids(data, 16))  # many classes, the same every time
+    assert set(data.labels[store_report.grid_ids(data, 6, classes=["class2", "5"])]) == {2, 5}
+    with pytest.raises(UserError, match="--grid-ids 160 is not a sample of the store: its ids run from 0 to 159"):
+        store_report.grid_ids(data, 4, ids=[3, 160])
+    with pytest.raises(UserError, match="--grid-classes dog is no class of the data"):
+        store_report.grid_ids(data, 4, classes=["dog"])
 
 
 def test_grid_refuses_views_that_no_longer_replay(store_copy, tmp_path, capsys):
@@ -154,7 +177,8 @@ def test_grid_refuses_views_that_no_longer_replay(store_copy, tmp_path, capsys):
     plan.write_unit(0, 0, {**unit, "fingerprint": unit["fingerprint"] ^ np.uint32(1)})  # a library "changed" the pixels
     rc, _, err = run(capsys, str(store_copy), "--grid", str(tmp_path / "g.png"))
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    first = next(int(i) for i in Store(store_copy).block_ids(0) if i < 16)  # the grid's first sample (of 0..15) in block 0
+    ids = store_report.grid_ids(open_dataset(DATA), 16)  # the grid's seeded choice of samples
+    first = next(int(i) for i in Store(store_copy).block_ids(0) if i in ids)  # its first sample in block 0
     assert f"view 0 of sample {first} replays differently" in err
     assert not (tmp_path / "g.png").exists()
 
@@ -178,7 +202,7 @@ def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
 def test_every_inspect_flag_states_its_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["inspect"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--teacher-id", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-views", "--data"}
+    assert {a.option_strings[0] for a in flags} == {"--teacher-id", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-classes", "--grid-ids", "--grid-views", "--data"}
     for action in flags:
         assert "default:" in action.help, action.option_strings
         if action.default is not None:

@@ -48,6 +48,10 @@ def load_checkpoint(out: Path, run: dict) -> dict:
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{path} is not a checkpoint this pipeline can read ({type(e).__name__}): run without --resume to start afresh") from e
     check_same_run(state.get("run", {}), run)
+    before, now = state.get("run", {}).get("epochs"), run.get("epochs")
+    if before is not None and before != now:  # the schedule is a function of the total: say so, not silently
+        log.warning("--resume with --epochs %s instead of %s: the learning-rate schedule (warm-up, decay) is stretched over %s epochs "
+                    "from epoch %d on, so the run differs from one trained for %s epochs from the start", now, before, now, state["epoch"] + 1, now)
     return state
 
 

@@ -304,7 +304,7 @@ class WdsDataset(ImageDataset):
         shares = [np.bincount(labels[self.shard == k]).max() / c if c else 0.0 for k, c in enumerate(self.counts)]
         k = int(np.argmax(shares))
         return (
-            f"{self.source}: the samples are in class order ({same:.0%} of neighbouring samples share a class; shard {self.names[k]} is "
-            f"{shares[k]:.0%} one class): blocks follow the shards, so batches and mixing partners will mostly share a class; "
+            f"{self.source}: the samples are in class order ({same:.0%} of neighbouring samples share a class; the commonest class of "
+            f"shard {self.names[k]} is {shares[k]:.0%} of it): blocks follow the shards, so batches and mixing partners will mostly share a class; "
             "shuffle the samples when writing the shards"
         )

@@ -34,4 +34,4 @@ class DIST(Method):
     def forward(self, student, teacher, targets):
         ce = hard_loss(self.hard_loss, student["logits"], targets)
         dist = dist_loss(student["logits"], teacher["logits"], self.beta, self.gamma, self.tau)
-        return self.ce_weight * ce + self.kd_weight * dist, loss_parts(ce=ce, dist=dist)
+        return self.ce_weight * ce + self.kd_weight * dist, loss_parts(**{self.hard_loss: ce}, dist=dist)

@@ -32,4 +32,4 @@ class DKD(Method):
         target = targets.classes(teacher["logits"])
         dkd = dkd_loss(student["logits"], teacher["logits"], target, self.alpha, self.beta, self.temperature)
         ramp = min(1.0, (self.epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
-        return self.ce_weight * ce + ramp * dkd, loss_parts(ce=ce, dkd=dkd)
+        return self.ce_weight * ce + ramp * dkd, loss_parts(**{self.hard_loss: ce}, dkd=dkd)

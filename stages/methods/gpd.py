@@ -445,4 +445,5 @@ class GPD(Method):
         sce = smoothed_soft_ce(z_s, torch.softmax(z_d.detach(), dim=1), self.smoothing)
         loss_s = loss_s + self.kd_weight * sce
         # One backward of the sum gives each parameter the gradients of L_D's and L_S's backward passes added.
-        return loss_d + loss_s, loss_parts(ce=ce_s, wide_ce=ce_d, sce=sce, **parts)
+        hard = self.hard_loss  # the label terms named as computed: ce or bce
+        return loss_d + loss_s, loss_parts(**{hard: ce_s, f"wide_{hard}": ce_d}, sce=sce, **parts)

@@ -30,4 +30,4 @@ class KD(Method):
     def forward(self, student, teacher, targets):
         ce = hard_loss(self.hard_loss, student["logits"], targets)
         kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
-        return self.ce_weight * ce + self.kd_weight * kd, loss_parts(ce=ce, kd=kd)
+        return self.ce_weight * ce + self.kd_weight * kd, loss_parts(**{self.hard_loss: ce}, kd=kd)

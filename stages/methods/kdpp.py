@@ -53,4 +53,4 @@ class KDPP(Method):
         embedding = self.project(student["features"])  # (B, D_t)
         nd = nd_loss(embedding, teacher["features"].norm(dim=1), self.class_means, targets.classes(teacher["logits"]))
         ramp = min(1.0, self.epoch / self.warmup_epochs) if self.warmup_epochs else 1.0
-        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, loss_parts(ce=ce, kd=kd, nd=nd)
+        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, loss_parts(**{self.hard_loss: ce}, kd=kd, nd=nd)

@@ -44,4 +44,4 @@ class SRD(Method):
         kd = kd_loss(student["logits"], teacher["logits"], self.temperature)
         rep = logsum_loss(self.project(student["features"]), self.teacher_norm(teacher["features"]), self.exponent)
         total = self.ce_weight * ce + self.rep_weight * rep + self.kd_weight * kd
-        return total, loss_parts(ce=ce, kd=kd, rep=rep)
+        return total, loss_parts(**{self.hard_loss: ce}, kd=kd, rep=rep)

@@ -250,3 +250,14 @@ def test_a_feature_method_on_a_logits_only_store_says_how_to_fix_it(tmp_path, ca
     capsys.readouterr()
     assert main(["--quiet", "distill", "--from-cache", str(store), "--method", "srd", "--out", str(tmp_path / "o")]) == 2
     assert "under a new --teacher-id with --outputs logits,features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist", "gpd"])
+def test_the_label_term_is_logged_under_the_loss_it_is(name):
+    """hard_loss: bce (VanillaKD's) is logged as train_bce, not train_ce."""
+    logits = torch.randn(8, 10)
+    targets = Targets(torch.arange(8) % 10, torch.nn.functional.one_hot(torch.arange(8) % 10, 10).float())
+    method = create_method(name, MethodContext(num_classes=10, student_dim=16), hard_loss="bce")
+    student = {"logits": logits, "wide_logits": logits.clone()}
+    _, parts = method(student, {"logits": torch.randn(8, 10)}, targets)
+    assert "bce" in parts and "ce" not in parts

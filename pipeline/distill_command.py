@@ -158,7 +158,7 @@ def train_command(args) -> None:
     plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     device = local_device(args.device)
     # Nothing is written to --out before train() has built the model: a refused run leaves an earlier run's folder alone.
-    with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}) as files:
+    with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}, weights_name="model.safetensors") as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
         views = DrawnViews(plan, dataset, num_views=settings.epochs * settings.repeats)  # R fresh views per use of a block
         run = {"data": args.data, "views": plan.describe(), **dataclasses.asdict(settings)}

@@ -46,8 +46,8 @@ class RunFiles:
     is replaced through a rename, never left half-written.
     """
 
-    def __init__(self, out: Path, record: dict, lock: bool = True):
-        self.out, self.record = out, record
+    def __init__(self, out: Path, record: dict, lock: bool = True, weights_name: str = "student.safetensors"):
+        self.out, self.record, self.weights_name = out, record, weights_name
         # A sweep's trials skip it: the sweep holds its folder, and a trial may be resumed on another node.
         self.lock = WriterLock(Location(str(out / LOCK_FILE)), f"run folder {out}", busy="is in use") if lock else None
         self.held = _HeldLines()
@@ -61,6 +61,10 @@ class RunFiles:
         """The run begins: take the folder's lock (a second run into it is refused), write config.yaml, open run.log."""
         if self.file is not None:
             return
+        # The folder becomes a timm model folder, which loads one set of weights: another kind of run's would win.
+        other = [name for name in MODEL_FILES if name != self.weights_name and (self.out / name).is_file()]
+        if other:
+            raise UserError(f"--out {self.out} holds another run's model ({other[0]}): timm would load that one from the folder; pass a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.lock is not None:
             self.lock.acquire()
@@ -89,6 +93,9 @@ class _HeldLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+MODEL_FILES = ("student.safetensors", "model.safetensors")  # what distill and train write: one timm model folder holds one
+
 
 def check_out(out: Path) -> Path:
     """--out: a run directory that exists, or one that can be made (its nearest existing parent is a directory)."""

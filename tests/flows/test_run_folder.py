@@ -54,3 +54,18 @@ def test_a_full_disk_during_distill_is_one_line(base_store, tmp_path, capsys):
         assert not (disk / "run" / "student.safetensors").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_run_into_a_folder_holding_another_kind_of_model_is_one_line(base_store, tmp_path, capsys):
+    """A run folder is a timm model folder: `train` into a distill run's folder would leave two weights files, and
+    timm's loader would pick the other one."""
+    out = tmp_path / "run"
+    assert main(["--quiet", "distill", "--from-cache", str(base_store), *STUDENT, "--out", str(out)]) == 0
+    before = read_tree(out)
+    capsys.readouterr()
+    argv = ["--quiet", "train", "--data", "fake:80?size=32", "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1",
+            "--size", "32", "--batch-size", str(BATCH), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another run's model (student.safetensors)" in err[0]
+    assert read_tree(out) == before

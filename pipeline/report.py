@@ -135,12 +135,23 @@ def _series(lines: list[dict], key: str, scale: float = 1.0) -> tuple[list, list
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def is_reference(run: Path) -> bool:
+    """A run that the others are measured against: one that `pipeline train` fitted (a teacher), not a distilled student."""
+    from . import config
+
+    try:
+        return config.load_yaml(run / "config.yaml").get("command") == "train"
+    except UserError:  # no or unreadable config.yaml: an ordinary run
+        return False
+
+
 def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str] | None = None, title: str | None = None) -> Path:
     """Training loss and validation top-1 per epoch of every run, on shared axes; runs with one label share a colour.
 
-    ``run_dirs`` are run folders (each with metrics.jsonl); ``labels`` one legend
-    name per run (default: the folder names). The demo calls this with labels such
-    as ``scratch, 20% labels`` for each of its seeds. Returns ``out_png``.
+    ``run_dirs`` are run folders (each with metrics.jsonl); ``labels`` one legend name per run (default: the folder
+    names). Runs of one label (seeds) get different line styles; a one-epoch run a large marker. A reference run
+    (a teacher fitted by `pipeline train`) is a dashed level at its final top-1, named in the legend, and the
+    top-1 axis keeps to the students' range, so a strong teacher does not squeeze them into a band.
     """
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
 
@@ -151,25 +162,49 @@ def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str]
     with_val = any(_series(lines, "val_top1")[0] for lines in every)
     fig = Figure(figsize=(11 if with_val else 6, 4.2))
     axes = fig.subplots(1, 2 if with_val else 1, squeeze=False)[0]
-    shown: set[str] = set()
-    for name, lines in zip(names, every):
-        first = name not in shown
-        shown.add(name)
-        style = dict(color=colours[name], linewidth=1.6, alpha=0.9, marker="o" if len(lines) <= 30 else None, markersize=3)
-        axes[0].plot(*_series(lines, "train_loss"), label=name if first else None, **style)
+    seen: dict[str, int] = {}
+    references: list[tuple[list[dict], str]] = []
+    styles = ("-", "--", "-.", ":")
+    for run, name, lines in zip(runs, names, every):
+        repeat = seen[name] = seen.get(name, -1) + 1
+        style = dict(color=colours[name], linewidth=1.6, alpha=0.9, linestyle=styles[repeat % len(styles)],
+                     marker="o" if len(lines) <= 30 else None, markersize=8 if len(lines) == 1 else 3)
+        label = name if repeat == 0 else None
+        if with_val and is_reference(run):
+            references.append((lines, name))
+            axes[0].plot(*_series(lines, "train_loss"), label=f"{name} (reference)" if repeat == 0 else None, **{**style, "linestyle": ":"})
+            continue
+        axes[0].plot(*_series(lines, "train_loss"), label=label, **style)
         if with_val:
             axes[1].plot(*_series(lines, "val_top1", 100.0), **style)
+    for lines, name in references:  # after the students: their range decides where a level goes
+        _reference_level(axes[1], lines, name, colours[name])
     axes[0].set(title="training loss (mean over the epoch)", xlabel="epoch", ylabel="loss")
     if with_val:
         axes[1].set(title="validation top-1", xlabel="epoch", ylabel="top-1 accuracy (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.legend(loc="lower center", ncol=min(4, max(1, len(shown))), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(shown) - 1) // 4), 1, 0.95 if title else 1))
+    shown = len(seen)
+    fig.legend(loc="lower center", ncol=min(4, max(1, shown)), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((shown - 1) // 4), 1, 0.95 if title else 1))
     if title:
         fig.suptitle(title)
     return _save(fig, out_png)
+
+
+def _reference_level(ax, lines: list[dict], name: str, colour) -> None:
+    """A reference run's final top-1 as a dashed level; above the students' range, a note at the top edge instead."""
+    values = _series(lines, "val_top1", 100.0)[1]
+    if not values:
+        return
+    level = values[-1]
+    students = [y for line in ax.get_lines() for y in line.get_ydata()]
+    low, high = (min(students), max(students)) if students else (level, level)
+    if students and level > high + 0.5 * max(high - low, 5.0):  # far above: keep the students readable
+        ax.annotate(f"{name}: {level:.1f}% (above)", xy=(0.99, 0.98), xycoords="axes fraction", ha="right", va="top", color=colour, fontsize=8)
+        return
+    ax.axhline(level, color=colour, linestyle="--", linewidth=1.2, label=f"{name} (reference): {level:.1f}%")
 
 
 def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | None, out_png: Path | str, title: str | None = None,

@@ -110,3 +110,32 @@ def test_bad_report_input_is_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert {"no_metrics": "holds no metrics.jsonl", "missing": "not found", "labels": "one --label per RUN"}[case] in err[0]
+
+
+def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_path):
+    """A teacher fitted by `pipeline train` is a reference: a dashed level, or a note when it sits far above the
+    students, whose range keeps the axis; runs that share a name differ by line style; one epoch is a big marker."""
+    from matplotlib.figure import Figure
+
+    from pipeline import config, report
+    from stages.training.run_metrics import RunMetrics
+
+    def run(name, tops, command):
+        with RunMetrics(tmp_path / name) as m:
+            for epoch, top in enumerate(tops, 1):
+                m.write({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1": top})
+        config.save(tmp_path / name / "config.yaml", {"command": command})
+        return tmp_path / name
+
+    teacher = run("teacher", [0.5, 0.82], "train")
+    students = [run(f"s{i}", [0.08 + 0.01 * i, 0.1 + 0.01 * i], "distill") for i in range(8)] + [run("one", [0.15], "distill")]
+    assert report.is_reference(teacher) and not report.is_reference(students[0])
+    report.plot_runs([teacher, *students], tmp_path / "r.png", labels=["teacher"] + ["kd"] * 8 + ["one epoch"])
+    assert (tmp_path / "r.png").stat().st_size > 0
+    ax = Figure().subplots()
+    for s in students:
+        ax.plot([1, 2], [10, 18])
+    report._reference_level(ax, [{"epoch": 2, "val_top1": 0.82}], "teacher", "red")
+    assert ax.get_ylim()[1] < 50 and any("82.0% (above)" in t.get_text() for t in ax.texts)
+    report._reference_level(ax, [{"epoch": 2, "val_top1": 0.2}], "near", "blue")
+    assert any(line.get_ydata()[0] == 20.0 for line in ax.get_lines() if line.get_linestyle() == "--")

@@ -12,6 +12,7 @@ store works on a copy (``store_copy``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,13 @@ from stages.cache.store_setup import open_store
 from stages.teachers.teachers import build_teacher
 from stages.data.views import ViewPlan, ViewRecipe
 from storage import TeacherRecord
+
+# Ray Train's controller polls its workers every 2 s, and each run starts a preemption watcher actor (one more
+# Python process to start on two cores): the Ray tests wait on the one and pay for the other, about 4 s a run,
+# and neither changes what a run computes, checkpoints or reports. Set before any test starts Ray, whose
+# drivers, local instances and cluster nodes take it from this process's environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 DATA = "fake:80?size=32"
 VIEWS, BLOCK, SIZE, BATCH = 2, 32, 32, 32
@@ -145,8 +153,12 @@ def free_port(ip: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+S3_SETTINGS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
 def s3_server():
+    """One moto server for the whole session, started by the first test that needs it; stopped by its process id."""
     pytest.importorskip("moto.server")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -158,7 +170,7 @@ def s3_server():
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.05)
     else:
         proc.kill()
         pytest.fail("the moto S3 server did not start")
@@ -169,22 +181,57 @@ def s3_server():
 
 @pytest.fixture
 def s3(s3_server, monkeypatch):
-    """Credentials and endpoint as a user would set them, and an empty bucket."""
+    """Credentials and endpoint as a user would set them, and an empty bucket: a test sees only what it writes."""
     import boto3
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for key, value in {**S3_SETTINGS, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
     import s3fs
 
-    # fsspec keeps one S3FileSystem per set of arguments for the process: one made for an earlier module's
-    # server (another port, now stopped) would otherwise be reused here.
+    # fsspec keeps one S3FileSystem per set of arguments for the process, with its listings cached: one made
+    # before an earlier test emptied the bucket (or for another endpoint) would otherwise be reused here.
     s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+    if BUCKET in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+    else:
         client.create_bucket(Bucket=BUCKET)
     return client
+
+
+# -- a two-node Ray cluster on loopback (tests/ray_cluster.py) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_server):
+    """The session's one cluster, shared by every test that names it; its nodes can reach the S3 server."""
+    from ray_cluster import SharedCluster
+
+    shared = SharedCluster(dashboard=True, extra_env={**S3_SETTINGS, "AWS_ENDPOINT_URL": s3_server})
+    yield shared.start()  # started here, so that its start-up shows as this fixture's set-up time
+    shared.close()
+
+
+@pytest.fixture
+def local_ray():
+    """For a test whose command starts a local Ray instance in this process: shut down after it, so that the later
+    tests do not run beside its idle processes (``pipeline.ray_env.connect`` would also reuse it)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _cluster_left_whole(request):
+    """After a test that used the cluster: a node it took down means a fresh cluster for the next test."""
+    yield
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").restore()
 
 
 # -- the slow marker -----------------------------------------------------------------------------

@@ -1,27 +1,5 @@
-"""The sweep file of `pipeline sweep`: many `distill --from-cache` runs over one store, as Ray Tune trials, and their summary.
-
-A sweep file is a distill ``--config`` file (any TrainSettings field,
-``method_args``, plus ``teacher`` / ``teacher_weights``) with a ``search:``
-section of grid values and random distributions over those settings::
-
-    student: resnet10t
-    epochs: 10
-    search:
-      method: [kd, dkd]                           # a grid: every value
-      method_args.temperature: {grid: [1, 4]}     # a method argument, by its dotted name
-      lr: {loguniform: [0.0005, 0.005]}           # a random draw per sample
-    samples: 1          # random draws; each takes every grid combination
-    metric: val_top1    # what the table ranks by (mode: max; train_* losses: min)
-    early_stop: {grace_epochs: 2, reduction_factor: 2}   # ASHA on the per-epoch metric (or --early-stop)
-
-Each trial is exactly ``pipeline distill --from-cache STORE --config
-OUT/<trial>/settings.yaml --out OUT/<trial> --workers 0``, run in-process in
-a Ray Tune trial. Everything that can be checked (setting names, values,
-distributions, method arguments, teachers, validation data) is checked here,
-before Ray starts. The Tune side (trainable, callbacks, restore) lives in
-``pipeline.ray_sweep``; the summary (table, ``sweep.csv``, ``sweep.png``) is
-read from the trial folders alone, so ``--summary`` needs no Ray.
-"""
+"""The grammar of a sweep file (see ``pipeline.sweep`` for its form): its settings and search axes checked into a
+``SweepSpec``, one trial's settings and ``DistillJob``, trial folder names, and each trial's record (trial.json)."""
 
 from __future__ import annotations
 

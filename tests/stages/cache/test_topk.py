@@ -10,33 +10,13 @@ from stages.cache import teacher_rows
 from stages.cache import topk
 from stages.methods.losses import dist_loss, dkd_loss, kd_loss
 
+from benchmarks.fidelity import gradient_cosine, old_tail_clamped
 from conftest import make_record
 
 C, K, B = 1000, 10, 512
 
 
 # -- measures of a rebuild against the full logits (tests and benchmarks/store.py, not the product) ----------
-
-
-def gradient_cosine(loss, student: torch.Tensor, full: torch.Tensor, other: torch.Tensor) -> float:
-    """Cosine between d loss(student, full) / d student and d loss(student, other) / d student, over the whole batch.
-
-    ``loss(student_logits, teacher_logits)``: a scalar loss, e.g. ``lambda s, t: kd_loss(s, t, 4.0)``.
-    """
-    grads = []
-    for teacher in (full, other):
-        s = student.detach().double().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss(s, teacher.detach().double()), s)
-        grads.append(g.flatten())
-    a, b = grads
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
-def old_tail_clamped(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) whether the encoding before store format 2 (float16 top-k logits, ``1 - sum`` tail) clamped the row's tail."""
-    values = logits.float().topk(k, dim=1).values.half().float()
-    lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)
-    return (1.0 - torch.exp(values - lse).sum(1)) <= 0
 
 
 def topk_rebuilt(logits: torch.Tensor, k: int, target: torch.Tensor, dtype: str = "float16", temperature: float = 1.0) -> torch.Tensor:

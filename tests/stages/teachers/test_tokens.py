@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.fidelity import cosine_fidelity
 from conftest import BATCH, BLOCK, DATA, make_record, runner_for
 from pipeline.cli import main
 from stages.cache import teacher_rows
@@ -23,14 +24,6 @@ NEEDS = ("features", "tokens")
 
 def gaussian(*shape, seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def cosine_fidelity(a, b) -> dict[str, float]:
-    """Mean and minimum cosine between matching rows (last axis) of ``a`` and ``b``, e.g. float32 vs dequantised."""
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, np.shape(a)[-1])
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).reshape(-1, np.shape(b)[-1])
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
-    return {"mean": float(cos.mean()), "min": float(cos.min())}
 
 
 def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features", "tokens")) -> TeacherRecord:

@@ -338,6 +338,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
     extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
     precision = Precision(s.amp, device)  # refuses fp16 without CUDA before anything is built
+    if train_data.num_classes < 2:
+        log.warning("the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing", train_data.num_classes)
     model = build_student(s.student, train_data.num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -468,8 +470,6 @@ def train(
     """
     s, hooks = settings, hooks or EpochHooks()
     rank, world = rank_and_world()
-    if train_data.num_classes < 2:
-        log.warning("the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing", train_data.num_classes)
     check_teacher(s, teacher, views)
     run = build_setup(s, train_data, views, plan, teacher, device, world)
     out_dir = Path(out_dir) if out_dir and rank == 0 else None

@@ -41,17 +41,23 @@ def recipe(name: str) -> dict:
 
 
 def parse_pairs(pairs: list[str] | None, flag: str) -> dict:
-    """``["temperature=4", "channels=[8,16]"]`` -> ``{"temperature": 4, "channels": [8, 16]}`` (YAML values)."""
+    """``["temperature=4", "channels=[8,16]"]`` -> ``{"temperature": 4, "channels": [8, 16]}`` (YAML values);
+    ``["kd.temperature=4"]`` -> ``{"kd": {"temperature": 4}}``."""
     out = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise UserError(f"{flag} takes KEY=VALUE with KEY a setting's name, not '{pair}'")
+        name, sep, value = pair.partition("=")
+        part, dot, key = name.strip().rpartition(".")  # PART.KEY: a setting of one part of a composite method
+        key = key.replace("-", "_")
+        if not sep or not key.isidentifier() or (dot and not part):
+            raise UserError(f"{flag} takes KEY=VALUE (or PART.KEY=VALUE) with KEY a setting's name, not '{pair}'")
         try:
-            out[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise UserError(f"{flag} {pair}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        if dot:
+            out.setdefault(part, {})[key] = parsed
+        else:
+            out[key] = parsed
     return out
 
 

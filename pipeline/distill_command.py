@@ -17,8 +17,8 @@ from typing import Callable
 from stages.data.datasets import open_dataset, validation_data
 from stages.data.replay import DrawnViews
 from stages.data.views import ViewPlan
-from stages.methods import list_methods, method_class
-from stages.methods.method_settings import check_method_args
+from stages.methods import is_composite, list_methods, method_class, parse_method, part_args
+from stages.methods.composite import as_spec
 from stages.settings import build, check_batch_bytes
 from stages.training.distill import resolve_batch, train
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
@@ -95,17 +95,32 @@ def add_distill_parser(sub) -> None:
 def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) -> TrainSettings:
     """Defaults < a recipe or sweep file's settings < flags, every value checked; batch sizes resolved for ``ray_workers``."""
     file = {k: v for k, v in file.items() if k != "views"}  # a recipe's view section is for the store (extract, train)
-    if flags.get("method") and file.get("method") not in (None, flags["method"]):
-        # A paper recipe with another method: its optimisation and views still apply, its method's settings do not.
-        log.info("%s sets method_args for %s; %s starts from its own defaults", where, file["method"], flags["method"])
-        file.pop("method_args", None)
+    if "method" in file:  # a recipe's list of parts, as the method string and method_args of the flags
+        file["method"], file["method_args"] = as_spec(file["method"], file.get("method_args"), where)
+    file = _recipe_method_args(file, flags.get("method"), where)
     merged = config.merge(file, flags)
     settings = build(TrainSettings, merged, where)
     settings = with_batch(settings, merged, flags.get("batch_size"), ray_workers, where)
-    check_method_args(method_class(settings.method), settings.method_args, f"--method-arg or method_args in {where}")
+    part_args(settings.method, settings.method_args, f"--method-arg or method_args in {where}")
     if settings.size is not None:
         check_batch_bytes(settings.batch_size, settings.size, where)
     return settings
+
+
+def _recipe_method_args(file: dict, method: str | None, where: str) -> dict:
+    """A paper recipe run with another ``--method``: its optimisation and views still apply, and its method's settings
+    go to that method where the flag's composite has it as a part (A2's kd settings to the kd of kd@a+cospress@b)."""
+    recipe_method = file.get("method")
+    if not method or recipe_method in (None, method):
+        return file
+    args = file.pop("method_args", None) or {}
+    part = next((p.name for p in parse_method(method) if p.method == recipe_method), None) if is_composite(method) and not is_composite(recipe_method) else None
+    if part and args:
+        log.info("%s sets method_args for %s: they apply to part %s of %s", where, recipe_method, part, method)
+        return {**file, "method_args": {part: args}}
+    if args:
+        log.info("%s sets method_args for %s; %s starts from its own defaults", where, recipe_method, method)
+    return file
 
 
 def with_batch(settings: TrainSettings, merged: dict, flag: int | None, workers: int, where: str) -> TrainSettings:
@@ -137,11 +152,11 @@ def distill_job(args) -> DistillJob:
         raise UserError("--checkpoints and --gpus-per-worker are for Ray Train runs: pass --ray-workers N (N >= 1)")
     if args.ray_workers and args.online:
         raise UserError("--online runs the teacher in this process: leave --ray-workers at 0, or distil from the cache")
-    if args.online and not args.teacher:
-        raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
     if args.teacher and not args.online:
         raise UserError(f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}")
     settings = train_settings(_file(args), settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
+    if args.online and not args.teacher and not is_composite(settings.method):  # a composite's parts may name their models
+        raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
     online = OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size) if args.online else None
     return DistillJob(args.from_cache, settings, args.teacher_id, args.teacher_weights, online, args.data, args.val_data)
 

@@ -86,8 +86,7 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     """
     from stages.cache.store_setup import data_source, store_dataset
     from stages.data.datasets import validation_data
-    from stages.methods import method_class
-    from stages.teachers.teacher_sources import cached_teacher
+    from stages.training.job import cached_source
     from stages.training.student import build_student
     from storage import Store
 
@@ -106,14 +105,13 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
                 raise UserError("metric val_top1_ema needs model_ema in every trial")
             epochs = max(epochs, train.epochs)
             student = (train.student, train.student_weights, json.dumps(train.student_kwargs, sort_keys=True))
-            needs = method_class(train.method).needs
-            teacher = (trial.teacher_id, trial.teacher_weights, tuple(needs))
+            teacher = (trial.teacher_id, trial.teacher_weights, train.method)
             if student not in students:  # timm refuses a bad model argument only when the model is built
                 students.add(student)
                 build_student(train.student, store.record.dataset.num_classes, 0, train.student_weights, **train.student_kwargs)
             if teacher not in teachers:
                 teachers.add(teacher)
-                cached_teacher(store, trial.teacher_id, trial.teacher_weights, needs)
+                cached_source(store, trial)  # each part's teacher too, for a composite method
         except UserError as e:
             raise UserError(f"{here}: {e}") from e
     return epochs

@@ -124,17 +124,21 @@ def _axis(name: str, spec, where: str) -> Axis:
 
 
 def _flat_search(search: dict, where: str) -> dict:
-    """``{method_args: {temperature: [1, 4]}}`` -> ``{"method_args.temperature": [1, 4]}``; other names as they are."""
+    """``{method_args: {temperature: [1, 4]}}`` -> ``{"method_args.temperature": [1, 4]}`` (and a composite part's
+    ``method_args.kd.weight``); other names as they are."""
     flat = {}
     for name, spec in search.items():
         name = str(name).replace("-", "_")
-        is_spec = isinstance(spec, list) or (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS)
-        if name in NESTED and isinstance(spec, dict) and not is_spec:
-            for key, sub in spec.items():
-                flat[f"{name}.{key}"] = sub
+        if name.partition(".")[0] in NESTED and isinstance(spec, dict) and not _is_axis(spec):
+            # method_args: {cospress: {weight: [...]}} is method_args.cospress.weight, a composite part's setting
+            flat.update(_flat_search({f"{name}.{key}": sub for key, sub in spec.items()}, where))
         else:
             flat[name] = spec
     return flat
+
+
+def _is_axis(spec) -> bool:
+    return isinstance(spec, list) or (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS)
 
 
 def parse_sweep(data: dict, where: str) -> SweepSpec:
@@ -155,7 +159,7 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise UserError(f"{where}: samples must be a whole number of random draws, 1 or more, not {samples!r}")
     metric = data.get("metric", "val_top1")
-    if not isinstance(metric, str) or not re.fullmatch(r"(val|train)_[a-z0-9_]+", metric):
+    if not isinstance(metric, str) or not re.fullmatch(r"(val|train)_[A-Za-z0-9_.@-]+", metric):
         raise UserError(f"{where}: metric must name a number of the epoch lines such as val_top1, train_loss or train_kd, not {metric!r}")
     mode = data.get("mode", "max" if metric.startswith("val_") else "min")
     if mode not in ("max", "min"):
@@ -187,11 +191,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 def trial_settings(fixed: dict, params: dict) -> dict:
-    """The sweep's fixed settings with one trial's values; dotted names (method_args.temperature) nest."""
+    """The sweep's fixed settings with one trial's values; dotted names (method_args.temperature, method_args.kd.weight) nest."""
     values: dict = {}
     for name, value in params.items():
         head, _, key = name.partition(".")
-        values = config.merge(values, {head: {key: value}} if key else {head: value})
+        part, dot, leaf = key.rpartition(".")  # method_args.cospress.weight: a setting of one part of a composite
+        nested = {part: {leaf: value}} if dot else {key: value}
+        values = config.merge(values, {head: nested} if key else {head: value})
     return config.merge(fixed, values)
 
 

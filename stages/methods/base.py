@@ -14,8 +14,9 @@ trainer must know about it:
   ``wrap_student(model)``, called once before the optimiser is built, returns
   the module that trains in the student's place; ``student_outputs(model, x)``,
   called every step inside the (DDP-wrapped) forward, returns the dict that
-  ``forward`` receives; ``export_student(model)`` returns the plain timm
-  student that is saved.
+  ``forward`` receives (by default the student's outputs through
+  ``adapt_outputs``, the hook a method overrides to read them its own way);
+  ``export_student(model)`` returns the plain timm student that is saved.
 
 It is an ``nn.Module``: any projector it owns trains with the student. It is
 built from a ``MethodContext`` (class count, widths and token shapes of
@@ -157,7 +158,12 @@ class Method(nn.Module):
 
     def student_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The student outputs ``forward`` receives, from the module ``wrap_student`` returned."""
-        return student_forward(model, x, self.student_needs)
+        return self.adapt_outputs(model, student_forward(model, x, self.student_needs))
+
+    def adapt_outputs(self, model: nn.Module, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The student's plain outputs as this method reads them (CosPress: logits of a probe on detached features).
+        A composite runs the student once and adapts its outputs for each part. Default: as they are."""
+        return out
 
     def export_student(self, model: nn.Module) -> nn.Module:
         """The plain timm student to save, from the module ``wrap_student`` returned. Default: that module."""

@@ -35,7 +35,6 @@ from storage import UserError
 
 from .losses import flat_cosine_loss, similarity_kl
 from .base import Method, MethodContext, hard_loss, loss_parts, register_method
-from ..model_outputs import student_forward
 
 TEMPERATURES = tuple(round(0.01 * i, 2) for i in range(1, 11))  # 0.01 ... 0.10, the official recipe's
 
@@ -126,11 +125,9 @@ class CosPress(Method):
         # The mapping compresses the teacher's space to the student's width; both similarity losses train it.
         self.map = nn.Sequential(nn.LayerNorm(teacher_dim), nn.Linear(teacher_dim, student_dim))
 
-    def student_outputs(self, model, x):
-        out = student_forward(model, x, ("features", "tokens"))
+    def adapt_outputs(self, model, out):
         # The probe: the classifier on the detached feature, so labels never shape the distilled backbone.
-        out["logits"] = model.get_classifier()(out["features"].detach())
-        return out
+        return {**out, "logits": model.get_classifier()(out["features"].detach())}
 
     def forward(self, student, teacher, targets):
         t_tokens = teacher["tokens"]  # (B, T, D_t): CLS then patches, after the teacher's final norm

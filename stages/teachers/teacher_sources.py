@@ -5,11 +5,11 @@ never asks which kind it holds:
 
 * ``unit_rows(view, block, rows)``: the source's columns for one (view, block)
   unit of the batch table, read whole (nothing for a live teacher);
-* ``outputs(batch, views, temperature)``: the teacher's outputs for one batch, as
-  ``{"logits": (B, C), "features": (B, D), "tokens": (B, T, D)}`` (the keys the
-  method needs), from the batch's columns or from the rendered ``views``;
-  ``temperature`` is the one the method softens teacher logits at, for which a
-  top-k cache rebuilds its tail (``stages.topk``);
+* ``outputs(batch, views, temperature, needs)``: the teacher's outputs for one batch, as
+  ``{"logits": (B, C), "features": (B, D), "tokens": (B, T, D)}`` (the keys
+  ``needs`` names, by default the source's own), from the batch's columns or from
+  the rendered ``views``; ``temperature`` is the one the method softens teacher
+  logits at, for which a top-k cache rebuilds its tail (``stages.topk``);
 * ``size``: the render size the source needs (``None``: nothing to render);
 * ``num_views``: how many stored views it covers (``None``: any view);
 * ``feature_dim``, ``token_shape`` (T, D) and ``token_prefix`` (leading
@@ -47,7 +47,7 @@ class TeacherSource(ABC):
         return None
 
     @abstractmethod
-    def outputs(self, batch: Table, views: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]: ...
+    def outputs(self, batch: Table, views: torch.Tensor, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]: ...
 
 
 class CachedTeacher(TeacherSource):
@@ -77,9 +77,9 @@ class CachedTeacher(TeacherSource):
     def class_means(self) -> torch.Tensor | None:
         return stats.class_means(self.store, self.teacher_id)
 
-    def outputs(self, batch: Table, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def outputs(self, batch: Table, views, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]:
         n = len(self.prefix)
-        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs, temperature)
+        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, needs or self.needs, temperature)
 
 
 class CachedEnsemble(TeacherSource):
@@ -110,7 +110,7 @@ class CachedEnsemble(TeacherSource):
     def unit_rows(self, view, block, rows) -> Table:
         return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
 
-    def outputs(self, batch, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def outputs(self, batch, views, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]:
         probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
         return {"logits": torch.log(probs)}
 
@@ -130,9 +130,47 @@ class LiveTeacher(TeacherSource):
     def class_means(self) -> torch.Tensor | None:
         return self._class_means
 
-    def outputs(self, batch, views, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def outputs(self, batch, views, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]:
         out = self.teacher(normalize(views, self.teacher.mean, self.teacher.std), self.needs)
-        return {k: out[k] for k in self.needs}
+        return {k: out[k] for k in needs or self.needs}
+
+
+class PartsTeacher(TeacherSource):
+    """The teachers of a composite method's parts (``stages.methods.composite``).
+
+    Each distinct teacher is one source that reads (or runs) what all its parts need, once per unit or
+    batch; part i's outputs come out under ``"i:"`` (``"0:logits"``), decoded at that part's temperature
+    (``outputs`` takes one temperature per part). ``part(i)`` is part i's own source, for its method's set-up.
+    """
+
+    def __init__(self, sources: dict[str, TeacherSource], part_teachers: list[str | None]):
+        self.sources, self.part_teachers = sources, part_teachers
+        self.needs = tuple(dict.fromkeys(k for s in sources.values() for k in s.needs))
+        live = {s.size for s in sources.values() if s.size is not None}
+        if len(live) > 1 or (live and len(live) < len(sources)):
+            raise UserError("the parts' teachers must all be cached or all run live at one render size")
+        self.size = next(iter(live), None)
+        counts = [s.num_views for s in sources.values() if s.num_views is not None]
+        self.num_views = min(counts) if counts else None
+
+    def part(self, index: int) -> TeacherSource | None:
+        teacher = self.part_teachers[index]
+        return None if teacher is None else self.sources[teacher]
+
+    def unit_rows(self, view, block, rows) -> Table:
+        return {k: v for s in self.sources.values() for k, v in s.unit_rows(view, block, rows).items()}
+
+    def outputs(self, batch, views, temperature=(), needs=None) -> dict[str, torch.Tensor]:
+        out, done = {}, {}
+        for i, (teacher, t) in enumerate(zip(self.part_teachers, temperature)):
+            if teacher is None:
+                continue
+            source = self.sources[teacher]
+            key = (teacher, None if source.size is not None else t)  # a live teacher runs once a batch, whatever the temperatures
+            if key not in done:
+                done[key] = source.outputs(batch, views, t)
+            out.update({f"{i}:{k}": v for k, v in done[key].items()})
+        return out
 
 
 def pick_teacher(store: Store, requested: str | None) -> str:
@@ -156,3 +194,29 @@ def cached_teacher(store: Store, teacher: str | None, teacher_weights: str | Non
         weights = [float(w) for w in teacher_weights.split(",")] if teacher_weights else None
         return CachedEnsemble(store, [pick_teacher(store, t.strip()) for t in teacher.split(",")], needs, weights)
     return CachedTeacher(store, pick_teacher(store, teacher), needs)
+
+
+def cached_parts(store: Store, parts: list[tuple[str, str | None, tuple]], teacher: str | None) -> PartsTeacher:
+    """The cached teachers of a composite method's parts, each given as (name, its own teacher or None, what it
+    reads): a part's own teacher, else the run's ``--teacher-id``, else the store's only one; each checked for
+    what its parts read."""
+    if teacher and "," in teacher:
+        raise UserError(f"--teacher-id {teacher} averages teachers under one method; a composite names each part's teacher (METHOD@TEACHER)")
+    needs, ids = {}, []
+    for name, own, part_needs in parts:
+        if not part_needs:
+            ids.append(None)
+            continue
+        if own is None and teacher is None and len(store.teacher_ids()) > 1:
+            raise UserError(f"part {name} names no teacher and store {store.path} holds {', '.join(store.teacher_ids())}: write it as METHOD@TEACHER")
+        tid = pick_teacher(store, own or teacher)
+        ids.append(tid)
+        needs[tid] = tuple(dict.fromkeys([*needs.get(tid, ()), *part_needs]))
+    sources = {}
+    for j, (tid, wanted) in enumerate(needs.items()):
+        try:
+            sources[tid] = CachedTeacher(store, tid, wanted, prefix=f"t{j}:")
+        except UserError as e:
+            users = ", ".join(p[0] for p, i in zip(parts, ids) if i == tid)
+            raise UserError(f"teacher '{tid}' (read by part {users}): {e}") from e
+    return PartsTeacher(sources, ids)

@@ -31,7 +31,7 @@ from torch import nn
 from storage import UserError
 
 from ..data.datasets import ImageDataset
-from ..methods import Method, Targets, create_method, method_class, method_context
+from ..methods import Method, Targets, build_method, needs_teacher
 from .precision import Precision
 from ..progress import Progress
 from .run_metrics import RunMetrics
@@ -314,8 +314,7 @@ def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
 
 
 def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
-    cls = method_class(s.method)
-    if cls.needs and cls.requires_teacher and teacher is None:
+    if needs_teacher(s.method) and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
     if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
         raise UserError(
@@ -346,8 +345,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     cfg = model.pretrained_cfg
-    context = method_context(method_class(s.method), model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs)
-    method = create_method(s.method, context, **s.method_args)
+    method = build_method(s.method, s.method_args, model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs)
     method.train()
     model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)

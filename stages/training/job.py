@@ -21,9 +21,9 @@ from ..cache.store_setup import data_source, store_dataset, stored_plan
 from ..data.datasets import ImageDataset, validation_data
 from ..data.replay import StoredViews
 from ..data.views import ViewPlan
-from ..methods import method_class
+from ..methods import is_composite, method_class, method_needs, parse_method
 from ..settings import check_batch_bytes
-from ..teachers.teacher_sources import LiveTeacher, TeacherSource, cached_teacher
+from ..teachers.teacher_sources import LiveTeacher, PartsTeacher, TeacherSource, cached_parts, cached_teacher
 from ..teachers.teachers import build_teacher, default_teacher_id
 from .distill import EpochHooks, TrainResult, check_repeats, train
 from .settings import TrainSettings
@@ -33,8 +33,8 @@ from .settings import TrainSettings
 class OnlineTeacher:
     """The teacher an ``--online`` run executes on the replayed views, instead of reading the cache."""
 
-    name: str  # a short name or timm model
-    weights: str | None = None  # a local file; None: the hub weights
+    name: str | None  # a short name or timm model; None: a composite method's parts name theirs (METHOD@MODEL)
+    weights: str | None = None  # a local file (one per teacher, "a,b", for a composite's); None: the hub weights
     random_init: bool = False  # random weights from ``seed`` (tests)
     seed: int = 0
     size: int | None = None  # render size; None: the store's view size
@@ -90,8 +90,12 @@ def build_distill(job: DistillJob, device="cpu") -> DistillRun:
     val = validation_data(data_source(store, job.data), job.val_data)
     settings = dataclasses.replace(job.train, size=job.train.size or store.record.plan.size)
     check_batch_bytes(settings.batch_size, settings.size, "the student's batch")
-    needs = method_class(settings.method).needs
-    teacher = _live_teacher(job.online, job.teacher_id, store, dataset, needs, device) if job.online else cached_teacher(store, job.teacher_id, job.teacher_weights, needs)
+    if not job.online:
+        teacher = cached_source(store, job)
+    elif is_composite(settings.method):
+        teacher = _live_parts(job.online, _parts(settings.method), store, dataset, device)
+    else:
+        teacher = _live_teacher(job.online, job.teacher_id, store, dataset, method_needs(settings.method), device)
     views = StoredViews(store, plan, None if teacher is None else teacher.num_views)
     if views.num_views == 0:
         raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
@@ -111,3 +115,38 @@ def _live_teacher(online: OnlineTeacher, teacher_id: str | None, store: Store, d
     means = stats.class_means(store, cached_id) if cached_id in store.teacher_ids() else None
     return LiveTeacher(live.to(device or "cpu"), needs, class_means=means)
 
+
+
+def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
+    """The cached teacher(s) ``job`` reads (one, several averaged, or each part's of a composite), checked against
+    the store; None when its method reads no teacher."""
+    spec = job.train.method
+    if not method_needs(spec):
+        return None
+    if is_composite(spec):
+        return cached_parts(store, _parts(spec), job.teacher_id)
+    return cached_teacher(store, job.teacher_id, job.teacher_weights, method_needs(spec))
+
+
+def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
+    """(name, own teacher, teacher outputs read) of each part of a composite method."""
+    return [(p.name, p.teacher, method_class(p.method).needs) for p in parse_method(spec)]
+
+
+def _live_parts(online: OnlineTeacher, parts: list[tuple], store: Store, dataset: ImageDataset, device) -> PartsTeacher | None:
+    """With --online, each part's model (METHOD@MODEL, else --teacher) run live on the replayed views; one run per model."""
+    models = [(own or online.name) if needs else None for _, own, needs in parts]
+    unnamed = [name for (name, _, needs), model in zip(parts, models) if needs and model is None]
+    if unnamed:
+        raise UserError(f"part {unnamed[0]} names no teacher to run: with --online write each part as METHOD@MODEL, or pass --teacher NAME")
+    names = list(dict.fromkeys(m for m in models if m))
+    if not names:
+        return None
+    files = online.weights.split(",") if online.weights else [None] * len(names)
+    if len(files) != len(names):
+        raise UserError(f"--weights gives {len(files)} file(s) for {len(names)} live teacher(s) ({', '.join(names)}): one per teacher in that order, or none for hub weights")
+    sources = {}
+    for name, weights in zip(names, files):
+        needs = tuple(dict.fromkeys(k for (_, _, part_needs), m in zip(parts, models) if m == name for k in part_needs))
+        sources[name] = _live_teacher(dataclasses.replace(online, name=name, weights=weights), None, store, dataset, needs, device)
+    return PartsTeacher(sources, models)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, ModelArgs, Name, Optional, Text, setting
+from ..methods.composite import MethodSpec
+from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, ModelArgs, Optional, Text, setting
 
 BATCH = Int(1, MAX_BATCH)
 
@@ -28,7 +29,10 @@ class TrainSettings:
         show_default="random initialisation from --seed",
     )
     size: int | None = setting(None, Optional(SIZE), "input size of the student", show_default="the store's view size, else the model's own")
-    method: str = setting("kd", Name(), "distillation method")
+    method: str = setting(
+        "kd", MethodSpec(), "distillation method, or several as METHOD@TEACHER parts joined by +, each reading its own cached teacher "
+        "(kd@beitv2_l+cospress@dinov2_s; a part's settings and weight go as --method-arg PART.KEY=VALUE)",
+    )
     method_args: dict = setting(
         None, Mapping(), "method setting, KEY=VALUE, e.g. temperature=4 (repeatable)", flag="--method-arg", factory=dict, show_default="the method's own",
     )

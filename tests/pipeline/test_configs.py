@@ -9,8 +9,8 @@ import torch
 from pipeline import config
 from stages.settings import build
 from stages.training.distill import lr_factor
-from stages.training.settings import TrainSettings
-from stages.methods import MethodContext, create_method
+from pipeline.distill_command import train_settings
+from stages.methods import MethodContext, create_method, parse_method, part_args
 from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
@@ -18,7 +18,15 @@ RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]
 
 
 def test_the_paper_recipes_are_shipped():
-    assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "demo"} <= set(RECIPES)
+    assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "vanillakd_a2_cospress", "demo"} <= set(RECIPES)
+
+
+def test_the_two_teacher_recipe_is_a2_with_cospress_parts():
+    a2, both = train_settings(config.recipe("vanillakd_a2"), {}, "a2"), train_settings(config.recipe("vanillakd_a2_cospress"), {}, "both")
+    assert both.method == "kd@beitv2_l+cospress@dinov2_s"
+    assert both.method_args["kd"] == {**a2.method_args, "weight": 1.0}
+    assert (both.optimizer, both.lr, both.global_batch, both.repeats) == (a2.optimizer, a2.lr, a2.global_batch, a2.repeats)
+    assert config.recipe("vanillakd_a2_cospress")["views"] == config.recipe("vanillakd_a2")["views"]
 
 
 
@@ -26,8 +34,6 @@ def test_the_paper_recipes_are_shipped():
 @pytest.mark.parametrize("method", ["kd", "dkd", "dist", "ce"])
 def test_a_paper_recipe_takes_any_method(recipe, method):
     """`--config vanillakd_a2.yaml --method dkd`: the recipe's optimisation applies, its method_args belong to its own method."""
-    from pipeline.distill_command import train_settings
-
     data = config.recipe(recipe)
     settings = train_settings(data, {"method": method}, recipe)
     assert settings.method == method and (settings.optimizer, settings.lr) == (data["optimizer"], data["lr"])
@@ -40,9 +46,10 @@ def test_recipe_builds_views_settings_and_method(name):
     data = config.recipe(name)
     views = data.pop("views", {})
     plan = ViewPlan(build(ViewRecipe, {**ViewRecipe().to_dict(), **views}, name))
-    settings = build(TrainSettings, data, name)
+    settings = train_settings(data, {}, name)  # a list of parts becomes the method string and method_args
     context = MethodContext(num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs)
-    create_method(settings.method, context, **settings.method_args)
+    for part, (_, args) in zip(parse_method(settings.method), part_args(settings.method, settings.method_args, name)):
+        create_method(part.method, context, **args)
     assert lr_factor(settings, steps_per_epoch=10)(0) > 0
     # The plan is the recipe's views section (nothing dropped on the way), and draws exactly the fields the store records.
     for key, value in views.items():

@@ -15,7 +15,7 @@ from pipeline import config
 from pipeline.cli import main
 from pipeline.distill_command import train_settings
 from pipeline.sweep_spec import parse_sweep, trial_job, trial_settings
-from stages.methods import build_method, list_methods, method_class, parse_method
+from stages.methods import build_method, list_methods, method_class
 from stages.teachers.teacher_sources import PartsTeacher, TeacherSource
 from stages.training.distill import targets
 from stages.training.job import DistillJob, OnlineTeacher, build_distill

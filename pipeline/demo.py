@@ -10,12 +10,15 @@ run online, against the cache.
 A method may bring its own teacher, student and cache outputs (``methods:`` in
 configs/demo.yaml): ``--method cospress`` fits a small DINOv2-shaped ViT and
 caches its tokens for a smaller ViT student; ``--method gpd`` trains the
-usual student beside its widened dynamic teacher.
+usual student beside its widened dynamic teacher. ``--method kd+cospress``
+fits both teachers, caches them side by side in one store, and trains the
+student on each part alone and on both at once (``Variant``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import logging
 import multiprocessing
@@ -34,9 +37,9 @@ from stages.settings import build
 from stages.training.distill import train
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
 from stages.training.settings import TrainSettings
-from stages.teachers.extract import TeacherRunner, extract, teacher_info
+from stages.teachers.extract import ExtractResult, TeacherRunner, extract, teacher_info
 from stages.cache.store_setup import open_store
-from stages.methods import list_methods, method_class
+from stages.methods import is_composite, list_methods, method_class, method_needs, parse_method
 from stages.data.replay import DrawnViews
 from stages.teachers.teachers import TeacherSpec, build_teacher, register_teacher
 from stages.data.views import ViewPlan, ViewRecipe
@@ -58,7 +61,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
     p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml; cospress 15, gpd 10)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 15)")
-    p.add_argument("--method", default="kd", help=f"distillation method of the distilled rows: {', '.join(m for m in list_methods() if m != 'ce')} (default: kd)")
+    p.add_argument("--method", default="kd", help=f"distillation method of the distilled rows: {', '.join(m for m in list_methods() if m != 'ce')}, "
+                   "or several joined by + (kd+cospress: each part from its own teacher, alone and together) (default: kd)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
@@ -72,46 +76,83 @@ def run_demo(args) -> None:
     data, val = open_dataset(cfg["data"]), open_dataset(cfg["data"], "val")
     recipe = build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
     common = {"size": size, "workers": args.workers}
-    method = args.method
-    # A method's own teacher, student and cache sections replace the defaults' keys (student_kwargs whole).
-    own = cfg.get("methods", {}).get(method, {})
-    teacher_settings = TrainSettings(**config.merge({**cfg["teacher"], **own.get("teacher", {})}, {"epochs": args.teacher_epochs}, common), method="ce")
-    student_base = config.merge({**cfg["student"], **own.get("student", {})}, {"epochs": args.epochs}, common)
-    cache_cfg = {**cfg["cache"], **own.get("cache", {})}
-    method_args = cfg["method_args"].get(method, {})  # over the method's own defaults (the paper's), for a few epochs on digits
-    needs = method_class(method).needs
-    config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_run": teacher_settings})
+    demo = variant(cfg, args.method, {"epochs": args.epochs, **common}, {"epochs": args.teacher_epochs, **common})
+    config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_runs": demo.teachers})
 
-    teacher_acc, teacher_fit_s = fitted_teacher(teacher_settings, data, val, recipe, out / "teacher")
-    teacher = build_teacher(_teacher_name(teacher_settings), weights=str(out / "teacher" / "model.safetensors"), input_size=size)
-    store, extracted = cache_teacher(teacher, data, recipe, cache_cfg, size, out, needs, args.workers)
+    fits = {tid: fitted_teacher(settings, data, val, recipe, out / tid) for tid, settings in demo.teachers.items()}
+    teachers = {tid: build_teacher(_teacher_name(s), weights=str(out / tid / "model.safetensors"), input_size=size) for tid, s in demo.teachers.items()}
+    store, extracted = cache_teachers(teachers, demo.outputs, data, recipe, cfg["cache"], size, out, demo.needs, args.workers)
 
     control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
-    runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", method) for seed in run_seeds]
-    jobs = [
-        {
-            "job": DistillJob(str(store.path), TrainSettings(**student_base, method=name, method_args=method_args if name != "ce" else {}, seed=seed,
-                                                             label_fraction=frac), teacher_id="teacher").to_dict(),
-            "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
-        }
-        for frac, name, seed in runs
-    ]
+    runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", *demo.rows) for seed in run_seeds]
+    jobs = [{"job": demo.job(str(store.path), name, seed=seed, label_fraction=frac).to_dict(), "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}")}
+            for frac, name, seed in runs]
     rows = student_runs(runs, jobs)
     labels = [f"{'scratch' if name == 'ce' else f'distilled ({name})'}, {frac:.0%} labels" for frac, name, _ in runs]
-    picture = plot_runs([job["out"] for job in jobs], out / "students.png", labels, title=f"digits: students from scratch and from the cache ({method})")
+    picture = plot_runs([job["out"] for job in jobs], out / "students.png", labels, title=f"digits: students from scratch and from the cache ({args.method})")
     log.info("demo 3/4: curves of every student run -> %s", picture)
 
     log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
-    timing = DistillJob(str(store.path), TrainSettings(**{**student_base, "epochs": 1}, method=method, method_args=method_args, label_fraction=fraction),
-                        teacher_id="teacher")
-    online = OnlineTeacher(teacher.spec.name, weights=str(out / "teacher" / "model.safetensors"), size=size)
-    cache_s, online_s = time_epochs(timing, online)
+    timing = demo.job(str(store.path), args.method, epochs=1, label_fraction=fraction)
+    cache_s, online_s = time_epochs(timing, demo.online(timing, out))
 
     print_table(
-        data=data, val=val, size=size, teacher=teacher, teacher_acc=teacher_acc, teacher_fit_s=teacher_fit_s,
-        student=student_base, method=method, fraction=fraction, rows=rows, extracted=extracted,
-        cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
+        data=data, val=val, size=size, teachers=teachers, fits=fits, student=demo.student, names=list(demo.rows), fraction=fraction,
+        rows=rows, extracted=extracted, cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
     )
+
+
+@dataclass
+class Variant:
+    """What one ``pipeline demo --method M`` trains: its teachers by store id, its student, and its distilled rows.
+
+    A method's own section in configs/demo.yaml (``methods:``) replaces the default teacher, student and cache
+    keys (student_kwargs whole). A composite (``kd+cospress``) fits each part's teacher, stores them side by
+    side (``teacher``, ``teacher-cospress``), trains the student of its parts' sections, and has a row for each
+    part alone beside the composite.
+    """
+
+    method: str
+    teachers: dict[str, TrainSettings]  # by teacher id in the store
+    outputs: dict[str, list | None]  # cached outputs by teacher id (None: the default)
+    student: dict  # the student's settings, but for the method and seed
+    rows: dict[str, tuple[str, dict]]  # distilled row name -> (method, method_args)
+    needs: tuple[str, ...]
+
+    def job(self, store: str, name: str, **settings) -> DistillJob:
+        method, args = ("ce", {}) if name == "ce" else self.rows[name]
+        train = TrainSettings(**{**self.student, **settings}, method=method, method_args=args)
+        return DistillJob(store, train, teacher_id=None if is_composite(method) else next(iter(self.teachers)))
+
+    def online(self, job: DistillJob, out: Path) -> DistillJob:
+        """``job`` with its teachers run live: a composite's parts name their models, their weight files in part order."""
+        if not is_composite(job.train.method):
+            tid, = self.teachers
+            return dataclasses.replace(job, online=OnlineTeacher(_teacher_name(self.teachers[tid]), str(out / tid / "model.safetensors"), size=self.student["size"]))
+        parts = [p for p in parse_method(job.train.method) if p.teacher]
+        method = "+".join(f"{p.method}@{_teacher_name(self.teachers[p.teacher])}" for p in parts)
+        files = ",".join(dict.fromkeys(str(out / p.teacher / "model.safetensors") for p in parts))
+        return dataclasses.replace(job, train=dataclasses.replace(job.train, method=method), online=OnlineTeacher(None, files, size=self.student["size"]))
+
+
+def variant(cfg: dict, method: str, student: dict, teacher: dict) -> Variant:
+    """The demo of ``method`` (one method or a composite of methods) from configs/demo.yaml."""
+    parts = [p.method for p in parse_method(method)]
+    own = {m: cfg.get("methods", {}).get(m, {}) for m in parts}
+    composite = is_composite(method)
+    ids = {m: f"teacher-{m}" if composite and "teacher" in own[m] else "teacher" for m in parts}
+    teachers = {ids[m]: TrainSettings(**config.merge({**cfg["teacher"], **own[m].get("teacher", {})}, teacher), method="ce") for m in parts if method_class(m).needs}
+    outputs = {ids[m]: own[m].get("cache", {}).get("outputs") for m in parts if method_class(m).needs}
+    base = {**cfg["student"]}
+    for m in parts:
+        base.update(own[m].get("student", {}))
+    args = {m: cfg["method_args"].get(m, {}) for m in parts}  # over the method's own defaults (the paper's), for a few epochs on digits
+    if composite:
+        rows = {m: (f"{m}@{ids[m]}", {m: args[m]}) for m in parts}
+        rows[method] = ("+".join(f"{m}@{ids[m]}" for m in parts), args)
+    else:
+        rows = {method: (method, args[method])}
+    return Variant(method, teachers, outputs, config.merge(base, student), rows, method_needs(method))
 
 
 def fitted_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: Path) -> tuple[float, float]:
@@ -157,25 +198,29 @@ def _teacher_name(settings: TrainSettings) -> str:
     return name
 
 
-def cache_teacher(teacher, data, recipe: ViewRecipe, cache_cfg: dict, size: int, out: Path, needs, workers: int):
-    """Step 2, stage one: the teacher's outputs over recorded views, into OUT/store (with statistics for feature methods).
+def cache_teachers(teachers: dict, outputs: dict, data, recipe: ViewRecipe, cache_cfg: dict, size: int, out: Path, needs, workers: int):
+    """Step 2, stage one: each teacher's outputs over one plan's recorded views, into OUT/store under its id (with
+    statistics for feature methods).
 
-    A store made before for this teacher, plan and cache settings is reused (extraction skips its committed
-    units); one made for another is replaced, with a line saying so."""
-    where, key = out / "store", _plain({"weights": teacher.weights, "views": recipe.to_dict(), "cache": cache_cfg, "size": size})
+    A store made before for these teachers, plan and cache settings is reused (extraction skips its committed
+    units); one made for others is replaced, with a line saying so."""
+    where = out / "store"
+    key = _plain({"teachers": {tid: [t.weights, outputs.get(tid)] for tid, t in teachers.items()}, "views": recipe.to_dict(), "cache": cache_cfg, "size": size})
     saved = _read_json(out / CACHE_RECORD)
     if Store.exists(where) and saved.get("key") != key:
         log.info("demo 2/4: replacing the store in %s, made for another teacher or other cache settings", where)
         Location(str(where)).remove_tree()
     log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], where)
-    info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"], outputs=cache_cfg.get("outputs")))
     store = open_store(where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size)
-    extracted = extract(store, data, TeacherRunner(teacher, info), "teacher", views=cache_cfg["views"], workers=workers)
+    done = []
+    for tid, teacher in teachers.items():
+        info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"], outputs=outputs.get(tid) or cache_cfg.get("outputs")))
+        done.append(extract(store, data, TeacherRunner(teacher, info), tid, views=cache_cfg["views"], workers=workers))
+        if "features" in needs and "features" in info.outputs:
+            stats.write_stats(store, tid, data.labels)
     with written_whole(out / CACHE_RECORD) as tmp:
         tmp.write_text(json.dumps({"key": key}))
-    if "features" in needs:
-        stats.write_stats(store, "teacher", data.labels)
-    return store, extracted
+    return store, ExtractResult(*(sum(getattr(r, f) for r in done) for f in ("units", "skipped", "views", "seconds")))
 
 
 def student_runs(runs: list[tuple], jobs: list[dict]) -> dict:
@@ -191,11 +236,9 @@ def student_runs(runs: list[tuple], jobs: list[dict]) -> dict:
     return rows
 
 
-def time_epochs(timing: DistillJob, online: OnlineTeacher) -> tuple[float, float]:
-    """Step 4, the price of not caching: seconds of one epoch from the cache and one with the teacher live."""
-    cache_s = build_distill(timing).train().metrics[0]["seconds"]
-    online_s = build_distill(dataclasses.replace(timing, online=online)).train().metrics[0]["seconds"]
-    return cache_s, online_s
+def time_epochs(cached: DistillJob, online: DistillJob) -> tuple[float, float]:
+    """Step 4, the price of not caching: seconds of one epoch from the cache and one with the teacher(s) live."""
+    return build_distill(cached).train().metrics[0]["seconds"], build_distill(online).train().metrics[0]["seconds"]
 
 
 def _quiet_worker(processes: int) -> None:
@@ -213,7 +256,8 @@ def _params(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
 
 
-def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student, method, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
+def print_table(*, data, val, size, teachers, fits, student, names, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
+    """The demo's table: each teacher, the student from scratch, and each distilled row (``names``) with its wins over scratch."""
     from stages.training.student import build_student
 
     student_model = build_student(student["student"], data.num_classes, 0, **student.get("student_kwargs", {}))
@@ -224,29 +268,36 @@ def print_table(*, data, val, size, teacher, teacher_acc, teacher_fit_s, student
 
     print()
     print(f"digits: {len(data):,} training / {len(val):,} validation images at {size} px")
-    print(f"teacher {teacher.spec.name} ({_params(teacher)} parameters); student {student['student']} ({_params(student_model)} parameters)")
+    described = "; ".join(f"teacher {t.spec.name} ({_params(t)} parameters)" for t in teachers.values())
+    print(f"{described}; student {student['student']} ({_params(student_model)} parameters)")
     print()
-    table = [("model", "labels used", "val top-1 (seeds)", "distilled wins"), (f"teacher {teacher.spec.name}", pct(1.0), pct(teacher_acc), "")]
+    table = [("model", "labels used", "val top-1 (seeds)", "distilled wins")]
+    table += [(f"teacher {t.spec.name}", pct(1.0), pct(fits[tid][0]), "") for tid, t in teachers.items()]
     for frac in dict.fromkeys([fraction, 1.0]):
-        scratch, distilled = rows[(frac, "ce")], rows[(frac, method)]
-        wins = sum(d > s for d, s in zip(distilled, scratch))
+        scratch = rows[(frac, "ce")]
         tag = " (control)" if frac == 1.0 and fraction != 1.0 else ""
         n = f" ({len(scratch)})"
         table.append(("student from scratch" + tag, pct(frac), spread(scratch) + n, ""))
-        table.append((f"student distilled ({method}, cache)" + tag, pct(frac), spread(distilled) + n, f"{wins} of {len(distilled)}"))
+        for name in names:
+            distilled = rows[(frac, name)]
+            wins = sum(d > s for d, s in zip(distilled, scratch))
+            table.append((f"student distilled ({name}, cache)" + tag, pct(frac), spread(distilled) + n, f"{wins} of {len(distilled)}"))
     first = max(len(r[0]) for r in table) + 2
     for name, labels, top1, wins in table:
         print(f"{name:<{first}}{labels:>12}{top1:>22}{wins:>16}")
     print()
     made = (f"{extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / max(extracted.seconds, 1e-9):,.0f} views/s)" if extracted.units
             else f"reused ({extracted.skipped} units committed by an earlier run)")
-    print(f"teacher fit: {teacher_fit_s:.0f} s; extraction: {made}")
+    print(f"teacher fit: {sum(s for _, s in fits.values()):.0f} s; extraction: {made}")
     print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")
     print()
     print(
         f"The teacher was trained on every label. In the {pct(fraction)} rows the student's cross-entropy sees the labels of "
         f"{pct(fraction)} of the training images, while the cached teacher outputs cover all of them."
     )
-    if method == "cospress":
-        print("CosPress trains the student on the teacher's tokens alone; its val top-1 is that of a linear classifier trained on the detached features.")
-    print(f"Everything is under {out}: teacher/, store/, one directory per student run (metrics.jsonl, student.safetensors).")
+    if len(names) > 1:
+        print(f"The {names[-1]} rows train one student on every part at once, each part reading its own cached teacher; the rows above it train each part alone.")
+    if "cospress" in names[-1]:
+        print("CosPress trains the student on the teacher's tokens alone; its val top-1 is that of a linear classifier trained on the detached features"
+              + (" (beside the composite's other parts)." if len(names) > 1 else "."))
+    print(f"Everything is under {out}: {', '.join(f'{tid}/' for tid in teachers)}, store/, one directory per student run (metrics.jsonl, student.safetensors).")

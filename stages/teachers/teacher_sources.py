@@ -147,7 +147,7 @@ class PartsTeacher(TeacherSource):
         self.sources, self.part_teachers = sources, part_teachers
         self.needs = tuple(dict.fromkeys(k for s in sources.values() for k in s.needs))
         live = {s.size for s in sources.values() if s.size is not None}
-        if len(live) > 1 or (live and len(live) < len(sources)):
+        if len(live) > 1 or (live and any(s.size is None for s in sources.values())):
             raise UserError("the parts' teachers must all be cached or all run live at one render size")
         self.size = next(iter(live), None)
         counts = [s.num_views for s in sources.values() if s.num_views is not None]

@@ -20,7 +20,8 @@ FAST = ["--seeds", "1", "--epochs", "1", "--teacher-epochs", "1"]
 @pytest.mark.slow  # four whole demos: the full run has them, the quick one leaves them out
 def test_every_demo_variant_runs_in_its_own_folder_and_a_rerun_reuses_what_matches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    variants = ["kd", *config.recipe("demo")["methods"]]  # the default and every method with its own demo section
+    # The default, every method with its own demo section, and a composite whose parts read their own teachers.
+    variants = ["kd", *config.recipe("demo")["methods"], "kd+cospress"]
     assert {"cospress", "gpd"} <= set(variants)
     tables = {}
     for method in variants:
@@ -28,7 +29,13 @@ def test_every_demo_variant_runs_in_its_own_folder_and_a_rerun_reuses_what_match
         table = tables[method] = capsys.readouterr().out
         assert f"student distilled ({method}, cache)" in table and "student from scratch" in table, method
         folder = tmp_path / "runs" / ("demo" if method == "kd" else f"demo-{method}")
-        assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == 4
+        parts = method.split("+")
+        rows = 1 + len(parts) + (len(parts) > 1)  # scratch, each part alone, and the composite
+        assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == 2 * rows
+    both = tmp_path / "runs" / "demo-kd+cospress"
+    assert "student distilled (kd, cache)" in tables["kd+cospress"] and "student distilled (cospress, cache)" in tables["kd+cospress"]
+    assert {p.name for p in (both / "store" / "teachers").iterdir()} == {"teacher", "teacher-cospress"}
+    assert (both / "store" / "teachers" / "teacher-cospress" / "tokens").is_dir()
     assert "The teacher was trained on every label" in tables["kd"]
     cospress = tmp_path / "runs" / "demo-cospress"
     assert (cospress / "store" / "teachers" / "teacher" / "tokens").is_dir()
@@ -62,7 +69,7 @@ def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_lin
         settings = TrainSettings(student="resnet10t", student_kwargs={"channels": [8, 16, 32, 64]}, epochs=epochs, batch_size=32, size=32, method="ce")
         demo.fitted_teacher(settings, train_data, val_data, recipe, tmp_path / "teacher")
         teacher = build_teacher(demo._teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32)
-        demo.cache_teacher(teacher, train_data, recipe, cache, 32, tmp_path, (), 0)
+        demo.cache_teachers({"teacher": teacher}, {}, train_data, recipe, cache, 32, tmp_path, (), 0)
         if says:
             assert says in caplog.text
         assert ("replacing the store" in caplog.text) == (epochs == 2)

@@ -31,7 +31,8 @@ from stages.data.views import ViewPlan, ViewRecipe
 
 DATA = "fake:640?size=32&classes=20"  # 640 train / 128 val images; a class colour under noise: learnable in a few epochs
 BLOCK, EPOCHS = 64, 6
-STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--lr", "0.001", "--verify", "none"]
+# A composite method (two parts on the one cached teacher): DDP wraps the parts with the student, as it wraps one method.
+STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--lr", "0.001", "--verify", "none", "--method", "kd@t1+dist@t1"]
 
 
 # -- the share of each rank (no Ray) ---------------------------------------------------------

@@ -15,10 +15,15 @@ One run, on one machine, side by side:
           teacher (the student widened r = 2 times) costs about r^2 of the student per step;
           d/b is its step-time ratio against KD. The store then also holds what the method
           reads (CosPress: the teacher's tokens, so pass a timm ViT teacher with a classifier
-          and a student whose token grid matches, through ``--student-arg``).
+          and a student whose token grid matches, through ``--student-arg``). ``--method-arg``
+          passes it settings.
+  (e)     with ``--compare-arg KEY=VALUE``: the method of (d) again, with these settings on top,
+          e.g. ``--compare-arg orepa=true``: GPD with OREPA branches against GPD without; e/d
+          is the step-time ratio.
 
-(a), (b), (c) run round-robin, ``--repeats`` times, so machine noise hits all three alike.
-An epoch's time is the ``seconds`` field of its metrics (training only, no validation);
+(a) to (e) run round-robin, ``--repeats`` times, so machine noise hits them all alike.
+An epoch's time is the ``seconds`` field of its metrics (training only, no validation), a step's
+that divided by the epoch's steps;
 with more than one epoch per run the first is dropped as warm-up. Medians are quoted,
 since machines here are shared and noisy. The target: b/a <= 1.05. ``--device cuda --amp bf16``
 runs every run's step (and the cost ratio) on the GPU under autocast, as ``distill --amp`` does.
@@ -33,6 +38,7 @@ Run from the repository root (about 3-5 minutes on 2 CPU cores with the defaults
     .venv/bin/python benchmarks/distill_cost.py
     .venv/bin/python benchmarks/distill_cost.py --threads 2 --data 'fake:1024?size=32&classes=100'
     .venv/bin/python benchmarks/distill_cost.py --method gpd --no-online --teacher resnet34 --student resnet18
+    .venv/bin/python benchmarks/distill_cost.py --method gpd --compare-arg orepa=true --no-online --teacher resnet34 --student resnet18
     .venv/bin/python benchmarks/distill_cost.py --method cospress --no-online --size 224 --teacher vit_small_patch14_dinov2 \
         --student vit_tiny_patch16_224 --student-arg patch_size=14 --data 'fake:128?size=224&classes=100' --batch-size 32
 """
@@ -85,6 +91,9 @@ def parse_args():
     p.add_argument("--device", default="cpu", help="where student and live teacher run: cpu, cuda")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast of every run's step (and of the cost ratio)")
     p.add_argument("--method", help="also time this method from the same cache, as run (d), e.g. gpd")
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="a setting of the method of (d) (repeatable)")
+    p.add_argument("--compare-arg", action="append", metavar="KEY=VALUE",
+                   help="also time (d)'s method with this setting on top, as run (e), e.g. orepa=true (repeatable)")
     p.add_argument("--no-online", action="store_true", help="leave out run (c), the live teacher")
     return p.parse_args()
 
@@ -133,6 +142,10 @@ def synchronize(device: str) -> None:
 def main():
     args = parse_args()
     args.student_kwargs = parse_pairs(args.student_arg, "--student-arg")
+    args.method_kwargs = parse_pairs(args.method_arg, "--method-arg")
+    args.compare_kwargs = parse_pairs(args.compare_arg, "--compare-arg")
+    if args.compare_kwargs and not args.method:
+        raise SystemExit("--compare-arg compares two settings of --method: pass --method too")
     torch.set_num_threads(args.threads)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -160,20 +173,24 @@ def main():
 
         views = StoredViews(store, stored_plan(store))
         runs = {
-            "(a) student + labels": ("ce", None),
-            "(b) distill from cache": ("kd", CachedTeacher(store, "t", ("logits",))),
-            "(c) distill online": ("kd", LiveTeacher(teacher, ("logits",))),
+            "(a) student + labels": ("ce", None, {}),
+            "(b) distill from cache": ("kd", CachedTeacher(store, "t", ("logits",)), {}),
+            "(c) distill online": ("kd", LiveTeacher(teacher, ("logits",)), {}),
         }
         if args.no_online:
             del runs["(c) distill online"]
         if args.method:
-            runs[f"(d) {args.method} from cache"] = (args.method, CachedTeacher(store, "t", method_class(args.method).needs))
+            cached = CachedTeacher(store, "t", method_class(args.method).needs)
+            runs[f"(d) {args.method} from cache"] = (args.method, cached, args.method_kwargs)
+            if args.compare_kwargs:
+                extra = ",".join(f"{k}={v}" for k, v in args.compare_kwargs.items())
+                runs[f"(e) {args.method} {extra}"] = (args.method, cached, {**args.method_kwargs, **args.compare_kwargs})
         seconds = {name: [] for name in runs}
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):
-            for name, (method, source) in runs.items():
-                settings = TrainSettings(student=args.student, student_kwargs=args.student_kwargs, method=method, epochs=args.epochs,
-                                         batch_size=args.batch_size, loader_workers=args.workers, amp=args.amp)
+            for name, (method, source, method_args) in runs.items():
+                settings = TrainSettings(student=args.student, student_kwargs=args.student_kwargs, method=method, method_args=method_args,
+                                         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, amp=args.amp)
                 metrics = train(settings, data, None, views, views.plan, source, device=args.device).metrics
                 kept = metrics[1:] if len(metrics) > 1 else metrics
                 seconds[name] += [m["seconds"] for m in kept]
@@ -183,9 +200,10 @@ def main():
 
     med = {n: statistics.median(s) for n, s in seconds.items()}
     print(f"\nepoch seconds, {len(seconds[next(iter(runs))])} epochs per run kind, interleaved:")
-    print(f"{'run':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'views/s':>8s}")
+    print(f"{'run':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'views/s':>8s} {'ms/step':>8s}")
     for n in runs:
-        print(f"{n:26s} {med[n]:9.2f} {min(seconds[n]):7.2f} {max(seconds[n]):7.2f} {statistics.median(rates[n]):8.0f}")
+        rate = statistics.median(rates[n])  # views per second: a step is batch-size views
+        print(f"{n:26s} {med[n]:9.2f} {min(seconds[n]):7.2f} {max(seconds[n]):7.2f} {rate:8.0f} {1e3 * args.batch_size / rate:8.1f}")
     names = list(runs)
     b_a = med[names[1]] / med[names[0]]
     paired = " ".join(f"{b / a:.2f}" for a, b in zip(seconds[names[0]], seconds[names[1]]))
@@ -194,9 +212,13 @@ def main():
     if "(c) distill online" in runs:
         print(f"c/b = {med['(c) distill online'] / med[names[1]]:.2f}    (online teacher vs. cache; teacher/student cost ratio {t_t / t_s:.1f}x)")
     if args.method:
-        d = names[-1]
+        d = next(n for n in names if n.startswith("(d)"))
         paired_d = " ".join(f"{x / b:.2f}" for b, x in zip(seconds[names[1]], seconds[d]))
         print(f"d/b = {med[d] / med[names[1]]:.2f}    ({args.method} vs. kd, both from the cache; per round: {paired_d})")
+    if args.compare_kwargs:
+        e = names[-1]
+        paired_e = " ".join(f"{y / x:.2f}" for x, y in zip(seconds[d], seconds[e]))
+        print(f"e/d = {med[e] / med[d]:.2f}    ({e[4:]} vs. without, per step; per round: {paired_e})")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -76,9 +76,10 @@ class MethodContext:
     student_token_prefix: int = 0  # the same for the student's tokens
     has_teacher: bool = True  # False: training without a teacher (methods with requires_teacher = False)
     size: int | None = None  # the student's input size
+    student_trained: bool = False  # the student starts from trained weights (--student-weights), not at random
 
 
-def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int) -> MethodContext:
+def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int, student_trained: bool = False) -> MethodContext:
     """The context for method class ``cls``, from the built student ``model`` and a ``TeacherSource`` (or None).
 
     Only what ``cls`` declares is looked up: token shapes cost a dry forward of the student, class
@@ -97,6 +98,7 @@ def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classe
         student_token_prefix=token_prefix(model) if "tokens" in cls.student_needs else 0,
         has_teacher=reads,
         size=size,
+        student_trained=student_trained,
     )
 
 

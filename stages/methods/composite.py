@@ -138,17 +138,17 @@ def needs_teacher(spec: str) -> bool:
     return any(method_class(p.method).needs and method_class(p.method).requires_teacher for p in parse_method(spec))
 
 
-def build_method(spec: str, method_args: dict, model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int) -> Method:
+def build_method(spec: str, method_args: dict, model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int, student_trained: bool = False) -> Method:
     """The run's method for student ``model``: one registered method, or a ``Composite`` whose part i sees
     ``teacher.part(i)`` (a ``PartsTeacher``) as its teacher."""
     if not is_composite(spec):
-        context = method_context(method_class(spec), model, teacher, num_classes=num_classes, size=size, epochs=epochs)
+        context = method_context(method_class(spec), model, teacher, num_classes=num_classes, size=size, epochs=epochs, student_trained=student_trained)
         return create_method(spec, context, **method_args)
     parts, settings = parse_method(spec), part_args(spec, method_args, "the run")
     methods = []
     for i, (part, (_, args)) in enumerate(zip(parts, settings)):
         source = None if teacher is None else teacher.part(i)
-        context = method_context(method_class(part.method), model, source, num_classes=num_classes, size=size, epochs=epochs)
+        context = method_context(method_class(part.method), model, source, num_classes=num_classes, size=size, epochs=epochs, student_trained=student_trained)
         methods.append(create_method(part.method, context, **args))
     return Composite(parts, [w for w, _ in settings], methods)
 

@@ -23,10 +23,24 @@ set, one optimiser.
   same), gradient clipping at 5 (``clip_grad`` in the recipe), one step.
   Without a teacher, CE + CE + 3 SCE: the paper's from-scratch mode.
 
+* ``orepa``: the official ``--use_orepa``. Each 3x3 stride-1 conv of the
+  dynamic teacher trains as an OREPA block (``orepa.py``: six linear
+  branches merged into one kernel). The student's conv is converted first
+  (``orepa_init``: ``official`` draws the other branches at random, as the
+  official code does for a student trained from scratch; ``single`` keeps
+  the student's kernel, as it does for a student that starts from trained
+  weights), then every branch is widened so that the merged wide kernel is
+  the student's merged kernel widened as above: the dynamic teacher still
+  computes the student's function at initialisation. The student remains
+  the slice of the merged wide kernel, so its export is a plain timm model.
+  (Officially the student merges slices of the branches; the two agree at
+  initialisation, not after: the 1x1 -> kxk branch sums over all its inner
+  channels here.)
+
 Supported students: timm ResNets (BasicBlock and Bottleneck, any depth and
 width, plain convolutions) and plain timm ViTs (DeiT: class token, LayerNorm,
-GELU MLP, timm's Attention without q/k norms). The channel-branch
-reparameterization (OREPA) of the paper is not built.
+GELU MLP, timm's Attention without q/k norms); ``orepa`` needs a 3x3 stride-1
+conv (a ResNet).
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from torch import nn
 from storage import UserError
 
 from .losses import dkd_loss, smoothed_soft_ce
+from .orepa import EXPAND, VECTOR_INIT, OREPAConv2d, eligible
 from .base import Method, MethodContext, hard_loss, loss_parts, register_method
 
 SUPPORTED = "timm ResNets (resnet18, resnet34, resnet50, resnet10t ...: plain convolutions) and plain timm ViTs (deit_tiny_patch16_224, vit_tiny_patch16_224 ...)"
@@ -102,6 +117,57 @@ class WideConv2d(_Widened):
     def student_state(self):
         w, b = self._student()
         return {"weight": w} if b is None else {"weight": w, "bias": b}
+
+
+class WideOREPAConv2d(WideConv2d):
+    """A widened 3x3 stride-1 conv trained as OREPA branches: ``weight`` is their merged wide kernel."""
+
+    def __init__(self, conv: nn.Conv2d, mode: _Mode, r: int, first: bool, last: bool, noise: float, init: str):
+        _Widened.__init__(self, mode, r)
+        self.r_out, self.r_in = (1 if last else r), (1 if first else r)
+        self.out_s, self.in_s = conv.out_channels, conv.in_channels
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.branches = _widen_orepa(OREPAConv2d.from_conv(conv, init), self.r_out, self.r_in, noise)
+
+    @property
+    def weight(self):
+        return self.branches.weight
+
+    def _student(self):
+        # The slice of the merged wide kernel, times r, computed alone: a quarter of the wide merge's cost at r = 2.
+        w = self.branches.merged(self.out_s, self.in_s) * self.r_out
+        b = None if self.bias is None else self.bias[: self.out_s] * self.r_out
+        return w, b
+
+    @property
+    def bias(self):
+        return self.branches.bias
+
+
+def _widen_orepa(small: OREPAConv2d, r_out: int, r_in: int, noise: float) -> OREPAConv2d:
+    """The dynamic teacher's OREPA block from the student's, as the official ``init_expand_orepa``: each branch
+    widened so that the merged wide kernel is the student's merged kernel widened as ``WideConv2d`` widens one."""
+    co, ci, k = small.out_channels, small.in_channels, small.kernel_size
+    s = {n: t.detach() for n, t in small.state_dict().items()}
+
+    def conv(w, r_rows=r_out):  # rows: r copies each divided by r; columns: r_in copies
+        return _copies(_copies(w, r_rows, 0, divide=True, noise=noise), r_in, 1, divide=False, noise=noise)
+
+    state = {n: conv(s[n]) for n in ("origin", "avg_conv", "prior_conv", "kxk", "pad_kernel")}
+    # The 1x1 of 1x1 -> kxk maps the inputs to as many inner channels: its rows widen by r_in. The kxk then
+    # sums r_in copies of (rows / r_in) x (its kernel / r_out): the student's product / r_out, as wanted.
+    state.update(identity=conv(s["identity"], r_in), idconv=conv(s["idconv"], r_in))
+    # Depthwise kernels belong to their input channel: copied, not divided; the 1x1 after them is a conv.
+    state["dw"] = _copies(s["dw"].view(ci, EXPAND, k, k), r_in, 0, divide=False, noise=noise).reshape(r_in * ci * EXPAND, 1, k, k)
+    state["pw"] = conv(s["pw"].view(co, ci, EXPAND)).reshape(r_out * co, r_in * ci * EXPAND)
+    # Per-output-channel factors and filters are copied with their channel.
+    state["vector"] = _copies(s["vector"], r_out, 1, divide=False, noise=noise)
+    state["prior"] = _copies(s["prior"], r_out, 0, divide=False, noise=noise)
+    if small.bias is not None:
+        state["bias"] = _copies(s["bias"], r_out, 0, divide=True, noise=noise)
+    wide = OREPAConv2d(r_in * ci, r_out * co, k, bias=small.bias is not None, init=small.init).to(small.origin)
+    wide.load_state_dict(state)
+    return wide
 
 
 class WideLinear(WideConv2d):
@@ -319,12 +385,16 @@ class DynamicTeacher(nn.Module):
     evaluation) the student's, ``export()`` the student as a plain timm model.
     """
 
-    def __init__(self, student: nn.Module, r: int = 2, noise: float = 1e-6, name: str = ""):
+    def __init__(self, student: nn.Module, r: int = 2, noise: float = 1e-6, name: str = "", orepa: str | None = None):
+        """``orepa``: None, or the OREPA initialisation (``official``, ``single``) of the 3x3 stride-1 convs."""
         super().__init__()
         if int(r) != r or r < 2:
             raise UserError(f"gpd's ratio must be a whole number of at least 2, not {r}")
         r = int(r)
         check_supported(student, name)
+        if orepa is not None and not any(eligible(m) for m in student.modules()):
+            raise UserError(f"method 'gpd' setting orepa=true re-parameterizes 3x3 stride-1 convolutions and student "
+                            f"{name or type(student).__name__} has none: set orepa false (--method-arg orepa=false)")
         _, _, attention, layer_scale = _layer_types()
         self.r, self._mode = r, _Mode()
         self._template = [copy.deepcopy(student)]  # a list: the plain student is no submodule (nor trained, nor in DDP)
@@ -338,6 +408,8 @@ class DynamicTeacher(nn.Module):
                     continue
                 if isinstance(m, attention):
                     wide = WideAttention(m, self._mode, r, noise)
+                elif isinstance(m, nn.Conv2d) and orepa is not None and eligible(m):
+                    wide = WideOREPAConv2d(m, self._mode, r, first=path == first, last=path == last, noise=noise, init=orepa)
                 elif isinstance(m, nn.Conv2d):
                     wide = WideConv2d(m, self._mode, r, first=path == first, last=path == last, noise=noise)
                 elif isinstance(m, nn.Linear):
@@ -405,6 +477,8 @@ class GPD(Method):
 
     L_D = ce_weight CE(z_D) + DKD(z_D, t), L_S = ce_weight CE(z_S) + DKD(z_S, t) + kd_weight SCE(z_S, softmax(z_D))
     with DKD at (alpha, beta, temperature) and SCE smoothed by ``smoothing``; the total is L_D + L_S.
+    ``orepa``: the dynamic teacher's 3x3 stride-1 convs train as OREPA blocks, initialised ``orepa_init``
+    (by default ``official`` for a student trained from scratch, ``single`` for one that starts from trained weights).
     """
 
     needs = ("logits",)
@@ -413,15 +487,21 @@ class GPD(Method):
 
     def __init__(
         self, context: MethodContext, ratio=2, kd_weight=3.0, smoothing=0.1, alpha=1.0, beta=0.5, temperature=1.0,
-        ce_weight=1.0, noise=1e-6, hard_loss="ce",
+        ce_weight=1.0, noise=1e-6, hard_loss="ce", orepa=False, orepa_init=None,
     ):
         super().__init__()
+        # As the official train_dkd.py: a student loaded from trained weights keeps its function (single), one from scratch does not.
+        orepa_init = orepa_init or ("single" if context.student_trained else "official")
+        if orepa_init not in VECTOR_INIT:
+            raise UserError(f"method 'gpd' setting orepa_init must be one of {', '.join(VECTOR_INIT)}, not {orepa_init!r}")
         self.ratio, self.kd_weight, self.smoothing = ratio, kd_weight, smoothing
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.ce_weight, self.noise, self.hard_loss = ce_weight, noise, hard_loss
+        self.orepa = orepa_init if orepa else None
 
     def wrap_student(self, model):
-        return DynamicTeacher(model, self.ratio, self.noise, name=(model.pretrained_cfg or {}).get("architecture", ""))
+        name = (model.pretrained_cfg or {}).get("architecture", "")
+        return DynamicTeacher(model, self.ratio, self.noise, name=name, orepa=self.orepa)
 
     def student_outputs(self, model: DynamicTeacher, x):
         wide = model.wide(x)  # (B, C): the dynamic teacher, computed first as in the official step

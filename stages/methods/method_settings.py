@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import numbers
 
-from ..settings import NON_NEGATIVE, POSITIVE, Check, Choice, Flag, Float, Int, ListOf, Text
+from ..settings import NON_NEGATIVE, POSITIVE, Check, Choice, Flag, Float, Int, ListOf, Optional, Text
 from storage import UserError
 
 TEMPERATURE = Float(0.0, 1000.0, lo_open=True)
@@ -27,6 +27,8 @@ METHOD = {  # the registered methods' settings (constructor arguments), by name:
     "smoothing": Float(0.0, 1.0, hi_open=True),  # GPD's SCE smoothing
     "ratio": Int(2, 8),  # GPD's widening: r^2 the student's cost per step
     "noise": NON_NEGATIVE,  # GPD's N(0, noise) on widened weights
+    "orepa": Flag(),  # GPD's channel-branch reparameterization of 3x3 stride-1 convs
+    "orepa_init": Optional(Choice(("official", "single"))),  # its branch initialisation; None: single when the student starts from weights
     "hard_loss": Choice(("ce", "bce")),
 }
 

@@ -345,7 +345,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     cfg = model.pretrained_cfg
-    method = build_method(s.method, s.method_args, model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs)
+    method = build_method(s.method, s.method_args, model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs,
+                          student_trained=s.student_weights is not None)
     method.train()
     model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)

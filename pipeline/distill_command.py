@@ -16,6 +16,7 @@ from typing import Callable
 
 from stages.data.datasets import open_dataset, validation_data
 from stages.data.replay import DrawnViews
+from stages.cpus import use_threads
 from stages.data.views import ViewPlan
 from stages.methods import is_composite, list_methods, method_class, parse_method, part_args
 from stages.methods.composite import as_spec
@@ -27,7 +28,7 @@ from stages.training.student import build_student
 from storage import UserError
 
 from . import config
-from .flags import RAY_ADDRESS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
+from .flags import RAY_ADDRESS_HELP, THREADS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
 from .resume import checkpoint_hooks
 from .run_files import RunFiles, check_out
 from .settings_check import add_setting_flags, flag_type, settings_from_args
@@ -49,6 +50,7 @@ def _run_flags(p: argparse.ArgumentParser, ray_train: bool) -> None:
     where = ", or Ray Train's under OUT/ray with --ray-workers N" if ray_train else ""
     g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log, checkpoint.pt")
     g.add_argument("--resume", action="store_true", help=f"continue the run under --out from its last checkpoint (OUT/checkpoint.pt{where}), e.g. with more --epochs (default: off, start afresh)")
+    g.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
 
 
 def add_train_parser(sub) -> None:
@@ -172,6 +174,7 @@ def train_command(args) -> None:
     settings = train_settings(_file(args), flags, args.config or "the command line")
     plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     device = local_device(args.device)
+    log.info("%d CPU thread(s), %d loader process(es)", use_threads(args.threads, settings.workers), settings.workers)
     # Nothing is written to --out before train() has built the model: a refused run leaves an earlier run's folder alone.
     with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}, weights_name="model.safetensors") as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
@@ -188,6 +191,7 @@ def distill_command(args) -> None:
     if args.ray_workers:
         result = _distill_on_ray(args, job, out)
     else:
+        log.info("%d CPU thread(s), %d loader process(es)", use_threads(args.threads, job.train.workers), job.train.workers)
         result = distill_here(job, out, device=local_device(args.device), resume=args.resume)
     mode = "online teacher" if job.online else f"cache {job.store}"
     ray = f", {args.ray_workers} Ray Train worker(s)" if args.ray_workers else ""
@@ -232,4 +236,5 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     record = run_record(job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker)
     with RunFiles(out, record) as files:
         return distill_on_ray(where, out, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, address=args.ray_address,
-                              max_failures=args.max_failures, resume=args.resume, checkpoints=args.checkpoints, on_start=files.start)
+                              max_failures=args.max_failures, resume=args.resume, checkpoints=args.checkpoints, on_start=files.start,
+                              threads=args.threads)

@@ -51,3 +51,8 @@ def local_device(flag: str | None) -> str:
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but this machine has no Apple GPU: use --device cpu")
     return device
+
+
+THREADS_HELP = ("torch's intra-op CPU threads in this process (default: the CPUs this process may use, by its affinity and cgroup "
+                "quota, less its --workers loader processes, at least 1; torch's own default takes every core however busy; "
+                "a Ray worker's: the CPUs Ray gives it)")

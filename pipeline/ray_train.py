@@ -38,6 +38,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from stages.training.distill import EpochHooks
     job = DistillJob.from_dict(config["job"])
+    if config.get("threads"):  # else Ray's OMP_NUM_THREADS: the CPUs it gave this worker
+        torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device() if config["gpus_per_worker"] else torch.device("cpu")
     run = build_distill(job, device)
     rank = ray.train.get_context().get_world_rank()
@@ -81,7 +83,7 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
 
 def distill_on_ray(
     job: DistillJob, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
-    checkpoints: str | None = None, on_start=None,
+    checkpoints: str | None = None, on_start=None, threads: int | None = None,
 ):
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
     from ray.train import TrainingFailedError
@@ -113,7 +115,7 @@ def distill_on_ray(
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "config.json", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
-    trainer = _trainer({"job": job.to_dict(), "gpus_per_worker": gpus_per_worker}, storage, workers, gpus_per_worker, max_failures)
+    trainer = _trainer({"job": job.to_dict(), "gpus_per_worker": gpus_per_worker, "threads": threads}, storage, workers, gpus_per_worker, max_failures)
     start = time.perf_counter()
     try:
         result = trainer.fit()

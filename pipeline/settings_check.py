@@ -28,6 +28,7 @@ FLAGS = {  # command-line settings that are no dataclass field
     "block": Int(1, MAX_BLOCK),
     "topk": Int(1, 1 << 20),
     "workers": WORKERS,
+    "threads": Int(1, MAX_WORKERS),
     "actors": Int(0, MAX_WORKERS),
     "ray_workers": Int(0, MAX_WORKERS),
     "gpus_per_worker": Float(0.0, 1024.0),

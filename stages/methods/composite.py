@@ -31,6 +31,7 @@ from storage.names import check_name
 from ..model_outputs import student_forward
 from ..settings import NON_NEGATIVE, Check
 from .base import Method, create_method, method_class, method_context
+from .method_settings import check_method_args
 
 PART_SEP, TEACHER_SEP = "+", "@"
 WEIGHT = "weight"  # the one part setting that is not its method's: the factor of its loss
@@ -105,8 +106,6 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
 
 def part_args(spec: str, method_args: dict, where: str) -> list[tuple[float, dict]]:
     """(weight, method settings) of each part of ``spec``, checked; a plain method's settings are ``method_args`` itself."""
-    from .method_settings import check_method_args
-
     parts = parse_method(spec)
     if not is_composite(spec):
         check_method_args(method_class(spec), method_args, where)

@@ -174,7 +174,7 @@ def train_command(args) -> None:
     settings = train_settings(_file(args), flags, args.config or "the command line")
     plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     device = local_device(args.device)
-    log.info("%d CPU thread(s), %d loader process(es)", use_threads(args.threads, settings.workers), settings.workers)
+    threads = use_threads(args.threads, settings.workers)
     # Nothing is written to --out before train() has built the model: a refused run leaves an earlier run's folder alone.
     with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}, weights_name="model.safetensors") as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
@@ -182,7 +182,7 @@ def train_command(args) -> None:
         run = {"data": args.data, "views": plan.describe(), **dataclasses.asdict(settings)}
         hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start)
         result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device, hooks=hooks)
-    print(f"{settings.student}: {_top1(result)} after {settings.epochs} epochs -> {out / 'model.safetensors'}")
+    print(f"{settings.student}: {_top1(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}")
 
 
 def distill_command(args) -> None:
@@ -190,12 +190,13 @@ def distill_command(args) -> None:
     out = check_out(Path(args.out))
     if args.ray_workers:
         result = _distill_on_ray(args, job, out)
+        how = f", {args.ray_workers} Ray Train worker(s)"
     else:
-        log.info("%d CPU thread(s), %d loader process(es)", use_threads(args.threads, job.train.workers), job.train.workers)
+        threads = use_threads(args.threads, job.train.workers)
         result = distill_here(job, out, device=local_device(args.device), resume=args.resume)
+        how = f", {threads} thread(s)"
     mode = "online teacher" if job.online else f"cache {job.store}"
-    ray = f", {args.ray_workers} Ray Train worker(s)" if args.ray_workers else ""
-    print(f"{result_line(job, result, f', {mode}{ray}')} -> {out / 'student.safetensors'}")
+    print(f"{result_line(job, result, f', {mode}{how}')} -> {out / 'student.safetensors'}")
 
 
 def run_record(job: DistillJob, **how) -> dict:

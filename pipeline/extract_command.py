@@ -8,19 +8,20 @@ import time
 
 from stages.cache import stats, verify
 from stages.cache.store_setup import store_dataset
+from stages.cpus import use_threads
 from stages.cache.teacher_rows import DTYPES, FEATURE_DTYPES, storage_line
 from stages.data.views import ViewRecipe
 from stages.teachers.extract import PRECISIONS
 from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
 from stages.teachers.teachers import list_teachers
-from storage import Store, UserError, list_backends
+from storage import Location, Store, UserError, list_backends
 from storage.names import check_name
 
 from . import config, ray_env, ray_extract
-from .flags import RAY_ADDRESS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
+from .flags import RAY_ADDRESS_HELP, THREADS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
 from .run_files import run_log
-from .settings_check import settings_from_args
+from .settings_check import flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
 
@@ -43,6 +44,7 @@ def add_extract_parser(sub) -> None:
         "and every extraction into one teacher id must use the same (default: fp32)",
     )
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)")
+    p.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
     p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)")
     _extract_ray_flags(p)
     p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
@@ -124,8 +126,11 @@ def _view_settings(args) -> dict:
 def extract_command(args) -> None:
     # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU and no weights.
     use_ray = args.actors > 0 if args.actors is not None else ray_env.resolve_address(args.ray_address) is not None
+    if use_ray and args.threads:
+        raise UserError("--threads sets the threads of an extraction in this process; each Ray actor takes the CPUs Ray gives it: drop --threads")
     job = extract_job(args, None if use_ray else local_device(args.device))  # on Ray, the actors' device comes from the cluster
     ready = prepare_extract(job, load=not use_ray)  # every check, before a store directory exists or an existing one changes
+    _refuse_links(Location(args.store))
     if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
         gpus_per_worker, actors, device = ray_extract.join_cluster(args)
         job = job.replace(device=device)
@@ -150,12 +155,25 @@ def extract_command(args) -> None:
                 where = job.replace(data=ray_env.source_for_workers(job.data), store=ray_env.for_workers(store.path).url)
                 result = ray_extract.extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
+                log.info("%d CPU thread(s) beside %d loader process(es)", use_threads(args.threads, job.workers), job.workers)
                 result = ready.run()
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
         f"{result.skipped} already committed -> {store.path}"
     )
+
+
+def _refuse_links(store: Location) -> None:
+    """Before anything is written: a symbolic link inside the store would carry its log, config or shards to another place."""
+    links = store.links()
+    if links:
+        link, target = links[0]
+        more = f" (and {len(links) - 1} more: `pipeline verify` lists them)" if len(links) > 1 else ""
+        raise UserError(
+            f"{link} is a symbolic link inside the store (to {target}){more}: extraction writes only inside the store; "
+            "replace the link with a real directory (or move the store), then run the same command again"
+        )
 
 
 def stats_command(args) -> None:
@@ -177,10 +195,17 @@ def verify_command(args) -> None:
     report = verify.check_store(store, dataset, teachers, replay_fraction=args.replay, workers=args.workers)
     for f in report.findings:
         print(f"{f.group} view {f.view} block {f.block}: {f.problem}")
+    for link, target in report.links:
+        print(f"{link}: a symbolic link inside the store (to {target})")
     summary = f"{report.units} committed units checked, {report.views_replayed} views replayed"
     if report.ok:
         print(f"{store.path}: sound ({summary})")
         return
+    if report.links and not report.findings:
+        raise UserError(
+            f"{store.path}: {len(report.links)} symbolic link(s) inside the store ({summary}): extraction refuses to write through them; "
+            "replace each with a real directory holding its files"
+        )
     count = {kind: sum(f.kind == kind for f in report.findings) for kind in ("missing", "damaged", "replay")}
     todo = []
     if count["missing"]:
@@ -191,4 +216,6 @@ def verify_command(args) -> None:
         todo.append(f"{count['replay']} unit(s) replay differently: compare the versions in store.json with this environment")
     if not count["damaged"] and not count["replay"]:
         raise UserError(f"{store.path}: unfinished ({summary}): {'; '.join(todo)}")
+    if report.links:
+        todo.append(f"{len(report.links)} symbolic link(s) inside the store: replace each with a real directory holding its files")
     raise UserError(f"{store.path}: {count['damaged'] + count['replay']} bad unit(s) ({summary}): {'; '.join(todo)}")

@@ -56,11 +56,28 @@ def connect(address: str | None = None) -> None:
     address = resolve_address(address)
     if address:
         _check_reachable(address)
+    from .run_files import library_logs_to_run_log
+
+    library_logs_to_run_log("ray")  # before ray.init, which logs its token-authentication notice
     # Workers import the project from the driver's working tree; on a real cluster every node has it installed.
     # "local": a new instance even where `ray start` left one running (ray.init(None) would join that).
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True)
     resources = ray.cluster_resources()
     log.info("ray: %s, %d node(s), %g CPU, %g GPU", address or "local instance", len(ray.nodes()), resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def leave_quietly() -> None:
+    """Shut this process's Ray down with its workers' output no longer forwarded: a Ctrl-C'd sweep's trial processes,
+    ended by the shutdown, print crash dumps that would otherwise follow the command's last line on the console."""
+    import ray
+
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")  # Ray's own name for the forwarding
+    except (ImportError, AttributeError):  # another Ray version: its output may show, nothing else changes
+        pass
+    ray.shutdown()
 
 
 def user_error(error: Exception) -> UserError | None:

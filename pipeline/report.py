@@ -11,11 +11,15 @@ sweep's metric per epoch for ``pipeline sweep``.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 
-from stages.training.run_metrics import METRICS_FILE, best_line, read_metrics
+from stages.training.run_metrics import METRICS_FILE, best_line
 from storage import UserError
+
+log = logging.getLogger(__name__)
 
 
 def add_report_parser(sub) -> None:
@@ -59,6 +63,89 @@ def run_labels(runs: list[Path], labels: list[str] | None) -> list[str]:
     return [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
 
 
+# -- reading a run: its epoch lines, and what it classifies ---------------------------------------------
+
+
+def read_epochs(run: Path) -> tuple[list[dict], list[int]]:
+    """A run's epoch lines (JSON objects with a whole ``epoch`` number), and the numbers of the other lines.
+
+    A torn last line (a run killed while writing it) is skipped without a word; any other line that is not
+    an epoch line (garbage, ``"epoch": "one"``) is counted, so the report can say that it skipped it.
+    """
+    path = Path(run) / METRICS_FILE
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    rows = text.splitlines()
+    lines, bad = [], []
+    for number, row in enumerate(rows, 1):
+        if not row.strip():
+            continue
+        try:
+            line = json.loads(row)
+        except ValueError:
+            line = None
+        epoch = line.get("epoch") if isinstance(line, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            lines.append(line)
+        elif not (number == len(rows) and not text.endswith("\n")):
+            bad.append(number)
+    return lines, bad
+
+
+def skipped_line(run: Path, bad: list[int]) -> str:
+    """One line naming the lines of ``run``'s metrics.jsonl that are not epoch lines."""
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    return f"{Path(run) / METRICS_FILE}: skipped {len(bad)} line(s) that are not epoch lines (a JSON object with a whole 'epoch'): line {shown}"
+
+
+def run_task(run: Path) -> tuple | None:
+    """What a run classifies: (class count, class names) from the timm config.json beside its weights, else from its
+    store's store.json; None when neither says (an unfinished run of a remote store): such a run is not left out."""
+    from . import config
+
+    found = _json(Path(run) / "config.json")
+    if found is not None and isinstance(found.get("num_classes"), int):
+        names = found.get("label_names")
+        return found["num_classes"], tuple(names) if isinstance(names, list) else None
+    try:
+        store = (config.load_yaml(Path(run) / "config.yaml").get("job") or {}).get("store")
+    except UserError:
+        return None
+    record = _json(Path(store) / "store.json") if isinstance(store, str) and "://" not in store else None
+    dataset = record.get("dataset") if record else None
+    if isinstance(dataset, dict) and isinstance(dataset.get("num_classes"), int):
+        return dataset["num_classes"], tuple(dataset["classes"]) if isinstance(dataset.get("classes"), list) else None
+    return None
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def one_task(runs: list[Path], names: list[str]) -> tuple[list[int], list[str]]:
+    """The runs (by index) of the task most of them share, and one line for each run left out, saying why.
+
+    Curves of another task (other classes, another dataset) on the same axes would compare nothing."""
+    tasks = [run_task(r) for r in runs]
+    known = [t for t in tasks if t is not None]
+    if len(set(known)) <= 1:
+        return list(range(len(runs))), []
+    main = max(dict.fromkeys(known), key=known.count)  # the commonest; on a tie the first run's
+
+    def words(task) -> str:
+        count, classes = task
+        shown = f" ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})" if classes else ""
+        return f"{count} classes{shown}"
+
+    kept = [i for i, t in enumerate(tasks) if t is None or t == main]
+    notes = [f"left out {names[i]} ({runs[i]}): it classifies {words(t)}, the other runs {words(main)}; report runs of one task together"
+             for i, t in enumerate(tasks) if t is not None and t != main]
+    return kept, notes
+
+
 # -- numbers -------------------------------------------------------------------------------------------
 
 
@@ -73,9 +160,13 @@ def run_row(lines: list[dict]) -> dict:
         "val_top1": last.get("val_top1"),
         "best_val_top1": best["val_top1"] if best else None,
         "best_epoch": best.get("epoch") if best else None,
-        "seconds": sum(ln.get("seconds", 0.0) for ln in lines),
+        "seconds": sum(ln["seconds"] for ln in lines if _number(ln.get("seconds"))),
         "views_per_s": sum(rates) / len(rates) if rates else None,
     }
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -158,7 +249,7 @@ def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str]
     runs = [Path(r) for r in run_dirs]
     names = run_labels(runs, labels)
     colours = _colours(names)
-    every = [read_metrics(r) for r in runs]
+    every = [read_epochs(r)[0] for r in runs]
     with_val = any(_series(lines, "val_top1")[0] for lines in every)
     fig = Figure(figsize=(11 if with_val else 6, 4.2))
     axes = fig.subplots(1, 2 if with_val else 1, squeeze=False)[0]
@@ -267,8 +358,19 @@ def report_command(args) -> None:
         # A folder of runs stands for all of them: its label goes to each.
         labels = [label for path, label in zip(args.runs, args.label) for _ in find_runs([path])]
     names = run_labels(runs, labels)
-    every = [read_metrics(r) for r in runs]
+    kept, notes = one_task(runs, names)
+    for note in notes:
+        log.warning(note)
+    runs, names = [runs[i] for i in kept], [names[i] for i in kept]
+    read = [read_epochs(r) for r in runs]
+    for run, (_, bad) in zip(runs, read):
+        if bad:
+            log.warning(skipped_line(run, bad))
+    every = [lines for lines, _ in read]
     if not any(every):
+        if any(bad for _, bad in read):
+            raise UserError(f"no epoch line in {', '.join(str(r / METRICS_FILE) for r in runs)}: what it holds is not epoch lines "
+                            "(JSON objects with a whole 'epoch'); pass the folder of a train, distill or sweep run")
         raise UserError(f"no epoch finished yet in {', '.join(map(str, runs))}: {METRICS_FILE} is empty; report again after the first epoch")
     print("\n".join(report_lines(names, [run_row(lines) for lines in every])))
     if args.out:

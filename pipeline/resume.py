@@ -47,12 +47,39 @@ def load_checkpoint(out: Path, run: dict) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and lists: nothing unpickled
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{path} is not a checkpoint this pipeline can read ({type(e).__name__}): run without --resume to start afresh") from e
+    _check_state(path, state)
     check_same_run(state.get("run", {}), run)
+    return state
+
+
+def _warn_changed_epochs(state: dict, run: dict) -> None:
     before, now = state.get("run", {}).get("epochs"), run.get("epochs")
     if before is not None and before != now:  # the schedule is a function of the total: say so, not silently
         log.warning("--resume with --epochs %s instead of %s: the learning-rate schedule (warm-up, decay) is stretched over %s epochs "
                     "from epoch %d on, so the run differs from one trained for %s epochs from the start", now, before, now, state["epoch"] + 1, now)
-    return state
+
+
+STATE_PARTS = ("model", "method", "optimizer", "scheduler", "rng", "run")  # what a resumed run restores (stages.training.distill._state)
+
+
+def _check_state(path: Path, state) -> None:
+    """The checkpoint's shape and numbers, before they set where the run continues: a damaged or hand-edited file is one line."""
+    def bad(field: str, what: str):
+        return UserError(f"{path}: field '{field}' {what}; the checkpoint is damaged: run without --resume to start afresh")
+
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint: run without --resume to start afresh")
+    missing = [part for part in ("epoch", "metrics", *STATE_PARTS) if part not in state]
+    if missing:
+        raise bad(missing[0], "is missing")
+    epoch, metrics, saved = state["epoch"], state["metrics"], state["run"]
+    if not isinstance(saved, dict):
+        raise bad("run", f"must hold the run's settings, not a {type(saved).__name__}")
+    total = saved.get("epochs")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= (total if isinstance(total, int) else epoch):
+        raise bad("epoch", f"is {epoch!r}, not an epoch of the saved run's {total} epochs")
+    if not isinstance(metrics, list) or len(metrics) != epoch or not all(isinstance(line, dict) for line in metrics):
+        raise bad("metrics", f"must hold one line per finished epoch ({epoch})")
 
 
 def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], None], on_epoch=None) -> EpochHooks:
@@ -69,7 +96,8 @@ def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], 
         start()
         if state is None:
             path.unlink(missing_ok=True)
-        else:
+        else:  # the checkpoint fitted the built run: now say what continues, and how
+            _warn_changed_epochs(state, run)
             log.info("resuming the run in %s from %s, saved after epoch %d", out, CHECKPOINT, state["epoch"])
             for line in state["metrics"] if on_epoch else ():
                 on_epoch(line)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from storage import Location, UserError
+from storage.errors import Unreachable
 from storage.lock import WriterLock
 
 from . import config
@@ -16,10 +17,50 @@ from . import config
 LOCK_FILE = "run.lock"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
+class _ToRunLogs(logging.Handler):
+    """A library's log lines (Ray's token-authentication notice, ...) go where library warnings go: to the run log,
+    not the console (README). Held while no run log is open (a sweep joins Ray before its sweep.log exists); the
+    next run log to open starts with them."""
+
+    HOLD = 200  # lines at most: a library that talks more before any run log opens loses its oldest
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The root's handlers but its console (a plain StreamHandler): run logs, and a run's lines held until it starts.
+        targets = [h for h in logging.getLogger().handlers if type(h) is not logging.StreamHandler]
+        if not any(isinstance(h, logging.FileHandler) for h in targets):
+            self.held = [*self.held, record][-self.HOLD :]
+        for handler in targets:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+    def replay(self, handler: logging.Handler) -> None:
+        for record in self.held:
+            handler.handle(record)
+        self.held = []
+
+
+LIBRARY_LINES = _ToRunLogs()
+
+
+def library_logs_to_run_log(name: str) -> None:
+    """Send logger ``name``'s lines to the run log only: its own handlers (Ray adds a stderr one) are removed."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(LIBRARY_LINES)
+    logger.propagate = False  # the root's console would print them
+
+
 @contextmanager
 def run_log(path: Path | Location):
     """Also write this run's log lines to ``path``; a log for an object store is uploaded at the end."""
     local = path if isinstance(path, Path) else Path(path.path) if path.is_local else None
+    if isinstance(path, Location):
+        path.refuse_links()  # a store's logs/ that links elsewhere would carry the log out of the store
     tmp = None
     if local is None:
         tmp = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
@@ -27,13 +68,18 @@ def run_log(path: Path | Location):
     local.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(local)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    LIBRARY_LINES.replay(handler)  # what a library said before this log opened (Ray, joined first)
     logging.getLogger().addHandler(handler)
+    unreachable = False
     try:
         yield
+    except Unreachable:
+        unreachable = True  # the upload would wait for the same silence: the log stays on this machine
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-        if tmp is not None:
+        if tmp is not None and not unreachable:
             path.write_bytes(local.read_bytes())
             local.unlink()
 
@@ -71,6 +117,7 @@ class RunFiles:
         config.save(self.out / "config.yaml", self.record)
         self.file = logging.FileHandler(self.out / "run.log")
         self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        LIBRARY_LINES.replay(self.file)
         for record in self.held.records:
             self.file.handle(record)
         root = logging.getLogger()

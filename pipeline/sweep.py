@@ -44,6 +44,7 @@ log = logging.getLogger("pipeline")
 
 MAX_TRIALS = 1000  # trials a sweep may make unless --max-trials says more
 MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep starts
+VAL_METRICS = ("val_top1", "val_top1_ema")  # what validation reports (stages.training.distill.validate); train_* depend on the method
 
 
 def add_sweep_parser(sub) -> None:
@@ -93,6 +94,8 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     store = Store(job["store"])
     store_dataset(store, job.get("data"))  # the store's data (or --data) exists and is the one it was made from
     source = data_source(store, job.get("data"))
+    if spec.metric.startswith("val_") and spec.metric not in VAL_METRICS:  # a trial would report nothing to rank by
+        raise UserError(f"{where}: no trial reports metric {spec.metric}: validation gives {', '.join(VAL_METRICS)} (the _ema one with model_ema)")
     if spec.metric.startswith("val_") and validation_data(source, job.get("val_data")) is None:
         raise UserError(f"{where}: metric {spec.metric} needs validation data, and {source} has none: pass --val-data folder:PATH, or rank by metric: train_loss")
     epochs, teachers, students = 0, set(), set()
@@ -185,6 +188,10 @@ def sweep_command(args) -> None:
             out, spec.num_trials, spec.grid_size, spec.samples, ", ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "nothing",
             job["store"], spec.metric, spec.mode, f"; ASHA early stopping, grace {spec.early_stop['grace_epochs']} epoch(s)" if spec.early_stop else "",
         )
-        run_sweep(spec, job, out, max_epochs=max_epochs, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                  max_concurrent=args.max_concurrent, retry_errored=args.retry_errored, debug=args.debug)
+        try:
+            run_sweep(spec, job, out, max_epochs=max_epochs, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
+                      max_concurrent=args.max_concurrent, retry_errored=args.retry_errored, debug=args.debug)
+        except KeyboardInterrupt:
+            ray_env.leave_quietly()  # the trials end now, before the last line ("interrupted: ..."), and silently
+            raise
     print_summary(out)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.training.run_metrics import best_line, read_metrics
+from stages.training.run_metrics import best_line
 from storage import UserError
 
 from . import config, report
-from .sweep_spec import CSV_FILE, PNG_FILE, SWEEP_FILE, TRIAL_PREFIX, _value_text, read_record
+from .sweep_spec import CSV_FILE, PNG_FILE, SWEEP_FILE, TRIAL_PREFIX, TRIAL_RECORD, _value_text, read_record
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -40,17 +43,30 @@ def collect(out: Path) -> tuple[dict, list[TrialRow]]:
     rows = []
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith(TRIAL_PREFIX)):
         record = read_record(folder)
+        if not isinstance(record, dict):  # a hand-edited or foreign file: the rest of the sweep still reports
+            log.warning("%s holds a JSON %s, not a trial record: trial %s is left out of the table", folder / TRIAL_RECORD, type(record).__name__, folder.name)
+            continue
         if not record:
             continue
-        lines = read_metrics(folder)
-        seconds = record.get("seconds")
-        if seconds is None:
-            seconds = sum(ln.get("seconds", 0.0) for ln in lines)
-        status = {"running": "not finished"}.get(record.get("status"), record.get("status", "not finished"))
-        rows.append(TrialRow(folder.name, status, record.get("params", {}), lines, best_line(lines, metric, mode), seconds, record.get("error")))
+        rows.append(_row(folder, record, metric, mode))
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r.best is None, sign * r.best[metric] if r.best else 0.0, r.name))
     return spec, rows
+
+
+def _row(folder: Path, record: dict, metric: str, mode: str) -> TrialRow:
+    """One trial's row from its trial.json and metrics.jsonl; fields of the wrong type count as absent."""
+    lines, bad = report.read_epochs(folder)
+    if bad:
+        log.warning(report.skipped_line(folder, bad))
+    seconds = record.get("seconds")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        seconds = sum(ln["seconds"] for ln in lines if isinstance(ln.get("seconds"), (int, float)))
+    status = record.get("status") if isinstance(record.get("status"), str) else "not finished"
+    status = {"running": "not finished"}.get(status, status)
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    error = record.get("error") if isinstance(record.get("error"), str) else None
+    return TrialRow(folder.name, status, params, lines, best_line(lines, metric, mode), seconds, error)
 
 
 def summary_lines(spec: dict, rows: list[TrialRow]) -> list[str]:
@@ -100,3 +116,9 @@ def print_summary(out: Path) -> None:
     print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {out / CSV_FILE}, {out / PNG_FILE}")
     if best:
         print(f"best: {best.name}: {metric} {best.best[metric]:.4f} at epoch {best.best.get('epoch')} -> {out / best.name}")
+    elif any(r.lines for r in rows):  # epochs ran, and none reported the metric: the ranking ranked nothing
+        reported = sorted({k for r in rows for ln in r.lines for k in ln if k.startswith(("train_", "val_"))})
+        raise UserError(
+            f"no trial reported metric {metric}, so nothing is ranked (their epochs report {', '.join(reported)}): "
+            "set metric: in the sweep file to one of those and run the same sweep into a new --out"
+        )

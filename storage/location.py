@@ -12,6 +12,7 @@ from writing a temporary file and renaming it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,12 +28,19 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from .errors import UserError
+from .errors import Unreachable, UserError
 
 
-# An unreachable endpoint should fail in seconds, not after botocore's default
-# minute of retries; "standard" mode still retries throttling and 5xx answers.
-STORAGE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}}}
+# An unreachable endpoint should fail in seconds, not after botocore's default minute of retries, and one that
+# stops answering mid-request (a paused or hung server: the connection stands, no byte comes) after READ_SECONDS
+# of silence, not botocore's 60. Botocore's "standard" mode tries each request twice (timeouts, throttling, 5xx);
+# s3fs's own retry loop around it is set to one pass, or the two would multiply. One silent request then fails
+# within about 2 x 3 s + backoff (< 1 s); zarr's opening of an array waits on two in a row (zarr.json, then the
+# v2 names), about 14 s: within README's 20 (measured: tests/flows/test_object_store.py, a paused server).
+READ_SECONDS = 3
+ATTEMPTS = 2
+STORAGE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": READ_SECONDS, "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}}}}
+S3FS_RETRIES = 1  # s3fs's loop (a class attribute, no option): one pass
 
 # The URL schemes a store may live at, with the package that implements each. Anything else (ftp, http,
 # ssh, a typo) is refused before any connection: http is read-only and cannot list, ftp and ssh connect
@@ -70,6 +78,39 @@ def check_url(url: str) -> str:
     return url
 
 
+def _bound_retries(fs) -> None:
+    if type(fs).__name__ == "S3FileSystem":
+        fs.retries = S3FS_RETRIES
+
+
+def network_error(e: BaseException) -> bool:
+    """Whether ``e`` says a server did not answer or the connection failed (not: it answered no)."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(e, (HTTPClientError, BotoConnectionError))
+
+
+@contextmanager
+def answering(url: str):
+    """Turn a remote store's silence or broken connection (after its own time limits and retries) into one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if "://" not in url or not network_error(e):  # a local path's errors say what they are themselves
+            raise
+        words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Unreachable(
+            f"{url} stopped answering ({words}): the server did not reply within {READ_SECONDS} s in {ATTEMPTS} attempts; "
+            "check the endpoint and network, then run the same command again (committed work is kept)"
+        ) from e
+
+
 def _within(seconds: float, fn, what: str):
     """``fn()``, or a UserError when it has not answered within ``seconds`` (a hung mount, an endpoint that never replies)."""
     result: dict = {}
@@ -90,22 +131,35 @@ def _within(seconds: float, fn, what: str):
     return result.get("value")
 
 
+def _answers(method):
+    """A Location method whose remote silence or broken connection is one line (``answering``)."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with answering(self.url):
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 class Location:
     """One directory (or object prefix) on an fsspec file system."""
 
-    def __init__(self, url: str | os.PathLike, *, _fs=None, _path: str | None = None):
+    def __init__(self, url: str | os.PathLike, *, _fs=None, _path: str | None = None, _root: str | None = None):
         if _fs is None:
             url = check_url(os.fspath(url))
             _fs, _path = fsspec.core.url_to_fs(url, **storage_options(url))
+            _bound_retries(_fs)
         self.fs, self.path = _fs, _path.rstrip("/") or "/"
         self.url = url if isinstance(url, str) else os.fspath(url)
+        # The location first named (a store's root): the tree below it is the tool's own, and a symbolic link in it
+        # would carry writes out of it (see ``refuse_links``). The root itself may be a link: the user named it.
+        self.root = _root or self.path
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
     def __truediv__(self, name: str) -> "Location":
-        return Location(f"{self.url.rstrip('/')}/{name}", _fs=self.fs, _path=f"{self.path}/{name}")
+        return Location(f"{self.url.rstrip('/')}/{name}", _fs=self.fs, _path=f"{self.path}/{name}", _root=self.root)
 
     @property
     def name(self) -> str:
@@ -118,6 +172,7 @@ class Location:
         return f"Location({self.url!r})"
 
     # -- files ----------------------------------------------------------------------------
+    @_answers
     def exists(self) -> bool:
         self.fs.invalidate_cache(self.path)  # s3fs caches listings; another writer may have changed them
         return self.fs.exists(self.path)
@@ -157,16 +212,19 @@ class Location:
             words = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise UserError(f"cannot reach {self.url}: {type(e).__name__}: {words}; check the URL, network and credentials") from e
 
+    @_answers
     def read_bytes(self) -> bytes:
         if self.is_local:
             check_regular(self.path, allow_dir=False)
         return self.fs.cat_file(self.path)
 
+    @_answers
     def write_bytes(self, data: bytes) -> None:
         """Replace the file whole: readers see the old content or the new, never a part."""
         if not self.is_local:
             self.fs.pipe_file(self.path, data)  # one PUT: atomic on object stores
             return
+        self.refuse_links()
         self.fs.makedirs(self.parent_path, exist_ok=True)
         tmp = f"{self.parent_path}/.{self.name}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "wb") as f:
@@ -185,25 +243,32 @@ class Location:
     def parent_path(self) -> str:
         return self.path.rsplit("/", 1)[0] or "/"
 
+    @_answers
     def remove(self) -> None:
         """Delete this file if it exists; a directory standing where the file should be is refused, not deleted."""
         if self.is_local and os.path.isdir(self.path):
             raise UserError(f"{self.path} is a directory where a file of the store should be: move it away, then run the same command again")
+        self.refuse_links()
         try:
             self.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
 
+    @_answers
     def remove_tree(self) -> None:
+        self.refuse_links(itself=True)
         if self.exists():
             self.fs.rm(self.path, recursive=True)
 
     # -- directories ------------------------------------------------------------------------
+    @_answers
     def makedirs(self) -> None:
         # Object stores have no directories: nothing to make (s3fs would create a missing bucket).
         if self.bucket is None:
+            self.refuse_links(itself=True)
             self.fs.makedirs(self.path, exist_ok=True)
 
+    @_answers
     def listdir(self) -> list[str]:
         """Names directly under this location; empty when there is nothing."""
         self.fs.invalidate_cache(self.path)
@@ -213,6 +278,7 @@ class Location:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != self.path)
 
+    @_answers
     def file_sizes(self) -> dict[str, int]:
         """Every file under this location, by path relative to it, with its size in bytes (one listing)."""
         self.fs.invalidate_cache(self.path)
@@ -223,16 +289,38 @@ class Location:
         root = self.path.rstrip("/") + "/"
         return {p[len(root):] if p.startswith(root) else p: int(e["size"]) for p, e in found.items()}
 
+    @_answers
     def size(self) -> int:
         """Bytes under this location (a file's size, or a directory's total)."""
         return self.fs.du(self.path, total=True) if self.exists() else 0
 
+    def refuse_links(self, itself: bool = False) -> None:
+        """Refuse to write here when a directory between the root and this location (``itself``: or this location,
+        a directory about to be made or removed) is a symbolic link; local only, object stores have no links."""
+        if self.is_local:
+            refuse_links(self.root, self.path if itself else self.parent_path)
+
+    def links(self) -> list[tuple[str, str]]:
+        """Every symbolic link under this location, with its target: (link, target); none on object stores."""
+        if not self.is_local or not os.path.isdir(self.path):
+            return []
+        found = []
+        for top, dirs, files in os.walk(self.path):  # never follows a link: a linked directory is listed, not entered
+            for name in sorted(dirs + files):
+                full = os.path.join(top, name)
+                if os.path.islink(full):
+                    found.append((full, os.readlink(full)))
+        return sorted(found)
+
     # -- zarr -------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = False):
         if self.is_local:
-            return RegularFilesStore(self.path, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=storage_options(self.url), read_only=read_only)
+            return RegularFilesStore(self.path, read_only=read_only, links_from=self.root)
+        store = FsspecStore.from_url(self.url, storage_options=storage_options(self.url), read_only=read_only)
+        _bound_retries(store.fs)
+        return store
 
+    @_answers
     def open_group(self, mode: str = "a") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
 
@@ -252,6 +340,25 @@ def written_whole(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def refuse_links(root: str, directory: str) -> None:
+    """One line naming the first symbolic link among the directories below ``root`` down to ``directory``.
+
+    A store (or a run folder) is a tree the tool owns: a linked ``logs`` folder or shard folder would carry
+    its writes (and removals) to another place, which nothing the user asked for names.
+    """
+    root, directory = os.path.normpath(root), os.path.normpath(directory)
+    if directory == root or not directory.startswith(root.rstrip(os.sep) + os.sep):
+        return
+    path = root
+    for part in os.path.relpath(directory, root).split(os.sep):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise UserError(
+                f"{path} is a symbolic link inside the store (to {os.readlink(path)}): the store's files are written only inside it; "
+                "replace the link with a real directory (or move the store), then run the same command again"
+            )
+
+
 def check_regular(path: str, allow_dir: bool = True) -> None:
     """Refuse to read anything but a regular file: a FIFO where a shard should be would block its reader forever.
 
@@ -269,7 +376,29 @@ def check_regular(path: str, allow_dir: bool = True) -> None:
 
 
 class RegularFilesStore(LocalStore):
-    """zarr's LocalStore, reading regular files only (see ``check_regular``); directories read as missing, as in zarr."""
+    """zarr's LocalStore, reading regular files only (see ``check_regular``); directories read as missing, as in zarr.
+
+    Writes and deletes refuse to go through a symbolic link below ``links_from`` (the store's root, see ``refuse_links``).
+    """
+
+    def __init__(self, root, *, read_only: bool = False, links_from: str | None = None):
+        super().__init__(root, read_only=read_only)
+        self.links_from = links_from or str(root)
+
+    def with_read_only(self, read_only: bool = False):
+        return type(self)(self.root, read_only=read_only, links_from=self.links_from)
+
+    async def _set(self, key, value, exclusive: bool = False):
+        refuse_links(self.links_from, os.path.dirname(os.path.join(self.root, key)))
+        return await super()._set(key, value, exclusive=exclusive)
+
+    async def delete(self, key):
+        refuse_links(self.links_from, os.path.join(self.root, key))
+        return await super().delete(key)
+
+    async def delete_dir(self, prefix):
+        refuse_links(self.links_from, os.path.join(self.root, prefix))
+        return await super().delete_dir(prefix)
 
     async def get(self, key, prototype=None, byte_range=None):
         check_regular(os.path.join(self.root, key))

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from .errors import UserError
+from .errors import Unreachable, UserError
 from .location import Location
 
 STALE_SECONDS = 600.0  # a holder refreshes every minute while it works
@@ -119,7 +119,10 @@ class WriterLock:
     def __enter__(self) -> "WriterLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, tb) -> None:
+        if isinstance(error, Unreachable):  # the release would wait for the same silence; the lock goes stale instead
+            self._stop.set()
+            return
         self.release()
 
 

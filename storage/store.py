@@ -25,7 +25,7 @@ import numpy as np
 
 from .codecs import compressor
 from .errors import UserError
-from .location import Location
+from .location import Location, answering
 from .lock import WriterLock
 from .names import check_name
 from .store_record import DatasetRecord, OrderRecord, PlanRecord, StoreRecord
@@ -54,9 +54,28 @@ class Store:
         _check_format(self.path, data.get("format") if isinstance(data, dict) else None)
         try:
             self.record = StoreRecord.from_dict(data)
+            self._check_arrays()
         except ValueError as e:
             raise UserError(f"cannot read {record_file}: {e}; the store is damaged, extract it again") from e
         self._order: np.ndarray | None = None
+
+    def _check_arrays(self) -> None:
+        """store.json's N, V and block against the arrays they describe (the order, the plan's fingerprints), before
+        they size anything; a missing array is left to its reader, which names it."""
+        N, V, B = self.record.num_samples, self.record.num_views, self.record.block
+        try:
+            root = self.path.open_group("r")
+            order, plan = root[ORDER_ARRAY], root["plan"]["fingerprint"]
+        except (KeyError, FileNotFoundError, OSError):
+            return
+        if tuple(order.shape) != (N,):
+            raise ValueError(f"field 'num_samples' is {N}, but the {ORDER_ARRAY} array has {order.shape[0]} rows")
+        if plan.shape[1] != N:
+            raise ValueError(f"field 'num_samples' is {N}, but the plan's arrays have {plan.shape[1]} rows")
+        if V > plan.shape[0]:  # the plan grows first when views are added: it may hold more views, never fewer
+            raise ValueError(f"field 'num_views' is {V}, but the plan's arrays hold {plan.shape[0]} views")
+        if plan.shards is not None and plan.shards[1] != B:
+            raise ValueError(f"field 'block' is {B}, but the plan's shards hold {plan.shards[1]} samples")
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -128,7 +147,8 @@ class Store:
         if self._order is None:
             loc = self.path / ORDER_ARRAY
             try:
-                order = np.asarray(self.path.open_group("r")[ORDER_ARRAY][:], dtype=np.int64)
+                with answering(self.path.url):  # silence is not damage: say the server stopped answering
+                    order = np.asarray(self.path.open_group("r")[ORDER_ARRAY][:], dtype=np.int64)
             except (KeyError, FileNotFoundError, ValueError, OSError) as e:
                 raise UserError(f"store {self.path} has no readable sample order ({loc}: {type(e).__name__}); the store is damaged, extract it again") from e
             if order.shape != (self.num_samples,) or checksum(order) != self.record.order.checksum:
@@ -171,13 +191,17 @@ class Store:
 
     def teacher_info(self, teacher_id: str) -> TeacherRecord:
         """teacher.json of ``teacher_id``; an unknown id names the known ones."""
-        loc = self.path / "teachers" / _plain(teacher_id) / "teacher.json"
+        root = self.path / "teachers" / _plain(teacher_id)
+        loc = root / "teacher.json"
         if not loc.exists():
             known = ", ".join(self.teacher_ids()) or "none"
             raise UserError(f"store {self.path} has no teacher '{teacher_id}' (it has: {known})")
         try:
-            return TeacherRecord.from_dict(loc.read_json())
-        except ValueError as e:  # unreadable JSON, or fields missing
+            record = TeacherRecord.from_dict(loc.read_json())
+            # Its sizes (classes, k, feature width, views) against its arrays, before they size a buffer.
+            record.check_arrays(backend(record.format)(root, self.block).shapes(), self.num_samples)
+            return record
+        except ValueError as e:  # unreadable JSON, fields missing, out of bounds, or contradicting the arrays
             raise UserError(f"cannot read {loc}: {e}; the teacher's record is damaged, extract it again into a new --teacher-id") from e
 
     def teacher(self, teacher_id: str) -> CommittedUnits:

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 
 ORDER_KINDS = ("permuted", "source")
 
+# Sane bounds for the numbers a store's records hold: each sizes arrays or loops before any data is read, so a
+# hand-edited 1e12 must be refused here, not met as an allocation of terabytes. The command-line flags that make
+# them have the same or tighter bounds (stages.settings).
+MAX_SAMPLES = 1 << 33  # 8.6 billion rows
+MAX_VIEWS = 100_000
+MAX_BLOCK = 1 << 20
+MAX_SIZE = 4096  # px
+MAX_CLASSES = 1 << 20
+MAX_WIDTH = 1 << 20  # a feature or token vector's length, a teacher's token count
+
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetRecord:
@@ -31,8 +41,8 @@ class DatasetRecord:
     def from_dict(cls, data, where: str = "dataset") -> DatasetRecord:
         f = _Fields(data, where)
         return cls(
-            source=f.text("source"), fingerprint=f.text("fingerprint"), num_samples=f.count("num_samples"),
-            num_classes=f.count("num_classes"), classes=f.texts("classes"),
+            source=f.text("source"), fingerprint=f.text("fingerprint"), num_samples=f.count("num_samples", MAX_SAMPLES),
+            num_classes=f.count("num_classes", MAX_CLASSES), classes=f.texts("classes"),
         )
 
 
@@ -47,7 +57,7 @@ class PlanRecord:
     @classmethod
     def from_dict(cls, data, where: str = "plan") -> PlanRecord:
         f = _Fields(data, where)
-        return cls(recipe=f.mapping("recipe"), seed=f.integer("seed"), size=f.count("size"))
+        return cls(recipe=f.mapping("recipe"), seed=f.integer("seed"), size=f.count("size", MAX_SIZE))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +94,8 @@ class StoreRecord:
     def from_dict(cls, data) -> StoreRecord:
         f = _Fields(data, "")
         record = cls(
-            format=f.integer("format"), num_samples=f.count("num_samples"), num_views=f.count("num_views"), block=f.count("block"),
+            format=f.integer("format"), num_samples=f.count("num_samples", MAX_SAMPLES), num_views=f.count("num_views", MAX_VIEWS),
+            block=f.count("block", MAX_BLOCK),
             dataset=DatasetRecord.from_dict(f.mapping("dataset")), plan=PlanRecord.from_dict(f.mapping("plan")),
             order=OrderRecord.from_dict(f.mapping("order")), versions=f.mapping("versions"),
         )
@@ -136,8 +147,13 @@ class _Fields:
     def integer(self, key: str) -> int:
         return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 
-    def count(self, key: str) -> int:
-        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of at least 1")
+    def count(self, key: str, most: int, least: int = 1) -> int:
+        """A whole number in [least, most]: ``most`` is a sane bound (see MAX_SAMPLES), a number that sizes nothing silly."""
+        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most,
+                         f"a whole number in [{least}, {most:,}]")
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str:
+        return self._get(key, lambda v: v in options, f"one of {', '.join(options)}")
 
     def mapping(self, key: str) -> dict:
         return self._get(key, lambda v: isinstance(v, dict), "an object")

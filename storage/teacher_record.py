@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .store_record import MAX_CLASSES, MAX_SIZE, MAX_VIEWS, MAX_WIDTH, _Fields
+
 
 _TOKEN_FIELDS = ("num_tokens", "token_dim", "token_prefix")
 
@@ -62,7 +64,25 @@ class TeacherRecord:
         missing = [name for name in fields if name not in data and name not in optional]
         if missing:
             raise ValueError(f"teacher.json lacks {', '.join(missing)}")
+        _check_numbers(data)
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def check_arrays(self, shapes: dict[str, tuple[int, ...]], num_samples: int) -> None:
+        """The record's sizes against the arrays it describes (``shapes``: each array's full [V, N, ...] shape);
+        ``ValueError`` naming the field that disagrees. Missing arrays are the reader's to report."""
+        rows = {"features": (self.feature_dim,)} if "features" in self.outputs else {}
+        if "logits" in self.outputs:
+            rows.update({"logits": (self.num_classes,)} if self.logits == "full" else {"topk_logp": (self.k + 1,), "topk_index": (self.k + 1,)})
+        if "tokens" in self.outputs:
+            rows["tokens"] = (self.num_tokens, self.token_dim)
+        fields = {"logits": "num_classes", "topk_logp": "k", "topk_index": "k", "features": "feature_dim", "tokens": "num_tokens, token_dim"}
+        for name, shape in shapes.items():
+            if name in rows and tuple(shape[2:]) != rows[name]:
+                raise ValueError(f"field '{fields[name]}' says rows of {list(rows[name])}, but array {name} has rows of {list(shape[2:])}")
+            if len(shape) >= 2 and shape[1] != num_samples:
+                raise ValueError(f"array {name} has {shape[1]} rows, but the store has {num_samples} samples")
+            if len(shape) >= 2 and self.views is not None and self.views > shape[0]:
+                raise ValueError(f"field 'views' is {self.views}, but array {name} holds {shape[0]} views")
 
     def to_dict(self) -> dict:
         """teacher.json's contents: every set field, tuples as lists."""
@@ -76,3 +96,18 @@ class TeacherRecord:
 
     def replace(self, **changes) -> TeacherRecord:
         return dataclasses.replace(self, **changes)
+
+
+def _check_numbers(data: dict) -> None:
+    """Every number of teacher.json that sizes something (a rebuilt row of classes, a feature buffer), within sane bounds."""
+    f = _Fields(data, "")
+    f.count("input_size", MAX_SIZE)
+    f.choice("logits", ("topk", "full"))
+    classes = f.count("num_classes", MAX_CLASSES, least=0)
+    f.count("feature_dim", MAX_WIDTH, least=0)
+    f.count("k", classes, least=0)
+    if data.get("views") is not None:
+        f.count("views", MAX_VIEWS)
+    for name in _TOKEN_FIELDS:
+        if data.get(name) is not None:
+            f.count(name, MAX_WIDTH, least=0)

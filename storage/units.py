@@ -17,6 +17,7 @@ teacher.json), and ``backend(name)`` finds it again.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -88,6 +89,10 @@ class CommittedUnits(ABC):
         writer's leftovers."""
 
     @abstractmethod
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per array: its full [V, N, ...] shape, from metadata alone (no unit is read)."""
+
+    @abstractmethod
     def resize_views(self, num_views: int) -> None:
         """Grow the view axis to ``num_views``; existing units are untouched."""
 
@@ -135,12 +140,22 @@ class CommittedUnits(ABC):
         try:
             record = loc.read_json()
         except FileNotFoundError:
+            self._refuse_gone()  # not one missing record: the whole store went away under this command
             raise DamagedUnit(f"unit (view {view}, block {block}) of {self.location} is not committed") from None
         except ValueError:
             raise DamagedUnit(f"commit record {loc} is unreadable (truncated?)") from None
         if not isinstance(record, dict) or "checksums" not in record:
             raise DamagedUnit(f"commit record {loc} is incomplete")
         return record
+
+    def _refuse_gone(self) -> None:
+        """One line when this group's folder no longer exists (a store deleted or moved while a command reads it)."""
+        gone = not os.path.isdir(self.location.path) if self.location.is_local else not self.location.exists()
+        if gone:
+            raise UserError(
+                f"{self.location} no longer exists: the store was deleted or moved while this command read it; "
+                "put it back (or extract it again), then run the same command again"
+            )
 
     def write_unit(self, view: int, block: int, data: dict[str, np.ndarray]) -> None:
         """Write one (view, block) unit whole, then its commit record.
@@ -171,6 +186,8 @@ class CommittedUnits(ABC):
         names = names or self.names
         start = block * self.block
         record = self.record(view, block) if verify else None
+        if record is None and self.location.is_local:
+            self._refuse_gone()  # zarr reads a missing shard as zeros: a deleted store would train on them
         if record is not None:
             rows = record["rows"]
         stop = start + (rows if rows is not None else self.block)
@@ -179,10 +196,12 @@ class CommittedUnits(ABC):
         except Exception as e:  # a codec or a truncated object fails in its own way
             if not verify:
                 raise
+            self._refuse_gone()
             raise DamagedUnit(f"unit (view {view}, block {block}) of {self.location} cannot be read: {type(e).__name__}: {e}") from e
         if record is not None:
             bad = [n for n in names if checksum(out[n]) != record["checksums"].get(n)]
             if bad:
+                self._refuse_gone()
                 raise DamagedUnit(f"unit (view {view}, block {block}) of {self.location}: {', '.join(bad)} differ from the commit record")
         return out
 

@@ -126,6 +126,9 @@ class TarUnits(CommittedUnits):
     def _shape(self, name: str) -> tuple[int, ...]:
         return (self.meta["num_views"], self.meta["num_samples"], *self.specs[name].row_shape)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self._shape(name) for name in self.specs}
+
     def describe(self, units=None) -> dict[str, dict]:
         """Per array: dtype, full shape, decoded bytes and bytes as stored.
 

@@ -34,10 +34,11 @@ class Report:
     units: int = 0  # committed units read and checked
     views_replayed: int = 0
     findings: list[Finding] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)  # symbolic links inside the store: (link, target)
 
     @property
     def ok(self) -> bool:
-        return not self.findings
+        return not self.findings and not self.links
 
 
 def teacher_units(store: Store, teacher_id: str) -> set[tuple[int, int]]:
@@ -71,7 +72,7 @@ def check_store(
     seed: int = 0,
 ) -> Report:
     """Everything that can be wrong with a store, unit by unit."""
-    report = Report()
+    report = Report(links=store.path.links())  # writes would go through them, out of the store
     teacher_ids = store.teacher_ids() if teacher_ids is None else teacher_ids
     plan_units = set().union(*(teacher_units(store, t) for t in teacher_ids)) if teacher_ids else store.plan.committed()
     sound_plan = _check_group(store.plan, plan_units, "plan", report)

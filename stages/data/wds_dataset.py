@@ -42,6 +42,7 @@ import torch
 
 from storage import UserError
 from storage.location import storage_options
+from storage.store_record import MAX_CLASSES
 
 from .image_dataset import ImageDataset
 
@@ -137,6 +138,9 @@ def scan_shard(url: str) -> ShardIndex:
                     seen.add(key)
                     current = {"key": key}
                 _take_member(url, current, ext, tar.extractfile(member).read(), member)
+            if not _ends_whole(fs, path):  # tarfile reads a tar cut short as a shorter one: its last samples would vanish or lack members
+                where = f"at sample {current['key']}" if current else "before its first sample"
+                raise UserError(f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again")
             finish(current)
     except (tarfile.TarError, EOFError) as e:
         raise UserError(f"cannot read shard {url}: {e}; the tar file is damaged or not a tar: write it again") from None
@@ -153,6 +157,16 @@ def scan_shard(url: str) -> ShardIndex:
         length=np.asarray([s["length"] for s in samples], np.int64),
         hw=np.asarray([s["hw"] for s in samples], np.int64).reshape(-1, 2),
     )
+
+
+def _ends_whole(fs, path: str) -> bool:
+    """Whether a tar file ends as a written one does: whole 512-byte records, the last two of them zero (the end marker)."""
+    size = fs.size(path)
+    if size < 1024 or size % 512:
+        return False
+    with fs.open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
 
 
 def _take_member(url: str, sample: dict, ext: str, data: bytes, member: tarfile.TarInfo) -> None:
@@ -231,6 +245,9 @@ class WdsDataset(ImageDataset):
         self.length = np.concatenate([s.length for s in shards])
         self._sizes = np.concatenate([s.hw for s in shards])
         found = int(self.labels.max()) + 1
+        if found > MAX_CLASSES or self.labels.min() < 0:  # a damaged .cls (or cached index) would size a list of billions of names
+            j = int(np.argmax(self.labels)) if found > MAX_CLASSES else int(np.argmin(self.labels))
+            raise UserError(f"{self.keys[j]} has class {self.labels[j]}: classes are numbers from 0 to {MAX_CLASSES - 1:,}; fix its .cls member")
         if num_classes is not None and found > num_classes:
             j = int(np.argmax(self.labels))
             raise UserError(f"{self.keys[j]} has class {found - 1} but the training data has {num_classes} classes: the shards must share the training classes")

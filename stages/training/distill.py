@@ -472,15 +472,16 @@ def train(
     check_teacher(s, teacher, views)
     run = build_setup(s, train_data, views, plan, teacher, device, world)
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
+    metrics, first_epoch, start = [], 0, time.perf_counter()
+    if hooks.state is not None:  # before the run's files change: a checkpoint that does not fit leaves them as they were
+        first_epoch, metrics = _restore(hooks.state, run)
     if hooks.start and rank == 0:
         hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (weights_name, "config.json", f"{EMA_FOLDER}/model.safetensors", f"{EMA_FOLDER}/config.json"):
             (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
-    metrics, first_epoch, start = [], 0, time.perf_counter()
     if hooks.state is not None:
-        first_epoch, metrics = _restore(hooks.state, run)
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
     with RunMetrics(out_dir) as record:
         for line in metrics:  # a resumed run's record starts with the epochs it already has
@@ -536,10 +537,17 @@ def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) 
 
 
 def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
-    run.model.load_state_dict(state["model"])
-    run.method.load_state_dict(state["method"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    # A foreign or hand-edited checkpoint (the same settings, other weights) is one line, not load_state_dict's 40.
+    for part, target in (("model", run.model), ("method", run.method), ("optimizer", run.optimizer), ("scheduler", run.scheduler)):
+        try:
+            target.load_state_dict(state[part])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            detail = next((w.strip() for w in lines if "size mismatch" in w or "Missing" in w or "Unexpected" in w), lines[0].strip())
+            raise UserError(
+                f"the checkpoint's {part} state does not fit this run ({detail[:200]}): it was not written with these settings; "
+                "drop --resume to start afresh"
+            ) from e
     if "scaler" in state:
         run.precision.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:

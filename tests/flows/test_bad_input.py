@@ -151,7 +151,8 @@ CASES = {
     "distill-model-ema-above-1": Bad([*D, "--model-ema", "1.5"], "--model-ema"),
     "distill-device-tpu": Bad([*D, "--device", "tpu"], "--device"),
     "distill-unknown-method": Bad([*D, "--method", "kdd"], "unknown method 'kdd'"),
-    "distill-method-escapes": Bad([*D, "--method", "../../etc/passwd"], "--method: must be a plain name"),
+    "distill-method-escapes": Bad([*D, "--method", "../../etc/passwd"], "--method: unknown method '../../etc/passwd'"),
+    "distill-method-part-teacher-escapes": Bad([*D, "--method", "kd@../../etc"], "is not a plain name"),
     "distill-method-arg-word": Bad([*D, "--method-arg", "temperature=abc"], "setting temperature"),
     "distill-method-arg-unknown": Bad([*D, "--method-arg", "temprature=4"], "has no setting temprature"),
     "distill-method-arg-temperature-0": Bad([*D, "--method-arg", "temperature=0"], "setting temperature (--method-arg"),
@@ -519,3 +520,199 @@ def test_a_partial_store_reports_compression_of_what_it_holds(store_copy, capsys
     stored = store.teacher("t1").describe()["logits"]["stored_bytes"]
     ratio = float(row[-1].rstrip("x"))
     assert ratio == pytest.approx(full["nbytes"] / 2 / stored, abs=0.01)  # raw bytes of view 0 only, over its stored bytes
+
+
+# -- a store is the tool's own tree: no writing through a symbolic link inside it ------------------------
+
+
+@pytest.mark.parametrize("inside", ["logs", "teachers/t1/logits/c/2"])
+def test_a_symbolic_link_inside_the_store_is_refused_and_reported(inside, store_copy, tmp_path, capsys):
+    """A linked logs/ folder or shard folder would carry the extraction's log, config or new view's shard to another
+    place: extraction refuses in one line naming the link, before anything changes; verify lists the link."""
+    elsewhere = tmp_path / "elsewhere"
+    link = store_copy / inside
+    if link.exists():
+        shutil.move(link, elsewhere)
+    else:
+        elsewhere.mkdir()
+    link.symlink_to(elsewhere, target_is_directory=True)
+    before, outside = read_tree(store_copy), read_tree(elsewhere)
+    capsys.readouterr()
+    assert main([*replace(SAME_AS_BASE, "--views", "3"), "--store", str(store_copy)]) == 2
+    line = one_line(capsys)
+    assert f"{link} is a symbolic link inside the store" in line and "replace the link with a real directory" in line, line
+    assert read_tree(store_copy) == before and read_tree(elsewhere) == outside  # nothing written, inside or outside
+    assert main(["--quiet", "verify", str(store_copy), "--replay", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert f"{link}: a symbolic link inside the store (to {elsewhere})" in out and "symbolic link(s) inside the store" in err
+
+
+def test_a_link_made_during_a_write_is_not_written_through(store_copy, tmp_path):
+    """The store's own writes check the folders on their way: a shard folder linked after the extraction began."""
+    from storage import UserError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = Store(store_copy)
+    store.add_views(3)
+    group = store.teacher("t1")
+    group.resize_views(3)
+    (store_copy / "teachers" / "t1" / "logits" / "c" / "2").symlink_to(elsewhere, target_is_directory=True)
+    rows = {name: np.zeros((BLOCK, *group.array(name).shape[2:]), group.array(name).dtype) for name in group.names}
+    with pytest.raises(UserError, match="is a symbolic link inside the store"):
+        group.write_unit(2, 0, rows)
+    with pytest.raises(UserError, match="is a symbolic link inside the store"):
+        (store.path / "teachers" / "t1" / "logits" / "c" / "2" / "x.json").write_json({})
+    assert not list(elsewhere.iterdir())
+
+
+# -- numbers read from a store, a checkpoint or a shard are checked before they size anything -------------
+
+# (file, field, value, a piece of the one line): each names its file and field.
+DAMAGED_RECORDS = {
+    "teacher-classes-1e12": ("teachers/t1/teacher.json", "num_classes", 1e12, "teacher.json: field 'num_classes' must be a whole number in [0,"),
+    "teacher-classes-off": ("teachers/t1/teacher.json", "num_classes", 11, "teacher.json: field 'num_classes' says rows of [11], but array logits has rows of [10]"),
+    "teacher-features-huge": ("teachers/t1/teacher.json", "feature_dim", 10**8, "teacher.json: field 'feature_dim' must be"),
+    "teacher-views-above-arrays": ("teachers/t1/teacher.json", "views", 5, "teacher.json: field 'views' is 5, but array"),
+    "teacher-size-negative": ("teachers/t1/teacher.json", "input_size", -5, "teacher.json: field 'input_size' must be"),
+    "store-samples-1e12": ("store.json", "num_samples", 10**12, "store.json: field 'num_samples' must be a whole number in [1,"),
+    "store-samples-off": ("store.json", "num_samples", 81, "store.json: field 'num_samples' is 81, but the order array has 80 rows"),
+    "store-block-negative": ("store.json", "block", -32, "store.json: field 'block' must be a whole number in [1,"),
+    "store-block-off": ("store.json", "block", 16, "store.json: field 'block' is 16, but the plan's shards hold 32 samples"),
+    "store-views-above-arrays": ("store.json", "num_views", 100000, "store.json: field 'num_views' is 100000, but the plan's arrays hold 2 views"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_RECORDS), ids=list(DAMAGED_RECORDS))
+def test_a_hand_edited_record_is_one_line_naming_file_and_field(case, store_copy, tmp_path, capsys):
+    import json
+
+    file, key, value, says = DAMAGED_RECORDS[case]
+    record = json.loads((store_copy / file).read_text())
+    record[key] = value
+    if file == "store.json" and key == "num_samples":
+        record["dataset"]["num_samples"] = value  # edited consistently: only the arrays can tell
+    (store_copy / file).write_text(json.dumps(record))
+    before = read_tree(store_copy)
+    run = tmp_path / "run"
+    for argv in (["verify", str(store_copy), "--replay", "0"], ["inspect", str(store_copy)],
+                 [a.replace("{store}", str(store_copy)).replace("{run}", str(run)) for a in D]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        line = one_line(capsys)
+        assert says in line and "damaged" in line, line
+    assert read_tree(store_copy) == before and not run.exists()
+
+
+@pytest.mark.parametrize("edit,says", [
+    ("epoch=1000000000", "field 'epoch' is 1000000000, not an epoch of the saved run's 1 epochs"),
+    ("epoch=0", "field 'epoch' is 0"),
+    ("metrics=[]", "field 'metrics' must hold one line per finished epoch (1)"),
+    ("drop=model", "field 'model' is missing"),
+])
+def test_a_hand_edited_checkpoint_is_one_line(edit, says, shared, tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(shared["run"], run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    key, value = edit.split("=")
+    if key == "drop":
+        del state[value]
+    else:
+        state[key] = eval(value)
+    torch.save(state, run / "checkpoint.pt")
+    before = read_tree(run)
+    argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(run)) for a in replace(D, "--epochs", "2")]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    line = one_line(capsys)
+    assert f"{run / 'checkpoint.pt'}: {says}" in line and "run without --resume" in line, line
+    assert read_tree(run) == before
+
+
+def _jpeg(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), i * 10, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("case,says", [
+    ("class-2e9", "train-0000.tar/k7 has class 2000000000: classes are numbers from 0 to 1,048,575"),
+    ("cut-between-members", "train-0000.tar is truncated (it ends at sample k11, without the tar's end marker)"),
+    ("cut-inside-a-member", "train-0000.tar is truncated"),
+])
+def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index cached from an earlier test
+    shard = tmp_path / "train-0000.tar"
+    samples = [(f"k{i}", {"jpg": _jpeg(i), "cls": str(i % 3).encode()}) for i in range(12)]
+    if case == "class-2e9":
+        samples[7][1]["cls"] = b"2000000000"  # would build two billion class names
+    _tar(shard, samples)
+    data = shard.read_bytes()
+    if case == "cut-between-members":
+        shard.write_bytes(data[: data.index(b"k11.cls")])  # tarfile reads it as a shorter tar whose last sample has no .cls
+    elif case == "cut-inside-a-member":
+        shard.write_bytes(data[: len(data) // 2 + 100])
+    store = tmp_path / "store"
+    capsys.readouterr()
+    assert main(["extract", "--data", f"wds:{shard}", "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1",
+                 "--store", str(store)]) == 2
+    line = one_line(capsys)
+    assert says in line and "no .cls member" not in line, line
+    assert not store.exists()
+
+
+def test_a_store_deleted_during_distill_is_said_to_be_gone(store_copy, tmp_path, monkeypatch, capsys):
+    """Not "unit not committed ... --repair", and not a student trained on the zeros zarr reads for missing shards."""
+    from storage import zarr_units
+
+    real, calls = zarr_units.UnitArrays._read_data, []
+
+    def read_then_delete(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the store goes away once distill has started reading it
+            shutil.rmtree(store_copy)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_units.UnitArrays, "_read_data", read_then_delete)
+    argv = [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D]
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_line(capsys)
+    assert "no longer exists: the store was deleted or moved while this command read it" in line and "--repair" not in line, line
+    assert len(calls) >= 2
+
+
+def test_resume_with_weights_that_do_not_fit_is_one_line_and_changes_nothing(shared, tmp_path, capsys):
+    import timm
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(shared["run"], run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["model"] = timm.create_model("resnet10t", num_classes=10).state_dict()  # same settings, another model's weights
+    torch.save(state, run / "checkpoint.pt")
+    before = read_tree(run)
+    argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(run)) for a in replace(D, "--epochs", "2")]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    line = one_line(capsys)
+    assert "does not fit this run" in line and "drop --resume" in line, line
+    assert read_tree(run) == before  # the finished run's student and config are still there

@@ -8,7 +8,13 @@ endpoint differs (``AWS_ENDPOINT_URL``).
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +23,7 @@ from safetensors.numpy import load_file
 from pipeline.cli import main
 from storage import Store
 
-from conftest import BATCH, BUCKET, DATA, VIEWS, free_port, group_arrays
+from conftest import BATCH, BUCKET, DATA, S3_SETTINGS, VIEWS, free_port, group_arrays
 
 TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", "32"]
 EXTRACT = ["extract", "--data", DATA, *TEACHER, "--views", str(VIEWS), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
@@ -81,3 +87,66 @@ def test_an_unreachable_endpoint_is_one_line_within_seconds(monkeypatch, capsys)
     assert time.perf_counter() - start < 15  # botocore alone would retry for about 11 s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot reach s3://") and "check the URL" in err[0]
+
+
+@pytest.fixture
+def own_s3_server():
+    """A moto server of this test's own (the session's must not be paused), with the bucket made; stopped by its id."""
+    pytest.importorskip("moto.server")
+    import boto3
+    from botocore.config import Config
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.skip("a moto server could not start")
+                time.sleep(0.05)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing", config=Config(connect_timeout=2, read_timeout=2))
+        client.create_bucket(Bucket=BUCKET)
+        yield proc, endpoint, client
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_a_server_that_stops_answering_is_one_line_within_20_s(own_s3_server, tmp_path):
+    """SIGSTOP the S3 server while an extraction writes to it: the connection stands and no byte comes. The
+    command ends within README's 20 s with one line saying the server stopped answering, not a hang."""
+    proc, endpoint, client = own_s3_server
+    env = {**os.environ, **S3_SETTINGS, "AWS_ENDPOINT_URL": endpoint, "OMP_NUM_THREADS": "1"}
+    argv = [*EXTRACT, "--store", f"s3://{BUCKET}/paused"]
+    cmd = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.time() + 120
+        while cmd.poll() is None and time.time() < deadline:  # the extraction is under way once the plan has a commit
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="paused/plan/commits/").get("Contents", [])]
+            if keys:
+                break
+            time.sleep(0.05)
+        assert cmd.poll() is None, "the extraction ended before the server could be paused"
+        os.kill(proc.pid, signal.SIGSTOP)
+        paused = time.perf_counter()
+        out, err = cmd.communicate(timeout=60)
+    finally:
+        if cmd.poll() is None:
+            cmd.kill()
+            cmd.wait()
+    took = time.perf_counter() - paused
+    assert cmd.returncode == 2, (took, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: s3://") and "stopped answering" in lines[0], lines
+    assert took < 20, took

@@ -139,3 +139,57 @@ def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_p
     assert ax.get_ylim()[1] < 50 and any("82.0% (above)" in t.get_text() for t in ax.texts)
     report._reference_level(ax, [{"epoch": 2, "val_top1": 0.2}], "near", "blue")
     assert any(line.get_ydata()[0] == 20.0 for line in ax.get_lines() if line.get_linestyle() == "--")
+
+
+def test_lines_that_are_not_epoch_lines_are_skipped_and_said(tmp_path, capsys):
+    """``"epoch": "one"`` and garbage between epoch lines: the report reads the rest, names the skipped lines in one
+    line, and does not fail; a metrics.jsonl of nothing else is refused as such, not called empty."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)]
+    rows = [json.dumps(good[0]), json.dumps({**good[1], "epoch": "one"}), "garbage {", json.dumps(good[1]), '{"epoch": 3, "train_lo']  # torn last
+    (run / "metrics.jsonl").write_text("\n".join(rows))
+    capsys.readouterr()
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and (tmp_path / "r.png").is_file()
+    row = out.splitlines()[1].split()  # the table's one row, under its header
+    assert row[1] == "2" and row[3] == "0.5"  # epochs, val top-1 of the last epoch line
+    warned = [line for line in err.strip().splitlines() if "skipped" in line]
+    assert len(warned) == 1 and "metrics.jsonl: skipped 2 line(s) that are not epoch lines" in warned[0] and "line 2, 3" in warned[0]
+
+    (run / "metrics.jsonl").write_text('{"epoch": "one"}\nnot json\n[1, 2]\n')
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no epoch line in ") and "not epoch lines" in err[-1] and "empty" not in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_runs_of_another_task_are_left_out_and_said(tmp_path, capsys):
+    """Runs that classify other classes (another dataset, another class count) are not drawn on the same axes:
+    one line each says which and why, and the table and picture hold the rest."""
+    def run(name, classes, store=None):
+        folder = _run(tmp_path / name, [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)])
+        if store is None:
+            (folder / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": len(classes), "label_names": classes}))
+        else:  # an unfinished run: what it classifies comes from its store
+            (tmp_path / store).mkdir(exist_ok=True)
+            (tmp_path / store / "store.json").write_text(json.dumps({"dataset": {"num_classes": len(classes), "classes": classes}}))
+            from pipeline import config
+
+            config.save(folder / "config.yaml", {"command": "distill", "job": {"store": str(tmp_path / store)}})
+        return folder
+
+    digits = [str(i) for i in range(10)]
+    runs = [run("a", digits), run("b", digits), run("c", [f"n{i}" for i in range(100)]), run("d", digits, store="s1"),
+            run("e", [f"class{i}" for i in range(10)], store="s2")]
+    capsys.readouterr()
+    assert cli.main(["report", *map(str, runs), "--out", str(tmp_path / "r.png")]) == 0
+    out, err = capsys.readouterr()
+    table = [line.split()[0] for line in out.splitlines()[1:] if not line.startswith("picture")]
+    assert table == ["a", "b", "d"]
+    left = [line for line in err.strip().splitlines() if "left out" in line]
+    assert len(left) == 2
+    assert "left out c (" in left[0] and "it classifies 100 classes (n0, n1, n2, ...), the other runs 10 classes (0, 1, 2, ...)" in left[0]
+    assert "left out e (" in left[1] and "10 classes (class0, class1, class2, ...)" in left[1]
+    assert "picture: training loss and validation top-1 of 3 run(s)" in out

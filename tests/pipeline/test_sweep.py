@@ -59,6 +59,7 @@ BAD = {
     "no search": ({"lr": 0.1}, "a sweep needs a search: section"),
     "samples": ({"samples": 0, "search": {"lr": [0.1]}}, "samples must be a whole number"),
     "metric": ({"metric": "accuracy", "search": {"lr": [0.1]}}, "metric must name a number of the epoch lines"),
+    "metric no trial reports": ({"metric": "val_nonexistent", "search": {"lr": [0.1]}}, "no trial reports metric val_nonexistent: validation gives val_top1"),
     "method argument of one method only": ({"method_args": {"kd_weight": 2.0}, "search": {"method": ["kd", "dkd"]}}, "method 'dkd' has no setting kd_weight"),
     "unknown method": ({"search": {"method": ["kd", "kdd"]}}, "unknown method 'kdd'"),
     "wrong type": ({"search": {"epochs": [2, 2.5]}}, "trial epochs=2.5: epochs"),
@@ -155,6 +156,60 @@ def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
     assert Image.open(out / "sweep.png").format == "PNG"
 
 
+def test_summary_of_damaged_trial_records_and_an_unreported_metric(tmp_path, capsys):
+    """A trial.json that is not an object, or whose fields have other types, and garbage in a metrics.jsonl: the
+    summary reports the rest and says what it left out; a metric no trial reported (train_kd of method ce) is one
+    clear line, after the table, not a ranking by nothing."""
+    from stages.training.run_metrics import RunMetrics
+
+    out = tmp_path / "sweep"
+    spec = sweep_spec.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}, "metric": "train_kd"}, "test")
+    config.save(out / sweep_spec.SWEEP_FILE, {"command": "sweep", **spec.to_dict()})
+    for i, lr in enumerate([0.1, 0.2, 0.3]):
+        folder = out / f"trial-{i:03d}-lr={lr}"
+        with RunMetrics(folder) as m:
+            for e in (1, 2):
+                m.write({"epoch": e, "train_loss": 1.0 / e, "train_ce": 1.0 / e, "val_top1": 0.1 * e, "seconds": 1.0})
+        sweep_spec.write_record(folder, {"status": "finished", "params": {"lr": lr}, "seconds": 2.0})
+    (out / "trial-001-lr=0.2" / "trial.json").write_text("[1, 2]")
+    (out / "trial-002-lr=0.3" / "trial.json").write_text(json.dumps({"status": 3, "params": "lr", "seconds": "long"}))
+    with open(out / "trial-002-lr=0.3" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": "one"}\n')
+    assert cli.main(["sweep", "--out", str(out), "--summary"]) == 2
+    printed, err = capsys.readouterr()
+    assert "Traceback" not in err
+    rows = [ln.split()[0] for ln in printed.splitlines() if ln.startswith("trial-")]
+    assert rows == ["trial-000", "trial-002"]  # the one with a list for a record is left out, the other reads as unfinished
+    err = err.strip().splitlines()
+    assert any("trial-001-lr=0.2/trial.json holds a JSON list, not a trial record" in ln for ln in err), err
+    assert any("metrics.jsonl: skipped 1 line(s) that are not epoch lines" in ln for ln in err), err
+    assert err[-1].startswith("error: no trial reported metric train_kd, so nothing is ranked (their epochs report train_ce, train_loss, val_top1)")
+
+
+def test_rays_own_log_lines_go_to_the_run_log_not_the_console(tmp_path, capsys):
+    """Ray logs its token-authentication notice through a stderr handler of its own while ``ray.init`` runs, before
+    the sweep's log opens (``ray_env.connect`` routes it first): it reaches sweep.log, and the console not at all."""
+    import logging
+
+    from pipeline import ray_env
+    from pipeline.run_files import LIBRARY_LINES, library_logs_to_run_log, run_log
+
+    cli.setup_logging(quiet=False)
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(logging.StreamHandler(sys.stderr))  # as `import ray` leaves it
+    library_logs_to_run_log("ray")
+    assert "library_logs_to_run_log(\"ray\")" in Path(ray_env.__file__).read_text()  # connect() does it before ray.init
+    notice = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    logging.getLogger("ray._private.authentication.authentication_token_setup").warning(notice)
+    with run_log(tmp_path / "sweep.log"):
+        logging.getLogger("ray.tune").warning("a later line of Ray's")
+        logging.getLogger("pipeline").warning("the pipeline's own warning")
+    err = capsys.readouterr().err
+    assert "Token authentication" not in err and "later line" not in err and "the pipeline's own warning" in err
+    written = (tmp_path / "sweep.log").read_text()
+    assert notice in written and "a later line of Ray's" in written and not LIBRARY_LINES.held
+
+
 # -- real sweeps on Ray Tune --------------------------------------------------------------------------
 
 
@@ -224,6 +279,51 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp
     assert [line["epoch"] for line in read_metrics(third)] == [1, 2, 3, 4] and (third / "student.safetensors").is_file()
     assert "resuming the run" in (third / "run.log").read_text()  # trial 2 went on from its last epoch, not from scratch
     assert not list(out.glob("trial-*/checkpoint.pt"))  # ended trials keep no checkpoint
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes_the_trial(base_store, tmp_path):
+    """A real SIGINT to the driver once the trial has a checkpoint: the sweep exits non-zero saying it was interrupted
+    and how to go on, the trial keeps its checkpoint and is not called finished or stopped; the same command then
+    continues the trial from its epoch, not from epoch 1."""
+    path = _sweep_file(tmp_path, {**FIXED, "epochs": 6, "batch_size": 2, "search": {"seed": [0]}})  # 40 steps an epoch
+    out = tmp_path / "out"
+    argv = [*CLI, "sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    trial = out / "trial-000-seed=0"
+    log = tmp_path / "first.log"
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.PIPE, text=True, env=env)
+    pids: list[int] = []
+    try:
+        while not (trial / "checkpoint.pt").is_file():
+            assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+            assert time.perf_counter() - start < 180, log.read_text()[-3000:]
+            time.sleep(0.05)
+        pids = _with_descendants([proc.pid])
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop(pids)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "interrupted: finished trials are kept and unfinished ones keep their last checkpoint; run the same command to resume the sweep")
+    record = json.loads((trial / "trial.json").read_text())
+    assert record["status"] not in ("finished", "stopped early", "stopped"), record
+    assert (trial / "checkpoint.pt").is_file()
+    done = len(read_metrics(trial))
+    assert 1 <= done < 6
+
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    print(f"interrupted after {done} epoch(s); the whole test took {time.perf_counter() - start:.1f} s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming the run in {trial} from checkpoint.pt, saved after epoch" in (trial / "run.log").read_text()
+    assert [line["epoch"] for line in read_metrics(trial)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((trial / "trial.json").read_text())["status"] == "finished"
 
 
 @pytest.fixture(scope="module")

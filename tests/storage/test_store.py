@@ -221,10 +221,10 @@ def test_tokens_fields_are_needed_only_with_tokens():
     [
         (lambda d: d.pop("block"), "field 'block' is missing"),
         (lambda d: d["plan"].pop("size"), "field 'plan.size' is missing"),
-        (lambda d: d["plan"].update(size="32"), "field 'plan.size' must be a whole number of at least 1, not '32'"),
+        (lambda d: d["plan"].update(size="32"), "field 'plan.size' must be a whole number in [1, 4,096], not '32'"),
         (lambda d: d["dataset"].update(fingerprint=7), "field 'dataset.fingerprint' must be a non-empty string, not 7"),
         (lambda d: d["order"].update(kind="shuffled"), "field 'order.kind' must be one of permuted, source, not 'shuffled'"),
-        (lambda d: d.update(num_views=True), "field 'num_views' must be a whole number of at least 1, not True"),
+        (lambda d: d.update(num_views=True), "field 'num_views' must be a whole number in [1, 100,000], not True"),
         (lambda d: d["dataset"].update(num_samples=71), "field 'dataset.num_samples' is 71, but the store's arrays have num_samples 70 rows"),
         (lambda d: d["dataset"].update(classes=["a"]), "field 'dataset.classes' names 1 classes, but 'dataset.num_classes' is 2"),
         (lambda d: d.update(versions=[]), "field 'versions' must be an object"),

@@ -33,6 +33,7 @@ SPECS = {
     "logsumexp": ArraySpec((), "float32"),
     "fingerprint": ArraySpec((), "uint32"),
 }
+FITS = dict(num_classes=5, logits="full", outputs=("logits",))  # a teacher.json that agrees with SPECS (Store checks it against them)
 
 
 def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -64,7 +65,7 @@ def _bare_store(path, plan_specs) -> Store:
 
 @pytest.fixture
 def units(store) -> TarUnits:
-    return store.create_teacher("w", make_record("w", format="wds", views=2), SPECS)
+    return store.create_teacher("w", make_record("w", **FITS, format="wds", views=2), SPECS)
 
 
 def _tar(units: TarUnits, view: int, block: int) -> Path:
@@ -99,7 +100,7 @@ def test_the_same_unit_gives_byte_identical_tars(store, units, tmp_path):
     data = _unit(32, 3)
     units.write_unit(1, 0, data)
     first = _tar(units, 1, 0).read_bytes()
-    other = store.create_teacher("w2", make_record("w2", format="wds", views=2), SPECS)
+    other = store.create_teacher("w2", make_record("w2", **FITS, format="wds", views=2), SPECS)
     other.write_unit(1, 0, {k: v.copy() for k, v in data.items()})
     units.write_unit(1, 0, data)  # a rerun, later
     assert _tar(other, 1, 0).read_bytes() == first == _tar(units, 1, 0).read_bytes()
@@ -136,7 +137,7 @@ def test_stored_bytes_in_a_bucket_leave_out_a_killed_writers_unit(s3, backend):
 
 
 def _check_stored_bytes_leave_out_uncommitted(store, backend):
-    units = store.create_teacher("k", make_record("k", format=backend, views=2), SPECS)
+    units = store.create_teacher("k", make_record("k", **FITS, format=backend, views=2), SPECS)
     units.write_unit(0, 0, _unit(32, 0))
     whole = sum(d["stored_bytes"] for d in units.describe({(0, 0)}).values())
     units.write_unit(1, 1, _unit(32, 1))
@@ -239,7 +240,7 @@ def test_a_plain_webdataset_pipeline_reads_the_tars(store, units):
         assert sorted(s["npz"]) == sorted(SPECS)
         for name, a in data.items():
             assert s["npz"][name].dtype == a.dtype and s["npz"][name].tobytes() == a.tobytes()
-    store.create_teacher("plain", make_record("plain", views=2), SPECS)  # zarr
+    store.create_teacher("plain", make_record("plain", **FITS, views=2), SPECS)  # zarr
     with pytest.raises(UserError, match="not wds"):
         wds_urls(store, "plain")
 

@@ -153,29 +153,35 @@ def take(table: Table, index) -> Table:
     return {k: v[index] for k, v in table.items()}
 
 
-def shuffle_windows(tables: Iterable[Table], window: int, rng: np.random.Generator) -> Iterator[Table]:
+def shuffle_windows(tables: Iterable[Table], window: int, rng: np.random.Generator, by_sample: bool = False) -> Iterator[Table]:
     """Concatenate ``window`` tables at a time and shuffle them in memory.
 
     Rows are shuffled one by one, or, in tables with mixing groups (``PAIR``),
     group by group: mates come out next to each other, in a shuffled order of groups.
+    ``by_sample`` (repeated views without mixing): a sample's rows are one group, so its
+    R views land in one batch and the renderer decodes its image once for all of them, as
+    timm's RepeatAugSampler puts a sample's R copies side by side in one process's batch.
     """
     buffer = []
     for table in tables:
         buffer.append(table)
         if len(buffer) == window:
-            yield _shuffled(buffer, rng)
+            yield _shuffled(buffer, rng, by_sample)
             buffer = []
     if buffer:
-        yield _shuffled(buffer, rng)
+        yield _shuffled(buffer, rng, by_sample)
 
 
-def _shuffled(tables: list[Table], rng: np.random.Generator) -> Table:
+def _shuffled(tables: list[Table], rng: np.random.Generator, by_sample: bool = False) -> Table:
     merged = concat(tables)
-    if PAIR not in merged:
+    if PAIR in merged:
+        # A table's group keys lie in [0, its rows): offset by the table's first row, they are unique in the window.
+        lengths = [len(t["id"]) for t in tables]
+        keys = merged[PAIR] + np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+    elif by_sample:  # mixing groups, where there are any, already hold a view's mates; a sample's views cannot join them too
+        keys = merged["id"]
+    else:
         return take(merged, rng.permutation(len(merged["id"])))
-    # A table's group keys lie in [0, its rows): offset by the table's first row, they are unique in the window.
-    lengths = [len(t["id"]) for t in tables]
-    keys = merged[PAIR] + np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
     _, group = np.unique(keys, return_inverse=True)
     place = np.empty(group.max() + 1, np.int64)
     place[rng.permutation(len(place))] = np.arange(len(place))

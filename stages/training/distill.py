@@ -418,7 +418,8 @@ def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource 
     window = window_units(s.window_rows, views.block, s.repeats)  # a block's repeated views share a window
     tables = epoch_tables(run, s, views, teacher, epoch, rank, world)
     # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
-    batches = islice(rebatch(shuffle_windows(tables, window, rng), s.batch_size, drop_last=True), run.steps)
+    # With repeats, a sample's views travel together: one decode of its image renders all of them (see shuffle_windows).
+    batches = islice(rebatch(shuffle_windows(tables, window, rng, by_sample=s.repeats > 1), s.batch_size, drop_last=True), run.steps)
     check = "check" if run.plan_size is not None else None
     sums, done, start = {}, 0, time.perf_counter()
     for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.workers, check):

@@ -286,11 +286,12 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes_the_trial(base
     """A real SIGINT to the driver once the trial has a checkpoint: the sweep exits non-zero saying it was interrupted
     and how to go on, the trial keeps its checkpoint and is not called finished or stopped; the same command then
     continues the trial from its epoch, not from epoch 1."""
-    path = _sweep_file(tmp_path, {**FIXED, "epochs": 6, "batch_size": 2, "search": {"seed": [0]}})  # 40 steps an epoch
+    # 40 steps an epoch; a composite method whose one part's weight is the searched setting (a sweep over a part's weight)
+    path = _sweep_file(tmp_path, {**FIXED, "epochs": 6, "batch_size": 2, "method": "kd@t1+dkd@t1", "search": {"method_args": {"dkd": {"weight": [0.5]}}}})
     out = tmp_path / "out"
     argv = [*CLI, "sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    trial = out / "trial-000-seed=0"
+    trial = out / "trial-000-weight=0.5"
     log = tmp_path / "first.log"
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -324,6 +325,8 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes_the_trial(base
     assert f"resuming the run in {trial} from checkpoint.pt, saved after epoch" in (trial / "run.log").read_text()
     assert [line["epoch"] for line in read_metrics(trial)] == [1, 2, 3, 4, 5, 6]
     assert json.loads((trial / "trial.json").read_text())["status"] == "finished"
+    assert {"train_kd", "train_dkd", "train_dkd.dkd"} <= set(read_metrics(trial)[-1])  # each part's loss, logged apart
+    assert config.load_yaml(trial / "settings.yaml")["method_args"] == {"dkd": {"weight": 0.5}}
 
 
 @pytest.fixture(scope="module")

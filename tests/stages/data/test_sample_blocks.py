@@ -213,3 +213,50 @@ def test_the_store_checks_its_order(tmp_path):
     zarr.open_array(str(tmp_path / "b" / "order"), mode="r+")[:] = np.arange(10)  # another order than the one recorded
     with pytest.raises(UserError, match="does not match its checksum"):
         Store(tmp_path / "b").order
+
+
+# -- repeated augmentation: a sample's views share one decode ---------------------------------------------
+
+
+def test_with_repeats_a_samples_views_travel_together_and_batches_stay_random_samples():
+    """repeats 3 on ImageNet's shape: every batch holds all 3 views of each of its samples (one decode renders them),
+    about 256 / 3 samples of as many classes as 85 independent draws give."""
+    n, c, block, window, batch, repeats = 1_281_167, 1000, 1024, 16384, 255, 3
+    labels = class_ordered_labels(c, n)
+    order = sample_order(n, seed=0)
+    num_blocks = -(-n // block)
+
+    def tables():
+        for v, b in epoch_units(0, repeats, num_blocks, 0, repeats)[: repeats * 32]:
+            ids = order[b * block : (b + 1) * block]
+            yield {"id": ids, "label": labels[ids], "view": np.full(len(ids), v)}
+
+    rng = np.random.default_rng([0, 0, 2])
+    batches = list(rebatch(shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True))
+    assert len(batches) > 300
+    for t in batches:
+        ids, counts = np.unique(t["id"], return_counts=True)
+        assert (counts == repeats).all()  # each sample's three views, none elsewhere
+        assert len({(i, v) for i, v in zip(t["id"].tolist(), t["view"].tolist())}) == batch  # three different views
+    classes = np.median([len(np.unique(t["label"])) for t in batches])
+    assert classes > 0.95 * expected_distinct(np.bincount(labels), batch // repeats)
+
+
+def test_a_repeated_epoch_decodes_each_image_once(tmp_path, monkeypatch):
+    """train with repeats 3: the renderer decodes each image of the epoch once, for its three views."""
+    from collections import Counter
+
+    data = open_dataset("fake:48?size=32")
+    calls = Counter()
+    original = type(data).image
+
+    def counted(self, i):
+        calls[i] += 1
+        return original(self, i)
+
+    monkeypatch.setattr(type(data), "image", counted)
+    plan = ViewPlan(ViewRecipe(), seed=0)
+    s = TrainSettings(**STUDENT, method="ce", epochs=1, repeats=3, batch_size=15, verify="none")
+    result = train(s, data, None, DrawnViews(plan, data, num_views=3, block=16), plan)
+    assert result.metrics[0]["train_ce"] > 0
+    assert calls and max(calls.values()) == 1 and len(calls) * 3 >= 15 * 3  # one decode per sample, for all its views

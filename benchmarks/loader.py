@@ -15,6 +15,13 @@ photos by random crops, resizes, flips and colour shifts, class-per-folder):
   replay+norm  the same, normalised to float32 in the main process (what a CPU-only student
           loop pays, and the same float32 batches timm's loader gives).
 
+With ``--repeats R`` both sides draw repeated augmentation: timm's loader through its
+``RepeatAugSampler(num_repeats=R)`` (each copy of a sample loaded, so decoded, on its own), the replay
+with R views of each sample of an epoch's blocks, as ``distill --repeats R`` reads them (without
+mixing, a sample's views share one batch and one decode). A decode-only row times the replay's own
+JPEG decode of every image in one process (``FolderDataset.image``): the table's last column is the
+replay's CPU time per view over it (the decode limit; 1.0 would be a free augmentation).
+
 Each is measured with the views made in the main process (``--workers 0``) and with loader
 workers; rounds interleave every configuration, so machine noise hits all alike, and medians are
 quoted. Each measurement is one epoch over the folder; the first batch (worker start-up) is not
@@ -24,6 +31,7 @@ Run from the repository root (about 3 minutes on 2 CPU cores with the defaults):
 
     .venv/bin/python benchmarks/loader.py
     .venv/bin/python benchmarks/loader.py --images 800 --rounds 7 --workers 0 4
+    .venv/bin/python benchmarks/loader.py --repeats 3        # timm's RepeatAugSampler against the replay's repeats
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are quoted (default: 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the main process (default: 1, see distill_cost.py)")
     p.add_argument("--recipe", default="configs/vanillakd_a2.yaml", help="the replay's view recipe (its views: section)")
+    p.add_argument("--repeats", type=int, default=1, help="repeated augmentation on both sides: timm's RepeatAugSampler, the replay's repeats (default: 1)")
     p.add_argument(
         "--interpolation", choices=("bilinear", "random"), default="bilinear",
         help="resampling of timm's crop and of both sides' RandAugment ops: bilinear (create_transform's default) or random "
@@ -94,32 +103,36 @@ def make_jpegs(root: Path, count: int, classes: int, seed: int = 0) -> Path:
 # -- the two loaders ---------------------------------------------------------------------------
 
 
-def timm_epoch(folder: Path, size: int, batch_size: int, workers: int, mixing: bool, seed: int, interpolation: str) -> tuple[float, float]:
+def timm_epoch(folder: Path, size: int, batch_size: int, workers: int, mixing: bool, seed: int, interpolation: str, repeats: int = 1) -> tuple[float, float]:
     """One epoch of timm's training loader: ``_timed``'s (views/s, CPU ms per view)."""
     from timm.data import ImageDataset, Mixup, create_transform
+    from timm.data.distributed_sampler import RepeatAugSampler
 
     transform = create_transform(size, is_training=True, auto_augment="rand-m7-mstd0.5", interpolation=interpolation)
     dataset = ImageDataset(str(folder), transform=transform)
     mixup = Mixup(mixup_alpha=0.1, cutmix_alpha=1.0, num_classes=len(dataset.reader.class_to_idx)) if mixing else None
+    sampler = RepeatAugSampler(dataset, num_replicas=1, rank=0, num_repeats=repeats, selected_round=0) if repeats > 1 else None
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True,
         generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None,
     )
     return _timed(((x, y) if mixup is None else mixup(x, y) for x, y in loader), batch_size)
 
 
-def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False) -> tuple[float, float]:
+def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False, repeats: int = 1) -> tuple[float, float]:
     """One epoch of the replay loader, uint8 batches or normalised here: ``_timed``'s (views/s, CPU ms per view)."""
     from stages.data.datasets import FolderDataset
-    from stages.data.replay import DrawnViews, ViewRenderer, rebatch, render_batches, shuffle_windows, unit_table, with_images
+    from stages.data.replay import DrawnViews, ViewRenderer, epoch_units, rebatch, render_batches, shuffle_windows, unit_table, with_images
     from stages.data.views import ViewPlan, normalize
 
     data = FolderDataset(str(folder))
     plan = ViewPlan(recipe, seed=seed)
-    views = DrawnViews(plan, data, num_views=1, block=1024)
+    views = DrawnViews(plan, data, num_views=repeats, block=1024 if repeats == 1 else 64)  # repeats: an epoch takes 1/R of the blocks
     names = list(plan.fields)
-    tables = (with_images(unit_table(views, 0, b, data.labels, names), data) for b in range(views.num_blocks))
-    batches = rebatch(shuffle_windows(tables, 16, np.random.default_rng(seed)), batch_size, drop_last=True)
+    units = epoch_units(0, repeats, views.num_blocks, seed, repeats)
+    tables = (with_images(unit_table(views, v, b, data.labels, names), data) for v, b in units)
+    shuffled = shuffle_windows(tables, 16 * repeats, np.random.default_rng(seed), by_sample=repeats > 1)
+    batches = rebatch(shuffled, batch_size, drop_last=True)
     renderer = ViewRenderer(data, plan, (size,))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     rendered = (r["views"][0] for _, r in render_batches(renderer, batches, names, workers))
@@ -146,6 +159,17 @@ def _timed(batches, batch_size: int) -> tuple[float, float]:
 NAMES = ("timm", "replay", "replay+norm")
 
 
+def decode_ms(folder: Path) -> float:
+    """CPU milliseconds to decode one JPEG of the folder, as the replay decodes it, in one process."""
+    from stages.data.datasets import FolderDataset
+
+    data = FolderDataset(str(folder))
+    start = time.process_time()
+    for i in range(len(data)):
+        data.image(i)
+    return 1000 * (time.process_time() - start) / len(data)
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -156,20 +180,22 @@ def main():
     recipes = {True: ViewRecipe.from_dict(views), False: ViewRecipe.from_dict({**views, "mixup_alpha": 0.0, "cutmix_alpha": 0.0})}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(args.folder or tmp), args.images, args.classes)
-        print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, "
+        print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, repeats {args.repeats}, "
               f"interpolation {args.interpolation}, {args.rounds} rounds; torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()})")
         configs = [(mixing, workers) for mixing in (True, False) for workers in args.workers]
         wall: dict[tuple, list[float]] = {}
         cpu: dict[tuple, list[float]] = {}
+        decodes: list[float] = []
         for r in range(args.rounds):
             for mixing, workers in configs:
                 for name in NAMES:
                     if name == "timm":
-                        rate, ms = timm_epoch(folder, args.size, args.batch_size, workers, mixing, r, args.interpolation)
+                        rate, ms = timm_epoch(folder, args.size, args.batch_size, workers, mixing, r, args.interpolation, args.repeats)
                     else:
-                        rate, ms = replay_epoch(folder, recipes[mixing], args.size, args.batch_size, workers, r, cpu_normalize=name != "replay")
+                        rate, ms = replay_epoch(folder, recipes[mixing], args.size, args.batch_size, workers, r, name != "replay", args.repeats)
                     wall.setdefault((name, mixing, workers), []).append(rate)
                     cpu.setdefault((name, mixing, workers), []).append(ms)
+            decodes.append(decode_ms(folder))
             print(f"  round {r + 1}/{args.rounds} (replay / timm, views/s): " + ", ".join(
                 f"{'mix' if m else 'plain'}/w{w} {wall['replay', m, w][-1] / wall['timm', m, w][-1]:.2f}x" for m, w in configs), flush=True)
 
@@ -189,12 +215,14 @@ def main():
     print()
     print("CPU time per view (main process and loader workers, whole epoch); the ratio is timm's CPU time over the replay's:")
     print()
-    print("| mixing | loader workers | timm ms/view | replay ms/view | replay+norm ms/view | timm / replay | timm / replay+norm |")
-    print("|---|---|---|---|---|---|---|")
+    decode = med(decodes)
+    print(f"| mixing | loader workers | timm ms/view | replay ms/view | replay+norm ms/view | timm / replay | timm / replay+norm | replay / decode-only ({decode:.2f} ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for key in configs:
         mixing, workers = key
         print(f"| {'mixup 0.1 / cutmix 1.0' if mixing else 'off'} | {workers or 'none (1 process)'} | {med(cpu[('timm',) + key]):.2f} | "
-              f"{med(cpu[('replay',) + key]):.2f} | {med(cpu[('replay+norm',) + key]):.2f} | {ratio(cpu, 'replay', key, True):.2f}x | {ratio(cpu, 'replay+norm', key, True):.2f}x |")
+              f"{med(cpu[('replay',) + key]):.2f} | {med(cpu[('replay+norm',) + key]):.2f} | {ratio(cpu, 'replay', key, True):.2f}x | "
+              f"{ratio(cpu, 'replay+norm', key, True):.2f}x | {med(cpu[('replay',) + key]) / decode:.2f} |")
     worst = min(ratio(wall, "replay", (True, w)) for w in args.workers)
     print(f"\ntarget: replay >= 1.2x timm with mixing on: {'met' if worst >= 1.2 else 'NOT met'} (worst {worst:.2f}x, views/s)")
 

@@ -29,7 +29,7 @@ from storage import UserError
 
 from . import config
 from .flags import RAY_ADDRESS_HELP, THREADS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
-from .resume import checkpoint_hooks
+from .resume import DATA_FINGERPRINT, checkpoint_hooks
 from .run_files import RunFiles, check_out
 from .settings_check import add_setting_flags, flag_type, settings_from_args
 
@@ -179,7 +179,7 @@ def train_command(args) -> None:
     with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}, weights_name="model.safetensors") as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
         views = DrawnViews(plan, dataset, num_views=settings.epochs * settings.repeats)  # R fresh views per use of a block
-        run = {"data": args.data, "views": plan.describe(), **dataclasses.asdict(settings)}
+        run = {"data": args.data, DATA_FINGERPRINT: dataset.fingerprint(), "views": plan.describe(), **dataclasses.asdict(settings)}
         hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start)
         result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device, hooks=hooks)
     print(f"{settings.student}: {_top1(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}")

@@ -27,10 +27,18 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
+DATA_FINGERPRINT = "data_fingerprint"  # a train run's dataset (its file names, count and labels), recorded in its checkpoint
+
+
 def check_same_run(saved: dict, now: dict) -> None:
     """--resume may change the epoch count; anything else would continue another run's weights."""
     now = json.loads(json.dumps(now))  # as a checkpoint holds it: lists, not tuples
     changed = sorted(k for k in {*saved, *now} if k != "epochs" and saved.get(k) != now.get(k))
+    if DATA_FINGERPRINT in changed:
+        raise UserError(
+            "--resume on other training data than the stopped run's (images added, removed, renamed or relabelled since): "
+            "drop --resume to start afresh on the data as it is now"
+        )
     if changed:
         raise UserError(
             f"--resume with other settings than the stopped run ({', '.join(changed)}): "
@@ -49,6 +57,11 @@ def load_checkpoint(out: Path, run: dict) -> dict:
         raise UserError(f"{path} is not a checkpoint this pipeline can read ({type(e).__name__}): run without --resume to start afresh") from e
     _check_state(path, state)
     check_same_run(state.get("run", {}), run)
+    if isinstance(run.get("epochs"), int) and state["epoch"] > run["epochs"]:
+        raise UserError(
+            f"--resume --epochs {run['epochs']}: the run in {out} has finished {state['epoch']} epochs already; "
+            f"pass --epochs {state['epoch'] + 1} or more to train on, or drop --resume to start afresh"
+        )
     return state
 
 

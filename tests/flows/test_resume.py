@@ -122,3 +122,29 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoint(command, base_store, tm
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert main(["--quiet", *argv, "--epochs", "1", "--out", str(out)]) == 0  # no --resume: start afresh
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_on_changed_data_or_with_fewer_epochs_than_done_is_one_line_and_changes_nothing(base_store, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for c in range(2):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            Image.new("RGB", (40, 30), (120 * c, 8 * i, 60)).save(folder / f"class{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--quiet", "train", "--data", f"folder:{folder}", "--val-data", f"folder:{folder}", "--model", STUDENT["student"],
+            "--model-arg", "channels=[8,16,32,64]", "--size", "32", "--batch-size", "16", "--out", str(out)]
+    assert main([*argv, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    assert main([*argv, "--epochs", "1", "--resume"]) == 2  # a finished 2-epoch run cannot go back to 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has finished 2 epochs already; pass --epochs 3 or more" in err[0], err
+
+    Image.new("RGB", (40, 30)).save(folder / "class1" / "added.png")  # the data changed under the run
+    assert main([*argv, "--epochs", "3", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume on other training data than the stopped run's" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

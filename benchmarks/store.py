@@ -15,13 +15,15 @@ machines here are shared and noisy):
   read    one epoch as ``stages.distill.train`` reads it (whole units, window shuffle, re-batch,
           ``teacher_rows.decode``), without rendering: bytes fetched (``/proc/self/io`` rchar) over the
           stored bytes of the rows it used; views/s of that reader vs. the same arrays read from
-          numpy memmaps through the same code, vs. a small student's training step.
+          numpy memmaps through the same code (interleaved rounds; the ratio, target >= 0.5), vs. a
+          small student's training step.
   write   the teacher forward alone on pre-rendered views vs. the same forward plus the store
           (encode, write, commit: ``stages.extract``'s own commit code); and ``extract()`` end to end
           vs. rendering + forward with no store.
 
     .venv/bin/python benchmarks/store.py            # about 4-5 minutes on 2 CPU cores
     .venv/bin/python benchmarks/store.py --quick    # about 1 minute
+    .venv/bin/python benchmarks/store.py --read-only --samples 16384 --views 4   # the read section alone, seconds
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numcodecs.blosc
 import numpy as np
 import timm
 import torch
@@ -64,12 +67,14 @@ from storage.codecs import compressor
 
 LOGIT_ARRAYS = topk.ARRAYS  # top-k log-probabilities and classes, log-sum-exp, tail mass and mean, target
 PLAN_ARRAYS = ("crop", "flip", "fingerprint")  # the default recipe's fields (plan.fields) + fingerprint
+READ_ROUNDS = 5  # read rounds per --repeats: one epoch of the synthetic store reads in well under a second
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, 3 repeats: about 1 minute")
     p.add_argument("--fidelity-only", action="store_true", help="only the top-k fidelity section (synthetic and digits teachers)")
+    p.add_argument("--read-only", action="store_true", help="only the read section: the synthetic store read by the trainer's code vs memmaps")
     p.add_argument("--digits-epochs", type=int, default=10, help="epochs of the digits teacher fitted for the fidelity section")
     p.add_argument("--samples", type=int, default=None, help="synthetic store samples (default 8192, quick 4096)")
     p.add_argument("--views", type=int, default=2, help="synthetic store views")
@@ -312,6 +317,42 @@ def read_epoch(views, teacher, ids_of, labels, num_views, num_blocks, epoch, bat
     return n
 
 
+def read_section(report: "Report", tmp: Path, store: Store, labels: np.ndarray, args) -> float:
+    """One epoch's reads from the store against the same arrays in numpy memmaps, interleaved; the store's views/s."""
+    torch.set_num_threads(args.threads)  # the sections before (`pipeline train` for the digits teacher) change it
+    ct = CachedTeacher(store, "syn", ("logits",))
+    views = StoredViews(store, stored_plan(store), args.views)
+    epoch_args = (labels, args.views, store.num_blocks)
+    read_epoch(views, ct, views.ids, *epoch_args, 0, args.batch_size)  # warm-up (page cache, imports)
+    before = rchar()
+    used_rows = read_epoch(views, ct, views.ids, *epoch_args, 1, args.batch_size)
+    fetched = rchar() - before
+    units = epoch_units(1, args.views, store.num_blocks, 0)
+    shard = sum(shard_bytes(store.plan, views.names, v, b) + shard_bytes(ct.group, ct.names, v, b) for v, b in units)
+    used = shard * used_rows / args.samples  # drop_last may leave a few rows unused
+    report.add("read amplification: fetched / used (one epoch)", f"{fetched / used:.3f}x", "<= 1.1x", fetched / used <= 1.1,
+               f"{fetched / 1e6:.3f} MB fetched (rchar) for {used / 1e6:.3f} MB of shards used, {len(units)} units")
+    mm = tmp / "memmap"
+    mviews = MemmapSource(mm / "plan", {n: store.plan.array(n)[:] for n in views.names}, args.block, "")
+    mteacher = MemmapSource(mm / "t", {n: ct.group.array(n)[:] for n in ct.names}, args.block, "t:", ct.info)
+    rate = {"zarr": [], "memmap": []}
+    # An epoch takes tens of milliseconds: many rounds, each reading the same epoch both ways one after the other,
+    # so that a burst of load on a shared machine hits both alike.
+    for e in range(READ_ROUNDS * args.repeats):
+        for kind, (vv, tt) in (("zarr", (views, ct)), ("memmap", (mviews, mteacher))):
+            t = time.perf_counter()
+            n = read_epoch(vv, tt, views.ids, *epoch_args, e, args.batch_size)
+            rate[kind].append(n / (time.perf_counter() - t))
+    r_zarr, r_mm = statistics.median(rate["zarr"]), statistics.median(rate["memmap"])
+    per_round = statistics.median(z / m for z, m in zip(rate["zarr"], rate["memmap"]))
+    threads = f"torch threads {torch.get_num_threads()}, blosc {'threads ' + str(numcodecs.blosc.get_nthreads()) if numcodecs.blosc.use_threads else '1 thread'}"
+    report.add("reader views/s (zarr store, incl. top-k decode)", f"{r_zarr:,.0f}", note="whole units, shuffle, re-batch, logits_from_topk")
+    report.add("reader views/s (same arrays, numpy memmap)", f"{r_mm:,.0f}", note=f"the same code on np.load(mmap_mode='r'); {threads}")
+    report.add("reader / memmap (medians)", f"{r_zarr / r_mm:.2f}x", ">= 0.5x", r_zarr / r_mm >= 0.5,
+               f"median of per-round ratios {per_round:.2f}; {len(rate['zarr'])} interleaved rounds, {len(units)} units an epoch")
+    return r_zarr
+
+
 def rchar() -> int:
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar")).split()[1])
@@ -481,9 +522,13 @@ def main():
           f"samples in units of {args.write_block}; batch {args.batch_size}; repeats {args.repeats}; product codecs: "
           + ", ".join(f"{d}: {compressor(d).cname.value}{compressor(d).clevel}-{compressor(d).shuffle.value}" for d in ("float16", "int16", "float32")))
     report = Report()
-    if args.fidelity_only:
+    if args.fidelity_only or args.read_only:
         with tempfile.TemporaryDirectory(prefix="store_bench_") as tmp:
-            fidelity_section(report, Path(tmp), args)
+            if args.fidelity_only:
+                fidelity_section(report, Path(tmp), args)
+            else:
+                store, syn = write_synthetic_store(Path(tmp) / "syn", args)
+                read_section(report, Path(tmp), store, syn["labels"], args)
         report.print()
         return
     with tempfile.TemporaryDirectory(prefix="store_bench_") as tmp:
@@ -633,33 +678,9 @@ def main():
         print(f"(column names: {', '.join(cols)})")
 
         # -- reading --------------------------------------------------------------------------
-        ct = CachedTeacher(store, "syn", ("logits",))
-        views = StoredViews(store, stored_plan(store), args.views)
-        labels = syn["labels"]
-        epoch_args = (labels, args.views, store.num_blocks)
-        read_epoch(views, ct, views.ids, *epoch_args, 0, args.batch_size)  # warm-up (page cache, imports)
-        before = rchar()
-        used_rows = read_epoch(views, ct, views.ids, *epoch_args, 1, args.batch_size)
-        fetched = rchar() - before
-        units = epoch_units(1, args.views, store.num_blocks, 0)
-        shard = sum(shard_bytes(store.plan, views.names, v, b) + shard_bytes(ct.group, ct.names, v, b) for v, b in units)
-        used = shard * used_rows / args.samples  # drop_last may leave a few rows unused
-        report.add("read amplification: fetched / used (one epoch)", f"{fetched / used:.3f}x", "<= 1.1x", fetched / used <= 1.1,
-                   f"{fetched / 1e6:.3f} MB fetched (rchar) for {used / 1e6:.3f} MB of shards used, {len(units)} units")
-        mm = tmp / "memmap"
-        mviews = MemmapSource(mm / "plan", {n: store.plan.array(n)[:] for n in views.names}, args.block, "")
-        mteacher = MemmapSource(mm / "t", {n: ct.group.array(n)[:] for n in ct.names}, args.block, "t:", ct.info)
-        rate = {"zarr": [], "memmap": []}
-        for e in range(args.repeats):
-            for kind, (vv, tt) in (("zarr", (views, ct)), ("memmap", (mviews, mteacher))):
-                t = time.perf_counter()
-                n = read_epoch(vv, tt, views.ids, *epoch_args, e, args.batch_size)
-                rate[kind].append(n / (time.perf_counter() - t))
-        r_zarr, r_mm = statistics.median(rate["zarr"]), statistics.median(rate["memmap"])
+        r_zarr = read_section(report, tmp, store, syn["labels"], args)
         tiny = student_rate("resnet10t", {"channels": [8, 16, 32, 64]}, 32, args.classes, args.batch_size, args.repeats)
         r18 = student_rate("resnet18", {}, 64, args.classes, args.batch_size, args.repeats)
-        report.add("reader views/s (zarr store, incl. top-k decode)", f"{r_zarr:,.0f}", note="whole units, shuffle, re-batch, logits_from_topk")
-        report.add("reader views/s (same arrays, numpy memmap)", f"{r_mm:,.0f}", note=f"zarr/memmap = {r_zarr / r_mm:.2f}")
         report.add("student views/s: resnet10t 8-16-32-64 @32 px", f"{tiny:,.0f}", note="fwd + KD + bwd + AdamW, pre-rendered")
         report.add("student views/s: resnet18 @64 px", f"{r18:,.0f}")
         report.add("reader / resnet10t-tiny student", f"{r_zarr / tiny:.1f}x", ">= 10x", r_zarr / tiny >= 10)

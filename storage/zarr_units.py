@@ -8,13 +8,20 @@ same object (several writers of one shard lose data, FACTS.md).
 from __future__ import annotations
 
 import math
+import struct
 import warnings
+from dataclasses import dataclass
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.bytes import Endian
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from .codecs import compressor
-from .location import Location, answering
+from .location import Location, answering, check_regular
 from .units import ArraySpec, CommittedUnits, as_location, register_backend
 
 # Epochs read whole shards, so an inner chunk is the whole shard (smallest and
@@ -32,6 +39,86 @@ def inner_chunk_rows(block: int, row_shape: tuple[int, ...], dtype) -> int:
     return max(d for d in divisors if d == 1 or d * row_bytes <= CHUNK_BYTES)
 
 
+# An inner chunk the shard does not hold (all fill value): both its offset and length are this (zarr's MAX_UINT_64).
+NO_CHUNK = 2**64 - 1
+BLOSC_HEADER = 16  # version, flags, typesize, then uint32 decoded bytes, block size, compressed bytes
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one shard of an array is laid out, for decoding its bytes without zarr's per-read machinery.
+
+    zarr's read of a small shard costs about 1 ms of event-loop round trips and
+    per-chunk bookkeeping (benchmarks/store.py, read section), several times the
+    decompression itself. A shard written by ``UnitArrays.create`` is the
+    sharding codec's standard layout: inner chunks of ``chunk_rows`` rows,
+    each little-endian bytes compressed by blosc, then an index of (offset,
+    length) pairs with its CRC32C at the end. ``of`` recognises exactly that
+    layout; any other array is read by zarr.
+    """
+
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    shard_rows: int
+    chunk_rows: int
+    fill_value: object
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> ShardLayout | None:
+        """The layout of ``arr`` when it is the one this module writes, else None."""
+        codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding, dtype = codecs[0], np.dtype(arr.dtype)
+        inner = tuple(sharding.codecs)
+        plain = (
+            dtype.kind in "biuf"
+            and len(inner) == 2
+            and isinstance(inner[0], BytesCodec)
+            and (inner[0].endian == Endian.little or dtype.itemsize == 1)  # one-byte values have no byte order
+            and isinstance(inner[1], BloscCodec)
+            and sharding.index_location == ShardingCodecIndexLocation.end
+            and tuple(sharding.index_codecs) == (BytesCodec(endian=Endian.little), Crc32cCodec())
+        )
+        shard, chunk = tuple(arr.metadata.chunk_grid.chunk_shape), tuple(sharding.chunk_shape)
+        if not plain or shard[0] != 1 or chunk[0] != 1 or shard[2:] != chunk[2:] or shard[1] % chunk[1]:
+            return None
+        return cls(dtype.newbyteorder("<"), shard[2:], shard[1], chunk[1], arr.fill_value)
+
+    def decode(self, data: bytes, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of a shard from its bytes, as zarr would read them (bit for bit)."""
+        if not 0 <= rows <= self.shard_rows:
+            raise ValueError(f"{rows} rows asked of a shard of {self.shard_rows}")
+        index = self._index(data)
+        chunks = -(-rows // self.chunk_rows)  # only the chunks that hold wanted rows
+        out = np.empty((chunks * self.chunk_rows, *self.row_shape), self.dtype)
+        source = memoryview(data)
+        for i in range(chunks):
+            part = out[i * self.chunk_rows : (i + 1) * self.chunk_rows]
+            offset, length = (int(x) for x in index[i])
+            if offset == NO_CHUNK and length == NO_CHUNK:
+                part[...] = self.fill_value  # zarr leaves an all-fill chunk unwritten
+                continue
+            chunk = source[offset : offset + length]
+            # c-blosc trusts its header: it fills a larger buffer without a word and reads as far as the header
+            # says, so the header must promise exactly this chunk's decoded bytes and the length the index gives.
+            if length < BLOSC_HEADER or offset + length > len(data) or struct.unpack_from("<III", chunk, 4)[::2] != (part.nbytes, length):
+                raise ValueError(f"inner chunk {i} of the shard is not a blosc buffer of {part.nbytes} bytes")
+            numcodecs.blosc.decompress(chunk, part)
+        return out[:rows]
+
+    def _index(self, data: bytes) -> np.ndarray:
+        """(chunks, 2) offsets and lengths, after checking the index's CRC32C as zarr does."""
+        chunks = self.shard_rows // self.chunk_rows
+        size = 16 * chunks
+        if len(data) < size + 4:
+            raise ValueError(f"shard of {len(data)} bytes is shorter than its index")
+        index = data[-size - 4 : -4]
+        if np.uint32(google_crc32c.value(index)).tobytes() != data[-4:]:
+            raise ValueError("the shard index's CRC32C does not match")
+        return np.frombuffer(index, "<u8").reshape(chunks, 2)
+
+
 @register_backend
 class UnitArrays(CommittedUnits):
     """A zarr group of [V, N, ...] arrays, one shard per (view, block) unit."""
@@ -42,6 +129,7 @@ class UnitArrays(CommittedUnits):
         super().__init__(location, block)
         self.group = self.location.open_group("a")
         self._opened: dict[str, zarr.Array] = {}  # opening an array reads its zarr.json: once per group, not per unit
+        self._layouts: dict[str, ShardLayout | None] = {}
 
     @classmethod
     def create(cls, location, specs: dict[str, ArraySpec], num_views: int, num_samples: int, block: int):
@@ -101,6 +189,7 @@ class UnitArrays(CommittedUnits):
                 with answering(self.location.url):
                     arr.resize((num_views, *arr.shape[1:]))
         self._opened.clear()
+        self._layouts.clear()
 
     def _shard(self, view: int, block: int, name: str) -> Location:
         arr = self.array(name)
@@ -129,4 +218,26 @@ class UnitArrays(CommittedUnits):
 
     def _read_data(self, view, block, names, start, stop):
         with answering(self.location.url):
-            return {name: self.array(name)[view, start:stop] for name in names}
+            return {name: self._read_rows(view, block, name, start, stop) for name in names}
+
+    def _read_rows(self, view, block, name, start, stop):
+        """One array's rows of a unit: the shard's bytes fetched once and decoded directly where the layout allows."""
+        if name not in self._layouts:
+            self._layouts[name] = ShardLayout.of(self.array(name))
+        layout = self._layouts[name]
+        data = self._shard_bytes(view, block, name) if layout and layout.shard_rows == self.block else None
+        if data is None:  # another layout, or no shard (zarr reads the fill value): zarr's own read
+            return self.array(name)[view, start:stop]
+        return layout.decode(data, stop - start)
+
+    def _shard_bytes(self, view, block, name) -> bytes | None:
+        """The whole shard object, or None where there is none (as zarr's store sees it: a directory counts as none)."""
+        loc = self._shard(view, block, name)
+        try:
+            if not self.location.is_local:
+                return loc.fs.cat_file(loc.path)
+            check_regular(loc.path)  # a pipe would block the read forever
+            with open(loc.path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None

@@ -97,7 +97,9 @@ class TopK:
 
     def target_in_tail(self, num_classes: int) -> torch.Tensor:
         """(B,) whether the target class is outside the top k (then its stored log-probability is placed)."""
-        return ~(self.topk_index == self.target_index[:, None]).any(1) & (num_classes > self.topk_index.shape[1])
+        if num_classes <= self.topk_index.shape[1]:
+            return torch.zeros(self.target_index.shape, dtype=torch.bool)
+        return (self.topk_index != self.target_index[:, None]).all(1)
 
     def rest(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The classes the rebuild spreads evenly: (count, log of their mass, mean log-probability), each (B,).
@@ -106,6 +108,10 @@ class TopK:
         """
         k = self.topk_index.shape[1]
         out = self.target_in_tail(num_classes)
+        # Decoding a batch spends more on these small ops over B-row vectors (microseconds each) than on its
+        # (B, C) matrix, so the usual batch, every target inside the top k, takes the short way (same values).
+        if not out.any():
+            return torch.full(out.shape, float(num_classes - k), dtype=torch.float64), self.tail_logp, self.tail_mean
         count = (num_classes - k - out.long()).double()  # (B,)
         # log(tail - target) = tail + log(1 - exp(target - tail)); rounding may put target above tail.
         share = (-torch.expm1((self.target_logp - self.tail_logp).clamp_max(0.0))).clamp_min(MIN_REST)
@@ -133,14 +139,15 @@ class TopK:
         teacher's at T = 1 to the stored precision, and their scale is the teacher's.
         """
         B, k = self.topk_index.shape
-        full = torch.empty(B, num_classes, dtype=torch.float64)
+        lse = self.logsumexp
+        # Each logit is float32(log-probability + log-sum-exp), summed in float64 as before, but only the B + B k
+        # distinct values are: the (B, C) matrix is filled in float32 once, not built and added in float64.
+        full = torch.empty(B, num_classes, dtype=torch.float32)
         if num_classes > k:
-            full[:] = self.rest_logp(num_classes, temperature)[:, None]
-            out = self.target_in_tail(num_classes)
-            rows = out.nonzero().flatten()
-            full[rows, self.target_index[rows]] = self.target_logp[rows]
-        full.scatter_(1, self.topk_index, self.topk_logp)
-        return (full + self.logsumexp[:, None]).float()
+            full.copy_((self.rest_logp(num_classes, temperature) + lse).float()[:, None].expand(B, num_classes))
+            # Every row's target, then the top k over it: a target inside the top k gets its top-k value.
+            full.scatter_(1, self.target_index[:, None], (self.target_logp + lse).float()[:, None])
+        return full.scatter_(1, self.topk_index, (self.topk_logp + lse[:, None]).float())
 
     # -- what the rebuild cannot know -----------------------------------------------------------
     def tail_share(self, num_classes: int, temperature: float = 1.0) -> torch.Tensor:

@@ -152,3 +152,30 @@ def test_a_row_whose_classes_are_all_kept_has_no_tail():
     rows = topk.TopK.of(logits, 3, torch.tensor([2])).rows("float32", "int16")
     assert np.isneginf(rows["tail"][0, 0])
     torch.testing.assert_close(topk.logits_from_topk(rows, 3, 4.0), logits, rtol=0, atol=1e-6)
+
+
+def _rebuilt_in_float64(rows: dict, num_classes: int, temperature: float) -> torch.Tensor:
+    """The rebuild written out plainly: a float64 (B, C) matrix of log-probabilities, plus the log-sum-exp, to float32."""
+    t = topk.TopK.from_rows(rows)
+    full = torch.empty(len(t.logsumexp), num_classes, dtype=torch.float64)
+    if num_classes > t.topk_index.shape[1]:
+        full[:] = t.rest_logp(num_classes, temperature)[:, None]
+        out = t.target_in_tail(num_classes).nonzero().flatten()
+        full[out, t.target_index[out]] = t.target_logp[out]
+    full.scatter_(1, t.topk_index, t.topk_logp)
+    return (full + t.logsumexp[:, None]).float()
+
+
+@pytest.mark.parametrize("classes, k", [(C, K), (10, 3), (3, 3)])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_the_rebuild_equals_the_float64_construction_bit_for_bit(classes, k, temperature):
+    """The decoder fills float32 and places each value once; every logit must still be float32(logp + lse) in float64."""
+    g = torch.Generator().manual_seed(classes + k)
+    logits = torch.randn(256, classes, generator=g) * 6
+    inside = logits.argmax(1)  # every target inside the top k: the short path
+    outside = torch.randint(0, classes, (256,), generator=g)  # many outside
+    for target in (inside, outside):
+        for dtype in ("float16", "float32"):
+            rows = topk.TopK.of(logits, k, target).rows(dtype, "int16")
+            got, expected = topk.logits_from_topk(rows, classes, temperature), _rebuilt_in_float64(rows, classes, temperature)
+            assert got.dtype == torch.float32 and got.numpy().tobytes() == expected.numpy().tobytes()

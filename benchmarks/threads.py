@@ -7,7 +7,7 @@ metrics.jsonl (the first warms up); "loaded" runs as many busy processes beside 
 neighbour's job on a shared node. Rounds interleave every cell; medians are quoted, with each cell's ratio to the
 default's in the same round.
 
-    .venv/bin/python benchmarks/threads.py                  # about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/threads.py                  # about 14 minutes on 2 cores
     .venv/bin/python benchmarks/threads.py --rounds 1 --workers 0
 """
 
@@ -88,10 +88,10 @@ def main() -> None:
                     for h in hogs:
                         h.terminate()
     print(f"\n{args.data}, student {args.student}, batch 64; views/s of the second epoch, median of {args.rounds} round(s)")
-    print(f"{'machine':<8}{'workers':>8}{'--threads':>11}{'views/s':>10}{'vs ' + threads[0]:>12}")
+    print(f"{'machine':<8}{'workers':>8}{'--threads':>14}{'views/s':>10}{'vs ' + threads[0]:>12}")
     for (load, w, t), values in rates.items():
         shown = f"{t} ({default_threads(w)})" if t == "default" else t
-        print(f"{load:<8}{w:>8}{shown:>11}{statistics.median(values):>10.1f}{statistics.median(ratios[load, w, t]):>12.2f}")
+        print(f"{load:<8}{w:>8}{shown:>14}{statistics.median(values):>10.1f}{statistics.median(ratios[load, w, t]):>12.2f}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class KDPP(Method):
         require_features(context, "kdpp")
         if context.class_means is None:
             raise UserError(
-                "method 'kdpp' needs the teacher's class means: compute them with `pipeline stats --store STORE --teacher ID`"
+                "method 'kdpp' needs the teacher's class means: compute them with `pipeline stats --store STORE --teacher-id ID`"
             )
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.warmup_epochs, self.ce_weight, self.hard_loss = warmup_epochs, ce_weight, hard_loss

@@ -156,24 +156,32 @@ def free_port(ip: str = "127.0.0.1") -> int:
 S3_SETTINGS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def start_moto_server() -> tuple[subprocess.Popen, str] | None:
+    """A moto S3 server on a free loopback port, once it accepts connections (within 30 s): (process, endpoint);
+    None, its process stopped, when it does not start."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=10)
+    return None
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """One moto server for the whole session, started by the first test that needs it; stopped by its process id."""
     pytest.importorskip("moto.server")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
+    started = start_moto_server()
+    if started is None:
         pytest.fail("the moto S3 server did not start")
+    proc, endpoint = started
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

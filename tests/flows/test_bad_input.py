@@ -611,24 +611,34 @@ def test_a_hand_edited_record_is_one_line_naming_file_and_field(case, store_copy
     ("drop=model", "field 'model' is missing"),
 ])
 def test_a_hand_edited_checkpoint_is_one_line(edit, says, shared, tmp_path, capsys):
+    def edited(state):
+        key, value = edit.split("=")
+        if key == "drop":
+            del state[value]
+        else:
+            state[key] = eval(value)
+
+    run, line = _resume_edited(shared, tmp_path, capsys, edited)
+    assert f"{run / 'checkpoint.pt'}: {says}" in line and "run without --resume" in line, line
+
+
+def _resume_edited(shared, tmp_path, capsys, edit) -> tuple[Path, str]:
+    """``--resume --epochs 2`` of a copy of the shared finished run whose checkpoint ``edit`` changed in place:
+    (the run folder, the one line); the command exits 2 and changes nothing in the folder."""
     import torch
 
     run = tmp_path / "run"
     shutil.copytree(shared["run"], run)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    key, value = edit.split("=")
-    if key == "drop":
-        del state[value]
-    else:
-        state[key] = eval(value)
+    edit(state)
     torch.save(state, run / "checkpoint.pt")
     before = read_tree(run)
     argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(run)) for a in replace(D, "--epochs", "2")]
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 2
     line = one_line(capsys)
-    assert f"{run / 'checkpoint.pt'}: {says}" in line and "run without --resume" in line, line
-    assert read_tree(run) == before
+    assert read_tree(run) == before  # a finished run's student and config are still there
+    return run, line
 
 
 def _jpeg(i: int) -> bytes:
@@ -702,17 +712,9 @@ def test_a_store_deleted_during_distill_is_said_to_be_gone(store_copy, tmp_path,
 
 def test_resume_with_weights_that_do_not_fit_is_one_line_and_changes_nothing(shared, tmp_path, capsys):
     import timm
-    import torch
 
-    run = tmp_path / "run"
-    shutil.copytree(shared["run"], run)
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
-    state["model"] = timm.create_model("resnet10t", num_classes=10).state_dict()  # same settings, another model's weights
-    torch.save(state, run / "checkpoint.pt")
-    before = read_tree(run)
-    argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(run)) for a in replace(D, "--epochs", "2")]
-    capsys.readouterr()
-    assert main([*argv, "--resume"]) == 2
-    line = one_line(capsys)
+    def other_weights(state):  # same settings, another model's weights
+        state["model"] = timm.create_model("resnet10t", num_classes=10).state_dict()
+
+    _, line = _resume_edited(shared, tmp_path, capsys, other_weights)
     assert "does not fit this run" in line and "drop --resume" in line, line
-    assert read_tree(run) == before  # the finished run's student and config are still there

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from safetensors.numpy import load_file
 from pipeline.cli import main
 from storage import Store
 
-from conftest import BATCH, BUCKET, DATA, S3_SETTINGS, VIEWS, free_port, group_arrays
+from conftest import BATCH, BUCKET, DATA, S3_SETTINGS, VIEWS, free_port, group_arrays, start_moto_server
 
 TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", "32"]
 EXTRACT = ["extract", "--data", DATA, *TEACHER, "--views", str(VIEWS), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
@@ -96,20 +95,11 @@ def own_s3_server():
     import boto3
     from botocore.config import Config
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    started = start_moto_server()
+    if started is None:
+        pytest.skip("a moto server could not start")
+    proc, endpoint = started
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.skip("a moto server could not start")
-                time.sleep(0.05)
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                               aws_secret_access_key="testing", config=Config(connect_timeout=2, read_timeout=2))
         client.create_bucket(Bucket=BUCKET)

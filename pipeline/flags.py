@@ -53,6 +53,6 @@ def local_device(flag: str | None) -> str:
     return device
 
 
-THREADS_HELP = ("torch's intra-op CPU threads in this process (default: the CPUs this process may use, by its affinity and cgroup "
-                "quota, less its --workers loader processes, at least 1; torch's own default takes every core however busy; "
+THREADS_HELP = ("torch's intra-op CPU threads in this process (default: OMP_NUM_THREADS when set, else the CPUs this process may use, "
+                "by its affinity and cgroup quota, less its --workers loader processes, at least 1; torch's own default takes every core however busy; "
                 "a Ray worker's: the CPUs Ray gives it)")

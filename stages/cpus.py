@@ -45,10 +45,21 @@ def default_threads(workers: int, cpus: int | None = None) -> int:
     return max(1, (usable_cpus() if cpus is None else cpus) - workers)
 
 
+def env_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it holds a whole number of at least 1: the user (or a scheduler such as Slurm,
+    Ray, or a test runner giving each of its workers one core) has already chosen, and torch reads it too."""
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return threads if threads >= 1 else None
+
+
 def use_threads(requested: int | None, workers: int) -> int:
-    """Set torch's intra-op threads to ``requested``, or to ``default_threads(workers)``; the number set."""
+    """Set torch's intra-op threads to ``requested``, else to ``OMP_NUM_THREADS``, else to ``default_threads(workers)``;
+    the number set."""
     import torch
 
-    threads = requested or default_threads(workers)
+    threads = requested or env_threads() or default_threads(workers)
     torch.set_num_threads(threads)
     return threads

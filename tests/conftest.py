@@ -22,14 +22,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stages.cache import teacher_rows
+from stages.cpus import env_threads, usable_cpus
 from stages.data.datasets import open_dataset
 from stages.teachers.extract import TeacherRunner, extract, teacher_info
 from stages.cache.store_setup import open_store
 from stages.teachers.teachers import build_teacher
 from stages.data.views import ViewPlan, ViewRecipe
 from storage import TeacherRecord
+
+# README's test command runs two pytest-xdist workers on two cores: each gets its share of the CPUs as threads,
+# set before torch starts its thread pool (the commands read OMP_NUM_THREADS as their default --threads, and so
+# do the subprocesses and Ray processes the tests start). Two workers with torch's default of a thread per core
+# each would oversubscribe the machine several times over.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(env_threads() or 1)  # torch was imported above: its pool is sized already
 
 # Ray Train's controller polls its workers every 2 s, and each run starts a preemption watcher actor (one more
 # Python process to start on two cores): the Ray tests wait on the one and pay for the other, about 4 s a run,
@@ -246,8 +256,13 @@ def _cluster_left_whole(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that starts an S3 server or a Ray cluster must be marked slow: README's fast command leaves those out."""
+    """A test that starts an S3 server or a Ray cluster must be marked slow: README's fast command leaves those out.
+
+    Under pytest-xdist (``--dist loadgroup``) those tests form one group, run by one worker, so that a run starts
+    one cluster and one S3 server, not one per worker; the other tests spread over the workers."""
     for item in items:
         uses = {"s3_server", "cluster"} & set(getattr(item, "fixturenames", ()))
         if uses and item.get_closest_marker("slow") is None:
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(uses))}: mark it @pytest.mark.slow")
+        if uses:
+            item.add_marker(pytest.mark.xdist_group("cluster-and-s3"))

@@ -1,7 +1,8 @@
-"""`pipeline demo`: every variant one after another in one working folder, as README's Measurements section runs them.
+"""`pipeline demo`: every variant as README's Measurements section runs it.
 
 Each variant writes to its own default folder (``runs/demo``, ``runs/demo-cospress``, ``runs/demo-gpd``) and ends
-with its table; a second run into a folder reuses the teacher and store that still match. Tiny epochs: the
+with its table; a second run into a folder reuses the teacher and store that still match. One test per variant, so
+that a parallel run (README's test command) spreads them over its workers. Tiny epochs: the
 point is the flow, not the accuracy.
 """
 
@@ -17,39 +18,56 @@ from pipeline.cli import main
 FAST = ["--seeds", "1", "--epochs", "1", "--teacher-epochs", "1"]
 
 
-@pytest.mark.slow  # four whole demos: the full run has them, the quick one leaves them out
-def test_every_demo_variant_runs_in_its_own_folder_and_a_rerun_reuses_what_matches(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    # The default, every method with its own demo section, and a composite whose parts read their own teachers.
-    variants = ["kd", *config.recipe("demo")["methods"], "kd+cospress"]
-    assert {"cospress", "gpd"} <= set(variants)
-    tables = {}
-    for method in variants:
-        assert main(["demo", *([] if method == "kd" else ["--method", method]), *FAST]) == 0, method
-        table = tables[method] = capsys.readouterr().out
-        assert f"student distilled ({method}, cache)" in table and "student from scratch" in table, method
-        folder = tmp_path / "runs" / ("demo" if method == "kd" else f"demo-{method}")
-        parts = method.split("+")
-        rows = 1 + len(parts) + (len(parts) > 1)  # scratch, each part alone, and the composite
-        assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == 2 * rows
-    both = tmp_path / "runs" / "demo-kd+cospress"
-    assert "student distilled (kd, cache)" in tables["kd+cospress"] and "student distilled (cospress, cache)" in tables["kd+cospress"]
-    assert {p.name for p in (both / "store" / "teachers").iterdir()} == {"teacher", "teacher-cospress"}
-    assert (both / "store" / "teachers" / "teacher-cospress" / "tokens").is_dir()
-    assert "The teacher was trained on every label" in tables["kd"]
-    cospress = tmp_path / "runs" / "demo-cospress"
-    assert (cospress / "store" / "teachers" / "teacher" / "tokens").is_dir()
-    assert "linear classifier trained on the detached features" in tables["cospress"]
-    for weights in (tmp_path / "runs" / "demo-gpd").glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
-        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))
+# The default, every method with its own demo section, and a composite whose parts read their own teachers.
+VARIANTS = ["kd", *config.recipe("demo")["methods"], "kd+cospress"]
 
+
+def test_the_demo_variants_cover_the_methods_with_their_own_sections():
+    assert {"cospress", "gpd"} <= set(VARIANTS)
+
+
+@pytest.mark.slow  # whole demos: the full run has them, the quick one leaves them out
+@pytest.mark.parametrize("method", VARIANTS)
+def test_every_demo_variant_runs_in_its_own_folder(method, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *([] if method == "kd" else ["--method", method]), *FAST]) == 0, method
+    table = capsys.readouterr().out
+    assert f"student distilled ({method}, cache)" in table and "student from scratch" in table, method
+    folder = tmp_path / "runs" / ("demo" if method == "kd" else f"demo-{method}")
+    parts = method.split("+")
+    rows = 1 + len(parts) + (len(parts) > 1)  # scratch, each part alone, and the composite
+    assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == 2 * rows
+    VARIANT_CHECKS.get(method, lambda folder, table, capsys: None)(folder, table, capsys)
+
+
+def _default(folder, table, capsys):
+    assert "The teacher was trained on every label" in table
     # KD++ into the default folder: the same teacher and cache, so both are reused; its class means are added.
     # (All labels: no control rows, two student runs.)
     assert main(["demo", "--method", "kdpp", "--out", "runs/demo", *FAST, "--label-fraction", "1"]) == 0
     out, log = capsys.readouterr()
     assert "student distilled (kdpp, cache)" in out and "reused (" in out
     assert "reusing the teacher" in log and "replacing" not in log
-    assert (tmp_path / "runs" / "demo" / "store" / "stats" / "teacher").is_dir()
+    assert (folder / "store" / "stats" / "teacher").is_dir()
+
+
+def _cospress(folder, table, capsys):
+    assert (folder / "store" / "teachers" / "teacher" / "tokens").is_dir()
+    assert "linear classifier trained on the detached features" in table
+
+
+def _gpd(folder, table, capsys):
+    for weights in folder.glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
+        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))
+
+
+def _composite(folder, table, capsys):
+    assert "student distilled (kd, cache)" in table and "student distilled (cospress, cache)" in table
+    assert {p.name for p in (folder / "store" / "teachers").iterdir()} == {"teacher", "teacher-cospress"}
+    assert (folder / "store" / "teachers" / "teacher-cospress" / "tokens").is_dir()
+
+
+VARIANT_CHECKS = {"kd": _default, "cospress": _cospress, "gpd": _gpd, "kd+cospress": _composite}
 
 
 def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_line(tmp_path, train_data, val_data, caplog):

@@ -3,8 +3,9 @@
 The cluster tests run the real command line as a subprocess against one small
 store of learnable fake data (20 class colours under noise), on the session's
 one cluster (conftest's ``cluster``). Each Ray Train run costs 30-90 s here, so there are
-two: one 2-worker run that loses a worker mid-run is checked for its outputs
-and its restart and compared with a 1-process run, then resumed for more epochs.
+two: one 2-worker run that keeps its checkpoints in a bucket (``--checkpoints s3://...``)
+and loses a worker mid-run is checked for its outputs and its restart and compared
+with a 1-process run, then resumed from the bucket for more epochs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BUCKET, SIZE, make_teacher, runner_for
+from conftest import BUCKET, S3_SETTINGS, SIZE, make_teacher, runner_for
 from ray_cluster import worker_pids
 from safetensors.torch import load_file
 
@@ -31,6 +32,8 @@ from stages.data.views import ViewPlan, ViewRecipe
 
 DATA = "fake:640?size=32&classes=20"  # 640 train / 128 val images; a class colour under noise: learnable in a few epochs
 BLOCK, EPOCHS = 64, 6
+CHECKPOINTS, PREFIX = "ray-train-checkpoints", "runs/two"  # where the 2-worker run keeps its checkpoints
+TWO_WORKERS = ["--ray-workers", "2", "--checkpoints", f"s3://{CHECKPOINTS}/{PREFIX}", "--batch-size", "16"]
 # A composite method (two parts on the one cached teacher): DDP wraps the parts with the student, as it wraps one method.
 STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--lr", "0.001", "--verify", "none", "--method", "kd@t1+dist@t1"]
 
@@ -89,31 +92,6 @@ def test_a_checkpoint_location_some_node_cannot_see_leaves_no_folder(store, tmp_
     assert not (out / "ray").exists()
 
 
-# -- checkpoints in a bucket -------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_checkpoints_go_to_a_url_and_resume_from_it(s3, cluster, store, tmp_path):
-    """--checkpoints s3://...: every epoch lands in the bucket, nothing under OUT/ray, and --resume reads it back.
-
-    On the session's cluster (its nodes have the S3 server's settings): a local Ray instance per run cost about 10 s more.
-    """
-    url, out = f"s3://{BUCKET}/runs/a", tmp_path / "run"
-    first = _distill(cluster, store, out, "--ray-workers", "1", "--epochs", "2", "--checkpoints", url, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/a/distill/")["Contents"]}
-    for epoch in (1, 2):
-        assert {f"runs/a/distill/epoch-{epoch:04d}/state.pt", f"runs/a/distill/epoch-{epoch:04d}/run.json"} <= keys
-    assert not (out / "ray").exists() and (out / "student.safetensors").is_file()
-    metrics = _metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2]
-
-    more = _distill(cluster, store, out, "--ray-workers", "1", "--epochs", "3", "--checkpoints", url, "--resume", timeout=300)
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3] and _metrics(out)[:2] == metrics
-    assert "runs/a/distill/epoch-0003/state.pt" in {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/a/")["Contents"]}
-
-
 # -- on the cluster --------------------------------------------------------------------------
 
 
@@ -140,28 +118,53 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run_record(out) -> dict:
-    last = sorted((Path(out) / "ray" / "distill").glob("epoch-*"))[-1]
-    return json.loads((last / "run.json").read_text())
+def _checkpoints(bucket) -> dict[str, set[str]]:
+    """The files of each epoch's checkpoint in the bucket: {"epoch-0001": {"run.json", "state.pt"}, ...}."""
+    found: dict[str, set[str]] = {}
+    for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=CHECKPOINTS, Prefix=f"{PREFIX}/distill/epoch-"):
+        for o in page.get("Contents", []):
+            if o["Key"].endswith("/"):
+                continue  # the empty directory markers pyarrow's S3 file system leaves
+            epoch, name = o["Key"].split("/")[-2:]
+            found.setdefault(epoch, set()).add(name)
+    return dict(sorted(found.items()))
+
+
+def _run_record(bucket) -> dict:
+    last = list(_checkpoints(bucket))[-1]
+    return json.loads(bucket.get_object(Bucket=CHECKPOINTS, Key=f"{PREFIX}/distill/{last}/run.json")["Body"].read())
 
 
 @pytest.fixture(scope="module")
-def two_workers(cluster, store, tmp_path_factory) -> dict:
-    """One 2-worker run, with one of its workers SIGKILLed once two epochs are checkpointed.
+def bucket(s3_server):
+    """A bucket of this module's own (the ``s3`` fixture empties BUCKET before each of its tests), read by the test
+    process with the settings the cluster's nodes and drivers have."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in S3_SETTINGS.items() if k != "AWS_DEFAULT_REGION"},
+                          region_name=S3_SETTINGS["AWS_DEFAULT_REGION"])
+    client.create_bucket(Bucket=CHECKPOINTS)
+    return client
+
+
+@pytest.fixture(scope="module")
+def two_workers(cluster, store, bucket, tmp_path_factory) -> dict:
+    """One 2-worker run with its checkpoints in a bucket, with one of its workers SIGKILLed once two epochs are checkpointed.
 
     Ray Train runs cost 30-90 s each here, so this one run is checked for its
-    outputs, for its restart, and against a 1-worker run, and is then resumed;
-    what it wrote is captured before the resume test extends it.
+    outputs, for its checkpoints in the bucket, for its restart, and against a
+    1-worker run, and is then resumed from the bucket; what it wrote is captured
+    before the resume test extends it.
     """
     out = tmp_path_factory.mktemp("two") / "run"
-    argv = _argv(store, out, "--ray-address", cluster.address, "--ray-workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS))
+    argv = _argv(store, out, "--ray-address", cluster.address, *TWO_WORKERS, "--epochs", str(EPOCHS))
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed, registered = None, 0
     try:
         deadline = time.time() + 200
         while time.time() < deadline and proc.poll() is None:
-            registered = _registered_checkpoints(out)
+            registered = _registered_checkpoints(bucket)
             if registered >= 2:
                 victims = _train_workers(cluster)
                 assert victims, "no RayTrainWorker process found"
@@ -181,16 +184,18 @@ def two_workers(cluster, store, tmp_path_factory) -> dict:
         "log": log,
         "killed_after": registered,
         "metrics": _metrics(out),
-        "checkpoints": sorted(p.name for p in (out / "ray" / "distill").glob("epoch-*")),
+        "checkpoints": _checkpoints(bucket),
         "weights": load_file(str(out / "student.safetensors")),
-        "run": _run_record(out),
+        "run": _run_record(bucket),
     }
 
 
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_every_epoch_and_survive_a_killed_worker(two_workers):
     out, run = two_workers["out"], two_workers["run"]
-    assert two_workers["checkpoints"] == [f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)]
+    # Every epoch's checkpoint (state and run record) landed in the bucket, and nothing under OUT/ray.
+    assert two_workers["checkpoints"] == {f"epoch-{e:04d}": {"run.json", "state.pt"} for e in range(1, EPOCHS + 1)}
+    assert not (out / "ray").exists()
     assert [m["epoch"] for m in two_workers["metrics"]] == list(range(1, EPOCHS + 1))  # each epoch once
     assert two_workers["metrics"] == run["metrics"]
     assert "conv1.0.weight" in two_workers["weights"] and "fc.weight" in two_workers["weights"]
@@ -225,21 +230,22 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run_from_its_last_checkpoint(two_workers, cluster, store):
+def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(two_workers, cluster, store, bucket):
     out = two_workers["out"]
-    proc = _distill(cluster, store, out, "--ray-workers", "2", "--batch-size", "16", "--epochs", str(EPOCHS + 2), "--resume")
+    proc = _distill(cluster, store, out, *TWO_WORKERS, "--epochs", str(EPOCHS + 2), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == list(range(1, EPOCHS + 3))
     assert metrics[:EPOCHS] == two_workers["metrics"]  # the first epochs were read back, not trained again
-    assert _run_record(out)["starts"] == [*two_workers["run"]["starts"], EPOCHS]
+    assert _run_record(bucket)["starts"] == [*two_workers["run"]["starts"], EPOCHS]
+    assert f"epoch-{EPOCHS + 2:04d}" in _checkpoints(bucket)
     assert f"continuing from the checkpoint after epoch {EPOCHS} of {EPOCHS + 2}" in proc.stdout + proc.stderr
     # Settings other than --epochs would continue another run's weights: refused.
-    bad = _distill(cluster, store, out, "--ray-workers", "2", "--batch-size", "8", "--epochs", "9", "--resume")
+    bad = _distill(cluster, store, out, *TWO_WORKERS[:-1], "8", "--epochs", "9", "--resume")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --resume with other settings")
 
 
-def _registered_checkpoints(out: Path) -> int:
+def _registered_checkpoints(bucket) -> int:
     """Checkpoints Ray Train has registered (what a restart can start from), from its run snapshot.
 
     A checkpoint directory exists before its registration: the controller takes
@@ -248,8 +254,9 @@ def _registered_checkpoints(out: Path) -> int:
     keeps the test's expectation exact.
     """
     try:
-        snapshot = json.loads((out / "ray" / "distill" / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or caught mid-write
+        key = f"{PREFIX}/distill/checkpoint_manager_snapshot.json"
+        snapshot = json.loads(bucket.get_object(Bucket=CHECKPOINTS, Key=key)["Body"].read())
+    except (bucket.exceptions.NoSuchKey, ValueError):  # not written yet
         return 0
     return len(snapshot.get("checkpoint_results", []))
 

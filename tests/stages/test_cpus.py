@@ -35,10 +35,15 @@ def test_threads_and_loader_processes_share_the_cpus(monkeypatch):
     if hasattr(os, "sched_getaffinity"):
         assert usable_cpus() <= len(os.sched_getaffinity(0))
     monkeypatch.setattr("stages.cpus.usable_cpus", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         assert use_threads(None, 2) == 1 and torch.get_num_threads() == 1
         assert use_threads(2, 2) == 2 and torch.get_num_threads() == 2
+        for env, threads in (("3", 3), ("0", 1), ("many", 1)):  # the user's OMP_NUM_THREADS, when it is a number of threads
+            monkeypatch.setenv("OMP_NUM_THREADS", env)
+            assert use_threads(None, 2) == threads and torch.get_num_threads() == threads
+        assert use_threads(2, 2) == 2  # --threads over OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)
 

@@ -22,6 +22,11 @@ mixing, a sample's views share one batch and one decode). A decode-only row time
 JPEG decode of every image in one process (``FolderDataset.image``): the table's last column is the
 replay's CPU time per view over it (the decode limit; 1.0 would be a free augmentation).
 
+With ``--prepared-max-side N`` (320 is the usual choice) a copy of the folder is first prepared as shuffled
+webdataset shards with every image's longer side at most N (``pipeline prepare --max-side N``, timed), and
+a fourth loader, ``replay@N``, replays the same views from those shards (smaller JPEGs, read in one pass
+per unit): its rows compare it with timm's loader on the original JPEGs, and its decode-only time is printed.
+
 Each is measured with the views made in the main process (``--workers 0``) and with loader
 workers; rounds interleave every configuration, so machine noise hits all alike, and medians are
 quoted. Each measurement is one epoch over the folder; the first batch (worker start-up) is not
@@ -32,6 +37,7 @@ Run from the repository root (about 3 minutes on 2 CPU cores with the defaults):
     .venv/bin/python benchmarks/loader.py
     .venv/bin/python benchmarks/loader.py --images 800 --rounds 7 --workers 0 4
     .venv/bin/python benchmarks/loader.py --repeats 3        # timm's RepeatAugSampler against the replay's repeats
+    .venv/bin/python benchmarks/loader.py --prepared-max-side 320   # also replay from shards prepared at max side 320
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ def parse_args():
         help="resampling of timm's crop and of both sides' RandAugment ops: bilinear (create_transform's default) or random "
              "(timm train.py's default, bilinear or bicubic per call; the replay's crops stay bilinear) (default: bilinear)",
     )
+    p.add_argument("--prepared-max-side", type=int, default=0,
+                   help="also replay from a copy prepared as shards with this max side (pipeline prepare --max-side), against timm on the originals (default: 0, off)")
     return p.parse_args()
 
 
@@ -119,13 +127,16 @@ def timm_epoch(folder: Path, size: int, batch_size: int, workers: int, mixing: b
     return _timed(((x, y) if mixup is None else mixup(x, y) for x, y in loader), batch_size)
 
 
-def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False, repeats: int = 1) -> tuple[float, float]:
-    """One epoch of the replay loader, uint8 batches or normalised here: ``_timed``'s (views/s, CPU ms per view)."""
-    from stages.data.datasets import FolderDataset
+def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int, seed: int, cpu_normalize: bool = False, repeats: int = 1,
+                 source: str | None = None) -> tuple[float, float]:
+    """One epoch of the replay loader, uint8 batches or normalised here: ``_timed``'s (views/s, CPU ms per view).
+
+    ``source``: another dataset to replay from (prepared shards, ``wds:...``) instead of the folder."""
+    from stages.data.datasets import FolderDataset, open_dataset
     from stages.data.replay import DrawnViews, ViewRenderer, epoch_units, rebatch, render_batches, shuffle_windows, unit_table, with_images
     from stages.data.views import ViewPlan, normalize
 
-    data = FolderDataset(str(folder))
+    data = open_dataset(source) if source else FolderDataset(str(folder))
     plan = ViewPlan(recipe, seed=seed)
     views = DrawnViews(plan, data, num_views=repeats, block=1024 if repeats == 1 else 64)  # repeats: an epoch takes 1/R of the blocks
     names = list(plan.fields)
@@ -157,17 +168,29 @@ def _timed(batches, batch_size: int) -> tuple[float, float]:
 
 
 NAMES = ("timm", "replay", "replay+norm")
+PREPARED = "replay@prepared"  # replay from shards made by `pipeline prepare --max-side` (``--prepared-max-side``)
 
 
-def decode_ms(folder: Path) -> float:
-    """CPU milliseconds to decode one JPEG of the folder, as the replay decodes it, in one process."""
-    from stages.data.datasets import FolderDataset
+def decode_ms(folder: Path, source: str | None = None) -> float:
+    """CPU milliseconds to decode one JPEG of the folder (or of ``source``), as the replay decodes it, in one process."""
+    from stages.data.datasets import FolderDataset, open_dataset
 
-    data = FolderDataset(str(folder))
+    data = open_dataset(source) if source else FolderDataset(str(folder))
+    blobs = data.encoded(np.arange(len(data)))  # shards: read first, so that only decoding is timed
     start = time.process_time()
     for i in range(len(data)):
-        data.image(i)
+        data.image(i) if blobs is None else data.decode(i, blobs[i])
     return 1000 * (time.process_time() - start) / len(data)
+
+
+def prepare_copy(folder: Path, out: Path, max_side: int) -> tuple[str, float]:
+    """The folder prepared as shards at ``max_side`` (what `pipeline prepare --max-side` writes): (its wds: source, images/s)."""
+    from stages.data.prepare import PrepareJob, PrepareSettings, open_source, prepare
+
+    data = open_source(f"folder:{folder}")
+    start = time.perf_counter()
+    manifest = prepare(PrepareJob(f"folder:{folder}", str(out), PrepareSettings(max_side=max_side, shard_size=100), data.fingerprint()), data).manifest
+    return f"wds:{out}/{manifest['pattern']}", len(data) / (time.perf_counter() - start)
 
 
 def main():
@@ -182,20 +205,29 @@ def main():
         folder = make_jpegs(Path(args.folder or tmp), args.images, args.classes)
         print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, repeats {args.repeats}, "
               f"interpolation {args.interpolation}, {args.rounds} rounds; torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()})")
+        names, prepared = NAMES, None
+        if args.prepared_max_side:
+            prepared, rate = prepare_copy(folder, Path(tmp) / "prepared", args.prepared_max_side)
+            names = (*NAMES, PREPARED)
+            print(f"prepared a copy at max side {args.prepared_max_side}: {rate:,.0f} images/s in one process ({prepared})")
         configs = [(mixing, workers) for mixing in (True, False) for workers in args.workers]
         wall: dict[tuple, list[float]] = {}
         cpu: dict[tuple, list[float]] = {}
         decodes: list[float] = []
+        prepared_decodes: list[float] = []
         for r in range(args.rounds):
             for mixing, workers in configs:
-                for name in NAMES:
+                for name in names:
                     if name == "timm":
                         rate, ms = timm_epoch(folder, args.size, args.batch_size, workers, mixing, r, args.interpolation, args.repeats)
                     else:
-                        rate, ms = replay_epoch(folder, recipes[mixing], args.size, args.batch_size, workers, r, name != "replay", args.repeats)
+                        source = prepared if name == PREPARED else None
+                        rate, ms = replay_epoch(folder, recipes[mixing], args.size, args.batch_size, workers, r, name == "replay+norm", args.repeats, source)
                     wall.setdefault((name, mixing, workers), []).append(rate)
                     cpu.setdefault((name, mixing, workers), []).append(ms)
             decodes.append(decode_ms(folder))
+            if prepared:
+                prepared_decodes.append(decode_ms(folder, prepared))
             print(f"  round {r + 1}/{args.rounds} (replay / timm, views/s): " + ", ".join(
                 f"{'mix' if m else 'plain'}/w{w} {wall['replay', m, w][-1] / wall['timm', m, w][-1]:.2f}x" for m, w in configs), flush=True)
 
@@ -223,6 +255,19 @@ def main():
         print(f"| {'mixup 0.1 / cutmix 1.0' if mixing else 'off'} | {workers or 'none (1 process)'} | {med(cpu[('timm',) + key]):.2f} | "
               f"{med(cpu[('replay',) + key]):.2f} | {med(cpu[('replay+norm',) + key]):.2f} | {ratio(cpu, 'replay', key, True):.2f}x | "
               f"{ratio(cpu, 'replay+norm', key, True):.2f}x | {med(cpu[('replay',) + key]) / decode:.2f} |")
+    if prepared_decodes:
+        print(f"\nReplay from shards prepared at max side {args.prepared_max_side} ({PREPARED}, uint8 batches) against timm on the original JPEGs; "
+              f"decode-only {med(prepared_decodes):.2f} ms per image against {decode:.2f} ms for the originals:")
+        print()
+        print(f"| mixing | loader workers | timm views/s (originals) | replay views/s (originals) | {PREPARED} views/s | {PREPARED} / timm | {PREPARED} / replay | "
+              f"CPU ms/view timm / {PREPARED} |")
+        print("|---|---|---|---|---|---|---|---|")
+        for key in configs:
+            mixing, workers = key
+            vs_replay = statistics.median([a / b for a, b in zip(wall[(PREPARED,) + key], wall[("replay",) + key])])
+            print(f"| {'mixup 0.1 / cutmix 1.0' if mixing else 'off'} | {workers or 'none (1 process)'} | {med(wall[('timm',) + key]):.0f} | "
+                  f"{med(wall[('replay',) + key]):.0f} | {med(wall[(PREPARED,) + key]):.0f} | **{ratio(wall, PREPARED, key):.2f}x** | {vs_replay:.2f}x | "
+                  f"{med(cpu[('timm',) + key]):.2f} / {med(cpu[(PREPARED,) + key]):.2f} |")
     worst = min(ratio(wall, "replay", (True, w)) for w in args.workers)
     print(f"\ntarget: replay >= 1.2x timm with mixing on: {'met' if worst >= 1.2 else 'NOT met'} (worst {worst:.2f}x, views/s)")
 

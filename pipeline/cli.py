@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: demo, train, extract, verify, stats, distill.
+"""The ``pipeline`` command: demo, prepare, train, extract, verify, inspect, stats, distill, sweep, report.
 
 Each command resolves its settings (flag > --config file > recipe > default),
 saves them beside its output with a log file, and calls into ``stages``. A
@@ -26,6 +26,7 @@ from .distill_command import add_distill_parser, add_train_parser
 from .extract_command import add_extract_parser, add_stats_parser, add_verify_parser
 from .resume import CHECKPOINT
 from .inspection import add_inspect_parser
+from .prepare_command import add_prepare_parser
 from .report import add_report_parser
 from .sweep import add_sweep_parser
 
@@ -33,8 +34,8 @@ log = logging.getLogger("pipeline")
 
 # One builder per command, in the order `pipeline --help` lists them.
 PARSERS = (
-    add_demo_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser, add_distill_parser,
-    add_sweep_parser, add_report_parser,
+    add_demo_parser, add_prepare_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser,
+    add_distill_parser, add_sweep_parser, add_report_parser,
 )
 
 
@@ -95,6 +96,8 @@ def _again(args) -> str:
     """What a stopped run keeps, and how to go on: a run without checkpoints starts over."""
     if args.command == "extract":
         return "committed units are kept; run the same command again to resume"
+    if args.command == "prepare":
+        return "finished shards are kept; run the same command again to make the rest"
     if args.command in ("distill", "train"):
         if getattr(args, "ray_workers", 0) or (Path(args.out) / CHECKPOINT).is_file():
             return "the checkpoint of the last finished epoch is kept; run the same command with --resume to continue"

@@ -10,6 +10,7 @@ from stages.cache import stats, verify
 from stages.cache.store_setup import store_dataset
 from stages.cpus import use_threads
 from stages.cache.teacher_rows import DTYPES, FEATURE_DTYPES, storage_line
+from stages.data.prepare import is_prepared
 from stages.data.views import ViewRecipe
 from stages.teachers.extract import PRECISIONS
 from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
@@ -19,6 +20,7 @@ from storage import Location, Store, UserError, list_backends
 from storage.names import check_name
 
 from . import config, ray_env, ray_extract
+from .prepare_command import verify_prepared_command
 from .flags import RAY_ADDRESS_HELP, THREADS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
 from .run_files import run_log
 from .settings_check import flag_type, settings_from_args
@@ -90,8 +92,9 @@ def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
     )
 
 def add_verify_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check a store: unit counts, checksums against commit records, a sample of replayed views")
-    p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path)")
+    p = sub.add_parser("verify", help="check a store (unit counts, checksums against commit records, a sample of replayed views) or prepared shards")
+    p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path), or a folder of shards made by `pipeline prepare` "
+                   "(each shard's size, sha256 and sample count against its manifest.json)")
     p.add_argument("--teacher-id", help="teacher id in the store to check (default: every teacher, and the plan)")
     p.add_argument("--replay", type=float, default=0.01, help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)")
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
@@ -187,6 +190,8 @@ def stats_command(args) -> None:
         print(f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}")
 
 def verify_command(args) -> None:
+    if is_prepared(args.store):
+        return verify_prepared_command(args)
     store = Store(args.store)
     dataset = None
     if args.replay > 0:

@@ -14,6 +14,9 @@ integer); other members (``KEY.json``...) are ignored.
   must: headers, class members and the image headers inside the stream); the
   result is kept in a local cache keyed by the shard's URL, size and
   modification stamp (an ETag on S3), so later opens read no image data.
+* Classes: numbers (``"0"``, ``"1"``, ...), or the names a ``manifest.json``
+  beside the shards gives when it lists them all (``pipeline prepare``
+  writes one, ``stages.data.prepare``).
 * Reading: the images of a unit's block are neighbours in the shards, so
   ``encoded`` reads them with one ranged read per run of neighbouring members
   and the bytes travel with the unit's rows to the loader workers, which
@@ -221,6 +224,23 @@ def shard_index(url: str) -> ShardIndex:
     return index
 
 
+def manifest_classes(urls: list[str], names: list[str]) -> list[str] | None:
+    """Class names from the ``manifest.json`` that ``pipeline prepare`` writes beside its shards, when there is one
+    and it lists every shard of the pattern (else None: the classes are numbers)."""
+    folders = {url.rsplit("/", 1)[0] if "/" in url else "." for url in urls}
+    if len(folders) != 1:
+        return None
+    url = f"{folders.pop()}/manifest.json"
+    try:
+        fs, path = _file_system(url)
+        manifest = json.loads(fs.cat_file(path))
+        listed = {s["name"] for s in manifest["shards"]}
+        classes = [str(c) for c in manifest["classes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no manifest (or not one of prepared shards): nothing to name the classes with
+    return classes if set(names) <= listed else None
+
+
 class WdsDataset(ImageDataset):
     """Samples of webdataset tar shards (see the module docstring); ``num_classes`` fixes the class count (a val split's)."""
 
@@ -251,7 +271,10 @@ class WdsDataset(ImageDataset):
         if num_classes is not None and found > num_classes:
             j = int(np.argmax(self.labels))
             raise UserError(f"{self.keys[j]} has class {found - 1} but the training data has {num_classes} classes: the shards must share the training classes")
-        self.classes = [str(c) for c in range(num_classes or found)]
+        named = manifest_classes(self.urls, self.names)  # shards made by `pipeline prepare` carry their class names
+        if named is not None and len(named) != (num_classes or max(found, len(named))):
+            named = None  # names for another class count than the labels (or the training data) have: numbers instead
+        self.classes = named or [str(c) for c in range(num_classes or found)]
         self._fs = None
 
     def __getstate__(self):

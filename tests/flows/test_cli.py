@@ -192,7 +192,7 @@ def test_every_flag_is_explained_with_its_default():
     from pipeline.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(commands) == {"demo", "train", "extract", "verify", "inspect", "stats", "distill", "sweep", "report"}
+    assert set(commands) == {"demo", "prepare", "train", "extract", "verify", "inspect", "stats", "distill", "sweep", "report"}
     for name, parser in commands.items():
         for action in parser._actions:
             if action.dest == "help":

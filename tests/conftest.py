@@ -255,14 +255,29 @@ def _cluster_left_whole(request):
 # -- the slow marker -----------------------------------------------------------------------------
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(config, items):
     """A test that starts an S3 server or a Ray cluster must be marked slow: README's fast command leaves those out.
 
     Under pytest-xdist (``--dist loadgroup``) those tests form one group, run by one worker, so that a run starts
-    one cluster and one S3 server, not one per worker; the other tests spread over the workers."""
+    one cluster and one S3 server, not one per worker; the tests marked ``local_ray`` form another (one local Ray
+    instance at a time); the other tests spread over the workers."""
     for item in items:
         uses = {"s3_server", "cluster"} & set(getattr(item, "fixturenames", ()))
         if uses and item.get_closest_marker("slow") is None:
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(uses))}: mark it @pytest.mark.slow")
         if uses:
             item.add_marker(pytest.mark.xdist_group("cluster-and-s3"))
+        elif item.get_closest_marker("local_ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("local-ray"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` xdist marks a grouped test by its id (``...@group``); where it could not (pytest
+    9.2 with xdist 3.8, pytest-dev/pytest-xdist#1386) every worker would start its own cluster: refuse, in one line."""
+    if session.config.getoption("dist", "no") != "loadgroup" or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    grouped = [item for item in session.items if item.get_closest_marker("xdist_group") is not None]
+    if grouped and "@" not in grouped[0].nodeid:
+        raise pytest.UsageError(f"pytest {pytest.__version__} with this pytest-xdist does not group tests (pytest-xdist#1386): install pytest<9.2, as pyproject.toml asks")

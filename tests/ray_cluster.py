@@ -134,9 +134,12 @@ def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False, extra_env:
     cluster = Cluster(address, temp_dir, env, dashboard_url)
     common = ["--num-cpus", str(cpus_per_node), "--num-gpus", "0", "--disable-usage-stats"]
     try:
-        subprocess.run([_ray(), "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", temp_dir, *head_extra, *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([_ray(), "start", "--address", address, "--node-ip-address", WORKER_IP, *common],
+        # Each node's dashboard agent on a port of its own: on Ray's default (52365, which an agent also binds on
+        # 127.0.0.1) it would contend with a local Ray instance that a test in the other pytest worker starts, and
+        # a node without its agent takes no `ray job submit`.
+        subprocess.run([_ray(), "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", temp_dir, *head_extra, *common,
+                        "--dashboard-agent-listen-port", str(free_port())], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([_ray(), "start", "--address", address, "--node-ip-address", WORKER_IP, *common, "--dashboard-agent-listen-port", str(free_port())],
                        env=env, check=True, capture_output=True, timeout=120)
         yield cluster
     finally:

@@ -228,6 +228,7 @@ def _stop(pids: list[int]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp_path):
     # Trial 1 (4096: more than the 80 samples) fails at once, and Tune starts a fresh process for trial 2 (batches of 2: many
     # steps); the driver is killed once trial 2 has finished an epoch, so the rerun continues trial 2 from its checkpoint.
@@ -282,6 +283,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(base_store, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes_the_trial(base_store, tmp_path):
     """A real SIGINT to the driver once the trial has a checkpoint: the sweep exits non-zero saying it was interrupted
     and how to go on, the trial keeps its checkpoint and is not called finished or stopped; the same command then
@@ -354,6 +356,7 @@ def four_trials(base_store, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_four_trials_complete_with_table_csv_and_picture(four_trials):
     out, printed = four_trials["out"], four_trials["stdout"]
     print(f"4-trial sweep: {four_trials['seconds']:.1f} s")
@@ -368,6 +371,7 @@ def test_four_trials_complete_with_table_csv_and_picture(four_trials):
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -395,6 +399,7 @@ def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_gpus_per_trial_on_a_cluster_without_gpus_is_one_line(four_trials, tmp_path, capsys):
     # Ray is still up from the sweep above (a CPU-only local instance): this is the cluster asked.
     out = tmp_path / "gpu"

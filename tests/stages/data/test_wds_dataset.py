@@ -246,6 +246,7 @@ def test_train_without_a_store_reads_shards(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.local_ray
 def test_ray_train_distills_from_a_store_of_shards(local_ray, tmp_path):
     """distill --workers 2 (a local Ray): each worker opens the shard source and the validation shards itself."""
     pattern, _ = make_shards(tmp_path / "shards")

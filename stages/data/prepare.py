@@ -16,6 +16,7 @@ Layout::
     OUT/.prepare/settings.json       what the folder is being prepared from (written first: a rerun with other
                                      data or settings is refused, never mixed in)
     OUT/.prepare/shard-000012.json   one record per finished shard: its samples, bytes and sha256
+    OUT/.prepare/prepare.lock        held while a run writes (a second run into the same output is refused)
 
 Commit protocol, as the store's: a shard is written whole under a temporary name and renamed into place (on
 object storage, uploaded under its final name in one PUT), then its record is written. A shard counts as
@@ -42,6 +43,7 @@ import numpy as np
 
 from storage import Location, UserError
 from storage.location import answering
+from storage.lock import WriterLock
 
 from ..progress import Progress
 from ..settings import MAX_BLOCK, SEED, SIZE, Int, Name, Optional, setting
@@ -55,6 +57,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 RECORDS = ".prepare"  # hidden: a glob for the shards never sees it
 CLAIM = "settings.json"
+LOCK = "prepare.lock"  # one run writes an output at a time: a second would remove the first one's temporary shards
 KEPT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what ``wds:`` reads; other formats are converted to PNG, losslessly
 READ_CHUNK = 64  # images read from the source at a time: one ranged read per run of neighbours for tar sources
 KEY_SOURCE_CHARS = 60  # of the source key kept in a sample's key (USTAR names stop at 100 characters)
@@ -246,6 +249,12 @@ def prepare(job: PrepareJob, dataset: ImageDataset, write_shards=None, note: str
     plan, identity = ShardPlan.of(len(dataset), job.settings), job.identity(len(dataset))
     if claim_output(out, identity, job.source):
         return PrepareResult(0, plan.num_shards, _read_json(out / MANIFEST), already=True)
+    with WriterLock(out / RECORDS / LOCK, f"{out}", busy="is being prepared"):
+        return _write_rest(out, job, dataset, plan, identity, write_shards, note)
+
+
+def _write_rest(out: Location, job: PrepareJob, dataset: ImageDataset, plan: ShardPlan, identity: dict, write_shards, note: str | None) -> PrepareResult:
+    """The claimed output's unfinished shards, then its manifest: under the output's lock."""
     if note:
         log.info(note)
     stale = remove_stale_temps(out, job.settings.prefix)

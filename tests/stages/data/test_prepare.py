@@ -153,3 +153,20 @@ def test_only_image_files_can_be_prepared(tmp_path):
     with pytest.raises(UserError, match="use --data folder:PATH or wds:PATTERN, not digits"):
         open_source("digits")
     assert ShardPlan.of(10, PrepareSettings(shard_size=4)).pattern == "train-{000000..000002}.tar"
+
+
+def test_a_second_run_into_an_output_being_prepared_is_one_line_and_writes_nothing(tmp_path):
+    """While one run writes an output (it holds the output's lock), a second one of the same command is refused before
+    it touches a shard: it would otherwise remove the first one's temporary shard files as a killed run's."""
+    from storage.lock import WriterLock
+
+    src, out = class_folder(tmp_path / "src"), tmp_path / "out"
+    data = open_source(f"folder:{src}")
+    job = PrepareJob(f"folder:{src}", str(out), PrepareSettings(shard_size=100), data.fingerprint())
+    prep.claim_output(Location(str(out)), job.identity(len(data)), job.source)  # as the first run did, before its lock
+    with WriterLock(Location(str(out / prep.RECORDS / prep.LOCK)), "the first run"):
+        before = read_tree(out)
+        with pytest.raises(UserError, match=r"is being prepared by process \d+ on .*: wait for it to finish"):
+            prepare(job, data)
+        assert read_tree(out) == before
+    assert run(src, out, shard_size=100).written == 6  # the lock released: the same command makes every shard

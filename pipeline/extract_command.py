@@ -128,7 +128,7 @@ def _view_settings(args) -> dict:
 
 def extract_command(args) -> None:
     # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU and no weights.
-    use_ray = args.actors > 0 if args.actors is not None else ray_env.resolve_address(args.ray_address) is not None
+    use_ray = ray_env.uses_actors(args.actors, args.ray_address)
     if use_ray and args.threads:
         raise UserError("--threads sets the threads of an extraction in this process; each Ray actor takes the CPUs Ray gives it: drop --threads")
     job = extract_job(args, None if use_ray else local_device(args.device))  # on Ray, the actors' device comes from the cluster

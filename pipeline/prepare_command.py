@@ -58,7 +58,7 @@ def _view_size(args) -> tuple[int, float, str]:
 def prepare_command(args) -> None:
     settings = build(PrepareSettings, settings_from_args(args, PrepareSettings), "prepare flags")
     cost = check_max_side(settings.max_side, *_view_size(args), force=args.force)
-    use_ray = args.actors > 0 if args.actors is not None else ray_env.resolve_address(args.ray_address) is not None
+    use_ray = ray_env.uses_actors(args.actors, args.ray_address)
     dataset = open_source(args.data)
     dataset.sizes()  # reads every image header (a folder's): files that are no image stop the run before anything is written
     out = Location(args.out)

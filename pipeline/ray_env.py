@@ -28,6 +28,12 @@ def resolve_address(flag: str | None) -> str | None:
     return None if address in (None, "local") else address
 
 
+def uses_actors(actors: int | None, address: str | None) -> bool:
+    """Whether a command with ``--actors`` runs on Ray: --actors N >= 1 does, 0 does not; without --actors, a cluster
+    address (--ray-address or RAY_ADDRESS) does."""
+    return actors > 0 if actors is not None else resolve_address(address) is not None
+
+
 def _check_reachable(address: str) -> None:
     if address == "auto" or address.startswith("ray://"):
         host_port = address.removeprefix("ray://") if address != "auto" else None

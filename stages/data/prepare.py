@@ -43,22 +43,21 @@ import numpy as np
 
 from storage import Location, UserError
 from storage.location import answering
-from storage.lock import WriterLock
+from storage.lock import WriterLock, remove_stale_temp_files
 
 from ..progress import Progress
 from ..settings import MAX_BLOCK, SEED, SIZE, Int, Name, Optional, setting
 from .datasets import FolderDataset, dataset_kind, open_dataset
 from .image_dataset import ImageDataset
 from .replay import sample_order
+from .wds_dataset import IMAGE_EXTENSIONS, MANIFEST, _split_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MANIFEST = "manifest.json"
 RECORDS = ".prepare"  # hidden: a glob for the shards never sees it
 CLAIM = "settings.json"
 LOCK = "prepare.lock"  # one run writes an output at a time: a second would remove the first one's temporary shards
-KEPT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what ``wds:`` reads; other formats are converted to PNG, losslessly
 READ_CHUNK = 64  # images read from the source at a time: one ranged read per run of neighbours for tar sources
 KEY_SOURCE_CHARS = 60  # of the source key kept in a sample's key (USTAR names stop at 100 characters)
 
@@ -202,16 +201,6 @@ def finished_shards(out: Location, plan: ShardPlan, identity: dict) -> dict[int,
     return done
 
 
-def remove_stale_temps(out: Location, prefix: str) -> list[str]:
-    """Temporary shard files a killed run left behind (local only: object stores get whole uploads): removed."""
-    if not out.is_local or not os.path.isdir(out.path):
-        return []
-    stale = [n for n in os.listdir(out.path) if re.fullmatch(rf"\.{re.escape(prefix)}-\d{{6}}\.tar\.[0-9a-f]{{8}}\.tmp", n)]
-    for name in stale:
-        os.remove(os.path.join(out.path, name))
-    return stale
-
-
 def write_manifest(out: Location, job: PrepareJob, plan: ShardPlan, classes: list[str], records: dict[int, dict]) -> dict:
     """The manifest, written last: its presence says every shard is finished."""
     import PIL
@@ -257,11 +246,11 @@ def _write_rest(out: Location, job: PrepareJob, dataset: ImageDataset, plan: Sha
     """The claimed output's unfinished shards, then its manifest: under the output's lock."""
     if note:
         log.info(note)
-    stale = remove_stale_temps(out, job.settings.prefix)
+    if out.is_local:  # a killed run's unfinished shards (object stores get whole uploads); under the lock, every one is stale
+        remove_stale_temp_files(out, older_than=0.0)
     done = finished_shards(out, plan, identity)
     pending = [k for k in range(plan.num_shards) if k not in done]
-    log.info("prepare %s -> %s: %d samples in %d shards, %d already finished%s", job.source, out, len(dataset), plan.num_shards, len(done),
-             f" ({len(stale)} unfinished temporary file(s) of a stopped run removed)" if stale else "")
+    log.info("prepare %s -> %s: %d samples in %d shards, %d already finished", job.source, out, len(dataset), plan.num_shards, len(done))
     if pending:
         done.update(write_shards(pending, plan) if write_shards is not None else ShardMaker(job, dataset).write_all(pending))
     manifest = write_manifest(out, job, plan, dataset.classes, done)
@@ -357,7 +346,7 @@ def convert(data: bytes, ext: str, max_side: int | None, quality: int, where: st
             w, h = im.size
             if max_side is not None and max(w, h) > max_side:
                 return _reencode(im, max_side, quality), "jpg"
-            if ext in KEPT_EXTENSIONS:
+            if ext in IMAGE_EXTENSIONS:  # what ``wds:`` reads; other formats are converted to PNG, losslessly
                 im.draft("RGB", (1, 1))
                 im.load()
                 return data, ext
@@ -507,8 +496,6 @@ class _HashingReader:
 
 def count_samples(f) -> int:
     """Samples in a tar stream as ``wds:`` reads them: keys with both an image and a class member."""
-    from .wds_dataset import IMAGE_EXTENSIONS, _split_key
-
     found: dict[str, set] = {}
     with tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:

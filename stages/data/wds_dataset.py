@@ -52,6 +52,7 @@ from .image_dataset import ImageDataset
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"  # what `pipeline prepare` writes beside its shards (``stages.data.prepare``)
 INDEX_VERSION = 1
 GAP = 256 << 10  # neighbouring members closer than this are read in one request (headers and .cls between them)
 
@@ -230,7 +231,7 @@ def manifest_classes(urls: list[str], names: list[str]) -> list[str] | None:
     folders = {url.rsplit("/", 1)[0] if "/" in url else "." for url in urls}
     if len(folders) != 1:
         return None
-    url = f"{folders.pop()}/manifest.json"
+    url = f"{folders.pop()}/{MANIFEST}"
     try:
         fs, path = _file_system(url)
         manifest = json.loads(fs.cat_file(path))

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stages.cache import teacher_rows
-from stages.cpus import env_threads, usable_cpus
+from stages.cpus import usable_cpus, use_threads
 from stages.data.datasets import open_dataset
 from stages.teachers.extract import TeacherRunner, extract, teacher_info
 from stages.cache.store_setup import open_store
@@ -39,7 +38,7 @@ from storage import TeacherRecord
 # each would oversubscribe the machine several times over.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-    torch.set_num_threads(env_threads() or 1)  # torch was imported above: its pool is sized already
+    use_threads(None, workers=0)  # torch was imported above, its pool sized already: as the commands do, from OMP_NUM_THREADS
 
 # Ray Train's controller polls its workers every 2 s, and each run starts a preemption watcher actor (one more
 # Python process to start on two cores): the Ray tests wait on the one and pay for the other, about 4 s a run,
@@ -70,6 +69,26 @@ def make_record(name: str = "t", **fields) -> TeacherRecord:
         logits="topk", k=3, dtype="float16", feature_dtype="float16", versions={},
     )
     return TeacherRecord(**{**base, **fields})
+
+
+def image_bytes(seed: int, size=(12, 16), fmt="JPEG") -> bytes:
+    """A small encoded image: one seeded colour under noise, ``size`` (height, width)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-30, 31, (*size, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.fixture
+def index_cache(tmp_path, monkeypatch) -> Path:
+    """A test's own cache of webdataset shard indexes (``XDG_CACHE_HOME``): never the user's, nor an earlier test's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def read_tree(root) -> dict[str, bytes]:

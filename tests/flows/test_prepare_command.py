@@ -7,7 +7,6 @@ in this process (``pipeline.cli.main``), except the Ray driver, which needs the 
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import BUCKET, read_tree
+from conftest import BUCKET, image_bytes, read_tree
 from pipeline.cli import main
 from stages.data import prepare as prep
 from stages.data.wds_dataset import WdsDataset
@@ -25,17 +23,7 @@ from stages.data.wds_dataset import WdsDataset
 PIPELINE = str(Path(sys.executable).with_name("pipeline"))
 
 
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's own cache
-
-
-def jpeg(seed: int, size=(12, 16)) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-30, 31, (*size, 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
+pytestmark = pytest.mark.usefixtures("index_cache")  # never the user's own shard-index cache
 
 
 def class_folder(root: Path, classes: int = 10, per_class: int = 20) -> Path:
@@ -43,7 +31,7 @@ def class_folder(root: Path, classes: int = 10, per_class: int = 20) -> Path:
     for c in range(classes):
         (root / f"n{c:03d}").mkdir(parents=True)
         for j in range(per_class):
-            (root / f"n{c:03d}" / f"img{j:03d}.jpg").write_bytes(jpeg(c * 1000 + j, (16, 24) if j % 3 == 0 else (12, 16)))
+            (root / f"n{c:03d}" / f"img{j:03d}.jpg").write_bytes(image_bytes(c * 1000 + j, (16, 24) if j % 3 == 0 else (12, 16)))
     return root
 
 
@@ -150,7 +138,7 @@ def test_refusals_are_one_line_and_leave_nothing_that_looks_whole(tmp_path, caps
 
 def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys):
     src = class_folder(tmp_path / "src", classes=4, per_class=10)
-    good = jpeg(7, (64, 64))  # large enough that half of it holds the whole header
+    good = image_bytes(7, (64, 64))  # large enough that half of it holds the whole header
     (src / "n002" / "img005.jpg").write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
     out = tmp_path / "out"
     assert prepare(src, out, "--shard-size", "10") == 2
@@ -174,7 +162,7 @@ def test_class_ordered_tar_shards_come_out_shuffled(tmp_path):
     for k in range(2):  # 2 shards of 60 samples, class by class: what `order_note` warns of
         with wds.TarWriter(str(tmp_path / "in" / f"in-{k}.tar"), encoder=False, mtime=0) as tar:
             for i in range(k * 60, (k + 1) * 60):
-                tar.write({"__key__": f"s{i:04d}", "jpg": jpeg(i), "cls": str(i // 12).encode()})
+                tar.write({"__key__": f"s{i:04d}", "jpg": image_bytes(i), "cls": str(i // 12).encode()})
     source = WdsDataset(f"{tmp_path}/in/in-{{0..1}}.tar")
     assert source.order_note() is not None
     argv = ["--quiet", "prepare", "--data", f"wds:{tmp_path}/in/in-{{0..1}}.tar", "--out", str(tmp_path / "out"), "--shard-size", "40"]

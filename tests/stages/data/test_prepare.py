@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import read_tree
+from conftest import image_bytes, read_tree
 from stages.data import prepare as prep
 from stages.data.prepare import PrepareJob, PrepareSettings, ShardPlan, finished_shards, open_source, prepare
 from stages.data.wds_dataset import WdsDataset
@@ -24,17 +24,7 @@ from storage import Location, UserError
 CLASSES, PER_CLASS = 20, 30
 
 
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's own cache
-
-
-def image_bytes(seed: int, size=(12, 16), fmt="JPEG") -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-30, 31, (*size, 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return out.getvalue()
+pytestmark = pytest.mark.usefixtures("index_cache")  # never the user's own shard-index cache
 
 
 def class_folder(root: Path, classes: int = CLASSES, per_class: int = PER_CLASS) -> Path:

@@ -31,10 +31,7 @@ TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--s
 STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "16", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's own cache
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("index_cache")  # never the user's own shard-index cache
 
 
 def jpeg(seed: int, size=(40, 48)) -> bytes:

@@ -68,6 +68,21 @@ def test_class_ordered_folders_become_shards_of_random_samples(tmp_path):
     assert not np.array_equal(shards(tmp_path / "seed1").labels, data.labels)
 
 
+def test_shards_much_smaller_than_a_class_hold_most_classes(tmp_path):
+    """ImageNet's shape in small: many images per class (200), listed class by class, and shards of 50, a quarter of
+    a class. Read in source order every shard would hold one class; prepared, each is a random sample of all ten."""
+    src = class_folder(tmp_path / "src", classes=10, per_class=200)
+    source = open_source(f"folder:{src}")
+    assert all(len(set(source.labels[k * 50 : (k + 1) * 50])) == 1 for k in range(40))  # the order a sequential reader sees
+    run(src, tmp_path / "out", shard_size=50)
+    data = shards(tmp_path / "out")
+    assert data.order_note() is None
+    per_shard = [np.bincount(data.labels[data.shard == k], minlength=10) for k in range(40)]
+    # 50 independent draws from 10 equal classes: 9.9 classes on average, the commonest about 9 of the 50.
+    assert min(int((c > 0).sum()) for c in per_shard) >= 7, per_shard
+    assert max(int(c.max()) for c in per_shard) <= 18, per_shard
+
+
 def test_images_are_kept_or_reencoded_within_max_side(tmp_path):
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)

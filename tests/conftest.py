@@ -49,7 +49,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 DATA = "fake:80?size=32"
 VIEWS, BLOCK, SIZE, BATCH = 2, 32, 32, 32
-BUCKET = "teacher-cache"  # the bucket of the S3 tests, on a moto server
+# The bucket of the S3 tests, on the run's one moto server: one per xdist worker, as the ``s3`` fixture empties it
+# before each test, and two workers run S3 tests at once.
+BUCKET = f"teacher-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 STUDENT = dict(student="resnet10t", student_kwargs=dict(channels=(8, 16, 32, 64)))
 
 
@@ -203,9 +205,39 @@ def start_moto_server() -> tuple[subprocess.Popen, str] | None:
     return None
 
 
+SHARED_S3 = "TEACHER_CACHE_TEST_S3"  # the endpoint of the server an xdist controller started for its workers
+_s3_process = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the controller starts the run's one S3 server, before its workers start: they inherit its
+    endpoint in ``SHARED_S3``, so that S3 tests spread over the workers (each with its own bucket) while one server
+    serves them all. Not for a run that leaves the slow tests out: none of those uses S3."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", None) or "not slow" in (config.option.markexpr or ""):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        return
+    started = start_moto_server()
+    if started is not None:
+        config.stash[_s3_process], os.environ[SHARED_S3] = started
+
+
+def pytest_unconfigure(config):
+    proc = config.stash.get(_s3_process, None)
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """One moto server for the whole session, started by the first test that needs it; stopped by its process id."""
+    """The run's one moto server: the xdist controller's (``pytest_configure``), or else one started by the first test
+    that needs it and stopped by its process id."""
+    if os.environ.get(SHARED_S3):
+        yield os.environ[SHARED_S3]
+        return
     pytest.importorskip("moto.server")
     started = start_moto_server()
     if started is None:
@@ -278,15 +310,15 @@ def _cluster_left_whole(request):
 def pytest_collection_modifyitems(config, items):
     """A test that starts an S3 server or a Ray cluster must be marked slow: README's fast command leaves those out.
 
-    Under pytest-xdist (``--dist loadgroup``) those tests form one group, run by one worker, so that a run starts
-    one cluster and one S3 server, not one per worker; the tests marked ``local_ray`` form another (one local Ray
-    instance at a time); the other tests spread over the workers."""
+    Under pytest-xdist (``--dist loadgroup``) the tests that use the cluster form one group, run by one worker, so
+    that a run starts one cluster, not one per worker; the tests marked ``local_ray`` form another (one local Ray
+    instance at a time); the other tests, those on S3 among them (``pytest_configure``), spread over the workers."""
     for item in items:
         uses = {"s3_server", "cluster"} & set(getattr(item, "fixturenames", ()))
         if uses and item.get_closest_marker("slow") is None:
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(uses))}: mark it @pytest.mark.slow")
-        if uses:
-            item.add_marker(pytest.mark.xdist_group("cluster-and-s3"))
+        if "cluster" in uses:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
         elif item.get_closest_marker("local_ray") is not None:
             item.add_marker(pytest.mark.xdist_group("local-ray"))
 

@@ -230,7 +230,7 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(two_workers, cluster, store, bucket):
+def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(two_workers, cluster, store, bucket, monkeypatch, capsys):
     out = two_workers["out"]
     proc = _distill(cluster, store, out, *TWO_WORKERS, "--epochs", str(EPOCHS + 2), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -240,9 +240,16 @@ def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(t
     assert _run_record(bucket)["starts"] == [*two_workers["run"]["starts"], EPOCHS]
     assert f"epoch-{EPOCHS + 2:04d}" in _checkpoints(bucket)
     assert f"continuing from the checkpoint after epoch {EPOCHS} of {EPOCHS + 2}" in proc.stdout + proc.stderr
-    # Settings other than --epochs would continue another run's weights: refused.
-    bad = _distill(cluster, store, out, *TWO_WORKERS[:-1], "8", "--epochs", "9", "--resume")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --resume with other settings")
+    # Settings other than --epochs would continue another run's weights: refused, before joining the cluster (so in
+    # this process, with the bucket settings the cluster's drivers have).
+    from pipeline.cli import main
+
+    for key, value in cluster.env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    bad = main(_argv(store, out, "--ray-address", cluster.address, *TWO_WORKERS[:-1], "8", "--epochs", "9", "--resume")[3:])
+    assert bad == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --resume with other settings")
 
 
 def _registered_checkpoints(bucket) -> int:

@@ -18,7 +18,8 @@ photos by random crops, resizes, flips and colour shifts, class-per-folder):
 With ``--repeats R`` both sides draw repeated augmentation: timm's loader through its
 ``RepeatAugSampler(num_repeats=R)`` (each copy of a sample loaded, so decoded, on its own), the replay
 with R views of each sample of an epoch's blocks, as ``distill --repeats R`` reads them (without
-mixing, a sample's views share one batch and one decode). A decode-only row times the replay's own
+mixing, a sample's views share one batch and one decode; with mixing too under ``--shared-partner``,
+where the plan pairs a sample's R views with one partner: ``mix_pair_views``). A decode-only row times the replay's own
 JPEG decode of every image in one process (``FolderDataset.image``): the table's last column is the
 replay's CPU time per view over it (the decode limit; 1.0 would be a free augmentation).
 
@@ -66,6 +67,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1, help="torch threads in the main process (default: 1, see distill_cost.py)")
     p.add_argument("--recipe", default="configs/vanillakd_a2.yaml", help="the replay's view recipe (its views: section)")
     p.add_argument("--repeats", type=int, default=1, help="repeated augmentation on both sides: timm's RepeatAugSampler, the replay's repeats (default: 1)")
+    p.add_argument("--shared-partner", action="store_true",
+                   help="with --repeats R, the replay's mixing plan pairs a sample's R views with one partner (mix_pair_views R), as timm's "
+                        "RepeatAugSampler with batch mixing does on one process: a sample's and its partner's views render from one decode each")
     p.add_argument(
         "--interpolation", choices=("bilinear", "random"), default="bilinear",
         help="resampling of timm's crop and of both sides' RandAugment ops: bilinear (create_transform's default) or random "
@@ -140,7 +144,7 @@ def replay_epoch(folder: Path, recipe, size: int, batch_size: int, workers: int,
     plan = ViewPlan(recipe, seed=seed)
     views = DrawnViews(plan, data, num_views=repeats, block=1024 if repeats == 1 else 64)  # repeats: an epoch takes 1/R of the blocks
     names = list(plan.fields)
-    units = epoch_units(0, repeats, views.num_blocks, seed, repeats)
+    units = epoch_units(0, repeats, views.num_blocks, seed, repeats, recipe.mix_pair_views)
     tables = (with_images(unit_table(views, v, b, data.labels, names), data) for v, b in units)
     shuffled = shuffle_windows(tables, 16 * repeats, np.random.default_rng(seed), by_sample=repeats > 1)
     batches = rebatch(shuffled, batch_size, drop_last=True)
@@ -200,10 +204,11 @@ def main():
     from stages.data.views import ViewRecipe
 
     views = {**config.load_yaml(args.recipe)["views"], "ra_interpolation": args.interpolation}
-    recipes = {True: ViewRecipe.from_dict(views), False: ViewRecipe.from_dict({**views, "mixup_alpha": 0.0, "cutmix_alpha": 0.0})}
+    shared = {"mix_pair_views": args.repeats} if args.shared_partner else {}
+    recipes = {True: ViewRecipe.from_dict({**views, **shared}), False: ViewRecipe.from_dict({**views, "mixup_alpha": 0.0, "cutmix_alpha": 0.0})}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(args.folder or tmp), args.images, args.classes)
-        print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, repeats {args.repeats}, "
+        print(f"{args.images} JPEGs 500x375 in {args.classes} folders at {folder}; views {args.size} px, batches of {args.batch_size}, repeats {args.repeats}{' (shared partners)' if args.shared_partner else ''}, "
               f"interpolation {args.interpolation}, {args.rounds} rounds; torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()})")
         names, prepared = NAMES, None
         if args.prepared_max_side:

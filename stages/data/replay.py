@@ -114,7 +114,7 @@ class DrawnViews:
 # -- ordering --------------------------------------------------------------------------------
 
 
-def epoch_units(epoch: int, num_views: int, num_blocks: int, seed: int, repeats: int = 1) -> list[tuple[int, int]]:
+def epoch_units(epoch: int, num_views: int, num_blocks: int, seed: int, repeats: int = 1, view_groups: int = 1) -> list[tuple[int, int]]:
     """The (view, block) units of one epoch: every block once, in a shuffled order.
 
     Each block walks through a fresh permutation of all views before it repeats
@@ -125,6 +125,11 @@ def epoch_units(epoch: int, num_views: int, num_blocks: int, seed: int, repeats:
     different views, the R units of a block next to each other so that one
     shuffle window holds them all. An epoch keeps about N samples' worth of
     rows, and every R epochs take every block once. R = 1 is the plain order.
+
+    ``view_groups`` K > 1 (the recipe's ``mix_pair_views``: views 0..K-1, K..2K-1, ... share their
+    mixing partners) walks the views group by group, in a shuffled order of groups, so that with
+    R = K a block's R views of an epoch are one group: its samples and their partners form groups
+    of 2R rows that render from one decode per image (``shuffle_windows``).
     """
     if not 1 <= repeats <= num_views:
         raise ValueError(f"repeats must lie in [1, {num_views}] (the views), not {repeats}")
@@ -134,7 +139,12 @@ def epoch_units(epoch: int, num_views: int, num_blocks: int, seed: int, repeats:
     cycle, use = divmod(rnd, num_views // repeats)
     units = []
     for b in np.array_split(order, repeats)[part]:
-        views = np.random.default_rng([seed, int(b), cycle, 1]).permutation(num_views)
+        rng = np.random.default_rng([seed, int(b), cycle, 1])
+        if view_groups == 1:
+            views = rng.permutation(num_views)
+        else:
+            groups = [np.arange(g, min(g + view_groups, num_views)) for g in range(0, num_views, view_groups)]
+            views = np.concatenate([rng.permutation(groups[k]) for k in rng.permutation(len(groups))])
         units += [(int(v), int(b)) for v in views[use * repeats : (use + 1) * repeats]]
     return units
 
@@ -158,9 +168,13 @@ def shuffle_windows(tables: Iterable[Table], window: int, rng: np.random.Generat
 
     Rows are shuffled one by one, or, in tables with mixing groups (``PAIR``),
     group by group: mates come out next to each other, in a shuffled order of groups.
-    ``by_sample`` (repeated views without mixing): a sample's rows are one group, so its
-    R views land in one batch and the renderer decodes its image once for all of them, as
-    timm's RepeatAugSampler puts a sample's R copies side by side in one process's batch.
+    ``by_sample`` (repeated views): a sample's rows are one group, so its R views land in
+    one batch and the renderer decodes its image once for all of them, as timm's
+    RepeatAugSampler puts a sample's R copies side by side in one process's batch. With
+    mixing, the mixing groups that share a sample are joined where the union stays small
+    (``join_by_sample``): a plan whose R views share their partners (``mix_pair_views``)
+    gives groups of a sample's and its partner's R views; partners drawn per view link a
+    window into one large component, and then each view's mates stay a group of their own.
     """
     buffer = []
     for table in tables:
@@ -178,7 +192,9 @@ def _shuffled(tables: list[Table], rng: np.random.Generator, by_sample: bool = F
         # A table's group keys lie in [0, its rows): offset by the table's first row, they are unique in the window.
         lengths = [len(t["id"]) for t in tables]
         keys = merged[PAIR] + np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
-    elif by_sample:  # mixing groups, where there are any, already hold a view's mates; a sample's views cannot join them too
+        if by_sample:
+            keys = join_by_sample(keys, merged["id"])
+    elif by_sample:
         keys = merged["id"]
     else:
         return take(merged, rng.permutation(len(merged["id"])))
@@ -188,6 +204,26 @@ def _shuffled(tables: list[Table], rng: np.random.Generator, by_sample: bool = F
     rank = place[group.ravel()]  # each row's group's place in the shuffled order
     order = np.argsort(rank, kind="stable")
     return {**take(merged, order), PAIR: rank[order]}
+
+
+JOINED_ROWS = 16  # the most rows of a joined group: R views of a sample and its partner (2R; 3R with a block's odd one out)
+
+
+def join_by_sample(keys: np.ndarray, ids: np.ndarray, limit: int = JOINED_ROWS) -> np.ndarray:
+    """Group keys where groups (``keys``) that hold rows of one sample are joined, when the joined group has at most
+    ``limit`` rows; rows of larger unions keep their own group (a new key each, the same split as ``keys``)."""
+    from scipy.sparse import coo_matrix  # scipy comes with scikit-learn
+    from scipy.sparse.csgraph import connected_components
+
+    _, group = np.unique(keys, return_inverse=True)
+    _, sample = np.unique(ids, return_inverse=True)
+    groups, samples = group.max() + 1, sample.max() + 1
+    # Groups and samples are the nodes of one graph; each row links its group to its sample.
+    links = coo_matrix((np.ones(len(group), np.int8), (group, groups + sample)), shape=(groups + samples,) * 2)
+    _, component = connected_components(links, directed=False)
+    joined = component[group]
+    small = np.bincount(joined)[joined] <= limit
+    return np.where(small, joined, component.max() + 1 + group)
 
 
 def group_bounds(pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ RandAugment         2          ra_op (n,) int8, ra_apply (n,) uint8, ra_mag (n,)
 ColorJitter         3          cj_factors (4,) float32, cj_order (4,) uint8
 RandomErasing       4          erase_box (4,) float32
 MixupCutmix         5          mix_partner int64, mix_lam float64, mix_box (4,) float32
+                    6          (the matching of a group of views, ``mix_pair_views`` > 1)
 ==================  =========  ======================================================
 
 Streams are fixed per op, so turning one augmentation on never changes what
@@ -521,6 +522,8 @@ class MixupCutmix(ViewOp):
     draws = 6
     stream = 5
     mixes = True
+    MATCH = 5  # the column of the draws that orders the matching (``pair_partners``)
+    GROUP_STREAM = 6  # the matching's own stream when a group of views shares it (``ViewPlan.draw``)
 
     def __init__(self, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5):
         self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
@@ -617,6 +620,7 @@ _ADDED = (
     "mix_prob",
     "mix_switch_prob",
     "fill",
+    "mix_pair_views",
 )
 
 
@@ -645,6 +649,10 @@ class ViewRecipe:
     cutmix_alpha: float = setting(0.0, NON_NEGATIVE, "timm's CutMix alpha; 0 turns cutmix off")
     mix_prob: float = setting(1.0, PROB, "share of views that mix, when mixup or cutmix is on")
     mix_switch_prob: float = setting(0.5, PROB, "share of mixing views that use cutmix when both are on")
+    mix_pair_views: int = setting(
+        1, Int(1, 1000), "views 0..K-1, K..2K-1, ... each mix a sample with one partner (its own lambda and box per view): with K = the "
+        "repeats of training, a sample's repeated views and its partner's render from one decode each, as timm's RepeatAugSampler with "
+        "batch mixing gives on one process; 1 draws a partner per view")
     fill: tuple[int, int, int] = setting((124, 116, 104), Seq(Int(0, 255), n=3, ordered=False), "uint8 colour of uncovered and erased pixels (the ImageNet mean)")
 
     def __post_init__(self):
@@ -680,6 +688,8 @@ class ViewRecipe:
             d = {k: v for k, v in d.items() if k not in _ADDED}
         if self.eval_interpolation == "bilinear":  # the default, left out so that the default recipe's record stays as it was
             del d["eval_interpolation"]
+        if d.get("mix_pair_views") == 1:  # as for eval_interpolation: recipes recorded before the setting stay equal
+            del d["mix_pair_views"]
         return d
 
     @classmethod
@@ -706,12 +716,17 @@ class ViewPlan:
         """Parameters of ``view`` for samples ``ids`` (with image sizes (n, 2)).
 
         Every field but ``mix_partner`` depends on (seed, view, id) alone; the
-        partner is drawn among ``ids``, so draw one whole block per call.
+        partner is drawn among ``ids`` (from the view's group of ``mix_pair_views``), so draw one whole block per call.
         """
         ids = np.asarray(ids)
         params = {}
         for op in self.ops:
-            drawn = op.draw(uniforms(self.seed, view, ids, op.stream, op.draws), sizes, ids)
+            u = uniforms(self.seed, view, ids, op.stream, op.draws)
+            if op.mixes and self.recipe.mix_pair_views > 1:
+                # One matching for the view's group: every view of it pairs a sample with the same partner.
+                group = view // self.recipe.mix_pair_views
+                u[:, op.MATCH] = uniforms(self.seed, group, ids, op.GROUP_STREAM, 1)[:, 0]
+            drawn = op.draw(u, sizes, ids)
             # Cast to the stored dtypes now: a drawn view renders exactly as its stored record.
             params.update({k: np.asarray(v, dtype=op.fields[k].dtype) for k, v in drawn.items()})
         return params

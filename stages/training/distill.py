@@ -389,7 +389,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
 def epoch_tables(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, rank: int, world: int) -> Iterator[Table]:
     """This rank's units of one epoch, each a table of rows: ids, view parameters, labels, teacher rows."""
     param_names = list(run.renderer.plan.fields)
-    for v, b in rank_units(epoch_units(epoch, views.num_views, views.num_blocks, s.seed, s.repeats), rank, world):
+    units = epoch_units(epoch, views.num_views, views.num_blocks, s.seed, s.repeats, run.renderer.plan.recipe.mix_pair_views)
+    for v, b in rank_units(units, rank, world):
         table = unit_table(views, v, b, run.labels, param_names)  # a mixing partner is in the same unit
         table = with_images(table, run.renderer.dataset)  # shard datasets: the unit's images in one pass
         table.update(teacher.unit_rows(v, b, len(table["id"])) if teacher else {})

@@ -157,6 +157,24 @@ def test_partner_is_in_the_same_block_and_never_the_sample_itself():
     assert alone["mix_partner"][0] == -1 and alone["mix_lam"][0] == 1.0
 
 
+def test_a_group_of_views_shares_its_partners_and_draws_its_own_lambdas():
+    """``mix_pair_views`` 3: views 0-2 pair each sample with one partner, views 3-5 with another; lambdas, boxes and
+    whether a view mixes stay per view; the default recipe's record and draws do not change."""
+    block, sizes = np.arange(500, 564), np.full((64, 2), 32)
+    shared = ViewPlan(ViewRecipe(mixup_alpha=0.8, cutmix_alpha=1.0, mix_pair_views=3), seed=0)
+    views = [shared.draw(v, block, sizes) for v in range(6)]
+    assert all((views[v]["mix_partner"] == views[0]["mix_partner"]).all() for v in (1, 2))
+    assert (views[3]["mix_partner"] != views[0]["mix_partner"]).mean() > 0.9
+    assert all((views[v]["mix_partner"] == views[3]["mix_partner"]).all() for v in (4, 5))
+    assert (views[1]["mix_lam"] != views[0]["mix_lam"]).all()
+    per_view = ViewPlan(ViewRecipe(mixup_alpha=0.8, cutmix_alpha=1.0), seed=0)
+    assert (per_view.draw(1, block, sizes)["mix_partner"] != per_view.draw(0, block, sizes)["mix_partner"]).mean() > 0.9
+    for k in ("mix_lam", "mix_box", "crop"):  # only the matching moved
+        assert (per_view.draw(1, block, sizes)[k] == views[1][k]).all()
+    assert "mix_pair_views" not in per_view.recipe.to_dict() and shared.recipe.to_dict()["mix_pair_views"] == 3
+    assert ViewRecipe.from_dict(shared.recipe.to_dict()) == shared.recipe
+
+
 # -- replay ----------------------------------------------------------------------------------
 
 

@@ -242,8 +242,17 @@ def test_with_repeats_a_samples_views_travel_together_and_batches_stay_random_sa
     assert classes > 0.95 * expected_distinct(np.bincount(labels), batch // repeats)
 
 
-def test_a_repeated_epoch_decodes_each_image_once(tmp_path, monkeypatch):
-    """train with repeats 3: the renderer decodes each image of the epoch once, for its three views."""
+MIXING = dict(mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize("recipe, batch, once", [
+    ({}, 15, True),  # no mixing: a sample's three views share a batch
+    ({**MIXING, "mix_pair_views": 3}, 18, True),  # its three views share their partner: 6 rows, 2 decodes
+    (MIXING, 18, False),  # a partner per view: the views of a window link into one component, decoded per view
+], ids=["no-mixing", "shared-partner", "partner-per-view"])
+def test_a_repeated_epoch_decodes_each_image_once(recipe, batch, once, monkeypatch):
+    """train with repeats 3: the renderer decodes each image of the epoch once, for its three views (and for its
+    partner's views, when the plan pairs the three views alike); partners drawn per view cost a decode per view."""
     from collections import Counter
 
     data = open_dataset("fake:48?size=32")
@@ -255,8 +264,39 @@ def test_a_repeated_epoch_decodes_each_image_once(tmp_path, monkeypatch):
         return original(self, i)
 
     monkeypatch.setattr(type(data), "image", counted)
-    plan = ViewPlan(ViewRecipe(), seed=0)
-    s = TrainSettings(**STUDENT, method="ce", epochs=1, repeats=3, batch_size=15, verify="none")
+    plan = ViewPlan(ViewRecipe(**recipe), seed=0)
+    s = TrainSettings(**STUDENT, method="ce", epochs=1, repeats=3, batch_size=batch, verify="none")
     result = train(s, data, None, DrawnViews(plan, data, num_views=3, block=16), plan)
     assert result.metrics[0]["train_ce"] > 0
-    assert calls and max(calls.values()) == 1 and len(calls) * 3 >= 15 * 3  # one decode per sample, for all its views
+    assert calls and len(calls) * 3 >= batch  # at least a batch of views rendered
+    assert (max(calls.values()) == 1) == once, calls  # one decode per sample, for all its views
+
+
+def test_shared_partners_on_imagenets_shape_keep_a_samples_and_its_partners_views_in_one_batch():
+    """repeats 3 and mixing with ``mix_pair_views`` 3 on ImageNet's shape: every batch holds each of its samples' 3
+    views and its partner's, and as many classes as independent draws of its images give."""
+    from stages.data.replay import with_partner_params
+
+    n, c, block, window, batch, repeats = 1_281_167, 1000, 1024, 16384, 258, 3
+    labels = class_ordered_labels(c, n)
+    order = sample_order(n, seed=0)
+    num_blocks = -(-n // block)
+    plan = ViewPlan(ViewRecipe(**MIXING, mix_pair_views=repeats), seed=0)
+    sizes = np.full((block, 2), 256)
+
+    def tables():
+        for v, b in epoch_units(0, repeats, num_blocks, 0, repeats, view_groups=repeats)[: repeats * 16]:
+            ids = order[b * block : (b + 1) * block]
+            table = {**plan.draw(v, ids, sizes[: len(ids)]), "id": ids, "label": labels[ids], "view": np.full(len(ids), v)}
+            yield with_partner_params(table, plan.fields)
+
+    rng = np.random.default_rng([0, 0, 2])
+    batches = list(rebatch(shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True))
+    assert len(batches) > 150
+    for t in batches:
+        _, counts = np.unique(t["id"], return_counts=True)
+        assert (counts == repeats).all()  # each image's three views, none elsewhere: one decode each
+        mixing = t["mix_partner"] >= 0
+        assert np.isin(t["mix_partner"][mixing], t["id"]).all()  # every partner renders in the batch
+    classes = np.median([len(np.unique(t["label"])) for t in batches])
+    assert classes > 0.95 * expected_distinct(np.bincount(labels), batch // repeats)

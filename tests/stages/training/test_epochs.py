@@ -79,6 +79,20 @@ def test_repeated_epochs_give_each_sample_r_different_views_and_keep_n_samples_o
             assert set(covered.values()) == {epoch // repeats + 1} and len(covered) == num_blocks
 
 
+def test_repeats_take_a_whole_group_of_views_that_share_their_partners():
+    """views in groups of 3 (``mix_pair_views``) and repeats 3: a block's views of an epoch are one group, and every
+    group once before any block repeats one; a plan without groups keeps its order."""
+    num_views, num_blocks, repeats = 9, 12, 3
+    used = {b: [] for b in range(num_blocks)}
+    for epoch in range(num_views):  # 3 rounds of 3 epochs: each block takes each of its 3 groups once
+        for v, b in (units := epoch_units(epoch, num_views, num_blocks, seed=5, repeats=repeats, view_groups=3)):
+            used[b].append(v)
+        for i in range(0, len(units), repeats):
+            assert len({v // 3 for v, _ in units[i : i + repeats]}) == 1  # one group
+    assert all(sorted(views) == list(range(num_views)) for views in used.values())
+    assert epoch_units(4, num_views, num_blocks, 5, repeats) == epoch_units(4, num_views, num_blocks, 5, repeats, view_groups=1)
+
+
 def test_one_repeat_is_the_plain_order():
     for epoch in range(6):
         assert epoch_units(epoch, 4, 6, 1, repeats=1) == epoch_units(epoch, 4, 6, 1)

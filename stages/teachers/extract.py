@@ -3,7 +3,9 @@
 The unit of work is one view of one block of samples. For each pending unit
 the views are rendered (in loader workers, ahead of the teacher), the teacher
 maps them to store rows (``TeacherRunner``), and the unit is written whole
-and then committed. Committed units are skipped, so re-running the command
+and then committed. A run that extracts several views of a block renders the
+same teacher batch of each view together (``block_batches``), so each image is
+decoded once for all of them; the teacher still sees each unit's own batches. Committed units are skipped, so re-running the command
 resumes; the plan's parameters and fingerprints are written by the first
 teacher that renders a unit and checked by every later one.
 """
@@ -14,6 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby, zip_longest
 from typing import Iterator
 
 import numpy as np
@@ -24,7 +27,7 @@ from storage import CommittedUnits, Store, TeacherRecord, UserError
 from ..cache import teacher_rows
 from ..data.datasets import ImageDataset
 from ..progress import Progress
-from ..data.replay import StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
+from ..data.replay import IMAGES, StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
 from ..cache.store_setup import library_versions, stored_plan
 from .teachers import Teacher
 from ..data.views import normalize
@@ -155,13 +158,16 @@ class UnitExtractor:
         self.sizes = dataset.sizes()
         self.renderer = ViewRenderer(dataset, self.plan, (runner.teacher.input_size,), store.record.plan.size)
 
-    def unit_table(self, v: int, b: int, plan_stored: bool) -> Table:
-        """The unit's rows and view parameters: read from the plan when stored, else drawn (same values)."""
+    def unit_table(self, v: int, b: int, plan_stored: bool, images: np.ndarray | None = None) -> Table:
+        """The unit's rows and view parameters: read from the plan when stored, else drawn (same values).
+
+        ``images``: the block's encoded images when another view of it read them already (``IMAGES``)."""
         params = None
         if not plan_stored:
             ids = self.source.ids(b)
             params = {**self.plan.draw(v, ids, self.sizes[ids]), "fingerprint": np.zeros(len(ids), np.uint32)}
-        table = with_images(unit_table(self.source, v, b, self.dataset.labels, self.param_names, params=params), self.dataset)
+        table = unit_table(self.source, v, b, self.dataset.labels, self.param_names, params=params)
+        table = with_images(table if images is None else {**table, IMAGES: images}, self.dataset)
         n = len(table["id"])
         # "row": batching keeps mates together and so reorders rows; the commit puts them back in block order.
         return {**table, "unit": np.full(n, b), "check": np.ones(n, bool), "row": np.arange(n)}
@@ -169,6 +175,19 @@ class UnitExtractor:
     def batches(self, tables) -> Iterator[Table]:
         for table in tables:
             yield from even_batches(table, self.batch_size)
+
+    def block_batches(self, units: list[tuple[int, int]], plan_done) -> Iterator[Table]:
+        """Render batches of ``units``, block by block: the j-th teacher batch of each of a block's views side by side
+        (``PART`` numbers them), so that the renderer decodes each image once for every view of the block. Split
+        with ``split_parts``, the teacher batches are those of each unit alone: the same rows, the same results."""
+        for b, same_block in groupby(sorted(units, key=lambda u: (u[1], u[0])), key=lambda u: u[1]):
+            tables, images = [], None
+            for v, _ in same_block:
+                tables.append(self.unit_table(v, b, (v, b) in plan_done, images))
+                images = tables[-1].get(IMAGES)  # a shard source reads the block's images once
+            for parts in zip_longest(*(list(self.batches([t])) for t in tables)):
+                parts = [p for p in parts if p is not None]
+                yield concat([{**p, PART: np.full(len(p["id"]), k)} for k, p in enumerate(parts)])
 
     def render(self, v: int, b: int) -> tuple[bool, list[tuple[Table, dict]]]:
         """Render one unit's views (no teacher): what a worker does ahead of the teacher."""
@@ -235,24 +254,36 @@ def extract_units(
         unit.commit(v, b, parts, (v, b) in plan_done)
 
     start = time.perf_counter()
-    parts: list[tuple[Table, np.ndarray, dict]] = []
-    tables = (unit.unit_table(v, b, (v, b) in plan_done) for v, b in units)
+    parts: dict[tuple[int, int], list[tuple[Table, np.ndarray, dict]]] = {}
     # Loader workers render ahead of the teacher; one writer thread compresses, writes and commits a
     # unit while the teacher runs on the next (the codecs release the GIL). At most one unit waits,
     # and waiting on it re-raises its error.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer") as writer:
         pending = None
-        for batch, rendered in render_batches(unit.renderer, unit.batches(tables), unit.param_names, workers, check_column="check"):
-            parts.append(unit.infer(batch, rendered))
-            progress.update(len(batch["id"]))
-            v, b = int(batch["view"][0]), int(batch["unit"][0])
-            if sum(len(p[0]["id"]) for p in parts) == len(unit.source.ids(b)):
-                if pending is not None:
-                    pending.result()
-                pending, parts = writer.submit(commit, v, b, parts), []
+        for shared, rendered in render_batches(unit.renderer, unit.block_batches(units, plan_done), unit.param_names, workers, check_column="check"):
+            for batch, part in split_parts(shared, rendered):
+                v, b = int(batch["view"][0]), int(batch["unit"][0])
+                done = parts.setdefault((v, b), [])
+                done.append(unit.infer(batch, part))
+                progress.update(len(batch["id"]))
+                if sum(len(p[0]["id"]) for p in done) == len(unit.source.ids(b)):
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(commit, v, b, parts.pop((v, b)))
         if pending is not None:
             pending.result()
     return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)
+
+
+PART = "part"  # a render batch's teacher batches (``UnitExtractor.block_batches``)
+
+
+def split_parts(batch: Table, rendered: dict) -> Iterator[tuple[Table, dict]]:
+    """The teacher batches of a render batch (``PART``, each contiguous) with their share of the rendered views."""
+    starts = np.flatnonzero(np.r_[True, batch[PART][1:] != batch[PART][:-1]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(batch[PART])]):
+        rows = slice(int(lo), int(hi))
+        yield take(batch, rows), {"views": [v[rows] for v in rendered["views"]], "fingerprint": rendered["fingerprint"][rows], "lam": rendered["lam"][rows]}
 
 
 def target_class(batch: Table, labels: np.ndarray, lam: np.ndarray) -> np.ndarray:

@@ -48,6 +48,31 @@ def test_extracting_again_skips_committed_units_and_changes_no_byte(store_copy, 
     assert read_tree(store_copy) == before
 
 
+@pytest.mark.parametrize("recipe", [{}, {"mixup_alpha": 0.8, "mix_pair_views": 2}], ids=["plain", "shared-partner"])
+def test_the_views_of_a_block_decode_each_image_once_and_store_what_units_alone_store(recipe, tmp_path, train_data, teacher1, monkeypatch):
+    """Two views extracted in one run: each image is decoded once for both (its block's views render together),
+    and the store holds what extracting each unit by itself (a Ray actor's way) holds, bit for bit."""
+    from collections import Counter
+
+    from stages.teachers.extract import UnitExtractor, open_teacher
+
+    plan = ViewPlan(ViewRecipe(**recipe), seed=0)
+    runner = runner_for(teacher1, **FULL)
+    by_unit = _reopen(tmp_path / "by-unit", train_data, plan)
+    open_teacher(by_unit, "t", runner.info, train_data.num_classes, VIEWS)
+    worker = UnitExtractor(by_unit, train_data, runner, "t", batch_size=BATCH)
+    for v, b in by_unit.units(VIEWS):
+        worker.run(v, b)
+    calls = Counter()
+    original = type(train_data).image
+    monkeypatch.setattr(type(train_data), "image", lambda self, i: calls.update([i]) or original(self, i))
+    extract(_reopen(tmp_path / "together", train_data, plan), train_data, runner, "t", views=VIEWS, batch_size=BATCH)
+    assert sorted(calls) == list(range(len(train_data))) and set(calls.values()) == {1}
+    together, by_unit = Store(tmp_path / "together"), Store(tmp_path / "by-unit")
+    _assert_same_arrays(group_arrays(together.plan), group_arrays(by_unit.plan))
+    _assert_same_arrays(group_arrays(together.teacher("t")), group_arrays(by_unit.teacher("t")))
+
+
 class CrashingRunner(TeacherRunner):
     """The real teacher, dying on its ``crash_at``-th batch as a killed worker would."""
 
@@ -163,7 +188,8 @@ def test_second_teacher_checks_the_plan_fingerprints(store_copy, train_data, pla
     sample = int(store.block_ids(1)[8])
     with pytest.raises(UserError, match=f"view 0 of sample {sample} replays differently"):
         extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "again", views=VIEWS, batch_size=BATCH)
-    assert Store(store_copy).teacher("again").committed() == {(0, 0)}  # nothing after the mismatch
+    # Block by block (each image decoded once for both views): block 0's two views, then nothing after the mismatch.
+    assert Store(store_copy).teacher("again").committed() == {(0, 0), (1, 0)}
 
 
 @pytest.mark.parametrize(

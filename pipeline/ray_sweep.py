@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,39 @@ class TrialLines(tune.Callback):
         log.warning("%s: failed: %s", name, error)
 
 
+class CtrlC(tune.Callback):
+    """Ctrl-C during ``tuner.fit()`` stops the sweep, however Tune's loop handles it.
+
+    The handler raises KeyboardInterrupt, as Python's own does. Under load a SIGINT was seen to vanish inside
+    Tune (the sweep then ran its trials to the end, exit 0; Python's handler was in place before fit): so the
+    handler also remembers it, the callback raises it again at Tune's next step, and ``fit`` returning after one
+    raises it there. Either way the CLI then prints its "interrupted" line and exits 130.
+    """
+
+    seen = False  # on the class: a resumed sweep runs the copy of this callback that Tune saved with the sweep
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.seen = True
+        raise KeyboardInterrupt
+
+    def on_step_begin(self, iteration, trials, **info):
+        if CtrlC.seen:
+            raise KeyboardInterrupt
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls):
+        cls.seen = False
+        previous = signal.signal(signal.SIGINT, cls.handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if cls.seen:
+            raise KeyboardInterrupt
+
+
 def _last_line(path: str | None) -> str | None:
     try:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
@@ -225,6 +259,7 @@ def run_sweep(spec: SweepSpec, job: dict, out: Path, *, max_epochs: int, cpus: f
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cpus, "gpu": gpus})
+    ctrl_c = CtrlC()
     if tune.Tuner.can_restore(str(out)):
         done = sum(read_record(p).get("status") == "finished" for p in out.glob("trial-*"))
         log.info("resuming the sweep in %s: %d trial(s) finished before are not run again", out, done)
@@ -247,10 +282,10 @@ def run_sweep(spec: SweepSpec, job: dict, out: Path, *, max_epochs: int, cpus: f
             run_config=tune.RunConfig(
                 name=out.name, storage_path=str(out.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, not retried: its error is the user's to fix
-                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs)],
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs), ctrl_c],
             ),
         )
-    with _tune_quiet(debug):
+    with _tune_quiet(debug), ctrl_c.installed():
         results = tuner.fit()
     _settle_records(out, results, spec)
 

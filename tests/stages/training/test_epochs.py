@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import DATA
 
 from pipeline import config
 from pipeline.cli import main
@@ -114,21 +115,17 @@ def test_ranks_keep_a_blocks_repeats_together_and_take_equal_steps():
         steps_per_epoch(256, 64, 16, 2, 3)
 
 
-def test_repeats_larger_than_the_stored_views_is_one_line(tmp_path, capsys):
-    store, out = tmp_path / "store", tmp_path / "run"
-    argv = ["--quiet", "extract", "--data", "fake:64?size=32", "--teacher", "resnet18", "--random-init", "--views", "2",
-            "--store", str(store), "--block", "32", "--batch-size", "32"]
-    assert main(argv) == 0
-    capsys.readouterr()
+def test_repeats_larger_than_the_stored_views_is_one_line(base_store, tmp_path, capsys):
+    store, out = base_store, tmp_path / "run"  # 2 views
     recipe = tmp_path / "r.yaml"
     recipe.write_text("repeats: 3\n")
-    rc = main(["--quiet", "distill", "--from-cache", str(store), "--config", str(recipe), "--student", "resnet10t",
+    rc = main(["--quiet", "distill", "--from-cache", str(store), "--data", DATA, "--config", str(recipe), "--student", "resnet10t",
                "--epochs", "1", "--batch-size", "16", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "repeats 3 needs 3 different views of each sample" in err[0] and "--views 3" in err[0]
     assert not out.exists()
     recipe.write_text("global_batch: 64\n")
-    rc = main(["--quiet", "distill", "--from-cache", str(store), "--config", str(recipe), "--student", "resnet10t",
+    rc = main(["--quiet", "distill", "--from-cache", str(store), "--data", DATA, "--config", str(recipe), "--student", "resnet10t",
                "--epochs", "1", "--ray-workers", "3", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "global_batch 64" in err[0] and "3 workers" in err[0]

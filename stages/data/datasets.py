@@ -25,7 +25,7 @@ import torch
 
 from storage import UserError
 
-from .image_dataset import IMAGE_EXTENSIONS, ImageDataset
+from .image_dataset import IMAGE_EXTENSIONS, ImageDataset, rgb_tensor
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,9 @@ class FolderDataset(ImageDataset):
             raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
     def image(self, i):
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         try:
             with self._open(i) as im:
-                return pil_to_tensor(im.convert("RGB"))
+                return rgb_tensor(im)
         except UserError:
             raise
         except Exception as e:

@@ -47,7 +47,7 @@ from storage import UserError
 from storage.location import storage_options
 from storage.store_record import MAX_CLASSES
 
-from .image_dataset import ImageDataset
+from .image_dataset import ImageDataset, rgb_tensor
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +321,10 @@ class WdsDataset(ImageDataset):
 
     def decode(self, i: int, data: bytes) -> torch.Tensor:
         from PIL import Image
-        from torchvision.transforms.v2.functional import pil_to_tensor
 
         try:
             with Image.open(io.BytesIO(data)) as im:
-                return pil_to_tensor(im.convert("RGB"))
+                return rgb_tensor(im)
         except Exception as e:
             key = self.keys[i].split("/", 1)[1]
             raise UserError(f"shard {self.urls[self.shard[i]]}: sample {key}: cannot decode its image {key}.{self.ext[i]} ({e}); replace or remove the sample") from None

@@ -127,6 +127,21 @@ def test_folder_classes_labels_and_sizes(image_folder):
     assert ds.fingerprint() == FolderDataset(str(root)).fingerprint()
 
 
+def test_folder_images_are_pillows_rgb_whatever_their_mode(tmp_path):
+    # RGB images skip Pillow's convert (a copy); the others must still come out as convert("RGB") gives them.
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    files = {"a/rgb.jpg": rgb, "a/cmyk.jpg": rgb.convert("CMYK"), "b/palette.png": rgb.quantize(16), "b/grey.jpg": rgb.convert("L")}
+    for name, image in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        image.save(tmp_path / name)
+    ds = open_dataset(f"folder:{tmp_path}")
+    for i, key in enumerate(ds.keys):
+        with Image.open(tmp_path / key) as im:
+            expected = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(ds.image(i).permute(1, 2, 0).numpy(), expected, err_msg=key)
+
+
 def test_folder_unreadable_image_raises_user_error_naming_the_file(image_folder):
     root, _ = image_folder
     bad = root / "zebra" / "c.png"

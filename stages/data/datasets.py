@@ -25,7 +25,8 @@ import torch
 
 from storage import UserError
 
-from .image_dataset import IMAGE_EXTENSIONS, ImageDataset, rgb_tensor
+from .decode import decode_image
+from .image_dataset import IMAGE_EXTENSIONS, ImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,15 @@ class FolderDataset(ImageDataset):
             raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
     def image(self, i):
+        path = self.root / self.keys[i]
         try:
-            with self._open(i) as im:
-                return rgb_tensor(im)
-        except UserError:
-            raise
+            data = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from e
+        try:
+            return decode_image(data)
         except Exception as e:
-            raise UserError(f"cannot decode image {self.root / self.keys[i]}: {e}; remove or replace the file") from e
+            raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from e
 
     def sizes(self):
         # Only image headers are read here; this also finds unreadable files before any work starts.

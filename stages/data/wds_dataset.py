@@ -47,7 +47,8 @@ from storage import UserError
 from storage.location import storage_options
 from storage.store_record import MAX_CLASSES
 
-from .image_dataset import ImageDataset, rgb_tensor
+from .decode import decode_image
+from .image_dataset import ImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -320,11 +321,8 @@ class WdsDataset(ImageDataset):
         return out
 
     def decode(self, i: int, data: bytes) -> torch.Tensor:
-        from PIL import Image
-
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                return rgb_tensor(im)
+            return decode_image(data)
         except Exception as e:
             key = self.keys[i].split("/", 1)[1]
             raise UserError(f"shard {self.urls[self.shard[i]]}: sample {key}: cannot decode its image {key}.{self.ext[i]} ({e}); replace or remove the sample") from None

@@ -1,0 +1,75 @@
+"""The one image decode: torchcodec's JPEG decoder gives Pillow's pixels, and damaged files still fail with Pillow's words."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.data import decode
+from stages.data.decode import decode_image
+
+
+def _photo(w=131, h=97) -> Image.Image:
+    # Smooth gradients plus noise: chroma detail that subsampling and the IDCT must get exactly right.
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt="JPEG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _pillow(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+JPEGS = {
+    **{f"q{q}-subsampling{s}": dict(quality=q, subsampling=s) for q in (50, 90, 100) for s in (0, 1, 2)},
+    "progressive": dict(quality=85, progressive=True),
+    "optimized": dict(quality=75, optimize=True),
+}
+
+
+def test_torchcodec_loads_here():
+    # The fast path is what users get from the install command; a test run without it would test Pillow twice.
+    assert decode.jpeg_decoder() is not None
+
+
+@pytest.mark.parametrize("name", JPEGS)
+def test_jpegs_decode_to_pillows_pixels(name):
+    data = _encoded(_photo(), **JPEGS[name])
+    np.testing.assert_array_equal(decode_image(data).permute(1, 2, 0).numpy(), _pillow(data))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_decode_to_pillows_rgb(mode):
+    data = _encoded(_photo().convert(mode), quality=90)
+    image = decode_image(data)
+    assert image.shape == (3, 97, 131)
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), _pillow(data))
+
+
+def test_other_formats_go_to_pillow():
+    palette = _encoded(_photo().quantize(16), "PNG")
+    np.testing.assert_array_equal(decode_image(palette).permute(1, 2, 0).numpy(), _pillow(palette))
+
+
+def test_without_torchcodec_the_pixels_are_the_same(monkeypatch):
+    data = _encoded(_photo(), quality=90)
+    fast = decode_image(data)
+    monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
+    assert decode_image(data).equal(fast)
+
+
+def test_a_truncated_jpeg_fails_with_pillows_words():
+    data = _encoded(_photo(), quality=90)
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(data[: len(data) // 2])

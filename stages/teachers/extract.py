@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby, zip_longest
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -140,12 +140,12 @@ class ExtractResult:
 
 
 class UnitExtractor:
-    """Computes and commits single (view, block) units of one teacher: what a worker holds.
+    """Computes and commits (view, block) units of one teacher: what a worker holds.
 
-    ``run(view, block)`` does one unit by itself (an actor calls it with any
-    unit, in any order, any number of times: the commit protocol makes a repeat
-    harmless); ``extract`` streams many units through the same pieces with
-    rendering ahead and a background writer.
+    ``run(units)`` does some units by itself, usually one block's views (an actor
+    calls it with any units, in any order, any number of times: the commit protocol
+    makes a repeat harmless); ``extract`` streams every unit through the same pieces
+    with rendering ahead and a background writer.
     """
 
     def __init__(self, store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, batch_size: int = 64, workers: int = 0):
@@ -189,12 +189,9 @@ class UnitExtractor:
                 parts = [p for p in parts if p is not None]
                 yield concat([{**p, PART: np.full(len(p["id"]), k)} for k, p in enumerate(parts)])
 
-    def render(self, v: int, b: int) -> tuple[bool, list[tuple[Table, dict]]]:
-        """Render one unit's views (no teacher): what a worker does ahead of the teacher."""
-        plan_stored = self.source.group.is_committed(v, b)
-        table = self.unit_table(v, b, plan_stored)
-        rendered = render_batches(self.renderer, self.batches([table]), self.param_names, self.workers, check_column="check")
-        return plan_stored, list(rendered)
+    def render(self, units: list[tuple[int, int]]) -> Iterator[tuple[Table, dict]]:
+        """Render batches of ``units`` (no teacher), one decode per image for all views of a block: what runs ahead of the teacher."""
+        return render_batches(self.renderer, self.block_batches(units, self.source.group.committed()), self.param_names, self.workers, check_column="check")
 
     def infer(self, batch: Table, rendered: dict) -> tuple[Table, np.ndarray, dict]:
         """Teacher rows of one rendered batch, with the views' fingerprints."""
@@ -202,14 +199,29 @@ class UnitExtractor:
         rows = self.runner(rendered["views"][0], torch.from_numpy(labels))
         return batch, rendered["fingerprint"].numpy().astype(np.uint32), rows
 
+    def completed(self, rendered: Iterable[tuple[Table, dict]], on_batch=None) -> Iterator[tuple[int, int, list]]:
+        """Run the teacher on each teacher batch of ``rendered`` (``render``'s) and yield ``(view, block, parts)``
+        for each unit as its last batch is done; ``on_batch(rows)`` after each batch."""
+        parts: dict[tuple[int, int], list[tuple[Table, np.ndarray, dict]]] = {}
+        for shared, both in rendered:
+            for batch, part in split_parts(shared, both):
+                v, b = int(batch["view"][0]), int(batch["unit"][0])
+                done = parts.setdefault((v, b), [])
+                done.append(self.infer(batch, part))
+                if on_batch is not None:
+                    on_batch(len(batch["id"]))
+                if sum(len(p[0]["id"]) for p in done) == len(self.source.ids(b)):
+                    yield v, b, parts.pop((v, b))
+
     def commit(self, v: int, b: int, parts: list, plan_stored: bool) -> None:
         _commit_unit(self.store, self.source, self.group, v, b, parts, plan_stored, self.param_names)
 
-    def run(self, v: int, b: int, rendered: tuple[bool, list] | None = None) -> int:
-        """Render (unless ``rendered`` is given), run the teacher, write and commit one unit; its row count."""
-        plan_stored, batches = rendered if rendered is not None else self.render(v, b)
-        self.commit(v, b, [self.infer(batch, r) for batch, r in batches], plan_stored)
-        return len(self.source.ids(b))
+    def run(self, units: list[tuple[int, int]], rendered: Iterable[tuple[Table, dict]] | None = None) -> int:
+        """Render (unless ``rendered``, from ``render(units)``, is given), run the teacher, write and commit ``units``; their row count."""
+        plan_done = self.source.group.committed()  # read before rendering: a unit whose plan this run writes is checked against nothing
+        for v, b, parts in self.completed(rendered if rendered is not None else self.render(units)):
+            self.commit(v, b, parts, (v, b) in plan_done)
+        return sum(len(self.source.ids(b)) for _, b in units)
 
 
 def pending_units(store: Store, teacher_id: str, views: int) -> list[tuple[int, int]]:
@@ -254,22 +266,16 @@ def extract_units(
         unit.commit(v, b, parts, (v, b) in plan_done)
 
     start = time.perf_counter()
-    parts: dict[tuple[int, int], list[tuple[Table, np.ndarray, dict]]] = {}
     # Loader workers render ahead of the teacher; one writer thread compresses, writes and commits a
     # unit while the teacher runs on the next (the codecs release the GIL). At most one unit waits,
     # and waiting on it re-raises its error.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer") as writer:
         pending = None
-        for shared, rendered in render_batches(unit.renderer, unit.block_batches(units, plan_done), unit.param_names, workers, check_column="check"):
-            for batch, part in split_parts(shared, rendered):
-                v, b = int(batch["view"][0]), int(batch["unit"][0])
-                done = parts.setdefault((v, b), [])
-                done.append(unit.infer(batch, part))
-                progress.update(len(batch["id"]))
-                if sum(len(p[0]["id"]) for p in done) == len(unit.source.ids(b)):
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(commit, v, b, parts.pop((v, b)))
+        rendered = render_batches(unit.renderer, unit.block_batches(units, plan_done), unit.param_names, workers, check_column="check")
+        for v, b, parts in unit.completed(rendered, progress.update):
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(commit, v, b, parts)
         if pending is not None:
             pending.result()
     return ExtractResult(len(units), skipped, total_views, time.perf_counter() - start)

@@ -62,7 +62,7 @@ def test_the_views_of_a_block_decode_each_image_once_and_store_what_units_alone_
     open_teacher(by_unit, "t", runner.info, train_data.num_classes, VIEWS)
     worker = UnitExtractor(by_unit, train_data, runner, "t", batch_size=BATCH)
     for v, b in by_unit.units(VIEWS):
-        worker.run(v, b)
+        worker.run([(v, b)])
     calls = Counter()
     original = type(train_data).image
     monkeypatch.setattr(type(train_data), "image", lambda self, i: calls.update([i]) or original(self, i))

@@ -86,7 +86,7 @@ def test_a_worker_built_from_the_job_writes_what_this_process_writes(tmp_path):
         driver.open_teacher()
         worker = worker_extractor(driver.job)
         for view, block in reversed(store.units(2)):  # any order: each unit is written whole
-            worker.run(view, block)
+            worker.run([(view, block)])
     got, want = read_tree(tmp_path / "there"), read_tree(tmp_path / "here")
     assert sorted(got) == sorted(want) and [k for k in got if got[k] != want[k]] == []
 

@@ -58,7 +58,11 @@ class ExtractActor:
         if next_units is not None:
             upcoming = [tuple(u) for u in next_units]
             self.next = (upcoming, RenderAhead(lambda: self.unit.render(upcoming)))
-        return self.unit.run(units, rendered)
+        try:
+            return self.unit.run(units, rendered)
+        finally:
+            if rendered is not None:
+                rendered.close()  # a failed block leaves no thread waiting to hand over its batches
 
 
 class RenderAhead:

@@ -189,9 +189,12 @@ class UnitExtractor:
                 parts = [p for p in parts if p is not None]
                 yield concat([{**p, PART: np.full(len(p["id"]), k)} for k, p in enumerate(parts)])
 
-    def render(self, units: list[tuple[int, int]]) -> Iterator[tuple[Table, dict]]:
-        """Render batches of ``units`` (no teacher), one decode per image for all views of a block: what runs ahead of the teacher."""
-        return render_batches(self.renderer, self.block_batches(units, self.source.group.committed()), self.param_names, self.workers, check_column="check")
+    def render(self, units: list[tuple[int, int]], plan_done: set | None = None) -> Iterator[tuple[Table, dict]]:
+        """Render batches of ``units`` (no teacher), one decode per image for all views of a block: what runs ahead of the teacher.
+
+        ``plan_done``: the plan's committed units, when the caller has read them already."""
+        plan_done = self.source.group.committed() if plan_done is None else plan_done
+        return render_batches(self.renderer, self.block_batches(units, plan_done), self.param_names, self.workers, check_column="check")
 
     def infer(self, batch: Table, rendered: dict) -> tuple[Table, np.ndarray, dict]:
         """Teacher rows of one rendered batch, with the views' fingerprints."""
@@ -219,7 +222,7 @@ class UnitExtractor:
     def run(self, units: list[tuple[int, int]], rendered: Iterable[tuple[Table, dict]] | None = None) -> int:
         """Render (unless ``rendered``, from ``render(units)``, is given), run the teacher, write and commit ``units``; their row count."""
         plan_done = self.source.group.committed()  # read before rendering: a unit whose plan this run writes is checked against nothing
-        for v, b, parts in self.completed(rendered if rendered is not None else self.render(units)):
+        for v, b, parts in self.completed(rendered if rendered is not None else self.render(units, plan_done)):
             self.commit(v, b, parts, (v, b) in plan_done)
         return sum(len(self.source.ids(b)) for _, b in units)
 
@@ -271,8 +274,7 @@ def extract_units(
     # and waiting on it re-raises its error.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer") as writer:
         pending = None
-        rendered = render_batches(unit.renderer, unit.block_batches(units, plan_done), unit.param_names, workers, check_column="check")
-        for v, b, parts in unit.completed(rendered, progress.update):
+        for v, b, parts in unit.completed(unit.render(units, plan_done), progress.update):
             if pending is not None:
                 pending.result()
             pending = writer.submit(commit, v, b, parts)

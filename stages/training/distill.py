@@ -20,9 +20,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from itertools import groupby, islice
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,29 +30,16 @@ from torch import nn
 from storage import UserError
 
 from ..data.datasets import ImageDataset
-from ..methods import Method, Targets, build_method, needs_teacher
+from ..methods import Method, build_method, needs_teacher
 from .precision import Precision
 from ..progress import Progress
 from .run_metrics import RunMetrics
 from .settings import TrainSettings
-from ..data.replay import (
-    StoredViews,
-    Table,
-    ViewRenderer,
-    check_fingerprints,
-    epoch_units,
-    window_units,
-    even_batches,
-    labelled_mask,
-    rebatch,
-    render_batches,
-    shuffle_windows,
-    unit_table,
-    with_images,
-)
+from ..data.replay import StoredViews, ViewRenderer, even_batches, labelled_mask, render_batches
+from .loader import Batch, ReplayLoader, rank_and_world
 from .student import StudentCard, build_student, save_student
 from ..teachers.teacher_sources import TeacherSource
-from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, mixed_targets, normalize
+from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, normalize
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +73,18 @@ def to_input(views: torch.Tensor, mean, std, device, channels_last: bool = False
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def teacher_outputs(teacher: TeacherSource | None, batch: Table, views: torch.Tensor, device, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """The teacher's outputs for a batch, as float32 on ``device`` (a live teacher under autocast gives bf16/fp16).
+TEACHER = "teacher"  # the run's teacher source in its loader's ``teachers``
 
-    ``temperature``: the method's (a top-k cache rebuilds its tail for it)."""
+
+def teacher_outputs(teacher: TeacherSource | None, batch: Batch, temperature) -> dict[str, torch.Tensor]:
+    """The teacher's outputs for a batch already on the student's device, as float32 (a live teacher under autocast gives bf16/fp16).
+
+    A cached teacher's came with the batch (the loader decoded them at the method's ``temperature``); a live one runs here."""
     if teacher is None:
         return {}
-    if teacher.size is not None:  # a live teacher runs where the student does
-        views = views.to(device, non_blocking=True)
-    return {k: v.to(device, non_blocking=True).float() for k, v in teacher.outputs(batch, views, temperature).items()}
+    if teacher.size is None:
+        return batch.teachers[TEACHER]
+    return {k: v.float() for k, v in teacher.outputs(batch.rows, batch.teacher_images, temperature).items()}
 
 
 def step(run: Setup, loss: torch.Tensor, clip_grad: float | None) -> None:
@@ -135,28 +124,12 @@ def _compiled(model: nn.Module) -> nn.Module:
 # -- several processes (DDP) -----------------------------------------------------------------
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks: (0, 1) unless torch.distributed is initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_sum(values: list[float], device) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def rank_units(units: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
-    """This rank's share of an epoch's (view, block) units: every world-th block's, so each rank reads its own
-    shards; the consecutive units of one block (its repeated views) stay together on one rank."""
-    groups = [list(g) for _, g in groupby(units, key=lambda unit: unit[1])]
-    return [unit for g in groups[rank::world] for unit in g]
 
 
 def resolve_batch(batch_size: int | None, global_batch: int | None, world: int, where: str = "the recipe") -> tuple[int, int]:
@@ -178,28 +151,6 @@ def resolve_batch(batch_size: int | None, global_batch: int | None, world: int, 
             f"or pass --batch-size B for B per worker"
         )
     return global_batch // world, global_batch
-
-
-def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> int:
-    """Optimiser steps every rank takes in every epoch.
-
-    DDP hangs when ranks take different numbers of steps, and a rank's rows
-    depend on which blocks the epoch's shuffle gives it. So every rank is cut
-    to a bound that holds for all epochs: the fewest whole blocks a rank can
-    get, with the short last block among them. With one rank it is the whole
-    training set, as without DDP. With ``repeats`` R an epoch takes a share
-    1 / R of the blocks, R views of each (``epoch_units``).
-    """
-    num_blocks = -(-num_samples // block)
-    if num_blocks // repeats < world:
-        if repeats > 1:
-            raise UserError(
-                f"with repeats {repeats} an epoch takes {num_blocks // repeats} of the store's {num_blocks} blocks, fewer than the {world} "
-                f"workers: use at most {max(1, num_blocks // repeats)} workers, fewer repeats, or smaller blocks"
-            )
-        raise UserError(f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers")
-    last = num_samples - (num_blocks - 1) * block
-    return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
 
 
 @dataclass
@@ -262,18 +213,6 @@ def lr_factor(s: TrainSettings, steps_per_epoch: int):
     return factor
 
 
-def targets(labels: np.ndarray, num_classes: int, smoothing: float, partner_labels=None, lam=None) -> Targets:
-    """Hard labels and their (mixed, smoothed) target rows; label -1 (unlabelled) gives a zero row.
-
-    ``partner_labels`` and ``lam`` describe mixed views (-1 / 1.0 where a view is not mixed).
-    """
-    n = len(labels)
-    partner_labels = np.full(n, -1) if partner_labels is None else partner_labels
-    lam = np.ones(n) if lam is None else lam
-    soft, labelled = mixed_targets(labels, partner_labels, lam, num_classes, smoothing)
-    return Targets(torch.where(labelled, torch.from_numpy(np.asarray(labels)).long(), -1), soft)
-
-
 # -- training --------------------------------------------------------------------------------
 
 
@@ -293,24 +232,13 @@ class Setup:
     forward: nn.Module  # student + method, under DDP when there are several ranks
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    renderer: ViewRenderer
-    labels: np.ndarray  # (N,) the labels the student may use, -1 elsewhere
+    loader: ReplayLoader  # this rank's batches: views, targets, cached teacher outputs
     size: int  # the student's input size
     mean: tuple
     std: tuple
-    steps: int  # optimiser steps per epoch, the same on every rank
-    plan_size: int | None  # the stored plan's render size; None for views drawn on the fly (nothing to verify)
     precision: Precision
     ema: nn.Module | None  # timm's ModelEmaV3 of the student, or None
     card: StudentCard  # what timm needs beside the weights: the saved student's config.json
-
-
-def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
-    if verify == "all":
-        return np.ones(len(ids), bool)
-    if verify == "sample":  # about one view in a hundred, spread over samples and views
-        return (ids * 7919 + view * 104729) % 100 == 0
-    return np.zeros(len(ids), bool)
 
 
 def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
@@ -356,29 +284,27 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
             f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
             "state one of them (pipeline.commands resolves the other)"
         )
-    steps = steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats)
-    if steps == 0:
-        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
+    loader = ReplayLoader(
+        train_data, plan, views, s.batch_size, teachers={TEACHER: teacher} if teacher is not None else None,
+        temperature=method.teacher_temperature, size=size, labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),
+        label_smoothing=s.label_smoothing, seed=s.seed, repeats=s.repeats, window_rows=s.window_rows, workers=s.workers, verify=s.verify,
+    )
     forward = student_loss
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         on_gpu = torch.device(device).type == "cuda"
         forward = DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)
-    sizes = (size,) if teacher is None or teacher.size is None else (size, teacher.size)
     return Setup(
         model=model,
         method=method,
         forward=forward,
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, steps)),
-        renderer=ViewRenderer(train_data, plan, sizes, plan_size),
-        labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, len(loader))),
+        loader=loader,
         size=size,
         mean=cfg.get("mean"),
         std=cfg.get("std"),
-        steps=steps,
-        plan_size=plan_size,
         precision=precision,
         ema=_model_ema(model, s.model_ema),
         card=StudentCard(s.student, dict(s.student_kwargs), train_data.num_classes, size, tuple(cfg.get("mean")), tuple(cfg.get("std")),
@@ -386,57 +312,26 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     )
 
 
-def epoch_tables(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, rank: int, world: int) -> Iterator[Table]:
-    """This rank's units of one epoch, each a table of rows: ids, view parameters, labels, teacher rows."""
-    param_names = list(run.renderer.plan.fields)
-    units = epoch_units(epoch, views.num_views, views.num_blocks, s.seed, s.repeats, run.renderer.plan.recipe.mix_pair_views)
-    for v, b in rank_units(units, rank, world):
-        table = unit_table(views, v, b, run.labels, param_names)  # a mixing partner is in the same unit
-        table = with_images(table, run.renderer.dataset)  # shard datasets: the unit's images in one pass
-        table.update(teacher.unit_rows(v, b, len(table["id"])) if teacher else {})
-        if run.plan_size is not None:
-            table["check"] = _check_policy(s.verify, table["id"], v)
-        yield table
-
-
-def batch_targets(run: Setup, batch: Table, rendered: dict, num_classes: int, smoothing: float) -> Targets:
-    """The hard and soft targets of a batch; a mixed view's is the mixed target, weighted by the student's own lam."""
-    partner_labels, lam = None, None
-    if "mix_partner" in batch:
-        partner = batch["mix_partner"]
-        partner_labels = np.where(partner >= 0, run.labels[np.maximum(partner, 0)], -1)
-        lam = rendered["lam"][:, 0].numpy()
-    return targets(batch["label"], num_classes, smoothing, partner_labels, lam)
-
-
-def train_one_epoch(run: Setup, s: TrainSettings, views, teacher: TeacherSource | None, epoch: int, num_classes: int, device) -> dict:
+def train_one_epoch(run: Setup, s: TrainSettings, teacher: TeacherSource | None, epoch: int, device) -> dict:
     """One epoch of optimiser steps; the epoch's metrics line (losses averaged over every rank's steps)."""
     rank, world = rank_and_world()
     run.model.train()
     run.method.epoch = epoch
-    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", run.steps * s.batch_size)
-    rng = np.random.default_rng([s.seed, epoch, 2] + ([rank] if world > 1 else []))
-    window = window_units(s.window_rows, views.block, s.repeats)  # a block's repeated views share a window
-    tables = epoch_tables(run, s, views, teacher, epoch, rank, world)
-    # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
-    # With repeats, a sample's views travel together: one decode of its image renders all of them (see shuffle_windows).
-    batches = islice(rebatch(shuffle_windows(tables, window, rng, by_sample=s.repeats > 1), s.batch_size, drop_last=True), run.steps)
-    check = "check" if run.plan_size is not None else None
+    run.loader.set_epoch(epoch)
+    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", len(run.loader) * s.batch_size)
     sums, done, start = {}, 0, time.perf_counter()
-    for batch, rendered in render_batches(run.renderer, batches, list(run.renderer.plan.fields), s.workers, check):
-        if check:
-            check_fingerprints(batch, rendered["fingerprint"].numpy(), views.store, batch["check"])
-        x = to_input(rendered["views"][0], run.mean, run.std, device, s.channels_last)
-        target = batch_targets(run, batch, rendered, num_classes, s.label_smoothing)
-        target = Targets(target.labels.to(device, non_blocking=True), target.soft.to(device, non_blocking=True))
+    for batch in run.loader:
+        batch = batch.to(device, non_blocking=True)
+        x = normalize(batch.images, run.mean, run.std)
+        x = x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
         with run.precision.autocast():
-            t_out = teacher_outputs(teacher, batch, rendered["views"][-1], device, run.method.teacher_temperature)
-            loss, parts = run.forward(x, t_out, target)
+            t_out = teacher_outputs(teacher, batch, run.method.teacher_temperature)
+            loss, parts = run.forward(x, t_out, batch.targets)
         step(run, loss, s.clip_grad)
         for k, v in {"loss": loss.detach(), **parts}.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v
         done += 1
-        progress.update(len(batch["id"]))
+        progress.update(len(batch))
     sums = {k: float(v) for k, v in sums.items()}  # the epoch's one host sync
     seconds = time.perf_counter() - start
     if world > 1:  # rank 0 reports the mean over every rank's steps
@@ -489,7 +384,7 @@ def train(
         for line in metrics:  # a resumed run's record starts with the epochs it already has
             record.write(line)
         for epoch in range(first_epoch, s.epochs):
-            line = {**train_one_epoch(run, s, views, teacher, epoch, train_data.num_classes, device), **validate(run, s, val_data, plan, device)}
+            line = {**train_one_epoch(run, s, teacher, epoch, device), **validate(run, s, val_data, plan, device)}
             metrics.append(line)
             if rank == 0:
                 log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))

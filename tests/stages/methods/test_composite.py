@@ -17,7 +17,7 @@ from pipeline.distill_command import train_settings
 from pipeline.sweep_spec import parse_sweep, trial_job, trial_settings
 from stages.methods import build_method, list_methods, method_class
 from stages.teachers.teacher_sources import PartsTeacher, TeacherSource
-from stages.training.distill import targets
+from stages.training.loader import targets
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
 from stages.training.settings import TrainSettings
 from storage import Store, UserError

@@ -10,7 +10,8 @@ import torch
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.training.distill import TrainSettings, targets, train
+from stages.training.distill import TrainSettings, train
+from stages.training.loader import targets
 from stages.teachers.extract import stored_plan
 from stages.methods.gpd import DynamicTeacher, WideBatchNorm2d, WideConv2d
 from stages.methods.losses import dkd_loss, smoothed_soft_ce

@@ -22,7 +22,8 @@ from stages.methods.method_settings import check_method_args
 from stages.methods.orepa import EXPAND, OREPAConv2d, convert_to_orepa, eligible, merge_orepa
 from stages.teachers.extract import stored_plan
 from stages.teachers.teacher_sources import CachedTeacher
-from stages.training.distill import TrainSettings, targets, train
+from stages.training.distill import TrainSettings, train
+from stages.training.loader import targets
 from storage import Store, UserError
 
 # zero_init_last=False: timm zeroes each residual branch's last BatchNorm, which would hide every 3x3 conv but the first.

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.training.distill import TrainSettings, targets, train
+from stages.training.distill import TrainSettings, train
+from stages.training.loader import targets
 from stages.training.student import build_student
 from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
 from stages.cache.store_setup import stored_plan

@@ -11,7 +11,8 @@ from conftest import DATA
 from pipeline import config
 from pipeline.cli import main
 from pipeline.distill_command import train_settings
-from stages.training.distill import rank_units, resolve_batch, steps_per_epoch
+from stages.training.distill import resolve_batch
+from stages.training.loader import rank_units, steps_per_epoch
 from stages.data.replay import epoch_units, window_units
 from stages.data.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
 from stages.training.settings import TrainSettings

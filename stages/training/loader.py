@@ -1,0 +1,338 @@
+"""The replay loader: an epoch of replayed views as typed batches, with their targets and cached teacher outputs.
+
+``ReplayLoader`` is the one object every training loop iterates: ``pipeline train`` and ``pipeline distill``
+(``stages.training.distill.train_one_epoch``), Ray Train workers, sweeps, the benchmarks, and a user's own loop
+(``stages.loader.open_cache(...).loader(...)``). It owns the chain from units to batches:
+
+1. ``epoch_units``: the epoch's (view, block) units, each block once (R times with ``repeats``); under
+   DDP each rank takes every world-th block (``rank_units``);
+2. ``unit_table``: each unit's view parameters (and fingerprints), labels, mixing partners, encoded
+   images (tar shards) and cached teacher rows, read whole;
+3. ``shuffle_windows`` + ``rebatch``: rows shuffled within a window of units in memory, cut into
+   batches of exactly ``batch_size`` (mixing mates and a sample's repeated views kept in one batch);
+4. ``render_batches``: the images rendered in loader processes, in order;
+5. here, in the main process: fingerprints checked, targets mixed and smoothed with the rendered
+   views' own mixing weights, teacher rows decoded (top-k rebuilt at the method's temperature).
+
+Every rank takes exactly ``len(loader)`` batches each epoch (``steps_per_epoch``), so no DDP rank waits on
+another. Batches are a pure function of (seed, epoch, rank, world): ``state_dict`` records the epoch and
+how many batches were taken, and ``load_state_dict`` resumes mid-epoch with the same batches (the
+skipped batches' units are read again, but not rendered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from itertools import groupby, islice
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from storage import UserError
+
+from ..data.image_dataset import ImageDataset
+from ..data.replay import (
+    StoredViews,
+    Table,
+    ViewRenderer,
+    check_fingerprints,
+    epoch_units,
+    rebatch,
+    render_batches,
+    shuffle_windows,
+    unit_table,
+    window_units,
+    with_images,
+)
+from ..data.views import ViewPlan, mixed_targets, normalize
+from ..methods import Targets
+from ..teachers.teacher_sources import TeacherSource
+
+VERIFY = ("all", "sample", "none")
+
+
+# -- ranks and steps -------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: (0, 1) unless torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_units(units: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
+    """This rank's share of an epoch's (view, block) units: every world-th block's, so each rank reads its own
+    shards; the consecutive units of one block (its repeated views) stay together on one rank."""
+    groups = [list(g) for _, g in groupby(units, key=lambda unit: unit[1])]
+    return [unit for g in groups[rank::world] for unit in g]
+
+
+def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> int:
+    """Optimiser steps every rank takes in every epoch.
+
+    DDP hangs when ranks take different numbers of steps, and a rank's rows
+    depend on which blocks the epoch's shuffle gives it. So every rank is cut
+    to a bound that holds for all epochs: the fewest whole blocks a rank can
+    get, with the short last block among them. With one rank it is the whole
+    training set, as without DDP. With ``repeats`` R an epoch takes a share
+    1 / R of the blocks, R views of each (``epoch_units``).
+    """
+    num_blocks = -(-num_samples // block)
+    if num_blocks // repeats < world:
+        if repeats > 1:
+            raise UserError(
+                f"with repeats {repeats} an epoch takes {num_blocks // repeats} of the store's {num_blocks} blocks, fewer than the {world} "
+                f"workers: use at most {max(1, num_blocks // repeats)} workers, fewer repeats, or smaller blocks"
+            )
+        raise UserError(f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers")
+    last = num_samples - (num_blocks - 1) * block
+    return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
+
+
+def _resolve_ranks(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is None and world is None:
+        return rank_and_world()
+    if rank is None or world is None:
+        raise UserError("pass both rank and world (or neither, to take them from torch.distributed)")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}: pass a rank below world")
+    return rank, world
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+def targets(labels: np.ndarray, num_classes: int, smoothing: float, partner_labels=None, lam=None) -> Targets:
+    """Hard labels and their (mixed, smoothed) target rows; label -1 (unlabelled) gives a zero row.
+
+    ``partner_labels`` and ``lam`` describe mixed views (-1 / 1.0 where a view is not mixed).
+    """
+    n = len(labels)
+    partner_labels = np.full(n, -1) if partner_labels is None else partner_labels
+    lam = np.ones(n) if lam is None else lam
+    soft, labelled = mixed_targets(labels, partner_labels, lam, num_classes, smoothing)
+    return Targets(torch.where(labelled, torch.from_numpy(np.asarray(labels)).long(), -1), soft)
+
+
+def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
+    """The rows whose replayed view is fingerprinted: all, about one in a hundred (spread over samples and views), or none."""
+    if verify == "all":
+        return np.ones(len(ids), bool)
+    if verify == "sample":
+        return (ids * 7919 + view * 104729) % 100 == 0
+    return np.zeros(len(ids), bool)
+
+
+# -- the batch -------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One batch of replayed views, ready for a student step.
+
+    Attributes:
+        images: (B, 3, S, S) uint8 views at the student's size, or float32 when the loader normalises.
+        targets: ``labels`` (B,) int64 (-1 where the label may not be used) and ``soft`` (B, C) float32
+            mixed and smoothed target rows, weighted by each view's own mixing share.
+        teachers: per teacher id, its outputs for these views: ``logits`` (B, C), ``features`` (B, D),
+            ``tokens`` (B, T, D), float32 (only those the loader was asked for).
+        ids: (B,) int64 sample ids; views: (B,) int64 the stored view each row replays.
+        lam: (B,) float64 share of each row's own image in its view (1 where it does not mix).
+        teacher_images: (B, 3, T, T) uint8 views at a live teacher's size, when one was asked for.
+        rows: the batch's table (numpy columns: view parameters, stored rows), for code that reads more.
+    """
+
+    images: torch.Tensor
+    targets: Targets
+    teachers: dict[str, dict[str, torch.Tensor]]
+    ids: torch.Tensor
+    views: torch.Tensor
+    lam: torch.Tensor
+    teacher_images: torch.Tensor | None = None
+    rows: Table = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """This batch with every tensor on ``device`` (pinned first for a CUDA device, so ``non_blocking`` overlaps the copy).
+
+        Example:
+            >>> batch = batch.to("cuda", non_blocking=True)
+        """
+        pin = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=non_blocking)
+
+        return dataclasses.replace(
+            self,
+            images=move(self.images),
+            targets=Targets(move(self.targets.labels), move(self.targets.soft)),
+            teachers={tid: {k: move(v) for k, v in out.items()} for tid, out in self.teachers.items()},
+            ids=move(self.ids),
+            views=move(self.views),
+            lam=move(self.lam),
+            teacher_images=move(self.teacher_images),
+        )
+
+
+# -- the loader ------------------------------------------------------------------------------
+
+
+class ReplayLoader:
+    """Replayed views of a dataset, an epoch at a time, as ``Batch`` es (see the module's docstring).
+
+    Made by ``stages.loader.Cache.loader`` for a user's loop, and by the training loop for its own runs.
+
+    Args:
+        dataset: the training images (``ImageDataset``).
+        plan: the view plan that renders them.
+        views: where the view parameters come from: ``StoredViews`` (a store's plan, replayed and
+            checked against its fingerprints) or ``DrawnViews`` (drawn on the fly, nothing stored).
+        batch_size: views per batch on this rank; every batch is whole (a last partial one is dropped).
+        teachers: teacher sources by name; a cached one's rows are read with each unit and decoded
+            into ``Batch.teachers[name]``; a live one (``source.size`` set) gets its views rendered at
+            its size into ``Batch.teacher_images`` and is run by the caller.
+        temperature: the temperature each cached teacher's logits are softened at (a top-k cache
+            rebuilds its tail for it): one value for all, or one per name.
+        size: the student's input size (default: the stored plan's render size).
+        labels: (N,) the labels the student may use, -1 elsewhere (default: the dataset's).
+        label_smoothing: timm's smoothing of the target rows.
+        seed: fixes the epoch's order (with the epoch number).
+        repeats: R > 1 takes R different views of each sample of an epoch's blocks (timm's --aug-repeats).
+        window_rows: about how many rows are shuffled together in memory.
+        workers: loader processes rendering views (0: in this process).
+        verify: replayed views checked against the stored fingerprints: ``"all"``, ``"sample"``
+            (about one in a hundred) or ``"none"``.
+        normalize: ``(mean, std)`` to hand out float32 normalised images; ``None`` hands out uint8
+            images, which the caller normalises on its device (a quarter of the bytes cross the bus).
+        rank, world: this process's rank and the number of ranks (default: from torch.distributed, else 0 and 1).
+    """
+
+    def __init__(
+        self, dataset: ImageDataset, plan: ViewPlan, views, batch_size: int, *, teachers: Mapping[str, TeacherSource] | None = None,
+        temperature: float | tuple | Mapping[str, float | tuple] = 1.0, size: int | None = None, labels: np.ndarray | None = None,
+        label_smoothing: float = 0.0, seed: int = 0, repeats: int = 1, window_rows: int = 16384, workers: int = 0, verify: str = "sample",
+        normalize: tuple[tuple, tuple] | None = None, rank: int | None = None, world: int | None = None,
+    ):
+        self.dataset, self.plan, self.source = dataset, plan, views
+        self.teachers = dict(teachers or {})
+        self.rank, self.world = _resolve_ranks(rank, world)
+        if verify not in VERIFY:
+            raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, not {batch_size}")
+        self.plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None  # None: views drawn now, nothing to verify
+        self.size = size or self.plan_size
+        if self.size is None:
+            raise UserError("views drawn on the fly have no stored render size: pass size (the student's input size)")
+        if not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            raise UserError(f"size must be a positive number of pixels, not {self.size!r}")
+        live = {s.size for s in self.teachers.values() if s.size is not None}
+        if len(live) > 1:
+            raise UserError(f"live teachers at several sizes ({sorted(live)}): run them at one render size")
+        self.teacher_size = next(iter(live), None)
+        self.renderer = ViewRenderer(dataset, plan, (self.size,) if self.teacher_size is None else (self.size, self.teacher_size), self.plan_size)
+        self.batch_size, self.seed, self.repeats, self.workers, self.verify = batch_size, seed, repeats, workers, verify
+        if not 1 <= repeats <= views.num_views:
+            raise UserError(
+                f"repeats {repeats} needs {repeats} different views of each sample in an epoch but there are {views.num_views}: "
+                f"use repeats between 1 and {views.num_views}, or extract more views"
+            )
+        self.window = window_units(window_rows, views.block, repeats)  # a block's repeated views share a window
+        self.temperature = temperature
+        self.labels = dataset.labels if labels is None else np.asarray(labels)
+        self.smoothing, self.normalize = label_smoothing, normalize
+        self.steps = steps_per_epoch(len(dataset), views.block, batch_size, self.world, repeats)
+        if self.steps == 0:
+            raise UserError(
+                f"batch size {batch_size} is larger than a rank's share of the training set ({len(dataset)} samples, {self.world} rank(s)): "
+                "lower the batch size"
+            )
+        self.epoch, self.position, self._resume = 0, 0, 0
+
+    def __len__(self) -> int:
+        """Batches (optimiser steps) per epoch on this rank: the same on every rank, every epoch."""
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Take ``epoch``'s batches at the next iteration (as ``DistributedSampler.set_epoch``); a position loaded for
+        this same epoch by ``load_state_dict`` is kept."""
+        if epoch != self.epoch:
+            self.epoch, self._resume = epoch, 0
+
+    def state_dict(self) -> dict:
+        """The epoch and the batches of it already taken, with what fixes the order (to refuse a resume under other settings)."""
+        return {"epoch": self.epoch, "position": self.position, **self._order_key()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (from ``state_dict``) was taken: the next iteration yields the rest of its epoch, the same batches."""
+        wanted = self._order_key()
+        changed = [k for k in wanted if state.get(k) != wanted[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"the loader state was saved with {k} {state.get(k)} but this loader has {k} {wanted[k]}: resume with the same settings")
+        self.epoch, self.position, self._resume = int(state["epoch"]), int(state["position"]), int(state["position"])
+
+    def _order_key(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "repeats": self.repeats, "rank": self.rank, "world": self.world}
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self.epoch, self._resume
+        self._resume, self.position = 0, start
+        rng = np.random.default_rng([self.seed, epoch, 2] + ([self.rank] if self.world > 1 else []))
+        # With repeats, a sample's views travel together: one decode of its image renders all of them (see shuffle_windows).
+        shuffled = shuffle_windows(self._tables(epoch), self.window, rng, by_sample=self.repeats > 1)
+        # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
+        batches = islice(rebatch(shuffled, self.batch_size, drop_last=True), start, self.steps)
+        check = "check" if self.plan_size is not None else None
+        for table, rendered in render_batches(self.renderer, batches, list(self.plan.fields), self.workers, check):
+            if check:
+                check_fingerprints(table, rendered["fingerprint"].numpy(), self.source.store, table["check"])
+            self.position += 1
+            yield self._batch(table, rendered)
+        if self.position == self.steps:  # a whole epoch taken: the next iteration is the next epoch's
+            self.epoch, self.position = epoch + 1, 0
+
+    def _tables(self, epoch: int) -> Iterator[Table]:
+        """This rank's units of ``epoch``, each a table of rows: ids, view parameters, labels, teacher rows."""
+        units = epoch_units(epoch, self.source.num_views, self.source.num_blocks, self.seed, self.repeats, self.plan.recipe.mix_pair_views)
+        for v, b in rank_units(units, self.rank, self.world):
+            table = unit_table(self.source, v, b, self.labels, list(self.plan.fields))  # a mixing partner is in the same unit
+            table = with_images(table, self.dataset)  # shard datasets: the unit's images in one pass
+            for source in self.teachers.values():
+                table.update(source.unit_rows(v, b, len(table["id"])))
+            if self.plan_size is not None:
+                table["check"] = _check_policy(self.verify, table["id"], v)
+            yield table
+
+    def _batch(self, table: Table, rendered: dict) -> Batch:
+        images = rendered["views"][0]
+        lam = rendered["lam"][:, 0]
+        partner_labels = None
+        if "mix_partner" in table:  # a mixed view's target is the mixed one, weighted by the student's own lam
+            partner = table["mix_partner"]
+            partner_labels = np.where(partner >= 0, self.labels[np.maximum(partner, 0)], -1)
+        target = targets(table["label"], self.dataset.num_classes, self.smoothing, partner_labels, lam.numpy() if partner_labels is not None else None)
+        teachers = {name: s.outputs(table, None, self._temperature(name)) for name, s in self.teachers.items() if s.size is None}
+        return Batch(
+            images=images if self.normalize is None else normalize(images, *self.normalize),
+            targets=target,
+            teachers=teachers,
+            ids=torch.from_numpy(np.asarray(table["id"], np.int64)),
+            views=torch.from_numpy(np.asarray(table["view"], np.int64)),
+            lam=lam,
+            teacher_images=rendered["views"][1] if self.teacher_size is not None else None,
+            rows=table,
+        )
+
+    def _temperature(self, name: str):
+        return self.temperature[name] if isinstance(self.temperature, Mapping) else self.temperature

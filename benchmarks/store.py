@@ -58,7 +58,9 @@ from stages.teachers.teacher_sources import CachedTeacher
 from stages.teachers.extract import TeacherRunner, _commit_unit, extract, open_teacher, teacher_info
 from stages.cache.store_setup import FINGERPRINT, library_versions, open_store, stored_plan
 from stages.methods.losses import kd_loss
-from stages.data.replay import StoredViews, ViewRenderer, epoch_units, even_batches, rebatch, render_batches, shuffle_windows, with_partner_params
+from stages.data.image_dataset import ImageDataset
+from stages.data.replay import StoredViews, ViewRenderer, epoch_units, even_batches, render_batches, with_partner_params
+from stages.training.loader import ReplayLoader
 from stages.teachers.teachers import build_teacher
 from stages.data.views import ViewPlan, ViewRecipe, normalize
 from storage import DatasetRecord, PlanRecord, Store, TeacherRecord
@@ -275,15 +277,19 @@ def codec_table(arrays: dict[str, np.ndarray], block: int) -> dict[str, dict[str
 
 
 class MemmapSource:
-    """The same arrays as numpy memmaps [V, N, ...], with the reader interface of StoredViews/CachedTeacher."""
+    """The same arrays as numpy memmaps [V, N, ...], with the reader interface of StoredViews (views) or CachedTeacher (rows)."""
 
-    def __init__(self, root: Path, arrays: dict[str, np.ndarray], block: int, prefix: str, info: TeacherRecord | None = None):
+    size = None  # a cached source: nothing to render for it
+
+    def __init__(self, root: Path, arrays: dict[str, np.ndarray], store: Store, prefix: str, info: TeacherRecord | None = None):
         root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, data in arrays.items():
             np.save(root / f"{name}.npy", data)
             self.maps[name] = np.load(root / f"{name}.npy", mmap_mode="r")
-        self.block, self.prefix, self.info, self.needs = block, prefix, info, ("logits",)
+        self.ids, self.num_blocks, self.block = store.block_ids, store.num_blocks, store.block
+        self.num_views = len(next(iter(self.maps.values())))
+        self.prefix, self.info, self.needs = prefix, info, ("logits",)
 
     def params(self, view, block):
         s = block * self.block
@@ -293,26 +299,30 @@ class MemmapSource:
         s = block * self.block
         return {self.prefix + k: np.array(m[view, s : s + rows]) for k, m in self.maps.items()}
 
-    def outputs(self, batch, views):
+    def outputs(self, batch, views, temperature=1.0, needs=None):
         n = len(self.prefix)
-        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, self.needs)
+        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, needs or self.needs, temperature)
 
 
-def read_epoch(views, teacher, ids_of, labels, num_views, num_blocks, epoch, batch_size, window_rows=16384) -> int:
-    """One epoch's reads as ``stages.distill.train`` does them, minus rendering and the student: views delivered."""
+class Labels(ImageDataset):
+    """A dataset of labels only: the reads need ids and labels, never an image (nothing is rendered)."""
 
-    def tables():
-        for v, b in epoch_units(epoch, num_views, num_blocks, 0):
-            ids = ids_of(b)
-            table = {**views.params(v, b), "id": ids, "view": np.full(len(ids), v), "label": labels[ids]}
-            table.update(teacher.unit_rows(v, b, len(ids)))
-            yield table
+    def __init__(self, labels: np.ndarray, num_classes: int):
+        self.labels, self.keys, self.classes, self.source = labels, [str(i) for i in range(len(labels))], [str(c) for c in range(num_classes)], "labels"
 
-    rng = np.random.default_rng([0, epoch, 2])
-    block = len(ids_of(0))
+
+def read_loader(plan: ViewPlan, views, teacher, labels: np.ndarray, num_classes: int, batch_size: int) -> ReplayLoader:
+    """The product's loader over ``views`` and ``teacher`` (a store's or memmaps): its reads are what is measured."""
+    return ReplayLoader(Labels(labels, num_classes), plan, views, batch_size, teachers={"t": teacher}, size=224, verify="none")
+
+
+def read_epoch(loader: ReplayLoader, epoch: int) -> int:
+    """One epoch's reads as training does them (``ReplayLoader.row_batches``: whole units, shuffle, re-batch, teacher rows
+    decoded), minus rendering and the student: views delivered."""
+    loader.set_epoch(epoch)
     n = 0
-    for batch in rebatch(shuffle_windows(tables(), max(1, window_rows // block), rng), batch_size, drop_last=True):
-        teacher.outputs(batch, None)  # (B, C) float32 logits, ready for the loss
+    for batch in loader.row_batches():
+        loader.teacher_outputs(batch)  # (B, C) float32 logits, ready for the loss
         n += len(batch["id"])
     return n
 
@@ -322,10 +332,10 @@ def read_section(report: "Report", tmp: Path, store: Store, labels: np.ndarray, 
     torch.set_num_threads(args.threads)  # the sections before (`pipeline train` for the digits teacher) change it
     ct = CachedTeacher(store, "syn", ("logits",))
     views = StoredViews(store, stored_plan(store), args.views)
-    epoch_args = (labels, args.views, store.num_blocks)
-    read_epoch(views, ct, views.ids, *epoch_args, 0, args.batch_size)  # warm-up (page cache, imports)
+    loader = read_loader(views.plan, views, ct, labels, args.classes, args.batch_size)
+    read_epoch(loader, 0)  # warm-up (page cache, imports)
     before = rchar()
-    used_rows = read_epoch(views, ct, views.ids, *epoch_args, 1, args.batch_size)
+    used_rows = read_epoch(loader, 1)
     fetched = rchar() - before
     units = epoch_units(1, args.views, store.num_blocks, 0)
     shard = sum(shard_bytes(store.plan, views.names, v, b) + shard_bytes(ct.group, ct.names, v, b) for v, b in units)
@@ -333,15 +343,16 @@ def read_section(report: "Report", tmp: Path, store: Store, labels: np.ndarray, 
     report.add("read amplification: fetched / used (one epoch)", f"{fetched / used:.3f}x", "<= 1.1x", fetched / used <= 1.1,
                f"{fetched / 1e6:.3f} MB fetched (rchar) for {used / 1e6:.3f} MB of shards used, {len(units)} units")
     mm = tmp / "memmap"
-    mviews = MemmapSource(mm / "plan", {n: store.plan.array(n)[:] for n in views.names}, args.block, "")
-    mteacher = MemmapSource(mm / "t", {n: ct.group.array(n)[:] for n in ct.names}, args.block, "t:", ct.info)
+    mviews = MemmapSource(mm / "plan", {n: store.plan.array(n)[:] for n in views.names}, store, "")
+    mteacher = MemmapSource(mm / "t", {n: ct.group.array(n)[:] for n in ct.names}, store, "t:", ct.info)
+    loaders = {"zarr": loader, "memmap": read_loader(views.plan, mviews, mteacher, labels, args.classes, args.batch_size)}
     rate = {"zarr": [], "memmap": []}
     # An epoch takes tens of milliseconds: many rounds, each reading the same epoch both ways one after the other,
     # so that a burst of load on a shared machine hits both alike.
     for e in range(READ_ROUNDS * args.repeats):
-        for kind, (vv, tt) in (("zarr", (views, ct)), ("memmap", (mviews, mteacher))):
+        for kind, reader in loaders.items():
             t = time.perf_counter()
-            n = read_epoch(vv, tt, views.ids, *epoch_args, e, args.batch_size)
+            n = read_epoch(reader, e)
             rate[kind].append(n / (time.perf_counter() - t))
     r_zarr, r_mm = statistics.median(rate["zarr"]), statistics.median(rate["memmap"])
     per_round = statistics.median(z / m for z, m in zip(rate["zarr"], rate["memmap"]))

@@ -288,19 +288,27 @@ class ReplayLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self._resume
         self._resume, self.position = 0, start
-        rng = np.random.default_rng([self.seed, epoch, 2] + ([self.rank] if self.world > 1 else []))
-        # With repeats, a sample's views travel together: one decode of its image renders all of them (see shuffle_windows).
-        shuffled = shuffle_windows(self._tables(epoch), self.window, rng, by_sample=self.repeats > 1)
-        # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
-        batches = islice(rebatch(shuffled, self.batch_size, drop_last=True), start, self.steps)
         check = "check" if self.plan_size is not None else None
-        for table, rendered in render_batches(self.renderer, batches, list(self.plan.fields), self.workers, check):
+        for table, rendered in render_batches(self.renderer, self.row_batches(start), list(self.plan.fields), self.workers, check):
             if check:
                 check_fingerprints(table, rendered["fingerprint"].numpy(), self.source.store, table["check"])
             self.position += 1
             yield self._batch(table, rendered)
         if self.position == self.steps:  # a whole epoch taken: the next iteration is the next epoch's
             self.epoch, self.position = epoch + 1, 0
+
+    def row_batches(self, start: int = 0) -> Iterator[Table]:
+        """The current epoch's batches from batch ``start`` on, as tables before rendering: ids, views, view parameters,
+        labels and stored teacher rows (what the store gives; ``teacher_outputs`` decodes the rows)."""
+        rng = np.random.default_rng([self.seed, self.epoch, 2] + ([self.rank] if self.world > 1 else []))
+        # With repeats, a sample's views travel together: one decode of its image renders all of them (see shuffle_windows).
+        shuffled = shuffle_windows(self._tables(self.epoch), self.window, rng, by_sample=self.repeats > 1)
+        # Every rank takes exactly ``steps`` batches (see steps_per_epoch); its other rows wait for another epoch.
+        return islice(rebatch(shuffled, self.batch_size, drop_last=True), start, self.steps)
+
+    def teacher_outputs(self, table: Table) -> dict[str, dict[str, torch.Tensor]]:
+        """The cached teachers' outputs for a batch table, by name (float32; top-k rows rebuilt at their temperature)."""
+        return {name: s.outputs(table, None, self._temperature(name)) for name, s in self.teachers.items() if s.size is None}
 
     def _tables(self, epoch: int) -> Iterator[Table]:
         """This rank's units of ``epoch``, each a table of rows: ids, view parameters, labels, teacher rows."""
@@ -322,11 +330,10 @@ class ReplayLoader:
             partner = table["mix_partner"]
             partner_labels = np.where(partner >= 0, self.labels[np.maximum(partner, 0)], -1)
         target = targets(table["label"], self.dataset.num_classes, self.smoothing, partner_labels, lam.numpy() if partner_labels is not None else None)
-        teachers = {name: s.outputs(table, None, self._temperature(name)) for name, s in self.teachers.items() if s.size is None}
         return Batch(
             images=images if self.normalize is None else normalize(images, *self.normalize),
             targets=target,
-            teachers=teachers,
+            teachers=self.teacher_outputs(table),
             ids=torch.from_numpy(np.asarray(table["id"], np.int64)),
             views=torch.from_numpy(np.asarray(table["view"], np.int64)),
             lam=lam,

@@ -56,3 +56,14 @@ def test_the_same_loop_under_torchrun_splits_the_store_over_two_ranks(digits_sto
     # Each rank takes its own blocks, and both take the same number of steps (none waits at a collective).
     assert int(line[3]) == steps_per_epoch(DIGITS_TRAIN, BLOCK, BATCH, 2) > 0
     assert torch.load(tmp_path / "s.pt", weights_only=True)["loader"]["world"] == 2
+
+
+def test_timms_factories_and_the_cached_teacher_task_train_from_the_cache(digits_store, tmp_path):
+    out = run_example(sys.executable, str(EXAMPLES / "timm_task_from_cache.py"), "--store", str(digits_store), "--epochs", "2",
+                      "--out", str(tmp_path / "s.pt"))
+    lines = re.findall(r"epoch (\d+): loss ([\d.]+), task_loss ([\d.]+), kd_loss ([\d.]+), lr ([\d.e+-]+)", out)
+    assert [int(e) for e, *_ in lines] == [1, 2]
+    assert all(float(kd) > 0 for *_, kd, _ in lines)  # the cached teacher's term is in the loss
+    assert float(lines[0][4]) > float(lines[1][4])  # timm's cosine schedule, stepped per update, decays
+    student = timm.create_model("resnet10t", num_classes=10)
+    student.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["model"])

@@ -36,7 +36,7 @@ from ..progress import Progress
 from .run_metrics import RunMetrics
 from .settings import TrainSettings
 from ..data.replay import StoredViews, ViewRenderer, even_batches, labelled_mask, render_batches
-from .loader import Batch, ReplayLoader, rank_and_world
+from .loader import Batch, ReplayLoader, rank_and_world, steps_per_epoch
 from .student import StudentCard, build_student, save_student
 from ..teachers.teacher_sources import TeacherSource
 from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, normalize
@@ -284,6 +284,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
             f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
             "state one of them (pipeline.commands resolves the other)"
         )
+    if steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats) == 0:  # the loader would refuse it too, in its own words
+        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
     loader = ReplayLoader(
         train_data, plan, views, s.batch_size, teachers={TEACHER: teacher} if teacher is not None else None,
         temperature=method.teacher_temperature, size=size, labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),

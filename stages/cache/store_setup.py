@@ -14,6 +14,7 @@ import numpy as np
 from storage import ArraySpec, DatasetRecord, PlanRecord, Store, UserError
 
 from ..data.datasets import ImageDataset, open_dataset
+from ..data.decode import ORIENTATION
 from ..data.replay import sample_order
 from ..data.views import ViewPlan, ViewRecipe
 
@@ -36,6 +37,7 @@ def library_versions() -> dict:
         "pillow": PIL.__version__,
         "numpy": np.__version__,
         "zarr": zarr.__version__,
+        "orientation": ORIENTATION,  # how JPEG EXIF orientation is treated (ignored, as timm's loader)
     }
 
 

@@ -37,9 +37,14 @@ def jpeg_decoder():
     return decode_jpeg
 
 
+# EXIF orientation is ignored, as timm's loader and Pillow ignore it: pixels in the order they are stored, at the size
+# the header states (the size views are drawn for). torchcodec applies the tag, so a JPEG that has one goes to Pillow.
+ORIENTATION = "exif-ignored"  # recorded with the library versions of every store
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes as a uint8 (3, H, W) RGB tensor; Pillow's exception when they are not an image."""
-    decode_jpeg = jpeg_decoder() if data[:3] == JPEG_MAGIC else None
+    decode_jpeg = jpeg_decoder() if data[:3] == JPEG_MAGIC and exif_orientation(data) == 1 else None
     if decode_jpeg is not None:
         try:
             return decode_jpeg(data, mode="RGB")
@@ -49,6 +54,47 @@ def decode_image(data: bytes) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as im:
         return rgb_tensor(im)
+
+
+def exif_orientation(data: bytes) -> int:
+    """A JPEG's EXIF orientation tag (1: as stored, 2-8: flipped or turned), 1 without one, -1 when its EXIF cannot be read.
+
+    Reads only the header segments before the image data (microseconds): the APP1 "Exif" segment's first IFD.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the headers are over
+            break
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[i + 10 : i + 2 + length])
+        i += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return -1
+
+    def number(at: int, size: int) -> int:
+        if at + size > len(tiff):
+            raise IndexError(at)
+        return int.from_bytes(tiff[at : at + size], order)
+
+    try:
+        ifd = number(4, 4)
+        for k in range(number(ifd, 2)):
+            entry = ifd + 2 + 12 * k
+            if number(entry, 2) == 0x0112:  # Orientation, a SHORT stored in the entry itself
+                return number(entry + 8, 2)
+    except IndexError:
+        return -1
+    return 1
 
 
 def rgb_tensor(image) -> torch.Tensor:

@@ -215,6 +215,15 @@ class ReplayLoader:
         normalize: ``(mean, std)`` to hand out float32 normalised images; ``None`` hands out uint8
             images, which the caller normalises on its device (a quarter of the bytes cross the bus).
         rank, world: this process's rank and the number of ranks (default: from torch.distributed, else 0 and 1).
+
+    Returns (iterating it):
+        ``len(loader)`` ``Batch`` es of the current epoch (``set_epoch``), each of ``batch_size`` views.
+
+    Example:
+        >>> loader = ReplayLoader(dataset, plan, StoredViews(store, plan), 64, teachers={"t": CachedTeacher(store, "t", ["logits"])})
+        >>> loader.set_epoch(3)
+        >>> for batch in loader:
+        ...     step(batch.images, batch.targets, batch.teachers["t"]["logits"])
     """
 
     def __init__(

@@ -73,3 +73,43 @@ def test_a_truncated_jpeg_fails_with_pillows_words():
     data = _encoded(_photo(), quality=90)
     with pytest.raises(OSError, match="truncated"):
         decode_image(data[: len(data) // 2])
+
+
+def _tiff(order: str, tag: int, value: int) -> bytes:
+    """A one-entry EXIF IFD (a SHORT) in either byte order, as the payload of a JPEG's APP1 segment."""
+    end = {"II": "little", "MM": "big"}[order]
+    entry = tag.to_bytes(2, end) + (3).to_bytes(2, end) + (1).to_bytes(4, end) + value.to_bytes(2, end) + b"\0\0"
+    return b"Exif\0\0" + order.encode() + (42).to_bytes(2, end) + (8).to_bytes(4, end) + (1).to_bytes(2, end) + entry + b"\0\0\0\0"
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_ignored_as_pillow_and_timm_ignore_it(orientation, order, monkeypatch):
+    # torchcodec turns and flips an image by its EXIF tag; timm's loader (Pillow) keeps the stored pixels, at the
+    # header's size, which is the size views are drawn for. Every path must give those, with or without torchcodec.
+    data = _encoded(_photo(), quality=90, exif=_tiff(order, 0x0112, orientation))
+    assert decode.exif_orientation(data) == orientation
+    image = decode_image(data)
+    assert image.shape == (3, 97, 131)
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), _pillow(data))
+    monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
+    assert decode_image(data).equal(image)
+
+
+def test_exif_without_orientation_keeps_the_fast_path_and_a_broken_one_goes_to_pillow():
+    other_tag = _encoded(_photo(), quality=90, exif=_tiff("II", 0x010F, 7))  # Make, not Orientation
+    assert decode.exif_orientation(other_tag) == 1 and decode.exif_orientation(_encoded(_photo(), quality=90)) == 1
+    broken = _encoded(_photo(), quality=90, exif=_tiff("II", 0x0112, 6)[:14])  # the IFD cut short
+    assert decode.exif_orientation(broken) == -1
+    np.testing.assert_array_equal(decode_image(broken).permute(1, 2, 0).numpy(), _pillow(broken))
+
+
+def test_a_folder_of_turned_jpegs_replays_at_its_header_sizes(tmp_path):
+    from stages.data.datasets import open_dataset
+
+    for k, orientation in enumerate((1, 6, 8, 3)):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{k}.jpg").write_bytes(_encoded(_photo(), quality=90, exif=_tiff("II", 0x0112, orientation)))
+    data = open_dataset(f"folder:{tmp_path}")
+    for i in range(len(data)):
+        assert tuple(data.image(i).shape[1:]) == tuple(data.sizes()[i]) == (97, 131)

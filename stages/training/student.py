@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 
 from storage import UserError
 from storage.location import written_whole
+
+log = logging.getLogger(__name__)
 
 
 def build_student(name: str, num_classes: int, seed: int, weights: str | None = None, **kwargs) -> nn.Module:
@@ -48,7 +51,13 @@ def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.M
         overlay = {}
     else:
         file = _weights_file(Path(weights))
-        overlay = {"pretrained_cfg_overlay": {"file": str(file), "num_classes": _classes_in_file(file, name, kwargs)}}
+        classes = _classes_in_file(file, name, kwargs)
+        _check_keys(file, name, kwargs)
+        if classes != num_classes:
+            held = f"a classifier for {classes} classes" if classes else "no classifier"
+            log.warning("--student-weights %s: the file holds %s and the data has %d: the classifier starts afresh, the rest from the file",
+                        file, held, num_classes)
+        overlay = {"pretrained_cfg_overlay": {"file": str(file), "num_classes": classes}}
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay, **kwargs)
     except Exception as e:
@@ -81,6 +90,36 @@ def _classes_in_file(path: Path, name: str, kwargs: dict) -> int:
         raise UserError(f"--student-weights {path} is not a weights file this pipeline can read ({type(e).__name__})") from e
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
     return int(state[key].shape[0]) if key in state else 0
+
+
+def _check_keys(file: Path, name: str, kwargs: dict) -> None:
+    """Refuse a file whose weights are not the student's: timm loads a file with another class count without strict
+    key checks, so a file of another architecture, or a classifier alone, would leave the student at random."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    classifier = model.pretrained_cfg.get("classifier", "")
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+
+    def body(keys) -> set[str]:  # the weights that must come from the file: all but the classifier and BN's step counters
+        return {k for k in keys if not any(k.startswith(f"{c}.") for c in classifiers) and not k.endswith("num_batches_tracked")}
+
+    held = body(k.removeprefix("module.") for k in _keys_in_file(file))
+    wanted = body(model.state_dict())
+    missing, unexpected = sorted(wanted - held), sorted(held - wanted)
+    if missing or unexpected:
+        parts = [f"{len(missing)} of the student's {len(wanted)} weights are not in it (first: {', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(unexpected)} of its weights are not the student's (first: {', '.join(unexpected[:3])})"] if unexpected else []
+        raise UserError(f"--student-weights {file} does not fit student {name} ({'; '.join(parts)}): pass weights of a {name} "
+                        "built with the same model arguments")
+
+
+def _keys_in_file(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    state = torch.load(path, map_location="meta", weights_only=True)
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor)]
 
 
 def _umask() -> int:

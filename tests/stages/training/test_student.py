@@ -44,3 +44,29 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path, monkeypatch, case):
     with pytest.raises(UserError) as e:
         build_student(name, 10, 0, str(weights), **kwargs)
     assert "\n" not in str(e.value) and "--student-weights" in str(e.value)
+
+
+def test_a_file_of_another_architecture_or_a_classifier_alone_is_refused_not_trained_from_scratch(tmp_path):
+    # timm loads a file with another class count without checking keys: without this check both would start at random.
+    import timm
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=1)
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    with pytest.raises(UserError, match=r"does not fit student resnet10t \(\d+ of the student's \d+ weights are not in it \(first: "):
+        build_student(STUDENT["student"], 10, 0, str(tmp_path / "vit.safetensors"), **KW)
+    student = _saved(tmp_path).state_dict()
+    save_file({k: v for k, v in student.items() if k.startswith("fc.")}, str(tmp_path / "fc.safetensors"))
+    with pytest.raises(UserError, match="weights are not in it"):
+        build_student(STUDENT["student"], 10, 0, str(tmp_path / "fc.safetensors"), **KW)
+
+
+def test_a_backbone_without_a_classifier_loads_and_says_the_classifier_starts_afresh(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    before = _saved(tmp_path).state_dict()
+    save_file({k: v for k, v in before.items() if not k.startswith("fc.")}, str(tmp_path / "body.safetensors"))
+    with caplog.at_level("WARNING"):
+        after = build_student(STUDENT["student"], 10, 0, str(tmp_path / "body.safetensors"), **KW).state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
+    assert "holds no classifier and the data has 10: the classifier starts afresh" in caplog.text

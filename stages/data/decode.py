@@ -43,24 +43,48 @@ ORIENTATION = "exif-ignored"  # recorded with the library versions of every stor
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes as a uint8 (3, H, W) RGB tensor; Pillow's exception when they are not an image."""
-    decode_jpeg = jpeg_decoder() if data[:3] == JPEG_MAGIC and exif_orientation(data) == 1 else None
+    """Encoded image bytes as a uint8 (3, H, W) RGB tensor; Pillow's exception when they are not an image.
+
+    Every decode is bounded by Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), read from the header before
+    anything is allocated: a few hundred bytes can claim 20000 x 20000 pixels (1.2 GB decoded).
+    """
+    from PIL import Image
+
+    decode_jpeg = None
+    if data[:3] == JPEG_MAGIC:
+        orientation, height, width = jpeg_header(data)
+        check_pixels(height, width)
+        decode_jpeg = jpeg_decoder() if orientation == 1 and height else None
     if decode_jpeg is not None:
         try:
             return decode_jpeg(data, mode="RGB")
         except RuntimeError:
             pass  # damaged or unusual: Pillow decides, and names the fault in its own words
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
+        check_pixels(im.height, im.width)
         return rgb_tensor(im)
 
 
-def exif_orientation(data: bytes) -> int:
-    """A JPEG's EXIF orientation tag (1: as stored, 2-8: flipped or turned), 1 without one, -1 when its EXIF cannot be read.
+def check_pixels(height: int, width: int) -> None:
+    """Refuse an image whose header claims more pixels than Pillow's limit (what Pillow calls a decompression bomb)."""
+    from PIL import Image
 
-    Reads only the header segments before the image data (microseconds): the APP1 "Exif" segment's first IFD.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        raise ValueError(f"its header claims {width} x {height} pixels, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): "
+                         "a damaged file or a decompression bomb")
+
+
+SOF_MARKERS = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)}  # start of frame: the image's size
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(EXIF orientation, height, width) from a JPEG's header segments, read before the image data (microseconds).
+
+    Orientation: 1 as stored (also without EXIF), 2-8 flipped or turned, -1 when its EXIF cannot be read.
+    Height and width: 0 when no frame header comes before the image data (then Pillow reads the file).
     """
+    orientation, height, width = 1, 0, 0
     i, n = 2, len(data)
     while i + 4 <= n and data[i] == 0xFF:
         marker = data[i + 1]
@@ -71,9 +95,16 @@ def exif_orientation(data: bytes) -> int:
             break
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
-            return _tiff_orientation(data[i + 10 : i + 2 + length])
+            orientation = _tiff_orientation(data[i + 10 : i + 2 + length])
+        elif marker in SOF_MARKERS and i + 9 <= n:
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
         i += 2 + length
-    return 1
+    return orientation, height, width
+
+
+def exif_orientation(data: bytes) -> int:
+    """A JPEG's EXIF orientation tag (``jpeg_header``'s first value)."""
+    return jpeg_header(data)[0]
 
 
 def _tiff_orientation(tiff: bytes) -> int:

@@ -113,3 +113,38 @@ def test_a_folder_of_turned_jpegs_replays_at_its_header_sizes(tmp_path):
     data = open_dataset(f"folder:{tmp_path}")
     for i in range(len(data)):
         assert tuple(data.image(i).shape[1:]) == tuple(data.sizes()[i]) == (97, 131)
+
+
+def _claiming(data: bytes, height: int, width: int) -> bytes:
+    """``data`` with its frame header patched to claim another size (a few hundred bytes can claim 20000 x 20000)."""
+    _, h, w = decode.jpeg_header(data)
+    at = data.index(h.to_bytes(2, "big") + w.to_bytes(2, "big"))
+    return data[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 4 :]
+
+
+@pytest.mark.parametrize("torchcodec", [True, False])
+def test_a_jpeg_claiming_too_many_pixels_is_refused_before_it_is_decoded(torchcodec, monkeypatch, tmp_path):
+    data = _encoded(_photo(), quality=90)
+    assert decode.jpeg_header(data)[1:] == (97, 131)
+    bomb = _claiming(data, 20000, 20000)
+    if not torchcodec:
+        monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
+    with pytest.raises(ValueError, match="claims 20000 x 20000 pixels, over the limit of 89,478,485"):
+        decode_image(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 97 * 131 - 1)  # the same limit on every path: Pillow's, as the user set it
+    with pytest.raises(ValueError, match="claims 131 x 97 pixels"):
+        decode_image(data)
+    png = _encoded(_photo().resize((16, 16)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # Pillow itself refuses only above twice its limit (400 here)
+    with pytest.raises(ValueError, match="claims 16 x 16 pixels"):
+        decode_image(png)
+
+
+def test_a_folder_image_claiming_too_many_pixels_is_one_line_naming_it(tmp_path):
+    from stages.data.datasets import open_dataset
+    from storage import UserError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bomb.jpg").write_bytes(_claiming(_encoded(_photo(), quality=90), 20000, 20000))
+    with pytest.raises(UserError, match=r"cannot decode image .*bomb\.jpg: its header claims 20000 x 20000 pixels.*remove or replace the file"):
+        open_dataset(f"folder:{tmp_path}").image(0)

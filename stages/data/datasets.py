@@ -84,6 +84,19 @@ class FakeDataset(ImageDataset):
         return np.full((len(self), 2), self.size, np.int64)
 
 
+def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes: list[str]) -> None:
+    """Refuse a folder that reads as one class, or whose classes sit one level down (``folder:PARENT`` of
+    ``train/<class>/``): read as it is, every image of a split would have the same label."""
+    used = sorted({classes[c] for c in labels})
+    if len(used) == 1:
+        raise UserError(f"{root} reads as one class, '{used[0]}', holding every image: pass the folder whose sub-folders are the classes "
+                        f"(folder:{root / used[0]} if they are in it), one sub-folder per class")
+    inner = sorted({Path(k).parts[1] for k in keys if len(Path(k).parts) > 2})
+    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(used):  # no image directly in its class; more sub-folders than classes
+        raise UserError(f"{root} reads as {len(used)} classes ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
+                        f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)")
+
+
 class FolderDataset(ImageDataset):
     """One sub-folder per class; files sorted by path, so ids are stable."""
 
@@ -107,6 +120,7 @@ class FolderDataset(ImageDataset):
         if not self.keys:
             raise UserError(f"no images found under {self.root}: expected {self.root}/<class>/<image>{IMAGE_EXTENSIONS[:3]}")
         self.labels = np.asarray(labels, dtype=np.int64)
+        _check_class_layout(self.root, self.keys, self.labels, found)
         self.source = f"folder:{self.root}"
         self._sizes = None
 

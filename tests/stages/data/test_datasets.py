@@ -230,3 +230,31 @@ def test_validation_data_for_each_kind(image_folder, caplog):
     assert validation_data(f"folder:{root}", None) is None  # a folder has no validation split of its own
     assert "--val-data folder:PATH" in caplog.text
     assert validation_data(f"folder:{root}", f"folder:{root}").keys == open_dataset(f"folder:{root}").keys
+
+
+def _jpegs(root, names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 6), (len(name) * 20 % 256, 0, 0)).save(path)
+
+
+def test_a_parent_of_split_folders_is_refused_not_read_as_classes_named_train_and_val(tmp_path):
+    # folder:PARENT of PARENT/train/<class>/ would read as classes "train" and "val": every image of a split one label.
+    _jpegs(tmp_path, [f"{split}/{c}/{i}.jpg" for split in ("train", "val") for c in ("cat", "dog", "eel") for i in range(2)])
+    with pytest.raises(UserError, match=r"reads as 2 classes \(train, val\) whose images all sit in 3 sub-folders \(cat, dog, eel, \.\.\.\).*folder:.*/train"):
+        FolderDataset(str(tmp_path))
+    assert FolderDataset(str(tmp_path / "train")).classes == ["cat", "dog", "eel"]
+
+
+def test_a_folder_that_reads_as_one_class_is_refused(tmp_path):
+    _jpegs(tmp_path, [f"train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(2)])
+    with pytest.raises(UserError, match="reads as one class, 'train', holding every image"):
+        FolderDataset(str(tmp_path))
+
+
+def test_class_folders_with_one_nested_folder_each_still_read_as_classes(tmp_path):
+    # Some datasets keep each class's images one level down (cat/images/1.jpg): that is still one class per folder.
+    _jpegs(tmp_path, [f"{c}/images/{i}.jpg" for c in ("cat", "dog", "eel") for i in range(2)])
+    data = FolderDataset(str(tmp_path))
+    assert data.classes == ["cat", "dog", "eel"] and list(data.labels) == [0, 0, 1, 1, 2, 2]

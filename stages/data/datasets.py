@@ -85,15 +85,12 @@ class FakeDataset(ImageDataset):
 
 
 def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes: list[str]) -> None:
-    """Refuse a folder that reads as one class, or whose classes sit one level down (``folder:PARENT`` of
-    ``train/<class>/``): read as it is, every image of a split would have the same label."""
+    """Refuse a folder whose classes sit one level down (``folder:PARENT`` of ``train/<class>/``): read as it is, it
+    would be one class per split, every image of a split with the same label."""
     used = sorted({classes[c] for c in labels})
-    if len(used) == 1:
-        raise UserError(f"{root} reads as one class, '{used[0]}', holding every image: pass the folder whose sub-folders are the classes "
-                        f"(folder:{root / used[0]} if they are in it), one sub-folder per class")
     inner = sorted({Path(k).parts[1] for k in keys if len(Path(k).parts) > 2})
     if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(used):  # no image directly in its class; more sub-folders than classes
-        raise UserError(f"{root} reads as {len(used)} classes ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
+        raise UserError(f"{root} reads as {len(used)} class(es) ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
                         f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)")
 
 

@@ -97,6 +97,8 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
     parts = parse_method(PART_SEP.join(words))
     for part, given in zip(parts, method):
         own = dict(given.get("args") or {})
+        if WEIGHT in given and WEIGHT in own:
+            raise UserError(f"{where}: part {part.name} gives its weight twice (weight: {given[WEIGHT]} and args: weight: {own[WEIGHT]}): keep one")
         if WEIGHT in given:
             own[WEIGHT] = given[WEIGHT]
         if own:
@@ -124,6 +126,8 @@ def part_args(spec: str, method_args: dict, where: str) -> list[tuple[float, dic
         NON_NEGATIVE(weight, f"the weight of part {part.name} ({where})")
         check_method_args(method_class(part.method), args, f"part {part.name}, {where}")
         out.append((float(weight), args))
+    if not any(w for w, _ in out):
+        raise UserError(f"every part of {spec} has weight 0 ({where}): the run would learn nothing; give a part a weight above 0")
     return out
 
 

@@ -124,8 +124,17 @@ def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
     if not method_needs(spec):
         return None
     if is_composite(spec):
+        _check_run_teacher_read(spec, job.teacher_id, "--teacher-id")
+        if job.teacher_weights:
+            raise UserError(f"--teacher-weights averages teachers under one method; the composite {spec} gives each part its own teacher: drop --teacher-weights")
         return cached_parts(store, _parts(spec), job.teacher_id)
     return cached_teacher(store, job.teacher_id, job.teacher_weights, method_needs(spec))
+
+
+def _check_run_teacher_read(spec: str, teacher: str | None, flag: str) -> None:
+    """Refuse a run-wide teacher that no part of a composite reads (each that reads one names its own)."""
+    if teacher and all(own for _, own, needs in _parts(spec) if needs):
+        raise UserError(f"{flag} {teacher} is read by no part: every part of {spec} that reads a teacher names its own (METHOD@TEACHER); drop {flag}")
 
 
 def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
@@ -135,6 +144,8 @@ def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
 
 def _live_parts(online: OnlineTeacher, parts: list[tuple], store: Store, dataset: ImageDataset, device) -> PartsTeacher | None:
     """With --online, each part's model (METHOD@MODEL, else --teacher) run live on the replayed views; one run per model."""
+    if online.name and all(own for _, own, needs in parts if needs):
+        raise UserError(f"--teacher {online.name} is run by no part: every part that reads a teacher names its own model (METHOD@MODEL); drop --teacher")
     models = [(own or online.name) if needs else None for _, own, needs in parts]
     unnamed = [name for (name, _, needs), model in zip(parts, models) if needs and model is None]
     if unnamed:

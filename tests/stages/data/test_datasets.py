@@ -242,15 +242,17 @@ def _jpegs(root, names):
 def test_a_parent_of_split_folders_is_refused_not_read_as_classes_named_train_and_val(tmp_path):
     # folder:PARENT of PARENT/train/<class>/ would read as classes "train" and "val": every image of a split one label.
     _jpegs(tmp_path, [f"{split}/{c}/{i}.jpg" for split in ("train", "val") for c in ("cat", "dog", "eel") for i in range(2)])
-    with pytest.raises(UserError, match=r"reads as 2 classes \(train, val\) whose images all sit in 3 sub-folders \(cat, dog, eel, \.\.\.\).*folder:.*/train"):
+    with pytest.raises(UserError, match=r"reads as 2 class\(es\) \(train, val\) whose images all sit in 3 sub-folders \(cat, dog, eel, \.\.\.\).*folder:.*/train"):
         FolderDataset(str(tmp_path))
     assert FolderDataset(str(tmp_path / "train")).classes == ["cat", "dog", "eel"]
 
 
-def test_a_folder_that_reads_as_one_class_is_refused(tmp_path):
-    _jpegs(tmp_path, [f"train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(2)])
-    with pytest.raises(UserError, match="reads as one class, 'train', holding every image"):
-        FolderDataset(str(tmp_path))
+def test_a_folder_holding_one_split_is_refused_and_a_flat_single_class_folder_is_not(tmp_path):
+    _jpegs(tmp_path / "a", [f"train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(2)])
+    with pytest.raises(UserError, match=r"reads as 1 class\(es\) \(train\) whose images all sit in 2 sub-folders"):
+        FolderDataset(str(tmp_path / "a"))
+    _jpegs(tmp_path / "b", [f"cat/{i}.jpg" for i in range(2)])  # one class, as a folder to prepare or inspect may be
+    assert FolderDataset(str(tmp_path / "b")).classes == ["cat"]
 
 
 def test_class_folders_with_one_nested_folder_each_still_read_as_classes(tmp_path):

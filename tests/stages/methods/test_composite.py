@@ -161,6 +161,7 @@ def test_a_sweep_searches_a_parts_weight(base_store):
         ("kd@t1+dkd@t1", {"temperature": 4}, "are keyed by part, kd, dkd: found temperature"),
         ("kd@t1+dkd@t1", {"dkd": {"weight": -1}}, "the weight of part dkd"),
         ("kd@t1+dkd@t1", {"dkd": {"tau": 2}}, "method 'dkd' has no setting tau (part dkd"),
+        ("kd@t1+dkd@t1", {"kd": {"weight": 0}, "dkd": {"weight": 0.0}}, "every part of kd@t1+dkd@t1 has weight 0"),
     ],
 )
 def test_bad_parts_are_one_line_before_any_work(method, args, says):
@@ -177,6 +178,7 @@ def test_bad_parts_are_one_line_before_any_work(method, args, says):
         ("kd@t1+cospress@t2", None, "teacher 't2' (read by part cospress): the cached teacher has no tokens"),
         ("kd@t1+dkd", "t1,t2", "a composite names each part's teacher"),
         ("gpd@t1+srd@t2", None, "trains a widened network around the student"),
+        ("kd@t1+dkd@t2", "t1", "--teacher-id t1 is read by no part"),
     ],
 )
 def test_a_store_or_student_that_cannot_serve_a_part_is_refused_in_one_line(two_teacher_store, tmp_path, capsys, method, teacher_id, says):
@@ -186,3 +188,13 @@ def test_a_store_or_student_that_cannot_serve_a_part_is_refused_in_one_line(two_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_weight_given_twice_or_run_wide_teacher_flags_no_part_reads_are_one_line(base_store, two_teacher_store):
+    with pytest.raises(UserError, match="part dkd gives its weight twice"):
+        train_settings({"method": [{"method": "kd"}, {"method": "dkd", "weight": 2, "args": {"weight": 3}}]}, {}, "recipe.yaml")
+    with pytest.raises(UserError, match="drop --teacher-weights"):
+        build_distill(DistillJob(str(two_teacher_store), _settings("kd@t1+dkd@t2"), teacher_weights="0.7,0.3"))
+    online = OnlineTeacher("resnet18", random_init=True, seed=0)
+    with pytest.raises(UserError, match="--teacher resnet18 is run by no part"):
+        build_distill(DistillJob(str(base_store), _settings("kd@resnet18+dkd@resnet18"), online=online))

@@ -213,8 +213,8 @@ def _colours(labels: list[str]) -> dict[str, tuple]:
 
 def _save(fig, out_png: Path | str) -> Path:
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
     except OSError as e:
         raise UserError(f"cannot write the picture {out_png}: {e.strerror or e}") from e
@@ -349,7 +349,25 @@ def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | No
     return _save(fig, out_png)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_picture_path(out: Path) -> None:
+    """Refuse a --out that would write over anything but an earlier picture (a run's metrics.jsonl, say)."""
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is a PNG file: name it with .png (e.g. {out.with_suffix('.png').name})")
+    if out.is_dir() or (out.exists() and _head(out) != PNG_MAGIC):
+        raise UserError(f"--out {out} exists and is not a picture: report does not write over it; choose another --out")
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(PNG_MAGIC))
+
+
 def report_command(args) -> None:
+    if args.out:
+        check_picture_path(Path(args.out))
     runs = find_runs(args.runs)
     labels = None
     if args.label:

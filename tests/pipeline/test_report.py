@@ -193,3 +193,20 @@ def test_runs_of_another_task_are_left_out_and_said(tmp_path, capsys):
     assert "left out c (" in left[0] and "it classifies 100 classes (n0, n1, n2, ...), the other runs 10 classes (0, 1, 2, ...)" in left[0]
     assert "left out e (" in left[1] and "10 classes (class0, class1, class2, ...)" in left[1]
     assert "picture: training loss and validation top-1 of 3 run(s)" in out
+
+
+@pytest.mark.parametrize("target", ["metrics.jsonl", "notes.png", "sub.png", "file.png/r.png", "picture"])
+def test_out_never_writes_over_a_file_it_did_not_make(tmp_path, capsys, target):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"epoch": 1, "train_loss": 2.0, "val_top1": 0.5})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "notes.png").write_text("not a picture")
+    (run / "sub.png").mkdir()
+    (run / "file.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert cli.main(["report", str(run), "--out", str(run / target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("error: --out" in err[0] or "cannot write the picture" in err[0]), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert cli.main(["report", str(run), "--out", str(run / "file.png")]) == 0  # an earlier picture is replaced

@@ -370,6 +370,8 @@ def train(
     rank, world = rank_and_world()
     check_teacher(s, teacher, views)
     run = build_setup(s, train_data, views, plan, teacher, device, world)
+    if val_data is not None:
+        val_data.sizes()  # every validation image's header, now: an unreadable one is refused before any epoch, as a training image is
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
     metrics, first_epoch, start = [], 0, time.perf_counter()
     if hooks.state is not None:  # before the run's files change: a checkpoint that does not fit leaves them as they were
@@ -385,14 +387,22 @@ def train(
     with RunMetrics(out_dir) as record:
         for line in metrics:  # a resumed run's record starts with the epochs it already has
             record.write(line)
-        for epoch in range(first_epoch, s.epochs):
-            line = {**train_one_epoch(run, s, teacher, epoch, device), **validate(run, s, val_data, plan, device)}
+        def keep(line: dict, epoch: int) -> None:  # the epoch's line and checkpoint
             metrics.append(line)
             if rank == 0:
                 log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
             record.write(line)
             if hooks.save:
                 hooks.save(_state(epoch + 1, metrics, run, s), line)
+
+        for epoch in range(first_epoch, s.epochs):
+            line = train_one_epoch(run, s, teacher, epoch, device)
+            try:
+                line.update(validate(run, s, val_data, plan, device))
+            except UserError:
+                keep(line, epoch)  # a validation image that fails to decode ends the run, not the epoch's training
+                raise
+            keep(line, epoch)
     if out_dir:
         save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name)
         if run.ema is not None:

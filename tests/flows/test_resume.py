@@ -148,3 +148,40 @@ def test_resume_on_changed_data_or_with_fewer_epochs_than_done_is_one_line_and_c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume on other training data than the stopped run's" in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def _folder(root, classes=("cat", "dog", "eel"), per_class=12, size=32):
+    """A class-ordered folder of small JPEGs (class by class, as ImageNet lists its images)."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size + i, size), (80 * c, 7 * i, 255 - 80 * c)).save(root / name / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def test_a_validation_image_that_cannot_be_read_is_refused_at_set_up_and_one_that_fails_late_keeps_the_epoch(tmp_path, capsys):
+    train, val = _folder(tmp_path / "train"), _folder(tmp_path / "val", per_class=4)
+    argv = ["--quiet", "train", "--data", f"folder:{train}", "--val-data", f"folder:{val}", "--model", "resnet10t",
+            "--model-arg", "channels=[8,16,32,64]", "--size", "32", "--batch-size", "16", "--epochs", "2"]
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noisy = io.BytesIO()  # noise: the pixel data, not the header, is most of the file
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noisy, "JPEG", quality=90)
+    good = noisy.getvalue()
+    (val / "dog" / "001.jpg").write_bytes(b"not an image at all")
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "001.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused at set-up: nothing created
+    (val / "dog" / "001.jpg").write_bytes(good[: len(good) // 2])  # its header reads; its pixels do not
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "001.jpg" in capsys.readouterr().err
+    assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [1]  # the epoch trained before validation failed is kept
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    (val / "dog" / "001.jpg").write_bytes(good)
+    assert main([*argv, "--out", str(tmp_path / "b"), "--resume"]) == 0  # and the run goes on from it
+    assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [1, 2]

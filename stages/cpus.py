@@ -9,11 +9,16 @@ CPUs a process may use are its affinity mask (``taskset``, Slurm, Ray), bounded 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 CGROUP = Path("/sys/fs/cgroup")
+MAX_THREADS = 1024  # the most --threads takes (stages.settings.MAX_WORKERS)
+WORKER_BYTES = 470 * 2**20  # the memory a loader process holds (measured: about 470 MB, a forked torch with its imports)
 
 
 def usable_cpus() -> int:
@@ -52,13 +57,41 @@ def env_threads() -> int | None:
         threads = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
         return None
+    if threads > MAX_THREADS:
+        from storage import UserError
+
+        raise UserError(f"OMP_NUM_THREADS={threads} is more threads than the {MAX_THREADS} this tool takes (as --threads): set it lower, or pass --threads N")
     return threads if threads >= 1 else None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine has available now (``MemAvailable``), or None where that cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_workers(workers: int, memory: int | None = None) -> str | None:
+    """One line when ``workers`` loader processes would need more memory than is available now (logged as a warning), else None."""
+    memory = available_memory() if memory is None else memory
+    if not memory or workers * WORKER_BYTES <= memory:
+        return None
+    line = (f"--workers {workers} asks for about {workers * WORKER_BYTES / 2**30:.0f} GB of loader processes (about {WORKER_BYTES >> 20} MB "
+            f"each) with {memory / 2**30:.0f} GB available: the system may swap or kill them; about {max(1, memory // WORKER_BYTES)} fit")
+    log.warning(line)
+    return line
 
 
 def use_threads(requested: int | None, workers: int) -> int:
     """Set torch's intra-op threads to ``requested``, else to ``OMP_NUM_THREADS``, else to ``default_threads(workers)``;
-    the number set."""
+    the number set. Says so in one line when the available memory cannot hold ``workers`` loader processes (``check_workers``)."""
     import torch
+
+    check_workers(workers)
 
     threads = requested or env_threads() or default_threads(workers)
     torch.set_num_threads(threads)

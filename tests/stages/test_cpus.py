@@ -51,3 +51,21 @@ def test_threads_and_loader_processes_share_the_cpus(monkeypatch):
 def test_threads_is_a_checked_flag(capsys, tmp_path):
     assert main(["--quiet", "train", "--data", "fake:8", "--out", str(tmp_path / "r"), "--threads", "0"]) != 0
     assert "--threads: must be an integer in [1," in capsys.readouterr().err
+
+
+def test_an_omp_num_threads_beyond_what_threads_takes_is_one_line(monkeypatch):
+    from stages.cpus import env_threads
+    from storage import UserError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3000")
+    with pytest.raises(UserError, match="OMP_NUM_THREADS=3000 is more threads than the 1024"):
+        env_threads()
+
+
+def test_more_loader_processes_than_memory_holds_is_said_in_one_line(caplog):
+    from stages.cpus import check_workers
+
+    with caplog.at_level("WARNING"):
+        assert check_workers(64, memory=24 * 2**30).startswith("--workers 64 asks for about 29 GB of loader processes")
+    assert len(caplog.records) == 1 and "about 52 fit" in caplog.text
+    assert check_workers(8, memory=24 * 2**30) is None

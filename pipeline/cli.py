@@ -81,10 +81,11 @@ def setup_logging(quiet: bool, debug: bool = False) -> None:
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("timm", "ray", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Library warnings (torch, numpy, zarr) go to the run log as one line each, and to the console only with --debug.
+    # Library warnings (torch, numpy, zarr) go to the run log as one line each, and to the console only with --debug;
+    # so does asyncio's "Unclosed client session" of an s3fs session that the garbage collector closes (aiohttp's).
     warnings.showwarning = _log_warning
     if not debug:
-        console.addFilter(lambda record: record.name != "py.warnings")
+        console.addFilter(lambda record: record.name not in ("py.warnings", "asyncio"))
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

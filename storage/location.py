@@ -101,6 +101,8 @@ def answering(url: str):
         yield
     except UserError:
         raise
+    except NotADirectoryError as e:  # a local path through a file: one line, whichever command meets it
+        raise UserError(f"cannot write under {url}: {e.filename or url} runs through a file, not a folder; choose another location") from None
     except Exception as e:
         if "://" not in url or not network_error(e):  # a local path's errors say what they are themselves
             raise

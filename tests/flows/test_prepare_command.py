@@ -207,3 +207,13 @@ def test_prepare_on_ray_equals_in_process(cluster, tmp_path):
     assert read_tree(out) == read_tree(tmp_path / "local")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["samples"] for s in manifest["shards"]] == [8] * 5
+
+
+@pytest.mark.parametrize("where", ["file", "file/under"])
+def test_an_out_at_or_under_a_file_is_one_line_and_leaves_the_file(tmp_path, capsys, where):
+    src = class_folder(tmp_path / "src", classes=2, per_class=3)
+    (tmp_path / "file").write_text("mine")
+    assert prepare(src, tmp_path / where) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs through a file, not a folder; choose another location" in err[0], err
+    assert (tmp_path / "file").read_text() == "mine"

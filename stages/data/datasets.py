@@ -94,6 +94,10 @@ def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes
                         f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)")
 
 
+# What to do about an unreadable image: removing it changes the data, which a store made from the folder then refuses.
+BAD_IMAGE_FIX = "replace the file, or remove it and write a new store (--store) or run: a store made from this folder refuses changed data"
+
+
 class FolderDataset(ImageDataset):
     """One sub-folder per class; files sorted by path, so ids are stable."""
 
@@ -128,18 +132,18 @@ class FolderDataset(ImageDataset):
         try:
             return Image.open(path)
         except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from e
+            raise UserError(f"cannot read image {path}: {e}; {BAD_IMAGE_FIX}") from e
 
     def image(self, i):
         path = self.root / self.keys[i]
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from e
+            raise UserError(f"cannot read image {path}: {e}; {BAD_IMAGE_FIX}") from e
         try:
             return decode_image(data)
         except Exception as e:
-            raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from e
+            raise UserError(f"cannot decode image {path}: {e}; {BAD_IMAGE_FIX}") from e
 
     def sizes(self):
         # Only image headers are read here; this also finds unreadable files before any work starts.

@@ -432,18 +432,20 @@ class VerifyReport:
 
 
 def is_prepared(where: str) -> bool:
-    """Whether ``where`` holds shards made by ``pipeline prepare`` (a manifest.json) rather than a store."""
+    """Whether ``where`` holds shards made by ``pipeline prepare`` (a manifest.json, or the records of an unfinished
+    prepare) rather than a store."""
     loc = Location(where)
-    return (loc / MANIFEST).reach() and not (loc / "store.json").exists()  # reach: an endpoint that is down is one line
+    if (loc / "store.json").reach():  # reach: an endpoint that is down is one line
+        return False
+    return (loc / MANIFEST).exists() or (loc / RECORDS / CLAIM).exists()
 
 
 def verify_prepared(out: Location) -> VerifyReport:
     """Every shard of the manifest against it (present, size, sha256, sample count), and no stray shard beside them."""
-    manifest = _read_json(out / MANIFEST)
-    try:
-        listed, total, prefix = manifest["shards"], int(manifest["num_samples"]), manifest["prefix"]
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{out / MANIFEST} is not a manifest of prepared shards: prepare the folder again") from None
+    if not (out / MANIFEST).exists():
+        raise UserError(f"{out} holds the shards of a `pipeline prepare` that has not finished (no {MANIFEST} yet): "
+                        "run the same prepare command again to finish them, then verify")
+    listed, total, prefix = _manifest_fields(_read_json(out / MANIFEST), out / MANIFEST)
     sizes = out.file_sizes()
     problems = []
     for shard in listed:
@@ -456,6 +458,30 @@ def verify_prepared(out: Location) -> VerifyReport:
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", name) and name not in names:
             problems.append(f"{name}: a shard the manifest does not list (a glob for the shards would read it)")
     return VerifyReport(len(listed), total, problems)
+
+
+SHARD_FIELDS = {"name": str, "bytes": int, "samples": int, "sha256": str}
+
+
+def _manifest_fields(manifest, where) -> tuple[list[dict], int, str]:
+    """(shards, total samples, prefix) of a manifest, each field checked for its type: a hand-edited one is one line."""
+
+    def wrong(key: str, found, expected: str) -> UserError:
+        what = "missing" if found is None else f"{type(found).__name__} {found!r:.40}"
+        return UserError(f"{where}: '{key}' is {what}, expected {expected}: prepare the folder again")
+
+    if not isinstance(manifest, dict):
+        raise wrong("the manifest", manifest, "a mapping")
+    for key, kind, expected in (("shards", list, "a list of shards"), ("num_samples", int, "a whole number"), ("prefix", str, "a name")):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise wrong(key, manifest.get(key), expected)
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            raise wrong(f"shards[{i}]", shard, "a mapping with name, bytes, samples and sha256")
+        for key, kind in SHARD_FIELDS.items():
+            if not isinstance(shard.get(key), kind) or isinstance(shard.get(key), bool):
+                raise wrong(f"shards[{i}].{key}", shard.get(key), "a whole number" if kind is int else "a string")
+    return manifest["shards"], manifest["num_samples"], manifest["prefix"]
 
 
 def check_shard(out: Location, shard: dict, size: int | None) -> list[str]:

@@ -217,3 +217,25 @@ def test_an_out_at_or_under_a_file_is_one_line_and_leaves_the_file(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "runs through a file, not a folder; choose another location" in err[0], err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_verify_names_an_unfinished_prepare_and_each_wrong_field_of_a_hand_edited_manifest(tmp_path, capsys):
+    src, out = class_folder(tmp_path / "src", classes=2, per_class=6), tmp_path / "out"
+    assert prepare(src, out, "--shard-size", "4") == 0
+    good = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").unlink()  # as a killed prepare leaves its shards: no manifest yet
+    assert main(["--quiet", "verify", str(out)]) == 2
+    assert "a `pipeline prepare` that has not finished (no manifest.json yet): run the same prepare command again" in capsys.readouterr().err
+    edits = {
+        "'num_samples' is str '12', expected a whole number": lambda m: m.update(num_samples="12"),
+        "'shards[1]' is str 'x', expected a mapping": lambda m: m["shards"].__setitem__(1, "x"),
+        "'shards[0].name' is missing, expected a string": lambda m: m["shards"][0].pop("name"),
+        "'shards' is dict": lambda m: m.update(shards={}),
+    }
+    for says, edit in edits.items():
+        manifest = json.loads(json.dumps(good))
+        edit(manifest)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["--quiet", "verify", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (says, err)

@@ -261,6 +261,23 @@ def check_repeats(s: TrainSettings, views) -> None:
         )
 
 
+@torch.no_grad()
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """Refuse, at set-up, a student that cannot take ``size`` px inputs (a ViT built for 224 given 32 px views): one
+    forward of one image in eval mode (no statistics change, no random numbers drawn), not a traceback an epoch later."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        built = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
+        raise UserError(f"student {name} cannot take {size} px inputs ({words[:160]}): pass --size {built} (what it is built for), "
+                        f"or build it for {size} px with --student-arg img_size={size} (--model-arg for train)") from None
+    finally:
+        model.train(was_training)
+
+
 def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int) -> Setup:
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
     extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
@@ -272,6 +289,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         model = model.to(memory_format=torch.channels_last)
     plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
+    check_input_size(model, size, s.student)
     cfg = model.pretrained_cfg
     method = build_method(s.method, s.method_args, model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs,
                           student_trained=s.student_weights is not None)

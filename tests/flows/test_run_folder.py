@@ -69,3 +69,14 @@ def test_a_run_into_a_folder_holding_another_kind_of_model_is_one_line(base_stor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds another run's model (student.safetensors)" in err[0]
     assert read_tree(out) == before
+
+
+def test_a_student_that_cannot_take_the_views_size_is_refused_at_set_up_and_nothing_is_created(base_store, tmp_path, capsys):
+    # A ViT built for 224 px given the store's 32 px views: one line before the run folder exists, not a traceback an epoch in.
+    argv = ["distill", "--from-cache", str(base_store), "--student", "vit_tiny_patch16_224", "--student-arg", "depth=1", "--epochs", "1",
+            "--batch-size", str(BATCH)]
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "student vit_tiny_patch16_224 cannot take 32 px inputs" in err[0] and "img_size=32" in err[0], err
+    assert not (tmp_path / "run").exists()
+    assert main(["--quiet", *argv, "--student-arg", "img_size=32", "--out", str(tmp_path / "run")]) == 0  # built for 32 px, it trains

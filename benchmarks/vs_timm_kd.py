@@ -71,6 +71,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import LogitDistillationTask
 
+from distill_cost import median_seconds  # benchmarks/distill_cost.py: the same cost measurement
 from loader import make_jpegs  # benchmarks/loader.py (run from the repository root as a script)
 from pipeline.cli import main as pipeline_main
 from stages.data.datasets import open_dataset, validation_data
@@ -169,16 +170,6 @@ def batches(dataset, batch_size: int, workers: int, seed: int):
 
 
 # -- speed -------------------------------------------------------------------------------------
-
-
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cost_ratio(teacher, student, args) -> float:

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from storage import Store, UserError
 
 from .cache.store_setup import store_dataset, stored_plan
 from .data.datasets import ImageDataset
-from .data.replay import StoredViews, labelled_mask
+from .data.replay import StoredViews
 from .data.views import ViewPlan, normalize
 from .methods import Targets
 from .teachers.teacher_sources import CachedTeacher
-from .training.loader import VERIFY, Batch, ReplayLoader
+from .training.loader import Batch, ReplayLoader
 
 __all__ = ["open_cache", "Cache", "ReplayLoader", "Batch", "Targets", "normalize", "UserError", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -124,15 +122,12 @@ class Cache:
             raise UserError(f"teachers is a list of teacher ids: write teachers=['{teachers}']")
         ids = self.teacher_ids if teachers is None else list(teachers)
         sources = {tid: CachedTeacher(self.store, tid, self._needs(tid, needs), prefix=f"t{j}:") for j, tid in enumerate(ids)}
-        if verify not in VERIFY:
-            raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
         views = StoredViews(self.store, self.plan, min((s.num_views for s in sources.values()), default=None))
         if views.num_views == 0:
             raise UserError(f"store {self.store.path} has no complete view yet: finish `pipeline extract` first")
-        labels = np.where(labelled_mask(self.dataset.labels, label_fraction, label_seed), self.dataset.labels, -1)
         return ReplayLoader(
-            self.dataset, self.plan, views, batch_size, teachers=sources, temperature=temperature, size=size, labels=labels,
-            label_smoothing=label_smoothing, seed=seed, repeats=repeats, window_rows=window_rows, workers=workers, verify=verify,
+            self.dataset, self.plan, views, batch_size, teachers=sources, temperature=temperature, size=size, label_fraction=label_fraction,
+            label_seed=label_seed, label_smoothing=label_smoothing, seed=seed, repeats=repeats, window_rows=window_rows, workers=workers, verify=verify,
             normalize=(tuple(mean), tuple(std)) if normalize else None, rank=rank, world=world,
         )
 

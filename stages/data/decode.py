@@ -102,11 +102,6 @@ def jpeg_header(data: bytes) -> tuple[int, int, int]:
     return orientation, height, width
 
 
-def exif_orientation(data: bytes) -> int:
-    """A JPEG's EXIF orientation tag (``jpeg_header``'s first value)."""
-    return jpeg_header(data)[0]
-
-
 def _tiff_orientation(tiff: bytes) -> int:
     order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
     if order is None or len(tiff) < 8:

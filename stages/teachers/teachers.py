@@ -180,7 +180,7 @@ def _classes_in(shapes: dict[str, tuple[int, ...]], model_name: str) -> int:
     return 0
 
 
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a weights file: a safetensors file's header alone, else the checkpoint read as timm reads it."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -282,7 +282,7 @@ def _shapes_only(timm_name: str, **kwargs) -> nn.Module:
 def _from_file(spec: TeacherSpec, path: Path, kwargs: dict, load: bool) -> nn.Module:
     if load:
         return _load_file(spec, path, kwargs)
-    return _shapes_only(spec.timm_name, num_classes=_classes_in(_file_shapes(path), spec.timm_name), **kwargs)
+    return _shapes_only(spec.timm_name, num_classes=_classes_in(file_shapes(path), spec.timm_name), **kwargs)
 
 
 def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -> TeacherSpec:

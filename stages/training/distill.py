@@ -35,7 +35,7 @@ from .precision import Precision
 from ..progress import Progress
 from .run_metrics import RunMetrics
 from .settings import TrainSettings
-from ..data.replay import StoredViews, ViewRenderer, even_batches, labelled_mask, render_batches
+from ..data.replay import StoredViews, ViewRenderer, even_batches, render_batches
 from .loader import Batch, ReplayLoader, rank_and_world, steps_per_epoch
 from .student import StudentCard, build_student, save_student
 from ..teachers.teacher_sources import TeacherSource
@@ -67,7 +67,7 @@ def evaluate(
 
 def to_input(views: torch.Tensor, mean, std, device, channels_last: bool = False) -> torch.Tensor:
     """uint8 views -> the model's normalised input on ``device``: a quarter of float32's bytes cross the bus."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and views.device.type == "cpu":
         views = views.pin_memory()
     x = normalize(views.to(device, non_blocking=True), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -306,8 +306,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
     loader = ReplayLoader(
         train_data, plan, views, s.batch_size, teachers={TEACHER: teacher} if teacher is not None else None,
-        temperature=method.teacher_temperature, size=size, labels=np.where(labelled_mask(train_data.labels, s.label_fraction, s.label_seed), train_data.labels, -1),
-        label_smoothing=s.label_smoothing, seed=s.seed, repeats=s.repeats, window_rows=s.window_rows, workers=s.workers, verify=s.verify,
+        temperature=method.teacher_temperature, size=size, label_fraction=s.label_fraction, label_seed=s.label_seed, label_smoothing=s.label_smoothing, seed=s.seed, repeats=s.repeats, window_rows=s.window_rows, workers=s.workers, verify=s.verify,
     )
     forward = student_loss
     if world > 1:
@@ -334,7 +333,7 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
 
 def train_one_epoch(run: Setup, s: TrainSettings, teacher: TeacherSource | None, epoch: int, device) -> dict:
     """One epoch of optimiser steps; the epoch's metrics line (losses averaged over every rank's steps)."""
-    rank, world = rank_and_world()
+    _, world = rank_and_world()
     run.model.train()
     run.method.epoch = epoch
     run.loader.set_epoch(epoch)
@@ -342,8 +341,7 @@ def train_one_epoch(run: Setup, s: TrainSettings, teacher: TeacherSource | None,
     sums, done, start = {}, 0, time.perf_counter()
     for batch in run.loader:
         batch = batch.to(device, non_blocking=True)
-        x = normalize(batch.images, run.mean, run.std)
-        x = x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+        x = to_input(batch.images, run.mean, run.std, device, s.channels_last)
         with run.precision.autocast():
             t_out = teacher_outputs(teacher, batch, run.method.teacher_temperature)
             loss, parts = run.forward(x, t_out, batch.targets)

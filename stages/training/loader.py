@@ -39,6 +39,7 @@ from ..data.replay import (
     ViewRenderer,
     check_fingerprints,
     epoch_units,
+    labelled_mask,
     rebatch,
     render_batches,
     shuffle_windows,
@@ -48,9 +49,9 @@ from ..data.replay import (
 )
 from ..data.views import ViewPlan, mixed_targets, normalize
 from ..methods import Targets
+from .settings import VERIFY
 from ..teachers.teacher_sources import TeacherSource
 
-VERIFY = ("all", "sample", "none")
 
 
 # -- ranks and steps -------------------------------------------------------------------------
@@ -204,7 +205,8 @@ class ReplayLoader:
         temperature: the temperature each cached teacher's logits are softened at (a top-k cache
             rebuilds its tail for it): one value for all, or one per name.
         size: the student's input size (default: the stored plan's render size).
-        labels: (N,) the labels the student may use, -1 elsewhere (default: the dataset's).
+        label_fraction, label_seed: a stratified share of each class's samples that keep their label, chosen by
+            ``label_seed``; the others get label -1 and a zero target row (default: every label).
         label_smoothing: timm's smoothing of the target rows.
         seed: fixes the epoch's order (with the epoch number).
         repeats: R > 1 takes R different views of each sample of an epoch's blocks (timm's --aug-repeats).
@@ -228,7 +230,7 @@ class ReplayLoader:
 
     def __init__(
         self, dataset: ImageDataset, plan: ViewPlan, views, batch_size: int, *, teachers: Mapping[str, TeacherSource] | None = None,
-        temperature: float | tuple | Mapping[str, float | tuple] = 1.0, size: int | None = None, labels: np.ndarray | None = None,
+        temperature: float | tuple | Mapping[str, float | tuple] = 1.0, size: int | None = None, label_fraction: float = 1.0, label_seed: int = 0,
         label_smoothing: float = 0.0, seed: int = 0, repeats: int = 1, window_rows: int = 16384, workers: int = 0, verify: str = "sample",
         normalize: tuple[tuple, tuple] | None = None, rank: int | None = None, world: int | None = None,
     ):
@@ -258,7 +260,8 @@ class ReplayLoader:
             )
         self.window = window_units(window_rows, views.block, repeats)  # a block's repeated views share a window
         self.temperature = temperature
-        self.labels = dataset.labels if labels is None else np.asarray(labels)
+        # The labels the student may use: a stratified fraction of each class keeps its own, the others get -1.
+        self.labels = np.where(labelled_mask(dataset.labels, label_fraction, label_seed), dataset.labels, -1)
         self.smoothing, self.normalize = label_smoothing, normalize
         self.steps = steps_per_epoch(len(dataset), views.block, batch_size, self.world, repeats)
         if self.steps == 0:

@@ -14,6 +14,7 @@ from ..methods.composite import MethodSpec
 from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, ModelArgs, Optional, Text, setting
 
 BATCH = Int(1, MAX_BATCH)
+VERIFY = ("all", "sample", "none")  # how many replayed views are fingerprinted (``stages.training.loader``)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class TrainSettings:
     label_seed: int = setting(0, SEED, "seed of the stratified choice of --label-fraction")
     window_rows: int = setting(16384, Int(1), "rows shuffled together in memory (whole blocks of the store)")
     workers: int = setting(0, WORKERS, "loader processes rendering views, as timm's --workers; 0 renders in the training process")
-    verify: str = setting("sample", Choice(("all", "sample", "none")), "replayed views checked against the stored fingerprints: all, sample (about 1 in 100), none")
+    verify: str = setting("sample", Choice(VERIFY), "replayed views checked against the stored fingerprints: all, sample (about 1 in 100), none")
     amp: str | None = setting(None, Optional(Choice(("bf16", "fp16"))), "autocast of each step: bf16, or fp16 with a gradient scaler (CUDA only)", show_default="off, float32")
     channels_last: bool = setting(False, Flag(), "NHWC student and inputs, faster convolutions on GPUs")
     clip_grad: float | None = setting(None, Optional(POSITIVE), "clip the gradient norm to this value", show_default="no clipping")

@@ -51,8 +51,10 @@ def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.M
         overlay = {}
     else:
         file = _weights_file(Path(weights))
-        classes = _classes_in_file(file, name, kwargs)
-        _check_keys(file, name, kwargs)
+        with torch.device("meta"):  # the architecture only, to compare the file with
+            shape = timm.create_model(name, pretrained=False, **kwargs)
+        classes = _classes_in_file(file, shape)
+        _check_keys(file, name, shape)
         if classes != num_classes:
             held = f"a classifier for {classes} classes" if classes else "no classifier"
             log.warning("--student-weights %s: the file holds %s and the data has %d: the classifier starts afresh, the rest from the file",
@@ -76,10 +78,9 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
-def _classes_in_file(path: Path, name: str, kwargs: dict) -> int:
+def _classes_in_file(path: Path, model: nn.Module) -> int:
     """The class count of the weights in ``path``: the rows of the student's classifier there (0: none)."""
-    with torch.device("meta"):
-        classifier = timm.create_model(name, pretrained=False, **kwargs).pretrained_cfg.get("classifier", "")
+    classifier = model.pretrained_cfg.get("classifier", "")
     key = f"{classifier}.weight"
     try:
         if path.suffix == ".safetensors":
@@ -92,18 +93,18 @@ def _classes_in_file(path: Path, name: str, kwargs: dict) -> int:
     return int(state[key].shape[0]) if key in state else 0
 
 
-def _check_keys(file: Path, name: str, kwargs: dict) -> None:
+def _check_keys(file: Path, name: str, model: nn.Module) -> None:
     """Refuse a file whose weights are not the student's: timm loads a file with another class count without strict
     key checks, so a file of another architecture, or a classifier alone, would leave the student at random."""
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    from ..teachers.teachers import file_shapes  # a weights file's tensor shapes, read as timm reads it
+
     classifier = model.pretrained_cfg.get("classifier", "")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
 
     def body(keys) -> set[str]:  # the weights that must come from the file: all but the classifier and BN's step counters
         return {k for k in keys if not any(k.startswith(f"{c}.") for c in classifiers) and not k.endswith("num_batches_tracked")}
 
-    held = body(k.removeprefix("module.") for k in _keys_in_file(file))
+    held = body(file_shapes(file))
     wanted = body(model.state_dict())
     missing, unexpected = sorted(wanted - held), sorted(held - wanted)
     if missing or unexpected:
@@ -111,15 +112,6 @@ def _check_keys(file: Path, name: str, kwargs: dict) -> None:
         parts += [f"{len(unexpected)} of its weights are not the student's (first: {', '.join(unexpected[:3])})"] if unexpected else []
         raise UserError(f"--student-weights {file} does not fit student {name} ({'; '.join(parts)}): pass weights of a {name} "
                         "built with the same model arguments")
-
-
-def _keys_in_file(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            return list(f.keys())
-    state = torch.load(path, map_location="meta", weights_only=True)
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
-    return [k for k, v in state.items() if isinstance(v, torch.Tensor)]
 
 
 def _umask() -> int:

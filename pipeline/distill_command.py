@@ -18,17 +18,15 @@ from stages.data.datasets import open_dataset, validation_data
 from stages.data.replay import DrawnViews
 from stages.cpus import use_threads
 from stages.data.views import ViewPlan
-from stages.methods import is_composite, list_methods, method_class, parse_method, part_args
-from stages.methods.composite import as_spec
-from stages.settings import build, check_batch_bytes
-from stages.training.distill import resolve_batch, train
+from stages.methods import is_composite, list_methods, method_class
+from stages.training.distill import train
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
 from stages.training.settings import TrainSettings
 from stages.training.student import build_student
 from storage import UserError
 
-from . import config
 from .flags import RAY_ADDRESS_HELP, THREADS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
+from .recipe import load_recipe, train_settings
 from .resume import DATA_FINGERPRINT, checkpoint_hooks
 from .run_files import RunFiles, check_out
 from .settings_check import add_setting_flags, flag_type, settings_from_args
@@ -94,60 +92,6 @@ def add_distill_parser(sub) -> None:
 # -- settings ------------------------------------------------------------------------------------------
 
 
-def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) -> TrainSettings:
-    """Defaults < a recipe or sweep file's settings < flags, every value checked; batch sizes resolved for ``ray_workers``."""
-    file = {k: v for k, v in file.items() if k != "views"}  # a recipe's view section is for the store (extract, train)
-    if "method" in file:  # a recipe's list of parts, as the method string and method_args of the flags
-        file["method"], file["method_args"] = as_spec(file["method"], file.get("method_args"), where)
-    file = _recipe_method_args(file, flags.get("method"), where)
-    merged = config.merge(file, flags)
-    settings = build(TrainSettings, merged, where)
-    settings = with_batch(settings, merged, flags.get("batch_size"), ray_workers, where)
-    part_args(settings.method, settings.method_args, f"--method-arg or method_args in {where}")
-    if settings.size is not None:
-        check_batch_bytes(settings.batch_size, settings.size, where)
-    return settings
-
-
-def _recipe_method_args(file: dict, method: str | None, where: str) -> dict:
-    """A paper recipe run with another ``--method``: its optimisation and views still apply, and its method's settings
-    go to that method where the flag's composite has it as a part (A2's kd settings to the kd of kd@a+cospress@b)."""
-    recipe_method = file.get("method")
-    if not method or recipe_method in (None, method):
-        return file
-    args = file.pop("method_args", None) or {}
-    part = next((p.name for p in parse_method(method) if p.method == recipe_method), None) if is_composite(method) and not is_composite(recipe_method) else None
-    if part and args:
-        log.info("%s sets method_args for %s: they apply to part %s of %s", where, recipe_method, part, method)
-        return {**file, "method_args": {part: args}}
-    if args:
-        log.info("%s sets method_args for %s; %s starts from its own defaults", where, recipe_method, method)
-    return file
-
-
-def with_batch(settings: TrainSettings, merged: dict, flag: int | None, workers: int, where: str) -> TrainSettings:
-    """``settings`` with both batch sizes resolved for ``workers`` Ray Train workers (0: one process, the whole batch).
-
-    --batch-size is per worker (timm's meaning) and wins; a recipe's ``global_batch`` (the paper's, over all its
-    GPUs) is split over the workers, which must divide it; a recipe may state ``batch_size`` (per worker) instead.
-    """
-    per_worker = flag
-    if flag is None and "global_batch" in merged:
-        if "batch_size" in merged and merged["batch_size"] * max(1, workers) != merged["global_batch"]:
-            raise UserError(
-                f"{where} states both batch_size {merged['batch_size']} (per worker) and global_batch {merged['global_batch']} "
-                f"(over {max(1, workers)} worker(s)): keep one"
-            )
-    elif flag is None:
-        per_worker = settings.batch_size
-    batch, total = resolve_batch(per_worker, settings.global_batch, workers, where)
-    return dataclasses.replace(settings, batch_size=batch, global_batch=total)
-
-
-def _file(args) -> dict:
-    return config.load_yaml(args.config) if args.config else {}
-
-
 def distill_job(args) -> DistillJob:
     """The run the distill flags (and their --config file) describe, resolved and checked once."""
     if args.ray_workers == 0 and (args.gpus_per_worker or args.checkpoints):
@@ -156,7 +100,7 @@ def distill_job(args) -> DistillJob:
         raise UserError("--online runs the teacher in this process: leave --ray-workers at 0, or distil from the cache")
     if args.teacher and not args.online:
         raise UserError(f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}")
-    settings = train_settings(_file(args), settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
+    settings = train_settings(load_recipe(args.config), settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
     if args.online and not args.teacher and not is_composite(settings.method):  # a composite's parts may name their models
         raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
     online = OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size) if args.online else None
@@ -171,7 +115,7 @@ def train_command(args) -> None:
     dataset = open_dataset(args.data)
     val = validation_data(args.data, args.val_data)
     flags = {"method": "ce", **settings_from_args(args, TrainSettings, TRAIN_RENAMES)}
-    settings = train_settings(_file(args), flags, args.config or "the command line")
+    settings = train_settings(load_recipe(args.config), flags, args.config or "the command line")
     plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     device = local_device(args.device)
     threads = use_threads(args.threads, settings.workers)

@@ -9,19 +9,20 @@ import time
 from stages.cache import stats, verify
 from stages.cache.store_setup import store_dataset
 from stages.cpus import use_threads
-from stages.cache.teacher_rows import DTYPES, FEATURE_DTYPES, storage_line
+from stages.cache.teacher_rows import storage_line
 from stages.data.prepare import is_prepared
 from stages.data.views import ViewRecipe
-from stages.teachers.extract import PRECISIONS
 from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
 from stages.teachers.teachers import list_teachers
 from storage import Location, Store, UserError, list_backends
 from storage.names import check_name
+from storage.teacher_record import DTYPES, FEATURE_DTYPES, PRECISIONS
 
 from . import config, ray_env, ray_extract
 from .prepare_command import verify_prepared_command
 from .flags import RAY_ADDRESS_HELP, THREADS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
+from .recipe import VIEWS, load_recipe
 from .run_files import run_log
 from .settings_check import flag_type, settings_from_args
 
@@ -122,8 +123,7 @@ def extract_job(args, device: str | None) -> ExtractJob:
 def _view_settings(args) -> dict:
     """The view settings given, flags over the ``views:`` section of --config, each checked now in the words of where it came from."""
     view_recipe(args)
-    file = config.load_yaml(args.config).get("views", {}) if args.config else {}
-    return config.merge(file, settings_from_args(args, ViewRecipe))
+    return config.merge(load_recipe(args.config).get(VIEWS) or {}, settings_from_args(args, ViewRecipe))
 
 
 def extract_command(args) -> None:

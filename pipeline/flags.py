@@ -12,6 +12,7 @@ from stages.settings import build
 from storage import UserError
 
 from . import config
+from .recipe import VIEWS, load_recipe
 from .settings_check import add_setting_flags, flag_type, settings_from_args
 
 def data_help(what: str = "training data") -> str:
@@ -31,7 +32,7 @@ def view_flags(p: argparse.ArgumentParser) -> None:
 
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
-    file = config.load_yaml(args.config).get("views", {}) if args.config else {}
+    file = load_recipe(args.config).get(VIEWS) or {}
     merged = config.merge((base or ViewRecipe()).to_dict(), file, settings_from_args(args, ViewRecipe))
     return build(ViewRecipe, merged, args.config or "view flags")
 

@@ -12,12 +12,12 @@ import logging
 from functools import partial
 
 from stages.data.prepare import PrepareJob, PrepareSettings, check_max_side, open_source, prepare, verify_prepared
-from stages.data.views import ViewRecipe
 from stages.settings import Location as LocationCheck, build
 from storage import Location, UserError
 
-from . import config, ray_env
+from . import ray_env
 from .flags import RAY_ADDRESS_HELP
+from .recipe import VIEWS, check_views, load_recipe
 from .settings_check import add_setting_flags, flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
@@ -46,12 +46,12 @@ def add_prepare_parser(sub) -> None:
 
 def _view_size(args) -> tuple[int, float, str]:
     """(view size, smallest crop scale, where they came from): --size over the recipe's, the recipe's views over the defaults."""
-    recipe = config.load_yaml(args.config) if args.config else {}
-    views = build(ViewRecipe, recipe.get("views") or {}, args.config or "the default views")
+    recipe = load_recipe(args.config)
+    views = check_views(recipe.get(VIEWS), args.config or "the default views")
     if args.size is not None:
         return args.size, views.scale[0], "--size"
     if recipe.get("size") is not None:
-        return int(recipe["size"]), views.scale[0], f"size in {args.config}"
+        return recipe["size"], views.scale[0], f"size in {args.config}"
     return VIEW_SIZE, views.scale[0], "the default; set --size or --config"
 
 

@@ -93,6 +93,9 @@ def _check_state(path: Path, state) -> None:
         raise bad("epoch", f"is {epoch!r}, not an epoch of the saved run's {total} epochs")
     if not isinstance(metrics, list) or len(metrics) != epoch or not all(isinstance(line, dict) for line in metrics):
         raise bad("metrics", f"must hold one line per finished epoch ({epoch})")
+    for part in ("student_weights", "student", "scaler"):  # the Ray Train driver writes the first two; a disabled scaler reads nothing
+        if part in state and not isinstance(state[part], dict):
+            raise bad(part, f"must be a mapping, not a {type(state[part]).__name__}")
 
 
 def checkpoint_hooks(out: Path, run: dict, *, resume: bool, start: Callable[[], None], on_epoch=None) -> EpochHooks:

@@ -19,7 +19,7 @@ from storage import UserError
 from storage.location import written_whole
 
 from . import config
-from .distill_command import train_settings
+from .recipe import VIEWS, check_views, train_settings
 
 SWEEP_FILE, CSV_FILE, PNG_FILE, LOG_FILE = "sweep.yaml", "sweep.csv", "sweep.png", "sweep.log"
 TRIAL_RECORD, TRIAL_SETTINGS, TRIAL_PREFIX = "trial.json", "settings.yaml", "trial-"
@@ -105,7 +105,9 @@ def _axis(name: str, spec, where: str) -> Axis:
             f"loguniform: [LOW, HIGH], randint: [LOW, HIGH], not {spec!r}"
         )
     if kind in ("grid", "choice"):
-        if not isinstance(values, list) or not values:
+        if not isinstance(values, list):
+            raise UserError(f"{here}: {kind} takes a list of values, e.g. {kind}: [1, 4], not {values!r}")
+        if not values:
             raise UserError(f"{here}: the {kind} is empty: give at least one value, e.g. {kind}: [1, 4]")
         return Axis(name, kind, values)
     numbers = isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -148,7 +150,7 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
     if not isinstance(search, dict) or not search:
         raise UserError(f"{where}: a sweep needs a search: section mapping settings to values, e.g. search: {{lr: {{loguniform: [0.0005, 0.005]}}}}")
     fixed = {k: v for k, v in data.items() if k not in SWEEP_KEYS}
-    fixed.pop("views", None)  # a recipe's view section is for extract and train, as distill --config ignores it
+    check_views(fixed.pop(VIEWS, None), where)  # for extract and train, as distill --config ignores it; checked all the same
     for name in fixed:
         _check_name(name, where)
     axes = []

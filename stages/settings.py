@@ -20,6 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from storage import UserError
 from storage.location import check_url
 from storage.names import check_name
+from storage.store_record import MAX_SEED
 
 # Sanity bounds: larger values are typing mistakes, not settings (a 4096 px float32 batch of 64 views is 12 GiB).
 MAX_SIZE = 4096  # px of a rendered view
@@ -27,7 +28,6 @@ MAX_BATCH = 65536
 MAX_BLOCK = 1 << 20  # samples per shard
 MAX_VIEWS = 100_000
 MAX_WORKERS = 1024  # processes, actors
-MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence both take it
 MAX_BATCH_BYTES = 16 << 30  # one batch's float32 input: 1024 views at 224 px is 0.6 GiB
 
 

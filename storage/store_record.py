@@ -9,6 +9,7 @@ wrongly typed field, or a number that contradicts another, is one ``ValueError``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ORDER_KINDS = ("permuted", "source")
@@ -22,6 +23,7 @@ MAX_BLOCK = 1 << 20
 MAX_SIZE = 4096  # px
 MAX_CLASSES = 1 << 20
 MAX_WIDTH = 1 << 20  # a feature or token vector's length, a teacher's token count
+MAX_SEED = 2**63 - 1  # what numpy's SeedSequence and torch.manual_seed take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +59,7 @@ class PlanRecord:
     @classmethod
     def from_dict(cls, data, where: str = "plan") -> PlanRecord:
         f = _Fields(data, where)
-        return cls(recipe=f.mapping("recipe"), seed=f.integer("seed"), size=f.count("size", MAX_SIZE))
+        return cls(recipe=f.mapping("recipe"), seed=f.count("seed", MAX_SEED, least=0), size=f.count("size", MAX_SIZE))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +76,7 @@ class OrderRecord:
         kind = f.text("kind")
         if kind not in ORDER_KINDS:
             raise ValueError(f"field '{where}.kind' must be one of {', '.join(ORDER_KINDS)}, not '{kind}'")
-        return cls(kind=kind, checksum=f.text("checksum"), seed=f.integer("seed") if kind == "permuted" else None)
+        return cls(kind=kind, checksum=f.text("checksum"), seed=f.count("seed", MAX_SEED, least=0) if kind == "permuted" else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +99,7 @@ class StoreRecord:
             format=f.integer("format"), num_samples=f.count("num_samples", MAX_SAMPLES), num_views=f.count("num_views", MAX_VIEWS),
             block=f.count("block", MAX_BLOCK),
             dataset=DatasetRecord.from_dict(f.mapping("dataset")), plan=PlanRecord.from_dict(f.mapping("plan")),
-            order=OrderRecord.from_dict(f.mapping("order")), versions=f.mapping("versions"),
+            order=OrderRecord.from_dict(f.mapping("order")), versions=f.versions("versions"),
         )
         record.check()
         return record
@@ -153,7 +155,21 @@ class _Fields:
                          f"a whole number in [{least}, {most:,}]")
 
     def choice(self, key: str, options: tuple[str, ...]) -> str:
-        return self._get(key, lambda v: v in options, f"one of {', '.join(options)}")
+        return self._get(key, lambda v: isinstance(v, str) and v in options, f"one of {', '.join(options)}")
+
+    def subset(self, key: str, options: tuple[str, ...]) -> tuple[str, ...]:
+        """A non-empty list of distinct names out of ``options``."""
+        ok = lambda v: isinstance(v, list) and v and len(set(map(str, v))) == len(v) and all(isinstance(x, str) and x in options for x in v)  # noqa: E731
+        return tuple(self._get(key, ok, f"a list of distinct names out of {', '.join(options)}"))
+
+    def numbers(self, key: str, length: int) -> tuple[float, ...]:
+        ok = lambda v: isinstance(v, list) and len(v) == length and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)  # noqa: E731
+        return tuple(self._get(key, ok, f"a list of {length} finite numbers"))
+
+    def versions(self, key: str) -> dict:
+        """Library versions: names to version strings (what made the arrays, for the reader to compare)."""
+        ok = lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())  # noqa: E731
+        return self._get(key, ok, "an object of version strings")
 
     def mapping(self, key: str) -> dict:
         return self._get(key, lambda v: isinstance(v, dict), "an object")

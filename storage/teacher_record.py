@@ -16,6 +16,11 @@ from .store_record import MAX_CLASSES, MAX_SIZE, MAX_VIEWS, MAX_WIDTH, _Fields
 
 
 _TOKEN_FIELDS = ("num_tokens", "token_dim", "token_prefix")
+# The values a record's fields may take, declared here once (the extract flags offer the same).
+OUTPUTS = ("logits", "features", "tokens")
+DTYPES = ("float16", "float32")  # logits
+FEATURE_DTYPES = ("float16", "float32", "int8")  # features and tokens
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,12 +64,13 @@ class TeacherRecord:
         """
         if not isinstance(data, dict):
             raise ValueError("teacher.json must hold a JSON object")
-        optional = () if "tokens" in (data.get("outputs") or ()) else _TOKEN_FIELDS
+        outputs = data.get("outputs")
+        optional = () if isinstance(outputs, list) and "tokens" in outputs else _TOKEN_FIELDS
         fields = [f.name for f in dataclasses.fields(cls)]
         missing = [name for name in fields if name not in data and name not in optional]
         if missing:
             raise ValueError(f"teacher.json lacks {', '.join(missing)}")
-        _check_numbers(data)
+        _check_fields(data)
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     def check_arrays(self, shapes: dict[str, tuple[int, ...]], num_samples: int) -> None:
@@ -98,15 +104,25 @@ class TeacherRecord:
         return dataclasses.replace(self, **changes)
 
 
-def _check_numbers(data: dict) -> None:
-    """Every number of teacher.json that sizes something (a rebuilt row of classes, a feature buffer), within sane bounds."""
+def _check_fields(data: dict) -> None:
+    """Every field of teacher.json of its type, and every number that sizes something (a rebuilt row of classes, a
+    feature buffer) within sane bounds: a hand-edited field is one line naming it, not a traceback where it is used."""
     f = _Fields(data, "")
+    for name in ("name", "timm_name", "weights", "format"):  # an unknown format is the backend registry's to name
+        f.text(name)
+    f.choice("precision", PRECISIONS)
+    f.choice("dtype", DTYPES)
+    f.choice("feature_dtype", FEATURE_DTYPES)
+    f.subset("outputs", OUTPUTS)
+    for name in ("mean", "std"):
+        f.numbers(name, 3)
+    f.versions("versions")
     f.count("input_size", MAX_SIZE)
     f.choice("logits", ("topk", "full"))
     classes = f.count("num_classes", MAX_CLASSES, least=0)
     f.count("feature_dim", MAX_WIDTH, least=0)
     f.count("k", classes, least=0)
-    if data.get("views") is not None:
+    if "views" in data:  # written once the arrays exist (to_dict leaves out a None)
         f.count("views", MAX_VIEWS)
     for name in _TOKEN_FIELDS:
         if data.get(name) is not None:

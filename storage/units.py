@@ -146,7 +146,24 @@ class CommittedUnits(ABC):
             raise DamagedUnit(f"commit record {loc} is unreadable (truncated?)") from None
         if not isinstance(record, dict) or "checksums" not in record:
             raise DamagedUnit(f"commit record {loc} is incomplete")
+        wrong = self._wrong_field(record, view, block)
+        if wrong:
+            raise DamagedUnit(f"commit record {loc}: {wrong}")
         return record
+
+    def _wrong_field(self, record: dict, view: int, block: int) -> str | None:
+        """What in a commit record is not what ``write_unit`` wrote for (view, block), or None."""
+        expected = {"view": view, "block": block, "start": block * self.block}
+        for key, value in expected.items():
+            if record.get(key) != value or isinstance(record.get(key), bool):
+                return f"field '{key}' is {record.get(key)!r}, not {value}"
+        rows = record.get("rows")
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 0 < rows <= self.block:
+            return f"field 'rows' must be a whole number in [1, {self.block}], not {rows!r}"
+        sums = record["checksums"]
+        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+            return f"field 'checksums' must map each array to its checksum string, not {sums!r:.60}"
+        return None
 
     def _refuse_gone(self) -> None:
         """One line when this group's folder no longer exists (a store deleted or moved while a command reads it)."""

@@ -12,6 +12,7 @@ import platform
 import numpy as np
 
 from storage import ArraySpec, DatasetRecord, PlanRecord, Store, UserError
+from storage.store import STORE_FILE
 
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.decode import ORIENTATION
@@ -89,7 +90,10 @@ def check_plan(store: Store, plan: ViewPlan) -> None:
 def stored_plan(store: Store) -> ViewPlan:
     """The view plan a store was made with."""
     made = store.record.plan
-    return ViewPlan(ViewRecipe.from_dict(made.recipe), made.seed)
+    try:
+        return ViewPlan(ViewRecipe.from_dict(made.recipe, "field 'plan.recipe'"), made.seed)
+    except UserError as e:
+        raise UserError(f"cannot read {store.path / STORE_FILE}: {e}; the store is damaged, extract it again") from None
 
 
 def data_source(store: Store, data: str | None) -> str:

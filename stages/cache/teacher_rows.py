@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from storage import ArraySpec, TeacherRecord, UserError
+from storage.teacher_record import DTYPES, FEATURE_DTYPES
 
 from . import topk
 
-DTYPES = ("float16", "float32")
-FEATURE_DTYPES = ("float16", "float32", "int8")
 # int8 scales stay float32: 4 bytes per vector (1% at D = 384) buys freedom from
 # float16's subnormal range, where near-zero vectors (ReLU feature-map positions)
 # would lose their scale's precision, and from its 65504 ceiling.

@@ -197,6 +197,8 @@ def finished_shards(out: Location, plan: ShardPlan, identity: dict) -> dict[int,
             record = (out / record_name(k)).read_json()
         except (OSError, ValueError):
             continue
+        if not isinstance(record, dict):
+            continue  # not a record this tool wrote: the shard is made again
         if record.get("identity") == want and record.get("name") == plan.name(k) and sizes.get(plan.name(k)) == record.get("bytes"):
             done[k] = record
     return done

@@ -693,8 +693,9 @@ class ViewRecipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViewRecipe":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def from_dict(cls, d: dict, where: str = "a view recipe") -> "ViewRecipe":
+        """The recipe ``to_dict`` (or a store's record) describes, every value checked as a flag's would be."""
+        return cls(**check_fields(cls, d, where))
 
 
 @dataclass

@@ -93,6 +93,10 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
         unknown = sorted(set(part) - {"method", "teacher", WEIGHT, "args"})
         if unknown:
             raise UserError(f"{where}: part {i + 1} of method has no key {', '.join(unknown)}: a part has method, teacher, weight and args")
+        if part.get("teacher") is not None and not isinstance(part["teacher"], str):
+            raise UserError(f"{where}: the teacher of part {i + 1} of method must be a teacher id (a string), not {part['teacher']!r}")
+        if not isinstance(part.get("args") or {}, dict):
+            raise UserError(f"{where}: the args of part {i + 1} of method must be a mapping of its method's settings (KEY: VALUE), not {part['args']!r}")
         words.append(part["method"] + (f"{TEACHER_SEP}{part['teacher']}" if part.get("teacher") else ""))
     parts = parse_method(PART_SEP.join(words))
     for part, given in zip(parts, method):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from storage import CommittedUnits, Store, TeacherRecord, UserError
+from storage.teacher_record import PRECISIONS
 
 from ..cache import teacher_rows
 from ..data.datasets import ImageDataset
@@ -54,7 +55,6 @@ class TeacherRunner:
         return teacher_rows.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
 
 
-PRECISIONS = ("fp32", "bf16")
 
 
 def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> TeacherRecord:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from storage import CommittedUnits, Store, TeacherRecord, UserError
 from storage.names import check_name
 
-from ..cache.store_setup import check_dataset, check_plan, create_store
+from ..cache.store_setup import check_dataset, check_plan, create_store, stored_plan
 from ..cache.teacher_rows import output_info
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.views import ViewPlan, ViewRecipe
@@ -140,7 +140,7 @@ class ReadyExtract:
 
 def job_plan(job: ExtractJob, store: Store | None) -> ViewPlan:
     """The view plan: the job's view settings over the store's recipe (or the defaults), with its seed (or the store's, or 0)."""
-    base = ViewRecipe.from_dict(store.record.plan.recipe) if store is not None else ViewRecipe()
+    base = stored_plan(store).recipe if store is not None else ViewRecipe()
     recipe = base if not job.view_settings else build(ViewRecipe, {**base.to_dict(), **job.view_settings}, "view settings")
     seed = job.plan_seed if job.plan_seed is not None else (store.record.plan.seed if store is not None else 0)
     return ViewPlan(recipe, seed)

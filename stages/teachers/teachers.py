@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from storage import UserError
+from storage.store_record import MAX_SIZE
 
 from ..model_outputs import token_prefix
 
@@ -195,9 +197,14 @@ def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _read_state_dict(path: Path) -> dict:
     try:
-        return timm.models.load_state_dict(str(path), use_ema=True)
+        state = timm.models.load_state_dict(str(path), use_ema=True)
     except Exception as e:
-        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's refusal of a pickled object runs to ten lines
+        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {first}); it must be safetensors or a torch checkpoint") from e
+    stray = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if stray is not None:
+        raise UserError(f"weights file {path}: '{stray}' holds a {type(state[stray]).__name__}, not a tensor; a weights file maps names to tensors")
+    return state
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -300,11 +307,25 @@ def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -
             meta = f.metadata() or {}
     except Exception:
         return spec  # unreadable files get their clear error from the loader
+
+    def read(key: str, ok, expected: str):
+        try:
+            value = json.loads(meta[key])
+        except ValueError:
+            value = meta[key]
+        if not ok(value):
+            raise UserError(f"weights file {path}: metadata '{key}' is {meta[key]!r:.40}, expected {expected}; fix or drop it")
+        return value
+
+    def rgb(v) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+    size = read("input_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE, f"a whole number of pixels in [1, {MAX_SIZE}]") if "input_size" in meta else None
     return replace(
         spec,
-        input_size=input_size or int(meta.get("input_size", 0)) or spec.input_size,
-        mean=tuple(json.loads(meta["mean"])) if "mean" in meta else spec.mean,
-        std=tuple(json.loads(meta["std"])) if "std" in meta else spec.std,
+        input_size=input_size or size or spec.input_size,
+        mean=tuple(read("mean", rgb, "a list of 3 numbers")) if "mean" in meta else spec.mean,
+        std=tuple(read("std", rgb, "a list of 3 numbers")) if "std" in meta else spec.std,
     )
 
 

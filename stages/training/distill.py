@@ -463,23 +463,27 @@ def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) 
 
 def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
     # A foreign or hand-edited checkpoint (the same settings, other weights) is one line, not load_state_dict's 40.
-    for part, target in (("model", run.model), ("method", run.method), ("optimizer", run.optimizer), ("scheduler", run.scheduler)):
+    parts = {"model": run.model, "method": run.method, "optimizer": run.optimizer, "scheduler": run.scheduler, "scaler": run.precision.scaler,
+             **({"ema": run.ema} if run.ema is not None else {}), "rng": None}
+    for part, target in parts.items():
+        if part == "scaler" and part not in state:
+            continue  # checkpoints written before the scaler was saved
         try:
-            target.load_state_dict(state[part])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            _set_rng(state[part]) if target is None else target.load_state_dict(state[part])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             detail = next((w.strip() for w in lines if "size mismatch" in w or "Missing" in w or "Unexpected" in w), lines[0].strip())
             raise UserError(
                 f"the checkpoint's {part} state does not fit this run ({detail[:200]}): it was not written with these settings; "
                 "drop --resume to start afresh"
             ) from e
-    if "scaler" in state:
-        run.precision.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng"]["torch"])
-    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["epoch"], list(state["metrics"])
+
+
+def _set_rng(rng: dict) -> None:
+    """The random generators as ``_state`` saved them."""
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf  # timm's own writer of config.json (push_to_hf_hub uses it)
 from torch import nn
@@ -42,7 +41,7 @@ def build_student(name: str, num_classes: int, seed: int, weights: str | None = 
 
 
 def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.Module:
-    from ..teachers.teachers import hub_weights_reachable, state_dict_problem
+    from ..teachers.teachers import file_shapes, hub_weights_reachable, state_dict_problem  # a file's tensor shapes, read as timm reads it
 
     if weights == "hub":
         if not hub_weights_reachable(name):
@@ -53,8 +52,12 @@ def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.M
         file = _weights_file(Path(weights))
         with torch.device("meta"):  # the architecture only, to compare the file with
             shape = timm.create_model(name, pretrained=False, **kwargs)
-        classes = _classes_in_file(file, shape)
-        _check_keys(file, name, shape)
+        try:
+            shapes = file_shapes(file)
+        except UserError as e:
+            raise UserError(f"--student-weights: {e}") from None
+        classes = _classes_in(shapes, shape)
+        _check_keys(shapes, file, name, shape)
         if classes != num_classes:
             held = f"a classifier for {classes} classes" if classes else "no classifier"
             log.warning("--student-weights %s: the file holds %s and the data has %d: the classifier starts afresh, the rest from the file",
@@ -78,33 +81,22 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
-def _classes_in_file(path: Path, model: nn.Module) -> int:
-    """The class count of the weights in ``path``: the rows of the student's classifier there (0: none)."""
-    classifier = model.pretrained_cfg.get("classifier", "")
-    key = f"{classifier}.weight"
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                return f.get_slice(key).get_shape()[0] if key in f.keys() else 0
-        state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--student-weights {path} is not a weights file this pipeline can read ({type(e).__name__})") from e
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
-    return int(state[key].shape[0]) if key in state else 0
+def _classes_in(shapes: dict[str, tuple[int, ...]], model: nn.Module) -> int:
+    """The class count of a weights file's tensor ``shapes``: the rows of the student's classifier there (0: none)."""
+    shape = shapes.get(f"{model.pretrained_cfg.get('classifier', '')}.weight")
+    return shape[0] if shape else 0
 
 
-def _check_keys(file: Path, name: str, model: nn.Module) -> None:
-    """Refuse a file whose weights are not the student's: timm loads a file with another class count without strict
-    key checks, so a file of another architecture, or a classifier alone, would leave the student at random."""
-    from ..teachers.teachers import file_shapes  # a weights file's tensor shapes, read as timm reads it
-
+def _check_keys(shapes: dict[str, tuple[int, ...]], file: Path, name: str, model: nn.Module) -> None:
+    """Refuse a file (its tensor ``shapes``) whose weights are not the student's: timm loads a file with another class
+    count without strict key checks, so a file of another architecture, or a classifier alone, would leave the student at random."""
     classifier = model.pretrained_cfg.get("classifier", "")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
 
     def body(keys) -> set[str]:  # the weights that must come from the file: all but the classifier and BN's step counters
         return {k for k in keys if not any(k.startswith(f"{c}.") for c in classifiers) and not k.endswith("num_batches_tracked")}
 
-    held = body(file_shapes(file))
+    held = body(shapes)
     wanted = body(model.state_dict())
     missing, unexpected = sorted(wanted - held), sorted(held - wanted)
     if missing or unexpected:

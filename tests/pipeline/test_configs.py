@@ -9,7 +9,7 @@ import torch
 from pipeline import config
 from stages.settings import build
 from stages.training.distill import lr_factor
-from pipeline.distill_command import train_settings
+from pipeline.recipe import train_settings
 from stages.methods import MethodContext, create_method, parse_method, part_args
 from stages.data.views import ViewPlan, ViewRecipe
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline import config
 from pipeline.cli import main
-from pipeline.distill_command import train_settings
+from pipeline.recipe import train_settings
 from pipeline.sweep_spec import parse_sweep, trial_job, trial_settings
 from stages.methods import build_method, list_methods, method_class
 from stages.teachers.teacher_sources import PartsTeacher, TeacherSource

@@ -10,7 +10,7 @@ from conftest import DATA
 
 from pipeline import config
 from pipeline.cli import main
-from pipeline.distill_command import train_settings
+from pipeline.recipe import train_settings
 from stages.training.distill import resolve_batch
 from stages.training.loader import rank_units, steps_per_epoch
 from stages.data.replay import epoch_units, window_units

@@ -31,11 +31,15 @@ set, one optimiser.
   the student's kernel, as it does for a student that starts from trained
   weights), then every branch is widened so that the merged wide kernel is
   the student's merged kernel widened as above: the dynamic teacher still
-  computes the student's function at initialisation. The student remains
-  the slice of the merged wide kernel, so its export is a plain timm model.
-  (Officially the student merges slices of the branches; the two agree at
-  initialisation, not after: the 1x1 -> kxk branch sums over all its inner
-  channels here.)
+  computes the student's function at initialisation. As officially
+  (``DynamicOREPA.active_weight_gen``), the student merges the first copy
+  of every branch tensor, each times the ratio its copies were divided by
+  (the 1x1 of 1x1 -> kxk: its inner channels are inputs, r_in). That is
+  the slice of the merged wide kernel at initialisation, not after: the
+  wide 1x1 -> kxk branch sums over all r inner copies, the student's over
+  the first, so the student's gradient G on that branch lands as r G on
+  the first copy, as in the official code. Its export is the merged
+  kernel: a plain timm model.
 
 Supported students: timm ResNets (BasicBlock and Bottleneck, any depth and
 width, plain convolutions) and plain timm ViTs (DeiT: class token, LayerNorm,
@@ -134,8 +138,9 @@ class WideOREPAConv2d(WideConv2d):
         return self.branches.weight
 
     def _student(self):
-        # The slice of the merged wide kernel, times r, computed alone: a quarter of the wide merge's cost at r = 2.
-        w = self.branches.merged(self.out_s, self.in_s) * self.r_out
+        # The official student: the block of the branches' first copies (the 1x1 -> kxk branch's 1x1 times r_in), merged,
+        # times r_out. At initialisation the slice of the merged wide kernel; a quarter of the wide merge's cost at r = 2.
+        w = self.branches.merged(self.out_s, self.in_s, inner_scale=self.r_in) * self.r_out
         b = None if self.bias is None else self.bias[: self.out_s] * self.r_out
         return w, b
 
@@ -155,7 +160,8 @@ def _widen_orepa(small: OREPAConv2d, r_out: int, r_in: int, noise: float) -> ORE
 
     state = {n: conv(s[n]) for n in ("origin", "avg_conv", "prior_conv", "kxk", "pad_kernel")}
     # The 1x1 of 1x1 -> kxk maps the inputs to as many inner channels: its rows widen by r_in. The kxk then
-    # sums r_in copies of (rows / r_in) x (its kernel / r_out): the student's product / r_out, as wanted.
+    # sums r_in copies of (rows / r_in) x (its kernel / r_out): the student's product / r_out, as wanted. The
+    # student takes the first inner copy alone, its 1x1 times r_in (``WideOREPAConv2d._student``), as officially.
     state.update(identity=conv(s["identity"], r_in), idconv=conv(s["idconv"], r_in))
     # Depthwise kernels belong to their input channel: copied, not divided; the 1x1 after them is a conv.
     state["dw"] = _copies(s["dw"].view(ci, EXPAND, k, k), r_in, 0, divide=False, noise=noise).reshape(r_in * ci * EXPAND, 1, k, k)

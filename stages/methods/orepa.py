@@ -98,22 +98,27 @@ class OREPAConv2d(nn.Module):
                 block.bias.copy_(conv.bias)
         return block
 
-    def branch_kernels(self, rows: int | None = None, cols: int | None = None) -> list[torch.Tensor]:
-        """Each branch's kernel before its per-channel scale, in ``BRANCHES`` order: (O, I, k, k), or its top-left
-        (rows, cols) corner, computed alone (the 1x1 -> kxk branch still sums over all its inner channels)."""
+    def branch_kernels(self, rows: int | None = None, cols: int | None = None, inner_scale: float = 1.0) -> list[torch.Tensor]:
+        """Each branch's kernel before its per-channel scale, in ``BRANCHES`` order: (O, I, k, k); given ``rows`` and
+        ``cols``, those of the smaller block made of the top-left slices of this block's tensors (GPD's student inside
+        a widened block, as the official ``DynamicOREPA.active_weight_gen``). Every branch's is then the corner of its
+        full kernel but the 1x1 -> kxk branch's, whose inner channels are sliced as its inputs are and whose 1x1
+        (identity + residual) is multiplied by ``inner_scale``."""
         co, ci, k = self.out_channels, self.in_channels, self.kernel_size
         o, i = slice(rows), slice(cols)
         avg = self.avg_conv[o, i, None, None].expand(-1, -1, k, k) / (k * k)
         prior = self.prior_conv[o, i, None, None] * self.prior[o, None]  # (O, I, 1, 1) x (O, 1, k, k)
-        kxk = torch.einsum("ti,othw->oihw", (self.identity + self.idconv)[:, i], self.kxk[o])  # t: the 1x1's outputs
+        conv1 = (self.identity[i, i] + self.idconv[i, i]) * inner_scale  # (T, I): T, its outputs, are the inputs again
+        kxk = torch.einsum("ti,othw->oihw", conv1, self.kxk[o, i])
         dw_pw = torch.einsum("iehw,oie->oihw", self.dw.view(ci, EXPAND, k, k)[i], self.pw.view(co, ci, EXPAND)[o, i])
         return [self.origin[o, i], avg, prior, kxk, self.pad_kernel[o, i], dw_pw]
 
-    def merged(self, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
-        """The merged kernel, or its top-left (rows, cols) corner: the branch kernels, each scaled per output
-        channel, summed."""
+    def merged(self, rows: int | None = None, cols: int | None = None, inner_scale: float = 1.0) -> torch.Tensor:
+        """The merged kernel, or that of the block of top-left slices (``branch_kernels``): the branch kernels, each
+        scaled per output channel, summed."""
         out = 0
-        for v, kernel in zip(self.vector[:, slice(rows)], self.branch_kernels(rows, cols)):  # a running sum: no stack
+        branches = self.branch_kernels(rows, cols, inner_scale)
+        for v, kernel in zip(self.vector[:, slice(rows)], branches):  # a running sum: no stack
             out = out + v[:, None, None, None] * kernel
         return out
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from stages.data.replay import StoredViews
 from stages.methods import MethodContext, create_method
-from stages.methods.gpd import DynamicTeacher, WideOREPAConv2d, _widen_orepa
+from stages.methods.gpd import DynamicTeacher, WideOREPAConv2d, _Mode, _widen_orepa
 from stages.methods.method_settings import check_method_args
 from stages.methods.orepa import EXPAND, OREPAConv2d, convert_to_orepa, eligible, merge_orepa
 from stages.teachers.extract import stored_plan
@@ -135,7 +135,70 @@ def test_each_branch_is_widened_so_the_merged_wide_kernel_is_the_students_widene
                 for b in range(r_in):  # every block of the wide kernel: the student's / r_out
                     torch.testing.assert_close(wide.weight[a * 10:(a + 1) * 10, b * 6:(b + 1) * 6] * r_out, small.weight)
             torch.testing.assert_close(wide.bias * r_out, small.bias.repeat(r_out))
-            torch.testing.assert_close(wide.merged(10, 6), wide.weight[:10, :6])  # the corner alone, as the student takes it
+            # The block of the first copies (the 1x1 -> kxk branch's 1x1 times r_in), as the student takes it: at
+            # initialisation the corner of the merged wide kernel.
+            torch.testing.assert_close(wide.merged(10, 6, inner_scale=r_in), wide.weight[:10, :6])
+
+
+def _wide_block(small: OREPAConv2d, r_out: int, r_in: int) -> tuple[WideOREPAConv2d, _Mode]:
+    """The widened block of ``small`` (noise 0), as the dynamic teacher builds it, and the switch to its student."""
+    mode = _Mode()
+    conv = nn.Conv2d(small.in_channels, small.out_channels, 3, padding=1, bias=small.bias is not None)
+    wide = WideOREPAConv2d(conv, mode, 2, first=r_in == 1, last=r_out == 1, noise=0.0, init="official")
+    wide.branches = _widen_orepa(small, r_out, r_in, noise=0.0)  # every branch busy, not the official init's zeros
+    return wide, mode
+
+
+@pytest.mark.parametrize("r_out, r_in", [(2, 2), (1, 2), (2, 1)])
+def test_the_students_gradient_lands_on_the_first_copy_as_the_official_widening_puts_it(r_out, r_in):
+    """The official student (DynamicOREPA's active_* tensors) takes the first copy of every tensor, times the ratio
+    its copies were divided by: its gradient G on a tensor lands there times that ratio, nothing on the other copies.
+    The ratio is r_out for the kernels and the bias, r_in for the 1x1 of 1x1 -> kxk, 1 for dw and vector."""
+    ci, co = 4, 6
+    small = busy_block(ci, co)
+    wide, mode = _wide_block(small, r_out, r_in)
+    x, g = images(2, c=ci, size=7), torch.randn(2, co, 7, 7, generator=torch.Generator().manual_seed(3))
+    (F.conv2d(x, small.weight, small.bias, padding=1) * g).sum().backward()  # G: the plain student's own gradients
+    mode.student = True
+    (wide(x) * g).sum().backward()
+    ratio = dict(origin=r_out, avg_conv=r_out, prior_conv=r_out, idconv=r_in, kxk=r_out, pad_kernel=r_out, dw=1, pw=r_out,
+                 vector=1, bias=r_out)
+    assert set(ratio) == {n for n, _ in small.named_parameters()}
+    for name, p in small.named_parameters():
+        expected = torch.zeros_like(getattr(wide.branches, name))
+        expected[tuple(slice(n) for n in p.shape)] = ratio[name] * p.grad  # the first copy: the top-left corner
+        torch.testing.assert_close(getattr(wide.branches, name).grad, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_1x1_kxk_gradients_are_the_official_layouts():
+    """One GPD step's two passes (the dynamic teacher, then the student inside it) against the official layout of
+    the 1x1 -> kxk branch built by hand (init_expand_orepa: r row copies / r, then r column copies) and differentiated:
+    the student's gradient r G sits on the first copy (issue 35, item 9; this project had G on each copy)."""
+    r, ci, co = 2, 4, 6
+    small = busy_block(ci, co)
+    wide, mode = _wide_block(small, r, r)
+    gen = torch.Generator().manual_seed(3)
+    x, xs = images(2, c=r * ci, size=7), images(2, seed=2, c=ci, size=7)
+    g, gs = torch.randn(2, r * co, 7, 7, generator=gen), torch.randn(2, co, 7, 7, generator=gen)  # linear losses
+    loss = (wide(x) * g).sum()
+    mode.student = True
+    (loss + (wide(xs) * gs).sum()).backward()
+
+    s = {n: t.detach() for n, t in small.state_dict().items()}
+    identity = (s["identity"] / r).repeat(r, r)
+    idconv = (s["idconv"] / r).repeat(r, r).requires_grad_()
+    kxk = (s["kxk"] / r).repeat(r, r, 1, 1).requires_grad_()
+    v3 = s["vector"][3].repeat(r)
+
+    def branch(conv1, conv2, v):  # the official weight_gen's 1x1_kxk branch: conv2 after conv1, scaled per channel
+        return v[:, None, None, None] * torch.einsum("ti,othw->oihw", conv1, conv2)
+
+    wide_kernel = branch(identity + idconv, kxk, v3)
+    # The official student (active_weight_gen): the corners, the 1x1 (idconv and id_tensor) times r, conv2 times r.
+    student_kernel = branch((identity[:ci, :ci] + idconv[:ci, :ci]) * r, kxk[:co, :ci] * r, v3[:co])
+    ((F.conv2d(x, wide_kernel, padding=1) * g).sum() + (F.conv2d(xs, student_kernel, padding=1) * gs).sum()).backward()
+    torch.testing.assert_close(wide.branches.idconv.grad, idconv.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide.branches.kxk.grad, kxk.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["official", "single"])
@@ -180,7 +243,8 @@ def test_gpd_with_orepa_trains_and_exports_a_plain_timm_student():
     assert exported.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(exported.state_dict())  # strict: the same shapes
     w = dynamic.net.layer1[0].conv1
-    torch.testing.assert_close(exported.layer1[0].conv1.weight, w.weight[:8, :64].detach() * 2)  # the merged kernel's slice
+    # The merged block of the branches' first copies, times r (after training no longer the wide kernel's corner).
+    torch.testing.assert_close(exported.layer1[0].conv1.weight, w.branches.merged(8, 64, inner_scale=2).detach() * 2)
     dynamic.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(images()), dynamic(images()), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stages.cache import store_report
 from stages.cache.store_setup import store_dataset
+from stages.methods.method_settings import TEMPERATURE
 from storage import Store, UserError
 
 UNITS, TOPK, GRID_SAMPLES, GRID_VIEWS = 4, 10, 16, 4
@@ -74,14 +75,11 @@ def quality_lines(q: store_report.LogitQuality | None, full: bool) -> list[str]:
 
 
 def temperatures(text: str) -> tuple[float, ...]:
-    """--temperature: positive numbers, comma-separated."""
+    """--temperature: comma-separated, each a temperature a method takes (a KL at 1e300 overflows, and means nothing)."""
     try:
-        values = tuple(float(t) for t in text.split(","))
+        return tuple(TEMPERATURE(float(t), "--temperature") for t in text.split(","))
     except ValueError:
-        values = ()
-    if not values or not all(t > 0 and t < float("inf") for t in values):
-        raise UserError(f"--temperature must be positive numbers separated by commas, e.g. 1,4, not '{text}'")
-    return values
+        raise UserError(f"--temperature must be {TEMPERATURE.what}, or several separated by commas (e.g. 1,4), not '{text}'") from None
 
 
 def order_text(store: Store) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 from stages.training.run_metrics import METRICS_FILE, best_line
 from storage import UserError
 
+from .run_files import file_above
+
 log = logging.getLogger(__name__)
 
 
@@ -213,6 +215,9 @@ def _colours(labels: list[str]) -> dict[str, tuple]:
 
 def _save(fig, out_png: Path | str) -> Path:
     out_png = Path(out_png)
+    blocked = file_above(out_png)
+    if blocked:
+        raise UserError(f"cannot write the picture {out_png}: {blocked} is a file, not a directory; choose another --out")
     try:
         out_png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")

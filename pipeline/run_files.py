@@ -148,9 +148,15 @@ def check_out(out: Path) -> Path:
     """--out: a run directory that exists, or one that can be made (its nearest existing parent is a directory)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: pass a new or an existing run directory")
-    parent = out
+    blocked = file_above(out)
+    if blocked:
+        raise UserError(f"--out {out} cannot be made: {blocked} is a file, not a directory")
+    return out
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` when it is a file (so ``path`` cannot be made), else None."""
+    parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out} cannot be made: {parent} is a file, not a directory")
-    return out
+    return None if parent.is_dir() else parent

@@ -222,6 +222,9 @@ def grid_ids(dataset: ImageDataset, samples: int, *, seed: int = 0, classes: lis
             raise UserError(f"--grid-classes {unknown[0]} is no class of the data: its classes are {', '.join(dataset.classes[:12])}"
                             f"{', ...' if len(dataset.classes) > 12 else ''}")
         pool = np.flatnonzero(np.isin(dataset.labels, wanted))
+        if not len(pool):
+            raise UserError(f"--grid-classes {','.join(classes)}: the data has no sample of {'this class' if len(classes) == 1 else 'these classes'} "
+                            "(an empty class folder): name another class")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=min(samples, len(pool)), replace=False))
 

@@ -13,9 +13,13 @@ pixels are the same, and the views' fingerprints would say so if they were not.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
+import os
+import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -42,8 +46,9 @@ def jpeg_decoder():
 ORIENTATION = "exif-ignored"  # recorded with the library versions of every store
 
 
-def decode_image(data: bytes) -> torch.Tensor:
+def decode_image(data: bytes, name: str = "an image") -> torch.Tensor:
     """Encoded image bytes as a uint8 (3, H, W) RGB tensor; Pillow's exception when they are not an image.
+    ``name`` (a file, a shard's sample) is what a log line about the image calls it.
 
     Every decode is bounded by Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), read from the header before
     anything is allocated: a few hundred bytes can claim 20000 x 20000 pixels (1.2 GB decoded).
@@ -57,12 +62,57 @@ def decode_image(data: bytes) -> torch.Tensor:
         decode_jpeg = jpeg_decoder() if orientation == 1 and height else None
     if decode_jpeg is not None:
         try:
-            return decode_jpeg(data, mode="RGB")
-        except RuntimeError:
-            pass  # damaged or unusual: Pillow decides, and names the fault in its own words
+            with libjpeg_messages(name):
+                return decode_jpeg(data, mode="RGB")
+        except Exception:
+            pass  # damaged or unusual: Pillow decides (it reads what it can), and names the fault in its own words
     with Image.open(io.BytesIO(data)) as im:
         check_pixels(im.height, im.width)
         return rgb_tensor(im)
+
+
+_STDERR_LOCK = threading.Lock()
+_TOLD: set[str] = set()
+
+
+@contextlib.contextmanager
+def libjpeg_messages(name: str, jpeg: bool = True):
+    """libjpeg-turbo, inside torchcodec, prints its warnings ("Corrupt JPEG data: 3 extraneous bytes before marker
+    0xd9") straight to the process's standard error, where they break a command's console lines and miss its log.
+    Around a JPEG decode, standard error goes to a file, and what libjpeg wrote becomes one warning in the log.
+
+    On the hot path: three system calls and an uncontended lock, a few microseconds of a millisecond's decode; the
+    file is read only when something was written to it (its offset moved). Another thread writing to standard error
+    in that moment is logged with it rather than lost."""
+    if not jpeg:
+        yield
+        return
+    with _STDERR_LOCK:
+        sink = _stderr_sink(os.getpid())  # one per process: a forked loader must not share the parent's file offset
+        saved = os.dup(2)  # fd 2 as it is now (a test's capture, a pipe): restored whatever it was
+        os.dup2(sink, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            written = os.lseek(sink, 0, os.SEEK_CUR)
+            text = ""
+            if written:
+                os.lseek(sink, 0, os.SEEK_SET)
+                text = " ".join(os.read(sink, written).decode(errors="replace").split())
+                os.ftruncate(sink, 0)
+                os.lseek(sink, 0, os.SEEK_SET)
+    if text and name not in _TOLD:  # once per image and process, not once per epoch
+        _TOLD.add(name)
+        log.warning("%s: libjpeg says %r; decoded as libjpeg decodes it (as Pillow does)", name, text[:300])
+
+
+@functools.cache
+def _stderr_sink(pid: int) -> int:
+    """A descriptor of an unnamed temporary file (this process's own) that libjpeg's messages land in."""
+    with tempfile.TemporaryFile() as file:
+        return os.dup(file.fileno())  # the duplicate outlives the file object; the unnamed file lives while it is open
 
 
 def check_pixels(height: int, width: int) -> None:

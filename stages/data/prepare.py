@@ -48,7 +48,7 @@ from storage.lock import WriterLock, remove_stale_temp_files
 from ..progress import Progress
 from ..settings import MAX_BLOCK, SEED, SIZE, Int, Name, Optional, setting
 from .datasets import FolderDataset, dataset_kind, open_dataset
-from .decode import check_pixels
+from .decode import check_pixels, libjpeg_messages
 from .image_dataset import ImageDataset
 from .replay import sample_order
 from .wds_dataset import IMAGE_EXTENSIONS, MANIFEST, _split_key
@@ -345,7 +345,7 @@ def convert(data: bytes, ext: str, max_side: int | None, quality: int, where: st
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im, libjpeg_messages(str(where), im.format == "JPEG"):
             w, h = im.size
             check_pixels(h, w)  # the replay's own bound, before anything is decoded
             if max_side is not None and max(w, h) > max_side:

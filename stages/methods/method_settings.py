@@ -13,7 +13,7 @@ import numbers
 from ..settings import NON_NEGATIVE, POSITIVE, Check, Choice, Flag, Float, Int, ListOf, Optional, Text
 from storage import UserError
 
-TEMPERATURE = Float(0.0, 1000.0, lo_open=True)
+TEMPERATURE = Float(1e-3, 1000.0)  # below 1e-3 a softmax of logits in the tens is 0 and 1 in float32, and KL turns NaN
 METHOD = {  # the registered methods' settings (constructor arguments), by name: a name means one thing in every method
     "temperature": TEMPERATURE,
     "tau": TEMPERATURE,  # DIST's temperature

@@ -210,6 +210,22 @@ CASES = {
     "inspect-grid-samples-0": Bad(["inspect", "{store}", "--grid-samples", "0"], "--grid-samples"),
     "inspect-url": Bad(["inspect", "ftp://x/s"], "unknown URL scheme"),
     "inspect-teacher-escapes": Bad(["inspect", "{store}", "--teacher-id", "../x"], "--teacher-id: must be a plain name"),
+    "inspect-temperature-huge": Bad(["inspect", "{store}", "--temperature", "1e6"], "--temperature must be a number in [0.001, 1000]"),
+    "inspect-temperature-tiny": Bad(["inspect", "{store}", "--temperature", "1,1e-300"], "--temperature must be a number in [0.001, 1000]"),
+    "inspect-grid-ids-none-valid": Bad(["inspect", "{store}", "--grid", "{new}.png", "--grid-ids", "1000,2000"], "--grid-ids 1000 is not a sample of the store"),
+    "report-out-under-a-file": Bad(["report", "{run}", "--out", "{file}/r.png"], "a-file is a file, not a directory"),
+    # -- a wrong type anywhere in a recipe, whichever command reads it ------------------------------------
+    "extract-yaml-views-number": Bad([*EN, "--config", "{yaml}"], "views in", yaml="views: 3\n"),
+    "extract-yaml-size-word": Bad([*EN, "--config", "{yaml}"], "size in", yaml="size: abc\n"),
+    "extract-yaml-seed-list": Bad([*EN, "--config", "{yaml}"], "seed in", yaml="seed: [1]\n"),
+    "prepare-yaml-size-list": Bad(["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "size in", yaml="size: [1, 2]\n"),
+    "prepare-yaml-views-list": Bad(["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "views in", yaml="views: [1, 2]\n"),
+    "distill-yaml-views-scale-word": Bad([*D, "--config", "{yaml}"], "scale in views in", yaml="views: {scale: abc}\n"),
+    "distill-yaml-student-kwargs-number": Bad([*D, "--config", "{yaml}"], "student_kwargs in", yaml="student_kwargs: 5\n"),
+    "distill-yaml-part-args-number": Bad([*D, "--config", "{yaml}"], "the args of part 1 of method must be a mapping",
+                                         yaml="method:\n  - {method: kd, args: 5}\n  - {method: dkd}\n"),
+    "distill-yaml-part-teacher-list": Bad([*D, "--config", "{yaml}"], "the teacher of part 1 of method must be a teacher id",
+                                          yaml="method:\n  - {method: kd, teacher: [a]}\n"),
     "stats-teacher-escapes": Bad(["stats", "--store", "{store}", "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"),
     "stats-no-store": Bad(["stats", "--store", "{new}"], "no store at"),
     "stats-unknown-teacher": Bad(["stats", "--store", "{store}", "--teacher-id", "t9"], "has no teacher 't9'"),
@@ -667,6 +683,9 @@ def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     ("class-2e9", "train-0000.tar/k7 has class 2000000000: classes are numbers from 0 to 1,048,575"),
     ("cut-between-members", "train-0000.tar is truncated (it ends at sample k11, without the tar's end marker)"),
     ("cut-inside-a-member", "train-0000.tar is truncated"),
+    # All its bytes there, one member header damaged: tarfile stops there as at the end, 3 samples of 12, silently.
+    ("header-checksum", "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a member header there cannot be read (bad checksum)"),
+    ("header-zeroed", "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a zero block"),
 ])
 def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index cached from an earlier test
@@ -680,6 +699,10 @@ def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypat
         shard.write_bytes(data[: data.index(b"k11.cls")])  # tarfile reads it as a shorter tar whose last sample has no .cls
     elif case == "cut-inside-a-member":
         shard.write_bytes(data[: len(data) // 2 + 100])
+    elif case.startswith("header-"):
+        at = data.index(b"k3.jpg")  # its header block
+        says = says.format(at=at)
+        shard.write_bytes(data[:at] + (b"\0x#!" + data[at + 4 : at + 512] if case == "header-checksum" else bytes(512)) + data[at + 512 :])
     store = tmp_path / "store"
     capsys.readouterr()
     assert main(["extract", "--data", f"wds:{shard}", "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1",
@@ -718,3 +741,37 @@ def test_resume_with_weights_that_do_not_fit_is_one_line_and_changes_nothing(sha
 
     _, line = _resume_edited(shared, tmp_path, capsys, other_weights)
     assert "does not fit this run" in line and "drop --resume" in line, line
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_is_refused_at_set_up_and_nothing_is_made(fmt, tmp_path, capsys):
+    """The header pass reads each file's last bytes too: a truncated JPEG or PNG is refused before --out or --store
+    exists, by every command that reads a folder (it used to be met mid-run, after the folder was made)."""
+    import io
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for c in range(2):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(c * 10 + i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, fmt)
+            (data / f"c{c}" / f"{i}.{fmt.lower()}").write_bytes(buf.getvalue())
+    bad = data / "c1" / f"3.{fmt.lower()}"
+    bad.write_bytes(bad.read_bytes()[:-40])
+    source = f"folder:{data}"
+    commands = {
+        "prepare": ["prepare", "--data", source, "--out", str(tmp_path / "out")],
+        "extract": ["extract", "--data", source, "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1", "--store", str(tmp_path / "out")],
+        "train": ["train", "--data", source, "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1", "--size", "32",
+                  "--batch-size", "4", "--out", str(tmp_path / "out")],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()  # extract says its store's size first, before the header pass
+        line = err[-1]
+        assert "Traceback" not in "".join(err) and line.startswith("error: ") and len(err) <= 2, (name, err)
+        assert f"cannot decode image {bad}" in line and "truncated" in line, (name, line)
+        assert not (tmp_path / "out").exists(), name

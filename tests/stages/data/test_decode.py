@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -148,3 +149,31 @@ def test_a_folder_image_claiming_too_many_pixels_is_one_line_naming_it(tmp_path)
     (tmp_path / "c" / "bomb.jpg").write_bytes(_claiming(_encoded(_photo(), quality=90), 20000, 20000))
     with pytest.raises(UserError, match=r"cannot decode image .*bomb\.jpg: its header claims 20000 x 20000 pixels.*replace the file, or remove it"):
         open_dataset(f"folder:{tmp_path}").image(0)
+
+
+# A 16 x 12 lossless JPEG (SOF3, predictor 1: libjpeg-turbo 3's lossless mode), which Pillow reads.
+LOSSLESS_JPEG = base64.b64decode(
+    "/9j/7gAOQWRvYmUAZAAAAAAA/8MAEQgADAAQA1IRAEcRAEIRAP/EABcAAAMBAAAAAAAAAAAAAAAAAAAEBQj/2gAMA1IARwBCAAEAAM/5/wA/0BigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBgqMUBigMUBigMUBigMUBigMUBigMUBigMUBigMUBj//2Q=="
+)
+
+
+@pytest.mark.parametrize("torchcodec", [True, False])
+def test_a_lossless_jpeg_decodes_as_pillow_reads_it(torchcodec, monkeypatch):
+    if not torchcodec:
+        monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
+    np.testing.assert_array_equal(decode_image(LOSSLESS_JPEG).permute(1, 2, 0).numpy(), _pillow(LOSSLESS_JPEG))
+
+
+def test_libjpegs_warning_goes_to_the_log_not_the_console(capfd, caplog):
+    # libjpeg-turbo (in torchcodec) prints "Corrupt JPEG data: ..." to file descriptor 2, past Python's logging.
+    data = _encoded(_photo(), quality=90)
+    end = data.rindex(b"\xff\xd9")
+    corrupt = data[:end] + b"\x00\x01\x02" + data[end:]  # bytes before the end marker: libjpeg warns and decodes
+    with caplog.at_level("WARNING", logger="stages.data.decode"):
+        image = decode_image(corrupt, "c1/corrupt.jpg")
+    assert image.shape == (3, 97, 131)
+    assert capfd.readouterr().err == ""
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("c1/corrupt.jpg: libjpeg says 'Corrupt JPEG data"), said
+    decode_image(corrupt, "c1/corrupt.jpg")  # the next epoch's decode of the same file says nothing again
+    assert len(caplog.records) == 1 and capfd.readouterr().err == ""

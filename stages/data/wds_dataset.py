@@ -14,6 +14,10 @@ integer); other members (``KEY.json``...) are ignored.
   must: headers, class members and the image headers inside the stream); the
   result is kept in a local cache keyed by the shard's URL, size and
   modification stamp (an ETag on S3), so later opens read no image data.
+  A tar reader stops at the first member header it cannot read as if the
+  tar ended there, so the scan compares where its walk stopped with the
+  file's size: only zero blocks (the end marker, the record padding) may
+  follow, else the shard is damaged (one line, never a shorter shard).
 * Classes: numbers (``"0"``, ``"1"``, ...), or the names a ``manifest.json``
   beside the shards gives when it lists them all (``pipeline prepare``
   writes one, ``stages.data.prepare``).
@@ -54,7 +58,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"  # what `pipeline prepare` writes beside its shards (``stages.data.prepare``)
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: a shard with a damaged member header is refused (version 1 indexed it as a shorter one)
 GAP = 256 << 10  # neighbouring members closer than this are read in one request (headers and .cls between them)
 
 
@@ -129,25 +133,38 @@ def scan_shard(url: str) -> ShardIndex:
             )
         samples.append(sample)
 
-    current = None
+    current, last = None, None
     try:
         with fs.open(path, "rb", block_size=8 << 20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, ext = _split_key(member.name)
-                if not member.isfile() or key is None or (ext not in IMAGE_EXTENSIONS and ext != "cls"):
-                    continue
-                if current is None or current["key"] != key:
-                    finish(current)
-                    if key in seen:
-                        raise UserError(f"shard {url}: sample {key} appears twice, apart: a sample's members must be neighbours in the tar")
-                    seen.add(key)
-                    current = {"key": key}
-                _take_member(url, current, ext, tar.extractfile(member).read(), member)
-            if not _ends_whole(fs, path):  # tarfile reads a tar cut short as a shorter one: its last samples would vanish or lack members
+            failed = None
+            try:
+                for member in tar:
+                    last = member.name
+                    key, ext = _split_key(member.name)
+                    if not member.isfile() or key is None or (ext not in IMAGE_EXTENSIONS and ext != "cls"):
+                        continue
+                    if current is None or current["key"] != key:
+                        finish(current)
+                        if key in seen:
+                            raise UserError(f"shard {url}: sample {key} appears twice, apart: a sample's members must be neighbours in the tar")
+                        seen.add(key)
+                        current = {"key": key}
+                    _take_member(url, current, ext, tar.extractfile(member).read(), member)
+            except (tarfile.TarError, EOFError) as e:  # a header that cannot be read after the first (a GNU long name's...)
+                failed = e
+            stop = tar.offset  # where the walk stopped: the end marker of a whole tar, else the header it could not read
+            end = _tail(fs, path, stop)
+            if end == "truncated":  # tarfile reads a tar cut short as a shorter one: its last samples would vanish or lack members
                 where = f"at sample {current['key']}" if current else "before its first sample"
                 raise UserError(f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again")
+            if end is not None or failed is not None:  # members after a header tarfile cannot read: it stops there, silently
+                after = f"after member {last}, {len(seen)} samples read" if last else "before its first member"
+                what = f"a member header there cannot be read ({failed or _header_problem(end)})"
+                if end is not None and not any(end):
+                    what = "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"
+                raise UserError(f"shard {url} is damaged at byte {stop} ({after}): {what}; replace the shard (copy or write it again)")
             finish(current)
-    except (tarfile.TarError, EOFError) as e:
+    except (tarfile.TarError, EOFError) as e:  # the first header
         raise UserError(f"cannot read shard {url}: {e}; the tar file is damaged or not a tar: write it again") from None
     except FileNotFoundError:
         raise UserError(f"shard {url} does not exist: check the wds pattern") from None
@@ -164,14 +181,41 @@ def scan_shard(url: str) -> ShardIndex:
     )
 
 
-def _ends_whole(fs, path: str) -> bool:
-    """Whether a tar file ends as a written one does: whole 512-byte records, the last two of them zero (the end marker)."""
+def _tail(fs, path: str, stop: int) -> bytes | str | None:
+    """What follows the end of a walk over a tar's members at byte ``stop``: None when it is the tar's end (zero
+    blocks only, the last two of them the end marker), "truncated" when the file lacks the end marker, else the
+    512-byte block at ``stop`` (members follow a header the walk could not read).
+
+    Reads the end marker and the bytes from ``stop`` up to the first that is not zero: a whole tar's padding (under
+    10 KiB as tarfile and webdataset write it), a damaged one's header.
+    """
     size = fs.size(path)
     if size < 1024 or size % 512:
-        return False
-    with fs.open(path, "rb") as f:
+        return "truncated"
+    with fs.open(path, "rb", block_size=64 << 10) as f:
         f.seek(size - 1024)
-        return not any(f.read(1024))
+        if any(f.read(1024)):
+            return "truncated"
+        at = min(stop, size - 1024)
+        f.seek(at)
+        while at < size - 1024:
+            chunk = f.read(min(64 << 10, size - 1024 - at))
+            if not chunk:
+                return "truncated"
+            if chunk.count(0) != len(chunk):
+                f.seek(stop)
+                return f.read(512)
+            at += len(chunk)
+    return None
+
+
+def _header_problem(block: bytes) -> str:
+    """Why tarfile cannot read a member header (its own words: bad checksum, invalid header...)."""
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.TarError as e:
+        return str(e) or type(e).__name__
+    return "its member does not fit the tar"
 
 
 def _take_member(url: str, sample: dict, ext: str, data: bytes, member: tarfile.TarInfo) -> None:
@@ -321,10 +365,10 @@ class WdsDataset(ImageDataset):
         return out
 
     def decode(self, i: int, data: bytes) -> torch.Tensor:
+        key = self.keys[i].split("/", 1)[1]
         try:
-            return decode_image(data)
+            return decode_image(data, f"shard {self.urls[self.shard[i]]}: sample {key}")
         except Exception as e:
-            key = self.keys[i].split("/", 1)[1]
             raise UserError(f"shard {self.urls[self.shard[i]]}: sample {key}: cannot decode its image {key}.{self.ext[i]} ({e}); replace or remove the sample") from None
 
     def image(self, i: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ from the S3 server (moto) the other object-store tests use.
 
 from __future__ import annotations
 
-import json
-
 import io
+import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -146,8 +146,6 @@ def test_the_index_is_read_once_per_shard_version(tmp_path, monkeypatch, index_c
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(index_cache))
     write_shard(tmp_path / "shards" / "train-0001.tar", samples[15:25])
-    import os
-
     os.utime(tmp_path / "shards" / "train-0001.tar", (1, 1))
     assert len(WdsDataset(pattern)) == SHARDS * PER_SHARD - 5
 
@@ -191,6 +189,73 @@ def test_bad_shards_are_one_line_naming_shard_and_key(case, expected, tmp_path, 
     assert run(*argv) == 2
     assert expected in error_line(capsys)
     assert not (tmp_path / "s" / "teachers").exists() or not any((tmp_path / "s" / "teachers").rglob("commits/*"))
+
+
+def _damage_header(path: Path, name: str, how: str) -> int:
+    """Damage the 512-byte header of member ``name`` in place; returns its byte offset."""
+    data = bytearray(path.read_bytes())
+    at = data.index(name.encode())
+    assert at % 512 == 0
+    if how == "checksum":  # name bytes overwritten: its checksum no longer adds up
+        data[at : at + 4] = b"\0x#!"
+    elif how == "zeroed":  # the whole block zero: what the tar's end marker looks like
+        data[at : at + 512] = bytes(512)
+    elif how == "size":  # garbage in the size field, with the checksum made to fit it
+        data[at + 124 : at + 136] = b"zz!!garbage\0"
+        data[at + 148 : at + 156] = b" " * 8
+        data[at + 148 : at + 155] = b"%06o\0" % sum(data[at : at + 512])
+    path.write_bytes(bytes(data))
+    return at
+
+
+@pytest.mark.parametrize("how,says", [
+    ("checksum", "a member header there cannot be read (bad checksum)"),
+    ("zeroed", "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"),
+    ("size", "a member header there cannot be read (invalid header)"),
+])
+def test_a_damaged_member_header_is_refused_not_read_as_a_shorter_shard(how, says, tmp_path):
+    """tarfile stops at a header it cannot read as if the tar ended there: 3 samples of 8, silently."""
+    shard = tmp_path / "train-0000.tar"
+    write_shard(shard, [(f"k{i}", {"jpg": jpeg(i, (8, 8)), "cls": b"1"}) for i in range(8)])
+    at = _damage_header(shard, "k3.jpg", how)
+    with pytest.raises(UserError) as e:
+        WdsDataset(str(shard))
+    assert f"train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): {says}" in str(e.value)
+
+
+def test_a_shard_damaged_after_it_was_indexed_is_refused(tmp_path):
+    shard = tmp_path / "train-0000.tar"
+    write_shard(shard, [(f"k{i}", {"jpg": jpeg(i, (8, 8)), "cls": b"1"}) for i in range(8)])
+    assert len(WdsDataset(str(shard))) == 8  # its index is cached now
+    stat = shard.stat()
+    _damage_header(shard, "k5.jpg", "zeroed")  # the same size, written again: another modification time
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(UserError, match="train-0000.tar is damaged at byte"):
+        WdsDataset(str(shard))
+
+
+@pytest.mark.parametrize("writer", ["tarfile", "webdataset"])
+def test_whole_tars_are_read_whole_whatever_their_padding(writer, tmp_path):
+    """tarfile pads a tar to its 10240-byte records (zeros after the end marker); webdataset's TarWriter too."""
+    import webdataset as wds
+
+    shard, samples = tmp_path / "train-0000.tar", [(f"k{i}", jpeg(i, (8, 8)), i % 3) for i in range(8)]
+    if writer == "tarfile":
+        with tarfile.open(shard, "w") as tar:  # the default format and record size
+            for key, data, label in samples:
+                for ext, member in (("jpg", data), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(member)
+                    tar.addfile(info, io.BytesIO(member))
+    else:
+        with wds.TarWriter(str(shard)) as tar:
+            for key, data, label in samples:
+                tar.write({"__key__": key, "jpg": data, "cls": label})
+    size = shard.stat().st_size
+    assert size % tarfile.RECORDSIZE == 0 and not any(shard.read_bytes()[-2048:])  # more zeros than the end marker
+    data = WdsDataset(str(shard))
+    assert len(data) == 8 and data.labels.tolist() == [label for _, _, label in samples]
+    assert [bytes(b) for b in data.encoded(np.arange(8))] == [d for _, d, _ in samples]
 
 
 def test_extraction_from_class_ordered_shards_says_so_in_one_line(tmp_path, capsys):

@@ -49,6 +49,8 @@ class Check:
             return self.check(value)
         except (ValueError, TypeError):
             raise UserError(f"{name} must be {self.what}, not {_show(value)}") from None
+        except UserError as e:  # a check that explains itself (an unknown method names the known ones), after where
+            raise UserError(f"{name}: {e}") from None
 
 
 def _show(value) -> str:

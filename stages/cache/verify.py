@@ -73,19 +73,19 @@ def check_store(
 ) -> Report:
     """Everything that can be wrong with a store, unit by unit."""
     report = Report(links=store.path.links())  # writes would go through them, out of the store
+    plan = stored_plan(store)  # store.json's recipe, checked as view flags are, whether or not views are replayed
     teacher_ids = store.teacher_ids() if teacher_ids is None else teacher_ids
     plan_units = set().union(*(teacher_units(store, t) for t in teacher_ids)) if teacher_ids else store.plan.committed()
     sound_plan = _check_group(store.plan, plan_units, "plan", report)
     for tid in teacher_ids:
         _check_group(store.teacher(tid), teacher_units(store, tid), f"teacher {tid}", report)
     if dataset is not None and replay_fraction > 0:
-        _check_replay(store, dataset, sorted(sound_plan), replay_fraction, workers, seed, report)
+        _check_replay(store, plan, dataset, sorted(sound_plan), replay_fraction, workers, seed, report)
     return report
 
 
-def _check_replay(store, dataset, units, fraction, workers, seed, report) -> None:
+def _check_replay(store, plan, dataset, units, fraction, workers, seed, report) -> None:
     """Re-render a sample of views and compare them with the fingerprints the teacher's views had."""
-    plan = stored_plan(store)
     source = StoredViews(store, plan, store.num_views)
     param_names = list(plan.fields)
     batches = []

@@ -228,6 +228,16 @@ NEGATED_OPS = frozenset(_SIGNED_LEVELS) | _SIGNED_ENHANCE
 INTERPOLATIONS = ("bilinear", "bicubic")  # timm's 'random' picks one of these per op call
 
 
+class RandAugmentText(Text):
+    """timm's RandAugment string, read now: a recipe's typo is refused where the recipe is read, naming it."""
+
+    what = "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1"
+
+    def check(self, value):
+        parse_randaugment(super().check(value))
+        return value
+
+
 def parse_randaugment(config: str) -> dict:
     """timm's ``rand-mM-nN-mstdS-incI-pP-mmaxX`` string as settings (timm's defaults: m10 n2 mstd0 inc0 p0.5)."""
     import re
@@ -635,7 +645,7 @@ class ViewRecipe:
     hflip: float = setting(0.5, PROB, "horizontal flip probability")
     eval_crop: float = setting(0.875, Float(0.0, 1.0, lo_open=True), "centre-crop fraction of evaluation views (timm's crop_pct)")
     eval_interpolation: str = setting("bilinear", Choice(INTERPOLATIONS), "how evaluation crops are resized (timm's RSB A1/A2 evaluate bicubic)")
-    randaugment: str | None = setting(None, Optional(Text()), "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1", show_default="off")
+    randaugment: str | None = setting(None, Optional(RandAugmentText()), "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1", show_default="off")
     ra_interpolation: str = setting(
         "random", Choice(("random", *INTERPOLATIONS)), "resampling of RandAugment's geometric ops: random (timm's: one of the two per op, recorded), bilinear, bicubic"
     )

@@ -638,6 +638,13 @@ def test_a_hand_edited_checkpoint_is_one_line(edit, says, shared, tmp_path, caps
     assert f"{run / 'checkpoint.pt'}: {says}" in line and "run without --resume" in line, line
 
 
+@pytest.mark.parametrize("part", ["model", "method", "optimizer", "scheduler", "scaler", "rng", "student_weights", "student", "run", "epoch", "metrics"])
+def test_every_part_of_a_checkpoint_of_another_type_is_one_line(part, shared, tmp_path, capsys):
+    """Each part a resumed run reads, replaced by a string: one line naming the part, not a traceback where it is used."""
+    run, line = _resume_edited(shared, tmp_path, capsys, lambda state: state.__setitem__(part, "abc"))
+    assert part in line and ("damaged" in line or "does not fit this run" in line) and "--resume" in line, line
+
+
 def _resume_edited(shared, tmp_path, capsys, edit) -> tuple[Path, str]:
     """``--resume --epochs 2`` of a copy of the shared finished run whose checkpoint ``edit`` changed in place:
     (the run folder, the one line); the command exits 2 and changes nothing in the folder."""

@@ -149,7 +149,8 @@ def test_a_rerun_trusts_a_shard_only_with_its_record_and_recorded_size(tmp_path)
     with open(out / "train-000001.tar", "ab") as f:  # changed after it was recorded
         f.write(b"\0" * 512)
     (out / ".prepare" / "shard-000002.json").write_text("{")  # a damaged record
-    assert sorted(finished_shards(Location(out), plan, identity)) == [3]
+    (out / ".prepare" / "shard-000003.json").write_text("[1, 2]")  # a record of another type: made again, no traceback
+    assert sorted(finished_shards(Location(out), plan, identity)) == []
     other = PrepareJob(job.source, job.out, PrepareSettings(shard_size=5, quality=50), job.fingerprint).identity(len(data))
     assert finished_shards(Location(out), plan, other) == {}  # records of other settings count for nothing
 

@@ -69,3 +69,12 @@ def test_offline_without_weights_fails_fast_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--weights FILE"):
         build_teacher("resnet152")
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("key,value", [("input_size", "abc"), ("input_size", "0"), ("mean", "5"), ("mean", "[1, 2]"), ("std", '{"a": 1}')])
+def test_a_weights_files_metadata_of_the_wrong_type_is_one_line(key, value, tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=3).state_dict(), str(path), metadata={key: value})
+    with pytest.raises(UserError, match=f"weights file {path}: metadata '{key}' is '") as e:
+        build_teacher("resnet18", weights=str(path))
+    assert "\n" not in str(e.value)

@@ -33,12 +33,15 @@ def test_another_class_count_keeps_the_backbone_and_starts_the_classifier_afresh
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
 
 
-@pytest.mark.parametrize("case", ["missing", "other architecture", "not weights", "hub offline"])
+@pytest.mark.parametrize("case", ["missing", "other architecture", "not weights", "hub offline", "a list for a tensor", "a number for a state"])
 def test_weights_that_do_not_fit_are_one_line(tmp_path, monkeypatch, case):
-    _saved(tmp_path)
+    state = _saved(tmp_path).state_dict()
     weights = {"missing": tmp_path / "nope.safetensors", "other architecture": tmp_path / "run" / "student.safetensors",
-               "not weights": tmp_path / "junk.pt", "hub offline": "hub"}[case]
+               "not weights": tmp_path / "junk.pt", "hub offline": "hub", "a list for a tensor": tmp_path / "list.pt",
+               "a number for a state": tmp_path / "five.pt"}[case]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({**state, "fc.weight": [1, 2]}, tmp_path / "list.pt")  # hand-made files: a value that is no tensor
+    torch.save({"model": 5}, tmp_path / "five.pt")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name, kwargs = ("resnet18", {}) if case in ("other architecture", "hub offline") else (STUDENT["student"], KW)
     with pytest.raises(UserError) as e:

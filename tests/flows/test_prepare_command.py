@@ -139,11 +139,17 @@ def test_refusals_are_one_line_and_leave_nothing_that_looks_whole(tmp_path, caps
 def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys):
     src = class_folder(tmp_path / "src", classes=4, per_class=10)
     good = image_bytes(7, (64, 64))  # large enough that half of it holds the whole header
-    (src / "n002" / "img005.jpg").write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
+    (src / "n002" / "img005.jpg").write_bytes(good[: len(good) // 2])  # truncated: the header pass reads its end too
     out = tmp_path / "out"
     assert prepare(src, out, "--shard-size", "10") == 2
     line = one_error(capsys)
-    assert f"cannot read image {src / 'n002' / 'img005.jpg'} (image file is truncated" in line and "replace the file" in line
+    assert f"cannot decode image {src / 'n002' / 'img005.jpg'}: image file is truncated" in line and "replace the file" in line
+    assert not out.exists()  # refused at set-up
+    huffman = good.index(b"\xff\xc4")  # its header and its end read, its Huffman table does not: found while shards are written
+    (src / "n002" / "img005.jpg").write_bytes(good[: huffman + 5] + b"\xff" * 16 + good[huffman + 21 :])
+    assert prepare(src, out, "--shard-size", "10") == 2
+    line = one_error(capsys)
+    assert f"cannot read image {src / 'n002' / 'img005.jpg'} (" in line and "replace the file" in line
     assert not (out / "manifest.json").exists()
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
     (src / "n002" / "img005.jpg").write_bytes(good)  # replaced: the same command finishes the job

@@ -177,7 +177,8 @@ def test_a_validation_image_that_cannot_be_read_is_refused_at_set_up_and_one_tha
     assert main([*argv, "--out", str(tmp_path / "a")]) == 2
     assert "001.jpg" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # refused at set-up: nothing created
-    (val / "dog" / "001.jpg").write_bytes(good[: len(good) // 2])  # its header reads; its pixels do not
+    huffman = good.index(b"\xff\xc4")  # its header and its end read; its Huffman table, and so its pixels, do not
+    (val / "dog" / "001.jpg").write_bytes(good[: huffman + 5] + b"\xff" * 16 + good[huffman + 21 :])
     assert main([*argv, "--out", str(tmp_path / "b")]) == 2
     assert "001.jpg" in capsys.readouterr().err
     assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [1]  # the epoch trained before validation failed is kept

@@ -195,7 +195,7 @@ def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and out == ""
     expected = {"missing store": "no store at", "unknown teacher": "has no teacher 'nope' (it has: t1)", "bad units": "--units: must be an integer in [1,",
-                "bad temperature": "--temperature must be positive numbers"}
+                "bad temperature": "--temperature must be a number in [0.001, 1000]"}
     assert expected[case] in lines[0]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -164,16 +165,23 @@ def test_a_lossless_jpeg_decodes_as_pillow_reads_it(torchcodec, monkeypatch):
     np.testing.assert_array_equal(decode_image(LOSSLESS_JPEG).permute(1, 2, 0).numpy(), _pillow(LOSSLESS_JPEG))
 
 
-def test_libjpegs_warning_goes_to_the_log_not_the_console(capfd, caplog):
+def test_libjpegs_warning_goes_to_the_log_not_the_console(capfd, monkeypatch):
     # libjpeg-turbo (in torchcodec) prints "Corrupt JPEG data: ..." to file descriptor 2, past Python's logging.
     data = _encoded(_photo(), quality=90)
     end = data.rindex(b"\xff\xd9")
     corrupt = data[:end] + b"\x00\x01\x02" + data[end:]  # bytes before the end marker: libjpeg warns and decodes
-    with caplog.at_level("WARNING", logger="stages.data.decode"):
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("stages.data.decode")
+    monkeypatch.setattr(logger, "propagate", False)  # this test's handler alone: not another test's console
+    logger.addHandler(handler)
+    try:
         image = decode_image(corrupt, "c1/corrupt.jpg")
-    assert image.shape == (3, 97, 131)
-    assert capfd.readouterr().err == ""
-    said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 1 and said[0].startswith("c1/corrupt.jpg: libjpeg says 'Corrupt JPEG data"), said
-    decode_image(corrupt, "c1/corrupt.jpg")  # the next epoch's decode of the same file says nothing again
-    assert len(caplog.records) == 1 and capfd.readouterr().err == ""
+        assert image.shape == (3, 97, 131)
+        assert capfd.readouterr().err == ""
+        assert len(said) == 1 and said[0].startswith("c1/corrupt.jpg: libjpeg says 'Corrupt JPEG data"), said
+        decode_image(corrupt, "c1/corrupt.jpg")  # the next epoch's decode of the same file says nothing again
+        assert len(said) == 1 and capfd.readouterr().err == ""
+    finally:
+        logger.removeHandler(handler)

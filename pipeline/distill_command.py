@@ -23,10 +23,11 @@ from stages.training.distill import train
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
 from stages.training.settings import TrainSettings
 from stages.training.student import build_student
-from storage import UserError
+from stages.cache.store_setup import stored_plan
+from storage import Store, UserError
 
 from .flags import RAY_ADDRESS_HELP, THREADS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
-from .recipe import load_recipe, train_settings
+from .recipe import VIEWS, check_views, load_recipe, train_settings
 from .resume import DATA_FINGERPRINT, checkpoint_hooks
 from .run_files import RunFiles, check_out
 from .settings_check import add_setting_flags, flag_type, settings_from_args
@@ -35,6 +36,7 @@ log = logging.getLogger("pipeline")
 
 # Methods `pipeline train` runs: those that need no teacher at all (ce) or can do without one (gpd from scratch).
 TEACHERLESS_METHODS = tuple(m for m in list_methods() if not method_class(m).needs or not method_class(m).requires_teacher)
+TRAIN_DEFAULTS = {"method": "ce"}  # where `train` differs from distill's defaults: it fits a model on labels
 TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg", "student_weights": "--model-weights"}  # `train` fits any model, often a teacher
 
 
@@ -57,7 +59,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--val-data", help=VAL_DATA_HELP)
     g = p.add_argument_group("training (every setting also a --config key)")
     add_setting_flags(
-        g, TrainSettings, skip=("verify",), rename=TRAIN_RENAMES, choices={"method": TEACHERLESS_METHODS},
+        g, TrainSettings, skip=("verify",), rename=TRAIN_RENAMES, choices={"method": TEACHERLESS_METHODS}, defaults=TRAIN_DEFAULTS,
         helps={"student": "timm model name of the trained model", "method": "ce: labels only; gpd: the model trained beside its widened dynamic teacher, GPD's from-scratch mode",
                "size": "input size of the trained model"},
     )
@@ -100,11 +102,25 @@ def distill_job(args) -> DistillJob:
         raise UserError("--online runs the teacher in this process: leave --ray-workers at 0, or distil from the cache")
     if args.teacher and not args.online:
         raise UserError(f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}")
-    settings = train_settings(load_recipe(args.config), settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
+    recipe = load_recipe(args.config)
+    settings = train_settings(recipe, settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
+    _note_recipe_views(recipe, args.config, args.from_cache)
     if args.online and not args.teacher and not is_composite(settings.method):  # a composite's parts may name their models
         raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
     online = OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size) if args.online else None
     return DistillJob(args.from_cache, settings, args.teacher_id, args.teacher_weights, online, args.data, args.val_data)
+
+
+def _note_recipe_views(recipe: dict, where: str | None, store: str) -> None:
+    """A recipe's views: section is for extract, which fixes a store's views; distill replays the store's. One line
+    when the two differ, so a recipe's augmentation is not taken for what the run trains on."""
+    if not recipe.get(VIEWS):
+        return
+    asked, made = dataclasses.asdict(check_views(recipe[VIEWS], where)), dataclasses.asdict(stored_plan(Store(store)).recipe)
+    differ = sorted(k for k in asked if asked[k] != made[k])
+    if differ:
+        log.warning("the views: section of %s differs from the views store %s was made with (%s): distill replays the store's views "
+                    "(config.yaml records them); the recipe's are for `pipeline extract` into a new store", where, store, ", ".join(differ))
 
 
 # -- the commands --------------------------------------------------------------------------------------
@@ -114,8 +130,10 @@ def train_command(args) -> None:
     out = check_out(Path(args.out))
     dataset = open_dataset(args.data)
     val = validation_data(args.data, args.val_data)
-    flags = {"method": "ce", **settings_from_args(args, TrainSettings, TRAIN_RENAMES)}
-    settings = train_settings(load_recipe(args.config), flags, args.config or "the command line")
+    recipe = load_recipe(args.config)
+    fits = recipe.get("method") in TEACHERLESS_METHODS  # a recipe for train (gpd from scratch) keeps its method
+    flags = {**({} if fits else TRAIN_DEFAULTS), **settings_from_args(args, TrainSettings, TRAIN_RENAMES)}
+    settings = train_settings(recipe, flags, args.config or "the command line")
     plan = ViewPlan(view_recipe(args), args.plan_seed or 0)
     device = local_device(args.device)
     threads = use_threads(args.threads, settings.workers)
@@ -155,7 +173,8 @@ def distill_here(job: DistillJob, out: Path, *, device, resume: bool, on_epoch: 
     ``on_epoch(line)`` sees each epoch's metrics line (a sweep reports it to Ray Tune)."""
     run = build_distill(job, device)
     # Nothing is written to --out before the run has passed its set-up (see RunFiles).
-    with RunFiles(out, record or run_record(job, device=str(device)), lock=lock) as files:
+    record = {**(record or run_record(job, device=str(device))), "views": run.plan.describe()}  # the store's, replayed
+    with RunFiles(out, record, lock=lock) as files:
         hooks = checkpoint_hooks(out, job.run_record(), resume=resume, start=files.start, on_epoch=on_epoch)
         return run.train(out_dir=out, hooks=hooks, device=device)
 
@@ -178,7 +197,7 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     build_student(job.train.student, run.dataset.num_classes, job.train.seed, job.train.student_weights, **job.train.student_kwargs)  # bad student settings fail now
     where = dataclasses.replace(job, store=ray_env.for_workers(run.store.path).url, data=ray_env.source_for_workers(job.data or run.store.record.dataset.source),
                                 val_data=ray_env.source_for_workers(job.val_data))
-    record = run_record(job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker)
+    record = run_record(job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, views=run.plan.describe())
     with RunFiles(out, record) as files:
         return distill_on_ray(where, out, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, address=args.ray_address,
                               max_failures=args.max_failures, resume=args.resume, checkpoints=args.checkpoints, on_start=files.start,

@@ -97,19 +97,20 @@ def _shown(f) -> str:
 
 
 def add_setting_flags(group, cls, *, skip=(), rename: dict | None = None, helps: dict | None = None, choices: dict | None = None,
-                      known: dict | None = None) -> None:
+                      known: dict | None = None, defaults: dict | None = None) -> None:
     """A flag for every declared field of ``cls`` not in ``skip``: ``--field-name`` (or ``rename``), parsed and
     checked by the field's declaration, help from it with the default appended (``helps`` replaces a help text).
     ``choices`` restricts a flag to some values; ``known`` lists in its help what a registry holds (a miss is then
-    the registry's own line, with a close match). Unset flags stay ``None``: they never override a recipe."""
-    rename, helps, choices, known = rename or {}, helps or {}, choices or {}, known or {}
+    the registry's own line, with a close match). ``defaults``: a command's own defaults where they differ from the
+    field's (`train` fits with ce), as help shows them. Unset flags stay ``None``: they never override a recipe."""
+    rename, helps, choices, known, defaults = rename or {}, helps or {}, choices or {}, known or {}, defaults or {}
     for f in fields(cls):
         if f.name in skip or "check" not in f.metadata:
             continue
         check = f.metadata["check"]
         inner = check.inner if isinstance(check, Optional) else check
         text = helps.get(f.name, f.metadata["help"]) + (f": {', '.join(known[f.name])}" if f.name in known else "")
-        kwargs = {"dest": f.name, "default": None, "help": f"{text} (default: {_shown(f)})"}
+        kwargs = {"dest": f.name, "default": None, "help": f"{text} (default: {defaults.get(f.name, _shown(f))})"}
         if isinstance(inner, Flag):
             kwargs["action"] = "store_true"
         elif isinstance(inner, Mapping):

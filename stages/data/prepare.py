@@ -315,8 +315,12 @@ class ShardMaker:
 
 
 def sample_key(position: int, source_key: str) -> str:
-    """Unique (the position) and traceable (the source key, made safe: webdataset splits keys at '.', tar paths at '/')."""
+    """Unique (the position) and traceable (the source key, made safe: webdataset splits keys at '.', tar paths at '/').
+    A class folder whose files repeat its name (ImageNet's n01440764/n01440764_10026.JPEG) is said once."""
     stem = source_key.rsplit(".", 1)[0] if "/" not in source_key.rsplit(".", 1)[-1] else source_key
+    folder, _, name = stem.rpartition("/")
+    if folder and name.startswith(folder.rsplit("/", 1)[-1]):
+        stem = name
     return f"{position:08d}-{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[-KEY_SOURCE_CHARS:]}"
 
 

@@ -36,7 +36,7 @@ from ..progress import Progress
 from .run_metrics import RunMetrics
 from .settings import TrainSettings
 from ..data.replay import StoredViews, ViewRenderer, even_batches, render_batches
-from .loader import Batch, ReplayLoader, rank_and_world, steps_per_epoch
+from .loader import Batch, ReplayLoader, epoch_note, rank_and_world, steps_per_epoch
 from .student import StudentCard, build_student, save_student
 from ..teachers.teacher_sources import TeacherSource
 from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, normalize
@@ -398,6 +398,8 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (weights_name, "config.json", f"{EMA_FOLDER}/model.safetensors", f"{EMA_FOLDER}/config.json"):
             (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
+    if rank == 0:
+        log.info(epoch_note(len(train_data), views.block, s.batch_size, world, s.repeats))
     if hooks.state is not None:
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
     with RunMetrics(out_dir) as record:

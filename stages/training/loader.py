@@ -95,6 +95,25 @@ def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, r
     return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
 
 
+def epoch_note(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> str:
+    """One line: how many views an epoch holds against the samples, and why when it is fewer (whole blocks per rank,
+    each epoch cut to what every epoch has; with repeats R, R views of a share 1 / R of the blocks)."""
+    steps = steps_per_epoch(num_samples, block, batch_size, world, repeats)
+    views, num_blocks = steps * batch_size * world, -(-num_samples // block)
+    line = f"an epoch holds {views:,} views ({steps} steps of {batch_size} x {world} worker(s)), {views / num_samples:.0%} of the {num_samples:,} samples"
+    if views >= 0.95 * num_samples:
+        return line
+    share = num_blocks // repeats // world
+    if repeats > 1:
+        why = (f"with repeats {repeats} an epoch takes {repeats} views of each of {share * world} of the {num_blocks} blocks of {block} samples "
+               f"(the blocks split {repeats} ways, and every epoch is cut to the smallest share); a block count that {repeats * world} divides keeps it whole")
+    elif world > 1:
+        why = f"each of the {world} workers takes the same number of whole blocks of {block} samples (DDP waits on the slowest); {world} dividing the block count keeps it whole"
+    else:
+        why = f"a last partial batch is dropped each epoch (at most {batch_size - 1} samples)"
+    return f"{line}: {why}"
+
+
 def _resolve_ranks(rank: int | None, world: int | None) -> tuple[int, int]:
     if rank is None and world is None:
         return rank_and_world()

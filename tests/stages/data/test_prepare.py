@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import image_bytes, read_tree
 from stages.data import prepare as prep
-from stages.data.prepare import PrepareJob, PrepareSettings, ShardPlan, finished_shards, open_source, prepare
+from stages.data.prepare import PrepareJob, PrepareSettings, ShardPlan, finished_shards, open_source, prepare, sample_key
 from stages.data.wds_dataset import WdsDataset
 from storage import Location, UserError
 
@@ -176,3 +176,10 @@ def test_a_second_run_into_an_output_being_prepared_is_one_line_and_writes_nothi
             prepare(job, data)
         assert read_tree(out) == before
     assert run(src, out, shard_size=100).written == 6  # the lock released: the same command makes every shard
+
+
+def test_a_samples_key_says_its_class_once():
+    # ImageNet's files repeat their class folder's name: n01440764/n01440764_10026.JPEG.
+    assert sample_key(3, "n01440764/n01440764_10026.JPEG") == "00000003-n01440764_10026"
+    assert sample_key(4, "cat/1.jpg") == "00000004-cat_1"  # a file name alone would not say the class
+    assert sample_key(5, "train-000001/k7") == "00000005-train-000001_k7"  # a shard's sample: shard and key

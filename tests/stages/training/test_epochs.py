@@ -12,7 +12,7 @@ from pipeline import config
 from pipeline.cli import main
 from pipeline.recipe import train_settings
 from stages.training.distill import resolve_batch
-from stages.training.loader import rank_units, steps_per_epoch
+from stages.training.loader import epoch_note, rank_units, steps_per_epoch
 from stages.data.replay import epoch_units, window_units
 from stages.data.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
 from stages.training.settings import TrainSettings
@@ -159,3 +159,12 @@ def test_an_unknown_eval_interpolation_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "eval_interpolation" in err[0] and "bilinear, bicubic" in err[0]
     assert not out.exists()
+
+
+def test_the_run_says_how_many_views_an_epoch_holds_and_why_when_fewer_than_the_samples():
+    # 8 blocks with repeats 3: the blocks split 3, 3, 2 ways and every epoch is cut to 2 blocks x 3 views.
+    line = epoch_note(800, 100, 32, 1, 3)
+    assert line.startswith("an epoch holds 576 views (18 steps of 32 x 1 worker(s)), 72% of the 800 samples: with repeats 3")
+    assert epoch_note(900, 100, 32, 1, 3) == "an epoch holds 896 views (28 steps of 32 x 1 worker(s)), 100% of the 900 samples"
+    assert "each of the 4 workers takes the same number of whole blocks" in epoch_note(1000, 100, 32, 4, 1)
+    assert epoch_note(36, 16, 16, 1, 1).endswith("a last partial batch is dropped each epoch (at most 15 samples)")

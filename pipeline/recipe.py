@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 from stages.data.views import ViewRecipe
@@ -54,6 +55,7 @@ def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) ->
     merged = config.merge(file, flags)
     settings = build(TrainSettings, merged, where)
     settings = with_batch(settings, merged, flags.get("batch_size"), ray_workers, where)
+    settings = with_lr(settings, file, flags, where)
     part_args(settings.method, settings.method_args, f"--method-arg or method_args in {where}")
     if settings.size is not None:
         check_batch_bytes(settings.batch_size, settings.size, where)
@@ -93,3 +95,23 @@ def with_batch(settings: TrainSettings, merged: dict, flag: int | None, workers:
         per_worker = settings.batch_size
     batch, total = resolve_batch(per_worker, settings.global_batch, workers, where)
     return dataclasses.replace(settings, batch_size=batch, global_batch=total)
+
+
+def with_lr(settings: TrainSettings, file: dict, flags: dict, where: str) -> TrainSettings:
+    """``settings`` with the learning rate the run uses: --lr as given, or timm's rule when ``lr_base`` is set (the
+    rate at ``lr_base_size`` scaled to the run's global batch, linearly or by its square root). Of ``lr`` and
+    ``lr_base``, the one from the higher layer wins (flags over the file); both in one layer is refused."""
+    layer = {key: "flags" if key in flags else "file" if key in file else None for key in ("lr", "lr_base")}
+    if layer["lr"] is not None and layer["lr"] == layer["lr_base"]:
+        words = "--lr and --lr-base" if layer["lr"] == "flags" else f"lr and lr_base in {where}"
+        raise UserError(f"{words} both set the learning rate: keep one (lr_base scales with the global batch, lr does not)")
+    if layer["lr_base"] is None or layer["lr"] == "flags":
+        if layer["lr"] == "file" and file.get("global_batch") not in (None, settings.global_batch):
+            log.warning("%s's lr %g is for its global batch %d; this run's is %d: pass --lr-base %g --lr-base-size %d to follow it, "
+                        "or --lr to set one", where, settings.lr, file["global_batch"], settings.global_batch, settings.lr, file["global_batch"])
+        return settings
+    scale = settings.lr_base_scale or ("sqrt" if "ada" in settings.optimizer or "lamb" in settings.optimizer else "linear")
+    ratio = settings.global_batch / settings.lr_base_size
+    lr = settings.lr_base * (ratio if scale == "linear" else math.sqrt(ratio))
+    return dataclasses.replace(settings, lr=lr, lr_base_scale=scale)
+

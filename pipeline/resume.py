@@ -91,7 +91,8 @@ def _check_state(path: Path, state) -> None:
     total = saved.get("epochs")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= (total if isinstance(total, int) else epoch):
         raise bad("epoch", f"is {epoch!r}, not an epoch of the saved run's {total} epochs")
-    if not isinstance(metrics, list) or len(metrics) != epoch or not all(isinstance(line, dict) for line in metrics):
+    before = 1 if isinstance(metrics, list) and metrics and isinstance(metrics[0], dict) and metrics[0].get("epoch") == 0 else 0  # a fine-tune's epoch 0
+    if not isinstance(metrics, list) or len(metrics) != epoch + before or not all(isinstance(line, dict) for line in metrics):
         raise bad("metrics", f"must hold one line per finished epoch ({epoch})")
     for part in ("student_weights", "student", "scaler"):  # the Ray Train driver writes the first two; a disabled scaler reads nothing
         if part in state and not isinstance(state[part], dict):

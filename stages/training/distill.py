@@ -400,6 +400,9 @@ def train(
             (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
     if rank == 0:
         log.info(epoch_note(len(train_data), views.block, s.batch_size, world, s.repeats))
+        rule = f" (--lr-base {s.lr_base:g} at {s.lr_base_size}, {s.lr_base_scale})" if s.lr_base is not None else ""
+        log.info("%s at a learning rate of %g%s for a global batch of %d, %s schedule; student %s", s.optimizer, s.lr, rule,
+                 s.batch_size * world, s.schedule, f"from {s.student_weights}" if s.student_weights else "from random weights")
     if hooks.state is not None:
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
     with RunMetrics(out_dir) as record:
@@ -413,6 +416,12 @@ def train(
             if hooks.save:
                 hooks.save(_state(epoch + 1, metrics, run, s), line)
 
+        if first_epoch == 0 and s.student_weights and val_data is not None:  # what fine-tuning starts from: epoch 0
+            line = {"epoch": 0, **validate(run, s, val_data, plan, device)}
+            metrics.append(line)
+            record.write(line)
+            if rank == 0:
+                log.info("epoch 0 (the weights of %s, before any step): %s", s.student_weights, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
         for epoch in range(first_epoch, s.epochs):
             line = train_one_epoch(run, s, teacher, epoch, device)
             try:

@@ -51,6 +51,15 @@ class TrainSettings:
     momentum: float = setting(0.9, PROB, "momentum of sgd")
     nesterov: bool = setting(False, Flag(), "Nesterov momentum for sgd")
     lr: float = setting(1e-3, POSITIVE, "peak learning rate of --optimizer, reached after --warmup-epochs and then decayed by --schedule")
+    lr_base: float | None = setting(
+        None, Optional(POSITIVE), "learning rate at a global batch of --lr-base-size: the run's rate follows its own global batch "
+        "(timm's --lr-base rule); it wins over a recipe's lr, and --lr over it", show_default="off: --lr as given",
+    )
+    lr_base_size: int = setting(256, Int(1, MAX_BATCH * MAX_WORKERS), "the global batch at which --lr-base holds (timm's --lr-base-size)")
+    lr_base_scale: str | None = setting(
+        None, Optional(Choice(("linear", "sqrt"))), "how --lr-base follows the global batch: linear, or sqrt",
+        show_default="sqrt for adaptive optimizers (names with ada, and lamb), linear for the rest, as timm",
+    )
     weight_decay: float = setting(0.05, NON_NEGATIVE, "weight decay of --optimizer, not applied to biases and norm layers (timm's filter)")
     schedule: str = setting("cosine", Choice(("cosine", "step")), "learning-rate decay: cosine (per step), or step (x --lr-gamma at each of --lr-milestones)")
     lr_milestones: list = setting(None, ListOf(Int(0)), "epochs at which a step schedule multiplies the rate by --lr-gamma", factory=list, show_default="none")

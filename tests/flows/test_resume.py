@@ -186,3 +186,17 @@ def test_a_validation_image_that_cannot_be_read_is_refused_at_set_up_and_one_tha
     (val / "dog" / "001.jpg").write_bytes(good)
     assert main([*argv, "--out", str(tmp_path / "b"), "--resume"]) == 0  # and the run goes on from it
     assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [1, 2]
+
+
+def test_a_fine_tune_evaluates_its_starting_weights_as_epoch_0_and_resumes_with_it(tmp_path, capsys):
+    train, val = _folder(tmp_path / "train"), _folder(tmp_path / "val", per_class=4)
+    base = ["--quiet", "train", "--data", f"folder:{train}", "--val-data", f"folder:{val}", "--model", STUDENT["student"],
+            "--model-arg", "channels=[8,16,32,64]", "--size", "32", "--batch-size", "12"]
+    assert main([*base, "--epochs", "1", "--out", str(tmp_path / "fit")]) == 0
+    fitted = _epochs(tmp_path / "fit")[-1]["val_top1"]
+    tune = [*base, "--model-weights", str(tmp_path / "fit" / "model.safetensors"), "--out", str(tmp_path / "tune")]
+    assert main([*tune, "--epochs", "1"]) == 0
+    lines = _epochs(tmp_path / "tune")
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == {"epoch": 0, "val_top1": fitted}  # the weights as they came
+    assert main([*tune, "--epochs", "2", "--resume"]) == 0
+    assert [line["epoch"] for line in _epochs(tmp_path / "tune")] == [0, 1, 2]

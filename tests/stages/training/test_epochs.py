@@ -168,3 +168,20 @@ def test_the_run_says_how_many_views_an_epoch_holds_and_why_when_fewer_than_the_
     assert epoch_note(900, 100, 32, 1, 3) == "an epoch holds 896 views (28 steps of 32 x 1 worker(s)), 100% of the 900 samples"
     assert "each of the 4 workers takes the same number of whole blocks" in epoch_note(1000, 100, 32, 4, 1)
     assert epoch_note(36, 16, 16, 1, 1).endswith("a last partial batch is dropped each epoch (at most 15 samples)")
+
+
+def test_lr_base_follows_the_global_batch_as_timms_rule():
+    s = train_settings({}, {"lr_base": 0.1, "batch_size": 64, "optimizer": "sgd"}, "flags")
+    assert s.lr == pytest.approx(0.1 * 64 / 256) and s.lr_base_scale == "linear"
+    s = train_settings({"optimizer": "lamb", "lr_base": 0.008, "lr_base_size": 4096, "global_batch": 1024}, {}, "a2.yaml")
+    assert s.lr == pytest.approx(0.004) and s.lr_base_scale == "sqrt"  # adaptive optimisers: the square root
+    assert train_settings({"lr_base": 0.1}, {"lr": 0.5}, "x").lr == 0.5  # an explicit --lr wins over a recipe's lr_base
+    assert train_settings({"lr": 0.5}, {"lr_base": 0.1, "batch_size": 512}, "x").lr == pytest.approx(0.1 * 2**0.5)  # --lr-base over a recipe's lr (adamw: sqrt)
+    with pytest.raises(UserError, match="--lr and --lr-base both set the learning rate: keep one"):
+        train_settings({}, {"lr": 0.1, "lr_base": 0.1}, "flags")
+
+
+def test_a_recipes_lr_at_another_global_batch_is_said(caplog):
+    with caplog.at_level("WARNING", logger="pipeline"):
+        train_settings({"lr": 0.01, "global_batch": 256}, {"batch_size": 32}, "ft.yaml")
+    assert "ft.yaml's lr 0.01 is for its global batch 256; this run's is 32: pass --lr-base 0.01 --lr-base-size 256" in caplog.text

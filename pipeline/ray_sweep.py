@@ -91,7 +91,7 @@ def run_trial(params: dict, job: dict) -> None:
     resume = previous.get("job") == key and (out / CHECKPOINT).is_file()
     write_trial_settings(settings, out)
     record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "job": key,
-              "command": rerun_command(trial, out, job["device"]), "started": time.time(), "pid": os.getpid()}
+              "command": rerun_command(trial, out, job["device"], job["threads"]), "started": time.time(), "pid": os.getpid()}
     write_record(out, record)
     _trial_logging()
     torch.set_num_threads(job["threads"])

@@ -221,9 +221,11 @@ def _joined(value):
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
-def rerun_command(job: DistillJob, out: Path, device: str) -> str:
-    """The `pipeline distill` command that runs a trial again by hand (its settings are OUT/settings.yaml)."""
-    words = ["pipeline", "distill", "--from-cache", job.store, "--config", str(out / TRIAL_SETTINGS), "--out", str(out), "--device", device]
+def rerun_command(job: DistillJob, out: Path, device: str, threads: int) -> str:
+    """The `pipeline distill` command that runs a trial again by hand (its settings are OUT/settings.yaml), on the
+    trial's torch threads: another thread count sums in another order, and the run drifts from the trial's."""
+    words = ["pipeline", "distill", "--from-cache", job.store, "--config", str(out / TRIAL_SETTINGS), "--out", str(out), "--device", device,
+             "--threads", str(threads)]
     for flag, value in (("--teacher-id", job.teacher_id), ("--teacher-weights", job.teacher_weights), ("--data", job.data), ("--val-data", job.val_data)):
         if value is not None:
             words += [flag, str(value)]
@@ -239,9 +241,9 @@ class TrialNamer:
     """Tune's ``trial_dirname_creator``: ``trial-007-method=dkd,temperature=4``, readable as a TensorBoard run name."""
 
     def __init__(self, names: list[str]):
-        short = [n.rpartition(".")[2] for n in names]
+        # method_args.temperature -> temperature; a composite part's method_args.dkd.weight -> dkd.weight (which part's weight)
         self.names = names
-        self.short = [s if short.count(s) == 1 else n for s, n in zip(short, names)]
+        self.short = [n.removeprefix("method_args.") for n in names]
 
     def __call__(self, trial) -> str:
         index = int(trial.trial_id.rsplit("_", 1)[-1])

@@ -126,10 +126,12 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
         trial = sweep_spec.trial_job(base, settings, "test")
         assert trial.train.method == method and trial.train.method_args == {"ce_weight": 0.5, "temperature": 4.0}
         assert (trial.train.student, trial.train.epochs, trial.train.batch_size) == ("resnet10t", 2, 16)
-        command = sweep_spec.rerun_command(trial, out, "cpu").split()
-        assert command[:2] == ["pipeline", "distill"]
+        command = sweep_spec.rerun_command(trial, out, "cpu", 2).split()
+        assert command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"  # the trial's own threads
         assert distill_command.distill_job(cli.build_parser().parse_args(command[1:])) == trial
     assert sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(7, {"method": "dkd", "method_args.temperature": 4.0}) == "trial-007-method=dkd,temperature=4"
+    part = sweep_spec.TrialNamer(["method_args.dkd.weight"]).name(2, {"method_args.dkd.weight": 0.5})
+    assert part == "trial-002-dkd.weight=0.5"  # a composite part's setting says which part
 
 
 def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):

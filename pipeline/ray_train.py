@@ -163,7 +163,8 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
         log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
     save_student(out, state.get("student_weights", state["model"]), StudentCard(**run["student"]))
-    with RunMetrics(out) as record:  # metrics.jsonl and TensorBoard events, as a run without Ray writes them
+    settings = run["settings"]  # metrics.jsonl, TensorBoard events and --log's, as a run without Ray writes them
+    with RunMetrics(out, tuple(settings.get("log") or ()), settings) as record:
         for line in run["metrics"]:
             record.write(line)
     for line in run["metrics"]:

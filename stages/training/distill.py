@@ -16,6 +16,7 @@ hooks the loop is exactly the single-process one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from .run_metrics import RunMetrics
 from .settings import TrainSettings
 from ..data.replay import StoredViews, ViewRenderer, even_batches, render_batches
 from .loader import Batch, ReplayLoader, epoch_note, rank_and_world, steps_per_epoch
-from .student import StudentCard, build_student, save_student
+from .student import StudentCard, build_student, save_student, trained_on
 from ..teachers.teacher_sources import TeacherSource
 from ..data.views import EVAL_FIELDS, ViewPlan, eval_params, normalize
 
@@ -327,7 +328,8 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         precision=precision,
         ema=_model_ema(model, s.model_ema),
         card=StudentCard(s.student, dict(s.student_kwargs), train_data.num_classes, size, tuple(cfg.get("mean")), tuple(cfg.get("std")),
-                         plan.recipe.eval_interpolation, plan.recipe.eval_crop, list(train_data.classes)),
+                         plan.recipe.eval_interpolation, plan.recipe.eval_crop, list(train_data.classes),
+                         trained_on(s, train_data, teacher, views.store if isinstance(views, StoredViews) else None)),
     )
 
 
@@ -396,7 +398,7 @@ def train(
         hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (weights_name, "config.json", f"{EMA_FOLDER}/model.safetensors", f"{EMA_FOLDER}/config.json"):
+        for stale in (weights_name, "config.json", "README.md", *(f"{EMA_FOLDER}/{name}" for name in ("model.safetensors", "config.json", "README.md"))):
             (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
     if rank == 0:
         log.info(epoch_note(len(train_data), views.block, s.batch_size, world, s.repeats))
@@ -405,7 +407,7 @@ def train(
                  s.batch_size * world, s.schedule, f"from {s.student_weights}" if s.student_weights else "from random weights")
     if hooks.state is not None:
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
-    with RunMetrics(out_dir) as record:
+    with RunMetrics(out_dir, tuple(s.log), dataclasses.asdict(s)) as record:
         for line in metrics:  # a resumed run's record starts with the epochs it already has
             record.write(line)
         def keep(line: dict, epoch: int) -> None:  # the epoch's line and checkpoint
@@ -431,9 +433,9 @@ def train(
                 raise
             keep(line, epoch)
     if out_dir:
-        save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name)
+        save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name, metrics)
         if run.ema is not None:
-            save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors")
+            save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors", metrics, "val_top1_ema")
     return TrainResult(run.model, metrics, time.perf_counter() - start)
 
 

@@ -8,15 +8,22 @@ sweep`` read the same ``metrics.jsonl``. A line looks like
 "seconds": 3.2, "views_per_s": 400.0, "val_top1": 0.5}``; its numbers become
 the scalars ``train/loss``, ``train/ce``, ``train/kd``, ``lr``, ``seconds``,
 ``views_per_s`` and ``val/top1`` at step ``epoch``.
+
+``--log mlflow`` and ``--log wandb`` (the settings' ``log``) send the same scalars, and the run's settings as
+parameters, where timm users look too: MLflow (``MLFLOW_TRACKING_URI``, else a file store ``mlruns/`` beside the
+run folder, shared by the runs of one parent folder as ``tensorboard --logdir`` is) and Weights & Biases (offline
+into ``OUT/wandb`` unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says otherwise). Both are optional extras.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+LOGGERS = ("mlflow", "wandb")  # --log choices: the package each needs has the same name
 EVENTS_GLOB = "events.out.tfevents.*"
 _GROUPS = ("train", "val")  # key prefixes that become TensorBoard groups: train_loss -> train/loss
 
@@ -40,16 +47,19 @@ class RunMetrics:
     once: a killed run keeps every epoch it finished.
     """
 
-    def __init__(self, out_dir: Path | str | None):
+    def __init__(self, out_dir: Path | str | None, loggers: tuple[str, ...] = (), params: dict | None = None):
         self.out_dir = None if out_dir is None else Path(out_dir)
         self._writer = None
         self._count = 0
+        self._loggers = []
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / METRICS_FILE).write_text("")
         for old in self.out_dir.glob(EVENTS_GLOB):
             old.unlink()
+        flat = _flat(params or {})
+        self._loggers = [{"mlflow": MlflowLog, "wandb": WandbLog}[name](self.out_dir, flat) for name in loggers]
 
     def write(self, line: dict) -> None:
         self._count += 1
@@ -62,15 +72,20 @@ class RunMetrics:
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir))
         step = int(line.get("epoch", self._count))
-        for key, value in line.items():
-            if key != "epoch" and _number(value):
-                self._writer.add_scalar(scalar_tag(key), float(value), step)
+        scalars = {scalar_tag(key): float(value) for key, value in line.items() if key != "epoch" and _number(value)}
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, step)
         self._writer.flush()  # tensorboard shows a running run's epochs as they finish
+        for logger in self._loggers:
+            logger.log(scalars, step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []
 
     def __enter__(self) -> "RunMetrics":
         return self
@@ -101,3 +116,55 @@ def best_line(lines: list[dict], metric: str, mode: str = "max") -> dict | None:
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda ln: ln[metric])
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """Nested settings as flat parameters: ``{"method_args": {"temperature": 4}}`` -> ``{"method_args.temperature": 4}``."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+    return out
+
+
+class MlflowLog:
+    """One MLflow run per training run, named after its folder: the settings as parameters, the scalars per epoch."""
+
+    def __init__(self, out_dir: Path, params: dict):
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow keeps local file stores in maintenance mode and asks for an opt-in; a store beside the run
+            # folders needs no server, and `mlflow ui --backend-store-uri file:RUNS/mlruns` reads it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((out_dir.resolve().parent / "mlruns").as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeline"))
+        self.mlflow = mlflow
+        self.run = mlflow.start_run(run_name=out_dir.name)
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class WandbLog:
+    """One Weights & Biases run per training run, offline into ``OUT/wandb`` unless the user has logged in."""
+
+    def __init__(self, out_dir: Path, params: dict):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"), name=out_dir.name, dir=str(out_dir), config=params,
+                              mode=mode, settings=wandb.Settings(silent=True))
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+

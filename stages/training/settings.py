@@ -8,12 +8,26 @@ the run's builder (``stages.training.job``).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ..methods.composite import MethodSpec
+from storage import UserError
+
+from .run_metrics import LOGGERS
 from ..settings import MAX_BATCH, MAX_WORKERS, NON_NEGATIVE, POSITIVE, PROB, SEED, SIZE, WORKERS, Choice, Flag, Float, Int, ListOf, Mapping, ModelArgs, Optional, Text, setting
 
 BATCH = Int(1, MAX_BATCH)
+
+
+class Logger(Choice):
+    """A --log destination whose package is installed (each is an optional extra of the package)."""
+
+    def check(self, value):
+        value = super().check(value)
+        if importlib.util.find_spec(value) is None:
+            raise UserError(f"logging to {value} needs its package: pip install 'teacher-cache-pipeline[{value}]'")
+        return value
 VERIFY = ("all", "sample", "none")  # how many replayed views are fingerprinted (``stages.training.loader``)
 
 
@@ -84,3 +98,8 @@ class TrainSettings:
         "evaluated each epoch and saved beside it", show_default="off",
     )
     compile: bool = setting(False, Flag(), "torch.compile the student")
+    log: list = setting(
+        None, ListOf(Logger(LOGGERS)), "also send each epoch's scalars and the run's settings to MLflow (MLFLOW_TRACKING_URI, else a file "
+        "store mlruns/ beside the run folder) or Weights & Biases (offline into OUT/wandb unless logged in): mlflow, wandb", factory=list,
+        show_default="TensorBoard and metrics.jsonl only",
+    )

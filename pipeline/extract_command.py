@@ -12,6 +12,7 @@ from stages.cpus import use_threads
 from stages.cache.teacher_rows import storage_line
 from stages.data.prepare import is_prepared
 from stages.data.views import ViewRecipe
+from stages.settings import ModelArgs
 from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
 from stages.teachers.teachers import list_teachers
@@ -32,9 +33,13 @@ log = logging.getLogger("pipeline")
 def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
     p.add_argument("--data", required=True, help=data_help())
-    p.add_argument("--teacher", required=True, help=f"short name ({', '.join(list_teachers())}) or any timm model")
-    teacher_flags(p, "--teacher-seed")
-    p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher)")
+    p.add_argument(
+        "--teacher", required=True,
+        help=f"short name ({', '.join(list_teachers())}), any timm model, or a timm model folder: local-dir:PATH (a `pipeline train` "
+        "run's folder) or hf-hub:REPO; a folder's config.json gives the architecture, model arguments, input size and normalisation",
+    )
+    teacher_flags(p, "--teacher-seed", model_args=True)
+    p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher as a plain name; a local-dir: folder's own name)")
     p.add_argument("--store", required=True, help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later")
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
@@ -113,11 +118,21 @@ def extract_job(args, device: str | None) -> ExtractJob:
     """The extraction the flags and the --config file describe, resolved once."""
     return ExtractJob(
         store=args.store, data=args.data, teacher=args.teacher, views=args.views, teacher_id=args.teacher_id, weights=args.weights,
-        random_init=args.random_init, teacher_seed=args.teacher_seed, size=args.size, block=args.block, view_settings=_view_settings(args),
+        random_init=args.random_init, teacher_seed=args.teacher_seed, model_args=_model_args(args.model_args), size=args.size, block=args.block,
+        view_settings=_view_settings(args),
         plan_seed=args.plan_seed, outputs=tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None, logits=args.logits,
         topk=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, format=args.format, precision=args.precision,
         batch_size=args.batch_size, workers=args.workers, device=device,
     )
+
+
+def _model_args(pairs: list[str] | None) -> dict:
+    """--model-arg KEY=VALUE pairs as timm.create_model arguments, checked as `train`'s --model-arg is."""
+    args = config.parse_pairs(pairs, "--model-arg")
+    try:
+        return ModelArgs().check(args)
+    except (ValueError, TypeError):
+        raise UserError(f"--model-arg takes {ModelArgs.what}, not {', '.join(pairs or [])}") from None
 
 
 def _view_settings(args) -> dict:
@@ -149,7 +164,8 @@ def extract_command(args) -> None:
         # The flags as given (to run the same command again) and the job they resolved to.
         flags = {"command": "extract", **vars(args), "func": None, "job": job.to_dict()}
         (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump(flags).encode())
-        log.info("extract %s (%s, %s) on %s into %s: %d views x %d samples", teacher_id, info.timm_name, info.weights, job.device, store.path, job.views, len(dataset))
+        args_given = f", {', '.join(f'{k}={v}' for k, v in info.model_args.items())}" if info.model_args else ""
+        log.info("extract %s (%s%s, %s) on %s into %s: %d views x %d samples", teacher_id, info.timm_name, args_given, info.weights, job.device, store.path, job.views, len(dataset))
         with store.lock_teacher(teacher_id):
             if args.repair:
                 damaged = verify.take_back_damaged(store, teacher_id)

@@ -36,10 +36,18 @@ def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     merged = config.merge((base or ViewRecipe()).to_dict(), file, settings_from_args(args, ViewRecipe))
     return build(ViewRecipe, merged, args.config or "view flags")
 
-def teacher_flags(g, seed_flag: str) -> None:
-    g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher)")
+def teacher_flags(g, seed_flag: str, model_args: bool = False) -> None:
+    """The teacher's weights (a file, a seeded random start) and, with ``model_args``, ``--model-arg`` (its timm.create_model arguments)."""
+    g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher, or a model folder's own)")
     g.add_argument("--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)")
     g.add_argument(seed_flag, dest="teacher_seed", type=int, default=0, help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)")
+    if model_args:
+        g.add_argument(
+            "--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+            help="extra timm.create_model argument of the teacher, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64], as `train` "
+            "was given it (repeatable); over a model folder's own; recorded in teacher.json, so every extraction into one teacher id "
+            "must give the same (default: none)",
+        )
 
 def local_device(flag: str | None) -> str:
     """--device, else cuda when a GPU is visible, else cpu."""

@@ -162,7 +162,7 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
         log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
-    save_student(out, state.get("student_weights", state["model"]), StudentCard(**run["student"]))
+    save_student(out, state.get("student_weights", state["model"]), StudentCard(**run["student"]), metrics=run["metrics"])
     settings = run["settings"]  # metrics.jsonl, TensorBoard events and --log's, as a run without Ray writes them
     with RunMetrics(out, tuple(settings.get("log") or ()), settings) as record:
         for line in run["metrics"]:

@@ -101,7 +101,7 @@ def with_lr(settings: TrainSettings, file: dict, flags: dict, where: str) -> Tra
     """``settings`` with the learning rate the run uses: --lr as given, or timm's rule when ``lr_base`` is set (the
     rate at ``lr_base_size`` scaled to the run's global batch, linearly or by its square root). Of ``lr`` and
     ``lr_base``, the one from the higher layer wins (flags over the file); both in one layer is refused."""
-    layer = {key: "flags" if key in flags else "file" if key in file else None for key in ("lr", "lr_base")}
+    layer = {key: "flags" if flags.get(key) is not None else "file" if file.get(key) is not None else None for key in ("lr", "lr_base")}
     if layer["lr"] is not None and layer["lr"] == layer["lr_base"]:
         words = "--lr and --lr-base" if layer["lr"] == "flags" else f"lr and lr_base in {where}"
         raise UserError(f"{words} both set the learning rate: keep one (lr_base scales with the global batch, lr does not)")

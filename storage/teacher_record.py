@@ -10,6 +10,7 @@ refuses a record without them); one that lacks a field is damaged.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from .store_record import MAX_CLASSES, MAX_SIZE, MAX_VIEWS, MAX_WIDTH, _Fields
@@ -30,8 +31,9 @@ class TeacherRecord:
     # What made the arrays: re-running an extraction must match it.
     format: str  # the store backend: "zarr" or "wds"
     precision: str  # the teacher's arithmetic, "fp32" or "bf16" (bf16 outputs differ from fp32 ones in the 3rd digit)
-    name: str  # the teacher's registry name (dinov2_s, resnet152, a timm model name)
+    name: str  # the teacher's registry name (dinov2_s, resnet152, a timm model name, a model folder as local-dir:PATH or hf-hub:REPO)
     timm_name: str
+    model_args: dict = dataclasses.field(default_factory=dict)  # timm.create_model arguments given (--model-arg); left out when none
     weights: str  # what the weights were: a file's sha256, a hub tag, or random-init:seed=N
     input_size: int  # pixels, square
     mean: tuple[float, ...]
@@ -54,6 +56,7 @@ class TeacherRecord:
         # JSON gives lists; the record keeps tuples, so two records compare by value and stay unchanged.
         for name in ("mean", "std", "outputs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "model_args", json.loads(json.dumps(self.model_args)))  # as teacher.json holds them: (8, 16) == [8, 16]
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherRecord:
@@ -65,7 +68,7 @@ class TeacherRecord:
         if not isinstance(data, dict):
             raise ValueError("teacher.json must hold a JSON object")
         outputs = data.get("outputs")
-        optional = () if isinstance(outputs, list) and "tokens" in outputs else _TOKEN_FIELDS
+        optional = ("model_args",) + (() if isinstance(outputs, list) and "tokens" in outputs else _TOKEN_FIELDS)
         fields = [f.name for f in dataclasses.fields(cls)]
         missing = [name for name in fields if name not in data and name not in optional]
         if missing:
@@ -95,8 +98,8 @@ class TeacherRecord:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue  # tokens fields without tokens, views before the arrays exist
+            if (value is None and f.default is None) or (f.name == "model_args" and not value):
+                continue  # tokens fields without tokens, views before the arrays exist, no model arguments
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -117,6 +120,8 @@ def _check_fields(data: dict) -> None:
     for name in ("mean", "std"):
         f.numbers(name, 3)
     f.versions("versions")
+    if "model_args" in data:
+        f.mapping("model_args")
     f.count("input_size", MAX_SIZE)
     f.choice("logits", ("topk", "full"))
     classes = f.count("num_classes", MAX_CLASSES, least=0)

@@ -69,6 +69,7 @@ def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr
         precision=precision,
         name=teacher.spec.name,
         timm_name=teacher.spec.timm_name,
+        model_args=teacher.model_args,
         weights=teacher.weights,
         input_size=teacher.input_size,
         mean=teacher.mean,
@@ -79,7 +80,7 @@ def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr
 
 
 # Fields that must agree for two extractions to share one teacher group.
-_MUST_MATCH = ("timm_name", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
+_MUST_MATCH = ("timm_name", "model_args", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
 
 
 def check_classes(info: TeacherRecord, num_classes: int) -> None:

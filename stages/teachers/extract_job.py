@@ -40,12 +40,13 @@ class ExtractJob:
 
     store: str  # a directory or URL; created on first use, resumed or extended later
     data: str  # digits, folder:PATH, fake:N, wds:PATTERN
-    teacher: str  # a short name or any timm model
+    teacher: str  # a short name, any timm model, or a timm model folder (local-dir:PATH, hf-hub:REPO)
     views: int  # views per sample; more than the store has appends views
     teacher_id: str | None = None  # the teacher's name inside the store; None: ``default_teacher_id(teacher)``
     weights: str | None = None  # a local file; None: the hub weights (or random_init)
     random_init: bool = False  # random weights from teacher_seed (tests)
     teacher_seed: int = 0
+    model_args: dict = field(default_factory=dict)  # extra timm.create_model arguments (--model-arg), recorded in teacher.json
     size: int | None = None  # render size; None: the teacher's input size
     block: int | None = None  # samples per shard; None: BLOCK for a new store, an existing store's own
     view_settings: dict = field(default_factory=dict)  # the view settings given (flags over YAML), over the store's recipe or the defaults
@@ -86,7 +87,7 @@ def job_teacher(job: ExtractJob, num_classes: int, load: bool = True) -> Teacher
     """The job's teacher; ``load=False``: described only, on torch's meta device (no weights read)."""
     return build_teacher(
         job.teacher, weights=job.weights, random_init=job.random_init, num_classes=num_classes, seed=job.teacher_seed,
-        input_size=job.size, load=load,
+        input_size=job.size, load=load, model_args=job.model_args,
     )
 
 

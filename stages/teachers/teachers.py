@@ -5,7 +5,10 @@ keys its spec lists: ``logits`` (B, C) and/or ``features`` (B, D), the pooled
 pre-logits feature; on request also ``tokens`` (B, T, D), which every timm
 model has (CLS plus patch tokens for ViTs, the last feature map's positions
 for CNNs). Any timm model name works as a teacher; the short names below pin
-the hub weights and input size people mean by them.
+the hub weights and input size people mean by them. A timm model folder works too,
+``local-dir:PATH`` (what ``pipeline train`` writes) or ``hf-hub:REPO``: its
+``config.json`` says the architecture, model arguments, input size, normalisation,
+interpolation and class count, read by timm's own reader.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class TeacherSpec:
     std: tuple[float, ...] | None = None
     outputs: tuple[str, ...] = ("logits", "features")
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    interpolation: str | None = None  # how the teacher's own evaluation resized images (a model folder's config.json)
+    num_classes: int | None = None  # classifier width from a model folder's config.json; None: from the weights
 
 
 _TEACHERS: dict[str, TeacherSpec] = {}
@@ -81,9 +86,12 @@ register_teacher(TeacherSpec("resnet152", "resnet152.a1h_in1k", 224, IMAGENET_ME
 
 
 def resolve_teacher(name: str) -> TeacherSpec:
-    """The registered spec for ``name``, or a spec for any timm model of that name."""
+    """The registered spec for ``name``, a model folder's (``local-dir:PATH``, ``hf-hub:REPO``), or a spec for any timm model of that name."""
     if name in _TEACHERS:
         return _TEACHERS[name]
+    folder = model_folder(name, weights=False)
+    if folder is not None:
+        return _folder_spec(name, folder)
     if timm.is_model(name):
         cfg = timm.models.get_pretrained_cfg(name)
         return TeacherSpec(
@@ -97,7 +105,95 @@ def resolve_teacher(name: str) -> TeacherSpec:
         )
     close = difflib.get_close_matches(name, list(_TEACHERS) + timm.list_models(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"known short names: {', '.join(list_teachers())}"
-    raise UserError(f"unknown teacher '{name}': {hint} (any timm model name also works)")
+    raise UserError(f"unknown teacher '{name}': {hint} (any timm model name also works, and a timm model folder as local-dir:PATH or hf-hub:REPO)")
+
+
+FOLDER_SOURCES = ("local-dir", "hf-hub", "hf_hub")  # timm's model sources (hf_hub: its older spelling)
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repo, in its order
+
+
+def model_folder(name: str, weights: bool = True) -> Path | None:
+    """The local folder of a ``local-dir:PATH`` or ``hf-hub:REPO[@REVISION]`` teacher; None for any other name.
+
+    A hub repo's folder is its snapshot in the hub cache, downloaded when the hub can be reached (``weights``:
+    its weights file too, else config.json alone); offline, the cached snapshot, or one line saying what is missing.
+    """
+    source, sep, ident = name.partition(":")
+    if not sep or source not in FOLDER_SOURCES:
+        return None
+    if not ident:
+        raise UserError(f"teacher '{name}' names no folder: pass local-dir:PATH (a timm model folder, as `pipeline train` writes) or hf-hub:REPO")
+    if source == "local-dir":
+        folder = Path(ident).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"teacher '{name}': {folder} is not a folder; local-dir: takes a timm model folder (config.json and weights, as `pipeline train` writes)")
+        return folder
+    from timm.models._hub import hf_split
+
+    repo, revision = hf_split(ident)
+    online = _hub_reachable()
+    wanted = [("config.json",)] + ([HUB_WEIGHTS] if weights else [])
+    found = []
+    for choices in wanted:  # config.json, then the first weights file the repo has
+        found.append(next((path for f in choices if (path := _hub_file(name, repo, revision, f, online))), None))
+        if found[-1] is None:
+            where = "which the hub does not hold" if online else "which are not in the local hub cache, and the hub cannot be reached"
+            raise UserError(f"teacher '{name}' needs {' or '.join(choices)} of hub repo {repo}, {where}: "
+                            "download the repo elsewhere and pass its folder as --teacher local-dir:FOLDER")
+    return Path(found[0]).parent  # the revision's snapshot folder, which holds every file of it
+
+
+def _hub_file(name: str, repo: str, revision: str | None, filename: str, online: bool) -> str | None:
+    """A hub repo's file in the local hub cache: fetched (or refreshed) when ``online``, else the cached copy; None when there is none."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    if not online:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+        return found if isinstance(found, str) else None
+    try:
+        return hf_hub_download(repo, filename, revision=revision)
+    except EntryNotFoundError:
+        return None
+    except (HfHubHTTPError, OSError) as e:  # no such repo or revision, a gated repo, a failed download
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"teacher '{name}': cannot fetch {filename} of hub repo {repo} ({type(e).__name__}: {first})") from None
+
+
+def _folder_spec(name: str, folder: Path) -> TeacherSpec:
+    """A model folder's teacher: architecture, model arguments, input size, normalisation, interpolation and class
+    count from its config.json, read by timm's own reader (as ``timm.create_model("local-dir:PATH")`` reads it)."""
+    from timm.models._hub import load_model_config_from_path
+
+    try:
+        cfg, architecture, model_args = load_model_config_from_path(folder)
+    except FileNotFoundError:
+        raise UserError(f"teacher '{name}': {folder} holds no config.json; a timm model folder has one beside its weights "
+                        "(`pipeline train` writes both; for weights alone pass --teacher MODEL --weights FILE)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or JSON without timm's fields
+        raise UserError(f"teacher '{name}': {folder / 'config.json'} is not a timm model config ({type(e).__name__}: {str(e)[:120]})") from None
+    if not timm.is_model(architecture):
+        raise UserError(f"teacher '{name}': config.json names architecture '{architecture}', which this timm ({timm.__version__}) does not know")
+    return TeacherSpec(
+        name,
+        architecture,
+        input_size=cfg.get("input_size", (3, None, None))[-1],
+        mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
+        std=tuple(cfg["std"]) if cfg.get("std") else None,
+        kwargs={k: v for k, v in model_args.items() if k != "num_classes"},  # the class count is build_teacher's to pass
+        interpolation=cfg.get("interpolation"),
+        num_classes=cfg.get("num_classes"),
+    )
+
+
+def weights_in_folder(folder: Path) -> Path:
+    """The weights file timm loads from a model folder (``timm.models._hub.load_state_dict_from_path``'s choice)."""
+    from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+
+    for candidate in [folder / f for f in _PREFERRED_FILES] + [f for ext in _EXT_PRIORITY for f in sorted(folder.glob(f"*{ext}"))]:
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"model folder {folder} holds no weights file ({', '.join(_EXT_PRIORITY)}): it needs one beside config.json")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -115,14 +211,16 @@ class Teacher(nn.Module):
     for (``teacher(x, outputs=...)``): the default outputs leave them out.
     """
 
-    def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str):
+    def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str, model_args: dict | None = None):
         super().__init__()
         self.spec, self.model, self.weights = spec, model.requires_grad_(False), weights
+        self.model_args = dict(model_args or {})  # the timm.create_model arguments given (--model-arg), over the spec's own
         self.eval()
         cfg = model.pretrained_cfg or {}
         self.input_size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
         self.mean = tuple(spec.mean or cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(spec.std or cfg.get("std", IMAGENET_STD))
+        self.interpolation = spec.interpolation or cfg.get("interpolation", "bicubic")
         self.num_classes = model.num_classes if "logits" in spec.outputs else 0
         self.default_outputs = spec.outputs if self.num_classes else tuple(o for o in spec.outputs if o != "logits")
         self.outputs = tuple(dict.fromkeys(self.default_outputs + ("tokens",)))  # everything that exists
@@ -226,9 +324,13 @@ def build_teacher(
     seed: int = 0,
     input_size: int | None = None,
     load: bool = True,
+    model_args: dict | None = None,
 ) -> Teacher:
     """Load a frozen teacher.
 
+    name: a short name, any timm model, or a timm model folder (``local-dir:PATH``, ``hf-hub:REPO``), whose
+    config.json gives the architecture, model arguments, input size, normalisation and class count and whose
+    weights file is identified by its sha256, as a --weights file is.
     weights: a local safetensors file or torch checkpoint; the class count comes from it.
     random_init: no weights, initialised from ``seed`` (tests); ``num_classes`` from the dataset.
     neither: the hub weights of the spec's timm model (the usual hub cache), failing fast offline.
@@ -236,35 +338,42 @@ def build_teacher(
     load: ``False`` describes the teacher without its weights, for a process that only needs its record (a Ray
     driver): the model is built on torch's "meta" device (shapes, no memory), its class count read from the weights
     file's header or timm's pretrained config; the weights are identified as when loaded (a file's sha256).
+    model_args: extra ``timm.create_model`` arguments (``--model-arg``), over the spec's own.
     """
-    spec = resolve_teacher(name)
-    if input_size is not None:
-        spec = replace(spec, input_size=input_size)
-        if "img_size" in spec.kwargs:  # ViTs built for a fixed size (DINOv2) follow the render size
-            spec = replace(spec, kwargs={**spec.kwargs, "img_size": input_size})
+    model_args = _checked_model_args(model_args)
+    folder = model_folder(name, weights=not (random_init or weights))
+    if folder is not None and weights:
+        raise UserError(f"teacher '{name}' is a model folder with weights of its own: leave --weights out, "
+                        "or name its architecture instead (--teacher MODEL --weights FILE)")
+    spec = _sized(_folder_spec(name, folder) if folder is not None else resolve_teacher(name), input_size, model_args)
     kwargs = dict(spec.kwargs)
+    if model_args:  # a misspelt or misfit argument is one line now, not a traceback from the model's builder
+        _check_builds(name, spec, model_args)
     if random_init:
         nc = num_classes if "logits" in spec.outputs else 0
         if not load:
-            return Teacher(spec, _shapes_only(spec.timm_name, num_classes=nc, **kwargs), weights=f"random-init:seed={seed}")
+            return Teacher(spec, _shapes_only(spec.timm_name, num_classes=nc, **kwargs), f"random-init:seed={seed}", model_args)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=nc, **kwargs)
-        return Teacher(spec, model, weights=f"random-init:seed={seed}")
+        return Teacher(spec, model, f"random-init:seed={seed}", model_args)
+    if folder is not None:
+        path = weights_in_folder(folder)
+        return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
     if weights:
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
         spec = _with_file_metadata(spec, path, input_size)
-        return Teacher(spec, _from_file(spec, path, kwargs, load), weights=f"sha256:{file_sha256(path)}")
+        return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
     if _hub_reachable():
         if not load:  # the hub weights have the classes of timm's pretrained config, the default of create_model
-            return Teacher(spec, _shapes_only(spec.timm_name, **kwargs), weights=f"hub:{spec.timm_name}")
+            return Teacher(spec, _shapes_only(spec.timm_name, **kwargs), f"hub:{spec.timm_name}", model_args)
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as e:
             raise UserError(f"cannot load hub weights for {spec.timm_name}: {e}; pass --weights FILE instead") from e
-        return Teacher(spec, model, weights=f"hub:{spec.timm_name}")
+        return Teacher(spec, model, f"hub:{spec.timm_name}", model_args)
     # Offline, timm would retry the hub for most of a minute: look in the hub cache ourselves.
     cached = _cached_hub_file(spec.timm_name)
     if cached is None:
@@ -272,11 +381,40 @@ def build_teacher(
             f"teacher '{name}' needs the hub weights of {spec.timm_name}, which are not in the local hub cache, "
             "and the hub cannot be reached: download them elsewhere and pass --weights FILE (safetensors or torch checkpoint)"
         )
-    return Teacher(spec, _from_file(spec, Path(cached), kwargs, load), weights=f"hub:{spec.timm_name}")
+    return Teacher(spec, _from_file(spec, Path(cached), kwargs, load), f"hub:{spec.timm_name}", model_args)
+
+
+RUN_ARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")  # build_teacher's to set
+
+
+def _checked_model_args(model_args: dict | None) -> dict:
+    model_args = dict(model_args or {})
+    taken = [k for k in model_args if k in RUN_ARGS]
+    if taken:
+        raise UserError(f"--model-arg {taken[0]}: the teacher's class count and weights come from its weights (or --random-init and the data), "
+                        "not from a model argument; drop it")
+    return model_args
+
+
+def _sized(spec: TeacherSpec, input_size: int | None, model_args: dict) -> TeacherSpec:
+    """The spec at render size ``input_size`` (None: its own) with ``model_args`` over its own arguments."""
+    if input_size is not None:
+        spec = replace(spec, input_size=input_size)
+        if "img_size" in spec.kwargs:  # ViTs built for a fixed size (DINOv2) follow the render size
+            spec = replace(spec, kwargs={**spec.kwargs, "img_size": input_size})
+    if model_args:
+        spec = replace(spec, kwargs={**spec.kwargs, **model_args})
+        size = model_args.get("img_size")
+        if input_size is None and size is not None:  # a model built for another size (img_size=64) is rendered at that size
+            spec = replace(spec, input_size=size[-1] if isinstance(size, (list, tuple)) else size)
+    return spec
 
 
 def default_teacher_id(name: str) -> str:
-    """The id a teacher gets in a store when none is given: its name, as a plain file name."""
+    """The id a teacher gets in a store when none is given: its name, as a plain file name (a local folder: its own name)."""
+    source, _, path = name.partition(":")
+    if source == "local-dir" and Path(path).name not in ("", ".", ".."):
+        name = Path(path).name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
@@ -286,10 +424,21 @@ def _shapes_only(timm_name: str, **kwargs) -> nn.Module:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
 
 
+def _check_builds(name: str, spec: TeacherSpec, model_args: dict) -> None:
+    """Refuse, in one line, model arguments the model's builder does not take (built on the meta device: no memory, no time)."""
+    try:
+        _shapes_only(spec.timm_name, num_classes=0, **spec.kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError, IndexError, KeyError) as e:  # how model builders refuse arguments
+        words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        given = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
+        raise UserError(f"teacher '{name}' (timm model {spec.timm_name}) cannot be built with {given}: {words[:200]}; fix or drop the --model-arg") from None
+
+
 def _from_file(spec: TeacherSpec, path: Path, kwargs: dict, load: bool) -> nn.Module:
     if load:
         return _load_file(spec, path, kwargs)
-    return _shapes_only(spec.timm_name, num_classes=_classes_in(file_shapes(path), spec.timm_name), **kwargs)
+    nc = spec.num_classes if spec.num_classes is not None else _classes_in(file_shapes(path), spec.timm_name)
+    return _shapes_only(spec.timm_name, num_classes=nc, **kwargs)
 
 
 def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -> TeacherSpec:
@@ -349,7 +498,7 @@ def _cached_hub_file(timm_name: str) -> str | None:
 def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
     """A timm model with weights from a local file; its class count comes from the file."""
     state_dict = _read_state_dict(path)
-    nc = _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
+    nc = spec.num_classes if spec.num_classes is not None else _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
     del state_dict
     try:
         # Through timm's loader so each model's checkpoint filter runs (position

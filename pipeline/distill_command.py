@@ -129,7 +129,7 @@ def _note_recipe_views(recipe: dict, where: str | None, store: str) -> None:
 def train_command(args) -> None:
     out = check_out(Path(args.out))
     dataset = open_dataset(args.data)
-    val = validation_data(args.data, args.val_data)
+    val = validation_data(dataset, args.val_data)
     recipe = load_recipe(args.config)
     fits = recipe.get("method") in TEACHERLESS_METHODS  # a recipe for train (gpd from scratch) keeps its method
     flags = {**({} if fits else TRAIN_DEFAULTS), **settings_from_args(args, TrainSettings, TRAIN_RENAMES)}

@@ -20,7 +20,8 @@ def data_help(what: str = "training data") -> str:
     return f"{what}: {', '.join(list_datasets())} (wds: tar shards, local or at a URL such as s3://bucket/train-{{0000..0099}}.tar)"
 
 
-VAL_DATA_HELP = "validation data for sources without their own split: folder:PATH with the same class folders, or wds:PATTERN (default: digits and fake have their own split; none for folders and shards)"
+VAL_DATA_HELP = ("validation data of any kind, whatever --data is: folder:PATH, wds:PATTERN or hfds:PATH (a bare path is of --data's kind), "
+                 "its classes those of the training data (default: the own split of digits, fake and hfds; none for folders and shards)")
 
 RAY_ADDRESS_HELP = "Ray cluster to join, HOST:PORT, ray://HOST:PORT, or auto for the one `ray start` runs on this machine"
 

@@ -9,6 +9,7 @@ checks the result against its manifest (``verify_prepared_command``).
 from __future__ import annotations
 
 import logging
+import re
 from functools import partial
 
 from stages.data.prepare import PrepareJob, PrepareSettings, check_max_side, open_source, prepare, verify_prepared
@@ -77,8 +78,10 @@ def prepare_command(args) -> None:
         print(f"{out}: already prepared ({m['num_shards']} shards, {m['num_samples']:,} samples); `pipeline verify {out}` checks them")
         return
     size = sum(s["bytes"] for s in m["shards"])
+    # Validation images (--prefix val, or a source named val..., as ImageNet's val folder is) are read with --val-data.
+    flag = "--val-data" if any(n.lower().startswith("val") for n in (m["prefix"], re.split(r"[/:]", args.data.rstrip("/"))[-1])) else "--data"
     print(f"{result.written} shards written, {result.skipped} already finished ({m['num_samples']:,} samples, {size / 2**20:,.1f} MiB) -> {out}; "
-          f"read them with --data wds:{out.url.rstrip('/')}/{m['pattern']}")
+          f"read them with {flag} wds:{out.url.rstrip('/')}/{m['pattern']}")
 
 
 def _join_cluster(args, out: Location) -> int:

@@ -92,11 +92,11 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     from storage import Store
 
     store = Store(job["store"])
-    store_dataset(store, job.get("data"))  # the store's data (or --data) exists and is the one it was made from
+    dataset = store_dataset(store, job.get("data"))  # the store's data (or --data) exists and is the one it was made from
     source = data_source(store, job.get("data"))
     if spec.metric.startswith("val_") and spec.metric not in VAL_METRICS:  # a trial would report nothing to rank by
         raise UserError(f"{where}: no trial reports metric {spec.metric}: validation gives {', '.join(VAL_METRICS)} (the _ema one with model_ema)")
-    if spec.metric.startswith("val_") and validation_data(source, job.get("val_data")) is None:
+    if spec.metric.startswith("val_") and validation_data(dataset, job.get("val_data")) is None:
         raise UserError(f"{where}: metric {spec.metric} needs validation data, and {source} has none: pass --val-data folder:PATH, or rank by metric: train_loss")
     epochs, teachers, students = 0, set(), set()
     for params in _representative_trials(spec):

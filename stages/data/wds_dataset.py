@@ -288,11 +288,11 @@ def manifest_classes(urls: list[str], names: list[str]) -> list[str] | None:
 
 
 class WdsDataset(ImageDataset):
-    """Samples of webdataset tar shards (see the module docstring); ``num_classes`` fixes the class count (a val split's)."""
+    """Samples of webdataset tar shards (see the module docstring)."""
 
     sequential = True
 
-    def __init__(self, pattern: str, num_classes: int | None = None):
+    def __init__(self, pattern: str):
         self.pattern, self.source = pattern, f"wds:{pattern}"
         self.urls = expand(pattern)
         if not self.urls:
@@ -314,13 +314,10 @@ class WdsDataset(ImageDataset):
         if found > MAX_CLASSES or self.labels.min() < 0:  # a damaged .cls (or cached index) would size a list of billions of names
             j = int(np.argmax(self.labels)) if found > MAX_CLASSES else int(np.argmin(self.labels))
             raise UserError(f"{self.keys[j]} has class {self.labels[j]}: classes are numbers from 0 to {MAX_CLASSES - 1:,}; fix its .cls member")
-        if num_classes is not None and found > num_classes:
-            j = int(np.argmax(self.labels))
-            raise UserError(f"{self.keys[j]} has class {found - 1} but the training data has {num_classes} classes: the shards must share the training classes")
         named = manifest_classes(self.urls, self.names)  # shards made by `pipeline prepare` carry their class names
-        if named is not None and len(named) != (num_classes or max(found, len(named))):
-            named = None  # names for another class count than the labels (or the training data) have: numbers instead
-        self.classes = named or [str(c) for c in range(num_classes or found)]
+        if named is not None and len(named) < found:
+            named = None  # fewer names than the labels need: numbers instead
+        self.classes = named or [str(c) for c in range(found)]  # validation shards are checked against the training classes (``check_classes``)
         self._fs = None
 
     def __getstate__(self):
@@ -377,11 +374,8 @@ class WdsDataset(ImageDataset):
     def order_note(self) -> str | None:
         """One line when the samples are in class order (blocks then hold few classes), else None."""
         labels = self.labels
-        if len(labels) < 8 or self.num_classes < 2:
-            return None
-        same = float(np.mean(labels[1:] == labels[:-1]))  # neighbours of one class; about sum(p_c^2) when shuffled
-        expected = float(np.sum((np.bincount(labels) / len(labels)) ** 2))
-        if same < 0.5 or same < 3 * expected:
+        same = class_order(labels)
+        if same is None:
             return None
         shares = [np.bincount(labels[self.shard == k]).max() / c if c else 0.0 for k, c in enumerate(self.counts)]
         k = int(np.argmax(shares))
@@ -390,3 +384,13 @@ class WdsDataset(ImageDataset):
             f"shard {self.names[k]} is {shares[k]:.0%} of it): blocks follow the shards, so batches and mixing partners will mostly share a class; "
             "shuffle the samples when writing the shards"
         )
+
+
+def class_order(labels: np.ndarray) -> float | None:
+    """The share of neighbouring samples with the same class when it says the samples are in class order (over half,
+    and three times what a shuffle gives: about sum(p_c^2)), else None."""
+    if len(labels) < 8 or np.count_nonzero(np.bincount(labels)) < 2:
+        return None
+    same = float(np.mean(labels[1:] == labels[:-1]))
+    expected = float(np.sum((np.bincount(labels) / len(labels)) ** 2))
+    return None if same < 0.5 or same < 3 * expected else same

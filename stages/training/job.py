@@ -17,7 +17,7 @@ from pathlib import Path
 from storage import Store, UserError
 
 from ..cache import stats
-from ..cache.store_setup import data_source, store_dataset, stored_plan
+from ..cache.store_setup import store_dataset, stored_plan
 from ..data.datasets import ImageDataset, validation_data
 from ..data.replay import StoredViews
 from ..data.views import ViewPlan
@@ -87,7 +87,7 @@ def build_distill(job: DistillJob, device="cpu") -> DistillRun:
     store = Store(job.store)
     plan = stored_plan(store)
     dataset = store_dataset(store, job.data)
-    val = validation_data(data_source(store, job.data), job.val_data)
+    val = validation_data(dataset, job.val_data)
     settings = dataclasses.replace(job.train, size=job.train.size or store.record.plan.size)
     check_batch_bytes(settings.batch_size, settings.size, "the student's batch")
     if not job.online:

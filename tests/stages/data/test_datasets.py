@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pipeline.cli import main
 from stages.data import datasets
 from stages.data.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
 from storage import UserError
@@ -169,14 +172,12 @@ def test_folder_errors(tmp_path, image_folder):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
         open_dataset(f"folder:{tmp_path / 'empty'}")
-    with pytest.raises(UserError, match="val"):
-        open_dataset(f"folder:{root}", "val")
     val = tmp_path / "val"
     _write_png(val / "apple" / "v.png", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(UserError, match="same class"):
-        open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}")
+    with pytest.raises(UserError, match="1 of its 2 classes missing \\(zebra\\)"):
+        validation_data(f"folder:{root}", f"folder:{val}")
     _write_png(val / "zebra" / "v.png", np.zeros((4, 4, 3), np.uint8))
-    assert open_dataset(f"folder:{root}", "val", val_source=f"folder:{val}").classes == ["apple", "zebra"]
+    assert validation_data(f"folder:{root}", f"folder:{val}").classes == ["apple", "zebra"]
 
 
 def test_a_fake_datasets_recorded_source_reopens_the_same_images():
@@ -208,16 +209,18 @@ def test_a_new_source_is_one_registration(monkeypatch):
     seen = []
 
     @register_dataset("tiny", usage="tiny:N")
-    def _open_tiny(argument, split, val_source):
-        seen.append((argument, split, val_source))
-        return FakeDataset(int(argument), size=8, split=split)
+    def _open_tiny(argument, split):
+        seen.append((argument, split))
+        data = FakeDataset(int(argument), size=8, split=split)
+        data.source = f"tiny:{argument}"
+        return data
 
     assert "tiny:N" in list_datasets()
     data = open_dataset("tiny:12")
     assert len(data) == 12 and data.image(0).shape == (3, 8, 8)
     val = validation_data("tiny:12", None)  # a kind has its own validation split unless it says otherwise
     assert val is not None and val.split == "val"
-    assert seen == [("12", "train", None), ("12", "val", None)]
+    assert seen == [("12", "train"), ("12", "train"), ("12", "val")]  # the training data (for its classes), then its validation split
     with pytest.raises(UserError, match="needs an argument: use tiny:N"):
         open_dataset("tiny")
 
@@ -260,3 +263,98 @@ def test_class_folders_with_one_nested_folder_each_still_read_as_classes(tmp_pat
     _jpegs(tmp_path, [f"{c}/images/{i}.jpg" for c in ("cat", "dog", "eel") for i in range(2)])
     data = FolderDataset(str(tmp_path))
     assert data.classes == ["cat", "dog", "eel"] and list(data.labels) == [0, 0, 1, 1, 2, 2]
+
+
+# -- validation data of any kind -----------------------------------------------------------------
+
+
+def _class_folder(root, classes, per_class=4, seed=0):
+    """A class-ordered folder of real JPEGs (as ImageNet's is), of a few sizes."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        for i in range(per_class):
+            path = root / c / f"{c}_{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12 + i, 16, 3), dtype=np.uint8)).save(path, quality=90)
+    return root
+
+
+def _prepare(folder, out, capsys, *flags):
+    """``folder`` written as shards by `pipeline prepare`: the wds source of its manifest, and the hint it printed."""
+    assert main(["--quiet", "prepare", "--data", f"folder:{folder}", "--out", str(out), "--shard-size", "5", *flags]) == 0
+    return f"wds:{out}/{json.loads((out / 'manifest.json').read_text())['pattern']}", capsys.readouterr().out
+
+
+def _one_line(error) -> str:
+    text = str(error.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.usefixtures("index_cache")
+def test_shards_and_a_folder_validate_each_other_with_the_same_class_names(tmp_path, capsys):
+    train = _class_folder(tmp_path / "train", ["cat", "dog", "eel"])
+    val = _class_folder(tmp_path / "val", ["cat", "dog", "eel"], per_class=2, seed=1)
+    shards, hint = _prepare(train, tmp_path / "shards", capsys)
+    assert f"read them with --data {shards}" in hint
+    val_shards, hint = _prepare(val, tmp_path / "val-shards", capsys, "--prefix", "val")
+    assert f"read them with --val-data {val_shards}" in hint  # validation images: the hint names the flag they go to
+
+    on_shards = open_dataset(shards)
+    assert on_shards.classes == ["cat", "dog", "eel"]  # from the manifest
+    from_folder = validation_data(on_shards, f"folder:{val}")  # --data wds:... --val-data folder:...
+    assert from_folder.source == f"folder:{val}" and len(from_folder) == 6 and from_folder.classes == on_shards.classes
+    on_folder = open_dataset(f"folder:{train}")
+    from_shards = validation_data(on_folder, val_shards)  # and the reverse
+    assert from_shards.source == val_shards and len(from_shards) == 6 and from_shards.classes == on_folder.classes
+    # A label means the same class in both: each image's label names the class folder it came from.
+    assert [from_folder.classes[c] for c in from_folder.labels] == [k.split("/")[0] for k in from_folder.keys]
+    shard_classes = [k.split("/", 1)[1].split("-", 1)[1].rsplit("_", 1)[0] for k in from_shards.keys]  # val-000000.tar/00000003-dog_1
+    assert [from_shards.classes[c] for c in from_shards.labels] == shard_classes
+    assert validation_data(on_folder, str(val)).source == f"folder:{val}"  # a bare path: the training data's kind
+
+
+@pytest.mark.usefixtures("index_cache")
+def test_validation_data_with_other_classes_is_one_line_saying_what_differs(tmp_path, capsys):
+    shards, _ = _prepare(_class_folder(tmp_path / "train", ["cat", "dog", "eel"]), tmp_path / "shards", capsys)
+    on_shards = open_dataset(shards)
+    other = _class_folder(tmp_path / "other", ["cat", "dog", "fox"], per_class=1)
+    with pytest.raises(UserError) as e:
+        validation_data(on_shards, f"folder:{other}")
+    assert "1 of its 3 classes missing (eel); 1 not among them (fox)" in _one_line(e) and shards in str(e.value)
+    fewer, _ = _prepare(_class_folder(tmp_path / "two", ["cat", "dog"], per_class=3), tmp_path / "two-shards", capsys)
+    with pytest.raises(UserError, match=r"1 of its 3 classes missing \(eel\)") as e:
+        validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), fewer)
+    _one_line(e)
+
+    # Shards without a manifest name no classes: their labels are checked against the count of the training classes.
+    raw = _raw_shards_of(tmp_path / "train", tmp_path, capsys)
+    on_raw = open_dataset(raw)
+    assert on_raw.classes == ["0", "1", "2"]
+    assert validation_data(on_raw, f"folder:{tmp_path / 'train'}").classes == ["0", "1", "2"]
+    assert validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), raw).classes == ["cat", "dog", "eel"]  # the training names
+    four = _class_folder(tmp_path / "four", ["cat", "dog", "eel", "fox"], per_class=1)
+    with pytest.raises(UserError, match=r"it has 4 classes \(cat, dog, eel, \.\.\. 1 more\), the training data 3 \(0, 1, 2\)") as e:
+        validation_data(on_raw, f"folder:{four}")
+    _one_line(e)
+    with pytest.raises(UserError, match=r"it has 4 classes \(labels up to 3\), the training data 3 \(cat, dog, eel\)"):
+        validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), _raw_shards_of(four, tmp_path, capsys))
+
+
+def _raw_shards_of(folder, tmp_path, capsys) -> str:
+    """``folder`` prepared to shards, then without the manifest that names their classes: numbered classes."""
+    source, _ = _prepare(folder, tmp_path / f"{folder.name}-shards", capsys)
+    (tmp_path / f"{folder.name}-shards" / "manifest.json").unlink()
+    return source
+
+
+def test_val_data_names_its_own_kind_and_a_bare_path_is_the_training_kind(image_folder):
+    root, _ = image_folder
+    digits = open_dataset("digits")
+    assert validation_data(digits, "fake:50?classes=10").source == "fake:50?size=32&classes=10"  # any kind, even with a split of its own
+    with pytest.raises(UserError, match="--val-data /some/path names no kind of source: write it as one of digits, fake:N"):
+        validation_data(digits, "/some/path")
+    with pytest.raises(UserError, match="unknown dataset 'foldr:/x' \\(did you mean folder\\?\\)"):
+        validation_data(f"folder:{root}", "foldr:/x")
+    with pytest.raises(UserError, match=r"it has 10 classes \(labels up to 9\), the training data 2 \(apple, zebra\)"):
+        validation_data(f"folder:{root}", "digits")

@@ -18,6 +18,7 @@ into ``OUT/wandb`` unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says otherwise). B
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -135,6 +136,7 @@ class MlflowLog:
     def __init__(self, out_dir: Path, params: dict):
         import mlflow
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating a new experiment" on the console of every trial
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow keeps local file stores in maintenance mode and asks for an opt-in; a store beside the run
             # folders needs no server, and `mlflow ui --backend-store-uri file:RUNS/mlruns` reads it.

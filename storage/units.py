@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import UserError
 from .location import Location
+from .registry import Registry
 
 
 def checksum(a: np.ndarray) -> str:
@@ -237,15 +238,12 @@ class CommittedUnits(ABC):
 
 # -- the registry of backends -------------------------------------------------------------------
 
-_BACKENDS: dict[str, type[CommittedUnits]] = {}
+_BACKENDS: Registry = Registry("store backend")
 
 
 def register_backend(cls: type[CommittedUnits]) -> type[CommittedUnits]:
     """Class decorator: make ``cls`` the backend for stores whose teacher.json says ``format: cls.format``."""
-    if cls.format in _BACKENDS and _BACKENDS[cls.format] is not cls:
-        raise ValueError(f"store backend '{cls.format}' is registered twice ({_BACKENDS[cls.format].__name__}, {cls.__name__})")
-    _BACKENDS[cls.format] = cls
-    return cls
+    return _BACKENDS.add(cls.format, cls)
 
 
 def list_backends() -> list[str]:

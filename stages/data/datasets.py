@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from storage import UserError
+from storage.registry import Registry
 
 from .decode import decode_image, libjpeg_messages
 from .image_dataset import IMAGE_EXTENSIONS, ImageDataset
@@ -203,7 +204,7 @@ class DatasetKind:
         return ":" in self.usage
 
 
-_DATASETS: dict[str, DatasetKind] = {}
+_DATASETS: Registry = Registry("data source")
 
 
 def register_dataset(name: str, usage: str | None = None, own_val_split: bool = True):
@@ -215,7 +216,7 @@ def register_dataset(name: str, usage: str | None = None, own_val_split: bool = 
     """
 
     def wrap(opener):
-        _DATASETS[name] = DatasetKind(name, opener, usage or name, own_val_split)
+        _DATASETS.add(name, DatasetKind(name, opener, usage or name, own_val_split))
         return opener
 
     return wrap

@@ -34,17 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from storage import UserError
+from storage.registry import Registry
 
 from ..model_outputs import student_forward, token_prefix, token_shape
 
-_METHODS: dict[str, type["Method"]] = {}  # filled by @register_method as stages.methods imports each method's module
+_METHODS: Registry = Registry("method")  # filled by @register_method as stages.methods imports each method's module
 
 
 def register_method(name: str):
     def wrap(cls):
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return _METHODS.add(name, cls)
 
     return wrap
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from storage import UserError
+from storage.registry import Registry
 from storage.store_record import MAX_SIZE
 
 from ..model_outputs import token_prefix
@@ -54,12 +55,11 @@ class TeacherSpec:
     num_classes: int | None = None  # classifier width from a model folder's config.json; None: from the weights
 
 
-_TEACHERS: dict[str, TeacherSpec] = {}
+_TEACHERS: Registry = Registry("teacher")
 
 
 def register_teacher(spec: TeacherSpec) -> TeacherSpec:
-    _TEACHERS[spec.name] = spec
-    return spec
+    return _TEACHERS.add(spec.name, spec)
 
 
 def list_teachers() -> list[str]:

@@ -13,6 +13,7 @@ from pipeline.cli import main
 from stages.data import datasets
 from stages.data.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
 from storage import UserError
+from storage.registry import Registry
 
 # -- digits ----------------------------------------------------------------------------------
 
@@ -205,7 +206,9 @@ def test_a_kinds_argument_is_checked(source, match):
 
 
 def test_a_new_source_is_one_registration(monkeypatch):
-    monkeypatch.setattr(datasets, "_DATASETS", dict(datasets._DATASETS))  # leave the real registry as it was
+    fresh = Registry("data source")
+    fresh.update(datasets._DATASETS)
+    monkeypatch.setattr(datasets, "_DATASETS", fresh)  # leave the real registry as it was
     seen = []
 
     @register_dataset("tiny", usage="tiny:N")

@@ -13,6 +13,7 @@ from stages.cache.teacher_rows import storage_line
 from stages.data.prepare import is_prepared
 from stages.data.views import ViewRecipe
 from stages.settings import ModelArgs
+from stages.teachers.extract import TEACHER_BATCH
 from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
 from stages.teachers.teachers import list_teachers
@@ -45,7 +46,7 @@ def add_extract_parser(sub) -> None:
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
     p.add_argument("--block", type=int, help=f"samples per shard, the unit of work, fixed when a store is made (default: {BLOCK} for a new store; an existing one keeps its own)")
     _output_flags(p)
-    p.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default: 64)")
+    p.add_argument("--batch-size", type=flag_type("batch_size"), default=TEACHER_BATCH, help=f"teacher batch size (default: {TEACHER_BATCH})")
     p.add_argument(
         "--precision", choices=PRECISIONS, default="fp32",
         help="the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, "

@@ -80,6 +80,7 @@ def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr
 
 
 # Fields that must agree for two extractions to share one teacher group.
+TEACHER_BATCH = 64  # views per teacher forward pass: the one default of extraction's --batch-size
 _MUST_MATCH = ("timm_name", "model_args", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
 
 
@@ -149,7 +150,7 @@ class UnitExtractor:
     with rendering ahead and a background writer.
     """
 
-    def __init__(self, store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, batch_size: int = 64, workers: int = 0):
+    def __init__(self, store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, batch_size: int = TEACHER_BATCH, workers: int = 0):
         self.store, self.dataset, self.runner = store, dataset, runner
         self.batch_size, self.workers = batch_size, workers
         self.plan = stored_plan(store)
@@ -242,7 +243,7 @@ def extract(
     teacher_id: str,
     *,
     views: int,
-    batch_size: int = 64,
+    batch_size: int = TEACHER_BATCH,
     workers: int = 0,
 ) -> ExtractResult:
     """Check the teacher against ``store`` (``open_teacher``), then extract ``views`` views of every sample into it
@@ -252,7 +253,7 @@ def extract(
 
 
 def extract_units(
-    store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, views: int, batch_size: int = 64, workers: int = 0
+    store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, views: int, batch_size: int = TEACHER_BATCH, workers: int = 0
 ) -> ExtractResult:
     """Extract the pending units of the first ``views`` views of a teacher whose arrays exist (``open_teacher``)."""
     units = pending_units(store, teacher_id, views)

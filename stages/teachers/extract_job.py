@@ -27,7 +27,7 @@ from ..cache.teacher_rows import output_info
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.views import ViewPlan, ViewRecipe
 from ..settings import build, check_batch_bytes
-from .extract import ExtractResult, TeacherRunner, UnitExtractor, check_classes, check_teacher_record, extract_units, grow_teacher, teacher_info
+from .extract import TEACHER_BATCH, ExtractResult, TeacherRunner, UnitExtractor, check_classes, check_teacher_record, extract_units, grow_teacher, teacher_info
 from .teachers import Teacher, build_teacher, default_teacher_id
 
 BLOCK = 1024  # samples per shard of a new store
@@ -60,7 +60,7 @@ class ExtractJob:
     format: str = "zarr"  # a store backend (storage.list_backends)
     precision: str = "fp32"  # or "bf16"
     # How the work is done (not recorded in the store: any value makes the same bytes).
-    batch_size: int = 64
+    batch_size: int = TEACHER_BATCH
     workers: int = 0  # loader processes rendering views ahead of the teacher
     device: str | None = None  # None: decided where the job runs (a Ray actor's own device)
 

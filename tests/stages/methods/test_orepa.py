@@ -17,7 +17,8 @@ from torch import nn
 
 from stages.data.replay import StoredViews
 from stages.methods import MethodContext, create_method
-from stages.methods.gpd import DynamicTeacher, WideOREPAConv2d, _Mode, _widen_orepa
+from stages.methods.gpd import DynamicTeacher, WideOREPAConv2d
+from stages.methods.gpd.wide_layers import _Mode, _widen_orepa
 from stages.methods.method_settings import check_method_args
 from stages.methods.orepa import EXPAND, OREPAConv2d, convert_to_orepa, eligible, merge_orepa
 from stages.teachers.extract import stored_plan

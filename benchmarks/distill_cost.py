@@ -59,7 +59,8 @@ import torch
 from pipeline.config import parse_pairs
 from stages.cache import teacher_rows
 from stages.data.datasets import open_dataset
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+from stages.training.settings import TrainSettings
 from stages.methods import method_class
 from stages.model_outputs import student_forward
 from stages.training.student import build_student

@@ -12,7 +12,7 @@ machines here are shared and noisy):
           scales; ImageNet-like image sizes for the crop boxes; labels in random order, the
           worst case for compression), and (real) a random-init timm teacher run by ``extract``.
   codecs  every stored array re-encoded with each candidate codec in the product's shard layout.
-  read    one epoch as ``stages.distill.train`` reads it (whole units, window shuffle, re-batch,
+  read    one epoch as ``stages.training.distill.train`` reads it (whole units, window shuffle, re-batch,
           ``teacher_rows.decode``), without rendering: bytes fetched (``/proc/self/io`` rchar) over the
           stored bytes of the rows it used; views/s of that reader vs. the same arrays read from
           numpy memmaps through the same code (interleaved rounds; the ratio, target >= 0.5), vs. a

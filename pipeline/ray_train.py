@@ -1,4 +1,4 @@
-"""Distillation on Ray Train: ``stages.distill.train`` in N DDP workers, a checkpoint every epoch.
+"""Distillation on Ray Train: ``stages.training.distill.train`` in N DDP workers, a checkpoint every epoch.
 
 The driver resolves and checks everything, then hands each worker the run's
 ``DistillJob`` as a plain dict; a worker builds it (``build_distill``: the store,

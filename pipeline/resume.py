@@ -72,7 +72,7 @@ def _warn_changed_epochs(state: dict, run: dict) -> None:
                     "from epoch %d on, so the run differs from one trained for %s epochs from the start", now, before, now, state["epoch"] + 1, now)
 
 
-STATE_PARTS = ("model", "method", "optimizer", "scheduler", "rng", "run")  # what a resumed run restores (stages.training.distill._state)
+STATE_PARTS = ("model", "method", "optimizer", "scheduler", "rng", "run")  # what a resumed run restores (stages.training.distill.checkpoint._state)
 
 
 def _check_state(path: Path, state) -> None:

@@ -44,7 +44,7 @@ log = logging.getLogger("pipeline")
 
 MAX_TRIALS = 1000  # trials a sweep may make unless --max-trials says more
 MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep starts
-VAL_METRICS = ("val_top1", "val_top1_ema")  # what validation reports (stages.training.distill.validate); train_* depend on the method
+VAL_METRICS = ("val_top1", "val_top1_ema")  # what validation reports (stages.training.distill.loop.validate); train_* depend on the method
 
 
 def add_sweep_parser(sub) -> None:

@@ -37,7 +37,7 @@ def _without_time(lines: list[dict]) -> list[dict]:
 
 def _stop_in_epoch(monkeypatch, epoch: int) -> None:
     """Ctrl-C at the end of epoch ``epoch``'s training, before its checkpoint: the one before it is the last kept."""
-    from stages.training import distill
+    from stages.training.distill import loop as distill  # where train() looks validate up
 
     real, calls = distill.validate, []
 

@@ -112,7 +112,7 @@ def test_the_same_run_twice_writes_the_same_bytes(folder, fitted, tmp_path):
 
 
 def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_one(folder, tmp_path, monkeypatch):
-    from stages.training import distill
+    from stages.training.distill import loop as distill  # where train() looks validate up
 
     argv = [*TRAIN, "--epochs", "2", "--data", f"folder:{folder}", "--val-data", f"folder:{folder}"]
     assert run(*argv, "--out", str(tmp_path / "straight")) == 0

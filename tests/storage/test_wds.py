@@ -14,7 +14,8 @@ from conftest import BATCH, BLOCK, BUCKET, STUDENT, VIEWS, make_record
 from safetensors.torch import load_file
 
 from stages.cache import teacher_rows
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+from stages.training.settings import TrainSettings
 from stages.teachers.teacher_sources import CachedTeacher
 from stages.teachers.extract import TeacherRunner, extract, open_teacher, teacher_info
 from stages.cache.store_setup import open_store, stored_plan

@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import STUDENT
 from stages.data.datasets import open_dataset
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+from stages.training.settings import TrainSettings
 from stages.data.replay import DrawnViews, StoredViews, epoch_units, rebatch, sample_order, shuffle_windows, window_units
 from stages.cache.store_setup import open_store
 from stages.data.views import ViewPlan, ViewRecipe

@@ -10,7 +10,9 @@ import torch
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+
+from stages.training.settings import TrainSettings
 from stages.training.loader import targets
 from stages.teachers.extract import stored_plan
 from stages.methods.gpd import DynamicTeacher, WideBatchNorm2d, WideConv2d

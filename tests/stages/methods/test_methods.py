@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT, VIEWS, make_record
 
 from stages.cache import stats
-from stages.training.distill import TrainSettings, lr_factor, train
+from stages.training.distill import lr_factor, train
+from stages.training.settings import TrainSettings
 from stages.training.loader import targets
 from stages.teachers.teacher_sources import CachedTeacher, TeacherSource
 from stages.methods.losses import kd_loss, logsum_loss

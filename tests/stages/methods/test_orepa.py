@@ -23,7 +23,8 @@ from stages.methods.method_settings import check_method_args
 from stages.methods.orepa import EXPAND, OREPAConv2d, convert_to_orepa, eligible, merge_orepa
 from stages.teachers.extract import stored_plan
 from stages.teachers.teacher_sources import CachedTeacher
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+from stages.training.settings import TrainSettings
 from stages.training.loader import targets
 from storage import Store, UserError
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from stages.training.distill import TrainSettings, train
+from stages.training.distill import train
+
+from stages.training.settings import TrainSettings
 from stages.training.loader import targets
 from stages.training.student import build_student
 from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher

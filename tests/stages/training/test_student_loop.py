@@ -12,7 +12,8 @@ from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
 from pipeline import cli
-from stages.training.distill import EpochHooks, TrainSettings, train
+from stages.training.distill import EpochHooks, train
+from stages.training.settings import TrainSettings
 from stages.cache.store_setup import stored_plan
 from stages.training.student import build_student
 from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher

@@ -172,7 +172,8 @@ def extract_command(args) -> None:
                 damaged = verify.take_back_damaged(store, teacher_id)
                 log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
             if use_ray:
-                where = job.replace(data=ray_env.source_for_workers(job.data), store=ray_env.for_workers(store.path).url)
+                teacher, weights = ray_env.teacher_for_workers(job.teacher, job.weights)
+                where = job.replace(data=ray_env.source_for_workers(job.data), store=ray_env.for_workers(store.path).url, teacher=teacher, weights=weights)
                 result = ray_extract.extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
                 log.info("%d CPU thread(s) beside %d loader process(es)", use_threads(args.threads, job.workers), job.workers)

@@ -121,11 +121,23 @@ def for_workers(where: str | Location) -> Location:
 
 
 def source_for_workers(source: str | None) -> str | None:
-    """A dataset source that means the same in a worker: a folder's path (or local shards' pattern) made absolute."""
+    """A dataset source that means the same in a worker: a folder's path, local shards' pattern or a local Hugging Face
+    dataset's folder made absolute (an hfds: hub name, which no local path matches, stays as it is)."""
     kind, _, rest = (source or "").partition(":")
     if kind == "folder" or (kind == "wds" and "://" not in rest):
         return f"{kind}:{os.path.abspath(rest)}"
+    path, mark, options = rest.partition("?")
+    if kind == "hfds" and os.path.exists(path):
+        return f"{kind}:{os.path.abspath(path)}{mark}{options}"
     return source
+
+
+def teacher_for_workers(teacher: str, weights: str | None) -> tuple[str, str | None]:
+    """A teacher and weights file that mean the same in a worker: a local-dir: folder and a --weights path made absolute."""
+    kind, _, rest = teacher.partition(":")
+    if kind == "local-dir":
+        teacher = f"{kind}:{os.path.abspath(rest)}"
+    return teacher, os.path.abspath(weights) if weights else weights
 
 
 def check_visible(location: Location, what: str) -> None:

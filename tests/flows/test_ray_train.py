@@ -65,13 +65,18 @@ def test_ray_train_flags_without_workers_are_one_line(store, tmp_path, capsys):
 
 def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
     """A worker's working directory is not the driver's: relative stores, checkpoints and folders are made absolute."""
-    from pipeline.ray_env import for_workers, source_for_workers
+    from pipeline.ray_env import for_workers, source_for_workers, teacher_for_workers
 
     monkeypatch.chdir(tmp_path)
     assert for_workers("runs/store").url == str(tmp_path / "runs" / "store")
     assert for_workers(f"s3://{BUCKET}/runs/a").url == f"s3://{BUCKET}/runs/a"
     assert source_for_workers("folder:images/train") == f"folder:{tmp_path / 'images' / 'train'}"
     assert source_for_workers(DATA) == DATA and source_for_workers(None) is None
+    (tmp_path / "hf").mkdir()
+    assert source_for_workers("hfds:hf?split=val") == f"hfds:{tmp_path / 'hf'}?split=val"  # a local dataset folder
+    assert source_for_workers("hfds:ILSVRC/imagenet-1k") == "hfds:ILSVRC/imagenet-1k"  # a hub name, no such folder here
+    assert teacher_for_workers("local-dir:runs/t", "w.safetensors") == (f"local-dir:{tmp_path / 'runs' / 't'}", str(tmp_path / "w.safetensors"))
+    assert teacher_for_workers("resnet50", None) == ("resnet50", None)
 
 
 def test_a_checkpoint_location_some_node_cannot_see_leaves_no_folder(store, tmp_path, monkeypatch, capsys):

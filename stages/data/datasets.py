@@ -30,7 +30,7 @@ import torch
 from storage import UserError
 from storage.registry import Registry
 
-from .decode import decode_image, libjpeg_messages
+from .decode import decode_image, header_size
 from .image_dataset import IMAGE_EXTENSIONS, ImageDataset
 
 log = logging.getLogger(__name__)
@@ -98,23 +98,6 @@ def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes
                         f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)")
 
 
-# The last bytes of a whole file of these formats: JPEG's end-of-image marker, PNG's IEND chunk with its CRC.
-END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-
-
-def ends_whole(im) -> bool:
-    """Whether an opened Pillow image's file ends with its format's end marker (formats without one: True). A read of
-    a few bytes where the header pass has the file open already; a truncated JPEG or PNG fails it."""
-    marker = END_MARKERS.get(im.format)
-    if marker is None:
-        return True
-    try:
-        im.fp.seek(-len(marker), 2)
-        return im.fp.read(len(marker)) == marker
-    except OSError:
-        return False  # shorter than the marker
-
-
 # What to do about an unreadable image: removing it changes the data, which a store made from the folder then refuses.
 BAD_IMAGE_FIX = "replace the file, or remove it and write a new store (--store) or run: a store made from this folder refuses changed data"
 
@@ -168,20 +151,12 @@ class FolderDataset(ImageDataset):
             sizes = np.zeros((len(self), 2), np.int64)
             for i in range(len(self)):
                 with self._open(i) as im:
-                    sizes[i] = (im.height, im.width)
-                    if not ends_whole(im):
-                        self._decode_whole(i, im)
+                    try:
+                        sizes[i] = header_size(im, str(self.root / self.keys[i]))
+                    except Exception as e:
+                        raise UserError(f"cannot decode image {self.root / self.keys[i]}: {e}; {BAD_IMAGE_FIX}") from e
             self._sizes = sizes
         return self._sizes
-
-    def _decode_whole(self, i: int, im) -> None:
-        """Decode an image whose end is not the format's end marker: a truncated file fails now, one with bytes after
-        its end marker (some cameras append data) passes."""
-        try:
-            with libjpeg_messages(str(self.root / self.keys[i]), im.format == "JPEG"):
-                im.load()
-        except Exception as e:
-            raise UserError(f"cannot decode image {self.root / self.keys[i]}: {e}; {BAD_IMAGE_FIX}") from e
 
 
 # -- the registry of sources ------------------------------------------------------------------

@@ -115,6 +115,33 @@ def _stderr_sink(pid: int) -> int:
         return os.dup(file.fileno())  # the duplicate outlives the file object; the unnamed file lives while it is open
 
 
+# The last bytes of a whole file of these formats: JPEG's end-of-image marker, PNG's IEND chunk with its CRC.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def ends_whole(im) -> bool:
+    """Whether an opened Pillow image's file ends with its format's end marker (formats without one: True). A read of
+    a few bytes where the header pass has the file open already; a truncated JPEG or PNG fails it."""
+    marker = END_MARKERS.get(im.format)
+    if marker is None:
+        return True
+    try:
+        im.fp.seek(-len(marker), 2)
+        return im.fp.read(len(marker)) == marker
+    except OSError:
+        return False  # shorter than the marker
+
+
+def header_size(im, name: str) -> tuple[int, int]:
+    """(height, width) of an opened Pillow image, from its header. A file that does not end with its format's end
+    marker is decoded whole now: a truncated one fails here (Pillow's exception), one with bytes after the marker
+    (some cameras append data) passes. ``name`` is what a libjpeg warning calls the image."""
+    if not ends_whole(im):
+        with libjpeg_messages(name, im.format == "JPEG"):
+            im.load()
+    return im.height, im.width
+
+
 def check_pixels(height: int, width: int) -> None:
     """Refuse an image whose header claims more pixels than Pillow's limit (what Pillow calls a decompression bomb)."""
     from PIL import Image

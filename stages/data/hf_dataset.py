@@ -44,8 +44,7 @@ import torch
 from storage import UserError
 from storage.store_record import MAX_CLASSES
 
-from .datasets import ends_whole
-from .decode import decode_image, libjpeg_messages
+from .decode import decode_image, header_size
 from .image_dataset import ImageDataset
 from .wds_dataset import class_order, index_cache_dir
 
@@ -382,10 +381,7 @@ class HfDataset(ImageDataset):
         buffer = self._buffer(i)
         try:
             with Image.open(pa.BufferReader(buffer)) as im:
-                hw = (im.height, im.width)
-                if not ends_whole(im):  # truncated, or bytes after the end marker (which decode)
-                    with libjpeg_messages(self._name(i), im.format == "JPEG"):
-                        im.load()
+                hw = header_size(im, self._name(i))
         except Exception as e:
             raise UserError(f"{self._name(i)}: cannot read its image ({e}); {BAD_ROW_FIX}") from None
         return hw

@@ -88,14 +88,9 @@ def train(
     if hooks.start and rank == 0:
         hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (weights_name, "config.json", "README.md", *(f"{EMA_FOLDER}/{name}" for name in ("model.safetensors", "config.json", "README.md"))):
-            (out_dir / stale).unlink(missing_ok=True)  # a stale result must not pass for this run's
+        _clear_results(out_dir, weights_name)
     if rank == 0:
-        log.info(epoch_note(len(train_data), views.block, s.batch_size, world, s.repeats))
-        rule = f" (--lr-base {s.lr_base:g} at {s.lr_base_size}, {s.lr_base_scale})" if s.lr_base is not None else ""
-        log.info("%s at a learning rate of %g%s for a global batch of %d, %s schedule; student %s", s.optimizer, s.lr, rule,
-                 s.batch_size * world, s.schedule, f"from {s.student_weights}" if s.student_weights else "from random weights")
+        _say_start(s, len(train_data), views.block, world)
     if hooks.state is not None:
         log.info("continuing from the checkpoint after epoch %d of %d", first_epoch, s.epochs)
     with RunMetrics(out_dir, tuple(s.log), dataclasses.asdict(s)) as record:
@@ -104,17 +99,13 @@ def train(
         def keep(line: dict, epoch: int) -> None:  # the epoch's line and checkpoint
             metrics.append(line)
             if rank == 0:
-                log.info("epoch %d/%d: %s", epoch + 1, s.epochs, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+                log.info("epoch %d/%d: %s", epoch + 1, s.epochs, _shown(line))
             record.write(line)
             if hooks.save:
                 hooks.save(_state(epoch + 1, metrics, run, s), line)
 
         if first_epoch == 0 and s.student_weights and val_data is not None:  # what fine-tuning starts from: epoch 0
-            line = {"epoch": 0, **validate(run, s, val_data, plan, device)}
-            metrics.append(line)
-            record.write(line)
-            if rank == 0:
-                log.info("epoch 0 (the weights of %s, before any step): %s", s.student_weights, ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch"))
+            metrics.append(_epoch_zero(run, s, val_data, plan, device, record, rank))
         for epoch in range(first_epoch, s.epochs):
             line = train_one_epoch(run, s, teacher, epoch, device)
             try:
@@ -124,10 +115,43 @@ def train(
                 raise
             keep(line, epoch)
     if out_dir:
-        save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name, metrics)
-        if run.ema is not None:
-            save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors", metrics, "val_top1_ema")
+        _save_results(out_dir, run, weights_name, metrics)
     return TrainResult(run.model, metrics, time.perf_counter() - start)
+
+def _clear_results(out_dir: Path, weights_name: str) -> None:
+    """The folder made, and an earlier run's student, config.json and card gone: a stale result must not pass for this run's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (weights_name, "config.json", "README.md", *(f"{EMA_FOLDER}/{name}" for name in ("model.safetensors", "config.json", "README.md"))):
+        (out_dir / stale).unlink(missing_ok=True)
+
+
+def _save_results(out_dir: Path, run: Setup, weights_name: str, metrics: list[dict]) -> None:
+    """The trained student as a timm model folder (weights, config.json, card), and the EMA's as its own."""
+    save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name, metrics)
+    if run.ema is not None:
+        save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors", metrics, "val_top1_ema")
+
+
+def _epoch_zero(run: Setup, s: TrainSettings, val_data: ImageDataset, plan: ViewPlan, device, record: RunMetrics, rank: int) -> dict:
+    """The line of the weights a run starts from, evaluated before any step, written as epoch 0."""
+    line = {"epoch": 0, **validate(run, s, val_data, plan, device)}
+    record.write(line)
+    if rank == 0:
+        log.info("epoch 0 (the weights of %s, before any step): %s", s.student_weights, _shown(line))
+    return line
+
+
+def _say_start(s: TrainSettings, samples: int, block: int, world: int) -> None:
+    """A run's first lines: what an epoch holds, and the optimiser, rate and global batch it trains with."""
+    log.info(epoch_note(samples, block, s.batch_size, world, s.repeats))
+    rule = f" (--lr-base {s.lr_base:g} at {s.lr_base_size}, {s.lr_base_scale})" if s.lr_base is not None else ""
+    log.info("%s at a learning rate of %g%s for a global batch of %d, %s schedule; student %s", s.optimizer, s.lr, rule,
+             s.batch_size * world, s.schedule, f"from {s.student_weights}" if s.student_weights else "from random weights")
+
+
+def _shown(line: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in line.items() if k != "epoch")
+
 
 def train_one_epoch(run: Setup, s: TrainSettings, teacher: TeacherSource | None, epoch: int, device) -> dict:
     """One epoch of optimiser steps; the epoch's metrics line (losses averaged over every rank's steps)."""

@@ -152,17 +152,8 @@ def scan_shard(url: str) -> ShardIndex:
                     _take_member(url, current, ext, tar.extractfile(member).read(), member)
             except (tarfile.TarError, EOFError) as e:  # a header that cannot be read after the first (a GNU long name's...)
                 failed = e
-            stop = tar.offset  # where the walk stopped: the end marker of a whole tar, else the header it could not read
-            end = _tail(fs, path, stop)
-            if end == "truncated":  # tarfile reads a tar cut short as a shorter one: its last samples would vanish or lack members
-                where = f"at sample {current['key']}" if current else "before its first sample"
-                raise UserError(f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again")
-            if end is not None or failed is not None:  # members after a header tarfile cannot read: it stops there, silently
-                after = f"after member {last}, {len(seen)} samples read" if last else "before its first member"
-                what = f"a member header there cannot be read ({failed or _header_problem(end)})"
-                if end is not None and not any(end):
-                    what = "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"
-                raise UserError(f"shard {url} is damaged at byte {stop} ({after}): {what}; replace the shard (copy or write it again)")
+            # Where the walk stopped: the end marker of a whole tar, else the header it could not read.
+            _check_end(url, fs, path, tar.offset, failed, current["key"] if current else None, last, len(seen))
             finish(current)
     except (tarfile.TarError, EOFError) as e:  # the first header
         raise UserError(f"cannot read shard {url}: {e}; the tar file is damaged or not a tar: write it again") from None
@@ -179,6 +170,21 @@ def scan_shard(url: str) -> ShardIndex:
         length=np.asarray([s["length"] for s in samples], np.int64),
         hw=np.asarray([s["hw"] for s in samples], np.int64).reshape(-1, 2),
     )
+
+
+def _check_end(url: str, fs, path: str, stop: int, failed: Exception | None, sample: str | None, last: str | None, read: int) -> None:
+    """One line unless the tar ends whole where the walk stopped (``stop``): only zero blocks may follow. tarfile reads a
+    tar cut short, or one with a header it cannot read, as a shorter tar: its later samples would vanish silently."""
+    end = _tail(fs, path, stop)
+    if end == "truncated":
+        where = f"at sample {sample}" if sample else "before its first sample"
+        raise UserError(f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again")
+    if end is not None or failed is not None:
+        after = f"after member {last}, {read} samples read" if last else "before its first member"
+        what = f"a member header there cannot be read ({failed or _header_problem(end)})"
+        if end is not None and not any(end):
+            what = "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"
+        raise UserError(f"shard {url} is damaged at byte {stop} ({after}): {what}; replace the shard (copy or write it again)")
 
 
 def _tail(fs, path: str, stop: int) -> bytes | str | None:

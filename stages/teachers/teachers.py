@@ -350,13 +350,7 @@ def build_teacher(
     if model_args:  # a misspelt or misfit argument is one line now, not a traceback from the model's builder
         _check_builds(name, spec, model_args)
     if random_init:
-        nc = num_classes if "logits" in spec.outputs else 0
-        if not load:
-            return Teacher(spec, _shapes_only(spec.timm_name, num_classes=nc, **kwargs), f"random-init:seed={seed}", model_args)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=nc, **kwargs)
-        return Teacher(spec, model, f"random-init:seed={seed}", model_args)
+        return _random_teacher(spec, num_classes if "logits" in spec.outputs else 0, seed, kwargs, load, model_args)
     if folder is not None:
         path = weights_in_folder(folder)
         return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
@@ -366,6 +360,21 @@ def build_teacher(
             raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
         spec = _with_file_metadata(spec, path, input_size)
         return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
+    return _hub_teacher(name, spec, kwargs, load, model_args)
+
+
+def _random_teacher(spec: TeacherSpec, num_classes: int, seed: int, kwargs: dict, load: bool, model_args: dict) -> Teacher:
+    """Random weights from ``seed`` (tests): the same seed builds the same teacher."""
+    if not load:
+        return Teacher(spec, _shapes_only(spec.timm_name, num_classes=num_classes, **kwargs), f"random-init:seed={seed}", model_args)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    return Teacher(spec, model, f"random-init:seed={seed}", model_args)
+
+
+def _hub_teacher(name: str, spec: TeacherSpec, kwargs: dict, load: bool, model_args: dict) -> Teacher:
+    """timm's hub weights of the spec's model: from the hub, or offline from the hub cache (failing fast without them)."""
     if _hub_reachable():
         if not load:  # the hub weights have the classes of timm's pretrained config, the default of create_model
             return Teacher(spec, _shapes_only(spec.timm_name, **kwargs), f"hub:{spec.timm_name}", model_args)

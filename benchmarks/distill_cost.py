@@ -78,7 +78,12 @@ def parse_args():
     p.add_argument("--data", default="fake:256?size=32&classes=100", help="dataset (stages.datasets.open_dataset)")
     p.add_argument("--teacher", default="regnety_320", help="teacher: timm name or registered short name")
     p.add_argument("--student", default="resnet10t", help="student: timm name")
-    p.add_argument("--student-arg", action="append", metavar="KEY=VALUE", help="timm.create_model argument of the student (repeatable)")
+    p.add_argument(
+        "--student-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="timm.create_model argument of the student (repeatable)",
+    )
     p.add_argument("--size", type=int, default=32, help="input size of teacher and student views")
     p.add_argument("--views", type=int, default=1, help="stored views per sample")
     p.add_argument("--block", type=int, default=128, help="samples per store unit")
@@ -92,9 +97,15 @@ def parse_args():
     p.add_argument("--device", default="cpu", help="where student and live teacher run: cpu, cuda")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast of every run's step (and of the cost ratio)")
     p.add_argument("--method", help="also time this method from the same cache, as run (d), e.g. gpd")
-    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="a setting of the method of (d) (repeatable)")
-    p.add_argument("--compare-arg", action="append", metavar="KEY=VALUE",
-                   help="also time (d)'s method with this setting on top, as run (e), e.g. orepa=true (repeatable)")
+    p.add_argument(
+        "--method-arg", action="append", metavar="KEY=VALUE", help="a setting of the method of (d) (repeatable)"
+    )
+    p.add_argument(
+        "--compare-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="also time (d)'s method with this setting on top, as run (e), e.g. orepa=true (repeatable)",
+    )
     p.add_argument("--no-online", action="store_true", help="leave out run (c), the live teacher")
     return p.parse_args()
 
@@ -149,28 +160,45 @@ def main():
         raise SystemExit("--compare-arg compares two settings of --method: pass --method too")
     torch.set_num_threads(args.threads)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"threads {torch.get_num_threads()}, cpus {cpus} (os.cpu_count {os.cpu_count()}), "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"threads {torch.get_num_threads()}, cpus {cpus} (os.cpu_count {os.cpu_count()}), "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     data = open_dataset(args.data)
     C = data.num_classes
-    print(f"setup: data {args.data} ({len(data)} samples, {C} classes), size {args.size}, batch {args.batch_size}, "
-          f"views {args.views}, block {args.block}, epochs/run {args.epochs}, repeats {args.repeats}, workers {args.workers}")
+    print(
+        f"setup: data {args.data} ({len(data)} samples, {C} classes), size {args.size}, batch {args.batch_size}, "
+        f"views {args.views}, block {args.block}, epochs/run {args.epochs}, repeats {args.repeats}, workers {args.workers}"
+    )
     teacher = build_teacher(args.teacher, random_init=True, num_classes=C, input_size=args.size).to(args.device)
 
     t_t, t_s = cost_ratio(teacher, args, C)
-    print(f"cost: teacher {args.teacher} forward {t_t * 1e3:.1f} ms, student {args.student} forward+backward "
-          f"{t_s * 1e3:.1f} ms per batch of {args.batch_size} (medians of {args.cost_runs}): ratio {t_t / t_s:.1f}x")
+    print(
+        f"cost: teacher {args.teacher} forward {t_t * 1e3:.1f} ms, student {args.student} forward+backward "
+        f"{t_s * 1e3:.1f} ms per batch of {args.batch_size} (medians of {args.cost_runs}): ratio {t_t / t_s:.1f}x"
+    )
 
     with tempfile.TemporaryDirectory(prefix="distill_cost_") as tmp:
         plan = ViewPlan(ViewRecipe(), seed=0)
         store = open_store(Path(tmp) / "store", data, plan, views=args.views, block=args.block, size=args.size)
         needs = method_class(args.method).needs if args.method else ()
         outputs = tuple(dict.fromkeys(("logits", *needs)))  # what (b) and (d) read
-        info = teacher_info(teacher, teacher_rows.output_info(teacher, logits="topk", k=args.topk, dtype="float16", outputs=outputs))
-        r = extract(store, data, TeacherRunner(teacher, info, args.device), "t", views=args.views,
-                    batch_size=args.batch_size, workers=args.workers)
-        print(f"extract: {r.views} views ({', '.join(outputs)}; top-{info.k} float16) in {r.seconds:.1f} s = {r.views / r.seconds:.0f} views/s")
+        info = teacher_info(
+            teacher, teacher_rows.output_info(teacher, logits="topk", k=args.topk, dtype="float16", outputs=outputs)
+        )
+        r = extract(
+            store,
+            data,
+            TeacherRunner(teacher, info, args.device),
+            "t",
+            views=args.views,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        print(
+            f"extract: {r.views} views ({', '.join(outputs)}; top-{info.k} float16) in {r.seconds:.1f} s = {r.views / r.seconds:.0f} views/s"
+        )
 
         views = StoredViews(store, stored_plan(store))
         runs = {
@@ -185,37 +213,57 @@ def main():
             runs[f"(d) {args.method} from cache"] = (args.method, cached, args.method_kwargs)
             if args.compare_kwargs:
                 extra = ",".join(f"{k}={v}" for k, v in args.compare_kwargs.items())
-                runs[f"(e) {args.method} {extra}"] = (args.method, cached, {**args.method_kwargs, **args.compare_kwargs})
+                runs[f"(e) {args.method} {extra}"] = (
+                    args.method,
+                    cached,
+                    {**args.method_kwargs, **args.compare_kwargs},
+                )
         seconds = {name: [] for name in runs}
         rates = {name: [] for name in runs}
         for rep in range(args.repeats):
             for name, (method, source, method_args) in runs.items():
-                settings = TrainSettings(student=args.student, student_kwargs=args.student_kwargs, method=method, method_args=method_args,
-                                         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+                settings = TrainSettings(
+                    student=args.student,
+                    student_kwargs=args.student_kwargs,
+                    method=method,
+                    method_args=method_args,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    amp=args.amp,
+                )
                 metrics = train(settings, data, None, views, views.plan, source, device=args.device).metrics
                 kept = metrics[1:] if len(metrics) > 1 else metrics
                 seconds[name] += [m["seconds"] for m in kept]
                 rates[name] += [m["views_per_s"] for m in kept]
-            print(f"  round {rep + 1}/{args.repeats}: " + ", ".join(f"{n[:3]} {seconds[n][-1]:.2f} s" for n in runs),
-                  flush=True)
+            print(
+                f"  round {rep + 1}/{args.repeats}: " + ", ".join(f"{n[:3]} {seconds[n][-1]:.2f} s" for n in runs),
+                flush=True,
+            )
 
     med = {n: statistics.median(s) for n, s in seconds.items()}
     print(f"\nepoch seconds, {len(seconds[next(iter(runs))])} epochs per run kind, interleaved:")
     print(f"{'run':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'views/s':>8s} {'ms/step':>8s}")
     for n in runs:
         rate = statistics.median(rates[n])  # views per second: a step is batch-size views
-        print(f"{n:26s} {med[n]:9.2f} {min(seconds[n]):7.2f} {max(seconds[n]):7.2f} {rate:8.0f} {1e3 * args.batch_size / rate:8.1f}")
+        print(
+            f"{n:26s} {med[n]:9.2f} {min(seconds[n]):7.2f} {max(seconds[n]):7.2f} {rate:8.0f} {1e3 * args.batch_size / rate:8.1f}"
+        )
     names = list(runs)
     b_a = med[names[1]] / med[names[0]]
     paired = " ".join(f"{b / a:.2f}" for a, b in zip(seconds[names[0]], seconds[names[1]]))
     print(f"\nb/a = {b_a:.3f}   (cache vs. student alone; target <= 1.05: {'PASS' if b_a <= 1.05 else 'FAIL'})")
     print(f"      per round (adjacent in time): {paired}")
     if "(c) distill online" in runs:
-        print(f"c/b = {med['(c) distill online'] / med[names[1]]:.2f}    (online teacher vs. cache; teacher/student cost ratio {t_t / t_s:.1f}x)")
+        print(
+            f"c/b = {med['(c) distill online'] / med[names[1]]:.2f}    (online teacher vs. cache; teacher/student cost ratio {t_t / t_s:.1f}x)"
+        )
     if args.method:
         d = next(n for n in names if n.startswith("(d)"))
         paired_d = " ".join(f"{x / b:.2f}" for b, x in zip(seconds[names[1]], seconds[d]))
-        print(f"d/b = {med[d] / med[names[1]]:.2f}    ({args.method} vs. kd, both from the cache; per round: {paired_d})")
+        print(
+            f"d/b = {med[d] / med[names[1]]:.2f}    ({args.method} vs. kd, both from the cache; per round: {paired_d})"
+        )
     if args.compare_kwargs:
         e = names[-1]
         paired_e = " ".join(f"{y / x:.2f}" for x, y in zip(seconds[d], seconds[e]))

@@ -46,10 +46,24 @@ class Sizes:
     steps: int
 
 
-FULL = Sizes(("beitv2_l", "dinov2_l", "resnet152"), (("resnet18", {}), ("resnet50", {}), ("vit_tiny_patch16_224", {})), 224, 1024, 256,
-             max(1, (os.cpu_count() or 2) - 2), 20)
-QUICK = Sizes(("resnet18",), (("resnet10t", {"channels": [8, 16, 32, 64]}), ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8})),
-              32, 64, 16, 0, 2)
+FULL = Sizes(
+    ("beitv2_l", "dinov2_l", "resnet152"),
+    (("resnet18", {}), ("resnet50", {}), ("vit_tiny_patch16_224", {})),
+    224,
+    1024,
+    256,
+    max(1, (os.cpu_count() or 2) - 2),
+    20,
+)
+QUICK = Sizes(
+    ("resnet18",),
+    (("resnet10t", {"channels": [8, 16, 32, 64]}), ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8})),
+    32,
+    64,
+    16,
+    0,
+    2,
+)
 
 
 def parse_args():
@@ -93,15 +107,29 @@ def extraction(sizes: Sizes, device: str, precision: str, tmp: Path, sync) -> tu
         views = torch.randint(0, 256, (sizes.batch, 3, sizes.size, sizes.size), dtype=torch.uint8)
 
         def bare():
-            with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
+            with (
+                torch.no_grad(),
+                torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"),
+            ):
                 teacher(normalize(views.to(device), teacher.mean, teacher.std))
 
         bare_rate = sizes.batch / timed(bare, 3, sync)
-        store = open_store(tmp / f"store-{name}", data, ViewPlan(ViewRecipe()), views=1, block=max(sizes.batch, 64), size=sizes.size)
+        store = open_store(
+            tmp / f"store-{name}", data, ViewPlan(ViewRecipe()), views=1, block=max(sizes.batch, 64), size=sizes.size
+        )
         result = extract(store, data, runner, name, views=1, batch_size=sizes.batch, workers=sizes.workers)
         rate = result.views / result.seconds
-        rows.append(("1 extraction", f"{name} ({precision})", f"{rate:,.0f} views/s", f"bare forward {bare_rate:,.0f}", rate / bare_rate, ">= 0.9",
-                     f"IN-1k x 10 views: {IMAGENET_VIEWS / rate / 3600:,.1f} h"))
+        rows.append(
+            (
+                "1 extraction",
+                f"{name} ({precision})",
+                f"{rate:,.0f} views/s",
+                f"bare forward {bare_rate:,.0f}",
+                rate / bare_rate,
+                ">= 0.9",
+                f"IN-1k x 10 views: {IMAGENET_VIEWS / rate / 3600:,.1f} h",
+            )
+        )
         if first_store is None and teacher.num_classes:
             first_store = (store.path, name)
     return rows, first_store
@@ -122,11 +150,30 @@ def student_rates(sizes: Sizes, device: str, tmp: Path, sync) -> list[tuple]:
     workers = sizes.workers
     render, _ = replay_epoch(folder, recipe, sizes.size, sizes.batch, workers, seed=0)
     per_core = render / max(1, workers)
-    rows = [("2 student waits", f"A2 replay, {max(1, workers)} CPU process(es)", f"{render:,.0f} views/s", f"{per_core:,.0f} per core", None, "", "")]
+    rows = [
+        (
+            "2 student waits",
+            f"A2 replay, {max(1, workers)} CPU process(es)",
+            f"{render:,.0f} views/s",
+            f"{per_core:,.0f} per core",
+            None,
+            "",
+            "",
+        )
+    ]
     for name, kwargs in sizes.students:
         rate = _student_step_rate(name, kwargs, sizes, device, sync)
-        rows.append(("2 student waits", f"{name} step (bf16, channels_last)", f"{rate:,.0f} views/s", f"replay {render:,.0f}", render / rate, ">= 1",
-                     f"needs {rate / per_core:,.1f} CPU cores"))
+        rows.append(
+            (
+                "2 student waits",
+                f"{name} step (bf16, channels_last)",
+                f"{rate:,.0f} views/s",
+                f"replay {render:,.0f}",
+                render / rate,
+                ">= 1",
+                f"needs {rate / per_core:,.1f} CPU cores",
+            )
+        )
     return rows
 
 
@@ -155,8 +202,15 @@ def _epoch(store: Path, device: str, sizes: Sizes, online: str | None = None, **
     from stages.training.job import DistillJob, OnlineTeacher, build_distill
     from stages.training.settings import TrainSettings
 
-    settings = TrainSettings(student=sizes.students[0][0], student_kwargs=dict(sizes.students[0][1]), epochs=1, batch_size=sizes.batch,
-                             workers=sizes.workers, verify="none", **train)
+    settings = TrainSettings(
+        student=sizes.students[0][0],
+        student_kwargs=dict(sizes.students[0][1]),
+        epochs=1,
+        batch_size=sizes.batch,
+        workers=sizes.workers,
+        verify="none",
+        **train,
+    )
     job = DistillJob(str(store), settings, online=OnlineTeacher(online, random_init=True) if online else None)
     return build_distill(job, device).train(device=device).metrics[-1]
 
@@ -167,8 +221,24 @@ def cache_promise(store: Path, teacher: str, sizes: Sizes, device: str) -> list[
     cached = _epoch(store, device, sizes, method="kd", **amp)["seconds"]
     online = _epoch(store, device, sizes, online=teacher, method="kd", **amp)["seconds"]
     return [
-        ("3 cache's promise", "epoch from the cache / student alone", f"{cached:.2f} s", f"alone {alone:.2f} s", cached / alone, "<= 1.05", ""),
-        ("3 cache's promise", "epoch with the live teacher / from the cache", f"{online:.2f} s", f"cache {cached:.2f} s", online / cached, "> 1", ""),
+        (
+            "3 cache's promise",
+            "epoch from the cache / student alone",
+            f"{cached:.2f} s",
+            f"alone {alone:.2f} s",
+            cached / alone,
+            "<= 1.05",
+            "",
+        ),
+        (
+            "3 cache's promise",
+            "epoch with the live teacher / from the cache",
+            f"{online:.2f} s",
+            f"cache {cached:.2f} s",
+            online / cached,
+            "> 1",
+            "",
+        ),
     ]
 
 
@@ -185,7 +255,13 @@ def code_paths(store: Path, sizes: Sizes, device: str, tmp: Path) -> list[tuple]
     rows = []
     for what, (train, runs_here) in checks.items():
         rows.append(("4 code paths", what, *_outcome(lambda: _epoch(store, device, sizes, **train), runs_here)))
-    rows.append(("4 code paths", "checkpoint resumed bit-identically", *_outcome(lambda: _resume_is_exact(store, sizes, device, tmp), True)))
+    rows.append(
+        (
+            "4 code paths",
+            "checkpoint resumed bit-identically",
+            *_outcome(lambda: _resume_is_exact(store, sizes, device, tmp), True),
+        )
+    )
     return rows
 
 
@@ -205,7 +281,13 @@ def _resume_is_exact(store: Path, sizes: Sizes, device: str, tmp: Path) -> None:
     from stages.training.job import DistillJob, build_distill
     from stages.training.settings import TrainSettings
 
-    settings = TrainSettings(student=sizes.students[0][0], student_kwargs=dict(sizes.students[0][1]), epochs=2, batch_size=sizes.batch, verify="none")
+    settings = TrainSettings(
+        student=sizes.students[0][0],
+        student_kwargs=dict(sizes.students[0][1]),
+        epochs=2,
+        batch_size=sizes.batch,
+        verify="none",
+    )
     job = DistillJob(str(store), settings)
     whole = build_distill(job, device).train(device=device).model.state_dict()
     hooks = checkpoint_hooks(tmp / "r", job.run_record(), resume=False, start=lambda: None)
@@ -238,17 +320,33 @@ def jpeg_decoding(sizes: Sizes, device: str, tmp: Path, sync) -> list[tuple]:
     if not device.startswith("cuda"):
         return [("5 JPEG decoding", "one CPU core", f"{cpu:,.0f} images/s", "", None, "", "GPU decoding needs CUDA")]
     gpu = len(data) / timed(lambda: decode_jpeg(data, device=device), 5, sync)
-    return [("5 JPEG decoding", f"decode_jpeg on {device}, batches of {len(data)}", f"{gpu:,.0f} images/s", f"one CPU core {cpu:,.0f}", gpu / cpu, "", "")]
+    return [
+        (
+            "5 JPEG decoding",
+            f"decode_jpeg on {device}, batches of {len(data)}",
+            f"{gpu:,.0f} images/s",
+            f"one CPU core {cpu:,.0f}",
+            gpu / cpu,
+            "",
+            "",
+        )
+    ]
 
 
 # -- the table --------------------------------------------------------------------------------------
 
 
 def print_table(rows: list[tuple], device: str) -> None:
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch thread(s)"
+    name = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} torch thread(s)"
+    )
     print(f"\n{name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     header = ("section", "what", "measured", "against", "ratio", "target", "note")
-    shown = [header] + [tuple("" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) for row in rows]
+    shown = [header] + [
+        tuple("" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) for row in rows
+    ]
     widths = [max(len(r[i]) for r in shown) for i in range(len(header))]
     for row in shown:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -259,7 +357,10 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible: run on a GPU node, or pass --device cpu --quick", file=sys.stderr)
+        print(
+            "error: --device cuda but no CUDA GPU is visible: run on a GPU node, or pass --device cpu --quick",
+            file=sys.stderr,
+        )
         return 2
     if not device.startswith("cuda"):
         torch.set_num_threads(args.threads)

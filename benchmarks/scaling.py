@@ -63,7 +63,9 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=0, help="render processes with --teachers (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="teacher arithmetic (default: fp32)")
-    p.add_argument("--teachers", help="comma-separated teachers: measure each one's rate and project ImageNet x 50 views instead")
+    p.add_argument(
+        "--teachers", help="comma-separated teachers: measure each one's rate and project ImageNet x 50 views instead"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,16 +94,31 @@ def main() -> None:
         def go(r):
             # The same plan and outputs as fresh_store and info: the job's defaults.
             job = ExtractJob(
-                store=str(tmp / f"ray{actors}-{r}"), data=args.data, teacher=args.teacher, views=args.views, teacher_id="t", random_init=True,
-                size=args.size, block=args.block, precision=args.precision, batch_size=args.batch_size, device="cuda" if gpu else "cpu",
+                store=str(tmp / f"ray{actors}-{r}"),
+                data=args.data,
+                teacher=args.teacher,
+                views=args.views,
+                teacher_id="t",
+                random_init=True,
+                size=args.size,
+                block=args.block,
+                precision=args.precision,
+                batch_size=args.batch_size,
+                device="cuda" if gpu else "cpu",
             )
             ready = prepare_extract(job, load=False)  # as the driver does: the teacher described, not loaded
             marks = []  # (time, views) as units come back
             with ready.open_store().lock_teacher("t"):
-                res = extract_on_ray(ready, job, actors=actors, gpus_per_worker=1.0 if gpu else 0.0,
-                                     on_unit=lambda rows: marks.append((time.perf_counter(), rows)))
+                res = extract_on_ray(
+                    ready,
+                    job,
+                    actors=actors,
+                    gpus_per_worker=1.0 if gpu else 0.0,
+                    on_unit=lambda rows: marks.append((time.perf_counter(), rows)),
+                )
             steady = sum(n for _, n in marks[1:]) / (marks[-1][0] - marks[0][0])
             return res.views / res.seconds, steady
+
         return go
 
     setups = {"in-process": in_process, "ray, 1 actor": on_ray(1), "ray, 2 actors": on_ray(2)}
@@ -109,12 +126,17 @@ def main() -> None:
     for r in range(args.repeats):
         for name, run in setups.items():
             rates[name].append(run(r))
-            print(f"round {r + 1}: {name}: {rates[name][-1][0]:,.0f} views/s wall, {rates[name][-1][1]:,.0f} steady", file=sys.stderr)
+            print(
+                f"round {r + 1}: {name}: {rates[name][-1][0]:,.0f} views/s wall, {rates[name][-1][1]:,.0f} steady",
+                file=sys.stderr,
+            )
 
     total = len(dataset) * args.views
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} torch threads in-process)"
-    print(f"\nextraction of {args.teacher} at {args.size} px, {total:,} views in units of {args.block}, on {device}; "
-          f"medians of {args.repeats} rounds\n")
+    print(
+        f"\nextraction of {args.teacher} at {args.size} px, {total:,} views in units of {args.block}, on {device}; "
+        f"medians of {args.repeats} rounds\n"
+    )
     print("| setup | views/s (wall) | views/s (steady) | steady vs. in-process |\n|---|---|---|---|")
     base = statistics.median(s for _, s in rates["in-process"])
     for name, got in rates.items():
@@ -132,7 +154,9 @@ def teacher_rates(args) -> None:
     """Each teacher's extraction rate in this process (storage on), and the hours ImageNet x 50 views would take."""
     dataset = open_dataset(args.data)
     plan = ViewPlan(ViewRecipe(), 0)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = []
     for name in args.teachers.split(","):
         teacher = build_teacher(name, random_init=True, num_classes=dataset.num_classes, input_size=args.size)
@@ -141,8 +165,18 @@ def teacher_rates(args) -> None:
         rates = []
         with tempfile.TemporaryDirectory(prefix="rates-") as tmp:
             for r in range(args.repeats + 1):  # round 0 warms up (cuDNN autotuning, allocator): not counted
-                store = open_store(Path(tmp) / f"{r}", dataset, plan, views=args.views, block=args.block, size=args.size)
-                res = extract(store, dataset, runner, "t", views=args.views, batch_size=args.batch_size, workers=args.loader_workers)
+                store = open_store(
+                    Path(tmp) / f"{r}", dataset, plan, views=args.views, block=args.block, size=args.size
+                )
+                res = extract(
+                    store,
+                    dataset,
+                    runner,
+                    "t",
+                    views=args.views,
+                    batch_size=args.batch_size,
+                    workers=args.loader_workers,
+                )
                 if r:
                     rates.append(res.views / res.seconds)
                 print(f"{name} round {r}: {res.views / res.seconds:,.1f} views/s", file=sys.stderr)
@@ -151,9 +185,13 @@ def teacher_rates(args) -> None:
         del runner, teacher
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(f"\nextraction in one process on {device}, {args.precision}, {args.size} px, batch {args.batch_size}, storage writes on "
-          f"(each teacher's default outputs: top-10 logits and/or pooled features, float16); medians of {args.repeats} rounds after one warm-up\n")
-    print("| teacher | timm model | views/s per device | hours for ImageNet-1k x 50 views, one device |\n|---|---|---|---|")
+    print(
+        f"\nextraction in one process on {device}, {args.precision}, {args.size} px, batch {args.batch_size}, storage writes on "
+        f"(each teacher's default outputs: top-10 logits and/or pooled features, float16); medians of {args.repeats} rounds after one warm-up\n"
+    )
+    print(
+        "| teacher | timm model | views/s per device | hours for ImageNet-1k x 50 views, one device |\n|---|---|---|---|"
+    )
     for name, timm_name, rate, hours in rows:
         print(f"| {name} | {timm_name} | {rate:,.1f} | {hours:,.0f} |")
 

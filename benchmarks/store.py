@@ -48,7 +48,11 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
-from fidelity import cosine_fidelity, gradient_cosine, old_tail_clamped  # benchmarks/fidelity.py (run from the repository root as a script)
+from fidelity import (
+    cosine_fidelity,
+    gradient_cosine,
+    old_tail_clamped,
+)  # benchmarks/fidelity.py (run from the repository root as a script)
 from stages.cache import teacher_rows
 from stages.cache import topk
 from stages.data.datasets import open_dataset
@@ -75,9 +79,17 @@ READ_ROUNDS = 5  # read rounds per --repeats: one epoch of the synthetic store r
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, 3 repeats: about 1 minute")
-    p.add_argument("--fidelity-only", action="store_true", help="only the top-k fidelity section (synthetic and digits teachers)")
-    p.add_argument("--read-only", action="store_true", help="only the read section: the synthetic store read by the trainer's code vs memmaps")
-    p.add_argument("--digits-epochs", type=int, default=10, help="epochs of the digits teacher fitted for the fidelity section")
+    p.add_argument(
+        "--fidelity-only", action="store_true", help="only the top-k fidelity section (synthetic and digits teachers)"
+    )
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="only the read section: the synthetic store read by the trainer's code vs memmaps",
+    )
+    p.add_argument(
+        "--digits-epochs", type=int, default=10, help="epochs of the digits teacher fitted for the fidelity section"
+    )
     p.add_argument("--samples", type=int, default=None, help="synthetic store samples (default 8192, quick 4096)")
     p.add_argument("--views", type=int, default=2, help="synthetic store views")
     p.add_argument("--block", type=int, default=1024, help="samples per unit (the product default)")
@@ -85,8 +97,15 @@ def parse_args():
     p.add_argument("--dim", type=int, default=768, help="synthetic feature dimension")
     p.add_argument("--teacher", default="resnet18", help="real (random-init) timm teacher for the write test")
     p.add_argument("--teacher-size", type=int, default=32)
-    p.add_argument("--write-samples", type=int, default=None, help="samples extracted in the write test (default 3072, quick 2048)")
-    p.add_argument("--write-block", type=int, default=None, help="unit size in the write test (default --block); keep several units so writes can overlap")
+    p.add_argument(
+        "--write-samples", type=int, default=None, help="samples extracted in the write test (default 3072, quick 2048)"
+    )
+    p.add_argument(
+        "--write-block",
+        type=int,
+        default=None,
+        help="unit size in the write test (default --block); keep several units so writes can overlap",
+    )
     p.add_argument("--repeats", type=int, default=None, help="default 5, quick 3")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (see benchmarks/distill_cost.py)")
@@ -151,7 +170,9 @@ def imagenet_like_sizes(n: int, rng) -> np.ndarray:
 
 
 def has_int8() -> bool:
-    return "feature_dtype" in inspect.signature(teacher_rows.output_info).parameters and "int8" in getattr(teacher_rows, "FEATURE_DTYPES", ())
+    return "feature_dtype" in inspect.signature(teacher_rows.output_info).parameters and "int8" in getattr(
+        teacher_rows, "FEATURE_DTYPES", ()
+    )
 
 
 def write_synthetic_store(path, args) -> tuple[Store, dict]:
@@ -162,11 +183,20 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
     labels = rng.integers(0, args.classes, N)  # random order: no help from class-sorted ids
     sizes = imagenet_like_sizes(N, rng)
     dataset = DatasetRecord(
-        source="synthetic", fingerprint="synthetic", num_samples=N, num_classes=args.classes, classes=tuple(map(str, range(args.classes)))
+        source="synthetic",
+        fingerprint="synthetic",
+        num_samples=N,
+        num_classes=args.classes,
+        classes=tuple(map(str, range(args.classes))),
     )
     store = Store.create(
-        path, dataset=dataset, plan=PlanRecord(**plan.describe(), size=224), versions=library_versions(),
-        num_views=V, block=B, plan_specs={**plan.fields, "fingerprint": FINGERPRINT},
+        path,
+        dataset=dataset,
+        plan=PlanRecord(**plan.describe(), size=224),
+        versions=library_versions(),
+        num_views=V,
+        block=B,
+        plan_specs={**plan.fields, "fingerprint": FINGERPRINT},
     )
     teacher = SyntheticTeacher(args.classes, args.dim)
     variants = {"syn": {}}
@@ -175,8 +205,16 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
     groups = {}
     for tid, kw in variants.items():
         info = TeacherRecord(
-            format="zarr", precision="fp32", name="synthetic", timm_name="synthetic", weights="synthetic", input_size=224,
-            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), versions=library_versions(), views=V,
+            format="zarr",
+            precision="fp32",
+            name="synthetic",
+            timm_name="synthetic",
+            weights="synthetic",
+            input_size=224,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            versions=library_versions(),
+            views=V,
             **teacher_rows.output_info(teacher, logits="topk", k=10, dtype="float16", **kw),
         )
         groups[tid] = (store.create_teacher(tid, info, teacher_rows.array_specs(info)), info)
@@ -195,8 +233,11 @@ def write_synthetic_store(path, args) -> tuple[Store, dict]:
                     dec = teacher_rows.decode(rows, info, ("features",))["features"]
                     fidelity[tid] = cosine_fidelity(out["features"], dec)
     p = torch.softmax(teacher(0, np.arange(2048), labels[:2048])["logits"], 1).sort(1, descending=True).values
-    stats = {"top1": float(p[:, 0].median()), "top10": float(p[:, :10].sum(1).median()),
-             "acc": float((teacher(0, np.arange(2048), labels[:2048])["logits"].argmax(1).numpy() == labels[:2048]).mean())}
+    stats = {
+        "top1": float(p[:, 0].median()),
+        "top10": float(p[:, :10].sum(1).median()),
+        "acc": float((teacher(0, np.arange(2048), labels[:2048])["logits"].argmax(1).numpy() == labels[:2048]).mean()),
+    }
     return store, {"labels": labels, "fidelity": fidelity, "stats": stats}
 
 
@@ -221,8 +262,15 @@ def shard_layout_bytes(data: np.ndarray, codec, block: int, chunk_rows: int) -> 
     st = MemoryStore()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        arr = zarr.create_array(st, shape=data.shape, dtype=data.dtype, chunks=(1, chunk_rows, *data.shape[2:]),
-                                shards=(1, block, *data.shape[2:]), compressors=[codec], fill_value=0)
+        arr = zarr.create_array(
+            st,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(1, chunk_rows, *data.shape[2:]),
+            shards=(1, block, *data.shape[2:]),
+            compressors=[codec],
+            fill_value=0,
+        )
         arr[:] = data
     size = sum(len(b.to_bytes()) for k, b in st._store_dict.items() if not k.endswith("zarr.json"))
     return size / (data.shape[0] * data.shape[1])
@@ -234,7 +282,11 @@ def encode_rate(data: np.ndarray, codec, chunk_rows: int, repeats: int = 5) -> f
 
     numcodecs.blosc.set_nthreads(1)
     if isinstance(codec, BloscCodec):
-        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+        shuffle = {
+            "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+            "shuffle": numcodecs.Blosc.SHUFFLE,
+            "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+        }
         nc = numcodecs.Blosc(codec.cname.value, codec.clevel, shuffle[codec.shuffle.value])
     else:
         nc = numcodecs.Zstd(codec.level)
@@ -265,10 +317,19 @@ def codec_table(arrays: dict[str, np.ndarray], block: int) -> dict[str, dict[str
     table = {}
     for name, data in arrays.items():
         chunk = zarr_units.inner_chunk_rows(block, data.shape[2:], data.dtype)  # what the store uses
-        row = {c: (shard_layout_bytes(data, codec, block, chunk), encode_rate(data, codec, chunk)) for c, codec in candidates(data.dtype).items()}
-        row["product"] = (shard_layout_bytes(data, compressor(data.dtype), block, chunk), encode_rate(data, compressor(data.dtype), chunk))
+        row = {
+            c: (shard_layout_bytes(data, codec, block, chunk), encode_rate(data, codec, chunk))
+            for c, codec in candidates(data.dtype).items()
+        }
+        row["product"] = (
+            shard_layout_bytes(data, compressor(data.dtype), block, chunk),
+            encode_rate(data, compressor(data.dtype), chunk),
+        )
         small = min(chunk, 256)  # the alternative: 256-row chunks, cheaper for random-row reads
-        row["product 256-row chunks"] = (shard_layout_bytes(data, compressor(data.dtype), block, small), encode_rate(data, compressor(data.dtype), small))
+        row["product 256-row chunks"] = (
+            shard_layout_bytes(data, compressor(data.dtype), block, small),
+            encode_rate(data, compressor(data.dtype), small),
+        )
         table[name] = row
     return table
 
@@ -281,7 +342,9 @@ class MemmapSource:
 
     size = None  # a cached source: nothing to render for it
 
-    def __init__(self, root: Path, arrays: dict[str, np.ndarray], store: Store, prefix: str, info: TeacherRecord | None = None):
+    def __init__(
+        self, root: Path, arrays: dict[str, np.ndarray], store: Store, prefix: str, info: TeacherRecord | None = None
+    ):
         root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, data in arrays.items():
@@ -301,19 +364,31 @@ class MemmapSource:
 
     def outputs(self, batch, views, temperature=1.0, needs=None):
         n = len(self.prefix)
-        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, needs or self.needs, temperature)
+        return teacher_rows.decode(
+            {k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)},
+            self.info,
+            needs or self.needs,
+            temperature,
+        )
 
 
 class Labels(ImageDataset):
     """A dataset of labels only: the reads need ids and labels, never an image (nothing is rendered)."""
 
     def __init__(self, labels: np.ndarray, num_classes: int):
-        self.labels, self.keys, self.classes, self.source = labels, [str(i) for i in range(len(labels))], [str(c) for c in range(num_classes)], "labels"
+        self.labels, self.keys, self.classes, self.source = (
+            labels,
+            [str(i) for i in range(len(labels))],
+            [str(c) for c in range(num_classes)],
+            "labels",
+        )
 
 
 def read_loader(plan: ViewPlan, views, teacher, labels: np.ndarray, num_classes: int, batch_size: int) -> ReplayLoader:
     """The product's loader over ``views`` and ``teacher`` (a store's or memmaps): its reads are what is measured."""
-    return ReplayLoader(Labels(labels, num_classes), plan, views, batch_size, teachers={"t": teacher}, size=224, verify="none")
+    return ReplayLoader(
+        Labels(labels, num_classes), plan, views, batch_size, teachers={"t": teacher}, size=224, verify="none"
+    )
 
 
 def read_epoch(loader: ReplayLoader, epoch: int) -> int:
@@ -340,12 +415,20 @@ def read_section(report: "Report", tmp: Path, store: Store, labels: np.ndarray, 
     units = epoch_units(1, args.views, store.num_blocks, 0)
     shard = sum(shard_bytes(store.plan, views.names, v, b) + shard_bytes(ct.group, ct.names, v, b) for v, b in units)
     used = shard * used_rows / args.samples  # drop_last may leave a few rows unused
-    report.add("read amplification: fetched / used (one epoch)", f"{fetched / used:.3f}x", "<= 1.1x", fetched / used <= 1.1,
-               f"{fetched / 1e6:.3f} MB fetched (rchar) for {used / 1e6:.3f} MB of shards used, {len(units)} units")
+    report.add(
+        "read amplification: fetched / used (one epoch)",
+        f"{fetched / used:.3f}x",
+        "<= 1.1x",
+        fetched / used <= 1.1,
+        f"{fetched / 1e6:.3f} MB fetched (rchar) for {used / 1e6:.3f} MB of shards used, {len(units)} units",
+    )
     mm = tmp / "memmap"
     mviews = MemmapSource(mm / "plan", {n: store.plan.array(n)[:] for n in views.names}, store, "")
     mteacher = MemmapSource(mm / "t", {n: ct.group.array(n)[:] for n in ct.names}, store, "t:", ct.info)
-    loaders = {"zarr": loader, "memmap": read_loader(views.plan, mviews, mteacher, labels, args.classes, args.batch_size)}
+    loaders = {
+        "zarr": loader,
+        "memmap": read_loader(views.plan, mviews, mteacher, labels, args.classes, args.batch_size),
+    }
     rate = {"zarr": [], "memmap": []}
     # An epoch takes tens of milliseconds: many rounds, each reading the same epoch both ways one after the other,
     # so that a burst of load on a shared machine hits both alike.
@@ -357,10 +440,23 @@ def read_section(report: "Report", tmp: Path, store: Store, labels: np.ndarray, 
     r_zarr, r_mm = statistics.median(rate["zarr"]), statistics.median(rate["memmap"])
     per_round = statistics.median(z / m for z, m in zip(rate["zarr"], rate["memmap"]))
     threads = f"torch threads {torch.get_num_threads()}, blosc {'threads ' + str(numcodecs.blosc.get_nthreads()) if numcodecs.blosc.use_threads else '1 thread'}"
-    report.add("reader views/s (zarr store, incl. top-k decode)", f"{r_zarr:,.0f}", note="whole units, shuffle, re-batch, logits_from_topk")
-    report.add("reader views/s (same arrays, numpy memmap)", f"{r_mm:,.0f}", note=f"the same code on np.load(mmap_mode='r'); {threads}")
-    report.add("reader / memmap (medians)", f"{r_zarr / r_mm:.2f}x", ">= 0.5x", r_zarr / r_mm >= 0.5,
-               f"median of per-round ratios {per_round:.2f}; {len(rate['zarr'])} interleaved rounds, {len(units)} units an epoch")
+    report.add(
+        "reader views/s (zarr store, incl. top-k decode)",
+        f"{r_zarr:,.0f}",
+        note="whole units, shuffle, re-batch, logits_from_topk",
+    )
+    report.add(
+        "reader views/s (same arrays, numpy memmap)",
+        f"{r_mm:,.0f}",
+        note=f"the same code on np.load(mmap_mode='r'); {threads}",
+    )
+    report.add(
+        "reader / memmap (medians)",
+        f"{r_zarr / r_mm:.2f}x",
+        ">= 0.5x",
+        r_zarr / r_mm >= 0.5,
+        f"median of per-round ratios {per_round:.2f}; {len(rate['zarr'])} interleaved rounds, {len(units)} units an epoch",
+    )
     return r_zarr
 
 
@@ -383,7 +479,11 @@ def student_rate(name, kwargs, size, classes, batch_size, repeats) -> float:
     """Training views/s of a student (forward, KD loss on decoded logits, backward, AdamW step), pre-rendered input."""
     model = build_student(name, classes, 0, **kwargs).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = normalize(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8), model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+    x = normalize(
+        torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
+        model.pretrained_cfg["mean"],
+        model.pretrained_cfg["std"],
+    )
     t = torch.randn(batch_size, classes)
 
     def step():
@@ -410,8 +510,26 @@ def train_digits_teacher(root: Path, epochs: int) -> tuple[object, object, torch
     """
     from pipeline.cli import main as pipeline_main
 
-    rc = pipeline_main(["--quiet", "train", "--data", "digits", "--model", "resnet10t",
-                        "--epochs", str(epochs), "--batch-size", "64", "--lr", "0.003", "--size", "32", "--out", str(root / "teacher")])
+    rc = pipeline_main(
+        [
+            "--quiet",
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "resnet10t",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.003",
+            "--size",
+            "32",
+            "--out",
+            str(root / "teacher"),
+        ]
+    )
     if rc:
         raise SystemExit(f"pipeline train failed ({rc})")
     data = open_dataset("digits")
@@ -444,7 +562,10 @@ def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int 
     kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, back.topk_index, True)
     mass = p.masked_fill(kept, 0.0).sum(1)  # the rebuilt tail (the target's share included)
     g = torch.Generator().manual_seed(seed)
-    students = {"untrained": torch.randn(logits.shape, generator=g), "halfway": 0.5 * logits + torch.randn(logits.shape, generator=g)}
+    students = {
+        "untrained": torch.randn(logits.shape, generator=g),
+        "halfway": 0.5 * logits + torch.randn(logits.shape, generator=g),
+    }
     losses = {
         "KD T=1": lambda s, t: kd_loss(s, t, 1.0),
         "KD T=4": lambda s, t: kd_loss(s, t, 4.0),
@@ -456,9 +577,13 @@ def fidelity_rows(logits: torch.Tensor, target: torch.Tensor, k: int, seed: int 
         T = 4.0 if "T=4" in name else 1.0
         cosines[name] = {who: gradient_cosine(loss, s, logits, rebuilt[T]) for who, s in students.items()}
         if T != 1.0:  # the same loss with the tail left uniform at T = 1's mass: what the temperature-aware tail buys
-            cosines[name + " (T=1 tail)"] = {who: gradient_cosine(loss, s, logits, rebuilt[1.0]) for who, s in students.items()}
+            cosines[name + " (T=1 tail)"] = {
+                who: gradient_cosine(loss, s, logits, rebuilt[1.0]) for who, s in students.items()
+            }
     return {
-        "rows": len(logits), "k": k, "classes": C,
+        "rows": len(logits),
+        "k": k,
+        "classes": C,
         "top1": float(torch.softmax(logits.double(), 1).max(1).values.median()),
         "tail_median": float(tail.median()),
         "clamped_old": float(old_tail_clamped(logits, k).double().mean()),
@@ -484,26 +609,47 @@ def fidelity_section(report: "Report", tmp: Path, args) -> None:
     _, _, logits, target = train_digits_teacher(tmp / "digits", args.digits_epochs)
     for k in (3, 5):  # of 10 classes: the even tail is 7 or 5 classes, each a large share of DKD's non-target term
         cases[f"digits top-{k}"] = fidelity_rows(logits, target, k)
-    print(f"\ntop-k fidelity, float16 store (rebuilt vs full logits; {time.perf_counter() - t0:.1f} s; digits teacher: resnet10t "
-          f"fitted by `pipeline train` for {args.digits_epochs} epochs, one stored view of each of its images):")
-    print(f"{'teacher':20s} {'rows':>5s} {'top1':>6s} {'tail':>8s} {'clamped before':>15s} {'(tail>1e-4)':>11s} {'now':>5s} "
-          f"{'tail err':>9s} {'KL T=1':>8s} {'KL T=4':>8s} {'(T=1 tail)':>10s} {'est T=1':>8s} {'est T=4':>8s}")
+    print(
+        f"\ntop-k fidelity, float16 store (rebuilt vs full logits; {time.perf_counter() - t0:.1f} s; digits teacher: resnet10t "
+        f"fitted by `pipeline train` for {args.digits_epochs} epochs, one stored view of each of its images):"
+    )
+    print(
+        f"{'teacher':20s} {'rows':>5s} {'top1':>6s} {'tail':>8s} {'clamped before':>15s} {'(tail>1e-4)':>11s} {'now':>5s} "
+        f"{'tail err':>9s} {'KL T=1':>8s} {'KL T=4':>8s} {'(T=1 tail)':>10s} {'est T=1':>8s} {'est T=4':>8s}"
+    )
     for name, r in cases.items():
-        print(f"{name:20s} {r['rows']:5d} {r['top1']:6.3f} {r['tail_median']:8.2e} {r['clamped_old']:15.1%} {r['clamped_old_real']:11.1%} "
-              f"{r['clamped_now']:5.1%} {r['tail_rel_err']:9.1e} {r['kl'][1.0]:8.4f} {r['kl'][4.0]:8.4f} {r['kl_uniform_t4']:10.4f} "
-              f"{r['kl_estimate'][1.0]:8.4f} {r['kl_estimate'][4.0]:8.4f}")
-    print("gradient cosine, d loss / d student logits over the batch, rebuilt vs full (students: untrained N(0,1) logits / halfway 0.5 t + N(0,1)):")
+        print(
+            f"{name:20s} {r['rows']:5d} {r['top1']:6.3f} {r['tail_median']:8.2e} {r['clamped_old']:15.1%} {r['clamped_old_real']:11.1%} "
+            f"{r['clamped_now']:5.1%} {r['tail_rel_err']:9.1e} {r['kl'][1.0]:8.4f} {r['kl'][4.0]:8.4f} {r['kl_uniform_t4']:10.4f} "
+            f"{r['kl_estimate'][1.0]:8.4f} {r['kl_estimate'][4.0]:8.4f}"
+        )
+    print(
+        "gradient cosine, d loss / d student logits over the batch, rebuilt vs full (students: untrained N(0,1) logits / halfway 0.5 t + N(0,1)):"
+    )
     names = list(next(iter(cases.values()))["cosines"])
     print(f"{'teacher':20s} " + " ".join(f"{n:>21s}" for n in names))
     for name, r in cases.items():
-        print(f"{name:20s} " + " ".join(f"{r['cosines'][n]['untrained']:10.4f}/{r['cosines'][n]['halfway']:<10.4f}" for n in names))
+        print(
+            f"{name:20s} "
+            + " ".join(f"{r['cosines'][n]['untrained']:10.4f}/{r['cosines'][n]['halfway']:<10.4f}" for n in names)
+        )
     for name, r in cases.items():
         worst = {n: min(r["cosines"][n].values()) for n in ("KD T=1", "DKD T=1 b=2")}
-        report.add(f"top-k: clamped tails where tail > 1e-4 ({name})", f"{r['clamped_now']:.1%}", "0", r["clamped_now"] == 0,
-                   f"before (float16 logits, 1 - sum): {r['clamped_old_real']:.1%} of those rows, {r['clamped_old']:.1%} of all")
-        report.add(f"top-k: gradient cosine KD, DKD at T=1 ({name})", f"{min(worst.values()):.4f}", ">= 0.99", min(worst.values()) >= 0.99,
-                   f"KD {worst['KD T=1']:.4f}, DKD {worst['DKD T=1 b=2']:.4f}; KD T=4 {min(r['cosines']['KD T=4'].values()):.3f} "
-                   f"(uniform T=1 tail {min(r['cosines']['KD T=4 (T=1 tail)'].values()):.3f}); DIST {min(r['cosines']['DIST tau=1'].values()):.4f}")
+        report.add(
+            f"top-k: clamped tails where tail > 1e-4 ({name})",
+            f"{r['clamped_now']:.1%}",
+            "0",
+            r["clamped_now"] == 0,
+            f"before (float16 logits, 1 - sum): {r['clamped_old_real']:.1%} of those rows, {r['clamped_old']:.1%} of all",
+        )
+        report.add(
+            f"top-k: gradient cosine KD, DKD at T=1 ({name})",
+            f"{min(worst.values()):.4f}",
+            ">= 0.99",
+            min(worst.values()) >= 0.99,
+            f"KD {worst['KD T=1']:.4f}, DKD {worst['DKD T=1 b=2']:.4f}; KD T=4 {min(r['cosines']['KD T=4'].values()):.3f} "
+            f"(uniform T=1 tail {min(r['cosines']['KD T=4 (T=1 tail)'].values()):.3f}); DIST {min(r['cosines']['DIST tau=1'].values()):.4f}",
+        )
 
 
 class Report:
@@ -526,12 +672,19 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Object at .* is not recognized")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, zarr {zarr.__version__}, "
-          f"threads {torch.get_num_threads()}, cpus {cpus}, load average {os.getloadavg()[0]:.2f}")
-    print(f"setup: synthetic store {args.samples} samples x {args.views} views, block {args.block}, {args.classes} classes, "
-          f"features {args.dim}; real teacher {args.teacher} (random init) at {args.teacher_size} px over {args.write_samples} "
-          f"samples in units of {args.write_block}; batch {args.batch_size}; repeats {args.repeats}; product codecs: "
-          + ", ".join(f"{d}: {compressor(d).cname.value}{compressor(d).clevel}-{compressor(d).shuffle.value}" for d in ("float16", "int16", "float32")))
+    print(
+        f"environment: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, zarr {zarr.__version__}, "
+        f"threads {torch.get_num_threads()}, cpus {cpus}, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"setup: synthetic store {args.samples} samples x {args.views} views, block {args.block}, {args.classes} classes, "
+        f"features {args.dim}; real teacher {args.teacher} (random init) at {args.teacher_size} px over {args.write_samples} "
+        f"samples in units of {args.write_block}; batch {args.batch_size}; repeats {args.repeats}; product codecs: "
+        + ", ".join(
+            f"{d}: {compressor(d).cname.value}{compressor(d).clevel}-{compressor(d).shuffle.value}"
+            for d in ("float16", "int16", "float32")
+        )
+    )
     report = Report()
     if args.fidelity_only or args.read_only:
         with tempfile.TemporaryDirectory(prefix="store_bench_") as tmp:
@@ -548,8 +701,10 @@ def main():
         t0 = time.perf_counter()
         store, syn = write_synthetic_store(tmp / "syn", args)
         s = syn["stats"]
-        print(f"synthetic teacher: top-1 probability median {s['top1']:.2f}, top-10 mass median {s['top10']:.3f}, "
-              f"top-1 accuracy {s['acc']:.2f} (written in {time.perf_counter() - t0:.1f} s)")
+        print(
+            f"synthetic teacher: top-1 probability median {s['top1']:.2f}, top-10 mass median {s['top10']:.3f}, "
+            f"top-1 accuracy {s['acc']:.2f} (written in {time.perf_counter() - t0:.1f} s)"
+        )
 
         # -- write: real random-init teacher, extract() into a product store ---------------------
         data = open_dataset(f"fake:{args.write_samples}?size={args.teacher_size}&classes={args.classes}")
@@ -571,11 +726,24 @@ def main():
         renderer = ViewRenderer(data, plan, (args.teacher_size,), args.teacher_size)
         for b in range(layout.num_blocks):
             ids = source.ids(b)
-            table = with_partner_params({**source.params(0, b), "id": ids, "view": np.zeros(len(ids), int),
-                                         "label": data.labels[ids], "unit": np.full(len(ids), b), "check": np.ones(len(ids), bool),
-                                         "row": np.arange(len(ids))}, names)  # "row": the commit's block order (stages.extract)
-            prerendered.append([(bt, r["views"][0], r["fingerprint"].numpy().astype(np.uint32))
-                                for bt, r in render_batches(renderer, even_batches(table, args.batch_size), names, 0, "check")])
+            table = with_partner_params(
+                {
+                    **source.params(0, b),
+                    "id": ids,
+                    "view": np.zeros(len(ids), int),
+                    "label": data.labels[ids],
+                    "unit": np.full(len(ids), b),
+                    "check": np.ones(len(ids), bool),
+                    "row": np.arange(len(ids)),
+                },
+                names,
+            )  # "row": the commit's block order (stages.extract)
+            prerendered.append(
+                [
+                    (bt, r["views"][0], r["fingerprint"].numpy().astype(np.uint32))
+                    for bt, r in render_batches(renderer, even_batches(table, args.batch_size), names, 0, "check")
+                ]
+            )
 
         def bare_forward():
             for unit in prerendered:
@@ -586,7 +754,9 @@ def main():
 
         def fresh_store():
             """A new store and teacher group, made outside the timed region (a real run makes them once)."""
-            st = open_store(tmp / f"w{next(counter)}", data, plan, views=1, block=args.write_block, size=args.teacher_size)
+            st = open_store(
+                tmp / f"w{next(counter)}", data, plan, views=1, block=args.write_block, size=args.teacher_size
+            )
             return st, open_teacher(st, "real", info, data.num_classes, 1), StoredViews(st, plan, 1)
 
         def forward_and_store(st, group, src, overlap):
@@ -607,7 +777,9 @@ def main():
         def render_and_forward():
             for b in range(layout.num_blocks):
                 ids = source.ids(b)
-                table = with_partner_params({**plan.draw(0, ids, data.sizes()[ids]), "id": ids, "check": np.ones(len(ids), bool)}, names)
+                table = with_partner_params(
+                    {**plan.draw(0, ids, data.sizes()[ids]), "id": ids, "check": np.ones(len(ids), bool)}, names
+                )
                 for _, r in render_batches(renderer, even_batches(table, args.batch_size), names, 0, "check"):
                     teacher(normalize(r["views"][0], teacher.mean, teacher.std))
 
@@ -638,32 +810,67 @@ def main():
         print("\nbytes per view, product store (raw -> stored, x compression):")
         for label, d in (("syn", per), ("real", per_real)):
             print("  " + ", ".join(f"{k} {r:.1f}->{s:.2f} ({r / s:.2f}x)" for k, (r, s) in d.items()))
-        for label, d, note in (("syn", per, "synthetic strong-teacher logits, ImageNet-like crops"),
-                               ("real", per_real, f"random-init {args.teacher}, fake {args.teacher_size} px images")):
+        for label, d, note in (
+            ("syn", per, "synthetic strong-teacher logits, ImageNet-like crops"),
+            ("real", per_real, f"random-init {args.teacher}, fake {args.teacher_size} px images"),
+        ):
             logit_b = sum(d[f"{label}/{n}"][1] for n in teacher_names)
             plan_b = sum(d[f"plan/{n}"][1] for n in PLAN_ARRAYS)
-            report.add(f"bytes/view: top-10 + lse + tail + target + plan ({label})", f"{logit_b + plan_b:.1f} B", "<= 64 B",
-                       logit_b + plan_b <= 64, f"logits {logit_b:.1f} + plan {plan_b:.1f}; {note}")
+            report.add(
+                f"bytes/view: top-10 + lse + tail + target + plan ({label})",
+                f"{logit_b + plan_b:.1f} B",
+                "<= 64 B",
+                logit_b + plan_b <= 64,
+                f"logits {logit_b:.1f} + plan {plan_b:.1f}; {note}",
+            )
         over = (store.path / "syn" / "commits").size() + (store.path / "plan" / "commits").size()
-        report.add("  (+ commit records, not counted above)", f"{over / (args.views * args.samples):.2f} B", note="per view, syn store")
+        report.add(
+            "  (+ commit records, not counted above)",
+            f"{over / (args.views * args.samples):.2f} B",
+            note="per view, syn store",
+        )
         fd = per["syn/features"]
-        report.add(f"bytes/dim: features float16 (syn, D={args.dim})", f"{fd[1] / args.dim:.3f} B", "<= 2 B", fd[1] / args.dim <= 2,
-                   f"{fd[0] / fd[1]:.2f}x" + (f"; cosine min {syn['fidelity']['syn']['min']:.6f}" if "syn" in syn["fidelity"] else ""))
+        report.add(
+            f"bytes/dim: features float16 (syn, D={args.dim})",
+            f"{fd[1] / args.dim:.3f} B",
+            "<= 2 B",
+            fd[1] / args.dim <= 2,
+            f"{fd[0] / fd[1]:.2f}x"
+            + (f"; cosine min {syn['fidelity']['syn']['min']:.6f}" if "syn" in syn["fidelity"] else ""),
+        )
         fr = per_real["real/features"]
-        report.add(f"bytes/dim: features float16 (real, D={teacher.feature_dim})", f"{fr[1] / teacher.feature_dim:.3f} B", "<= 2 B",
-                   fr[1] / teacher.feature_dim <= 2, f"{fr[0] / fr[1]:.2f}x")
+        report.add(
+            f"bytes/dim: features float16 (real, D={teacher.feature_dim})",
+            f"{fr[1] / teacher.feature_dim:.3f} B",
+            "<= 2 B",
+            fr[1] / teacher.feature_dim <= 2,
+            f"{fr[0] / fr[1]:.2f}x",
+        )
         if has_int8() and "syn-int8" in store.teacher_ids():
             d8 = stored_per_view(store, {"syn-int8": ["features", "features_scale"]})
             b8 = sum(s for _, s in d8.values())
             fid = syn["fidelity"]["syn-int8"]
-            report.add(f"bytes/dim: features int8 + scale (syn, D={args.dim})", f"{b8 / args.dim:.3f} B", "<= 2 B", b8 / args.dim <= 2,
-                       f"cosine mean {fid['mean']:.6f}, min {fid['min']:.6f}")
+            report.add(
+                f"bytes/dim: features int8 + scale (syn, D={args.dim})",
+                f"{b8 / args.dim:.3f} B",
+                "<= 2 B",
+                b8 / args.dim <= 2,
+                f"cosine mean {fid['mean']:.6f}, min {fid['min']:.6f}",
+            )
         else:
-            report.add("bytes/dim: features int8 (SKIPPED)", "-", "<= 2 B", None, "teacher_rows.output_info(feature_dtype='int8') not available")
+            report.add(
+                "bytes/dim: features int8 (SKIPPED)",
+                "-",
+                "<= 2 B",
+                None,
+                "teacher_rows.output_info(feature_dtype='int8') not available",
+            )
 
         # -- codecs ---------------------------------------------------------------------------
         t1 = time.perf_counter()
-        rows = 2 * args.block  # two shards (or fewer where an array has fewer rows): enough for a ratio, quick to re-encode
+        rows = (
+            2 * args.block
+        )  # two shards (or fewer where an array has fewer rows): enough for a ratio, quick to re-encode
 
         def head(group, name):
             return group.array(name)[:1, :rows]
@@ -675,38 +882,73 @@ def main():
             arrays["syn-int8/features"] = head(store.teacher("syn-int8"), "features")
         codecs = codec_table(arrays, args.block)
         cols = list(next(iter(codecs.values())))
-        print(f"\ncodecs: stored bytes per view in the product layout (shard = 1 view x {args.block} rows, one inner chunk per shard "
-              f"up to {zarr_units.CHUNK_BYTES >> 20} MiB, 256-row chunks in the last column); * best; first {rows} rows of view 0 ({time.perf_counter() - t1:.1f} s)")
+        print(
+            f"\ncodecs: stored bytes per view in the product layout (shard = 1 view x {args.block} rows, one inner chunk per shard "
+            f"up to {zarr_units.CHUNK_BYTES >> 20} MiB, 256-row chunks in the last column); * best; first {rows} rows of view 0 ({time.perf_counter() - t1:.1f} s)"
+        )
         print(f"{'array':20s} {'raw':>5s} " + " ".join(f"{c[-11:]:>11s}" for c in cols))
         for name, row in codecs.items():
             best = min(v[0] for c, v in row.items() if c != "product 256-row chunks")
             raw = arrays[name][0, 0].nbytes
-            print(f"{name:20s} {raw:5.0f} " + " ".join(f"{v[0]:10.2f}{'*' if v[0] == best else ' '}" for v in row.values()))
+            print(
+                f"{name:20s} {raw:5.0f} "
+                + " ".join(f"{v[0]:10.2f}{'*' if v[0] == best else ' '}" for v in row.values())
+            )
         logit_plan = [f"syn/{n}" for n in teacher_names] + [f"plan/{n}" for n in PLAN_ARRAYS]
-        print(f"{'= syn logits + plan':20s} {'':5s} " + " ".join(f"{sum(codecs[n][c][0] for n in logit_plan):11.2f}" for c in cols))
-        print(f"{'enc krows/s topk_logp':20s} {'':5s} " + " ".join(f"{codecs['syn/topk_logp'][c][1] / 1e3:11.0f}" for c in cols))
-        print(f"{'enc krows/s features':20s} {'':5s} " + " ".join(f"{codecs['syn/features'][c][1] / 1e3:11.1f}" for c in cols))
+        print(
+            f"{'= syn logits + plan':20s} {'':5s} "
+            + " ".join(f"{sum(codecs[n][c][0] for n in logit_plan):11.2f}" for c in cols)
+        )
+        print(
+            f"{'enc krows/s topk_logp':20s} {'':5s} "
+            + " ".join(f"{codecs['syn/topk_logp'][c][1] / 1e3:11.0f}" for c in cols)
+        )
+        print(
+            f"{'enc krows/s features':20s} {'':5s} "
+            + " ".join(f"{codecs['syn/features'][c][1] / 1e3:11.1f}" for c in cols)
+        )
         print(f"(column names: {', '.join(cols)})")
 
         # -- reading --------------------------------------------------------------------------
         r_zarr = read_section(report, tmp, store, syn["labels"], args)
         tiny = student_rate("resnet10t", {"channels": [8, 16, 32, 64]}, 32, args.classes, args.batch_size, args.repeats)
         r18 = student_rate("resnet18", {}, 64, args.classes, args.batch_size, args.repeats)
-        report.add("student views/s: resnet10t 8-16-32-64 @32 px", f"{tiny:,.0f}", note="fwd + KD + bwd + AdamW, pre-rendered")
+        report.add(
+            "student views/s: resnet10t 8-16-32-64 @32 px", f"{tiny:,.0f}", note="fwd + KD + bwd + AdamW, pre-rendered"
+        )
         report.add("student views/s: resnet18 @64 px", f"{r18:,.0f}")
         report.add("reader / resnet10t-tiny student", f"{r_zarr / tiny:.1f}x", ">= 10x", r_zarr / tiny >= 10)
         report.add("reader / resnet18@64 student", f"{r_zarr / r18:.1f}x", ">= 10x", r_zarr / r18 >= 10)
 
         # -- writing --------------------------------------------------------------------------
-        report.add("teacher forward alone, views/s", f"{nviews / med['bare']:,.0f}", note=f"{args.teacher} @{args.teacher_size} px, pre-rendered")
-        report.add("store alone (write + commit), views/s", f"{nviews / t_store_only:,.0f}", note="the ceiling one writer sustains")
+        report.add(
+            "teacher forward alone, views/s",
+            f"{nviews / med['bare']:,.0f}",
+            note=f"{args.teacher} @{args.teacher_size} px, pre-rendered",
+        )
+        report.add(
+            "store alone (write + commit), views/s",
+            f"{nviews / t_store_only:,.0f}",
+            note="the ceiling one writer sustains",
+        )
         for kind, label in (("store", "inline"), ("store+thread", "writer thread, as extract()")):
             ratio = med["bare"] / med[kind]
-            report.add(f"write: forward+store / forward ({label})", f"{ratio:.3f}x", ">= 0.9x", ratio >= 0.9,
-                       f"{nviews / med[kind]:,.0f} views/s; per round: " + " ".join(f"{a / b:.2f}" for a, b in zip(times["bare"], times[kind])))
+            report.add(
+                f"write: forward+store / forward ({label})",
+                f"{ratio:.3f}x",
+                ">= 0.9x",
+                ratio >= 0.9,
+                f"{nviews / med[kind]:,.0f} views/s; per round: "
+                + " ".join(f"{a / b:.2f}" for a, b in zip(times["bare"], times[kind])),
+            )
         ratio_e = med["render+bare"] / med["extract"]
-        report.add("write: extract() / render + forward", f"{ratio_e:.3f}x", ">= 0.9x", ratio_e >= 0.9,
-                   f"end to end, workers 0; extract {nviews / med['extract']:,.0f} views/s")
+        report.add(
+            "write: extract() / render + forward",
+            f"{ratio_e:.3f}x",
+            ">= 0.9x",
+            ratio_e >= 0.9,
+            f"end to end, workers 0; extract {nviews / med['extract']:,.0f} views/s",
+        )
     report.print()
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 

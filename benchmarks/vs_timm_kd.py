@@ -83,7 +83,11 @@ SPREAD = (1, 3, 10)  # runs over which one extraction's cost is spread
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny settings everywhere (over the size, model, round and seed flags), about a minute: a smoke test")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings everywhere (over the size, model, round and seed flags), about a minute: a smoke test",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default: 1, see the docstring)")
     p.add_argument("--workers", type=int, default=1, help="loader processes on both sides (default: 1)")
     speed = p.add_argument_group("speed (JPEG folder, VanillaKD A2 views)")
@@ -93,27 +97,55 @@ def parse_args():
     speed.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     speed.add_argument("--teacher", default="resnet101", help="timm teacher, random init (default: resnet101)")
     speed.add_argument("--student", default="resnet18", help="timm student (default: resnet18)")
-    speed.add_argument("--student-arg", action="append", default=None, metavar="KEY=VALUE",
-                       help="timm.create_model argument of the student, YAML value (repeatable; default: channels=[16,32,64,128])")
+    speed.add_argument(
+        "--student-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="timm.create_model argument of the student, YAML value (repeatable; default: channels=[16,32,64,128])",
+    )
     speed.add_argument("--views", type=int, default=1, help="views extracted per image: one epoch's worth (default: 1)")
     speed.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a) to (d) (default: 3)")
-    speed.add_argument("--cost-runs", type=int, default=3, help="timed batches per round for the cost ratio (default: 3)")
+    speed.add_argument(
+        "--cost-runs", type=int, default=3, help="timed batches per round for the cost ratio (default: 3)"
+    )
     acc = p.add_argument_group("accuracy (digits)")
-    acc.add_argument("--digits-teacher", default="resnet18", help="timm teacher fitted by pipeline train (default: resnet18)")
+    acc.add_argument(
+        "--digits-teacher", default="resnet18", help="timm teacher fitted by pipeline train (default: resnet18)"
+    )
     acc.add_argument("--digits-teacher-epochs", type=int, default=8, help="its epochs (default: 8)")
     acc.add_argument("--digits-student", default="resnet10t", help="timm student (default: resnet10t)")
-    acc.add_argument("--digits-student-arg", action="append", default=None, metavar="KEY=VALUE",
-                     help="its timm.create_model argument (repeatable; default: channels=[8,16,32,64], the demo's)")
-    acc.add_argument("--digits-epochs", type=int, default=6, help="student epochs; the store holds one view per epoch (default: 6)")
+    acc.add_argument(
+        "--digits-student-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="its timm.create_model argument (repeatable; default: channels=[8,16,32,64], the demo's)",
+    )
+    acc.add_argument(
+        "--digits-epochs", type=int, default=6, help="student epochs; the store holds one view per epoch (default: 6)"
+    )
     acc.add_argument("--digits-batch-size", type=int, default=128, help="(default: 128, the demo's)")
-    acc.add_argument("--digits-lr", type=float, default=0.004, help="AdamW peak rate, cosine to 0 per step (default: 0.004, the demo's)")
+    acc.add_argument(
+        "--digits-lr",
+        type=float,
+        default=0.004,
+        help="AdamW peak rate, cosine to 0 per step (default: 0.004, the demo's)",
+    )
     acc.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: 4, the demo's)")
     acc.add_argument("--seeds", type=int, default=3, help="student seeds per side (default: 3)")
     args = p.parse_args()
     if args.seeds < 2:
         p.error("--seeds must be at least 2: the comparison needs a standard deviation")
     if args.quick:
-        args.images, args.size, args.batch_size, args.teacher, args.rounds, args.cost_runs = 48, 64, 16, "resnet50", 1, 1
+        args.images, args.size, args.batch_size, args.teacher, args.rounds, args.cost_runs = (
+            48,
+            64,
+            16,
+            "resnet50",
+            1,
+            1,
+        )
         args.digits_teacher, args.digits_teacher_epochs, args.digits_epochs, args.seeds = "resnet10t", 1, 1, 2
     args.student_arg = args.student_arg or ["channels=[16,32,64,128]"]
     args.digits_student_arg = args.digits_student_arg or ["channels=[8,16,32,64]"]
@@ -159,14 +191,28 @@ def timm_epochs(task, loader, optimizer, scheduler, epochs: int, mixup=None) -> 
 
 def timm_schedule(optimizer, epochs: int, warmup_epochs: float, steps: int):
     # Per step, as train.py with --sched-on-updates and as the product's cosine; decays to 0 as the product's does.
-    return create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=warmup_epochs, min_lr=0.0,
-                               step_on_epochs=False, updates_per_epoch=steps)[0]
+    return create_scheduler_v2(
+        optimizer,
+        "cosine",
+        num_epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        min_lr=0.0,
+        step_on_epochs=False,
+        updates_per_epoch=steps,
+    )[0]
 
 
 def batches(dataset, batch_size: int, workers: int, seed: int):
     """timm's training DataLoader as ``loader.timm_epoch`` builds it: shuffled, last partial batch dropped."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                                       generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if workers else None,
+    )
 
 
 # -- speed -------------------------------------------------------------------------------------
@@ -193,14 +239,34 @@ def timm_kd_epoch(folder: Path, recipe: dict, args, seed: int) -> float:
     """(a): one epoch of timm's LogitDistillationTask, teacher online, fed as train.py feeds it."""
     views, kd = recipe["views"], recipe["method_args"]
     torch.manual_seed(seed)
-    student = timm.create_model(args.student, num_classes=args.classes, drop_path_rate=recipe["drop_path"], **model_kwargs(args.student_arg))
+    student = timm.create_model(
+        args.student, num_classes=args.classes, drop_path_rate=recipe["drop_path"], **model_kwargs(args.student_arg)
+    )
     teacher = timm.create_model(args.teacher, num_classes=args.classes)
-    task = LogitDistillationTask(student, teacher, criterion_kwargs={"loss_type": kd["hard_loss"], "soft_targets": True},
-                                 distill_loss_weight=kd["kd_weight"], task_loss_weight=kd["ce_weight"], temperature=kd["temperature"], verbose=False)
-    transform = create_transform(args.size, is_training=True, scale=tuple(views["scale"]), hflip=views["hflip"], auto_augment=views["randaugment"])
+    task = LogitDistillationTask(
+        student,
+        teacher,
+        criterion_kwargs={"loss_type": kd["hard_loss"], "soft_targets": True},
+        distill_loss_weight=kd["kd_weight"],
+        task_loss_weight=kd["ce_weight"],
+        temperature=kd["temperature"],
+        verbose=False,
+    )
+    transform = create_transform(
+        args.size,
+        is_training=True,
+        scale=tuple(views["scale"]),
+        hflip=views["hflip"],
+        auto_augment=views["randaugment"],
+    )
     loader = batches(ImageDataset(str(folder), transform=transform), args.batch_size, args.workers, seed)
     # timm's Mixup smooths labels by 0.1 unless told otherwise; the recipe has no smoothing.
-    mixup = Mixup(mixup_alpha=views["mixup_alpha"], cutmix_alpha=views["cutmix_alpha"], label_smoothing=recipe["label_smoothing"], num_classes=args.classes)
+    mixup = Mixup(
+        mixup_alpha=views["mixup_alpha"],
+        cutmix_alpha=views["cutmix_alpha"],
+        label_smoothing=recipe["label_smoothing"],
+        num_classes=args.classes,
+    )
     optimizer = create_optimizer_v2(student, recipe["optimizer"], lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     scheduler = timm_schedule(optimizer, 1, recipe["warmup_epochs"], len(loader))
     return timm_epochs(task, loader, optimizer, scheduler, 1, mixup)[0]
@@ -210,23 +276,85 @@ def speed(args, tmp: Path) -> None:
     folder = make_jpegs(tmp / "jpegs", args.images, args.classes)
     recipe = yaml.safe_load(Path(RECIPE).read_text())
     student_flags = [f for pair in args.student_arg for f in ("--student-arg", pair)]
-    common = ["--config", RECIPE, "--epochs", 1, "--batch-size", args.batch_size, "--repeats", 1, "--workers", args.workers, "--threads", args.threads]
+    common = [
+        "--config",
+        RECIPE,
+        "--epochs",
+        1,
+        "--batch-size",
+        args.batch_size,
+        "--repeats",
+        1,
+        "--workers",
+        args.workers,
+        "--threads",
+        args.threads,
+    ]
     store = tmp / "store"
-    print(f"\n## Speed: {args.images} JPEGs 500x375 in {args.classes} folders, views {args.size} px, batch {args.batch_size}, "
-          f"teacher {args.teacher} (random init), student {args.student} {' '.join(args.student_arg)}, {RECIPE} views "
-          f"(repeats 1), {args.workers} loader worker(s), {args.rounds} round(s)\n", flush=True)
+    print(
+        f"\n## Speed: {args.images} JPEGs 500x375 in {args.classes} folders, views {args.size} px, batch {args.batch_size}, "
+        f"teacher {args.teacher} (random init), student {args.student} {' '.join(args.student_arg)}, {RECIPE} views "
+        f"(repeats 1), {args.workers} loader worker(s), {args.rounds} round(s)\n",
+        flush=True,
+    )
 
     start = time.perf_counter()
-    run_pipeline("extract", "--data", f"folder:{folder}", "--teacher", args.teacher, "--random-init", "--views", args.views, "--config", RECIPE,
-                 "--size", args.size, "--batch-size", args.batch_size, "--workers", args.workers, "--threads", args.threads, "--store", store)
-    extract_s = time.perf_counter() - start  # the whole command but for imports: teacher built, views rendered, store written
+    run_pipeline(
+        "extract",
+        "--data",
+        f"folder:{folder}",
+        "--teacher",
+        args.teacher,
+        "--random-init",
+        "--views",
+        args.views,
+        "--config",
+        RECIPE,
+        "--size",
+        args.size,
+        "--batch-size",
+        args.batch_size,
+        "--workers",
+        args.workers,
+        "--threads",
+        args.threads,
+        "--store",
+        store,
+    )
+    extract_s = (
+        time.perf_counter() - start
+    )  # the whole command but for imports: teacher built, views rendered, store written
     print(f"extract: {args.views} view(s) x {args.images} images in {extract_s:.1f} s", flush=True)
 
     runs = {
-        "b": ("train", "--data", f"folder:{folder}", "--model", args.student, *[f.replace("--student-arg", "--model-arg") for f in student_flags],
-              "--method", "ce", "--size", args.size, *common),
-        "c": ("distill", "--from-cache", store, "--online", "--teacher", args.teacher, "--random-init", "--student", args.student, *student_flags,
-              "--method", "kd", *common),
+        "b": (
+            "train",
+            "--data",
+            f"folder:{folder}",
+            "--model",
+            args.student,
+            *[f.replace("--student-arg", "--model-arg") for f in student_flags],
+            "--method",
+            "ce",
+            "--size",
+            args.size,
+            *common,
+        ),
+        "c": (
+            "distill",
+            "--from-cache",
+            store,
+            "--online",
+            "--teacher",
+            args.teacher,
+            "--random-init",
+            "--student",
+            args.student,
+            *student_flags,
+            "--method",
+            "kd",
+            *common,
+        ),
         "d": ("distill", "--from-cache", store, "--student", args.student, *student_flags, "--method", "kd", *common),
     }
     teacher = timm.create_model(args.teacher, num_classes=args.classes).eval()
@@ -240,7 +368,11 @@ def speed(args, tmp: Path) -> None:
             out = tmp / f"{name}{r}"
             run_pipeline(*argv, "--seed", r, "--out", out)
             seconds[name].append(metrics(out)[0]["seconds"])
-        print(f"  round {r + 1}/{args.rounds}: R {ratios[-1]:.1f}, " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: R {ratios[-1]:.1f}, "
+            + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()),
+            flush=True,
+        )
 
     views_per_epoch = args.images // args.batch_size * args.batch_size  # every run drops its last partial batch
     med = {k: statistics.median(v) for k, v in seconds.items()}
@@ -253,7 +385,10 @@ def speed(args, tmp: Path) -> None:
         ("(b) pipeline train, student alone (ce)", med["b"], vs_a("b")),
         ("(c) pipeline distill --online", med["c"], vs_a("c")),
         ("(d) pipeline distill --from-cache", med["d"], vs_a("d")),
-    ] + [(f"(d) + extraction / {n} run{'s' * (n > 1)}", med["d"] + extract_s / n, (med["d"] + extract_s / n) / med["a"]) for n in SPREAD]
+    ] + [
+        (f"(d) + extraction / {n} run{'s' * (n > 1)}", med["d"] + extract_s / n, (med["d"] + extract_s / n) / med["a"])
+        for n in SPREAD
+    ]
     print("\n| run | epoch s | epoch / (a) | views/s | views/s / (a) |\n|---|---|---|---|---|")
     for name, s, ratio in rows:
         print(f"| {name} | {s:.2f} | {ratio:.2f}x | {views_per_epoch / s:.1f} | {1 / ratio:.2f}x |")
@@ -261,13 +396,20 @@ def speed(args, tmp: Path) -> None:
     R = statistics.median(ratios)
     d_b = statistics.median([d / b for d, b in zip(seconds["d"], seconds["b"])])
     c_a, a_d = vs_a("c"), 1 / vs_a("d")
-    print(f"\nteacher-to-student step cost ratio R = {R:.2f} (teacher {args.teacher} forward / student forward+backward, batch {args.batch_size}; "
-          f"per round {', '.join(f'{x:.2f}' for x in ratios)}); extraction {extract_s:.1f} s = {extract_s / med['a']:.2f} timm epochs")
+    print(
+        f"\nteacher-to-student step cost ratio R = {R:.2f} (teacher {args.teacher} forward / student forward+backward, batch {args.batch_size}; "
+        f"per round {', '.join(f'{x:.2f}' for x in ratios)}); extraction {extract_s:.1f} s = {extract_s / med['a']:.2f} timm epochs"
+    )
     print("\n| target | measured | |\n|---|---|---|")
     for text, value, bound, met in (
         ("d/b <= 1.1 (cache vs. student alone)", d_b, "", d_b <= 1.1),
         ("c/a <= 1.1 (online vs. timm online)", c_a, "", c_a <= 1.1),
-        (f"a/d >= 0.9 R = {0.9 * R:.2f} (cache speed-up vs. timm online)", a_d, f" (1 + R = {1 + R:.2f} if the loader cost nothing)", a_d >= 0.9 * R),
+        (
+            f"a/d >= 0.9 R = {0.9 * R:.2f} (cache speed-up vs. timm online)",
+            a_d,
+            f" (1 + R = {1 + R:.2f} if the loader cost nothing)",
+            a_d >= 0.9 * R,
+        ),
     ):
         print(f"| {text} | {value:.2f}{bound} | {'met' if met else 'NOT met'} |")
 
@@ -305,29 +447,79 @@ def timm_digits_student(args, teacher_dir: Path, seed: int) -> tuple[torch.nn.Mo
     torch.manual_seed(seed)
     student = timm.create_model(args.digits_student, num_classes=10, **model_kwargs(args.digits_student_arg))
     teacher = timm.create_model(f"local-dir:{teacher_dir}", pretrained=True)
-    task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), temperature=args.temperature, verbose=False)
+    task = LogitDistillationTask(
+        student, teacher, criterion=torch.nn.CrossEntropyLoss(), temperature=args.temperature, verbose=False
+    )
     cfg = student.pretrained_cfg
     # The product's digits views: crop of 35-100 % of the area, bilinear, no flip; no colour jitter (timm's default adds it).
-    transform = create_transform(32, is_training=True, scale=(0.35, 1.0), hflip=0.0, color_jitter=None, mean=cfg["mean"], std=cfg["std"])
+    transform = create_transform(
+        32, is_training=True, scale=(0.35, 1.0), hflip=0.0, color_jitter=None, mean=cfg["mean"], std=cfg["std"]
+    )
     loader = batches(Digits("train", transform), args.digits_batch_size, args.workers, seed)
-    optimizer = create_optimizer_v2(student, "adamw", lr=args.digits_lr, weight_decay=0.05)  # the product's default decay
-    seconds = timm_epochs(task, loader, optimizer, timm_schedule(optimizer, args.digits_epochs, 0, len(loader)), args.digits_epochs)
+    optimizer = create_optimizer_v2(
+        student, "adamw", lr=args.digits_lr, weight_decay=0.05
+    )  # the product's default decay
+    seconds = timm_epochs(
+        task, loader, optimizer, timm_schedule(optimizer, args.digits_epochs, 0, len(loader)), args.digits_epochs
+    )
     return student, statistics.median(seconds)
 
 
 def accuracy(args, tmp: Path) -> None:
     student_flags = [f for pair in args.digits_student_arg for f in ("--student-arg", pair)]
-    print(f"\n## Accuracy on digits: teacher {args.digits_teacher} ({args.digits_teacher_epochs} epochs), student {args.digits_student} "
-          f"{' '.join(args.digits_student_arg)}, KD T = {args.temperature}, {args.digits_epochs} epochs, batch {args.digits_batch_size}, "
-          f"AdamW {args.digits_lr} cosine, {args.seeds} seeds\n", flush=True)
+    print(
+        f"\n## Accuracy on digits: teacher {args.digits_teacher} ({args.digits_teacher_epochs} epochs), student {args.digits_student} "
+        f"{' '.join(args.digits_student_arg)}, KD T = {args.temperature}, {args.digits_epochs} epochs, batch {args.digits_batch_size}, "
+        f"AdamW {args.digits_lr} cosine, {args.seeds} seeds\n",
+        flush=True,
+    )
     teacher_dir, store = tmp / "digits-teacher", tmp / "digits-store"
     # The demo's teacher: rate 0.002, its digits views.
-    run_pipeline("train", "--data", "digits", "--model", args.digits_teacher, "--epochs", args.digits_teacher_epochs, "--size", 32, "--lr", 0.002,
-                 *DIGITS_VIEWS, "--workers", args.workers, "--threads", args.threads, "--out", teacher_dir)
-    run_pipeline("extract", "--data", "digits", "--teacher", args.digits_teacher, "--weights", teacher_dir / "model.safetensors",
-                 "--views", args.digits_epochs, *DIGITS_VIEWS, "--workers", args.workers, "--threads", args.threads, "--store", store)
-    val = Digits("val", create_transform(32, is_training=False, crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
-    print(f"teacher val top-1 {top1(timm.create_model(f'local-dir:{teacher_dir}', pretrained=True), val):.4f}", flush=True)
+    run_pipeline(
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        args.digits_teacher,
+        "--epochs",
+        args.digits_teacher_epochs,
+        "--size",
+        32,
+        "--lr",
+        0.002,
+        *DIGITS_VIEWS,
+        "--workers",
+        args.workers,
+        "--threads",
+        args.threads,
+        "--out",
+        teacher_dir,
+    )
+    run_pipeline(
+        "extract",
+        "--data",
+        "digits",
+        "--teacher",
+        args.digits_teacher,
+        "--weights",
+        teacher_dir / "model.safetensors",
+        "--views",
+        args.digits_epochs,
+        *DIGITS_VIEWS,
+        "--workers",
+        args.workers,
+        "--threads",
+        args.threads,
+        "--store",
+        store,
+    )
+    val = Digits(
+        "val",
+        create_transform(32, is_training=False, crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    )
+    print(
+        f"teacher val top-1 {top1(timm.create_model(f'local-dir:{teacher_dir}', pretrained=True), val):.4f}", flush=True
+    )
 
     results = {"timm": [], "cache": []}
     seconds = {"timm": [], "cache": []}
@@ -337,21 +529,51 @@ def accuracy(args, tmp: Path) -> None:
         results["timm"].append(top1(student, val))
         seconds["timm"].append(s)
         out = tmp / f"digits-cache{seed}"
-        run_pipeline("distill", "--from-cache", store, "--student", args.digits_student, *student_flags, "--method", "kd",
-                     "--method-arg", f"temperature={args.temperature}", "--epochs", args.digits_epochs, "--batch-size", args.digits_batch_size,
-                     "--lr", args.digits_lr, "--seed", seed, "--workers", args.workers, "--threads", args.threads, "--out", out)
+        run_pipeline(
+            "distill",
+            "--from-cache",
+            store,
+            "--student",
+            args.digits_student,
+            *student_flags,
+            "--method",
+            "kd",
+            "--method-arg",
+            f"temperature={args.temperature}",
+            "--epochs",
+            args.digits_epochs,
+            "--batch-size",
+            args.digits_batch_size,
+            "--lr",
+            args.digits_lr,
+            "--seed",
+            seed,
+            "--workers",
+            args.workers,
+            "--threads",
+            args.threads,
+            "--out",
+            out,
+        )
         results["cache"].append(top1(timm.create_model(f"local-dir:{out}", pretrained=True), val))
         seconds["cache"].append(statistics.median(m["seconds"] for m in metrics(out)))
         own.append(metrics(out)[-1]["val_top1"])
-        print(f"  seed {seed}: timm {results['timm'][-1]:.4f}, cache {results['cache'][-1]:.4f} (its own val_top1 {own[-1]:.4f})", flush=True)
+        print(
+            f"  seed {seed}: timm {results['timm'][-1]:.4f}, cache {results['cache'][-1]:.4f} (its own val_top1 {own[-1]:.4f})",
+            flush=True,
+        )
 
     names = {"timm": "timm LogitDistillationTask, teacher online", "cache": "pipeline distill --from-cache"}
     print("\n| side | val top-1 per seed | mean | std | epoch s |\n|---|---|---|---|---|")
     for side, accs in results.items():
-        print(f"| {names[side]} | {', '.join(f'{a:.4f}' for a in accs)} | {statistics.mean(accs):.4f} | {statistics.stdev(accs):.4f} | {statistics.median(seconds[side]):.2f} |")
+        print(
+            f"| {names[side]} | {', '.join(f'{a:.4f}' for a in accs)} | {statistics.mean(accs):.4f} | {statistics.stdev(accs):.4f} | {statistics.median(seconds[side]):.2f} |"
+        )
     gap = abs(statistics.mean(results["timm"]) - statistics.mean(results["cache"]))
     spread = max(statistics.stdev(a) for a in results.values())
-    print(f"\nmeans differ by {gap:.4f}, the larger std is {spread:.4f}: equal within one standard deviation: {'yes' if gap <= spread else 'NO'}")
+    print(
+        f"\nmeans differ by {gap:.4f}, the larger std is {spread:.4f}: equal within one standard deviation: {'yes' if gap <= spread else 'NO'}"
+    )
     if max(abs(a - b) for a, b in zip(results["cache"], own)) > 1e-9:
         print(f"note: the product's own val_top1 ({', '.join(f'{a:.4f}' for a in own)}) differs from this evaluation")
 
@@ -360,8 +582,11 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"# vs_timm_kd: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, "
-          f"cpus {cpus} (os.cpu_count {os.cpu_count()}), load average {os.getloadavg()[0]:.2f}{', --quick' if args.quick else ''}", flush=True)
+    print(
+        f"# vs_timm_kd: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, "
+        f"cpus {cpus} (os.cpu_count {os.cpu_count()}), load average {os.getloadavg()[0]:.2f}{', --quick' if args.quick else ''}",
+        flush=True,
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs_timm_kd_") as tmp:
         speed(args, Path(tmp))

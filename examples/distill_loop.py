@@ -42,8 +42,14 @@ torch.manual_seed(0)  # every rank starts from the same student (DDP also broadc
 cache = open_cache(args.store)
 teacher = args.teacher or cache.teacher_ids[0]
 # The top-k logits a store keeps are rebuilt for the temperature the loss uses.
-loader = cache.loader(args.batch_size, teachers=[teacher], needs=["logits"], temperature=args.temperature,
-                      label_smoothing=0.1, workers=args.workers)
+loader = cache.loader(
+    args.batch_size,
+    teachers=[teacher],
+    needs=["logits"],
+    temperature=args.temperature,
+    label_smoothing=0.1,
+    workers=args.workers,
+)
 
 student = timm.create_model(args.student, pretrained=False, num_classes=cache.num_classes).to(device)
 mean, std = student.pretrained_cfg["mean"], student.pretrained_cfg["std"]
@@ -73,9 +79,11 @@ for epoch in range(args.epochs):
             dist.all_reduce(t)
     world = dist.get_world_size() if distributed else 1
     if rank == 0:
-        print(f"epoch {epoch + 1}: loss {loss_sum.item() / (len(loader) * world):.4f}, "
-              f"top-1 agreement with the teacher {agree.item() / (len(loader) * world):.3f} "
-              f"({len(loader)} steps of {args.batch_size} views on each of {world} rank(s))")
+        print(
+            f"epoch {epoch + 1}: loss {loss_sum.item() / (len(loader) * world):.4f}, "
+            f"top-1 agreement with the teacher {agree.item() / (len(loader) * world):.3f} "
+            f"({len(loader)} steps of {args.batch_size} views on each of {world} rank(s))"
+        )
 
 if rank == 0:
     torch.save({"model": student.state_dict(), "epoch": args.epochs, "loader": loader.state_dict()}, args.out)

@@ -38,16 +38,30 @@ torch.manual_seed(0)
 
 cache = open_cache(args.store)
 teacher = args.teacher or cache.teacher_ids[0]
-loader = cache.loader(args.batch_size, teachers=[teacher], needs=["logits"], temperature=args.temperature, workers=args.workers)
+loader = cache.loader(
+    args.batch_size, teachers=[teacher], needs=["logits"], temperature=args.temperature, workers=args.workers
+)
 
 student = timm.create_model(args.student, pretrained=False, num_classes=cache.num_classes)
 mean, std = student.pretrained_cfg["mean"], student.pretrained_cfg["std"]
 # Mixed views come with mixed target rows, so the label term is timm's soft-target cross-entropy, as with Mixup.
-task = CachedLogitDistillationTask(student, criterion=SoftTargetCrossEntropy(), task_loss_weight=0.5, temperature=args.temperature,
-                                   device=device, verbose=False).to(device)
+task = CachedLogitDistillationTask(
+    student,
+    criterion=SoftTargetCrossEntropy(),
+    task_loss_weight=0.5,
+    temperature=args.temperature,
+    device=device,
+    verbose=False,
+).to(device)
 optimizer = create_optimizer_v2(task.trainable_module, opt=args.opt, lr=args.lr, weight_decay=0.02)
-scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=1, step_on_epochs=False,
-                                        updates_per_epoch=len(loader))
+scheduler, epochs = create_scheduler_v2(
+    optimizer,
+    sched="cosine",
+    num_epochs=args.epochs,
+    warmup_epochs=1,
+    step_on_epochs=False,
+    updates_per_epoch=len(loader),
+)
 
 updates = 0
 for epoch in range(epochs):
@@ -65,8 +79,11 @@ for epoch in range(epochs):
         for k in sums:
             sums[k] += out[k].item()
     scheduler.step(epoch + 1)
-    print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v / len(loader):.4f}" for k, v in sums.items())
-          + f", lr {optimizer.param_groups[0]['lr']:.2e}")
+    print(
+        f"epoch {epoch + 1}: "
+        + ", ".join(f"{k} {v / len(loader):.4f}" for k, v in sums.items())
+        + f", lr {optimizer.param_groups[0]['lr']:.2e}"
+    )
 
 torch.save({"model": student.state_dict()}, args.out)
 print(f"saved {args.out}")

@@ -34,8 +34,16 @@ log = logging.getLogger("pipeline")
 
 # One builder per command, in the order `pipeline --help` lists them.
 PARSERS = (
-    add_demo_parser, add_prepare_parser, add_train_parser, add_extract_parser, add_verify_parser, add_inspect_parser, add_stats_parser,
-    add_distill_parser, add_sweep_parser, add_report_parser,
+    add_demo_parser,
+    add_prepare_parser,
+    add_train_parser,
+    add_extract_parser,
+    add_verify_parser,
+    add_inspect_parser,
+    add_stats_parser,
+    add_distill_parser,
+    add_sweep_parser,
+    add_report_parser,
 )
 
 
@@ -52,7 +60,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="pipeline", description="Distil students from cached teacher outputs.", allow_abbrev=False)
+    parser = OneLineParser(
+        prog="pipeline", description="Distil students from cached teacher outputs.", allow_abbrev=False
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: one line)")
     parser.add_argument("--quiet", action="store_true", help="log warnings only (default: progress and results)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -76,7 +86,9 @@ def _declared_types(p: argparse.ArgumentParser) -> None:
 def setup_logging(quiet: bool, debug: bool = False) -> None:
     # The root logger passes everything from INFO up, so run logs are complete;
     # only the console obeys --quiet.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True
+    )
     console = logging.getLogger().handlers[0]
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("timm", "ray", "urllib3", "filelock", "botocore", "aiobotocore", "s3fs", "fsspec"):
@@ -143,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
             raise
         where = f" ({e.filename})" if e.filename else ""
-        _last_line(f"error: {(e.strerror or os.strerror(e.errno)).lower()}{where}: free space or fix permissions; {_again(args)}")
+        _last_line(
+            f"error: {(e.strerror or os.strerror(e.errno)).lower()}{where}: free space or fix permissions; {_again(args)}"
+        )
         return 2
     log.info("done in %.1f s", time.perf_counter() - start)
     return 0

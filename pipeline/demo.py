@@ -55,21 +55,40 @@ log = logging.getLogger("pipeline")
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default: teacher, cache, scratch vs distilled students on digits")
-    p.add_argument("--out", help="where the teacher, store and students go; a second run reuses the teacher and store that still match "
-                   "(default: runs/demo, runs/demo-METHOD for another --method)")
-    p.add_argument("--seeds", type=int, help="student seeds of the partial-label rows; the full-label control uses one (default: 3, from configs/demo.yaml)")
-    p.add_argument("--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)")
-    p.add_argument("--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml; cospress 15, gpd 10)")
-    p.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 15)")
-    p.add_argument("--method", default="kd", help=f"distillation method of the distilled rows: {', '.join(m for m in list_methods() if m != 'ce')}, "
-                   "or several joined by + (kd+cospress: each part from its own teacher, alone and together) (default: kd)")
+    p.add_argument(
+        "--out",
+        help="where the teacher, store and students go; a second run reuses the teacher and store that still match "
+        "(default: runs/demo, runs/demo-METHOD for another --method)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help="student seeds of the partial-label rows; the full-label control uses one (default: 3, from configs/demo.yaml)",
+    )
+    p.add_argument(
+        "--label-fraction", type=float, help="labels the student may use (default: 0.2, from configs/demo.yaml)"
+    )
+    p.add_argument(
+        "--epochs", type=int, help="student epochs (default: 20, from configs/demo.yaml; cospress 15, gpd 10)"
+    )
+    p.add_argument(
+        "--teacher-epochs", type=int, help="teacher epochs (default: from configs/demo.yaml: 10; cospress's ViT 15)"
+    )
+    p.add_argument(
+        "--method",
+        default="kd",
+        help=f"distillation method of the distilled rows: {', '.join(m for m in list_methods() if m != 'ce')}, "
+        "or several joined by + (kd+cospress: each part from its own teacher, alone and together) (default: kd)",
+    )
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering views (default: 0)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> None:
     cfg = config.recipe("demo")
-    out = Path(args.out or ("runs/demo" if args.method == "kd" else f"runs/demo-{args.method}"))  # each variant its own teacher and store
+    out = Path(
+        args.out or ("runs/demo" if args.method == "kd" else f"runs/demo-{args.method}")
+    )  # each variant its own teacher and store
     seeds = list(range(args.seeds)) if args.seeds else cfg["seeds"]
     fraction = cfg["label_fraction"] if args.label_fraction is None else args.label_fraction
     size = cfg["size"]
@@ -77,19 +96,42 @@ def run_demo(args) -> None:
     recipe = build(ViewRecipe, cfg["views"], "configs/demo.yaml views")
     common = {"size": size, "workers": args.workers}
     demo = variant(cfg, args.method, {"epochs": args.epochs, **common}, {"epochs": args.teacher_epochs, **common})
-    config.save(out / "config.yaml", {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_runs": demo.teachers})
+    config.save(
+        out / "config.yaml",
+        {"command": "demo", "seeds": seeds, "label_fraction": fraction, **cfg, "teacher_runs": demo.teachers},
+    )
 
     fits = {tid: fitted_teacher(settings, data, val, recipe, out / tid) for tid, settings in demo.teachers.items()}
-    teachers = {tid: build_teacher(_teacher_name(s), weights=str(out / tid / "model.safetensors"), input_size=size) for tid, s in demo.teachers.items()}
-    store, extracted = cache_teachers(teachers, demo.outputs, data, recipe, cfg["cache"], size, out, demo.needs, args.workers)
+    teachers = {
+        tid: build_teacher(_teacher_name(s), weights=str(out / tid / "model.safetensors"), input_size=size)
+        for tid, s in demo.teachers.items()
+    }
+    store, extracted = cache_teachers(
+        teachers, demo.outputs, data, recipe, cfg["cache"], size, out, demo.needs, args.workers
+    )
 
     control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
-    runs = [(frac, name, seed) for frac, run_seeds in [(fraction, seeds), *control] for name in ("ce", *demo.rows) for seed in run_seeds]
-    jobs = [{"job": demo.job(str(store.path), name, seed=seed, label_fraction=frac).to_dict(), "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}")}
-            for frac, name, seed in runs]
+    runs = [
+        (frac, name, seed)
+        for frac, run_seeds in [(fraction, seeds), *control]
+        for name in ("ce", *demo.rows)
+        for seed in run_seeds
+    ]
+    jobs = [
+        {
+            "job": demo.job(str(store.path), name, seed=seed, label_fraction=frac).to_dict(),
+            "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
+        }
+        for frac, name, seed in runs
+    ]
     rows = student_runs(runs, jobs)
     labels = [f"{'scratch' if name == 'ce' else f'distilled ({name})'}, {frac:.0%} labels" for frac, name, _ in runs]
-    picture = plot_runs([job["out"] for job in jobs], out / "students.png", labels, title=f"digits: students from scratch and from the cache ({args.method})")
+    picture = plot_runs(
+        [job["out"] for job in jobs],
+        out / "students.png",
+        labels,
+        title=f"digits: students from scratch and from the cache ({args.method})",
+    )
     log.info("demo 3/4: curves of every student run -> %s", picture)
 
     log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
@@ -97,8 +139,19 @@ def run_demo(args) -> None:
     cache_s, online_s = time_epochs(timing, demo.online(timing, out))
 
     print_table(
-        data=data, val=val, size=size, teachers=teachers, fits=fits, student=demo.student, names=list(demo.rows), fraction=fraction,
-        rows=rows, extracted=extracted, cache_epoch_s=cache_s, online_epoch_s=online_s, out=out,
+        data=data,
+        val=val,
+        size=size,
+        teachers=teachers,
+        fits=fits,
+        student=demo.student,
+        names=list(demo.rows),
+        fraction=fraction,
+        rows=rows,
+        extracted=extracted,
+        cache_epoch_s=cache_s,
+        online_epoch_s=online_s,
+        out=out,
     )
 
 
@@ -127,12 +180,21 @@ class Variant:
     def online(self, job: DistillJob, out: Path) -> DistillJob:
         """``job`` with its teachers run live: a composite's parts name their models, their weight files in part order."""
         if not is_composite(job.train.method):
-            tid, = self.teachers
-            return dataclasses.replace(job, online=OnlineTeacher(_teacher_name(self.teachers[tid]), str(out / tid / "model.safetensors"), size=self.student["size"]))
+            (tid,) = self.teachers
+            return dataclasses.replace(
+                job,
+                online=OnlineTeacher(
+                    _teacher_name(self.teachers[tid]), str(out / tid / "model.safetensors"), size=self.student["size"]
+                ),
+            )
         parts = [p for p in parse_method(job.train.method) if p.teacher]
         method = "+".join(f"{p.method}@{_teacher_name(self.teachers[p.teacher])}" for p in parts)
         files = ",".join(dict.fromkeys(str(out / p.teacher / "model.safetensors") for p in parts))
-        return dataclasses.replace(job, train=dataclasses.replace(job.train, method=method), online=OnlineTeacher(None, files, size=self.student["size"]))
+        return dataclasses.replace(
+            job,
+            train=dataclasses.replace(job.train, method=method),
+            online=OnlineTeacher(None, files, size=self.student["size"]),
+        )
 
 
 def variant(cfg: dict, method: str, student: dict, teacher: dict) -> Variant:
@@ -141,12 +203,18 @@ def variant(cfg: dict, method: str, student: dict, teacher: dict) -> Variant:
     own = {m: cfg.get("methods", {}).get(m, {}) for m in parts}
     composite = is_composite(method)
     ids = {m: f"teacher-{m}" if composite and "teacher" in own[m] else "teacher" for m in parts}
-    teachers = {ids[m]: TrainSettings(**config.merge({**cfg["teacher"], **own[m].get("teacher", {})}, teacher), method="ce") for m in parts if method_class(m).needs}
+    teachers = {
+        ids[m]: TrainSettings(**config.merge({**cfg["teacher"], **own[m].get("teacher", {})}, teacher), method="ce")
+        for m in parts
+        if method_class(m).needs
+    }
     outputs = {ids[m]: own[m].get("cache", {}).get("outputs") for m in parts if method_class(m).needs}
     base = {**cfg["student"]}
     for m in parts:
         base.update(own[m].get("student", {}))
-    args = {m: cfg["method_args"].get(m, {}) for m in parts}  # over the method's own defaults (the paper's), for a few epochs on digits
+    args = {
+        m: cfg["method_args"].get(m, {}) for m in parts
+    }  # over the method's own defaults (the paper's), for a few epochs on digits
     if composite:
         rows = {m: (f"{m}@{ids[m]}", {m: args[m]}) for m in parts}
         rows[method] = ("+".join(f"{m}@{ids[m]}" for m in parts), args)
@@ -168,14 +236,25 @@ def fitted_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: 
         log.info("demo 1/4: replacing the teacher in %s, which was fitted with other settings", out)
     log.info("demo 1/4: fitting teacher %s on %s (%d images, all labels)", settings.student, data.source, len(data))
     start, fit_plan = time.perf_counter(), ViewPlan(recipe, seed=1)
-    fitted = train(settings, data, val, DrawnViews(fit_plan, data, settings.epochs), fit_plan, out_dir=out, weights_name="model.safetensors")
+    fitted = train(
+        settings,
+        data,
+        val,
+        DrawnViews(fit_plan, data, settings.epochs),
+        fit_plan,
+        out_dir=out,
+        weights_name="model.safetensors",
+    )
     record = {"key": key, "val_top1": fitted.metrics[-1]["val_top1"], "seconds": time.perf_counter() - start}
     with written_whole(out / FIT_RECORD) as tmp:
         tmp.write_text(json.dumps(record))
     return record["val_top1"], record["seconds"]
 
 
-FIT_RECORD, CACHE_RECORD = "fit.json", "cache.json"  # how the demo's teacher and store were made: a rerun reuses what matches
+FIT_RECORD, CACHE_RECORD = (
+    "fit.json",
+    "cache.json",
+)  # how the demo's teacher and store were made: a rerun reuses what matches
 
 
 def _plain(value):
@@ -198,23 +277,36 @@ def _teacher_name(settings: TrainSettings) -> str:
     return name
 
 
-def cache_teachers(teachers: dict, outputs: dict, data, recipe: ViewRecipe, cache_cfg: dict, size: int, out: Path, needs, workers: int):
+def cache_teachers(
+    teachers: dict, outputs: dict, data, recipe: ViewRecipe, cache_cfg: dict, size: int, out: Path, needs, workers: int
+):
     """Step 2, stage one: each teacher's outputs over one plan's recorded views, into OUT/store under its id (with
     statistics for feature methods).
 
     A store made before for these teachers, plan and cache settings is reused (extraction skips its committed
     units); one made for others is replaced, with a line saying so."""
     where = out / "store"
-    key = _plain({"teachers": {tid: [t.weights, outputs.get(tid)] for tid, t in teachers.items()}, "views": recipe.to_dict(), "cache": cache_cfg, "size": size})
+    key = _plain(
+        {
+            "teachers": {tid: [t.weights, outputs.get(tid)] for tid, t in teachers.items()},
+            "views": recipe.to_dict(),
+            "cache": cache_cfg,
+            "size": size,
+        }
+    )
     saved = _read_json(out / CACHE_RECORD)
     if Store.exists(where) and saved.get("key") != key:
         log.info("demo 2/4: replacing the store in %s, made for another teacher or other cache settings", where)
         Location(str(where)).remove_tree()
     log.info("demo 2/4: extracting %d views per image into %s", cache_cfg["views"], where)
-    store = open_store(where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size)
+    store = open_store(
+        where, data, ViewPlan(recipe, seed=0), views=cache_cfg["views"], block=cache_cfg["block"], size=size
+    )
     done = []
     for tid, teacher in teachers.items():
-        info = teacher_info(teacher, output_info(teacher, k=cache_cfg["topk"], outputs=outputs.get(tid) or cache_cfg.get("outputs")))
+        info = teacher_info(
+            teacher, output_info(teacher, k=cache_cfg["topk"], outputs=outputs.get(tid) or cache_cfg.get("outputs"))
+        )
         done.append(extract(store, data, TeacherRunner(teacher, info), tid, views=cache_cfg["views"], workers=workers))
         if "features" in needs and "features" in info.outputs:
             stats.write_stats(store, tid, data.labels)
@@ -256,7 +348,9 @@ def _params(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
 
 
-def print_table(*, data, val, size, teachers, fits, student, names, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out):
+def print_table(
+    *, data, val, size, teachers, fits, student, names, fraction, rows, extracted, cache_epoch_s, online_epoch_s, out
+):
     """The demo's table: each teacher, the student from scratch, and each distilled row (``names``) with its wins over scratch."""
     from stages.training.student import build_student
 
@@ -281,23 +375,41 @@ def print_table(*, data, val, size, teachers, fits, student, names, fraction, ro
         for name in names:
             distilled = rows[(frac, name)]
             wins = sum(d > s for d, s in zip(distilled, scratch))
-            table.append((f"student distilled ({name}, cache)" + tag, pct(frac), spread(distilled) + n, f"{wins} of {len(distilled)}"))
+            table.append(
+                (
+                    f"student distilled ({name}, cache)" + tag,
+                    pct(frac),
+                    spread(distilled) + n,
+                    f"{wins} of {len(distilled)}",
+                )
+            )
     first = max(len(r[0]) for r in table) + 2
     for name, labels, top1, wins in table:
         print(f"{name:<{first}}{labels:>12}{top1:>22}{wins:>16}")
     print()
-    made = (f"{extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / max(extracted.seconds, 1e-9):,.0f} views/s)" if extracted.units
-            else f"reused ({extracted.skipped} units committed by an earlier run)")
+    made = (
+        f"{extracted.views:,} views in {extracted.seconds:.1f} s ({extracted.views / max(extracted.seconds, 1e-9):,.0f} views/s)"
+        if extracted.units
+        else f"reused ({extracted.skipped} units committed by an earlier run)"
+    )
     print(f"teacher fit: {sum(s for _, s in fits.values()):.0f} s; extraction: {made}")
-    print(f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)")
+    print(
+        f"distillation, seconds per epoch: from cache {cache_epoch_s:.2f}, teacher online {online_epoch_s:.2f} ({online_epoch_s / cache_epoch_s:.1f}x)"
+    )
     print()
     print(
         f"The teacher was trained on every label. In the {pct(fraction)} rows the student's cross-entropy sees the labels of "
         f"{pct(fraction)} of the training images, while the cached teacher outputs cover all of them."
     )
     if len(names) > 1:
-        print(f"The {names[-1]} rows train one student on every part at once, each part reading its own cached teacher; the rows above it train each part alone.")
+        print(
+            f"The {names[-1]} rows train one student on every part at once, each part reading its own cached teacher; the rows above it train each part alone."
+        )
     if "cospress" in names[-1]:
-        print("CosPress trains the student on the teacher's tokens alone; its val top-1 is that of a linear classifier trained on the detached features"
-              + (" (beside the composite's other parts)." if len(names) > 1 else "."))
-    print(f"Everything is under {out}: {', '.join(f'{tid}/' for tid in teachers)}, store/, one directory per student run (metrics.jsonl, student.safetensors).")
+        print(
+            "CosPress trains the student on the teacher's tokens alone; its val top-1 is that of a linear classifier trained on the detached features"
+            + (" (beside the composite's other parts)." if len(names) > 1 else ".")
+        )
+    print(
+        f"Everything is under {out}: {', '.join(f'{tid}/' for tid in teachers)}, store/, one directory per student run (metrics.jsonl, student.safetensors)."
+    )

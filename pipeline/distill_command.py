@@ -26,7 +26,16 @@ from stages.training.student import build_student
 from stages.cache.store_setup import stored_plan
 from storage import Store, UserError
 
-from .flags import RAY_ADDRESS_HELP, THREADS_HELP, VAL_DATA_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
+from .flags import (
+    RAY_ADDRESS_HELP,
+    THREADS_HELP,
+    VAL_DATA_HELP,
+    data_help,
+    local_device,
+    teacher_flags,
+    view_flags,
+    view_recipe,
+)
 from .recipe import VIEWS, check_views, load_recipe, train_settings
 from .resume import DATA_FINGERPRINT, checkpoint_hooks
 from .run_files import RunFiles, check_out
@@ -35,9 +44,15 @@ from .settings_check import add_setting_flags, flag_type, settings_from_args
 log = logging.getLogger("pipeline")
 
 # Methods `pipeline train` runs: those that need no teacher at all (ce) or can do without one (gpd from scratch).
-TEACHERLESS_METHODS = tuple(m for m in list_methods() if not method_class(m).needs or not method_class(m).requires_teacher)
+TEACHERLESS_METHODS = tuple(
+    m for m in list_methods() if not method_class(m).needs or not method_class(m).requires_teacher
+)
 TRAIN_DEFAULTS = {"method": "ce"}  # where `train` differs from distill's defaults: it fits a model on labels
-TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg", "student_weights": "--model-weights"}  # `train` fits any model, often a teacher
+TRAIN_RENAMES = {
+    "student": "--model",
+    "student_kwargs": "--model-arg",
+    "student_weights": "--model-weights",
+}  # `train` fits any model, often a teacher
 
 
 # -- flags ---------------------------------------------------------------------------------------------
@@ -45,11 +60,24 @@ TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg", "student
 
 def _run_flags(p: argparse.ArgumentParser, ray_train: bool) -> None:
     g = p.add_argument_group("the run")
-    g.add_argument("--config", help="YAML recipe: any training setting (the flags' names with _), method_args, views (default: none)")
-    g.add_argument("--device", type=flag_type("device"), help="where the student trains, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    g.add_argument(
+        "--config",
+        help="YAML recipe: any training setting (the flags' names with _), method_args, views (default: none)",
+    )
+    g.add_argument(
+        "--device",
+        type=flag_type("device"),
+        help="where the student trains, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)",
+    )
     where = ", or Ray Train's under OUT/ray with --ray-workers N" if ray_train else ""
-    g.add_argument("--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log, checkpoint.pt")
-    g.add_argument("--resume", action="store_true", help=f"continue the run under --out from its last checkpoint (OUT/checkpoint.pt{where}), e.g. with more --epochs (default: off, start afresh)")
+    g.add_argument(
+        "--out", required=True, help="run directory: weights, metrics.jsonl, config.yaml, run.log, checkpoint.pt"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run under --out from its last checkpoint (OUT/checkpoint.pt{where}), e.g. with more --epochs (default: off, start afresh)",
+    )
     g.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
 
 
@@ -59,9 +87,17 @@ def add_train_parser(sub) -> None:
     p.add_argument("--val-data", help=VAL_DATA_HELP)
     g = p.add_argument_group("training (every setting also a --config key)")
     add_setting_flags(
-        g, TrainSettings, skip=("verify",), rename=TRAIN_RENAMES, choices={"method": TEACHERLESS_METHODS}, defaults=TRAIN_DEFAULTS,
-        helps={"student": "timm model name of the trained model", "method": "ce: labels only; gpd: the model trained beside its widened dynamic teacher, GPD's from-scratch mode",
-               "size": "input size of the trained model"},
+        g,
+        TrainSettings,
+        skip=("verify",),
+        rename=TRAIN_RENAMES,
+        choices={"method": TEACHERLESS_METHODS},
+        defaults=TRAIN_DEFAULTS,
+        helps={
+            "student": "timm model name of the trained model",
+            "method": "ce: labels only; gpd: the model trained beside its widened dynamic teacher, GPD's from-scratch mode",
+            "size": "input size of the trained model",
+        },
     )
     _run_flags(p, ray_train=False)
     view_flags(p)
@@ -70,24 +106,78 @@ def add_train_parser(sub) -> None:
 
 def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="stage two: train a student from a store's cached teacher outputs")
-    p.add_argument("--from-cache", required=True, metavar="STORE", type=flag_type("from_cache"), help="the store made by `pipeline extract`")
+    p.add_argument(
+        "--from-cache",
+        required=True,
+        metavar="STORE",
+        type=flag_type("from_cache"),
+        help="the store made by `pipeline extract`",
+    )
     g = p.add_argument_group("the teacher")
-    g.add_argument("--teacher-id", type=str, help="the cached teacher's id in the store, or several as a,b to average their probabilities (default: the store's only teacher)")
-    g.add_argument("--teacher-weights", type=flag_type("teacher_weights"), help="weights of the teachers in --teacher-id a,b, e.g. 0.7,0.3 (default: equal)")
-    g.add_argument("--online", action="store_true", help="run the --teacher model live on the same replayed views instead of reading the cache (default: off)")
-    g.add_argument("--teacher", help="with --online, the teacher model to run: a short name or any timm model (default: none)")
+    g.add_argument(
+        "--teacher-id",
+        type=str,
+        help="the cached teacher's id in the store, or several as a,b to average their probabilities (default: the store's only teacher)",
+    )
+    g.add_argument(
+        "--teacher-weights",
+        type=flag_type("teacher_weights"),
+        help="weights of the teachers in --teacher-id a,b, e.g. 0.7,0.3 (default: equal)",
+    )
+    g.add_argument(
+        "--online",
+        action="store_true",
+        help="run the --teacher model live on the same replayed views instead of reading the cache (default: off)",
+    )
+    g.add_argument(
+        "--teacher", help="with --online, the teacher model to run: a short name or any timm model (default: none)"
+    )
     teacher_flags(g, "--teacher-seed")
-    g.add_argument("--teacher-size", type=flag_type("teacher_size"), help="render size of the live teacher (default: the store's view size)")
-    p.add_argument("--data", help=data_help("the training data, when it moved since extraction") + " (default: the store's; must match its fingerprint)")
+    g.add_argument(
+        "--teacher-size",
+        type=flag_type("teacher_size"),
+        help="render size of the live teacher (default: the store's view size)",
+    )
+    p.add_argument(
+        "--data",
+        help=data_help("the training data, when it moved since extraction")
+        + " (default: the store's; must match its fingerprint)",
+    )
     p.add_argument("--val-data", help=VAL_DATA_HELP)
-    add_setting_flags(p.add_argument_group("training (every setting also a --config key)"), TrainSettings, known={"method": list_methods()})
+    add_setting_flags(
+        p.add_argument_group("training (every setting also a --config key)"),
+        TrainSettings,
+        known={"method": list_methods()},
+    )
     _run_flags(p, ray_train=True)
     g = p.add_argument_group("Ray Train (DDP: gloo on CPUs, NCCL on GPUs)")
-    g.add_argument("--ray-workers", type=flag_type("ray_workers"), default=0, help="Ray Train workers, each training on its own part of the store; 0 trains in this process without Ray (default: 0)")
-    g.add_argument("--gpus-per-worker", type=flag_type("gpus_per_worker"), default=0, help="GPUs for each Ray Train worker; 0 trains on CPUs with gloo, 1 or more on CUDA with NCCL (default: 0)")
-    g.add_argument("--ray-address", metavar="ADDR", help=f"{RAY_ADDRESS_HELP} (default: RAY_ADDRESS, else a local Ray instance)")
-    g.add_argument("--max-failures", type=flag_type("max_failures"), default=3, help="times a run restarts from its last checkpoint after a worker fails (default: 3)")
-    g.add_argument("--checkpoints", metavar="DIR_OR_URL", type=flag_type("checkpoints"), help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)")
+    g.add_argument(
+        "--ray-workers",
+        type=flag_type("ray_workers"),
+        default=0,
+        help="Ray Train workers, each training on its own part of the store; 0 trains in this process without Ray (default: 0)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=flag_type("gpus_per_worker"),
+        default=0,
+        help="GPUs for each Ray Train worker; 0 trains on CPUs with gloo, 1 or more on CUDA with NCCL (default: 0)",
+    )
+    g.add_argument(
+        "--ray-address", metavar="ADDR", help=f"{RAY_ADDRESS_HELP} (default: RAY_ADDRESS, else a local Ray instance)"
+    )
+    g.add_argument(
+        "--max-failures",
+        type=flag_type("max_failures"),
+        default=3,
+        help="times a run restarts from its last checkpoint after a worker fails (default: 3)",
+    )
+    g.add_argument(
+        "--checkpoints",
+        metavar="DIR_OR_URL",
+        type=flag_type("checkpoints"),
+        help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)",
+    )
     p.set_defaults(func=distill_command)
 
 
@@ -101,14 +191,26 @@ def distill_job(args) -> DistillJob:
     if args.ray_workers and args.online:
         raise UserError("--online runs the teacher in this process: leave --ray-workers at 0, or distil from the cache")
     if args.teacher and not args.online:
-        raise UserError(f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}")
+        raise UserError(
+            f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}"
+        )
     recipe = load_recipe(args.config)
-    settings = train_settings(recipe, settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers)
+    settings = train_settings(
+        recipe, settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers
+    )
     _note_recipe_views(recipe, args.config, args.from_cache)
-    if args.online and not args.teacher and not is_composite(settings.method):  # a composite's parts may name their models
+    if (
+        args.online and not args.teacher and not is_composite(settings.method)
+    ):  # a composite's parts may name their models
         raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
-    online = OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size) if args.online else None
-    return DistillJob(args.from_cache, settings, args.teacher_id, args.teacher_weights, online, args.data, args.val_data)
+    online = (
+        OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size)
+        if args.online
+        else None
+    )
+    return DistillJob(
+        args.from_cache, settings, args.teacher_id, args.teacher_weights, online, args.data, args.val_data
+    )
 
 
 def _note_recipe_views(recipe: dict, where: str | None, store: str) -> None:
@@ -116,11 +218,19 @@ def _note_recipe_views(recipe: dict, where: str | None, store: str) -> None:
     when the two differ, so a recipe's augmentation is not taken for what the run trains on."""
     if not recipe.get(VIEWS):
         return
-    asked, made = dataclasses.asdict(check_views(recipe[VIEWS], where)), dataclasses.asdict(stored_plan(Store(store)).recipe)
+    asked, made = (
+        dataclasses.asdict(check_views(recipe[VIEWS], where)),
+        dataclasses.asdict(stored_plan(Store(store)).recipe),
+    )
     differ = sorted(k for k in asked if asked[k] != made[k])
     if differ:
-        log.warning("the views: section of %s differs from the views store %s was made with (%s): distill replays the store's views "
-                    "(config.yaml records them); the recipe's are for `pipeline extract` into a new store", where, store, ", ".join(differ))
+        log.warning(
+            "the views: section of %s differs from the views store %s was made with (%s): distill replays the store's views "
+            "(config.yaml records them); the recipe's are for `pipeline extract` into a new store",
+            where,
+            store,
+            ", ".join(differ),
+        )
 
 
 # -- the commands --------------------------------------------------------------------------------------
@@ -138,13 +248,36 @@ def train_command(args) -> None:
     device = local_device(args.device)
     threads = use_threads(args.threads, settings.workers)
     # Nothing is written to --out before train() has built the model: a refused run leaves an earlier run's folder alone.
-    with RunFiles(out, {"command": "train", "data": args.data, "views": plan.describe(), "train": settings}, weights_name="model.safetensors") as files:
+    with RunFiles(
+        out,
+        {"command": "train", "data": args.data, "views": plan.describe(), "train": settings},
+        weights_name="model.safetensors",
+    ) as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
-        views = DrawnViews(plan, dataset, num_views=settings.epochs * settings.repeats)  # R fresh views per use of a block
-        run = {"data": args.data, DATA_FINGERPRINT: dataset.fingerprint(), "views": plan.describe(), **dataclasses.asdict(settings)}
+        views = DrawnViews(
+            plan, dataset, num_views=settings.epochs * settings.repeats
+        )  # R fresh views per use of a block
+        run = {
+            "data": args.data,
+            DATA_FINGERPRINT: dataset.fingerprint(),
+            "views": plan.describe(),
+            **dataclasses.asdict(settings),
+        }
         hooks = checkpoint_hooks(out, run, resume=args.resume, start=files.start)
-        result = train(settings, dataset, val, views, plan, out_dir=out, weights_name="model.safetensors", device=device, hooks=hooks)
-    print(f"{settings.student}: {_top1(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}")
+        result = train(
+            settings,
+            dataset,
+            val,
+            views,
+            plan,
+            out_dir=out,
+            weights_name="model.safetensors",
+            device=device,
+            hooks=hooks,
+        )
+    print(
+        f"{settings.student}: {_top1(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}"
+    )
 
 
 def distill_command(args) -> None:
@@ -166,8 +299,16 @@ def run_record(job: DistillJob, **how) -> dict:
     return {"command": "distill", **how, "job": job.to_dict()}
 
 
-def distill_here(job: DistillJob, out: Path, *, device, resume: bool, on_epoch: Callable[[dict], None] | None = None, record: dict | None = None,
-                 lock: bool = True):
+def distill_here(
+    job: DistillJob,
+    out: Path,
+    *,
+    device,
+    resume: bool,
+    on_epoch: Callable[[dict], None] | None = None,
+    record: dict | None = None,
+    lock: bool = True,
+):
     """A distill run in this process (the CLI without Ray Train, a sweep trial): OUT/checkpoint.pt every epoch.
 
     ``on_epoch(line)`` sees each epoch's metrics line (a sweep reports it to Ray Tune)."""
@@ -194,11 +335,32 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     from .ray_train import distill_on_ray  # Ray only where it is asked for
 
     run = build_distill(job)  # every check of the store, data and teacher, here before Ray starts
-    build_student(job.train.student, run.dataset.num_classes, job.train.seed, job.train.student_weights, **job.train.student_kwargs)  # bad student settings fail now
-    where = dataclasses.replace(job, store=ray_env.for_workers(run.store.path).url, data=ray_env.source_for_workers(job.data or run.store.record.dataset.source),
-                                val_data=ray_env.source_for_workers(job.val_data))
-    record = run_record(job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, views=run.plan.describe())
+    build_student(
+        job.train.student,
+        run.dataset.num_classes,
+        job.train.seed,
+        job.train.student_weights,
+        **job.train.student_kwargs,
+    )  # bad student settings fail now
+    where = dataclasses.replace(
+        job,
+        store=ray_env.for_workers(run.store.path).url,
+        data=ray_env.source_for_workers(job.data or run.store.record.dataset.source),
+        val_data=ray_env.source_for_workers(job.val_data),
+    )
+    record = run_record(
+        job, ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, views=run.plan.describe()
+    )
     with RunFiles(out, record) as files:
-        return distill_on_ray(where, out, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker, address=args.ray_address,
-                              max_failures=args.max_failures, resume=args.resume, checkpoints=args.checkpoints, on_start=files.start,
-                              threads=args.threads)
+        return distill_on_ray(
+            where,
+            out,
+            workers=args.ray_workers,
+            gpus_per_worker=args.gpus_per_worker,
+            address=args.ray_address,
+            max_failures=args.max_failures,
+            resume=args.resume,
+            checkpoints=args.checkpoints,
+            on_start=files.start,
+            threads=args.threads,
+        )

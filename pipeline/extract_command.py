@@ -35,40 +35,86 @@ def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
     p.add_argument("--data", required=True, help=data_help())
     p.add_argument(
-        "--teacher", required=True,
+        "--teacher",
+        required=True,
         help=f"short name ({', '.join(list_teachers())}), any timm model, or a timm model folder: local-dir:PATH (a `pipeline train` "
         "run's folder) or hf-hub:REPO; a folder's config.json gives the architecture, model arguments, input size and normalisation",
     )
     teacher_flags(p, "--teacher-seed", model_args=True)
-    p.add_argument("--teacher-id", help="name of the teacher inside the store (default: --teacher as a plain name; a local-dir: folder's own name)")
-    p.add_argument("--store", required=True, help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later")
+    p.add_argument(
+        "--teacher-id",
+        help="name of the teacher inside the store (default: --teacher as a plain name; a local-dir: folder's own name)",
+    )
+    p.add_argument(
+        "--store",
+        required=True,
+        help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later",
+    )
     p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
     p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
-    p.add_argument("--block", type=int, help=f"samples per shard, the unit of work, fixed when a store is made (default: {BLOCK} for a new store; an existing one keeps its own)")
-    _output_flags(p)
-    p.add_argument("--batch-size", type=flag_type("batch_size"), default=TEACHER_BATCH, help=f"teacher batch size (default: {TEACHER_BATCH})")
     p.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32",
+        "--block",
+        type=int,
+        help=f"samples per shard, the unit of work, fixed when a store is made (default: {BLOCK} for a new store; an existing one keeps its own)",
+    )
+    _output_flags(p)
+    p.add_argument(
+        "--batch-size",
+        type=flag_type("batch_size"),
+        default=TEACHER_BATCH,
+        help=f"teacher batch size (default: {TEACHER_BATCH})",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
         help="the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, "
         "and every extraction into one teacher id must use the same (default: fp32)",
     )
-    p.add_argument("--workers", type=int, default=0, help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)",
+    )
     p.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
-    p.add_argument("--device", help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)")
+    p.add_argument(
+        "--device",
+        help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)",
+    )
     _extract_ray_flags(p)
-    p.add_argument("--repair", action="store_true", help="first check every committed unit and rewrite the damaged ones (default: off)")
-    p.add_argument("--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="first check every committed unit and rewrite the damaged ones (default: off)",
+    )
+    p.add_argument(
+        "--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)"
+    )
     view_flags(p)
     p.set_defaults(func=extract_command)
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what is stored")
-    g.add_argument("--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)")
-    g.add_argument("--topk", type=int, help=f"k for --logits topk, at most the teacher's class count (default: {TOPK}, or every class when fewer)")
-    g.add_argument("--dtype", choices=DTYPES, default="float16", help="stored float type; float32 stores are exact (default: float16)")
     g.add_argument(
-        "--format", choices=list_backends(), default="zarr",
+        "--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)"
+    )
+    g.add_argument(
+        "--topk",
+        type=int,
+        help=f"k for --logits topk, at most the teacher's class count (default: {TOPK}, or every class when fewer)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float16",
+        help="stored float type; float32 stores are exact (default: float16)",
+    )
+    g.add_argument(
+        "--format",
+        choices=list_backends(),
+        default="zarr",
         help="how teacher outputs are stored (a store backend): zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; "
         "fixed per teacher id (default: zarr)",
     )
@@ -83,47 +129,87 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         "(default: all the teacher has except tokens)",
     )
 
+
 def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray (extraction spread over actors, each holding one teacher and taking (view, block) units from a queue)")
+    g = p.add_argument_group(
+        "Ray (extraction spread over actors, each holding one teacher and taking (view, block) units from a queue)"
+    )
     g.add_argument(
-        "--actors", type=int,
+        "--actors",
+        type=int,
         help="Ray actors; 0 runs in this process without Ray (default: 0, but with --ray-address or RAY_ADDRESS one per GPU, or one per node on a CPU-only cluster)",
     )
     g.add_argument(
-        "--gpus-per-worker", type=float,
+        "--gpus-per-worker",
+        type=float,
         help="GPUs each actor holds; 0 makes CPU actors (default: 0 with --device cpu, else 1 when --device cuda is given or the cluster has GPUs, else 0)",
     )
     g.add_argument(
-        "--ray-address", metavar="ADDR",
+        "--ray-address",
+        metavar="ADDR",
         help=f"{RAY_ADDRESS_HELP}; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance started for --actors N)",
     )
 
+
 def add_verify_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check a store (unit counts, checksums against commit records, a sample of replayed views) or prepared shards")
-    p.add_argument("store", metavar="STORE", help="the store (a directory or URL such as s3://bucket/path), or a folder of shards made by `pipeline prepare` "
-                   "(each shard's size, sha256 and sample count against its manifest.json)")
+    p = sub.add_parser(
+        "verify",
+        help="check a store (unit counts, checksums against commit records, a sample of replayed views) or prepared shards",
+    )
+    p.add_argument(
+        "store",
+        metavar="STORE",
+        help="the store (a directory or URL such as s3://bucket/path), or a folder of shards made by `pipeline prepare` "
+        "(each shard's size, sha256 and sample count against its manifest.json)",
+    )
     p.add_argument("--teacher-id", help="teacher id in the store to check (default: every teacher, and the plan)")
-    p.add_argument("--replay", type=float, default=0.01, help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)")
+    p.add_argument(
+        "--replay",
+        type=float,
+        default=0.01,
+        help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)",
+    )
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
     p.add_argument("--workers", type=int, default=0, help="loader processes rendering replayed views (default: 0)")
     p.set_defaults(func=verify_command)
 
+
 def add_stats_parser(sub) -> None:
-    p = sub.add_parser("stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)")
+    p = sub.add_parser(
+        "stats", help="class means and feature moments of a teacher, reduced from its cache (KD++ needs them)"
+    )
     p.add_argument("--store", required=True, help="the store made by `pipeline extract`")
     p.add_argument("--teacher-id", help="teacher id in the store (default: every teacher)")
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
     p.set_defaults(func=stats_command)
 
+
 def extract_job(args, device: str | None) -> ExtractJob:
     """The extraction the flags and the --config file describe, resolved once."""
     return ExtractJob(
-        store=args.store, data=args.data, teacher=args.teacher, views=args.views, teacher_id=args.teacher_id, weights=args.weights,
-        random_init=args.random_init, teacher_seed=args.teacher_seed, model_args=_model_args(args.model_args), size=args.size, block=args.block,
+        store=args.store,
+        data=args.data,
+        teacher=args.teacher,
+        views=args.views,
+        teacher_id=args.teacher_id,
+        weights=args.weights,
+        random_init=args.random_init,
+        teacher_seed=args.teacher_seed,
+        model_args=_model_args(args.model_args),
+        size=args.size,
+        block=args.block,
         view_settings=_view_settings(args),
-        plan_seed=args.plan_seed, outputs=tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None, logits=args.logits,
-        topk=args.topk, dtype=args.dtype, feature_dtype=args.feature_dtype, format=args.format, precision=args.precision,
-        batch_size=args.batch_size, workers=args.workers, device=device,
+        plan_seed=args.plan_seed,
+        outputs=tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None,
+        logits=args.logits,
+        topk=args.topk,
+        dtype=args.dtype,
+        feature_dtype=args.feature_dtype,
+        format=args.format,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
     )
 
 
@@ -146,9 +232,15 @@ def extract_command(args) -> None:
     # --actors N, or a cluster address without --actors, runs on Ray; the driver then needs no GPU and no weights.
     use_ray = ray_env.uses_actors(args.actors, args.ray_address)
     if use_ray and args.threads:
-        raise UserError("--threads sets the threads of an extraction in this process; each Ray actor takes the CPUs Ray gives it: drop --threads")
-    job = extract_job(args, None if use_ray else local_device(args.device))  # on Ray, the actors' device comes from the cluster
-    ready = prepare_extract(job, load=not use_ray)  # every check, before a store directory exists or an existing one changes
+        raise UserError(
+            "--threads sets the threads of an extraction in this process; each Ray actor takes the CPUs Ray gives it: drop --threads"
+        )
+    job = extract_job(
+        args, None if use_ray else local_device(args.device)
+    )  # on Ray, the actors' device comes from the cluster
+    ready = prepare_extract(
+        job, load=not use_ray
+    )  # every check, before a store directory exists or an existing one changes
     _refuse_links(Location(args.store))
     if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
         gpus_per_worker, actors, device = ray_extract.join_cluster(args)
@@ -166,17 +258,38 @@ def extract_command(args) -> None:
         flags = {"command": "extract", **vars(args), "func": None, "job": job.to_dict()}
         (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump(flags).encode())
         args_given = f", {', '.join(f'{k}={v}' for k, v in info.model_args.items())}" if info.model_args else ""
-        log.info("extract %s (%s%s, %s) on %s into %s: %d views x %d samples", teacher_id, info.timm_name, args_given, info.weights, job.device, store.path, job.views, len(dataset))
+        log.info(
+            "extract %s (%s%s, %s) on %s into %s: %d views x %d samples",
+            teacher_id,
+            info.timm_name,
+            args_given,
+            info.weights,
+            job.device,
+            store.path,
+            job.views,
+            len(dataset),
+        )
         with store.lock_teacher(teacher_id):
             if args.repair:
                 damaged = verify.take_back_damaged(store, teacher_id)
-                log.info("repair: %d damaged unit(s) taken back%s", len(damaged), "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged))
+                log.info(
+                    "repair: %d damaged unit(s) taken back%s",
+                    len(damaged),
+                    "".join(f"\n  {f.group} view {f.view} block {f.block}: {f.problem}" for f in damaged),
+                )
             if use_ray:
                 teacher, weights = ray_env.teacher_for_workers(job.teacher, job.weights)
-                where = job.replace(data=ray_env.source_for_workers(job.data), store=ray_env.for_workers(store.path).url, teacher=teacher, weights=weights)
+                where = job.replace(
+                    data=ray_env.source_for_workers(job.data),
+                    store=ray_env.for_workers(store.path).url,
+                    teacher=teacher,
+                    weights=weights,
+                )
                 result = ray_extract.extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
-                log.info("%d CPU thread(s) beside %d loader process(es)", use_threads(args.threads, job.workers), job.workers)
+                log.info(
+                    "%d CPU thread(s) beside %d loader process(es)", use_threads(args.threads, job.workers), job.workers
+                )
                 result = ready.run()
     rate = result.views / result.seconds if result.seconds > 0 else 0.0
     print(
@@ -205,7 +318,10 @@ def stats_command(args) -> None:
     for teacher_id in [args.teacher_id] if args.teacher_id else store.teacher_ids():
         arrays = stats.write_stats(store, teacher_id, dataset.labels)
         C, D = arrays["class_means"].shape
-        print(f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}")
+        print(
+            f"{teacher_id}: class means ({C} x {D}), feature mean and covariance -> {store.path / 'stats' / teacher_id}"
+        )
+
 
 def verify_command(args) -> None:
     if is_prepared(args.store):
@@ -232,13 +348,19 @@ def verify_command(args) -> None:
     count = {kind: sum(f.kind == kind for f in report.findings) for kind in ("missing", "damaged", "replay")}
     todo = []
     if count["missing"]:
-        todo.append(f"{count['missing']} unit(s) not extracted yet: run the extract command again to finish (it resumes)")
+        todo.append(
+            f"{count['missing']} unit(s) not extracted yet: run the extract command again to finish (it resumes)"
+        )
     if count["damaged"]:
         todo.append(f"{count['damaged']} damaged unit(s): run the extract command again with --repair")
     if count["replay"]:
-        todo.append(f"{count['replay']} unit(s) replay differently: compare the versions in store.json with this environment")
+        todo.append(
+            f"{count['replay']} unit(s) replay differently: compare the versions in store.json with this environment"
+        )
     if not count["damaged"] and not count["replay"]:
         raise UserError(f"{store.path}: unfinished ({summary}): {'; '.join(todo)}")
     if report.links:
-        todo.append(f"{len(report.links)} symbolic link(s) inside the store: replace each with a real directory holding its files")
+        todo.append(
+            f"{len(report.links)} symbolic link(s) inside the store: replace each with a real directory holding its files"
+        )
     raise UserError(f"{store.path}: {count['damaged'] + count['replay']} bad unit(s) ({summary}): {'; '.join(todo)}")

@@ -15,15 +15,21 @@ from . import config
 from .recipe import VIEWS, load_recipe
 from .settings_check import add_setting_flags, flag_type, settings_from_args
 
+
 def data_help(what: str = "training data") -> str:
     """--data's help, naming the kinds of source the dataset registry holds."""
     return f"{what}: {', '.join(list_datasets())} (wds: tar shards, local or at a URL such as s3://bucket/train-{{0000..0099}}.tar)"
 
 
-VAL_DATA_HELP = ("validation data of any kind, whatever --data is: folder:PATH, wds:PATTERN or hfds:PATH (a bare path is of --data's kind), "
-                 "its classes those of the training data (default: the own split of digits, fake and hfds; none for folders and shards)")
+VAL_DATA_HELP = (
+    "validation data of any kind, whatever --data is: folder:PATH, wds:PATTERN or hfds:PATH (a bare path is of --data's kind), "
+    "its classes those of the training data (default: the own split of digits, fake and hfds; none for folders and shards)"
+)
 
-RAY_ADDRESS_HELP = "Ray cluster to join, HOST:PORT, ray://HOST:PORT, or auto for the one `ray start` runs on this machine"
+RAY_ADDRESS_HELP = (
+    "Ray cluster to join, HOST:PORT, ray://HOST:PORT, or auto for the one `ray start` runs on this machine"
+)
+
 
 def view_flags(p: argparse.ArgumentParser) -> None:
     """One flag per view setting (``ViewRecipe``'s declarations), and the plan's seed."""
@@ -31,24 +37,41 @@ def view_flags(p: argparse.ArgumentParser) -> None:
     add_setting_flags(g, ViewRecipe)
     g.add_argument("--plan-seed", type=flag_type("plan_seed"), help="seed of the view plan (default: 0)")
 
+
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
     file = load_recipe(args.config).get(VIEWS) or {}
     merged = config.merge((base or ViewRecipe()).to_dict(), file, settings_from_args(args, ViewRecipe))
     return build(ViewRecipe, merged, args.config or "view flags")
 
+
 def teacher_flags(g, seed_flag: str, model_args: bool = False) -> None:
     """The teacher's weights (a file, a seeded random start) and, with ``model_args``, ``--model-arg`` (its timm.create_model arguments)."""
-    g.add_argument("--weights", help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher, or a model folder's own)")
-    g.add_argument("--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)")
-    g.add_argument(seed_flag, dest="teacher_seed", type=int, default=0, help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)")
+    g.add_argument(
+        "--weights",
+        help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher, or a model folder's own)",
+    )
+    g.add_argument(
+        "--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)"
+    )
+    g.add_argument(
+        seed_flag,
+        dest="teacher_seed",
+        type=int,
+        default=0,
+        help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)",
+    )
     if model_args:
         g.add_argument(
-            "--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+            "--model-arg",
+            dest="model_args",
+            action="append",
+            metavar="KEY=VALUE",
             help="extra timm.create_model argument of the teacher, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64], as `train` "
             "was given it (repeatable); over a model folder's own; recorded in teacher.json, so every extraction into one teacher id "
             "must give the same (default: none)",
         )
+
 
 def local_device(flag: str | None) -> str:
     """--device, else cuda when a GPU is visible, else cpu."""
@@ -57,12 +80,16 @@ def local_device(flag: str | None) -> str:
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible here: use --device cpu")
     index = device.partition(":")[2]
     if device.startswith("cuda") and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine shows {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        raise UserError(
+            f"--device {device}: this machine shows {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+        )
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but this machine has no Apple GPU: use --device cpu")
     return device
 
 
-THREADS_HELP = ("torch's intra-op CPU threads in this process (default: OMP_NUM_THREADS when set, else the CPUs this process may use, "
-                "by its affinity and cgroup quota, less its --workers loader processes, at least 1; torch's own default takes every core however busy; "
-                "a Ray worker's: the CPUs Ray gives it)")
+THREADS_HELP = (
+    "torch's intra-op CPU threads in this process (default: OMP_NUM_THREADS when set, else the CPUs this process may use, "
+    "by its affinity and cgroup quota, less its --workers loader processes, at least 1; torch's own default takes every core however busy; "
+    "a Ray worker's: the CPUs Ray gives it)"
+)

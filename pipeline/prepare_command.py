@@ -28,20 +28,46 @@ VIEW_SIZE = 224  # what --max-side is checked against when neither --size nor --
 
 def add_prepare_parser(sub) -> None:
     p = sub.add_parser(
-        "prepare", help="write folder or tar-shard images as webdataset shards in a seeded random order, optionally re-encoded smaller",
+        "prepare",
+        help="write folder or tar-shard images as webdataset shards in a seeded random order, optionally re-encoded smaller",
     )
-    p.add_argument("--data", required=True, help="images to prepare: folder:PATH (one sub-folder per class) or wds:PATTERN (tar shards, local or at a URL "
-                   "such as s3://bucket/train-{0000..0099}.tar)")
-    p.add_argument("--out", required=True, type=flag_type("out", LocationCheck()),
-                   help="output folder or fsspec URL (s3://bucket/path): new or empty, or an unfinished one of the same command to resume")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="images to prepare: folder:PATH (one sub-folder per class) or wds:PATTERN (tar shards, local or at a URL "
+        "such as s3://bucket/train-{0000..0099}.tar)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=flag_type("out", LocationCheck()),
+        help="output folder or fsspec URL (s3://bucket/path): new or empty, or an unfinished one of the same command to resume",
+    )
     g = p.add_argument_group("shards")
     add_setting_flags(g, PrepareSettings)
-    g.add_argument("--size", type=int, help=f"view size the shards are for: --max-side below it is refused (default: --config's size, else {VIEW_SIZE})")
-    g.add_argument("--config", help="a recipe: its size and its views' smallest crop scale say what --max-side costs (default: none)")
-    g.add_argument("--force", action="store_true", help="prepare with a --max-side below the view size anyway (default: refused)")
+    g.add_argument(
+        "--size",
+        type=int,
+        help=f"view size the shards are for: --max-side below it is refused (default: --config's size, else {VIEW_SIZE})",
+    )
+    g.add_argument(
+        "--config",
+        help="a recipe: its size and its views' smallest crop scale say what --max-side costs (default: none)",
+    )
+    g.add_argument(
+        "--force", action="store_true", help="prepare with a --max-side below the view size anyway (default: refused)"
+    )
     r = p.add_argument_group("Ray (shards spread over actors, each writing whole shards)")
-    r.add_argument("--actors", type=int, help="Ray actors; 0 runs in this process (default: 0, but with --ray-address or RAY_ADDRESS one per CPU of the cluster)")
-    r.add_argument("--ray-address", metavar="ADDR", help=f"{RAY_ADDRESS_HELP}; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance for --actors N)")
+    r.add_argument(
+        "--actors",
+        type=int,
+        help="Ray actors; 0 runs in this process (default: 0, but with --ray-address or RAY_ADDRESS one per CPU of the cluster)",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help=f"{RAY_ADDRESS_HELP}; setting it (or RAY_ADDRESS) runs on Ray (default: RAY_ADDRESS, else a local Ray instance for --actors N)",
+    )
     p.set_defaults(func=prepare_command)
 
 
@@ -70,18 +96,28 @@ def prepare_command(args) -> None:
         from .ray_prepare import prepare_on_ray
 
         actors = _join_cluster(args, out)
-        where = PrepareJob(ray_env.source_for_workers(args.data), ray_env.for_workers(out).url, settings, job.fingerprint)
+        where = PrepareJob(
+            ray_env.source_for_workers(args.data), ray_env.for_workers(out).url, settings, job.fingerprint
+        )
         write = partial(prepare_on_ray, where, actors=actors)
     result = prepare(job, dataset, write, note=cost)
     m = result.manifest
     if result.already:
-        print(f"{out}: already prepared ({m['num_shards']} shards, {m['num_samples']:,} samples); `pipeline verify {out}` checks them")
+        print(
+            f"{out}: already prepared ({m['num_shards']} shards, {m['num_samples']:,} samples); `pipeline verify {out}` checks them"
+        )
         return
     size = sum(s["bytes"] for s in m["shards"])
     # Validation images (--prefix val, or a source named val..., as ImageNet's val folder is) are read with --val-data.
-    flag = "--val-data" if any(n.lower().startswith("val") for n in (m["prefix"], re.split(r"[/:]", args.data.rstrip("/"))[-1])) else "--data"
-    print(f"{result.written} shards written, {result.skipped} already finished ({m['num_samples']:,} samples, {size / 2**20:,.1f} MiB) -> {out}; "
-          f"read them with {flag} wds:{out.url.rstrip('/')}/{m['pattern']}")
+    flag = (
+        "--val-data"
+        if any(n.lower().startswith("val") for n in (m["prefix"], re.split(r"[/:]", args.data.rstrip("/"))[-1]))
+        else "--data"
+    )
+    print(
+        f"{result.written} shards written, {result.skipped} already finished ({m['num_samples']:,} samples, {size / 2**20:,.1f} MiB) -> {out}; "
+        f"read them with {flag} wds:{out.url.rstrip('/')}/{m['pattern']}"
+    )
 
 
 def _join_cluster(args, out: Location) -> int:

@@ -43,7 +43,9 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT): pass the head node's address, e.g. 10.0.0.1:6379")
+        raise UserError(
+            f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT): pass the head node's address, e.g. 10.0.0.1:6379"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
@@ -69,7 +71,13 @@ def connect(address: str | None = None) -> None:
     # "local": a new instance even where `ray start` left one running (ray.init(None) would join that).
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True)
     resources = ray.cluster_resources()
-    log.info("ray: %s, %d node(s), %g CPU, %g GPU", address or "local instance", len(ray.nodes()), resources.get("CPU", 0), resources.get("GPU", 0))
+    log.info(
+        "ray: %s, %d node(s), %g CPU, %g GPU",
+        address or "local instance",
+        len(ray.nodes()),
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
+    )
 
 
 def leave_quietly() -> None:
@@ -110,7 +118,9 @@ def require_gpus(per_worker: float, workers: int) -> None:
             "add GPU nodes, or pass --gpus-per-worker 0 to run on CPUs"
         )
     if have < per_worker * workers:
-        log.warning("the cluster has %g GPUs for %d workers of %g: some workers wait for a GPU", have, workers, per_worker)
+        log.warning(
+            "the cluster has %g GPUs for %d workers of %g: some workers wait for a GPU", have, workers, per_worker
+        )
 
 
 def for_workers(where: str | Location) -> Location:

@@ -137,7 +137,12 @@ def join_cluster(args) -> tuple[float, int, str]:
 
 
 def extract_on_ray(
-    ready: ReadyExtract, job: ExtractJob, *, actors: int, gpus_per_worker: float, on_unit: Callable[[int], None] | None = None
+    ready: ReadyExtract,
+    job: ExtractJob,
+    *,
+    actors: int,
+    gpus_per_worker: float,
+    on_unit: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Extract ``ready``'s job with ``actors`` Ray actors, each built from ``job`` (the same job, with the data, store and
     device as the actors see them); resumable, like ``ReadyExtract.run``. Hold the teacher's lock.

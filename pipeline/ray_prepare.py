@@ -37,7 +37,9 @@ def prepare_on_ray(job: PrepareJob, shards: list[int], plan: ShardPlan, actors: 
     records = {}
     try:
         pool = ActorPool(pool_actors)
-        for k, record in zip(shards, pool.map(lambda actor, k: actor.write.remote(k), shards)):  # in order, run side by side
+        for k, record in zip(
+            shards, pool.map(lambda actor, k: actor.write.remote(k), shards)
+        ):  # in order, run side by side
             records[k] = record
             progress.update(record["samples"])
     except (RayTaskError, RayActorError) as e:

@@ -33,7 +33,17 @@ from storage import Location, UserError
 from . import ray_env
 from .resume import CHECKPOINT
 from .distill_command import distill_here, result_line, run_record
-from .sweep_spec import SweepSpec, TrialNamer, describe, read_record, rerun_command, trial_job, trial_settings, write_record, write_trial_settings
+from .sweep_spec import (
+    SweepSpec,
+    TrialNamer,
+    describe,
+    read_record,
+    rerun_command,
+    trial_job,
+    trial_settings,
+    write_record,
+    write_trial_settings,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -57,7 +67,9 @@ def _with_metric(line: dict, metric: str) -> dict:
 
 
 def finished_before(record: dict, job: dict, settings: dict) -> bool:
-    return record.get("status") == "finished" and record.get("job") == job and record.get("settings") == _plain(settings)
+    return (
+        record.get("status") == "finished" and record.get("job") == job and record.get("settings") == _plain(settings)
+    )
 
 
 def _trial_logging() -> None:
@@ -90,8 +102,15 @@ def run_trial(params: dict, job: dict) -> None:
     # A trial whose process was killed mid-run (with the driver) continues after its last finished epoch.
     resume = previous.get("job") == key and (out / CHECKPOINT).is_file()
     write_trial_settings(settings, out)
-    record = {"status": "running", "params": _plain(params), "settings": _plain(settings), "job": key,
-              "command": rerun_command(trial, out, job["device"], job["threads"]), "started": time.time(), "pid": os.getpid()}
+    record = {
+        "status": "running",
+        "params": _plain(params),
+        "settings": _plain(settings),
+        "job": key,
+        "command": rerun_command(trial, out, job["device"], job["threads"]),
+        "started": time.time(),
+        "pid": os.getpid(),
+    }
     write_record(out, record)
     _trial_logging()
     torch.set_num_threads(job["threads"])
@@ -106,8 +125,15 @@ def run_trial(params: dict, job: dict) -> None:
             last.append(_with_metric(line, job["metric"]))
 
     try:
-        result = distill_here(trial, out, device=job["device"], resume=resume, on_epoch=on_epoch,
-                              record=run_record(trial, device=job["device"], sweep=job["out"]), lock=False)  # the sweep holds its folder
+        result = distill_here(
+            trial,
+            out,
+            device=job["device"],
+            resume=resume,
+            on_epoch=on_epoch,
+            record=run_record(trial, device=job["device"], sweep=job["out"]),
+            lock=False,
+        )  # the sweep holds its folder
     except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
         _ended(out, record, "stopped early", start)
         raise
@@ -121,7 +147,9 @@ def run_trial(params: dict, job: dict) -> None:
 
 def _ended(out: Path, record: dict, status: str, start: float, **more) -> None:
     """The trial's record says how it ended; an ended trial is never continued, so its checkpoint goes (a lean sweep folder)."""
-    write_record(out, {**record, "status": status, "seconds": time.perf_counter() - start, "ended": time.time(), **more})
+    write_record(
+        out, {**record, "status": status, "seconds": time.perf_counter() - start, "ended": time.time(), **more}
+    )
     if status != "error":
         (out / CHECKPOINT).unlink(missing_ok=True)
 
@@ -138,8 +166,17 @@ class TrialLines(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         name = self._name(trial)
         record = read_record(Path(self.out) / name)
-        again = " (finished before: its epochs are read back, nothing is trained)" if record.get("status") == "finished" else ""
-        log.info("%s (%s): started%s", name, describe({n: trial.config[n] for n in self.namer.names if n in trial.config}), again)
+        again = (
+            " (finished before: its epochs are read back, nothing is trained)"
+            if record.get("status") == "finished"
+            else ""
+        )
+        log.info(
+            "%s (%s): started%s",
+            name,
+            describe({n: trial.config[n] for n in self.namer.names if n in trial.config}),
+            again,
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -202,7 +239,10 @@ def _last_line(path: str | None) -> str | None:
 def _tune_quiet(debug: bool):
     """Tune's own reporter and trial tracebacks off, and no TensorBoard logger of its own (trials write theirs):
     the sweep prints a line per trial event instead. With --debug, Tune's error logs stay on."""
-    saved = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_SIGINT_HANDLER")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_SIGINT_HANDLER")
+    }
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the JSON and CSV loggers are passed explicitly
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, silent at verbose=0
     # Ctrl-C stops the sweep as a killed driver does: running trials keep their records and checkpoints, and the same
@@ -224,8 +264,13 @@ def _tune_quiet(debug: bool):
 
 
 def param_space(spec: SweepSpec) -> dict:
-    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-            "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(v[0], v[1] + 1),
+    }
     return {a.name: make[a.kind](a.values) for a in spec.axes}
 
 
@@ -239,7 +284,9 @@ def _check_resources(cpus: float, gpus: float) -> None:
             "add GPU nodes, or pass --gpus-per-trial 0 to train on CPUs"
         )
     if have.get("CPU", 0) < cpus:
-        raise UserError(f"--cpus-per-trial {cpus:g} is more than the Ray cluster's {have.get('CPU', 0):g} CPUs: no trial could start; ask for fewer")
+        raise UserError(
+            f"--cpus-per-trial {cpus:g} is more than the Ray cluster's {have.get('CPU', 0):g} CPUs: no trial could start; ask for fewer"
+        )
 
 
 def join_cluster(address: str | None, cpus: float, gpus: float, out: Path, store: str) -> None:
@@ -251,8 +298,18 @@ def join_cluster(address: str | None, cpus: float, gpus: float, out: Path, store
     ray_env.check_visible(Location(store), "store")
 
 
-def run_sweep(spec: SweepSpec, job: dict, out: Path, *, max_epochs: int, cpus: float, gpus: float, max_concurrent: int,
-              retry_errored: bool, debug: bool) -> None:
+def run_sweep(
+    spec: SweepSpec,
+    job: dict,
+    out: Path,
+    *,
+    max_epochs: int,
+    cpus: float,
+    gpus: float,
+    max_concurrent: int,
+    retry_errored: bool,
+    debug: bool,
+) -> None:
     """Start the sweep in ``out``, or continue the one there (after ``join_cluster``); outcomes are left in the trial folders."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -263,26 +320,44 @@ def run_sweep(spec: SweepSpec, job: dict, out: Path, *, max_epochs: int, cpus: f
     if tune.Tuner.can_restore(str(out)):
         done = sum(read_record(p).get("status") == "finished" for p in out.glob("trial-*"))
         log.info("resuming the sweep in %s: %d trial(s) finished before are not run again", out, done)
-        tuner = tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored)
+        tuner = tune.Tuner.restore(
+            str(out), trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored
+        )
     else:
         scheduler = None
         if spec.early_stop:
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(spec.early_stop["grace_epochs"], max_epochs),
-                                      reduction_factor=spec.early_stop["reduction_factor"])
+            scheduler = ASHAScheduler(
+                time_attr="epoch",
+                max_t=max_epochs,
+                grace_period=min(spec.early_stop["grace_epochs"], max_epochs),
+                reduction_factor=spec.early_stop["reduction_factor"],
+            )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=spec.samples, scheduler=scheduler,
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=spec.samples,
+                scheduler=scheduler,
                 # The limit goes to the generator itself: Tune ignores max_concurrent_trials beside a generator instance.
                 search_alg=BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent),
                 trial_dirname_creator=TrialNamer([a.name for a in spec.axes]),
                 reuse_actors=True,  # the next trial runs in a finished trial's process: torch and the project are imported once
             ),
             run_config=tune.RunConfig(
-                name=out.name, storage_path=str(out.parent), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, not retried: its error is the user's to fix
-                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs), ctrl_c],
+                name=out.name,
+                storage_path=str(out.parent),
+                verbose=0,
+                failure_config=tune.FailureConfig(
+                    max_failures=0
+                ),  # a failed trial is reported, not retried: its error is the user's to fix
+                callbacks=[
+                    JsonLoggerCallback(),
+                    CSVLoggerCallback(),
+                    TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs),
+                    ctrl_c,
+                ],
             ),
         )
     with _tune_quiet(debug), ctrl_c.installed():

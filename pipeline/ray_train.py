@@ -37,6 +37,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from stages.training.distill import EpochHooks
+
     job = DistillJob.from_dict(config["job"])
     if config.get("threads"):  # else Ray's OMP_NUM_THREADS: the CPUs it gave this worker
         torch.set_num_threads(config["threads"])
@@ -55,7 +56,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)  # tensors and plain values only
+            state = torch.load(
+                Path(d) / "state.pt", map_location="cpu", weights_only=True
+            )  # tensors and plain values only
             starts = json.loads((Path(d) / "run.json").read_text())["starts"]
     starts = [*starts, state["epoch"] if state else 0]  # where each attempt of this run began: the restart record
 
@@ -64,7 +67,12 @@ def train_loop_per_worker(config: dict) -> None:
             saved = None
             if rank == 0:  # DDP keeps the replicas equal: one copy is the checkpoint
                 torch.save(state, Path(tmp) / "state.pt")
-                run = {"starts": starts, "metrics": state["metrics"], "settings": job.run_record(), "student": state["student"]}
+                run = {
+                    "starts": starts,
+                    "metrics": state["metrics"],
+                    "settings": job.run_record(),
+                    "student": state["student"],
+                }
                 (Path(tmp) / "run.json").write_text(json.dumps(run))
                 saved = ray.train.Checkpoint.from_directory(tmp)
             # Every rank reports (a barrier); result.metrics keeps only metrics reported with a checkpoint.
@@ -82,8 +90,17 @@ def latest_checkpoint(run_dir: Location) -> Location | None:
 
 
 def distill_on_ray(
-    job: DistillJob, out: Path, *, workers: int, gpus_per_worker: float, address: str | None, max_failures: int, resume: bool,
-    checkpoints: str | None = None, on_start=None, threads: int | None = None,
+    job: DistillJob,
+    out: Path,
+    *,
+    workers: int,
+    gpus_per_worker: float,
+    address: str | None,
+    max_failures: int,
+    resume: bool,
+    checkpoints: str | None = None,
+    on_start=None,
+    threads: int | None = None,
 ):
     """Train on a Ray cluster (or a local Ray); write OUT/student.safetensors and OUT/metrics.jsonl like ``train``."""
     from ray.train import TrainingFailedError
@@ -109,13 +126,23 @@ def distill_on_ray(
         if made:  # a refused run leaves no empty checkpoint folder behind
             storage.remove_tree()
         raise
-    if on_start is not None:  # every check passed: the run's own files (its lock, config.yaml, run.log) may be written now
+    if (
+        on_start is not None
+    ):  # every check passed: the run's own files (its lock, config.yaml, run.log) may be written now
         on_start()
-    if not resume:  # only once every check passed and the folder is ours: a refused run leaves the old one's checkpoints alone
+    if (
+        not resume
+    ):  # only once every check passed and the folder is ours: a refused run leaves the old one's checkpoints alone
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "config.json", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
-    trainer = _trainer({"job": job.to_dict(), "gpus_per_worker": gpus_per_worker, "threads": threads}, storage, workers, gpus_per_worker, max_failures)
+    trainer = _trainer(
+        {"job": job.to_dict(), "gpus_per_worker": gpus_per_worker, "threads": threads},
+        storage,
+        workers,
+        gpus_per_worker,
+        max_failures,
+    )
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -161,8 +188,14 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
         run = json.loads((Path(d) / "run.json").read_text())
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     for epoch, attempt in zip(run["starts"][1:], range(1, len(run["starts"]))):
-        log.info("ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d", attempt + 1, epoch)
-    save_student(out, state.get("student_weights", state["model"]), StudentCard(**run["student"]), metrics=run["metrics"])
+        log.info(
+            "ray train: attempt %d (after a failed worker, or --resume) began from the checkpoint after epoch %d",
+            attempt + 1,
+            epoch,
+        )
+    save_student(
+        out, state.get("student_weights", state["model"]), StudentCard(**run["student"]), metrics=run["metrics"]
+    )
     settings = run["settings"]  # metrics.jsonl, TensorBoard events and --log's, as a run without Ray writes them
     with RunMetrics(out, tuple(settings.get("log") or ()), settings) as record:
         for line in run["metrics"]:

@@ -41,14 +41,18 @@ def load_recipe(path: str | Path | None) -> dict:
 def check_views(views, where: str) -> ViewRecipe:
     """A recipe's ``views:`` section (None: the defaults) as the ``ViewRecipe`` it describes, every value checked."""
     if not isinstance(views or {}, dict):
-        raise UserError(f"{VIEWS} in {where} must be a mapping of view settings (scale: [0.08, 1.0], hflip: 0.5, ...), not {views!r}")
+        raise UserError(
+            f"{VIEWS} in {where} must be a mapping of view settings (scale: [0.08, 1.0], hflip: 0.5, ...), not {views!r}"
+        )
     return build(ViewRecipe, views or {}, f"{VIEWS} in {where}")
 
 
 def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) -> TrainSettings:
     """Defaults < a recipe or sweep file's settings < flags, every value checked; batch sizes resolved for ``ray_workers``."""
     file = {k: v for k, v in file.items() if k != VIEWS}  # a recipe's view section is for the store (extract, train)
-    check_fields(TrainSettings, {k: v for k, v in file.items() if k != "method"}, where)  # each value, before a flag hides it
+    check_fields(
+        TrainSettings, {k: v for k, v in file.items() if k != "method"}, where
+    )  # each value, before a flag hides it
     if "method" in file:  # a recipe's list of parts, as the method string and method_args of the flags
         file["method"], file["method_args"] = as_spec(file["method"], file.get("method_args"), where)
     file = _recipe_method_args(file, flags.get("method"), where)
@@ -69,7 +73,11 @@ def _recipe_method_args(file: dict, method: str | None, where: str) -> dict:
     if not method or recipe_method in (None, method):
         return file
     args = file.pop("method_args", None) or {}
-    part = next((p.name for p in parse_method(method) if p.method == recipe_method), None) if is_composite(method) and not is_composite(recipe_method) else None
+    part = (
+        next((p.name for p in parse_method(method) if p.method == recipe_method), None)
+        if is_composite(method) and not is_composite(recipe_method)
+        else None
+    )
     if part and args:
         log.info("%s sets method_args for %s: they apply to part %s of %s", where, recipe_method, part, method)
         return {**file, "method_args": {part: args}}
@@ -101,17 +109,31 @@ def with_lr(settings: TrainSettings, file: dict, flags: dict, where: str) -> Tra
     """``settings`` with the learning rate the run uses: --lr as given, or timm's rule when ``lr_base`` is set (the
     rate at ``lr_base_size`` scaled to the run's global batch, linearly or by its square root). Of ``lr`` and
     ``lr_base``, the one from the higher layer wins (flags over the file); both in one layer is refused."""
-    layer = {key: "flags" if flags.get(key) is not None else "file" if file.get(key) is not None else None for key in ("lr", "lr_base")}
+    layer = {
+        key: "flags" if flags.get(key) is not None else "file" if file.get(key) is not None else None
+        for key in ("lr", "lr_base")
+    }
     if layer["lr"] is not None and layer["lr"] == layer["lr_base"]:
         words = "--lr and --lr-base" if layer["lr"] == "flags" else f"lr and lr_base in {where}"
-        raise UserError(f"{words} both set the learning rate: keep one (lr_base scales with the global batch, lr does not)")
+        raise UserError(
+            f"{words} both set the learning rate: keep one (lr_base scales with the global batch, lr does not)"
+        )
     if layer["lr_base"] is None or layer["lr"] == "flags":
         if layer["lr"] == "file" and file.get("global_batch") not in (None, settings.global_batch):
-            log.warning("%s's lr %g is for its global batch %d; this run's is %d: pass --lr-base %g --lr-base-size %d to follow it, "
-                        "or --lr to set one", where, settings.lr, file["global_batch"], settings.global_batch, settings.lr, file["global_batch"])
+            log.warning(
+                "%s's lr %g is for its global batch %d; this run's is %d: pass --lr-base %g --lr-base-size %d to follow it, "
+                "or --lr to set one",
+                where,
+                settings.lr,
+                file["global_batch"],
+                settings.global_batch,
+                settings.lr,
+                file["global_batch"],
+            )
         return settings
-    scale = settings.lr_base_scale or ("sqrt" if "ada" in settings.optimizer or "lamb" in settings.optimizer else "linear")
+    scale = settings.lr_base_scale or (
+        "sqrt" if "ada" in settings.optimizer or "lamb" in settings.optimizer else "linear"
+    )
     ratio = settings.global_batch / settings.lr_base_size
     lr = settings.lr_base * (ratio if scale == "linear" else math.sqrt(ratio))
     return dataclasses.replace(settings, lr=lr, lr_base_scale=scale)
-

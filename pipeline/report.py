@@ -25,13 +25,22 @@ log = logging.getLogger(__name__)
 
 
 def add_report_parser(sub) -> None:
-    p = sub.add_parser("report", help="curves of one or more runs on shared axes (a PNG) and a table of their final numbers")
+    p = sub.add_parser(
+        "report", help="curves of one or more runs on shared axes (a PNG) and a table of their final numbers"
+    )
     p.add_argument(
-        "runs", nargs="+", metavar="RUN",
+        "runs",
+        nargs="+",
+        metavar="RUN",
         help="a run folder (train, distill, a sweep trial: it holds metrics.jsonl), or a folder of runs such as a sweep's or the demo's --out",
     )
     p.add_argument("--out", metavar="PNG", help="write the picture here, e.g. report.png (default: the table only)")
-    p.add_argument("--label", action="append", metavar="NAME", help="legend name of each RUN folder given, in order; runs with one name share a colour (repeatable; default: the folder names)")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="legend name of each RUN folder given, in order; runs with one name share a colour (repeatable; default: the folder names)",
+    )
     p.add_argument("--title", help="title of the picture (default: none)")
     p.set_defaults(func=report_command)
 
@@ -50,7 +59,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             continue
         inside = sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file())
         if not inside:
-            raise UserError(f"{path} holds no {METRICS_FILE} (nor a run folder with one): pass a folder written by train, distill or sweep")
+            raise UserError(
+                f"{path} holds no {METRICS_FILE} (nor a run folder with one): pass a folder written by train, distill or sweep"
+            )
         runs.extend(inside)
     return runs
 
@@ -143,8 +154,11 @@ def one_task(runs: list[Path], names: list[str]) -> tuple[list[int], list[str]]:
         return f"{count} classes{shown}"
 
     kept = [i for i, t in enumerate(tasks) if t is None or t == main]
-    notes = [f"left out {names[i]} ({runs[i]}): it classifies {words(t)}, the other runs {words(main)}; report runs of one task together"
-             for i, t in enumerate(tasks) if t is not None and t != main]
+    notes = [
+        f"left out {names[i]} ({runs[i]}): it classifies {words(t)}, the other runs {words(main)}; report runs of one task together"
+        for i, t in enumerate(tasks)
+        if t is not None and t != main
+    ]
     return kept, notes
 
 
@@ -185,16 +199,25 @@ def text_table(header: list[str], rows: list[list], left: int = 1, text_last: bo
     cells = [[str(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     last = len(header) - 1 if text_last else -1
-    return ["  ".join(c.ljust(w) if i < left or i == last else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left or i == last else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in cells
+    ]
 
 
 def report_lines(labels: list[str], rows: list[dict]) -> list[str]:
     header = ["run", "epochs", "train loss", "val top-1", "best val top-1 (epoch)", "seconds", "views/s"]
     body = [
         [
-            label, r["epochs"], fmt(r["train_loss"]), fmt(r["val_top1"]),
+            label,
+            r["epochs"],
+            fmt(r["train_loss"]),
+            fmt(r["val_top1"]),
             "-" if r["best_val_top1"] is None else f"{r['best_val_top1']:.4f} ({r['best_epoch']})",
-            f"{r['seconds']:.1f}", fmt(r["views_per_s"], 5),
+            f"{r['seconds']:.1f}",
+            fmt(r["views_per_s"], 5),
         ]
         for label, r in zip(labels, rows)
     ]
@@ -217,7 +240,9 @@ def _save(fig, out_png: Path | str) -> Path:
     out_png = Path(out_png)
     blocked = file_above(out_png)
     if blocked:
-        raise UserError(f"cannot write the picture {out_png}: {blocked} is a file, not a directory; choose another --out")
+        raise UserError(
+            f"cannot write the picture {out_png}: {blocked} is a file, not a directory; choose another --out"
+        )
     try:
         out_png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
@@ -241,7 +266,9 @@ def is_reference(run: Path) -> bool:
         return False
 
 
-def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str] | None = None, title: str | None = None) -> Path:
+def plot_runs(
+    run_dirs: list[Path | str], out_png: Path | str, labels: list[str] | None = None, title: str | None = None
+) -> Path:
     """Training loss and validation top-1 per epoch of every run, on shared axes; runs with one label share a colour.
 
     ``run_dirs`` are run folders (each with metrics.jsonl); ``labels`` one legend name per run (default: the folder
@@ -263,12 +290,22 @@ def plot_runs(run_dirs: list[Path | str], out_png: Path | str, labels: list[str]
     styles = ("-", "--", "-.", ":")
     for run, name, lines in zip(runs, names, every):
         repeat = seen[name] = seen.get(name, -1) + 1
-        style = dict(color=colours[name], linewidth=1.6, alpha=0.9, linestyle=styles[repeat % len(styles)],
-                     marker="o" if len(lines) <= 30 else None, markersize=8 if len(lines) == 1 else 3)
+        style = dict(
+            color=colours[name],
+            linewidth=1.6,
+            alpha=0.9,
+            linestyle=styles[repeat % len(styles)],
+            marker="o" if len(lines) <= 30 else None,
+            markersize=8 if len(lines) == 1 else 3,
+        )
         label = name if repeat == 0 else None
         if with_val and is_reference(run):
             references.append((lines, name))
-            axes[0].plot(*_series(lines, "train_loss"), label=f"{name} (reference)" if repeat == 0 else None, **{**style, "linestyle": ":"})
+            axes[0].plot(
+                *_series(lines, "train_loss"),
+                label=f"{name} (reference)" if repeat == 0 else None,
+                **{**style, "linestyle": ":"},
+            )
             continue
         axes[0].plot(*_series(lines, "train_loss"), label=label, **style)
         if with_val:
@@ -298,13 +335,28 @@ def _reference_level(ax, lines: list[dict], name: str, colour) -> None:
     students = [y for line in ax.get_lines() for y in line.get_ydata()]
     low, high = (min(students), max(students)) if students else (level, level)
     if students and level > high + 0.5 * max(high - low, 5.0):  # far above: keep the students readable
-        ax.annotate(f"{name}: {level:.1f}% (above)", xy=(0.99, 0.98), xycoords="axes fraction", ha="right", va="top", color=colour, fontsize=8)
+        ax.annotate(
+            f"{name}: {level:.1f}% (above)",
+            xy=(0.99, 0.98),
+            xycoords="axes fraction",
+            ha="right",
+            va="top",
+            color=colour,
+            fontsize=8,
+        )
         return
     ax.axhline(level, color=colour, linestyle="--", linewidth=1.2, label=f"{name} (reference): {level:.1f}%")
 
 
-def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | None, out_png: Path | str, title: str | None = None,
-               mode: str = "max", notes: dict[str, str] | None = None) -> Path:
+def plot_sweep(
+    trials: list[tuple[str, list[dict]]],
+    metric: str,
+    best: str | None,
+    out_png: Path | str,
+    title: str | None = None,
+    mode: str = "max",
+    notes: dict[str, str] | None = None,
+) -> Path:
     """``metric`` per epoch for every trial (name, epoch lines, best first); the trial named ``best`` drawn bold in red.
 
     Each legend entry carries the trial's best value and its ``notes`` entry (``stopped early``); past 12 trials
@@ -333,8 +385,16 @@ def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | No
         if not xs:
             empty += 1
             continue
-        (h,) = ax.plot(xs, ys, color=palette[i % len(palette)] if listed else "0.6", linewidth=1.1, alpha=0.8, marker="o", markersize=3,
-                       label=f"{name}{value(name, lines)}")
+        (h,) = ax.plot(
+            xs,
+            ys,
+            color=palette[i % len(palette)] if listed else "0.6",
+            linewidth=1.1,
+            alpha=0.8,
+            marker="o",
+            markersize=3,
+            label=f"{name}{value(name, lines)}",
+        )
         handles.append(h)
     if not listed:
         handles = [ax.plot([], [], color="0.6", linewidth=1.1, label=f"{len(handles)} other trials")[0]]
@@ -342,10 +402,19 @@ def plot_sweep(trials: list[tuple[str, list[dict]]], metric: str, best: str | No
         handles.append(ax.plot([], [], color="none", label=f"{empty} trial(s) with no epoch (failed)")[0])
     if best is not None:
         lines = dict(trials)[best]
-        (h,) = ax.plot(*_series(lines, metric, scale), color="crimson", linewidth=3.0, marker="o", markersize=5,
-                       label=f"best: {best}{value(best, lines)}", zorder=5)
+        (h,) = ax.plot(
+            *_series(lines, metric, scale),
+            color="crimson",
+            linewidth=3.0,
+            marker="o",
+            markersize=5,
+            label=f"best: {best}{value(best, lines)}",
+            zorder=5,
+        )
         handles.insert(0, h)
-    ax.set(xlabel="epoch", ylabel=f"{metric} (%)" if percent else metric, title=title or f"{metric} per epoch, every trial")
+    ax.set(
+        xlabel="epoch", ylabel=f"{metric} (%)" if percent else metric, title=title or f"{metric} per epoch, every trial"
+    )
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if handles:
@@ -360,7 +429,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def check_picture_path(out: Path) -> None:
     """Refuse a --out that would write over anything but an earlier picture (a run's metrics.jsonl, say)."""
     if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: the picture is a PNG file: name it with .png (e.g. {out.with_suffix('.png').name})")
+        raise UserError(
+            f"--out {out}: the picture is a PNG file: name it with .png (e.g. {out.with_suffix('.png').name})"
+        )
     if out.is_dir() or (out.exists() and _head(out) != PNG_MAGIC):
         raise UserError(f"--out {out} exists and is not a picture: report does not write over it; choose another --out")
 
@@ -392,9 +463,13 @@ def report_command(args) -> None:
     every = [lines for lines, _ in read]
     if not any(every):
         if any(bad for _, bad in read):
-            raise UserError(f"no epoch line in {', '.join(str(r / METRICS_FILE) for r in runs)}: what it holds is not epoch lines "
-                            "(JSON objects with a whole 'epoch'); pass the folder of a train, distill or sweep run")
-        raise UserError(f"no epoch finished yet in {', '.join(map(str, runs))}: {METRICS_FILE} is empty; report again after the first epoch")
+            raise UserError(
+                f"no epoch line in {', '.join(str(r / METRICS_FILE) for r in runs)}: what it holds is not epoch lines "
+                "(JSON objects with a whole 'epoch'); pass the folder of a train, distill or sweep run"
+            )
+        raise UserError(
+            f"no epoch finished yet in {', '.join(map(str, runs))}: {METRICS_FILE} is empty; report again after the first epoch"
+        )
     print("\n".join(report_lines(names, [run_row(lines) for lines in every])))
     if args.out:
         out = plot_runs(runs, args.out, labels=names, title=args.title)

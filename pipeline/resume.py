@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-DATA_FINGERPRINT = "data_fingerprint"  # a train run's dataset (its file names, count and labels), recorded in its checkpoint
+DATA_FINGERPRINT = (
+    "data_fingerprint"  # a train run's dataset (its file names, count and labels), recorded in its checkpoint
+)
 
 
 def check_same_run(saved: dict, now: dict) -> None:
@@ -54,7 +56,9 @@ def load_checkpoint(out: Path, run: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and lists: nothing unpickled
     except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{path} is not a checkpoint this pipeline can read ({type(e).__name__}): run without --resume to start afresh") from e
+        raise UserError(
+            f"{path} is not a checkpoint this pipeline can read ({type(e).__name__}): run without --resume to start afresh"
+        ) from e
     _check_state(path, state)
     check_same_run(state.get("run", {}), run)
     if isinstance(run.get("epochs"), int) and state["epoch"] > run["epochs"]:
@@ -68,20 +72,39 @@ def load_checkpoint(out: Path, run: dict) -> dict:
 def _warn_changed_epochs(state: dict, run: dict) -> None:
     before, now = state.get("run", {}).get("epochs"), run.get("epochs")
     if before is not None and before != now:  # the schedule is a function of the total: say so, not silently
-        log.warning("--resume with --epochs %s instead of %s: the learning-rate schedule (warm-up, decay) is stretched over %s epochs "
-                    "from epoch %d on, so the run differs from one trained for %s epochs from the start", now, before, now, state["epoch"] + 1, now)
+        log.warning(
+            "--resume with --epochs %s instead of %s: the learning-rate schedule (warm-up, decay) is stretched over %s epochs "
+            "from epoch %d on, so the run differs from one trained for %s epochs from the start",
+            now,
+            before,
+            now,
+            state["epoch"] + 1,
+            now,
+        )
 
 
-STATE_PARTS = ("model", "method", "optimizer", "scheduler", "rng", "run")  # what a resumed run restores (stages.training.distill.checkpoint._state)
+STATE_PARTS = (
+    "model",
+    "method",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "run",
+)  # what a resumed run restores (stages.training.distill.checkpoint._state)
 
 
 def _check_state(path: Path, state) -> None:
     """The checkpoint's shape and numbers, before they set where the run continues: a damaged or hand-edited file is one line."""
+
     def bad(field: str, what: str):
-        return UserError(f"{path}: field '{field}' {what}; the checkpoint is damaged: run without --resume to start afresh")
+        return UserError(
+            f"{path}: field '{field}' {what}; the checkpoint is damaged: run without --resume to start afresh"
+        )
 
     if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint: run without --resume to start afresh")
+        raise UserError(
+            f"{path} holds a {type(state).__name__}, not a checkpoint: run without --resume to start afresh"
+        )
     missing = [part for part in ("epoch", "metrics", *STATE_PARTS) if part not in state]
     if missing:
         raise bad(missing[0], "is missing")
@@ -89,12 +112,28 @@ def _check_state(path: Path, state) -> None:
     if not isinstance(saved, dict):
         raise bad("run", f"must hold the run's settings, not a {type(saved).__name__}")
     total = saved.get("epochs")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= (total if isinstance(total, int) else epoch):
+    if (
+        not isinstance(epoch, int)
+        or isinstance(epoch, bool)
+        or not 1 <= epoch <= (total if isinstance(total, int) else epoch)
+    ):
         raise bad("epoch", f"is {epoch!r}, not an epoch of the saved run's {total} epochs")
-    before = 1 if isinstance(metrics, list) and metrics and isinstance(metrics[0], dict) and metrics[0].get("epoch") == 0 else 0  # a fine-tune's epoch 0
-    if not isinstance(metrics, list) or len(metrics) != epoch + before or not all(isinstance(line, dict) for line in metrics):
+    before = (
+        1
+        if isinstance(metrics, list) and metrics and isinstance(metrics[0], dict) and metrics[0].get("epoch") == 0
+        else 0
+    )  # a fine-tune's epoch 0
+    if (
+        not isinstance(metrics, list)
+        or len(metrics) != epoch + before
+        or not all(isinstance(line, dict) for line in metrics)
+    ):
         raise bad("metrics", f"must hold one line per finished epoch ({epoch})")
-    for part in ("student_weights", "student", "scaler"):  # the Ray Train driver writes the first two; a disabled scaler reads nothing
+    for part in (
+        "student_weights",
+        "student",
+        "scaler",
+    ):  # the Ray Train driver writes the first two; a disabled scaler reads nothing
         if part in state and not isinstance(state[part], dict):
             raise bad(part, f"must be a mapping, not a {type(state[part]).__name__}")
 

@@ -17,6 +17,7 @@ from . import config
 LOCK_FILE = "run.lock"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
+
 class _ToRunLogs(logging.Handler):
     """A library's log lines (Ray's token-authentication notice, ...) go where library warnings go: to the run log,
     not the console (README). Held while no run log is open (a sweep joins Ray before its sweep.log exists); the
@@ -83,6 +84,7 @@ def run_log(path: Path | Location):
             path.write_bytes(local.read_bytes())
             local.unlink()
 
+
 class RunFiles:
     """A training run's ``config.yaml`` and ``run.log`` in OUT, written only once the run has passed its set-up.
 
@@ -110,7 +112,9 @@ class RunFiles:
         # The folder becomes a timm model folder, which loads one set of weights: another kind of run's would win.
         other = [name for name in MODEL_FILES if name != self.weights_name and (self.out / name).is_file()]
         if other:
-            raise UserError(f"--out {self.out} holds another run's model ({other[0]}): timm would load that one from the folder; pass a new --out")
+            raise UserError(
+                f"--out {self.out} holds another run's model ({other[0]}): timm would load that one from the folder; pass a new --out"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         if self.lock is not None:
             self.lock.acquire()
@@ -133,6 +137,7 @@ class RunFiles:
             root.removeHandler(self.file)
             self.file.close()
 
+
 class _HeldLines(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -141,7 +146,11 @@ class _HeldLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-MODEL_FILES = ("student.safetensors", "model.safetensors")  # what distill and train write: one timm model folder holds one
+
+MODEL_FILES = (
+    "student.safetensors",
+    "model.safetensors",
+)  # what distill and train write: one timm model folder holds one
 
 
 def check_out(out: Path) -> Path:

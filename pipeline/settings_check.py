@@ -14,8 +14,27 @@ import argparse
 from dataclasses import fields
 
 from stages.settings import (
-    MAX_BLOCK, MAX_VIEWS, MAX_WORKERS, PROB, SEED, SIZE, WORKERS, Check, Device, Flag, Int, ListOf, Location, Mapping, Name, Optional, Seq,
-    Float, Weights, declared, default_of,
+    MAX_BLOCK,
+    MAX_VIEWS,
+    MAX_WORKERS,
+    PROB,
+    SEED,
+    SIZE,
+    WORKERS,
+    Check,
+    Device,
+    Flag,
+    Int,
+    ListOf,
+    Location,
+    Mapping,
+    Name,
+    Optional,
+    Seq,
+    Float,
+    Weights,
+    declared,
+    default_of,
 )
 from stages.data.views import ViewRecipe
 from stages.training.settings import TrainSettings
@@ -96,8 +115,17 @@ def _shown(f) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_setting_flags(group, cls, *, skip=(), rename: dict | None = None, helps: dict | None = None, choices: dict | None = None,
-                      known: dict | None = None, defaults: dict | None = None) -> None:
+def add_setting_flags(
+    group,
+    cls,
+    *,
+    skip=(),
+    rename: dict | None = None,
+    helps: dict | None = None,
+    choices: dict | None = None,
+    known: dict | None = None,
+    defaults: dict | None = None,
+) -> None:
     """A flag for every declared field of ``cls`` not in ``skip``: ``--field-name`` (or ``rename``), parsed and
     checked by the field's declaration, help from it with the default appended (``helps`` replaces a help text).
     ``choices`` restricts a flag to some values; ``known`` lists in its help what a registry holds (a miss is then
@@ -118,12 +146,20 @@ def add_setting_flags(group, cls, *, skip=(), rename: dict | None = None, helps:
         elif f.name in choices or hasattr(inner, "values"):
             kwargs["choices"] = choices.get(f.name) or inner.values
         elif isinstance(inner, Seq):
-            kwargs.update(nargs=inner.n, type=flag_type(f.name, inner), metavar=("MIN", "MAX") if inner.ordered and inner.n == 2 else None)
+            kwargs.update(
+                nargs=inner.n,
+                type=flag_type(f.name, inner),
+                metavar=("MIN", "MAX") if inner.ordered and inner.n == 2 else None,
+            )
         elif isinstance(inner, ListOf):
             kwargs.update(nargs="+", type=flag_type(f.name, inner))
         else:
-            kwargs.update(type=flag_type(f.name, check), metavar=_flag_name(f, rename).lstrip("-").replace("-", "_").upper())
-        group.add_argument(_flag_name(f, rename), **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+            kwargs.update(
+                type=flag_type(f.name, check), metavar=_flag_name(f, rename).lstrip("-").replace("-", "_").upper()
+            )
+        group.add_argument(
+            _flag_name(f, rename), **{k: v for k, v in kwargs.items() if v is not None or k == "default"}
+        )
 
 
 def settings_from_args(args: argparse.Namespace, cls, rename: dict | None = None) -> dict:

@@ -37,32 +37,95 @@ from storage import Location, UserError
 from storage.lock import WriterLock
 
 from . import config
-from .sweep_spec import EARLY_STOP_DEFAULTS, LOG_FILE, SWEEP_FILE, SweepSpec, describe, load_sweep, trial_job, trial_settings
+from .sweep_spec import (
+    EARLY_STOP_DEFAULTS,
+    LOG_FILE,
+    SWEEP_FILE,
+    SweepSpec,
+    describe,
+    load_sweep,
+    trial_job,
+    trial_settings,
+)
 from .sweep_summary import print_summary
 
 log = logging.getLogger("pipeline")
 
 MAX_TRIALS = 1000  # trials a sweep may make unless --max-trials says more
 MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep starts
-VAL_METRICS = ("val_top1", "val_top1_ema")  # what validation reports (stages.training.distill.loop.validate); train_* depend on the method
+VAL_METRICS = (
+    "val_top1",
+    "val_top1_ema",
+)  # what validation reports (stages.training.distill.loop.validate); train_* depend on the method
 
 
 def add_sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="many distill runs over one store as Ray Tune trials: grid and random search, early stopping, a ranked table")
-    p.add_argument("--from-cache", metavar="STORE", help="the store made by `pipeline extract` (required unless --summary; default: none)")
-    p.add_argument("--config", metavar="SWEEP_YAML", help="fixed distill settings plus a search: section (see configs/sweeps/) (required unless --summary)")
-    p.add_argument("--out", required=True, help="the sweep folder: one folder per trial (what distill --out writes), sweep.yaml, sweep.csv, sweep.png, sweep.log")
-    p.add_argument("--summary", action="store_true", help="only print the table and write sweep.csv and sweep.png of the sweep in --out, from its trial folders (default: run the sweep)")
+    p = sub.add_parser(
+        "sweep",
+        help="many distill runs over one store as Ray Tune trials: grid and random search, early stopping, a ranked table",
+    )
+    p.add_argument(
+        "--from-cache",
+        metavar="STORE",
+        help="the store made by `pipeline extract` (required unless --summary; default: none)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="SWEEP_YAML",
+        help="fixed distill settings plus a search: section (see configs/sweeps/) (required unless --summary)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the sweep folder: one folder per trial (what distill --out writes), sweep.yaml, sweep.csv, sweep.png, sweep.log",
+    )
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="only print the table and write sweep.csv and sweep.png of the sweep in --out, from its trial folders (default: run the sweep)",
+    )
     p.add_argument("--data", help="training data, when it moved since extraction (default: the store's)")
-    p.add_argument("--val-data", help="validation data for folder datasets, folder:PATH (default: digits and fake have their own split)")
+    p.add_argument(
+        "--val-data",
+        help="validation data for folder datasets, folder:PATH (default: digits and fake have their own split)",
+    )
     g = p.add_argument_group("Ray Tune")
-    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds; its torch threads follow (default: 1)")
-    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial holds (0.5: two trials share one); a trial with a GPU trains on CUDA (default: 0)")
-    g.add_argument("--max-concurrent", type=int, default=0, help="trials at once at most; 0: as many as the CPUs and GPUs hold (default: 0)")
-    g.add_argument("--early-stop", action="store_true", help="stop weak trials early (ASHA on the metric per epoch; the sweep file's early_stop: tunes it) (default: off, unless the file has early_stop:)")
-    g.add_argument("--max-trials", type=int, default=MAX_TRIALS, help=f"refuse a sweep file that makes more trials than this (default: {MAX_TRIALS:,})")
-    g.add_argument("--retry-errored", action="store_true", help="when resuming, run the trials that failed again from scratch (default: failed trials stay failed)")
-    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local Ray instance)")
+    g.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds; its torch threads follow (default: 1)"
+    )
+    g.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs each trial holds (0.5: two trials share one); a trial with a GPU trains on CUDA (default: 0)",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="trials at once at most; 0: as many as the CPUs and GPUs hold (default: 0)",
+    )
+    g.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop weak trials early (ASHA on the metric per epoch; the sweep file's early_stop: tunes it) (default: off, unless the file has early_stop:)",
+    )
+    g.add_argument(
+        "--max-trials",
+        type=int,
+        default=MAX_TRIALS,
+        help=f"refuse a sweep file that makes more trials than this (default: {MAX_TRIALS:,})",
+    )
+    g.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="when resuming, run the trials that failed again from scratch (default: failed trials stay failed)",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local Ray instance)",
+    )
     p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache (default: off)")
     p.set_defaults(func=sweep_command)
 
@@ -92,12 +155,18 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     from storage import Store
 
     store = Store(job["store"])
-    dataset = store_dataset(store, job.get("data"))  # the store's data (or --data) exists and is the one it was made from
+    dataset = store_dataset(
+        store, job.get("data")
+    )  # the store's data (or --data) exists and is the one it was made from
     source = data_source(store, job.get("data"))
     if spec.metric.startswith("val_") and spec.metric not in VAL_METRICS:  # a trial would report nothing to rank by
-        raise UserError(f"{where}: no trial reports metric {spec.metric}: validation gives {', '.join(VAL_METRICS)} (the _ema one with model_ema)")
+        raise UserError(
+            f"{where}: no trial reports metric {spec.metric}: validation gives {', '.join(VAL_METRICS)} (the _ema one with model_ema)"
+        )
     if spec.metric.startswith("val_") and validation_data(dataset, job.get("val_data")) is None:
-        raise UserError(f"{where}: metric {spec.metric} needs validation data, and {source} has none: pass --val-data folder:PATH, or rank by metric: train_loss")
+        raise UserError(
+            f"{where}: metric {spec.metric} needs validation data, and {source} has none: pass --val-data folder:PATH, or rank by metric: train_loss"
+        )
     epochs, teachers, students = 0, set(), set()
     for params in _representative_trials(spec):
         here = f"{where}, trial {describe(params)}"
@@ -111,7 +180,9 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
             teacher = (trial.teacher_id, trial.teacher_weights, train.method)
             if student not in students:  # timm refuses a bad model argument only when the model is built
                 students.add(student)
-                build_student(train.student, store.record.dataset.num_classes, 0, train.student_weights, **train.student_kwargs)
+                build_student(
+                    train.student, store.record.dataset.num_classes, 0, train.student_weights, **train.student_kwargs
+                )
             if teacher not in teachers:
                 teachers.add(teacher)
                 cached_source(store, trial)  # each part's teacher too, for a composite method
@@ -134,7 +205,11 @@ def _check_same_sweep(saved: Path, record: dict, out: Path) -> None:
     if not saved.is_file():
         return
     before = config.load_yaml(saved)
-    changed = sorted(k for k in record if json.dumps(before.get(k), sort_keys=True) != json.dumps(json.loads(json.dumps(record[k])), sort_keys=True))
+    changed = sorted(
+        k
+        for k in record
+        if json.dumps(before.get(k), sort_keys=True) != json.dumps(json.loads(json.dumps(record[k])), sort_keys=True)
+    )
     if changed:
         raise UserError(
             f"{out} holds a sweep with other settings ({', '.join(changed)} changed): run the same command to resume it, "
@@ -147,12 +222,16 @@ def sweep_command(args) -> None:
 
     out = Path(args.out).absolute()
     if args.online:
-        raise UserError("sweeps run from the cache: drop --online (a live teacher in every trial is the cost the cache exists to save)")
+        raise UserError(
+            "sweeps run from the cache: drop --online (a live teacher in every trial is the cost the cache exists to save)"
+        )
     if args.summary:
         print_summary(out)
         return
     if not args.from_cache or not args.config:
-        raise UserError("pipeline sweep needs --from-cache STORE and --config SWEEP_YAML (or --summary, to report the sweep in --out)")
+        raise UserError(
+            "pipeline sweep needs --from-cache STORE and --config SWEEP_YAML (or --summary, to report the sweep in --out)"
+        )
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0 or args.max_concurrent < 0:
         raise UserError(
             f"--cpus-per-trial must be more than 0 and --gpus-per-trial and --max-concurrent 0 or more, not "
@@ -174,23 +253,48 @@ def sweep_command(args) -> None:
         "metric": spec.metric,
     }
     max_epochs = check_sweep(spec, job, where)
-    record = {"command": "sweep", "store": job["store"], "data": job["data"], "val_data": job["val_data"], **spec.to_dict()}
+    record = {
+        "command": "sweep",
+        "store": job["store"],
+        "data": job["data"],
+        "val_data": job["val_data"],
+        **spec.to_dict(),
+    }
     saved = out / SWEEP_FILE
     _check_same_sweep(saved, record, out)
     from .run_files import run_log
     from .ray_sweep import join_cluster, run_sweep
 
     join_cluster(args.ray_address, args.cpus_per_trial, args.gpus_per_trial, out, job["store"])
-    with WriterLock(Location(str(out / "sweep.lock")), f"sweep folder {out}", busy="is in use"), run_log(out / LOG_FILE):
+    with (
+        WriterLock(Location(str(out / "sweep.lock")), f"sweep folder {out}", busy="is in use"),
+        run_log(out / LOG_FILE),
+    ):
         config.save(saved, record)
         log.info(
             "sweep %s: %d trial(s) (%d grid combination(s) x %d sample(s)) of %s over %s, ranked by %s (%s)%s",
-            out, spec.num_trials, spec.grid_size, spec.samples, ", ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "nothing",
-            job["store"], spec.metric, spec.mode, f"; ASHA early stopping, grace {spec.early_stop['grace_epochs']} epoch(s)" if spec.early_stop else "",
+            out,
+            spec.num_trials,
+            spec.grid_size,
+            spec.samples,
+            ", ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "nothing",
+            job["store"],
+            spec.metric,
+            spec.mode,
+            f"; ASHA early stopping, grace {spec.early_stop['grace_epochs']} epoch(s)" if spec.early_stop else "",
         )
         try:
-            run_sweep(spec, job, out, max_epochs=max_epochs, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                      max_concurrent=args.max_concurrent, retry_errored=args.retry_errored, debug=args.debug)
+            run_sweep(
+                spec,
+                job,
+                out,
+                max_epochs=max_epochs,
+                cpus=args.cpus_per_trial,
+                gpus=args.gpus_per_trial,
+                max_concurrent=args.max_concurrent,
+                retry_errored=args.retry_errored,
+                debug=args.debug,
+            )
         except KeyboardInterrupt:
             ray_env.leave_quietly()  # the trials end now, before the last line ("interrupted: ..."), and silently
             raise

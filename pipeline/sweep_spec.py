@@ -25,7 +25,10 @@ SWEEP_FILE, CSV_FILE, PNG_FILE, LOG_FILE = "sweep.yaml", "sweep.csv", "sweep.png
 TRIAL_RECORD, TRIAL_SETTINGS, TRIAL_PREFIX = "trial.json", "settings.yaml", "trial-"
 SWEEP_KEYS = ("search", "samples", "metric", "mode", "early_stop", "search_seed")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-JOB_SETTINGS = ("teacher_id", "teacher_weights")  # distill settings a sweep file may set that are no TrainSettings field
+JOB_SETTINGS = (
+    "teacher_id",
+    "teacher_weights",
+)  # distill settings a sweep file may set that are no TrainSettings field
 NESTED = ("method_args", "student_kwargs")  # dict settings searched key by key: method_args.temperature
 REFUSED = {
     "online": "sweeps run from the cache: a live teacher in every trial is the cost the cache exists to save; drop online",
@@ -71,8 +74,13 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         return {
-            "fixed": self.fixed, "search": {a.name: {a.kind: a.values} for a in self.axes}, "samples": self.samples,
-            "metric": self.metric, "mode": self.mode, "early_stop": self.early_stop, "search_seed": self.search_seed,
+            "fixed": self.fixed,
+            "search": {a.name: {a.kind: a.values} for a in self.axes},
+            "samples": self.samples,
+            "metric": self.metric,
+            "mode": self.mode,
+            "early_stop": self.early_stop,
+            "search_seed": self.search_seed,
         }
 
 
@@ -110,13 +118,19 @@ def _axis(name: str, spec, where: str) -> Axis:
         if not values:
             raise UserError(f"{here}: the {kind} is empty: give at least one value, e.g. {kind}: [1, 4]")
         return Axis(name, kind, values)
-    numbers = isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numbers = (
+        isinstance(values, list)
+        and len(values) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    )
     if not numbers:
         raise UserError(f"{here}: {kind} takes [LOW, HIGH], two numbers, not {values!r}")
     low, high = values
     if kind == "randint":  # whole numbers from LOW to HIGH, both included (Tune's own randint leaves HIGH out)
         if not all(isinstance(v, int) for v in values) or not low < high:
-            raise UserError(f"{here}: randint takes [LOW, HIGH], whole numbers with LOW < HIGH (both may be drawn), not {values!r}")
+            raise UserError(
+                f"{here}: randint takes [LOW, HIGH], whole numbers with LOW < HIGH (both may be drawn), not {values!r}"
+            )
         return Axis(name, kind, [low, high])
     if not low < high:
         raise UserError(f"{here}: {kind} needs LOW < HIGH, not [{low}, {high}]")
@@ -148,9 +162,13 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
     data = dict(data)
     search = data.pop("search", None)
     if not isinstance(search, dict) or not search:
-        raise UserError(f"{where}: a sweep needs a search: section mapping settings to values, e.g. search: {{lr: {{loguniform: [0.0005, 0.005]}}}}")
+        raise UserError(
+            f"{where}: a sweep needs a search: section mapping settings to values, e.g. search: {{lr: {{loguniform: [0.0005, 0.005]}}}}"
+        )
     fixed = {k: v for k, v in data.items() if k not in SWEEP_KEYS}
-    check_views(fixed.pop(VIEWS, None), where)  # for extract and train, as distill --config ignores it; checked all the same
+    check_views(
+        fixed.pop(VIEWS, None), where
+    )  # for extract and train, as distill --config ignores it; checked all the same
     for name in fixed:
         _check_name(name, where)
     axes = []
@@ -162,7 +180,9 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
         raise UserError(f"{where}: samples must be a whole number of random draws, 1 or more, not {samples!r}")
     metric = data.get("metric", "val_top1")
     if not isinstance(metric, str) or not re.fullmatch(r"(val|train)_[A-Za-z0-9_.@-]+", metric):
-        raise UserError(f"{where}: metric must name a number of the epoch lines such as val_top1, train_loss or train_kd, not {metric!r}")
+        raise UserError(
+            f"{where}: metric must name a number of the epoch lines such as val_top1, train_loss or train_kd, not {metric!r}"
+        )
     mode = data.get("mode", "max" if metric.startswith("val_") else "min")
     if mode not in ("max", "min"):
         raise UserError(f"{where}: mode must be max or min, not {mode!r}")
@@ -171,15 +191,23 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
         early = {}
     if early is not None and early is not False:
         if not isinstance(early, dict):
-            raise UserError(f"{where}: early_stop takes true or {{grace_epochs: G, reduction_factor: R}}, not {early!r}")
+            raise UserError(
+                f"{where}: early_stop takes true or {{grace_epochs: G, reduction_factor: R}}, not {early!r}"
+            )
         unknown = sorted(set(early) - set(EARLY_STOP_DEFAULTS))
         if unknown:
-            raise UserError(f"{where}: early_stop has no setting {', '.join(unknown)}: known are {', '.join(EARLY_STOP_DEFAULTS)}")
+            raise UserError(
+                f"{where}: early_stop has no setting {', '.join(unknown)}: known are {', '.join(EARLY_STOP_DEFAULTS)}"
+            )
         early = {**EARLY_STOP_DEFAULTS, **early}
         if not isinstance(early["grace_epochs"], int) or early["grace_epochs"] < 1:
-            raise UserError(f"{where}: early_stop grace_epochs must be a whole number of epochs, 1 or more, not {early['grace_epochs']!r}")
+            raise UserError(
+                f"{where}: early_stop grace_epochs must be a whole number of epochs, 1 or more, not {early['grace_epochs']!r}"
+            )
         if not isinstance(early["reduction_factor"], (int, float)) or early["reduction_factor"] <= 1:
-            raise UserError(f"{where}: early_stop reduction_factor must be more than 1, not {early['reduction_factor']!r}")
+            raise UserError(
+                f"{where}: early_stop reduction_factor must be more than 1, not {early['reduction_factor']!r}"
+            )
     else:
         early = None
     seed = data.get("search_seed", 0)
@@ -224,16 +252,39 @@ def _joined(value):
 def rerun_command(job: DistillJob, out: Path, device: str, threads: int) -> str:
     """The `pipeline distill` command that runs a trial again by hand (its settings are OUT/settings.yaml), on the
     trial's torch threads: another thread count sums in another order, and the run drifts from the trial's."""
-    words = ["pipeline", "distill", "--from-cache", job.store, "--config", str(out / TRIAL_SETTINGS), "--out", str(out), "--device", device,
-             "--threads", str(threads)]
-    for flag, value in (("--teacher-id", job.teacher_id), ("--teacher-weights", job.teacher_weights), ("--data", job.data), ("--val-data", job.val_data)):
+    words = [
+        "pipeline",
+        "distill",
+        "--from-cache",
+        job.store,
+        "--config",
+        str(out / TRIAL_SETTINGS),
+        "--out",
+        str(out),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
+    for flag, value in (
+        ("--teacher-id", job.teacher_id),
+        ("--teacher-weights", job.teacher_weights),
+        ("--data", job.data),
+        ("--val-data", job.val_data),
+    ):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
 
 
 def _value_text(value) -> str:
-    text = f"{value:.4g}" if isinstance(value, float) else json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+    text = (
+        f"{value:.4g}"
+        if isinstance(value, float)
+        else json.dumps(value, separators=(",", ":"))
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
     return re.sub(r"[^A-Za-z0-9_.+-]", "", text)
 
 

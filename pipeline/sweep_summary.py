@@ -37,14 +37,21 @@ def collect(out: Path) -> tuple[dict, list[TrialRow]]:
     """The sweep's saved spec and one row per trial folder, best first (by the spec's metric and mode)."""
     saved = out / SWEEP_FILE
     if not saved.is_file():
-        raise UserError(f"{out} holds no sweep ({SWEEP_FILE} is missing): run `pipeline sweep --from-cache STORE --config SWEEP_YAML --out {out}` first")
+        raise UserError(
+            f"{out} holds no sweep ({SWEEP_FILE} is missing): run `pipeline sweep --from-cache STORE --config SWEEP_YAML --out {out}` first"
+        )
     spec = config.load_yaml(saved)
     metric, mode = spec.get("metric", "val_top1"), spec.get("mode", "max")
     rows = []
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith(TRIAL_PREFIX)):
         record = read_record(folder)
         if not isinstance(record, dict):  # a hand-edited or foreign file: the rest of the sweep still reports
-            log.warning("%s holds a JSON %s, not a trial record: trial %s is left out of the table", folder / TRIAL_RECORD, type(record).__name__, folder.name)
+            log.warning(
+                "%s holds a JSON %s, not a trial record: trial %s is left out of the table",
+                folder / TRIAL_RECORD,
+                type(record).__name__,
+                folder.name,
+            )
             continue
         if not record:
             continue
@@ -77,11 +84,17 @@ def summary_lines(spec: dict, rows: list[TrialRow]) -> list[str]:
     for r in rows:
         last = next((ln[metric] for ln in reversed(r.lines) if metric in ln), None)
         status = f"error: {r.error}" if r.status == "error" and r.error else r.status
-        body.append([
-            r.index, *[_value_text(r.params.get(n, "-")) for n in names],
-            "-" if r.best is None else f"{report.fmt(r.best[metric])} ({r.best.get('epoch')})", report.fmt(last),
-            str(int(r.lines[-1].get("epoch", len(r.lines))) if r.lines else 0), f"{r.seconds:.1f}", status,
-        ])
+        body.append(
+            [
+                r.index,
+                *[_value_text(r.params.get(n, "-")) for n in names],
+                "-" if r.best is None else f"{report.fmt(r.best[metric])} ({r.best.get('epoch')})",
+                report.fmt(last),
+                str(int(r.lines[-1].get("epoch", len(r.lines))) if r.lines else 0),
+                f"{r.seconds:.1f}",
+                status,
+            ]
+        )
     return report.text_table(header, body, left=1 + len(names), text_last=True)
 
 
@@ -90,14 +103,39 @@ def write_csv(path: Path, spec: dict, rows: list[TrialRow]) -> None:
     names = list(spec.get("search", {}))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "status", *names, f"best_{metric}", "best_epoch", f"last_{metric}", "epochs", "seconds", "error", "folder"])
+        w.writerow(
+            [
+                "trial",
+                "status",
+                *names,
+                f"best_{metric}",
+                "best_epoch",
+                f"last_{metric}",
+                "epochs",
+                "seconds",
+                "error",
+                "folder",
+            ]
+        )
         for r in rows:
             last = next((ln[metric] for ln in reversed(r.lines) if metric in ln), None)
-            w.writerow([
-                r.index, r.status, *[json.dumps(r.params[n]) if isinstance(r.params.get(n), (list, dict)) else r.params.get(n, "") for n in names],
-                "" if r.best is None else r.best[metric], "" if r.best is None else r.best.get("epoch", ""), "" if last is None else last,
-                int(r.lines[-1].get("epoch", len(r.lines))) if r.lines else 0, round(r.seconds, 3), r.error or "", r.name,
-            ])
+            w.writerow(
+                [
+                    r.index,
+                    r.status,
+                    *[
+                        json.dumps(r.params[n]) if isinstance(r.params.get(n), (list, dict)) else r.params.get(n, "")
+                        for n in names
+                    ],
+                    "" if r.best is None else r.best[metric],
+                    "" if r.best is None else r.best.get("epoch", ""),
+                    "" if last is None else last,
+                    int(r.lines[-1].get("epoch", len(r.lines))) if r.lines else 0,
+                    round(r.seconds, 3),
+                    r.error or "",
+                    r.name,
+                ]
+            )
 
 
 def print_summary(out: Path) -> None:
@@ -108,14 +146,26 @@ def print_summary(out: Path) -> None:
     metric = spec.get("metric", "val_top1")
     write_csv(out / CSV_FILE, spec, rows)
     best = rows[0] if rows[0].best is not None else None
-    report.plot_sweep([(r.name, r.lines) for r in rows], metric, best.name if best else None, out / PNG_FILE,
-                      title=f"sweep {out.name}: {metric} per epoch, {len(rows)} trial(s)", mode=spec.get("mode", "max"),
-                      notes={r.name: r.status for r in rows if r.status != "finished"})
+    report.plot_sweep(
+        [(r.name, r.lines) for r in rows],
+        metric,
+        best.name if best else None,
+        out / PNG_FILE,
+        title=f"sweep {out.name}: {metric} per epoch, {len(rows)} trial(s)",
+        mode=spec.get("mode", "max"),
+        notes={r.name: r.status for r in rows if r.status != "finished"},
+    )
     counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(r.status for r in rows)}
     print("\n".join(summary_lines(spec, rows)))
-    print(f"{len(rows)} trial(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {out / CSV_FILE}, {out / PNG_FILE}")
+    print(
+        f"{len(rows)} trial(s): "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f" -> {out / CSV_FILE}, {out / PNG_FILE}"
+    )
     if best:
-        print(f"best: {best.name}: {metric} {best.best[metric]:.4f} at epoch {best.best.get('epoch')} -> {out / best.name}")
+        print(
+            f"best: {best.name}: {metric} {best.best[metric]:.4f} at epoch {best.best.get('epoch')} -> {out / best.name}"
+        )
     elif any(r.lines for r in rows):  # epochs ran, and none reported the metric: the ranking ranked nothing
         reported = sorted({k for r in rows for ln in r.lines for k in ln if k.startswith(("train_", "val_"))})
         raise UserError(

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 CGROUP = Path("/sys/fs/cgroup")
 MAX_THREADS = 1024  # the most --threads takes (stages.settings.MAX_WORKERS)
-WORKER_BYTES = 470 * 2**20  # the memory a loader process holds (measured: about 470 MB, a forked torch with its imports)
+WORKER_BYTES = (
+    470 * 2**20
+)  # the memory a loader process holds (measured: about 470 MB, a forked torch with its imports)
 
 
 def usable_cpus() -> int:
@@ -39,7 +41,10 @@ def cgroup_quota(root: Path = CGROUP) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        quota, period = int((root / "cpu" / "cpu.cfs_quota_us").read_text()), int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota, period = (
+            int((root / "cpu" / "cpu.cfs_quota_us").read_text()),
+            int((root / "cpu" / "cpu.cfs_period_us").read_text()),
+        )
     except (OSError, ValueError):
         return None
     return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
@@ -60,7 +65,9 @@ def env_threads() -> int | None:
     if threads > MAX_THREADS:
         from storage import UserError
 
-        raise UserError(f"OMP_NUM_THREADS={threads} is more threads than the {MAX_THREADS} this tool takes (as --threads): set it lower, or pass --threads N")
+        raise UserError(
+            f"OMP_NUM_THREADS={threads} is more threads than the {MAX_THREADS} this tool takes (as --threads): set it lower, or pass --threads N"
+        )
     return threads if threads >= 1 else None
 
 
@@ -80,8 +87,10 @@ def check_workers(workers: int, memory: int | None = None) -> str | None:
     memory = available_memory() if memory is None else memory
     if not memory or workers * WORKER_BYTES <= memory:
         return None
-    line = (f"--workers {workers} asks for about {workers * WORKER_BYTES / 2**30:.0f} GB of loader processes (about {WORKER_BYTES >> 20} MB "
-            f"each) with {memory / 2**30:.0f} GB available: the system may swap or kill them; about {max(1, memory // WORKER_BYTES)} fit")
+    line = (
+        f"--workers {workers} asks for about {workers * WORKER_BYTES / 2**30:.0f} GB of loader processes (about {WORKER_BYTES >> 20} MB "
+        f"each) with {memory / 2**30:.0f} GB available: the system may swap or kill them; about {max(1, memory // WORKER_BYTES)} fit"
+    )
     log.warning(line)
     return line
 

@@ -30,7 +30,17 @@ from .methods import Targets
 from .teachers.teacher_sources import CachedTeacher
 from .training.loader import Batch, ReplayLoader
 
-__all__ = ["open_cache", "Cache", "ReplayLoader", "Batch", "Targets", "normalize", "UserError", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "open_cache",
+    "Cache",
+    "ReplayLoader",
+    "Batch",
+    "Targets",
+    "normalize",
+    "UserError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 OUTPUTS = ("logits", "features", "tokens")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's IMAGENET_DEFAULT_MEAN / _STD
@@ -80,11 +90,26 @@ class Cache:
         return self.store.record.plan.size
 
     def loader(
-        self, batch_size: int, *, teachers: Sequence[str] | None = None, needs: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-        temperature: float | Mapping[str, float] = 1.0, size: int | None = None, workers: int = 0, seed: int = 0, repeats: int = 1,
-        label_smoothing: float = 0.0, label_fraction: float = 1.0, label_seed: int = 0, window_rows: int = 16384, verify: str = "sample",
-        normalize: bool = False, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-        rank: int | None = None, world: int | None = None,
+        self,
+        batch_size: int,
+        *,
+        teachers: Sequence[str] | None = None,
+        needs: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+        temperature: float | Mapping[str, float] = 1.0,
+        size: int | None = None,
+        workers: int = 0,
+        seed: int = 0,
+        repeats: int = 1,
+        label_smoothing: float = 0.0,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
+        window_rows: int = 16384,
+        verify: str = "sample",
+        normalize: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        rank: int | None = None,
+        world: int | None = None,
     ) -> ReplayLoader:
         """A loader of this cache's replayed views, with the named teachers' outputs.
 
@@ -121,14 +146,31 @@ class Cache:
         if isinstance(teachers, str):
             raise UserError(f"teachers is a list of teacher ids: write teachers=['{teachers}']")
         ids = self.teacher_ids if teachers is None else list(teachers)
-        sources = {tid: CachedTeacher(self.store, tid, self._needs(tid, needs), prefix=f"t{j}:") for j, tid in enumerate(ids)}
+        sources = {
+            tid: CachedTeacher(self.store, tid, self._needs(tid, needs), prefix=f"t{j}:") for j, tid in enumerate(ids)
+        }
         views = StoredViews(self.store, self.plan, min((s.num_views for s in sources.values()), default=None))
         if views.num_views == 0:
             raise UserError(f"store {self.store.path} has no complete view yet: finish `pipeline extract` first")
         return ReplayLoader(
-            self.dataset, self.plan, views, batch_size, teachers=sources, temperature=temperature, size=size, label_fraction=label_fraction,
-            label_seed=label_seed, label_smoothing=label_smoothing, seed=seed, repeats=repeats, window_rows=window_rows, workers=workers, verify=verify,
-            normalize=(tuple(mean), tuple(std)) if normalize else None, rank=rank, world=world,
+            self.dataset,
+            self.plan,
+            views,
+            batch_size,
+            teachers=sources,
+            temperature=temperature,
+            size=size,
+            label_fraction=label_fraction,
+            label_seed=label_seed,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            repeats=repeats,
+            window_rows=window_rows,
+            workers=workers,
+            verify=verify,
+            normalize=(tuple(mean), tuple(std)) if normalize else None,
+            rank=rank,
+            world=world,
         )
 
     def _needs(self, teacher_id: str, needs) -> tuple[str, ...]:
@@ -136,7 +178,9 @@ class Cache:
         stored = self.store.teacher_info(teacher_id).outputs  # an unknown id names the store's teachers
         if isinstance(needs, Mapping):
             if teacher_id not in needs:
-                raise UserError(f"needs names outputs for {', '.join(needs)} but not for teacher '{teacher_id}': add it, or pass one list for all")
+                raise UserError(
+                    f"needs names outputs for {', '.join(needs)} but not for teacher '{teacher_id}': add it, or pass one list for all"
+                )
             needs = needs[teacher_id]
         if isinstance(needs, str):
             needs = [needs]

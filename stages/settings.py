@@ -296,7 +296,9 @@ WORKERS = Int(0, MAX_WORKERS)
 # -- declaring a field ---------------------------------------------------------------------------
 
 
-def setting(default, check: Check, help: str, *, flag: str | None = None, factory=None, show_default: str | None = None):
+def setting(
+    default, check: Check, help: str, *, flag: str | None = None, factory=None, show_default: str | None = None
+):
     """A dataclass field declared with its check and help text.
 
     ``flag``: the command-line flag when it is not ``--<field-name>`` (``--student-arg`` for a

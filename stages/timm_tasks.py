@@ -56,7 +56,9 @@ class _NoLiveTeacher(DistillationTeacher):
         return self  # timm's compile() compiles its teacher too; there is nothing here to compile
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        raise RuntimeError("a cached distillation task has no live teacher: pass the teacher's outputs as task(input, target, teacher)")
+        raise RuntimeError(
+            "a cached distillation task has no live teacher: pass the teacher's outputs as task(input, target, teacher)"
+        )
 
 
 def _teacher_output(teacher: TeacherOutputs, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -67,10 +69,14 @@ def _teacher_output(teacher: TeacherOutputs, key: str, like: torch.Tensor) -> to
         out = teacher[key]
     else:
         have = ", ".join(sorted(teacher)) or "nothing"
-        raise ValueError(f"this task needs the teacher's '{key}', and the batch's teacher outputs hold {have}: load the cache with needs=['{key}']")
+        raise ValueError(
+            f"this task needs the teacher's '{key}', and the batch's teacher outputs hold {have}: load the cache with needs=['{key}']"
+        )
     if out.shape != like.shape:
         # mse_loss would broadcast a mismatch (with only a warning): a cache of another teacher, or a wrong teacher_dim.
-        raise ValueError(f"the teacher's '{key}' has shape {tuple(out.shape)}, and the student's side has {tuple(like.shape)}")
+        raise ValueError(
+            f"the teacher's '{key}' has shape {tuple(out.shape)}, and the student's side has {tuple(like.shape)}"
+        )
     return out.detach().to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
@@ -78,7 +84,7 @@ def _soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     """timm's distillation KL: batch-mean KL(teacher || student) at ``temperature``, scaled by T^2."""
     prob_s = F.log_softmax(student_logits / temperature, dim=-1)
     prob_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(prob_s, prob_t, reduction="batchmean", log_target=True) * (temperature ** 2)
+    return F.kl_div(prob_s, prob_t, reduction="batchmean", log_target=True) * (temperature**2)
 
 
 class CachedLogitDistillationTask(LogitDistillationTask):
@@ -119,23 +125,31 @@ class CachedLogitDistillationTask(LogitDistillationTask):
     """
 
     def __init__(
-            self,
-            student_model: nn.Module,
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            temperature: float = 1.0,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-            verbose: bool = True,
-            *,
-            loss_type: str = "kl",
+        self,
+        student_model: nn.Module,
+        criterion: Optional[nn.Module] = None,
+        criterion_kwargs: Optional[Dict[str, Any]] = None,
+        distill_loss_weight: Optional[float] = None,
+        task_loss_weight: Optional[float] = None,
+        temperature: float = 1.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+        *,
+        loss_type: str = "kl",
     ):
         super().__init__(
-            student_model, _NoLiveTeacher(device, dtype), criterion=criterion, criterion_kwargs=criterion_kwargs, loss_type=loss_type,
-            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight, temperature=temperature,
-            device=device, dtype=dtype, verbose=verbose,
+            student_model,
+            _NoLiveTeacher(device, dtype),
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            loss_type=loss_type,
+            distill_loss_weight=distill_loss_weight,
+            task_loss_weight=task_loss_weight,
+            temperature=temperature,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
@@ -184,23 +198,30 @@ class CachedFeatureDistillationTask(FeatureDistillationTask):
     """
 
     def __init__(
-            self,
-            student_model: nn.Module,
-            teacher_dim: int,
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            student_feature_dim: Optional[int] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-            verbose: bool = True,
+        self,
+        student_model: nn.Module,
+        teacher_dim: int,
+        criterion: Optional[nn.Module] = None,
+        criterion_kwargs: Optional[Dict[str, Any]] = None,
+        distill_loss_weight: Optional[float] = None,
+        task_loss_weight: Optional[float] = None,
+        student_feature_dim: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
     ):
         super().__init__(
-            student_model, _NoLiveTeacher(device, dtype), criterion=criterion, criterion_kwargs=criterion_kwargs,
-            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight,
-            student_feature_dim=student_feature_dim, teacher_feature_dim=int(teacher_dim),
-            device=device, dtype=dtype, verbose=verbose,
+            student_model,
+            _NoLiveTeacher(device, dtype),
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            distill_loss_weight=distill_loss_weight,
+            task_loss_weight=task_loss_weight,
+            student_feature_dim=student_feature_dim,
+            teacher_feature_dim=int(teacher_dim),
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
@@ -249,22 +270,30 @@ class CachedTokenDistillationTask(TokenDistillationTask):
     """
 
     def __init__(
-            self,
-            student_model: nn.Module,
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            distill_type: str = "soft",
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            temperature: float = 1.0,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-            verbose: bool = True,
+        self,
+        student_model: nn.Module,
+        criterion: Optional[nn.Module] = None,
+        criterion_kwargs: Optional[Dict[str, Any]] = None,
+        distill_type: str = "soft",
+        distill_loss_weight: Optional[float] = None,
+        task_loss_weight: Optional[float] = None,
+        temperature: float = 1.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
     ):
         super().__init__(
-            student_model, _NoLiveTeacher(device, dtype), criterion=criterion, criterion_kwargs=criterion_kwargs, distill_type=distill_type,
-            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight, temperature=temperature,
-            device=device, dtype=dtype, verbose=verbose,
+            student_model,
+            _NoLiveTeacher(device, dtype),
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            distill_type=distill_type,
+            distill_loss_weight=distill_loss_weight,
+            task_loss_weight=task_loss_weight,
+            temperature=temperature,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs) -> Dict[str, torch.Tensor]:
@@ -277,4 +306,10 @@ class CachedTokenDistillationTask(TokenDistillationTask):
         else:
             distill_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
         total_loss = self.task_loss_weight * task_loss + self.distill_loss_weight * distill_loss
-        return {"loss": total_loss, "output": main_logits, "task_loss": task_loss, "kd_loss": distill_loss, "distill_loss": distill_loss}
+        return {
+            "loss": total_loss,
+            "output": main_logits,
+            "task_loss": task_loss,
+            "kd_loss": distill_loss,
+            "distill_loss": distill_loss,
+        }

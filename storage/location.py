@@ -39,14 +39,32 @@ from .errors import Unreachable, UserError
 # v2 names), about 14 s: within README's 20 (measured: tests/flows/test_object_store.py, a paused server).
 READ_SECONDS = 3
 ATTEMPTS = 2
-STORAGE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": READ_SECONDS, "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}}}}
+STORAGE_OPTIONS = {
+    "s3": {
+        "config_kwargs": {
+            "connect_timeout": 5,
+            "read_timeout": READ_SECONDS,
+            "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+        }
+    }
+}
 S3FS_RETRIES = 1  # s3fs's loop (a class attribute, no option): one pass
 
 # The URL schemes a store may live at, with the package that implements each. Anything else (ftp, http,
 # ssh, a typo) is refused before any connection: http is read-only and cannot list, ftp and ssh connect
 # when a location is merely named.
-SCHEMES = {"file": None, "local": None, "memory": None, "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
-           "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+SCHEMES = {
+    "file": None,
+    "local": None,
+    "memory": None,
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+}
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # a bucket (container) first, then keys
 REACH_SECONDS = 20.0  # any file system must answer within this; S3's own timeouts (above) answer sooner
 
@@ -68,11 +86,15 @@ def check_url(url: str) -> str:
         try:
             fsspec.get_filesystem_class(scheme)
         except ImportError:
-            raise UserError(f"{url} needs the {package} package, which is not installed: pip install {package}") from None
+            raise UserError(
+                f"{url} needs the {package} package, which is not installed: pip install {package}"
+            ) from None
     if scheme in OBJECT_STORES:
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         if scheme in ("s3", "s3a") and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            raise UserError(f"'{bucket}' in {url} is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'")
+            raise UserError(
+                f"'{bucket}' in {url} is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'"
+            )
         if not bucket:
             raise UserError(f"{url} names no bucket: use {scheme}://BUCKET/PATH")
     return url
@@ -102,7 +124,9 @@ def answering(url: str):
     except UserError:
         raise
     except NotADirectoryError as e:  # a local path through a file: one line, whichever command meets it
-        raise UserError(f"cannot write under {url}: {e.filename or url} runs through a file, not a folder; choose another location") from None
+        raise UserError(
+            f"cannot write under {url}: {e.filename or url} runs through a file, not a folder; choose another location"
+        ) from None
     except Exception as e:
         if "://" not in url or not network_error(e):  # a local path's errors say what they are themselves
             raise
@@ -127,7 +151,9 @@ def _within(seconds: float, fn, what: str):
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
-        raise UserError(f"cannot reach {what}: no answer within {seconds:.0f} s; check the URL, network and credentials")
+        raise UserError(
+            f"cannot reach {what}: no answer within {seconds:.0f} s; check the URL, network and credentials"
+        )
     if "error" in result:
         raise result["error"]
     return result.get("value")
@@ -135,10 +161,12 @@ def _within(seconds: float, fn, what: str):
 
 def _answers(method):
     """A Location method whose remote silence or broken connection is one line (``answering``)."""
+
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         with answering(self.url):
             return method(self, *args, **kwargs)
+
     return wrapped
 
 
@@ -191,6 +219,7 @@ class Location:
         Any failure is one UserError naming the location: an endpoint that is down or answers 404, a
         missing bucket, refused credentials, a mount that hangs.
         """
+
         def probe() -> bool:
             if self.bucket is not None:
                 self.fs.invalidate_cache(self.bucket)
@@ -212,7 +241,9 @@ class Location:
             raise
         except Exception as e:  # network, credentials, DNS: the library's own words say which
             words = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"cannot reach {self.url}: {type(e).__name__}: {words}; check the URL, network and credentials") from e
+            raise UserError(
+                f"cannot reach {self.url}: {type(e).__name__}: {words}; check the URL, network and credentials"
+            ) from e
 
     @_answers
     def read_bytes(self) -> bytes:
@@ -249,7 +280,9 @@ class Location:
     def remove(self) -> None:
         """Delete this file if it exists; a directory standing where the file should be is refused, not deleted."""
         if self.is_local and os.path.isdir(self.path):
-            raise UserError(f"{self.path} is a directory where a file of the store should be: move it away, then run the same command again")
+            raise UserError(
+                f"{self.path} is a directory where a file of the store should be: move it away, then run the same command again"
+            )
         self.refuse_links()
         try:
             self.fs.rm_file(self.path)
@@ -289,7 +322,7 @@ class Location:
         except FileNotFoundError:
             return {}
         root = self.path.rstrip("/") + "/"
-        return {p[len(root):] if p.startswith(root) else p: int(e["size"]) for p, e in found.items()}
+        return {p[len(root) :] if p.startswith(root) else p: int(e["size"]) for p, e in found.items()}
 
     @_answers
     def size(self) -> int:

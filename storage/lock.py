@@ -46,7 +46,13 @@ class WriterLock:
         self._stop = threading.Event()
 
     def _record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "started": self.started, "heartbeat": time.time()}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "started": self.started,
+            "heartbeat": time.time(),
+        }
 
     def acquire(self) -> "WriterLock":
         for _ in range(2):  # a stale lock is removed once, then taken

@@ -46,7 +46,9 @@ class Store:
         self.path = as_location(path)
         record_file = self.path / STORE_FILE
         if not _reachable_exists(record_file):
-            raise UserError(f"no store at {self.path} (missing {STORE_FILE}): run `pipeline extract --store {self.path} ...` first")
+            raise UserError(
+                f"no store at {self.path} (missing {STORE_FILE}): run `pipeline extract --store {self.path} ...` first"
+            )
         try:
             data = record_file.read_json()
         except (OSError, ValueError) as e:
@@ -84,8 +86,17 @@ class Store:
 
     @classmethod
     def create(
-        cls, path, *, dataset: DatasetRecord, plan: PlanRecord, versions: dict, num_views: int, block: int,
-        plan_specs: dict[str, ArraySpec], order: np.ndarray | None = None, order_seed: int | None = None,
+        cls,
+        path,
+        *,
+        dataset: DatasetRecord,
+        plan: PlanRecord,
+        versions: dict,
+        num_views: int,
+        block: int,
+        plan_specs: dict[str, ArraySpec],
+        order: np.ndarray | None = None,
+        order_seed: int | None = None,
     ):
         """Make a store of ``dataset``'s samples; a creation that was stopped before store.json (a kill, a crash) is made again from the start.
 
@@ -107,8 +118,14 @@ class Store:
             raise ValueError(f"a store's order must be a permutation of its {num_samples} sample ids")
         kind = "source" if order_seed is None else "permuted"
         record = StoreRecord(
-            format=FORMAT_VERSION, num_samples=num_samples, num_views=num_views, block=block, dataset=dataset, plan=plan,
-            order=OrderRecord(kind=kind, checksum=checksum(order), seed=order_seed), versions=versions,
+            format=FORMAT_VERSION,
+            num_samples=num_samples,
+            num_views=num_views,
+            block=block,
+            dataset=dataset,
+            plan=plan,
+            order=OrderRecord(kind=kind, checksum=checksum(order), seed=order_seed),
+            versions=versions,
         )
         record.check()
         loc.makedirs()
@@ -150,9 +167,13 @@ class Store:
                 with answering(self.path.url):  # silence is not damage: say the server stopped answering
                     order = np.asarray(self.path.open_group("r")[ORDER_ARRAY][:], dtype=np.int64)
             except (KeyError, FileNotFoundError, ValueError, OSError) as e:
-                raise UserError(f"store {self.path} has no readable sample order ({loc}: {type(e).__name__}); the store is damaged, extract it again") from e
+                raise UserError(
+                    f"store {self.path} has no readable sample order ({loc}: {type(e).__name__}); the store is damaged, extract it again"
+                ) from e
             if order.shape != (self.num_samples,) or checksum(order) != self.record.order.checksum:
-                raise UserError(f"{loc} does not match its checksum in {STORE_FILE}: the store is damaged, extract it again")
+                raise UserError(
+                    f"{loc} does not match its checksum in {STORE_FILE}: the store is damaged, extract it again"
+                )
             self._order = order
         return self._order
 
@@ -202,14 +223,20 @@ class Store:
             record.check_arrays(backend(record.format)(root, self.block).shapes(), self.num_samples)
             return record
         except ValueError as e:  # unreadable JSON, fields missing, out of bounds, or contradicting the arrays
-            raise UserError(f"cannot read {loc}: {e}; the teacher's record is damaged, extract it again into a new --teacher-id") from e
+            raise UserError(
+                f"cannot read {loc}: {e}; the teacher's record is damaged, extract it again into a new --teacher-id"
+            ) from e
 
     def teacher(self, teacher_id: str) -> CommittedUnits:
         return backend(self.teacher_info(teacher_id).format)(self.path / "teachers" / teacher_id, self.block)
 
     def lock_teacher(self, teacher_id: str) -> WriterLock:
         """A lock that lets one extraction at a time write ``teacher_id`` (use with ``with``)."""
-        return WriterLock(self.path / "teachers" / _plain(teacher_id) / "lock.json", f"teacher '{teacher_id}' in {self.path}", tidy=self.path)
+        return WriterLock(
+            self.path / "teachers" / _plain(teacher_id) / "lock.json",
+            f"teacher '{teacher_id}' in {self.path}",
+            tidy=self.path,
+        )
 
     def create_teacher(self, teacher_id: str, info: TeacherRecord, specs: dict[str, ArraySpec]) -> CommittedUnits:
         """Create a teacher's arrays, or reopen them; ``info`` (teacher.json, with its ``views``) is written either way."""

@@ -43,8 +43,11 @@ class DatasetRecord:
     def from_dict(cls, data, where: str = "dataset") -> DatasetRecord:
         f = _Fields(data, where)
         return cls(
-            source=f.text("source"), fingerprint=f.text("fingerprint"), num_samples=f.count("num_samples", MAX_SAMPLES),
-            num_classes=f.count("num_classes", MAX_CLASSES), classes=f.texts("classes"),
+            source=f.text("source"),
+            fingerprint=f.text("fingerprint"),
+            num_samples=f.count("num_samples", MAX_SAMPLES),
+            num_classes=f.count("num_classes", MAX_CLASSES),
+            classes=f.texts("classes"),
         )
 
 
@@ -76,7 +79,11 @@ class OrderRecord:
         kind = f.text("kind")
         if kind not in ORDER_KINDS:
             raise ValueError(f"field '{where}.kind' must be one of {', '.join(ORDER_KINDS)}, not '{kind}'")
-        return cls(kind=kind, checksum=f.text("checksum"), seed=f.count("seed", MAX_SEED, least=0) if kind == "permuted" else None)
+        return cls(
+            kind=kind,
+            checksum=f.text("checksum"),
+            seed=f.count("seed", MAX_SEED, least=0) if kind == "permuted" else None,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,10 +103,14 @@ class StoreRecord:
     def from_dict(cls, data) -> StoreRecord:
         f = _Fields(data, "")
         record = cls(
-            format=f.integer("format"), num_samples=f.count("num_samples", MAX_SAMPLES), num_views=f.count("num_views", MAX_VIEWS),
+            format=f.integer("format"),
+            num_samples=f.count("num_samples", MAX_SAMPLES),
+            num_views=f.count("num_views", MAX_VIEWS),
             block=f.count("block", MAX_BLOCK),
-            dataset=DatasetRecord.from_dict(f.mapping("dataset")), plan=PlanRecord.from_dict(f.mapping("plan")),
-            order=OrderRecord.from_dict(f.mapping("order")), versions=f.versions("versions"),
+            dataset=DatasetRecord.from_dict(f.mapping("dataset")),
+            plan=PlanRecord.from_dict(f.mapping("plan")),
+            order=OrderRecord.from_dict(f.mapping("order")),
+            versions=f.versions("versions"),
         )
         record.check()
         return record
@@ -107,9 +118,13 @@ class StoreRecord:
     def check(self) -> None:
         """The numbers that must agree with each other (a hand-edited or damaged file breaks them)."""
         if self.dataset.num_samples != self.num_samples:
-            raise ValueError(f"field 'dataset.num_samples' is {self.dataset.num_samples}, but the store's arrays have num_samples {self.num_samples} rows")
+            raise ValueError(
+                f"field 'dataset.num_samples' is {self.dataset.num_samples}, but the store's arrays have num_samples {self.num_samples} rows"
+            )
         if len(self.dataset.classes) != self.dataset.num_classes:
-            raise ValueError(f"field 'dataset.classes' names {len(self.dataset.classes)} classes, but 'dataset.num_classes' is {self.dataset.num_classes}")
+            raise ValueError(
+                f"field 'dataset.classes' names {len(self.dataset.classes)} classes, but 'dataset.num_classes' is {self.dataset.num_classes}"
+            )
 
     def to_dict(self) -> dict:
         """store.json's contents: tuples as lists, no ``order.seed`` for the source's own order."""
@@ -128,7 +143,11 @@ class _Fields:
 
     def __init__(self, data, where: str):
         if not isinstance(data, dict):
-            raise ValueError(f"field '{where}' must be an object, not {type(data).__name__}" if where else "it must hold a JSON object")
+            raise ValueError(
+                f"field '{where}' must be an object, not {type(data).__name__}"
+                if where
+                else "it must hold a JSON object"
+            )
         self.data, self.where = data, where
 
     def _get(self, key: str, ok, kind: str):
@@ -144,26 +163,45 @@ class _Fields:
         return self._get(key, lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
     def texts(self, key: str) -> tuple[str, ...]:
-        return tuple(self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"))
+        return tuple(
+            self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+        )
 
     def integer(self, key: str) -> int:
         return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 
     def count(self, key: str, most: int, least: int = 1) -> int:
         """A whole number in [least, most]: ``most`` is a sane bound (see MAX_SAMPLES), a number that sizes nothing silly."""
-        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most,
-                         f"a whole number in [{least}, {most:,}]")
+        return self._get(
+            key,
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most,
+            f"a whole number in [{least}, {most:,}]",
+        )
 
     def choice(self, key: str, options: tuple[str, ...]) -> str:
         return self._get(key, lambda v: isinstance(v, str) and v in options, f"one of {', '.join(options)}")
 
     def subset(self, key: str, options: tuple[str, ...]) -> tuple[str, ...]:
         """A non-empty list of distinct names out of ``options``."""
-        ok = lambda v: isinstance(v, list) and v and len(set(map(str, v))) == len(v) and all(isinstance(x, str) and x in options for x in v)  # noqa: E731
+
+        def ok(v):
+            return (
+                isinstance(v, list)
+                and v
+                and len(set(map(str, v))) == len(v)
+                and all(isinstance(x, str) and x in options for x in v)
+            )
+
         return tuple(self._get(key, ok, f"a list of distinct names out of {', '.join(options)}"))
 
     def numbers(self, key: str, length: int) -> tuple[float, ...]:
-        ok = lambda v: isinstance(v, list) and len(v) == length and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)  # noqa: E731
+        def ok(v):
+            return (
+                isinstance(v, list)
+                and len(v) == length
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            )
+
         return tuple(self._get(key, ok, f"a list of {length} finite numbers"))
 
     def versions(self, key: str) -> dict:

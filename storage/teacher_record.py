@@ -33,7 +33,9 @@ class TeacherRecord:
     precision: str  # the teacher's arithmetic, "fp32" or "bf16" (bf16 outputs differ from fp32 ones in the 3rd digit)
     name: str  # the teacher's registry name (dinov2_s, resnet152, a timm model name, a model folder as local-dir:PATH or hf-hub:REPO)
     timm_name: str
-    model_args: dict = dataclasses.field(default_factory=dict)  # timm.create_model arguments given (--model-arg); left out when none
+    model_args: dict = dataclasses.field(
+        default_factory=dict
+    )  # timm.create_model arguments given (--model-arg); left out when none
     weights: str  # what the weights were: a file's sha256, a hub tag, or random-init:seed=N
     input_size: int  # pixels, square
     mean: tuple[float, ...]
@@ -50,13 +52,17 @@ class TeacherRecord:
     token_dim: int | None = None
     token_prefix: int | None = None
     versions: dict  # library versions of the extraction
-    views: int | None = None  # the teacher's own view count: set when its arrays are created (open_teacher), always on disk
+    views: int | None = (
+        None  # the teacher's own view count: set when its arrays are created (open_teacher), always on disk
+    )
 
     def __post_init__(self):
         # JSON gives lists; the record keeps tuples, so two records compare by value and stay unchanged.
         for name in ("mean", "std", "outputs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "model_args", json.loads(json.dumps(self.model_args)))  # as teacher.json holds them: (8, 16) == [8, 16]
+        object.__setattr__(
+            self, "model_args", json.loads(json.dumps(self.model_args))
+        )  # as teacher.json holds them: (8, 16) == [8, 16]
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherRecord:
@@ -81,13 +87,25 @@ class TeacherRecord:
         ``ValueError`` naming the field that disagrees. Missing arrays are the reader's to report."""
         rows = {"features": (self.feature_dim,)} if "features" in self.outputs else {}
         if "logits" in self.outputs:
-            rows.update({"logits": (self.num_classes,)} if self.logits == "full" else {"topk_logp": (self.k + 1,), "topk_index": (self.k + 1,)})
+            rows.update(
+                {"logits": (self.num_classes,)}
+                if self.logits == "full"
+                else {"topk_logp": (self.k + 1,), "topk_index": (self.k + 1,)}
+            )
         if "tokens" in self.outputs:
             rows["tokens"] = (self.num_tokens, self.token_dim)
-        fields = {"logits": "num_classes", "topk_logp": "k", "topk_index": "k", "features": "feature_dim", "tokens": "num_tokens, token_dim"}
+        fields = {
+            "logits": "num_classes",
+            "topk_logp": "k",
+            "topk_index": "k",
+            "features": "feature_dim",
+            "tokens": "num_tokens, token_dim",
+        }
         for name, shape in shapes.items():
             if name in rows and tuple(shape[2:]) != rows[name]:
-                raise ValueError(f"field '{fields[name]}' says rows of {list(rows[name])}, but array {name} has rows of {list(shape[2:])}")
+                raise ValueError(
+                    f"field '{fields[name]}' says rows of {list(rows[name])}, but array {name} has rows of {list(shape[2:])}"
+                )
             if len(shape) >= 2 and shape[1] != num_samples:
                 raise ValueError(f"array {name} has {shape[1]} rows, but the store has {num_samples} samples")
             if len(shape) >= 2 and self.views is not None and self.views > shape[0]:

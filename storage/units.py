@@ -75,7 +75,9 @@ class CommittedUnits(ABC):
     # -- what a backend implements ---------------------------------------------------------
     @classmethod
     @abstractmethod
-    def create(cls, location, specs: dict[str, ArraySpec], num_views: int, num_samples: int, block: int) -> CommittedUnits:
+    def create(
+        cls, location, specs: dict[str, ArraySpec], num_views: int, num_samples: int, block: int
+    ) -> CommittedUnits:
         """Create the arrays of ``specs`` (arrays that exist are kept as they are) and open the group."""
 
     @property
@@ -195,7 +197,9 @@ class CommittedUnits(ABC):
         }
         self._record(view, block).write_json(record)
 
-    def read_unit(self, view: int, block: int, names: list[str] | None = None, rows: int | None = None, *, verify: bool = False):
+    def read_unit(
+        self, view: int, block: int, names: list[str] | None = None, rows: int | None = None, *, verify: bool = False
+    ):
         """Rows of one (view, block) unit: one whole-shard read per array.
 
         With ``verify`` the rows are checked against the unit's commit record,
@@ -215,12 +219,16 @@ class CommittedUnits(ABC):
             if not verify:
                 raise
             self._refuse_gone()
-            raise DamagedUnit(f"unit (view {view}, block {block}) of {self.location} cannot be read: {type(e).__name__}: {e}") from e
+            raise DamagedUnit(
+                f"unit (view {view}, block {block}) of {self.location} cannot be read: {type(e).__name__}: {e}"
+            ) from e
         if record is not None:
             bad = [n for n in names if checksum(out[n]) != record["checksums"].get(n)]
             if bad:
                 self._refuse_gone()
-                raise DamagedUnit(f"unit (view {view}, block {block}) of {self.location}: {', '.join(bad)} differ from the commit record")
+                raise DamagedUnit(
+                    f"unit (view {view}, block {block}) of {self.location}: {', '.join(bad)} differ from the commit record"
+                )
         return out
 
     def check_unit(self, view: int, block: int) -> str | None:

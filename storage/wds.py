@@ -113,8 +113,13 @@ class TarUnits(CommittedUnits):
         meta = meta_loc.read_json() if meta_loc.exists() else {"format": cls.format, "arrays": {}, "num_views": 0}
         # Like the zarr backend: arrays that exist are kept as they are, new ones are added.
         arrays = {name: {"row_shape": list(s.row_shape), "dtype": s.dtype} for name, s in specs.items()}
-        new = {**meta, "arrays": {**arrays, **meta["arrays"]}, "num_views": max(meta["num_views"], num_views),
-               "num_samples": num_samples, "block": block}
+        new = {
+            **meta,
+            "arrays": {**arrays, **meta["arrays"]},
+            "num_views": max(meta["num_views"], num_views),
+            "num_samples": num_samples,
+            "block": block,
+        }
         if new != meta:
             meta_loc.write_json(new)
         return cls(location, block)
@@ -139,11 +144,15 @@ class TarUnits(CommittedUnits):
         if units is not None:
             keep = {self.tar(v, b).path for v, b in units}
             sizes = {name: size for name, size in sizes.items() if name.rstrip("/") in keep}
-        decoded = {name: int(np.prod(self._shape(name))) * np.dtype(spec.dtype).itemsize for name, spec in self.specs.items()}
+        decoded = {
+            name: int(np.prod(self._shape(name))) * np.dtype(spec.dtype).itemsize for name, spec in self.specs.items()
+        }
         weight = decoded  # until a unit is read: in proportion to the decoded sizes
         if sizes:
             try:
-                sample = self.shards / next(iter(sizes)).rstrip("/").rsplit("/", 1)[-1]  # read_bytes refuses a pipe named .tar
+                sample = (
+                    self.shards / next(iter(sizes)).rstrip("/").rsplit("/", 1)[-1]
+                )  # read_bytes refuses a pipe named .tar
                 with zipfile.ZipFile(io.BytesIO(read_record(sample.read_bytes())["npz"])) as z:
                     weight = {i.filename.removesuffix(".npy"): i.compress_size for i in z.infolist()}
             except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile):
@@ -219,5 +228,7 @@ def wds_urls(store, teacher_id: str) -> list[str]:
     """The committed tars of a wds-format teacher, view-major: the shard list for ``webdataset.WebDataset``."""
     group = store.teacher(teacher_id)
     if not isinstance(group, TarUnits):
-        raise UserError(f"teacher '{teacher_id}' in {store.path} is stored as {group.format}, not wds: extract it with --format wds")
+        raise UserError(
+            f"teacher '{teacher_id}' in {store.path} is stored as {group.format}, not wds: extract it with --format wds"
+        )
     return group.urls(store.teacher_info(teacher_id).views)  # views beyond the teacher's count are not its own

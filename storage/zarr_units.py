@@ -102,7 +102,11 @@ class ShardLayout:
             chunk = source[offset : offset + length]
             # c-blosc trusts its header: it fills a larger buffer without a word and reads as far as the header
             # says, so the header must promise exactly this chunk's decoded bytes and the length the index gives.
-            if length < BLOSC_HEADER or offset + length > len(data) or struct.unpack_from("<III", chunk, 4)[::2] != (part.nbytes, length):
+            if (
+                length < BLOSC_HEADER
+                or offset + length > len(data)
+                or struct.unpack_from("<III", chunk, 4)[::2] != (part.nbytes, length)
+            ):
                 raise ValueError(f"inner chunk {i} of the shard is not a blosc buffer of {part.nbytes} bytes")
             numcodecs.blosc.decompress(chunk, part)
         return out[:rows]
@@ -163,7 +167,12 @@ class UnitArrays(CommittedUnits):
     def describe(self, units=None) -> dict[str, dict]:
         """Per array: dtype, full shape, decoded bytes and bytes as stored (after compression)."""
         return {
-            name: {"dtype": str(arr.dtype), "shape": list(arr.shape), "nbytes": arr.nbytes, "stored_bytes": self._stored(name, arr, units)}
+            name: {
+                "dtype": str(arr.dtype),
+                "shape": list(arr.shape),
+                "nbytes": arr.nbytes,
+                "stored_bytes": self._stored(name, arr, units),
+            }
             for name, arr in sorted(self._arrays())
         }
 

@@ -38,7 +38,9 @@ from storage import TeacherRecord
 # each would oversubscribe the machine several times over.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-    use_threads(None, workers=0)  # torch was imported above, its pool sized already: as the commands do, from OMP_NUM_THREADS
+    use_threads(
+        None, workers=0
+    )  # torch was imported above, its pool sized already: as the commands do, from OMP_NUM_THREADS
 
 # Ray Train's controller polls its workers every 2 s, and each run starts a preemption watcher actor (one more
 # Python process to start on two cores): the Ray tests wait on the one and pay for the other, about 4 s a run,
@@ -66,9 +68,22 @@ def runner_for(teacher, **output_kwargs) -> TeacherRunner:
 def make_record(name: str = "t", **fields) -> TeacherRecord:
     """A teacher.json for tests that need no real teacher: 10 classes as top-3 float16 logits, 4-d features, unless ``fields`` say otherwise."""
     base = dict(
-        format="zarr", precision="fp32", name=name, timm_name=name, weights="random-init:seed=0", input_size=SIZE,
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), outputs=("logits", "features"), num_classes=10, feature_dim=4,
-        logits="topk", k=3, dtype="float16", feature_dtype="float16", versions={},
+        format="zarr",
+        precision="fp32",
+        name=name,
+        timm_name=name,
+        weights="random-init:seed=0",
+        input_size=SIZE,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        outputs=("logits", "features"),
+        num_classes=10,
+        feature_dim=4,
+        logits="topk",
+        k=3,
+        dtype="float16",
+        feature_dtype="float16",
+        versions={},
     )
     return TeacherRecord(**{**base, **fields})
 
@@ -134,7 +149,9 @@ def base_store(tmp_path_factory, train_data, plan, teacher1) -> Path:
     """A store with teacher 't1' (resnet18, seed 0): full float32 logits and features, 2 views, all committed."""
     path = tmp_path_factory.mktemp("base") / "store"
     store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=SIZE)
-    extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=VIEWS, batch_size=BATCH)
+    extract(
+        store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=VIEWS, batch_size=BATCH
+    )
     return path
 
 
@@ -144,7 +161,14 @@ def two_teacher_store(tmp_path_factory, base_store, train_data, plan, teacher2) 
     path = tmp_path_factory.mktemp("two") / "store"
     shutil.copytree(base_store, path)
     store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=SIZE)
-    extract(store, train_data, runner_for(teacher2, logits="topk", k=3, dtype="float16"), "t2", views=VIEWS, batch_size=BATCH)
+    extract(
+        store,
+        train_data,
+        runner_for(teacher2, logits="topk", k=3, dtype="float16"),
+        "t2",
+        views=VIEWS,
+        batch_size=BATCH,
+    )
     return path
 
 
@@ -191,8 +215,11 @@ def start_moto_server() -> tuple[subprocess.Popen, str] | None:
     """A moto S3 server on a free loopback port, once it accepts connections (within 30 s): (process, endpoint);
     None, its process stopped, when it does not start."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 30
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -213,7 +240,11 @@ def pytest_configure(config):
     """Under pytest-xdist the controller starts the run's one S3 server, before its workers start: they inherit its
     endpoint in ``SHARED_S3``, so that S3 tests spread over the workers (each with its own bucket) while one server
     serves them all. Not for a run that leaves the slow tests out: none of those uses S3."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", None) or "not slow" in (config.option.markexpr or ""):
+    if (
+        os.environ.get("PYTEST_XDIST_WORKER")
+        or not config.getoption("numprocesses", None)
+        or "not slow" in (config.option.markexpr or "")
+    ):
         return
     import importlib.util
 
@@ -331,4 +362,6 @@ def pytest_collection_finish(session):
         return
     grouped = [item for item in session.items if item.get_closest_marker("xdist_group") is not None]
     if grouped and "@" not in grouped[0].nodeid:
-        raise pytest.UsageError(f"pytest {pytest.__version__} with this pytest-xdist does not group tests (pytest-xdist#1386): install pytest<9.2, as pyproject.toml asks")
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with this pytest-xdist does not group tests (pytest-xdist#1386): install pytest<9.2, as pyproject.toml asks"
+        )

@@ -124,7 +124,12 @@ def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False, extra_env:
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     port = free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
-    env = {**os.environ, **(extra_env or {}), **ENV, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        **ENV,
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }  # this cluster's own token
     head_extra = ["--include-dashboard", "false"]
     dashboard_url = None
     if dashboard:
@@ -137,10 +142,44 @@ def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False, extra_env:
         # Each node's dashboard agent on a port of its own: on Ray's default (52365, which an agent also binds on
         # 127.0.0.1) it would contend with a local Ray instance that a test in the other pytest worker starts, and
         # a node without its agent takes no `ray job submit`.
-        subprocess.run([_ray(), "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", temp_dir, *head_extra, *common,
-                        "--dashboard-agent-listen-port", str(free_port())], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([_ray(), "start", "--address", address, "--node-ip-address", WORKER_IP, *common, "--dashboard-agent-listen-port", str(free_port())],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                _ray(),
+                "start",
+                "--head",
+                "--node-ip-address",
+                HEAD_IP,
+                "--port",
+                str(port),
+                "--temp-dir",
+                temp_dir,
+                *head_extra,
+                *common,
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                _ray(),
+                "start",
+                "--address",
+                address,
+                "--node-ip-address",
+                WORKER_IP,
+                *common,
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield cluster
     finally:
         cluster.stop()

@@ -28,13 +28,21 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("floor", FLOORS)
 def test_a_floor_imports_nothing_from_the_floors_above_it(floor):
     above = set(FLOORS[FLOORS.index(floor) + 1 :])
-    found = {f"{path.relative_to(ROOT)} imports {', '.join(sorted(_imports(path) & above))}"
-             for path in (ROOT / floor).rglob("*.py") if _imports(path) & above}
+    found = {
+        f"{path.relative_to(ROOT)} imports {', '.join(sorted(_imports(path) & above))}"
+        for path in (ROOT / floor).rglob("*.py")
+        if _imports(path) & above
+    }
     assert not found, sorted(found)
 
 
 def test_only_the_pipeline_imports_ray():
-    found = sorted(str(path.relative_to(ROOT)) for floor in ("storage", "stages") for path in (ROOT / floor).rglob("*.py") if "ray" in _imports(path))
+    found = sorted(
+        str(path.relative_to(ROOT))
+        for floor in ("storage", "stages")
+        for path in (ROOT / floor).rglob("*.py")
+        if "ray" in _imports(path)
+    )
     assert not found, found
 
 

@@ -24,7 +24,9 @@ def compute_stats(store: Store, teacher_id: str, labels: np.ndarray) -> dict:
     """Per-class means, feature mean and covariance of ``teacher_id``'s stored features (float64 sums)."""
     info = store.teacher_info(teacher_id)
     if "features" not in info.outputs:
-        raise UserError(f"teacher '{teacher_id}' has no stored features: extract with --outputs features to compute statistics")
+        raise UserError(
+            f"teacher '{teacher_id}' has no stored features: extract with --outputs features to compute statistics"
+        )
     group, units = store.teacher(teacher_id), store.units(info.views)
     missing = set(units) - group.committed()
     if missing:

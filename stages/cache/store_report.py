@@ -61,7 +61,12 @@ class GroupUsage:
     @property
     def total(self) -> ArrayUsage:
         return ArrayUsage(
-            "total", "", (), sum(a.nbytes for a in self.arrays), sum(a.stored_bytes for a in self.arrays), self.rows,
+            "total",
+            "",
+            (),
+            sum(a.nbytes for a in self.arrays),
+            sum(a.stored_bytes for a in self.arrays),
+            self.rows,
             sum(a.nbytes if a.committed_nbytes < 0 else a.committed_nbytes for a in self.arrays),
         )
 
@@ -71,13 +76,21 @@ def group_usage(store: Store, group, views: int) -> GroupUsage:
     expected = store.units(views)
     committed = group.committed() & set(expected)
     rows = sum(len(store.block_range(b)) for _, b in committed)
+
     def committed_nbytes(shape, nbytes: int) -> int:  # rows are [V, N] cells of equal size
         cells = shape[0] * shape[1] if len(shape) >= 2 else 0
         return nbytes * rows // cells if cells else nbytes
 
     arrays = [
-        ArrayUsage(name, d["dtype"], tuple(d["shape"]), int(d["nbytes"]), int(d["stored_bytes"]), rows,
-                   committed_nbytes(tuple(d["shape"]), int(d["nbytes"])))
+        ArrayUsage(
+            name,
+            d["dtype"],
+            tuple(d["shape"]),
+            int(d["nbytes"]),
+            int(d["stored_bytes"]),
+            rows,
+            committed_nbytes(tuple(d["shape"]), int(d["nbytes"])),
+        )
         for name, d in group.describe(committed).items()
     ]
     return GroupUsage(arrays, views, group.complete_views(store.num_blocks), len(committed), len(expected), rows)
@@ -137,7 +150,9 @@ def _summary(parts: list[torch.Tensor]) -> tuple[float, float]:
     return float(x.mean()), float(np.percentile(x, 95))
 
 
-def logit_quality(store: Store, teacher_id: str, units: int = 4, k: int = 10, temperatures=(1.0, 4.0)) -> LogitQuality | None:
+def logit_quality(
+    store: Store, teacher_id: str, units: int = 4, k: int = 10, temperatures=(1.0, 4.0)
+) -> LogitQuality | None:
     """Top-k mass, and what a top-k rebuild loses at each of ``temperatures``, over ``units`` whole committed units.
 
     ``k`` applies to full-logit stores (what a top-k store would keep, in the
@@ -172,8 +187,14 @@ def logit_quality(store: Store, teacher_id: str, units: int = 4, k: int = 10, te
                 kls[t].append(rows.tail_kl(info.num_classes, t))
     mass = torch.cat(masses).numpy()
     return LogitQuality(
-        k, len(picked), len(mass), float(mass.mean()), float(np.percentile(mass, 5)),
-        {t: _summary(p) for t, p in kls.items()}, {t: _summary(p) for t, p in shares.items()}, full,
+        k,
+        len(picked),
+        len(mass),
+        float(mass.mean()),
+        float(np.percentile(mass, 5)),
+        {t: _summary(p) for t, p in kls.items()},
+        {t: _summary(p) for t, p in shares.items()},
+        full,
     )
 
 
@@ -204,7 +225,14 @@ def _line_height() -> int:
     return _font().getbbox("Ag")[3] + 2
 
 
-def grid_ids(dataset: ImageDataset, samples: int, *, seed: int = 0, classes: list[str] | None = None, ids: list[int] | None = None) -> np.ndarray:
+def grid_ids(
+    dataset: ImageDataset,
+    samples: int,
+    *,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    ids: list[int] | None = None,
+) -> np.ndarray:
     """The samples a grid shows: ``ids`` as given, else a seeded random choice of ``samples`` (from ``classes`` only,
     when named: by name or index). Never 0..N-1: class-ordered data would show its first class alone."""
     n = len(dataset)
@@ -219,12 +247,16 @@ def grid_ids(dataset: ImageDataset, samples: int, *, seed: int = 0, classes: lis
         wanted = [index.get(c, int(c) if c.isdigit() and int(c) < len(dataset.classes) else None) for c in classes]
         unknown = [c for c, w in zip(classes, wanted) if w is None]
         if unknown:
-            raise UserError(f"--grid-classes {unknown[0]} is no class of the data: its classes are {', '.join(dataset.classes[:12])}"
-                            f"{', ...' if len(dataset.classes) > 12 else ''}")
+            raise UserError(
+                f"--grid-classes {unknown[0]} is no class of the data: its classes are {', '.join(dataset.classes[:12])}"
+                f"{', ...' if len(dataset.classes) > 12 else ''}"
+            )
         pool = np.flatnonzero(np.isin(dataset.labels, wanted))
         if not len(pool):
-            raise UserError(f"--grid-classes {','.join(classes)}: the data has no sample of {'this class' if len(classes) == 1 else 'these classes'} "
-                            "(an empty class folder): name another class")
+            raise UserError(
+                f"--grid-classes {','.join(classes)}: the data has no sample of {'this class' if len(classes) == 1 else 'these classes'} "
+                "(an empty class folder): name another class"
+            )
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=min(samples, len(pool)), replace=False))
 
@@ -236,7 +268,9 @@ def grid_views(store: Store, teacher_id: str, ids: np.ndarray, views: int) -> li
     done = store.teacher(teacher_id).committed() & store.plan.committed()
     chosen = [v for v in range(info.views) if all((v, b) in done for b in blocks)][:views]
     if not len(ids) or not chosen:
-        raise UserError(f"teacher '{teacher_id}' in {store.path} has no committed view of the grid's samples yet: finish `pipeline extract` first")
+        raise UserError(
+            f"teacher '{teacher_id}' in {store.path} has no committed view of the grid's samples yet: finish `pipeline extract` first"
+        )
     return chosen
 
 
@@ -285,9 +319,14 @@ def grid_cells(store: Store, dataset: ImageDataset, teacher_id: str, ids: np.nda
                 i = int(batch["id"][j])
                 partner = int(batch["mix_partner"][j]) if "mix_partner" in batch else -1
                 cells[i, v] = {
-                    "image": rendered["views"][0][j], "id": i, "view": v, "label": int(dataset.labels[i]),
-                    "partner": partner, "partner_label": int(dataset.labels[partner]) if partner >= 0 else -1,
-                    "lam": float(rendered["lam"][j, 0]), "top": top[j],
+                    "image": rendered["views"][0][j],
+                    "id": i,
+                    "view": v,
+                    "label": int(dataset.labels[i]),
+                    "partner": partner,
+                    "partner_label": int(dataset.labels[partner]) if partner >= 0 else -1,
+                    "lam": float(rendered["lam"][j, 0]),
+                    "top": top[j],
                 }
     return [cells[int(i), v] for i in ids for v in chosen]
 
@@ -320,7 +359,9 @@ def render_grid(cells: list[dict], classes: list[str], columns: int):
         elif mixed:
             caption.append(("", "black"))
         for c, p in cell["top"]:
-            caption.append((f"{p:.2f} {classes[c]}", (0, 128, 0) if c in (cell["label"], cell["partner_label"]) else (180, 0, 0)))  # a true class green
+            caption.append(
+                (f"{p:.2f} {classes[c]}", (0, 128, 0) if c in (cell["label"], cell["partner_label"]) else (180, 0, 0))
+            )  # a true class green
         for r, (text, colour) in enumerate(caption):
             draw.text((x + PAD, y + PAD + side + 2 + r * line), _fit(text, font, side), fill=colour, font=font)
     return grid

@@ -63,8 +63,15 @@ def create_store(path, dataset: ImageDataset, plan: ViewPlan, *, views: int, blo
     specs = {**plan.fields, "fingerprint": FINGERPRINT}
     order = sample_order(len(dataset), plan.seed, permute)
     return Store.create(
-        path, dataset=DatasetRecord(**dataset.describe()), plan=PlanRecord(**plan.describe(), size=size), versions=library_versions(),
-        num_views=views, block=block, plan_specs=specs, order=order, order_seed=plan.seed if permute else None,
+        path,
+        dataset=DatasetRecord(**dataset.describe()),
+        plan=PlanRecord(**plan.describe(), size=size),
+        versions=library_versions(),
+        num_views=views,
+        block=block,
+        plan_specs=specs,
+        order=order,
+        order_seed=plan.seed if permute else None,
     )
 
 

@@ -29,7 +29,13 @@ VECTORS = ("features", "tokens")  # the outputs kept in feature_dtype
 
 
 def output_info(
-    teacher, *, logits: str = "topk", k: int = 10, dtype: str = "float16", feature_dtype: str | None = None, outputs=None
+    teacher,
+    *,
+    logits: str = "topk",
+    k: int = 10,
+    dtype: str = "float16",
+    feature_dtype: str | None = None,
+    outputs=None,
 ) -> dict:
     """The part of teacher.json that fixes what is stored and how: ``TeacherRecord`` fields, as a dict.
 
@@ -39,7 +45,9 @@ def output_info(
     outputs = tuple(outputs or teacher.default_outputs)
     missing = [o for o in outputs if o not in teacher.outputs]
     if missing:
-        raise UserError(f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output (it gives: {', '.join(teacher.outputs)})")
+        raise UserError(
+            f"teacher '{teacher.spec.name}' has no {', '.join(missing)} output (it gives: {', '.join(teacher.outputs)})"
+        )
     if logits not in ("topk", "full"):
         raise UserError(f"--logits must be topk or full, not '{logits}'")
     if dtype not in DTYPES:
@@ -133,7 +141,9 @@ def encode(out: dict[str, torch.Tensor], labels: torch.Tensor, info: TeacherReco
     return rows
 
 
-def decode(rows: dict[str, np.ndarray], info: TeacherRecord, needs, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def decode(
+    rows: dict[str, np.ndarray], info: TeacherRecord, needs, temperature: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Teacher outputs (float32) from store rows, keyed like a live teacher's.
 
     ``temperature``: the one the method softens teacher logits at; a top-k row's
@@ -144,7 +154,9 @@ def decode(rows: dict[str, np.ndarray], info: TeacherRecord, needs, temperature:
         if key == "logits" and info.logits == "topk":
             out["logits"] = topk.logits_from_topk(rows, info.num_classes, temperature)
         elif key in VECTORS and info.feature_dtype == "int8":
-            out[key] = dequantize(torch.from_numpy(np.asarray(rows[key])), torch.from_numpy(np.asarray(rows[f"{key}_scale"])))
+            out[key] = dequantize(
+                torch.from_numpy(np.asarray(rows[key])), torch.from_numpy(np.asarray(rows[f"{key}_scale"]))
+            )
         else:
             out[key] = torch.from_numpy(np.asarray(rows[key])).float()
     return out
@@ -174,7 +186,10 @@ def storage_bytes(info: TeacherRecord, num_samples: int, num_views: int) -> dict
     for name, spec in array_specs(info).items():
         base = name.removesuffix("_scale")
         output = base if base in VECTORS else "logits"  # topk_*, tail, logsumexp are the logits
-        total[output] = total.get(output, 0) + num_samples * num_views * int(np.prod(spec.row_shape)) * np.dtype(spec.dtype).itemsize
+        total[output] = (
+            total.get(output, 0)
+            + num_samples * num_views * int(np.prod(spec.row_shape)) * np.dtype(spec.dtype).itemsize
+        )
     return total
 
 

@@ -116,7 +116,9 @@ class TopK:
         # log(tail - target) = tail + log(1 - exp(target - tail)); rounding may put target above tail.
         share = (-torch.expm1((self.target_logp - self.tail_logp).clamp_max(0.0))).clamp_min(MIN_REST)
         mass = torch.where(out, self.tail_logp + torch.log(share), self.tail_logp)
-        mean = torch.where(out, (self.tail_mean * (num_classes - k) - self.target_logp) / count.clamp_min(1), self.tail_mean)
+        mean = torch.where(
+            out, (self.tail_mean * (num_classes - k) - self.target_logp) / count.clamp_min(1), self.tail_mean
+        )
         return count, mass, mean
 
     def rest_logp(self, num_classes: int, temperature: float = 1.0) -> torch.Tensor:

@@ -26,7 +26,9 @@ class Finding:
     view: int
     block: int
     problem: str
-    kind: str = "damaged"  # "missing": never committed; "damaged": rewriting fixes it; "replay": it renders differently now
+    kind: str = (
+        "damaged"  # "missing": never committed; "damaged": rewriting fixes it; "replay": it renders differently now
+    )
 
 
 @dataclass
@@ -52,7 +54,9 @@ def _check_group(group, expected: set, name: str, report: Report) -> set[tuple[i
     sound = set()
     for v, b in sorted(expected):
         if (v, b) not in committed:
-            report.findings.append(Finding(name, v, b, "not committed (extraction unfinished or its record deleted)", "missing"))
+            report.findings.append(
+                Finding(name, v, b, "not committed (extraction unfinished or its record deleted)", "missing")
+            )
             continue
         report.units += 1
         problem = group.check_unit(v, b)

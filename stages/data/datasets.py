@@ -93,9 +93,13 @@ def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes
     would be one class per split, every image of a split with the same label."""
     used = sorted({classes[c] for c in labels})
     inner = sorted({Path(k).parts[1] for k in keys if len(Path(k).parts) > 2})
-    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(used):  # no image directly in its class; more sub-folders than classes
-        raise UserError(f"{root} reads as {len(used)} class(es) ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
-                        f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)")
+    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(
+        used
+    ):  # no image directly in its class; more sub-folders than classes
+        raise UserError(
+            f"{root} reads as {len(used)} class(es) ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
+            f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)"
+        )
 
 
 # What to do about an unreadable image: removing it changes the data, which a store made from the folder then refuses.
@@ -108,7 +112,9 @@ class FolderDataset(ImageDataset):
     def __init__(self, root: str):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise UserError(f"dataset folder {self.root} does not exist: pass --data folder:PATH with one sub-folder per class")
+            raise UserError(
+                f"dataset folder {self.root} does not exist: pass --data folder:PATH with one sub-folder per class"
+            )
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         self.classes = found
         self.keys, labels = [], []
@@ -118,7 +124,9 @@ class FolderDataset(ImageDataset):
                     self.keys.append(str(p.relative_to(self.root)))
                     labels.append(label)
         if not self.keys:
-            raise UserError(f"no images found under {self.root}: expected {self.root}/<class>/<image>{IMAGE_EXTENSIONS[:3]}")
+            raise UserError(
+                f"no images found under {self.root}: expected {self.root}/<class>/<image>{IMAGE_EXTENSIONS[:3]}"
+            )
         self.labels = np.asarray(labels, dtype=np.int64)
         _check_class_layout(self.root, self.keys, self.labels, found)
         self.source = f"folder:{self.root}"
@@ -209,7 +217,9 @@ def dataset_kind(source: str) -> DatasetKind:
     if kind is None:
         close = difflib.get_close_matches(name, _DATASETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown dataset '{source}'{hint}: known kinds are {', '.join(list_datasets())}; pass one of them, e.g. --data digits")
+        raise UserError(
+            f"unknown dataset '{source}'{hint}: known kinds are {', '.join(list_datasets())}; pass one of them, e.g. --data digits"
+        )
     if kind.takes_argument and not rest:
         raise UserError(f"dataset '{source}' needs an argument: use {kind.usage}")
     if not kind.takes_argument and rest:
@@ -230,7 +240,9 @@ def source_options(source: str, query: str, known: tuple[str, ...], usage: str) 
         raise UserError(f"bad dataset '{source}': options are KEY=VALUE joined by '&'; {usage}") from None
     unknown = sorted({k for k, _ in pairs} - set(known))
     if unknown:
-        raise UserError(f"bad dataset '{source}': unknown option {', '.join(unknown)} (known: {', '.join(known)}); {usage}")
+        raise UserError(
+            f"bad dataset '{source}': unknown option {', '.join(unknown)} (known: {', '.join(known)}); {usage}"
+        )
     twice = sorted({k for k, _ in pairs if sum(k == j for j, _ in pairs) > 1})
     if twice:
         raise UserError(f"bad dataset '{source}': option {', '.join(twice)} given twice; {usage}")
@@ -256,7 +268,11 @@ def _open_fake(argument: str, split: str) -> ImageDataset:
 
 
 FAKE_OPTIONS = ("size", "classes")
-FAKE_BOUNDS = {"N": (1, 10_000_000), "size": (1, 4096), "classes": (1, 100_000)}  # sanity bounds: larger is a typing mistake
+FAKE_BOUNDS = {
+    "N": (1, 10_000_000),
+    "size": (1, 4096),
+    "classes": (1, 100_000),
+}  # sanity bounds: larger is a typing mistake
 
 
 def _bounded_int(name: str, text: str, lo: int, hi: int, source: str, usage: str) -> int:
@@ -265,7 +281,9 @@ def _bounded_int(name: str, text: str, lo: int, hi: int, source: str, usage: str
     except ValueError:
         value = None
     if value is None or not lo <= value <= hi:
-        raise UserError(f"bad fake dataset '{source}': {name} must be an integer in [{lo}, {hi}], not '{text}'; {usage}")
+        raise UserError(
+            f"bad fake dataset '{source}': {name} must be an integer in [{lo}, {hi}], not '{text}'; {usage}"
+        )
     return value
 
 
@@ -314,9 +332,13 @@ def validation_data(train: ImageDataset | str, val_source: str | None) -> ImageD
         val = open_dataset(_val_source(kind, val_source), "val")
     elif kind.own_val_split:
         val = open_dataset(train.source, "val")
-        if val.fingerprint() == train.fingerprint():  # an HF dataset of one split (or ?split= naming another) has no other
-            raise UserError(f"{train.source} has no validation split apart from its training data: pass --val-data with other images "
-                            f"(one of {', '.join(list_datasets())})")
+        if (
+            val.fingerprint() == train.fingerprint()
+        ):  # an HF dataset of one split (or ?split= naming another) has no other
+            raise UserError(
+                f"{train.source} has no validation split apart from its training data: pass --val-data with other images "
+                f"(one of {', '.join(list_datasets())})"
+            )
     else:
         log.warning("no validation data: pass --val-data %s to evaluate each epoch", kind.usage)
         return None
@@ -331,7 +353,9 @@ def _val_source(kind: DatasetKind, val_source: str) -> str:
     if val_source in _DATASETS or re.match(r"[A-Za-z]\w*:(?!//)", val_source):
         return val_source
     if not kind.takes_argument:
-        raise UserError(f"--val-data {val_source} names no kind of source: write it as one of {', '.join(list_datasets())}")
+        raise UserError(
+            f"--val-data {val_source} names no kind of source: write it as one of {', '.join(list_datasets())}"
+        )
     return f"{kind.name}:{val_source}"
 
 
@@ -356,7 +380,9 @@ def check_classes(train: ImageDataset, val: ImageDataset) -> None:
         return
     if len(v) > len(t) or (not numbered(v) and len(v) != len(t)):
         theirs = f"labels up to {len(v) - 1}" if numbered(v) else f"{_few(v)}"
-        raise UserError(f"{where}: it has {len(v)} classes ({theirs}), the training data {len(t)} ({_few(t)}); the labels must mean the same classes")
+        raise UserError(
+            f"{where}: it has {len(v)} classes ({theirs}), the training data {len(t)} ({_few(t)}); the labels must mean the same classes"
+        )
 
 
 def _class_difference(train: list[str], val: list[str]) -> str:
@@ -366,7 +392,9 @@ def _class_difference(train: list[str], val: list[str]) -> str:
     parts += [f"{len(extra)} not among them ({_few(extra)})"] if extra else []
     if not parts:
         i = next(i for i, (a, b) in enumerate(zip(train, val)) if a != b)
-        parts = [f"the same {len(train)} names in another order (class {i} is {val[i]} here, {train[i]} in the training data)"]
+        parts = [
+            f"the same {len(train)} names in another order (class {i} is {val[i]} here, {train[i]} in the training data)"
+        ]
     return "; ".join(parts)
 
 

@@ -36,7 +36,10 @@ def jpeg_decoder():
     try:
         from torchcodec.decoders import decode_jpeg
     except Exception as e:  # not installed, or built for another torch: its native library fails to load
-        log.info("torchcodec cannot load (%s); JPEGs are decoded by Pillow (the same pixels, about 1.6x slower)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.info(
+            "torchcodec cannot load (%s); JPEGs are decoded by Pillow (the same pixels, about 1.6x slower)",
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         return None
     return decode_jpeg
 
@@ -148,8 +151,10 @@ def check_pixels(height: int, width: int) -> None:
 
     limit = Image.MAX_IMAGE_PIXELS
     if limit and height * width > limit:
-        raise ValueError(f"its header claims {width} x {height} pixels, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): "
-                         "a damaged file or a decompression bomb")
+        raise ValueError(
+            f"its header claims {width} x {height} pixels, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): "
+            "a damaged file or a decompression bomb"
+        )
 
 
 SOF_MARKERS = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)}  # start of frame: the image's size

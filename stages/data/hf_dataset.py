@@ -73,10 +73,14 @@ def find_split(name: str, split: str | None, role: str) -> Split:
         if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: a folder per split
             splits = _read_json(path / "dataset_dict.json", where).get("splits")
             if not isinstance(splits, list) or not splits:
-                raise UserError(f"{where}: {path / 'dataset_dict.json'} lists no splits: save the dataset again with save_to_disk")
+                raise UserError(
+                    f"{where}: {path / 'dataset_dict.json'} lists no splits: save the dataset again with save_to_disk"
+                )
             chosen = choose_split([str(s) for s in splits], split, role, where)
             return _saved(path / chosen, chosen, where)
-        if (path / "state.json").is_file():  # Dataset.save_to_disk: one split (datasets calls a dataset without one "train")
+        if (
+            path / "state.json"
+        ).is_file():  # Dataset.save_to_disk: one split (datasets calls a dataset without one "train")
             own = _read_json(path / "state.json", where).get("_split") or "train"
             return _saved(path, choose_split([str(own)], split, role, where), where)
         by_split: dict[str, list[str]] = {}
@@ -85,10 +89,14 @@ def find_split(name: str, split: str | None, role: str) -> Split:
         if by_split:
             chosen = choose_split(sorted(by_split), split, role, where)
             return Split(chosen, tuple(by_split[chosen]), True, None)
-        raise UserError(f"{where}: {path} holds no dataset datasets wrote (state.json, dataset_dict.json or .parquet files): "
-                        "pass a folder written by save_to_disk, or one of parquet files (the hub's data/train-00000-of-00004.parquet ...)")
+        raise UserError(
+            f"{where}: {path} holds no dataset datasets wrote (state.json, dataset_dict.json or .parquet files): "
+            "pass a folder written by save_to_disk, or one of parquet files (the hub's data/train-00000-of-00004.parquet ...)"
+        )
     if path.exists() or name.startswith(("/", ".", "~")) or "://" in name:
-        raise UserError(f"{where}: {path} is no folder: pass a local folder written by save_to_disk, one of parquet files, or a hub dataset name")
+        raise UserError(
+            f"{where}: {path} is no folder: pass a local folder written by save_to_disk, one of parquet files, or a hub dataset name"
+        )
     return _hub_split(name, split, role)
 
 
@@ -99,7 +107,9 @@ def choose_split(splits: list[str], asked: str | None, role: str, where: str) ->
     chosen = asked or ("validation" if role == "val" else "train")
     if chosen not in splits:
         flag = "--val-data" if role == "val" else "--data"
-        raise UserError(f"{where} has no split '{chosen}' (its splits: {', '.join(splits)}): pass {flag} {where}?split=NAME")
+        raise UserError(
+            f"{where} has no split '{chosen}' (its splits: {', '.join(splits)}): pass {flag} {where}?split=NAME"
+        )
     return chosen
 
 
@@ -125,7 +135,9 @@ def _saved(folder: Path, split: str, where: str) -> Split:
     try:
         files = tuple(str(folder / f["filename"]) for f in state["_data_files"])
     except (KeyError, TypeError):
-        raise UserError(f"{where}: {folder / 'state.json'} lists no Arrow files (_data_files): save the dataset again with save_to_disk") from None
+        raise UserError(
+            f"{where}: {folder / 'state.json'} lists no Arrow files (_data_files): save the dataset again with save_to_disk"
+        ) from None
     info = folder / "dataset_info.json"
     features = _read_json(info, where).get("features") if info.is_file() else None
     return Split(split, files, False, features if isinstance(features, dict) else None)
@@ -136,18 +148,24 @@ def _hub_split(name: str, split: str | None, role: str) -> Split:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"hfds:{name}: there is no folder {name}, and a hub dataset needs the datasets package: pip install datasets, "
-                        "or pass a local folder (written by save_to_disk, or the dataset's parquet files)") from None
+        raise UserError(
+            f"hfds:{name}: there is no folder {name}, and a hub dataset needs the datasets package: pip install datasets, "
+            "or pass a local folder (written by save_to_disk, or the dataset's parquet files)"
+        ) from None
     try:
         loaded = datasets.load_dataset(name)
     except Exception as e:
         words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"hfds:{name}: datasets.load_dataset cannot load it ({words}): check the name, or pass a local folder") from None
+        raise UserError(
+            f"hfds:{name}: datasets.load_dataset cannot load it ({words}): check the name, or pass a local folder"
+        ) from None
     chosen = choose_split(sorted(loaded), split, role, f"hfds:{name}")
     ds = loaded[chosen]
     files = tuple(f["filename"] for f in ds.cache_files)
     if not files:
-        raise UserError(f"hfds:{name}: split {chosen} is held in memory, not in Arrow files: save it with save_to_disk and pass that folder")
+        raise UserError(
+            f"hfds:{name}: split {chosen} is held in memory, not in Arrow files: save it with save_to_disk and pass that folder"
+        )
     return Split(chosen, files, False, ds.features.to_dict())
 
 
@@ -161,7 +179,12 @@ def _features(schema) -> dict:
 
 def _class_names(feature) -> list[str] | None:
     """A ClassLabel feature's names, or None (not a ClassLabel, or one without names)."""
-    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list) and feature["names"]:
+    if (
+        isinstance(feature, dict)
+        and feature.get("_type") == "ClassLabel"
+        and isinstance(feature.get("names"), list)
+        and feature["names"]
+    ):
         return [str(n) for n in feature["names"]]
     return None
 
@@ -169,7 +192,9 @@ def _class_names(feature) -> list[str] | None:
 class HfDataset(ImageDataset):
     """The rows of one split of a Hugging Face dataset (see the module docstring); ``role``: "train" or "val"."""
 
-    def __init__(self, name: str, split: str | None = None, role: str = "train", *, image: str = "image", label: str = "label"):
+    def __init__(
+        self, name: str, split: str | None = None, role: str = "train", *, image: str = "image", label: str = "label"
+    ):
         found = find_split(name, split, role)
         self.name, self.split, self.image_column, self.label_column = name, found.name, image, label
         options = [("split", found.name)] if found.name != "train" else []  # train: what a training source opens
@@ -193,7 +218,12 @@ class HfDataset(ImageDataset):
                 counts += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 labels.append(handle.read(columns=[label]).column(0))
                 has_path = "path" in _struct_fields(schema.field(image).type)  # only the paths: the images stay on disk
-                paths.append((_field(handle.read(columns=[f"{image}.path"]).column(0), "path") if has_path else None, meta.num_rows))
+                paths.append(
+                    (
+                        _field(handle.read(columns=[f"{image}.path"]).column(0), "path") if has_path else None,
+                        meta.num_rows,
+                    )
+                )
             else:
                 part_file.append(f)
                 part_group.append(-1)
@@ -201,7 +231,9 @@ class HfDataset(ImageDataset):
                 labels.append(handle.column(label))
                 paths.append((self._image_fields(handle.column(image))[1], handle.num_rows))
         self._part_file, self._part_group = np.asarray(part_file, np.int64), np.asarray(part_group, np.int64)
-        self._starts = np.r_[0, np.cumsum(counts, dtype=np.int64)]  # (parts + 1,) the first row of each part, then the count
+        self._starts = np.r_[
+            0, np.cumsum(counts, dtype=np.int64)
+        ]  # (parts + 1,) the first row of each part, then the count
         self.labels = self._read_labels(labels)
         self.keys = self._make_keys(paths)
         if not len(self.keys):
@@ -227,11 +259,18 @@ class HfDataset(ImageDataset):
                     except pa.ArrowInvalid:
                         self._handles[f] = pa.ipc.open_file(mapped).read_all()
             except (OSError, pa.ArrowException) as e:
-                raise UserError(f"{self.source}: cannot read {path} ({e}): the dataset changed or is damaged; write it again") from None
+                raise UserError(
+                    f"{self.source}: cannot read {path} ({e}): the dataset changed or is damaged; write it again"
+                ) from None
         return self._handles[f]
 
     def __getstate__(self):
-        return {**self.__dict__, "_handles": {}, "_columns": {}, "_groups": OrderedDict()}  # files are opened again in each process
+        return {
+            **self.__dict__,
+            "_handles": {},
+            "_columns": {},
+            "_groups": OrderedDict(),
+        }  # files are opened again in each process
 
     def _check_columns(self, f: int):
         """File ``f``'s schema, with an image and a label column as named; a miss is one line listing the columns."""
@@ -241,21 +280,31 @@ class HfDataset(ImageDataset):
         schema = handle.schema_arrow if self.parquet else handle.schema
         for what, column in (("image", self.image_column), ("label", self.label_column)):
             if column not in schema.names:
-                raise UserError(f"{self.source}: no column '{column}' in split {self.split} (its columns: {', '.join(schema.names)}): pass ?{what}=COLUMN")
+                raise UserError(
+                    f"{self.source}: no column '{column}' in split {self.split} (its columns: {', '.join(schema.names)}): pass ?{what}=COLUMN"
+                )
         kind = schema.field(self.image_column).type
         if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or "bytes" in _struct_fields(kind)):
-            raise UserError(f"{self.source}: column '{self.image_column}' holds {kind}, not images (HF's Image feature, or bytes): pass ?image=COLUMN")
+            raise UserError(
+                f"{self.source}: column '{self.image_column}' holds {kind}, not images (HF's Image feature, or bytes): pass ?image=COLUMN"
+            )
         if not pa.types.is_integer(schema.field(self.label_column).type):
-            raise UserError(f"{self.source}: column '{self.label_column}' holds {schema.field(self.label_column).type}, not class numbers: pass ?label=COLUMN")
+            raise UserError(
+                f"{self.source}: column '{self.label_column}' holds {schema.field(self.label_column).type}, not class numbers: pass ?label=COLUMN"
+            )
         return schema
 
     def _read_labels(self, columns) -> np.ndarray:
         """The label columns of every file as one (N,) int64 array; a row without a class is one line."""
-        labels = np.concatenate([np.asarray(c.fill_null(-1).to_numpy(), np.int64) for c in columns] or [np.zeros(0, np.int64)])
+        labels = np.concatenate(
+            [np.asarray(c.fill_null(-1).to_numpy(), np.int64) for c in columns] or [np.zeros(0, np.int64)]
+        )
         if len(labels) and labels.min() < 0:  # -1 (or no value) is datasets' mark of an unlabelled row
             i = int(np.argmin(labels))
-            raise UserError(f"{self.source}: row {i} of split {self.split} has no class (label {labels[i]}, or none): a split without labels "
-                            "(ImageNet's test) cannot train or validate; choose another with ?split=NAME")
+            raise UserError(
+                f"{self.source}: row {i} of split {self.split} has no class (label {labels[i]}, or none): a split without labels "
+                "(ImageNet's test) cannot train or validate; choose another with ?split=NAME"
+            )
         return labels
 
     def _make_keys(self, paths) -> list[str]:
@@ -268,8 +317,14 @@ class HfDataset(ImageDataset):
         names = _class_names(features.get(self.label_column))
         if found > MAX_CLASSES or (names is not None and found > len(names)):
             i = int(np.argmax(self.labels))
-            limit = f"its ClassLabel has {len(names)} names" if names is not None and found <= MAX_CLASSES else f"classes are numbers below {MAX_CLASSES:,}"
-            raise UserError(f"{self.source}: row {i} has class {self.labels[i]}, but {limit}: fix the row's {self.label_column}")
+            limit = (
+                f"its ClassLabel has {len(names)} names"
+                if names is not None and found <= MAX_CLASSES
+                else f"classes are numbers below {MAX_CLASSES:,}"
+            )
+            raise UserError(
+                f"{self.source}: row {i} has class {self.labels[i]}, but {limit}: fix the row's {self.label_column}"
+            )
         self.classes = names or [str(c) for c in range(found)]
 
     # -- reading -----------------------------------------------------------------------------------
@@ -296,7 +351,9 @@ class HfDataset(ImageDataset):
             try:
                 table = self._handle(key[0]).read_row_group(key[1], columns=[self.image_column])
             except (OSError, pa.ArrowException) as e:
-                raise UserError(f"{self.source}: cannot read row group {key[1]} of {self.files[key[0]]} ({e}): the dataset changed or is damaged") from None
+                raise UserError(
+                    f"{self.source}: cannot read row group {key[1]} of {self.files[key[0]]} ({e}): the dataset changed or is damaged"
+                ) from None
             fields = self._image_fields(table.column(0))
         self._groups[key] = fields
         while len(self._groups) > GROUPS_KEPT:

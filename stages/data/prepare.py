@@ -70,8 +70,11 @@ class PrepareSettings:
     seed: int = setting(0, SEED, "seed of the random order of samples across shards")
     shard_size: int = setting(1000, Int(1, MAX_BLOCK), "samples per shard (the last one holds the rest)")
     max_side: int | None = setting(
-        None, Optional(SIZE), "re-encode images whose longer side is above this as JPEG with that longer side (aspect kept); "
-        "images within it are kept byte for byte", show_default="off: every image kept byte for byte",
+        None,
+        Optional(SIZE),
+        "re-encode images whose longer side is above this as JPEG with that longer side (aspect kept); "
+        "images within it are kept byte for byte",
+        show_default="off: every image kept byte for byte",
     )
     quality: int = setting(90, Int(1, 100), "JPEG quality of re-encoded images")
     prefix: str = setting("train", Name(), "shard file names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
@@ -91,7 +94,12 @@ class PrepareJob:
 
     def identity(self, num_samples: int) -> dict:
         """What makes two outputs the same: the data (by fingerprint, so a moved folder is the same) and the settings."""
-        return {"format": FORMAT, "fingerprint": self.fingerprint, "num_samples": num_samples, **self.settings.to_dict()}
+        return {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "num_samples": num_samples,
+            **self.settings.to_dict(),
+        }
 
 
 def digest(identity: dict) -> str:
@@ -135,7 +143,9 @@ def record_name(k: int) -> str:
 def open_source(spec: str) -> ImageDataset:
     """The images to prepare: files in class folders or in tar shards (the kinds with encoded images to keep)."""
     if dataset_kind(spec).name not in ("folder", "wds"):
-        raise UserError(f"pipeline prepare writes image files: use --data folder:PATH or wds:PATTERN, not {spec} (its images are made in memory)")
+        raise UserError(
+            f"pipeline prepare writes image files: use --data folder:PATH or wds:PATTERN, not {spec} (its images are made in memory)"
+        )
     return open_dataset(spec)
 
 
@@ -153,7 +163,9 @@ def claim_output(out: Location, identity: dict, source: str) -> bool:
     if made is not None:
         _refuse_other(out, made, identity)
     elif out.listdir():
-        raise UserError(f"{out} is not empty and holds no prepared shards (no {MANIFEST}): prepare into a new or empty --out")
+        raise UserError(
+            f"{out} is not empty and holds no prepared shards (no {MANIFEST}): prepare into a new or empty --out"
+        )
     if not claim.exists():
         claim.write_json({**identity, "source": source})
     return manifest.exists()
@@ -199,22 +211,35 @@ def finished_shards(out: Location, plan: ShardPlan, identity: dict) -> dict[int,
             continue
         if not isinstance(record, dict):
             continue  # not a record this tool wrote: the shard is made again
-        if record.get("identity") == want and record.get("name") == plan.name(k) and sizes.get(plan.name(k)) == record.get("bytes"):
+        if (
+            record.get("identity") == want
+            and record.get("name") == plan.name(k)
+            and sizes.get(plan.name(k)) == record.get("bytes")
+        ):
             done[k] = record
     return done
 
 
-def write_manifest(out: Location, job: PrepareJob, plan: ShardPlan, classes: list[str], records: dict[int, dict]) -> dict:
+def write_manifest(
+    out: Location, job: PrepareJob, plan: ShardPlan, classes: list[str], records: dict[int, dict]
+) -> dict:
     """The manifest, written last: its presence says every shard is finished."""
     import PIL
 
     missing = [plan.name(k) for k in range(plan.num_shards) if k not in records]
     if missing:
-        raise UserError(f"{len(missing)} shard(s) are not finished ({missing[0]}, ...): run the same command again to make them")
+        raise UserError(
+            f"{len(missing)} shard(s) are not finished ({missing[0]}, ...): run the same command again to make them"
+        )
     shards = [{key: records[k][key] for key in ("name", "samples", "bytes", "sha256")} for k in range(plan.num_shards)]
     manifest = {
-        **job.identity(len(plan.order)), "source": job.source, "classes": list(classes), "num_shards": plan.num_shards,
-        "pattern": plan.pattern, "shards": shards, "versions": {"pillow": PIL.__version__},
+        **job.identity(len(plan.order)),
+        "source": job.source,
+        "classes": list(classes),
+        "num_shards": plan.num_shards,
+        "pattern": plan.pattern,
+        "shards": shards,
+        "versions": {"pillow": PIL.__version__},
     }
     (out / MANIFEST).write_json(manifest)
     return manifest
@@ -245,17 +270,36 @@ def prepare(job: PrepareJob, dataset: ImageDataset, write_shards=None, note: str
         return _write_rest(out, job, dataset, plan, identity, write_shards, note)
 
 
-def _write_rest(out: Location, job: PrepareJob, dataset: ImageDataset, plan: ShardPlan, identity: dict, write_shards, note: str | None) -> PrepareResult:
+def _write_rest(
+    out: Location,
+    job: PrepareJob,
+    dataset: ImageDataset,
+    plan: ShardPlan,
+    identity: dict,
+    write_shards,
+    note: str | None,
+) -> PrepareResult:
     """The claimed output's unfinished shards, then its manifest: under the output's lock."""
     if note:
         log.info(note)
-    if out.is_local:  # a killed run's unfinished shards (object stores get whole uploads); under the lock, every one is stale
+    if (
+        out.is_local
+    ):  # a killed run's unfinished shards (object stores get whole uploads); under the lock, every one is stale
         remove_stale_temp_files(out, older_than=0.0)
     done = finished_shards(out, plan, identity)
     pending = [k for k in range(plan.num_shards) if k not in done]
-    log.info("prepare %s -> %s: %d samples in %d shards, %d already finished", job.source, out, len(dataset), plan.num_shards, len(done))
+    log.info(
+        "prepare %s -> %s: %d samples in %d shards, %d already finished",
+        job.source,
+        out,
+        len(dataset),
+        plan.num_shards,
+        len(done),
+    )
     if pending:
-        done.update(write_shards(pending, plan) if write_shards is not None else ShardMaker(job, dataset).write_all(pending))
+        done.update(
+            write_shards(pending, plan) if write_shards is not None else ShardMaker(job, dataset).write_all(pending)
+        )
     manifest = write_manifest(out, job, plan, dataset.classes, done)
     return PrepareResult(len(pending), plan.num_shards - len(pending), manifest, already=False)
 
@@ -273,7 +317,9 @@ class ShardMaker:
         self.job, self.out = job, Location(job.out)
         self.dataset = dataset if dataset is not None else open_source(job.source)
         if self.dataset.fingerprint() != job.fingerprint:
-            raise UserError(f"{job.source} holds other images here than where the preparation started (fingerprint differs): every node must see the same data")
+            raise UserError(
+                f"{job.source} holds other images here than where the preparation started (fingerprint differs): every node must see the same data"
+            )
         self.plan = ShardPlan.of(len(self.dataset), job.settings)
         self.identity = digest(job.identity(len(self.dataset)))
 
@@ -333,11 +379,16 @@ def source_bytes(dataset: ImageDataset, ids: np.ndarray) -> list[tuple[bytes, st
             try:
                 out.append((path.read_bytes(), path.suffix.lower().lstrip("."), str(path)))
             except OSError as e:
-                raise UserError(f"cannot read image {path}: {e.strerror or e}; replace the file, then run the same command again") from None
+                raise UserError(
+                    f"cannot read image {path}: {e.strerror or e}; replace the file, then run the same command again"
+                ) from None
         return out
     blobs = dataset.encoded(ids)
     urls = dataset.urls  # a WdsDataset (``open_source`` allows no other kind)
-    return [(bytes(b), dataset.ext[i], f"shard {urls[dataset.shard[i]]}: sample {dataset.keys[i].split('/', 1)[1]}") for b, i in zip(blobs, ids)]
+    return [
+        (bytes(b), dataset.ext[i], f"shard {urls[dataset.shard[i]]}: sample {dataset.keys[i].split('/', 1)[1]}")
+        for b, i in zip(blobs, ids)
+    ]
 
 
 def convert(data: bytes, ext: str, max_side: int | None, quality: int, where: str) -> tuple[bytes, str]:
@@ -358,7 +409,9 @@ def convert(data: bytes, ext: str, max_side: int | None, quality: int, where: st
                 im.draft("RGB", (1, 1))
                 im.load()
                 return data, ext
-            out = io.BytesIO()  # bmp, tiff, ppm: pixels kept, as PNG (what ``wds:`` reads), in RGB as every reader sees them
+            out = (
+                io.BytesIO()
+            )  # bmp, tiff, ppm: pixels kept, as PNG (what ``wds:`` reads), in RGB as every reader sees them
             im.convert("RGB").save(out, format="PNG")
             return out.getvalue(), "png"
     except Exception as e:
@@ -449,8 +502,10 @@ def is_prepared(where: str) -> bool:
 def verify_prepared(out: Location) -> VerifyReport:
     """Every shard of the manifest against it (present, size, sha256, sample count), and no stray shard beside them."""
     if not (out / MANIFEST).exists():
-        raise UserError(f"{out} holds the shards of a `pipeline prepare` that has not finished (no {MANIFEST} yet): "
-                        "run the same prepare command again to finish them, then verify")
+        raise UserError(
+            f"{out} holds the shards of a `pipeline prepare` that has not finished (no {MANIFEST} yet): "
+            "run the same prepare command again to finish them, then verify"
+        )
     listed, total, prefix = _manifest_fields(_read_json(out / MANIFEST), out / MANIFEST)
     sizes = out.file_sizes()
     problems = []
@@ -478,7 +533,11 @@ def _manifest_fields(manifest, where) -> tuple[list[dict], int, str]:
 
     if not isinstance(manifest, dict):
         raise wrong("the manifest", manifest, "a mapping")
-    for key, kind, expected in (("shards", list, "a list of shards"), ("num_samples", int, "a whole number"), ("prefix", str, "a name")):
+    for key, kind, expected in (
+        ("shards", list, "a list of shards"),
+        ("num_samples", int, "a whole number"),
+        ("prefix", str, "a name"),
+    ):
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise wrong(key, manifest.get(key), expected)
     for i, shard in enumerate(manifest["shards"]):
@@ -544,7 +603,7 @@ def count_samples(f) -> int:
 
 def crop_pixels(longer_side: float, scale: float) -> tuple[int, int]:
     """Source pixels (w, h) of a 4:3 crop of ``scale`` of the area of a 4:3 image whose longer side is ``longer_side``."""
-    w = (scale ** 0.5) * longer_side
+    w = (scale**0.5) * longer_side
     return round(w), round(0.75 * w)
 
 

@@ -96,12 +96,18 @@ class DrawnViews:
     seeded by the plan, the id order for a ``sequential`` source).
     """
 
-    def __init__(self, plan: ViewPlan, dataset: ImageDataset, num_views: int, block: int = 1024, order: np.ndarray | None = None):
+    def __init__(
+        self, plan: ViewPlan, dataset: ImageDataset, num_views: int, block: int = 1024, order: np.ndarray | None = None
+    ):
         self.plan, self.num_views, self.block = plan, num_views, block
         self.sizes = dataset.sizes()
         self.num_blocks = -(-len(dataset) // block)
         self.count = len(dataset)
-        self.order = sample_order(len(dataset), plan.seed, not dataset.sequential) if order is None else np.asarray(order, np.int64)
+        self.order = (
+            sample_order(len(dataset), plan.seed, not dataset.sequential)
+            if order is None
+            else np.asarray(order, np.int64)
+        )
 
     def ids(self, block: int) -> np.ndarray:
         return block_slice(self.order, block, self.block)
@@ -114,7 +120,9 @@ class DrawnViews:
 # -- ordering --------------------------------------------------------------------------------
 
 
-def epoch_units(epoch: int, num_views: int, num_blocks: int, seed: int, repeats: int = 1, view_groups: int = 1) -> list[tuple[int, int]]:
+def epoch_units(
+    epoch: int, num_views: int, num_blocks: int, seed: int, repeats: int = 1, view_groups: int = 1
+) -> list[tuple[int, int]]:
     """The (view, block) units of one epoch: every block once, in a shuffled order.
 
     Each block walks through a fresh permutation of all views before it repeats
@@ -163,7 +171,9 @@ def take(table: Table, index) -> Table:
     return {k: v[index] for k, v in table.items()}
 
 
-def shuffle_windows(tables: Iterable[Table], window: int, rng: np.random.Generator, by_sample: bool = False) -> Iterator[Table]:
+def shuffle_windows(
+    tables: Iterable[Table], window: int, rng: np.random.Generator, by_sample: bool = False
+) -> Iterator[Table]:
     """Concatenate ``window`` tables at a time and shuffle them in memory.
 
     Rows are shuffled one by one, or, in tables with mixing groups (``PAIR``),
@@ -206,7 +216,9 @@ def _shuffled(tables: list[Table], rng: np.random.Generator, by_sample: bool = F
     return {**take(merged, order), PAIR: rank[order]}
 
 
-JOINED_ROWS = 16  # the most rows of a joined group: R views of a sample and its partner (2R; 3R with a block's odd one out)
+JOINED_ROWS = (
+    16  # the most rows of a joined group: R views of a sample and its partner (2R; 3R with a block's odd one out)
+)
 
 
 def join_by_sample(keys: np.ndarray, ids: np.ndarray, limit: int = JOINED_ROWS) -> np.ndarray:
@@ -311,7 +323,9 @@ def even_batches(table: Table, batch_size: int) -> Iterator[Table]:
     starts, _ = group_bounds(table[PAIR])
     ideal = np.cumsum([len(p) for p in np.array_split(np.arange(n), parts)])[:-1]
     near = starts[np.clip(np.searchsorted(starts, ideal), 0, len(starts) - 1)] if len(starts) else ideal
-    before = starts[np.clip(np.searchsorted(starts, ideal, side="right") - 1, 0, len(starts) - 1)] if len(starts) else ideal
+    before = (
+        starts[np.clip(np.searchsorted(starts, ideal, side="right") - 1, 0, len(starts) - 1)] if len(starts) else ideal
+    )
     best = np.where(np.abs(before - ideal) <= np.abs(near - ideal), before, near)
     cuts = np.maximum.accumulate(np.where(np.abs(best - ideal) <= 2, best, ideal))
     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, n]):
@@ -379,14 +393,23 @@ class ViewRenderer(Dataset):
                 partner = int(item.params.get("mix_partner", -1)) if self.plan.mixer is not None else -1
                 if partner >= 0:
                     if item.partner is None:
-                        raise ValueError(f"sample {item.id} mixes with sample {partner}: its item needs the partner's parameters")
-                    mate = own_view(item.mate, size) if item.mate >= 0 else self.plan.render_own(image(partner, None), item.partner, size)
+                        raise ValueError(
+                            f"sample {item.id} mixes with sample {partner}: its item needs the partner's parameters"
+                        )
+                    mate = (
+                        own_view(item.mate, size)
+                        if item.mate >= 0
+                        else self.plan.render_own(image(partner, None), item.partner, size)
+                    )
                     out = self.plan.mixer.mix(out, mate, item.params)
                 mixed[j, size] = out
             return mixed[j, size]
 
         rows = range(len(batch))
-        stacked = {s: torch.stack([view(j, s) for j in rows]) if batch else torch.zeros(0, 3, s, s, dtype=torch.uint8) for s in dict.fromkeys(self.sizes)}
+        stacked = {
+            s: torch.stack([view(j, s) for j in rows]) if batch else torch.zeros(0, 3, s, s, dtype=torch.uint8)
+            for s in dict.fromkeys(self.sizes)
+        }
         prints = [fingerprint(view(j, self.plan_size)) if batch[j].check else -1 for j in rows]
         lam = [[self.plan.lam(batch[j].params, s) for s in self.sizes] for j in rows]
         return {
@@ -454,7 +477,9 @@ def with_images(table: Table, dataset: ImageDataset) -> Table:
     return table if data is None else {**table, IMAGES: data}
 
 
-def unit_table(views, v: int, b: int, labels: np.ndarray | None, param_names: Iterable[str], *, params: Table | None = None) -> Table:
+def unit_table(
+    views, v: int, b: int, labels: np.ndarray | None, param_names: Iterable[str], *, params: Table | None = None
+) -> Table:
     """One (view, block) unit as a table: its view parameters (and, from a store, fingerprints), ``id``,
     ``view``, ``label`` (unless ``labels`` is None) and each row's mixing partner's parameters ``p:<name>``.
 
@@ -475,7 +500,9 @@ def fingerprint_mismatch(table: Table, fingerprints: np.ndarray, checked: np.nda
     views as rendered now (one per row); ``checked``: the rows that were fingerprinted (default: all).
     """
     checked = np.ones(len(fingerprints), bool) if checked is None else np.asarray(checked, bool)
-    bad = np.flatnonzero(checked & (np.asarray(fingerprints).astype(np.int64) != np.asarray(table["fingerprint"]).astype(np.int64)))
+    bad = np.flatnonzero(
+        checked & (np.asarray(fingerprints).astype(np.int64) != np.asarray(table["fingerprint"]).astype(np.int64))
+    )
     if not len(bad):
         return None
     j = bad[0]
@@ -489,7 +516,9 @@ def check_fingerprints(table: Table, fingerprints: np.ndarray, store: Store, che
     """Raise ``UserError`` when views rendered now differ from the ones the store's plan recorded (``fingerprint_mismatch``)."""
     problem = fingerprint_mismatch(table, fingerprints, checked)
     if problem:
-        raise UserError(f"{problem}; compare the versions in {store.path}/store.json with this environment, or extract again")
+        raise UserError(
+            f"{problem}; compare the versions in {store.path}/store.json with this environment, or extract again"
+        )
 
 
 def items(batch: Table, param_names: Iterable[str], check: np.ndarray | None = None) -> list[Item]:
@@ -517,7 +546,14 @@ def items(batch: Table, param_names: Iterable[str], check: np.ndarray | None = N
             mates[j] = where.get((int(batch["mix_partner"][j]), int(views[j])), -1)
     data = batch.get(IMAGES)
     return [
-        Item(int(i), row(params, j), bool(checks[j]), row(partners, j) if mixes[j] else None, int(mates[j]), None if data is None else data[j])
+        Item(
+            int(i),
+            row(params, j),
+            bool(checks[j]),
+            row(partners, j) if mixes[j] else None,
+            int(mates[j]),
+            None if data is None else data[j],
+        )
         for j, i in enumerate(ids)
     ]
 
@@ -535,7 +571,9 @@ def render_batches(
     def index_batches():
         for batch in batches:
             pending.append(batch)
-            yield items(with_images(batch, renderer.dataset), param_names, batch.get(check_column) if check_column else None)
+            yield items(
+                with_images(batch, renderer.dataset), param_names, batch.get(check_column) if check_column else None
+            )
 
     loader = DataLoader(
         renderer,

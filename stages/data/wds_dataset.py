@@ -106,13 +106,25 @@ class ShardIndex:
     hw: np.ndarray  # (n, 2) int64
 
     def to_json(self) -> dict:
-        return {"keys": self.keys, "labels": self.labels.tolist(), "ext": self.ext, "offset": self.offset.tolist(),
-                "length": self.length.tolist(), "hw": self.hw.tolist()}
+        return {
+            "keys": self.keys,
+            "labels": self.labels.tolist(),
+            "ext": self.ext,
+            "offset": self.offset.tolist(),
+            "length": self.length.tolist(),
+            "hw": self.hw.tolist(),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardIndex":
-        return cls(list(d["keys"]), np.asarray(d["labels"], np.int64), list(d["ext"]), np.asarray(d["offset"], np.int64),
-                   np.asarray(d["length"], np.int64), np.asarray(d["hw"], np.int64).reshape(-1, 2))
+        return cls(
+            list(d["keys"]),
+            np.asarray(d["labels"], np.int64),
+            list(d["ext"]),
+            np.asarray(d["offset"], np.int64),
+            np.asarray(d["length"], np.int64),
+            np.asarray(d["hw"], np.int64).reshape(-1, 2),
+        )
 
 
 def scan_shard(url: str) -> ShardIndex:
@@ -125,7 +137,9 @@ def scan_shard(url: str) -> ShardIndex:
         if sample is None:
             return
         if "offset" not in sample:
-            raise UserError(f"shard {url}: sample {sample['key']} has no image ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}): add it or remove the sample's members")
+            raise UserError(
+                f"shard {url}: sample {sample['key']} has no image ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}): add it or remove the sample's members"
+            )
         if "label" not in sample:
             raise UserError(
                 f"shard {url}: sample {sample['key']} has no .cls member (its class): wds datasets need KEY.cls beside each image "
@@ -146,11 +160,16 @@ def scan_shard(url: str) -> ShardIndex:
                     if current is None or current["key"] != key:
                         finish(current)
                         if key in seen:
-                            raise UserError(f"shard {url}: sample {key} appears twice, apart: a sample's members must be neighbours in the tar")
+                            raise UserError(
+                                f"shard {url}: sample {key} appears twice, apart: a sample's members must be neighbours in the tar"
+                            )
                         seen.add(key)
                         current = {"key": key}
                     _take_member(url, current, ext, tar.extractfile(member).read(), member)
-            except (tarfile.TarError, EOFError) as e:  # a header that cannot be read after the first (a GNU long name's...)
+            except (
+                tarfile.TarError,
+                EOFError,
+            ) as e:  # a header that cannot be read after the first (a GNU long name's...)
                 failed = e
             # Where the walk stopped: the end marker of a whole tar, else the header it could not read.
             _check_end(url, fs, path, tar.offset, failed, current["key"] if current else None, last, len(seen))
@@ -172,19 +191,25 @@ def scan_shard(url: str) -> ShardIndex:
     )
 
 
-def _check_end(url: str, fs, path: str, stop: int, failed: Exception | None, sample: str | None, last: str | None, read: int) -> None:
+def _check_end(
+    url: str, fs, path: str, stop: int, failed: Exception | None, sample: str | None, last: str | None, read: int
+) -> None:
     """One line unless the tar ends whole where the walk stopped (``stop``): only zero blocks may follow. tarfile reads a
     tar cut short, or one with a header it cannot read, as a shorter tar: its later samples would vanish silently."""
     end = _tail(fs, path, stop)
     if end == "truncated":
         where = f"at sample {sample}" if sample else "before its first sample"
-        raise UserError(f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again")
+        raise UserError(
+            f"shard {url} is truncated (it ends {where}, without the tar's end marker): copy or write it again"
+        )
     if end is not None or failed is not None:
         after = f"after member {last}, {read} samples read" if last else "before its first member"
         what = f"a member header there cannot be read ({failed or _header_problem(end)})"
         if end is not None and not any(end):
             what = "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"
-        raise UserError(f"shard {url} is damaged at byte {stop} ({after}): {what}; replace the shard (copy or write it again)")
+        raise UserError(
+            f"shard {url} is damaged at byte {stop} ({after}): {what}; replace the shard (copy or write it again)"
+        )
 
 
 def _tail(fs, path: str, stop: int) -> bytes | str | None:
@@ -239,7 +264,9 @@ def _take_member(url: str, sample: dict, ext: str, data: bytes, member: tarfile.
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
     except Exception as e:
-        raise UserError(f"shard {url}: sample {key}: cannot read its image {key}.{ext} ({e}); replace or remove the sample") from None
+        raise UserError(
+            f"shard {url}: sample {key}: cannot read its image {key}.{ext} ({e}); replace or remove the sample"
+        ) from None
     sample.update(ext=ext, offset=member.offset_data, length=member.size, hw=(h, w))
 
 
@@ -249,7 +276,9 @@ def _stamp(url: str) -> tuple[int, str]:
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise UserError(f"shard {url} does not exist: check the wds pattern (every shard it names must exist)") from None
+        raise UserError(
+            f"shard {url} does not exist: check the wds pattern (every shard it names must exist)"
+        ) from None
     if info.get("type") == "directory":
         raise UserError(f"{url} is a directory, not a tar shard: the wds pattern must name .tar files")
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
@@ -302,13 +331,17 @@ class WdsDataset(ImageDataset):
         self.pattern, self.source = pattern, f"wds:{pattern}"
         self.urls = expand(pattern)
         if not self.urls:
-            raise UserError(f"wds pattern '{pattern}' matches no shard: check the path or URL (a brace pattern such as train-{{0000..0099}}.tar, or a glob)")
+            raise UserError(
+                f"wds pattern '{pattern}' matches no shard: check the path or URL (a brace pattern such as train-{{0000..0099}}.tar, or a glob)"
+            )
         with ThreadPoolExecutor(max_workers=min(8, len(self.urls))) as pool:
             shards = list(pool.map(shard_index, self.urls))
         self.names = [url.rstrip("/").rsplit("/", 1)[-1] for url in self.urls]
         self.counts = np.asarray([len(s.keys) for s in shards], np.int64)
         if not self.counts.sum():
-            raise UserError(f"wds pattern '{pattern}' names {len(self.urls)} shard(s) with no samples in them (KEY.jpg plus KEY.cls)")
+            raise UserError(
+                f"wds pattern '{pattern}' names {len(self.urls)} shard(s) with no samples in them (KEY.jpg plus KEY.cls)"
+            )
         self.keys = [f"{name}/{key}" for name, s in zip(self.names, shards) for key in s.keys]
         self.labels = np.concatenate([s.labels for s in shards])
         self.shard = np.repeat(np.arange(len(shards)), self.counts)  # (N,) the shard of each sample
@@ -317,13 +350,19 @@ class WdsDataset(ImageDataset):
         self.length = np.concatenate([s.length for s in shards])
         self._sizes = np.concatenate([s.hw for s in shards])
         found = int(self.labels.max()) + 1
-        if found > MAX_CLASSES or self.labels.min() < 0:  # a damaged .cls (or cached index) would size a list of billions of names
+        if (
+            found > MAX_CLASSES or self.labels.min() < 0
+        ):  # a damaged .cls (or cached index) would size a list of billions of names
             j = int(np.argmax(self.labels)) if found > MAX_CLASSES else int(np.argmin(self.labels))
-            raise UserError(f"{self.keys[j]} has class {self.labels[j]}: classes are numbers from 0 to {MAX_CLASSES - 1:,}; fix its .cls member")
+            raise UserError(
+                f"{self.keys[j]} has class {self.labels[j]}: classes are numbers from 0 to {MAX_CLASSES - 1:,}; fix its .cls member"
+            )
         named = manifest_classes(self.urls, self.names)  # shards made by `pipeline prepare` carry their class names
         if named is not None and len(named) < found:
             named = None  # fewer names than the labels need: numbers instead
-        self.classes = named or [str(c) for c in range(found)]  # validation shards are checked against the training classes (``check_classes``)
+        self.classes = named or [
+            str(c) for c in range(found)
+        ]  # validation shards are checked against the training classes (``check_classes``)
         self._fs = None
 
     def __getstate__(self):
@@ -358,7 +397,9 @@ class WdsDataset(ImageDataset):
         order = np.argsort(ids, kind="stable")
         s = ids[order]
         start, end = self.offset[s], self.offset[s] + self.length[s]
-        new_run = np.r_[True, (self.shard[s][1:] != self.shard[s][:-1]) | (start[1:] - end[:-1] > GAP) | (start[1:] < start[:-1])]
+        new_run = np.r_[
+            True, (self.shard[s][1:] != self.shard[s][:-1]) | (start[1:] - end[:-1] > GAP) | (start[1:] < start[:-1])
+        ]
         bounds = np.r_[np.flatnonzero(new_run), len(s)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             first = int(start[lo])
@@ -372,7 +413,9 @@ class WdsDataset(ImageDataset):
         try:
             return decode_image(data, f"shard {self.urls[self.shard[i]]}: sample {key}")
         except Exception as e:
-            raise UserError(f"shard {self.urls[self.shard[i]]}: sample {key}: cannot decode its image {key}.{self.ext[i]} ({e}); replace or remove the sample") from None
+            raise UserError(
+                f"shard {self.urls[self.shard[i]]}: sample {key}: cannot decode its image {key}.{self.ext[i]} ({e}); replace or remove the sample"
+            ) from None
 
     def image(self, i: int) -> torch.Tensor:
         return self.decode(i, self.encoded([i])[0])

@@ -79,7 +79,16 @@ class MethodContext:
     student_trained: bool = False  # the student starts from trained weights (--student-weights), not at random
 
 
-def method_context(cls: type["Method"], model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int, student_trained: bool = False) -> MethodContext:
+def method_context(
+    cls: type["Method"],
+    model: nn.Module,
+    teacher,
+    *,
+    num_classes: int,
+    size: int,
+    epochs: int,
+    student_trained: bool = False,
+) -> MethodContext:
     """The context for method class ``cls``, from the built student ``model`` and a ``TeacherSource`` (or None).
 
     Only what ``cls`` declares is looked up: token shapes cost a dry forward of the student, class

@@ -89,20 +89,30 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
     words, args = [], {}
     for i, part in enumerate(method):
         if not isinstance(part, dict) or not isinstance(part.get("method"), str):
-            raise UserError(f"{where}: part {i + 1} of method must be a mapping with method: NAME (and teacher:, weight:, args:), not {part!r}")
+            raise UserError(
+                f"{where}: part {i + 1} of method must be a mapping with method: NAME (and teacher:, weight:, args:), not {part!r}"
+            )
         unknown = sorted(set(part) - {"method", "teacher", WEIGHT, "args"})
         if unknown:
-            raise UserError(f"{where}: part {i + 1} of method has no key {', '.join(unknown)}: a part has method, teacher, weight and args")
+            raise UserError(
+                f"{where}: part {i + 1} of method has no key {', '.join(unknown)}: a part has method, teacher, weight and args"
+            )
         if part.get("teacher") is not None and not isinstance(part["teacher"], str):
-            raise UserError(f"{where}: the teacher of part {i + 1} of method must be a teacher id (a string), not {part['teacher']!r}")
+            raise UserError(
+                f"{where}: the teacher of part {i + 1} of method must be a teacher id (a string), not {part['teacher']!r}"
+            )
         if not isinstance(part.get("args") or {}, dict):
-            raise UserError(f"{where}: the args of part {i + 1} of method must be a mapping of its method's settings (KEY: VALUE), not {part['args']!r}")
+            raise UserError(
+                f"{where}: the args of part {i + 1} of method must be a mapping of its method's settings (KEY: VALUE), not {part['args']!r}"
+            )
         words.append(part["method"] + (f"{TEACHER_SEP}{part['teacher']}" if part.get("teacher") else ""))
     parts = parse_method(PART_SEP.join(words))
     for part, given in zip(parts, method):
         own = dict(given.get("args") or {})
         if WEIGHT in given and WEIGHT in own:
-            raise UserError(f"{where}: part {part.name} gives its weight twice (weight: {given[WEIGHT]} and args: weight: {own[WEIGHT]}): keep one")
+            raise UserError(
+                f"{where}: part {part.name} gives its weight twice (weight: {given[WEIGHT]} and args: weight: {own[WEIGHT]}): keep one"
+            )
         if WEIGHT in given:
             own[WEIGHT] = given[WEIGHT]
         if own:
@@ -131,7 +141,9 @@ def part_args(spec: str, method_args: dict, where: str) -> list[tuple[float, dic
         check_method_args(method_class(part.method), args, f"part {part.name}, {where}")
         out.append((float(weight), args))
     if not any(w for w, _ in out):
-        raise UserError(f"every part of {spec} has weight 0 ({where}): the run would learn nothing; give a part a weight above 0")
+        raise UserError(
+            f"every part of {spec} has weight 0 ({where}): the run would learn nothing; give a part a weight above 0"
+        )
     return out
 
 
@@ -145,17 +157,43 @@ def needs_teacher(spec: str) -> bool:
     return any(method_class(p.method).needs and method_class(p.method).requires_teacher for p in parse_method(spec))
 
 
-def build_method(spec: str, method_args: dict, model: nn.Module, teacher, *, num_classes: int, size: int, epochs: int, student_trained: bool = False) -> Method:
+def build_method(
+    spec: str,
+    method_args: dict,
+    model: nn.Module,
+    teacher,
+    *,
+    num_classes: int,
+    size: int,
+    epochs: int,
+    student_trained: bool = False,
+) -> Method:
     """The run's method for student ``model``: one registered method, or a ``Composite`` whose part i sees
     ``teacher.part(i)`` (a ``PartsTeacher``) as its teacher."""
     if not is_composite(spec):
-        context = method_context(method_class(spec), model, teacher, num_classes=num_classes, size=size, epochs=epochs, student_trained=student_trained)
+        context = method_context(
+            method_class(spec),
+            model,
+            teacher,
+            num_classes=num_classes,
+            size=size,
+            epochs=epochs,
+            student_trained=student_trained,
+        )
         return create_method(spec, context, **method_args)
     parts, settings = parse_method(spec), part_args(spec, method_args, "the run")
     methods = []
     for i, (part, (_, args)) in enumerate(zip(parts, settings)):
         source = None if teacher is None else teacher.part(i)
-        context = method_context(method_class(part.method), model, source, num_classes=num_classes, size=size, epochs=epochs, student_trained=student_trained)
+        context = method_context(
+            method_class(part.method),
+            model,
+            source,
+            num_classes=num_classes,
+            size=size,
+            epochs=epochs,
+            student_trained=student_trained,
+        )
         methods.append(create_method(part.method, context, **args))
     return Composite(parts, [w for w, _ in settings], methods)
 
@@ -176,7 +214,9 @@ class Composite(Method):
         self.student_needs = tuple(dict.fromkeys(k for m in methods for k in m.student_needs))
         wrapping = [i for i, m in enumerate(methods) if type(m).wrap_student is not Method.wrap_student]
         if len(wrapping) > 1:
-            raise UserError(f"parts {', '.join(self.part_names[i] for i in wrapping)} each train their own network around the student: keep one")
+            raise UserError(
+                f"parts {', '.join(self.part_names[i] for i in wrapping)} each train their own network around the student: keep one"
+            )
         self.wrapper = methods[wrapping[0]] if wrapping else None
         if self.wrapper is not None and set(self.student_needs) - {"logits"}:
             raise UserError(
@@ -202,8 +242,16 @@ class Composite(Method):
 
     def student_outputs(self, model, x):
         """One forward of the student for every part; part i's outputs, as its method reads them, under ``"i:"``."""
-        out = student_forward(model, x, self.student_needs) if self.wrapper is None else self.wrapper.student_outputs(model, x)
-        return {f"{i}:{k}": v for i, m in enumerate(self.parts) for k, v in (out if m is self.wrapper else m.adapt_outputs(model, out)).items()}
+        out = (
+            student_forward(model, x, self.student_needs)
+            if self.wrapper is None
+            else self.wrapper.student_outputs(model, x)
+        )
+        return {
+            f"{i}:{k}": v
+            for i, m in enumerate(self.parts)
+            for k, v in (out if m is self.wrapper else m.adapt_outputs(model, out)).items()
+        }
 
     def export_student(self, model):
         return model if self.wrapper is None else self.wrapper.export_student(model)
@@ -222,4 +270,4 @@ class Composite(Method):
 def split_outputs(outputs: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """Part ``index``'s outputs (the student's or its teacher's) from a composite's flat dict."""
     prefix = f"{index}:"
-    return {k[len(prefix):]: v for k, v in outputs.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in outputs.items() if k.startswith(prefix)}

@@ -91,14 +91,23 @@ class CosPress(Method):
     student_needs = ("features", "tokens")
 
     def __init__(
-        self, context: MethodContext, temperatures=TEMPERATURES, local_weight=1.0, global_weight=1.0, token_weight=1.0,
-        cls_weight=1.0, probe_weight=1.0, hard_loss="ce",
+        self,
+        context: MethodContext,
+        temperatures=TEMPERATURES,
+        local_weight=1.0,
+        global_weight=1.0,
+        token_weight=1.0,
+        cls_weight=1.0,
+        probe_weight=1.0,
+        hard_loss="ce",
     ):
         super().__init__()
         t_tokens, s_tokens = context.teacher_tokens, context.student_tokens
         teacher_dim = t_tokens[1] if t_tokens else context.teacher_dim
         if teacher_dim is None:
-            raise UserError("method 'cospress' needs the teacher's tokens: extract the teacher with --outputs features,tokens")
+            raise UserError(
+                "method 'cospress' needs the teacher's tokens: extract the teacher with --outputs features,tokens"
+            )
         if t_tokens and context.teacher_token_prefix != 1:
             raise UserError(
                 f"method 'cospress' needs a ViT teacher whose tokens start with a CLS token; this teacher's {t_tokens[0]} token(s) "
@@ -121,7 +130,12 @@ class CosPress(Method):
         if not self.temperatures or min(self.temperatures) <= 0:
             raise UserError(f"cospress temperatures must be positive numbers, not {list(temperatures)}")
         self.local_weight, self.global_weight = local_weight, global_weight
-        self.token_weight, self.cls_weight, self.probe_weight, self.hard_loss = token_weight, cls_weight, probe_weight, hard_loss
+        self.token_weight, self.cls_weight, self.probe_weight, self.hard_loss = (
+            token_weight,
+            cls_weight,
+            probe_weight,
+            hard_loss,
+        )
         # The mapping compresses the teacher's space to the student's width; both similarity losses train it.
         self.map = nn.Sequential(nn.LayerNorm(teacher_dim), nn.Linear(teacher_dim, student_dim))
 
@@ -142,7 +156,10 @@ class CosPress(Method):
         cls = flat_cosine_loss(s_tokens[:, 0], target[:, 0])
         probe = hard_loss(self.hard_loss, student["logits"], targets)
         total = (
-            self.local_weight * local + self.global_weight * glob + self.token_weight * tokens + self.cls_weight * cls
+            self.local_weight * local
+            + self.global_weight * glob
+            + self.token_weight * tokens
+            + self.cls_weight * cls
             + self.probe_weight * probe
         )
         return total, loss_parts(**{"local": local, "global": glob, "tokens": tokens, "cls": cls, "probe": probe})

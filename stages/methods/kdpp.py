@@ -43,9 +43,7 @@ class KDPP(Method):
         self.warmup_epochs, self.ce_weight, self.hard_loss = warmup_epochs, ce_weight, hard_loss
         self.register_buffer("class_means", context.class_means.float())
         s, t = context.student_dim, context.teacher_dim
-        self.project = (
-            nn.Sequential(nn.BatchNorm1d(s), nn.Dropout(0.5), nn.Linear(s, t)) if s != t else nn.Identity()
-        )
+        self.project = nn.Sequential(nn.BatchNorm1d(s), nn.Dropout(0.5), nn.Linear(s, t)) if s != t else nn.Identity()
 
     def forward(self, student, teacher, targets):
         ce = hard_loss(self.hard_loss, student["logits"], targets)
@@ -53,4 +51,6 @@ class KDPP(Method):
         embedding = self.project(student["features"])  # (B, D_t)
         nd = nd_loss(embedding, teacher["features"].norm(dim=1), self.class_means, targets.classes(teacher["logits"]))
         ramp = min(1.0, self.epoch / self.warmup_epochs) if self.warmup_epochs else 1.0
-        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, loss_parts(**{self.hard_loss: ce}, kd=kd, nd=nd)
+        return self.ce_weight * ce + self.alpha * ramp * kd + self.beta * nd, loss_parts(
+            **{self.hard_loss: ce}, kd=kd, nd=nd
+        )

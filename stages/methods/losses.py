@@ -84,7 +84,9 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
-def dist_loss(s: torch.Tensor, t: torch.Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+def dist_loss(
+    s: torch.Tensor, t: torch.Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0
+) -> torch.Tensor:
     """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
 
     With p = softmax(z/tau) as (B, C) matrices:

@@ -21,14 +21,28 @@ METHOD = {  # the registered methods' settings (constructor arguments), by name:
     "alpha": NON_NEGATIVE,  # DKD's target-class weight; KD++'s KD weight
     "beta": NON_NEGATIVE,  # DKD's non-target weight; DIST's inter-class weight; KD++'s ND weight
     "gamma": NON_NEGATIVE,  # DIST's intra-class weight
-    **dict.fromkeys(("ce_weight", "kd_weight", "rep_weight", "local_weight", "global_weight", "token_weight", "cls_weight", "probe_weight"), NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "ce_weight",
+            "kd_weight",
+            "rep_weight",
+            "local_weight",
+            "global_weight",
+            "token_weight",
+            "cls_weight",
+            "probe_weight",
+        ),
+        NON_NEGATIVE,
+    ),
     "warmup_epochs": NON_NEGATIVE,  # epochs over which a loss weight ramps up
     "exponent": POSITIVE,  # SRD's LogSum exponent
     "smoothing": Float(0.0, 1.0, hi_open=True),  # GPD's SCE smoothing
     "ratio": Int(2, 8),  # GPD's widening: r^2 the student's cost per step
     "noise": NON_NEGATIVE,  # GPD's N(0, noise) on widened weights
     "orepa": Flag(),  # GPD's channel-branch reparameterization of 3x3 stride-1 convs
-    "orepa_init": Optional(Choice(("official", "single"))),  # its branch initialisation; None: single when the student starts from weights
+    "orepa_init": Optional(
+        Choice(("official", "single"))
+    ),  # its branch initialisation; None: single when the student starts from weights
     "hard_loss": Choice(("ce", "bce")),
 }
 
@@ -39,7 +53,9 @@ def check_method_args(method_cls, args: dict, where: str) -> None:
     params = list(inspect.signature(method_cls.__init__).parameters.values())[2:]  # after (self, context)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    known = {p.name: p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    known = {
+        p.name: p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
     name = getattr(method_cls, "name", method_cls.__name__)
     unknown = sorted(set(args) - set(known))
     if unknown:

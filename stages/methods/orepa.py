@@ -41,8 +41,13 @@ EXPAND = 8  # depthwise channels per input channel in the dw_pw branch
 def eligible(m: nn.Module) -> bool:
     """A conv OREPA re-parameterizes: 3x3, stride 1, padding 1, no dilation, no groups, zero padding."""
     return (
-        isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
-        and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+        isinstance(m, nn.Conv2d)
+        and m.kernel_size == (3, 3)
+        and m.stride == (1, 1)
+        and m.padding == (1, 1)
+        and m.dilation == (1, 1)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
     )
 
 
@@ -65,7 +70,9 @@ def _kaiming(*shape: int) -> torch.Tensor:
 class OREPAConv2d(nn.Module):
     """A k x k, stride-1, "same"-padded convolution held as six branches; ``weight`` is their merged kernel."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False, init: str = "official"):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False, init: str = "official"
+    ):
         super().__init__()
         if init not in VECTOR_INIT:
             raise ValueError(f"OREPA init must be one of {', '.join(VECTOR_INIT)}, not {init!r}")
@@ -98,7 +105,9 @@ class OREPAConv2d(nn.Module):
                 block.bias.copy_(conv.bias)
         return block
 
-    def branch_kernels(self, rows: int | None = None, cols: int | None = None, inner_scale: float = 1.0) -> list[torch.Tensor]:
+    def branch_kernels(
+        self, rows: int | None = None, cols: int | None = None, inner_scale: float = 1.0
+    ) -> list[torch.Tensor]:
         """Each branch's kernel before its per-channel scale, in ``BRANCHES`` order: (O, I, k, k); given ``rows`` and
         ``cols``, those of the smaller block made of the top-left slices of this block's tensors (GPD's student inside
         a widened block, as the official ``DynamicOREPA.active_weight_gen``). Every branch's is then the corner of its
@@ -152,7 +161,9 @@ def merge_orepa(model: nn.Module) -> nn.Module:
     """Replace every OREPA block of ``model`` (in place) by a plain nn.Conv2d holding its merged kernel."""
     for path, m in list(model.named_modules()):
         if path and isinstance(m, OREPAConv2d):
-            conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.kernel_size // 2, bias=m.bias is not None)
+            conv = nn.Conv2d(
+                m.in_channels, m.out_channels, m.kernel_size, padding=m.kernel_size // 2, bias=m.bias is not None
+            )
             conv = conv.to(device=m.origin.device, dtype=m.origin.dtype)
             conv.weight.copy_(m.weight)
             if m.bias is not None:

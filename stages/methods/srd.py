@@ -28,7 +28,9 @@ class SRD(Method):
     needs = ("logits", "features")
     student_needs = ("logits", "features")
 
-    def __init__(self, context, rep_weight=2.0, exponent=4.0, kd_weight=1.0, temperature=1.0, ce_weight=1.0, hard_loss="ce"):
+    def __init__(
+        self, context, rep_weight=2.0, exponent=4.0, kd_weight=1.0, temperature=1.0, ce_weight=1.0, hard_loss="ce"
+    ):
         super().__init__()
         require_features(context, "srd")
         self.rep_weight, self.exponent, self.kd_weight = rep_weight, exponent, kd_weight

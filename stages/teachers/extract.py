@@ -28,7 +28,19 @@ from storage.teacher_record import PRECISIONS
 from ..cache import teacher_rows
 from ..data.datasets import ImageDataset
 from ..progress import Progress
-from ..data.replay import IMAGES, StoredViews, Table, ViewRenderer, check_fingerprints, concat, even_batches, render_batches, take, unit_table, with_images
+from ..data.replay import (
+    IMAGES,
+    StoredViews,
+    Table,
+    ViewRenderer,
+    check_fingerprints,
+    concat,
+    even_batches,
+    render_batches,
+    take,
+    unit_table,
+    with_images,
+)
 from ..cache.store_setup import library_versions, stored_plan
 from .teachers import Teacher
 from ..data.views import normalize
@@ -55,9 +67,9 @@ class TeacherRunner:
         return teacher_rows.encode({k: v.float().cpu() for k, v in raw.items()}, labels, self.info)
 
 
-
-
-def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32") -> TeacherRecord:
+def teacher_info(
+    teacher: Teacher, outputs_info: dict, store_format: str = "zarr", precision: str = "fp32"
+) -> TeacherRecord:
     """teacher.json: what made the cached arrays; re-runs must match it.
 
     outputs_info: what is stored and how (``teacher_rows.output_info``); store_format: a store backend (zarr, wds).
@@ -81,7 +93,20 @@ def teacher_info(teacher: Teacher, outputs_info: dict, store_format: str = "zarr
 
 # Fields that must agree for two extractions to share one teacher group.
 TEACHER_BATCH = 64  # views per teacher forward pass: the one default of extraction's --batch-size
-_MUST_MATCH = ("timm_name", "model_args", "weights", "input_size", "outputs", "logits", "k", "dtype", "feature_dtype", "num_classes", "format", "precision")
+_MUST_MATCH = (
+    "timm_name",
+    "model_args",
+    "weights",
+    "input_size",
+    "outputs",
+    "logits",
+    "k",
+    "dtype",
+    "feature_dtype",
+    "num_classes",
+    "format",
+    "precision",
+)
 
 
 def check_classes(info: TeacherRecord, num_classes: int) -> None:
@@ -113,7 +138,9 @@ def open_teacher(store: Store, teacher_id: str, info: TeacherRecord, num_classes
     return grow_teacher(store, teacher_id, info, views, check_teacher_record(store, teacher_id, info))
 
 
-def grow_teacher(store: Store, teacher_id: str, info: TeacherRecord, views: int, made: TeacherRecord | None) -> CommittedUnits:
+def grow_teacher(
+    store: Store, teacher_id: str, info: TeacherRecord, views: int, made: TeacherRecord | None
+) -> CommittedUnits:
     """Create the teacher's arrays (or reopen them) and grow the store to ``views``, after ``info`` was checked
     against ``made``, the record of the earlier extraction into ``teacher_id`` (None: there was none).
 
@@ -150,7 +177,16 @@ class UnitExtractor:
     with rendering ahead and a background writer.
     """
 
-    def __init__(self, store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, batch_size: int = TEACHER_BATCH, workers: int = 0):
+    def __init__(
+        self,
+        store: Store,
+        dataset: ImageDataset,
+        runner: TeacherRunner,
+        teacher_id: str,
+        *,
+        batch_size: int = TEACHER_BATCH,
+        workers: int = 0,
+    ):
         self.store, self.dataset, self.runner = store, dataset, runner
         self.batch_size, self.workers = batch_size, workers
         self.plan = stored_plan(store)
@@ -196,7 +232,9 @@ class UnitExtractor:
 
         ``plan_done``: the plan's committed units, when the caller has read them already."""
         plan_done = self.source.group.committed() if plan_done is None else plan_done
-        return render_batches(self.renderer, self.block_batches(units, plan_done), self.param_names, self.workers, check_column="check")
+        return render_batches(
+            self.renderer, self.block_batches(units, plan_done), self.param_names, self.workers, check_column="check"
+        )
 
     def infer(self, batch: Table, rendered: dict) -> tuple[Table, np.ndarray, dict]:
         """Teacher rows of one rendered batch, with the views' fingerprints."""
@@ -223,7 +261,9 @@ class UnitExtractor:
 
     def run(self, units: list[tuple[int, int]], rendered: Iterable[tuple[Table, dict]] | None = None) -> int:
         """Render (unless ``rendered``, from ``render(units)``, is given), run the teacher, write and commit ``units``; their row count."""
-        plan_done = self.source.group.committed()  # read before rendering: a unit whose plan this run writes is checked against nothing
+        plan_done = (
+            self.source.group.committed()
+        )  # read before rendering: a unit whose plan this run writes is checked against nothing
         for v, b, parts in self.completed(rendered if rendered is not None else self.render(units, plan_done)):
             self.commit(v, b, parts, (v, b) in plan_done)
         return sum(len(self.source.ids(b)) for _, b in units)
@@ -253,7 +293,14 @@ def extract(
 
 
 def extract_units(
-    store: Store, dataset: ImageDataset, runner: TeacherRunner, teacher_id: str, *, views: int, batch_size: int = TEACHER_BATCH, workers: int = 0
+    store: Store,
+    dataset: ImageDataset,
+    runner: TeacherRunner,
+    teacher_id: str,
+    *,
+    views: int,
+    batch_size: int = TEACHER_BATCH,
+    workers: int = 0,
 ) -> ExtractResult:
     """Extract the pending units of the first ``views`` views of a teacher whose arrays exist (``open_teacher``)."""
     units = pending_units(store, teacher_id, views)
@@ -293,7 +340,14 @@ def split_parts(batch: Table, rendered: dict) -> Iterator[tuple[Table, dict]]:
     starts = np.flatnonzero(np.r_[True, batch[PART][1:] != batch[PART][:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(batch[PART])]):
         rows = slice(int(lo), int(hi))
-        yield take(batch, rows), {"views": [v[rows] for v in rendered["views"]], "fingerprint": rendered["fingerprint"][rows], "lam": rendered["lam"][rows]}
+        yield (
+            take(batch, rows),
+            {
+                "views": [v[rows] for v in rendered["views"]],
+                "fingerprint": rendered["fingerprint"][rows],
+                "lam": rendered["lam"][rows],
+            },
+        )
 
 
 def target_class(batch: Table, labels: np.ndarray, lam: np.ndarray) -> np.ndarray:

@@ -27,7 +27,17 @@ from ..cache.teacher_rows import output_info
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.views import ViewPlan, ViewRecipe
 from ..settings import build, check_batch_bytes
-from .extract import TEACHER_BATCH, ExtractResult, TeacherRunner, UnitExtractor, check_classes, check_teacher_record, extract_units, grow_teacher, teacher_info
+from .extract import (
+    TEACHER_BATCH,
+    ExtractResult,
+    TeacherRunner,
+    UnitExtractor,
+    check_classes,
+    check_teacher_record,
+    extract_units,
+    grow_teacher,
+    teacher_info,
+)
 from .teachers import Teacher, build_teacher, default_teacher_id
 
 BLOCK = 1024  # samples per shard of a new store
@@ -46,10 +56,14 @@ class ExtractJob:
     weights: str | None = None  # a local file; None: the hub weights (or random_init)
     random_init: bool = False  # random weights from teacher_seed (tests)
     teacher_seed: int = 0
-    model_args: dict = field(default_factory=dict)  # extra timm.create_model arguments (--model-arg), recorded in teacher.json
+    model_args: dict = field(
+        default_factory=dict
+    )  # extra timm.create_model arguments (--model-arg), recorded in teacher.json
     size: int | None = None  # render size; None: the teacher's input size
     block: int | None = None  # samples per shard; None: BLOCK for a new store, an existing store's own
-    view_settings: dict = field(default_factory=dict)  # the view settings given (flags over YAML), over the store's recipe or the defaults
+    view_settings: dict = field(
+        default_factory=dict
+    )  # the view settings given (flags over YAML), over the store's recipe or the defaults
     plan_seed: int | None = None  # None: an existing store's, else 0
     # What is stored and how (``teacher_rows.output_info``).
     outputs: tuple[str, ...] | None = None  # None: every output the teacher has but tokens
@@ -86,8 +100,14 @@ class ExtractJob:
 def job_teacher(job: ExtractJob, num_classes: int, load: bool = True) -> Teacher:
     """The job's teacher; ``load=False``: described only, on torch's meta device (no weights read)."""
     return build_teacher(
-        job.teacher, weights=job.weights, random_init=job.random_init, num_classes=num_classes, seed=job.teacher_seed,
-        input_size=job.size, load=load, model_args=job.model_args,
+        job.teacher,
+        weights=job.weights,
+        random_init=job.random_init,
+        num_classes=num_classes,
+        seed=job.teacher_seed,
+        input_size=job.size,
+        load=load,
+        model_args=job.model_args,
     )
 
 
@@ -111,7 +131,14 @@ class ReadyExtract:
             if Store.exists(self.job.store):
                 self.check_store(Store(self.job.store))
             else:
-                self.store = create_store(self.job.store, self.dataset, self.plan, views=self.job.views, block=self.block, size=self.info.input_size)
+                self.store = create_store(
+                    self.job.store,
+                    self.dataset,
+                    self.plan,
+                    views=self.job.views,
+                    block=self.block,
+                    size=self.info.input_size,
+                )
         return self.store
 
     def open_teacher(self) -> CommittedUnits:
@@ -123,7 +150,15 @@ class ReadyExtract:
         self.open_teacher()
         runner = TeacherRunner(self.teacher, self.info, self.job.device or "cpu")
         job = self.job
-        return extract_units(self.open_store(), self.dataset, runner, job.id, views=job.views, batch_size=job.batch_size, workers=job.workers)
+        return extract_units(
+            self.open_store(),
+            self.dataset,
+            runner,
+            job.id,
+            views=job.views,
+            batch_size=job.batch_size,
+            workers=job.workers,
+        )
 
     def check_store(self, store: Store) -> None:
         """Check ``store`` against the job (block, data, view plan, the teacher's earlier record), once, and take its block."""
@@ -142,7 +177,9 @@ class ReadyExtract:
 def job_plan(job: ExtractJob, store: Store | None) -> ViewPlan:
     """The view plan: the job's view settings over the store's recipe (or the defaults), with its seed (or the store's, or 0)."""
     base = stored_plan(store).recipe if store is not None else ViewRecipe()
-    recipe = base if not job.view_settings else build(ViewRecipe, {**base.to_dict(), **job.view_settings}, "view settings")
+    recipe = (
+        base if not job.view_settings else build(ViewRecipe, {**base.to_dict(), **job.view_settings}, "view settings")
+    )
     seed = job.plan_seed if job.plan_seed is not None else (store.record.plan.seed if store is not None else 0)
     return ViewPlan(recipe, seed)
 
@@ -169,7 +206,14 @@ def prepare_extract(job: ExtractJob, *, load: bool = True) -> ReadyExtract:
 def job_record(job: ExtractJob, teacher: Teacher) -> TeacherRecord:
     """teacher.json (before its view count) of ``teacher`` stored as the job says."""
     outputs = list(job.outputs) if job.outputs else None
-    stored = output_info(teacher, logits=job.logits, k=_topk(job, teacher), dtype=job.dtype, feature_dtype=job.feature_dtype, outputs=outputs)
+    stored = output_info(
+        teacher,
+        logits=job.logits,
+        k=_topk(job, teacher),
+        dtype=job.dtype,
+        feature_dtype=job.feature_dtype,
+        outputs=outputs,
+    )
     return teacher_info(teacher, stored, job.format, job.precision)
 
 
@@ -191,10 +235,14 @@ def worker_extractor(job: ExtractJob) -> UnitExtractor:
     store = Store(job.store)
     dataset = open_dataset(job.data)
     if dataset.fingerprint() != store.record.dataset.fingerprint:
-        raise UserError(f"dataset {job.data} differs on this node from the one store {store.path} was made from: every node must see the same data")
+        raise UserError(
+            f"dataset {job.data} differs on this node from the one store {store.path} was made from: every node must see the same data"
+        )
     info = store.teacher_info(job.id)
     teacher = job_teacher(job, dataset.num_classes)
     if teacher.weights != info.weights:
-        raise UserError(f"teacher weights differ on this node ({teacher.weights}, in the store: {info.weights}): every node must see the same file")
+        raise UserError(
+            f"teacher weights differ on this node ({teacher.weights}, in the store: {info.weights}): every node must see the same file"
+        )
     runner = TeacherRunner(teacher, info, job.device or "cpu")
     return UnitExtractor(store, dataset, runner, job.id, batch_size=job.batch_size, workers=job.workers)

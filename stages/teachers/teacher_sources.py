@@ -47,7 +47,9 @@ class TeacherSource(ABC):
         return None
 
     @abstractmethod
-    def outputs(self, batch: Table, views: torch.Tensor, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]: ...
+    def outputs(
+        self, batch: Table, views: torch.Tensor, temperature: float = 1.0, needs=None
+    ) -> dict[str, torch.Tensor]: ...
 
 
 class CachedTeacher(TeacherSource):
@@ -72,14 +74,21 @@ class CachedTeacher(TeacherSource):
             )
 
     def unit_rows(self, view: int, block: int, rows: int) -> Table:
-        return {self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows, verify=True).items()}
+        return {
+            self.prefix + k: v for k, v in self.group.read_unit(view, block, self.names, rows=rows, verify=True).items()
+        }
 
     def class_means(self) -> torch.Tensor | None:
         return stats.class_means(self.store, self.teacher_id)
 
     def outputs(self, batch: Table, views, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]:
         n = len(self.prefix)
-        return teacher_rows.decode({k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)}, self.info, needs or self.needs, temperature)
+        return teacher_rows.decode(
+            {k[n:]: v for k, v in batch.items() if k.startswith(self.prefix)},
+            self.info,
+            needs or self.needs,
+            temperature,
+        )
 
 
 class CachedEnsemble(TeacherSource):
@@ -102,7 +111,9 @@ class CachedEnsemble(TeacherSource):
         self.members = [CachedTeacher(store, tid, needs, prefix=f"t{j}:") for j, tid in enumerate(teacher_ids)]
         classes = {m.info.num_classes for m in self.members}
         if len(classes) > 1:
-            raise UserError(f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})")
+            raise UserError(
+                f"teachers {', '.join(teacher_ids)} predict different numbers of classes ({sorted(classes)})"
+            )
         self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
         self.num_views = min(m.num_views for m in self.members)
         self.needs = tuple(needs)
@@ -111,7 +122,9 @@ class CachedEnsemble(TeacherSource):
         return {k: v for m in self.members for k, v in m.unit_rows(view, block, rows).items()}
 
     def outputs(self, batch, views, temperature: float = 1.0, needs=None) -> dict[str, torch.Tensor]:
-        probs = sum(w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members))
+        probs = sum(
+            w * torch.softmax(m.outputs(batch, views)["logits"], dim=1) for w, m in zip(self.weights, self.members)
+        )
         return {"logits": torch.log(probs)}
 
 
@@ -166,7 +179,10 @@ class PartsTeacher(TeacherSource):
             if teacher is None:
                 continue
             source = self.sources[teacher]
-            key = (teacher, None if source.size is not None else t)  # a live teacher runs once a batch, whatever the temperatures
+            key = (
+                teacher,
+                None if source.size is not None else t,
+            )  # a live teacher runs once a batch, whatever the temperatures
             if key not in done:
                 done[key] = source.outputs(batch, views, t)
             out.update({f"{i}:{k}": v for k, v in done[key].items()})
@@ -182,7 +198,9 @@ def pick_teacher(store: Store, requested: str | None) -> str:
     if len(ids) == 1:
         return ids[0]
     if not ids:
-        raise UserError(f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first")
+        raise UserError(
+            f"store {store.path} holds no teacher yet: run `pipeline extract --store {store.path} ...` first"
+        )
     raise UserError(f"store {store.path} holds teachers {', '.join(ids)}: choose one with --teacher-id")
 
 
@@ -201,14 +219,18 @@ def cached_parts(store: Store, parts: list[tuple[str, str | None, tuple]], teach
     reads): a part's own teacher, else the run's ``--teacher-id``, else the store's only one; each checked for
     what its parts read."""
     if teacher and "," in teacher:
-        raise UserError(f"--teacher-id {teacher} averages teachers under one method; a composite names each part's teacher (METHOD@TEACHER)")
+        raise UserError(
+            f"--teacher-id {teacher} averages teachers under one method; a composite names each part's teacher (METHOD@TEACHER)"
+        )
     needs, ids = {}, []
     for name, own, part_needs in parts:
         if not part_needs:
             ids.append(None)
             continue
         if own is None and teacher is None and len(store.teacher_ids()) > 1:
-            raise UserError(f"part {name} names no teacher and store {store.path} holds {', '.join(store.teacher_ids())}: write it as METHOD@TEACHER")
+            raise UserError(
+                f"part {name} names no teacher and store {store.path} holds {', '.join(store.teacher_ids())}: write it as METHOD@TEACHER"
+            )
         tid = pick_teacher(store, own or teacher)
         ids.append(tid)
         needs[tid] = tuple(dict.fromkeys([*needs.get(tid, ()), *part_needs]))

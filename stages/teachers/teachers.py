@@ -80,8 +80,12 @@ for _size, _arch in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant
                 kwargs={"img_size": 224},
             )
         )
-register_teacher(TeacherSpec("beitv2_b", "beitv2_base_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
-register_teacher(TeacherSpec("beitv2_l", "beitv2_large_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
+register_teacher(
+    TeacherSpec("beitv2_b", "beitv2_base_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD)
+)
+register_teacher(
+    TeacherSpec("beitv2_l", "beitv2_large_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD)
+)
 register_teacher(TeacherSpec("resnet152", "resnet152.a1h_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
 
 
@@ -105,7 +109,9 @@ def resolve_teacher(name: str) -> TeacherSpec:
         )
     close = difflib.get_close_matches(name, list(_TEACHERS) + timm.list_models(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"known short names: {', '.join(list_teachers())}"
-    raise UserError(f"unknown teacher '{name}': {hint} (any timm model name also works, and a timm model folder as local-dir:PATH or hf-hub:REPO)")
+    raise UserError(
+        f"unknown teacher '{name}': {hint} (any timm model name also works, and a timm model folder as local-dir:PATH or hf-hub:REPO)"
+    )
 
 
 FOLDER_SOURCES = ("local-dir", "hf-hub", "hf_hub")  # timm's model sources (hf_hub: its older spelling)
@@ -122,11 +128,15 @@ def model_folder(name: str, weights: bool = True) -> Path | None:
     if not sep or source not in FOLDER_SOURCES:
         return None
     if not ident:
-        raise UserError(f"teacher '{name}' names no folder: pass local-dir:PATH (a timm model folder, as `pipeline train` writes) or hf-hub:REPO")
+        raise UserError(
+            f"teacher '{name}' names no folder: pass local-dir:PATH (a timm model folder, as `pipeline train` writes) or hf-hub:REPO"
+        )
     if source == "local-dir":
         folder = Path(ident).expanduser()
         if not folder.is_dir():
-            raise UserError(f"teacher '{name}': {folder} is not a folder; local-dir: takes a timm model folder (config.json and weights, as `pipeline train` writes)")
+            raise UserError(
+                f"teacher '{name}': {folder} is not a folder; local-dir: takes a timm model folder (config.json and weights, as `pipeline train` writes)"
+            )
         return folder
     from timm.models._hub import hf_split
 
@@ -137,9 +147,15 @@ def model_folder(name: str, weights: bool = True) -> Path | None:
     for choices in wanted:  # config.json, then the first weights file the repo has
         found.append(next((path for f in choices if (path := _hub_file(name, repo, revision, f, online))), None))
         if found[-1] is None:
-            where = "which the hub does not hold" if online else "which are not in the local hub cache, and the hub cannot be reached"
-            raise UserError(f"teacher '{name}' needs {' or '.join(choices)} of hub repo {repo}, {where}: "
-                            "download the repo elsewhere and pass its folder as --teacher local-dir:FOLDER")
+            where = (
+                "which the hub does not hold"
+                if online
+                else "which are not in the local hub cache, and the hub cannot be reached"
+            )
+            raise UserError(
+                f"teacher '{name}' needs {' or '.join(choices)} of hub repo {repo}, {where}: "
+                "download the repo elsewhere and pass its folder as --teacher local-dir:FOLDER"
+            )
     return Path(found[0]).parent  # the revision's snapshot folder, which holds every file of it
 
 
@@ -157,7 +173,9 @@ def _hub_file(name: str, repo: str, revision: str | None, filename: str, online:
         return None
     except (HfHubHTTPError, OSError) as e:  # no such repo or revision, a gated repo, a failed download
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"teacher '{name}': cannot fetch {filename} of hub repo {repo} ({type(e).__name__}: {first})") from None
+        raise UserError(
+            f"teacher '{name}': cannot fetch {filename} of hub repo {repo} ({type(e).__name__}: {first})"
+        ) from None
 
 
 def _folder_spec(name: str, folder: Path) -> TeacherSpec:
@@ -168,19 +186,27 @@ def _folder_spec(name: str, folder: Path) -> TeacherSpec:
     try:
         cfg, architecture, model_args = load_model_config_from_path(folder)
     except FileNotFoundError:
-        raise UserError(f"teacher '{name}': {folder} holds no config.json; a timm model folder has one beside its weights "
-                        "(`pipeline train` writes both; for weights alone pass --teacher MODEL --weights FILE)") from None
+        raise UserError(
+            f"teacher '{name}': {folder} holds no config.json; a timm model folder has one beside its weights "
+            "(`pipeline train` writes both; for weights alone pass --teacher MODEL --weights FILE)"
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or JSON without timm's fields
-        raise UserError(f"teacher '{name}': {folder / 'config.json'} is not a timm model config ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(
+            f"teacher '{name}': {folder / 'config.json'} is not a timm model config ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     if not timm.is_model(architecture):
-        raise UserError(f"teacher '{name}': config.json names architecture '{architecture}', which this timm ({timm.__version__}) does not know")
+        raise UserError(
+            f"teacher '{name}': config.json names architecture '{architecture}', which this timm ({timm.__version__}) does not know"
+        )
     return TeacherSpec(
         name,
         architecture,
         input_size=cfg.get("input_size", (3, None, None))[-1],
         mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
         std=tuple(cfg["std"]) if cfg.get("std") else None,
-        kwargs={k: v for k, v in model_args.items() if k != "num_classes"},  # the class count is build_teacher's to pass
+        kwargs={
+            k: v for k, v in model_args.items() if k != "num_classes"
+        },  # the class count is build_teacher's to pass
         interpolation=cfg.get("interpolation"),
         num_classes=cfg.get("num_classes"),
     )
@@ -190,10 +216,14 @@ def weights_in_folder(folder: Path) -> Path:
     """The weights file timm loads from a model folder (``timm.models._hub.load_state_dict_from_path``'s choice)."""
     from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
 
-    for candidate in [folder / f for f in _PREFERRED_FILES] + [f for ext in _EXT_PRIORITY for f in sorted(folder.glob(f"*{ext}"))]:
+    for candidate in [folder / f for f in _PREFERRED_FILES] + [
+        f for ext in _EXT_PRIORITY for f in sorted(folder.glob(f"*{ext}"))
+    ]:
         if candidate.is_file():
             return candidate
-    raise UserError(f"model folder {folder} holds no weights file ({', '.join(_EXT_PRIORITY)}): it needs one beside config.json")
+    raise UserError(
+        f"model folder {folder} holds no weights file ({', '.join(_EXT_PRIORITY)}): it needs one beside config.json"
+    )
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -214,7 +244,9 @@ class Teacher(nn.Module):
     def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str, model_args: dict | None = None):
         super().__init__()
         self.spec, self.model, self.weights = spec, model.requires_grad_(False), weights
-        self.model_args = dict(model_args or {})  # the timm.create_model arguments given (--model-arg), over the spec's own
+        self.model_args = dict(
+            model_args or {}
+        )  # the timm.create_model arguments given (--model-arg), over the spec's own
         self.eval()
         cfg = model.pretrained_cfg or {}
         self.input_size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
@@ -289,7 +321,9 @@ def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             with safe_open(str(path), "pt") as f:
                 return {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as e:
-            raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint") from e
+            raise UserError(
+                f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint"
+            ) from e
     return {k: tuple(getattr(v, "shape", ())) for k, v in _read_state_dict(path).items()}
 
 
@@ -298,10 +332,14 @@ def _read_state_dict(path: Path) -> dict:
         state = timm.models.load_state_dict(str(path), use_ema=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's refusal of a pickled object runs to ten lines
-        raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {first}); it must be safetensors or a torch checkpoint") from e
+        raise UserError(
+            f"cannot read weights file {path} ({type(e).__name__}: {first}); it must be safetensors or a torch checkpoint"
+        ) from e
     stray = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if stray is not None:
-        raise UserError(f"weights file {path}: '{stray}' holds a {type(state[stray]).__name__}, not a tensor; a weights file maps names to tensors")
+        raise UserError(
+            f"weights file {path}: '{stray}' holds a {type(state[stray]).__name__}, not a tensor; a weights file maps names to tensors"
+        )
     return state
 
 
@@ -343,8 +381,10 @@ def build_teacher(
     model_args = _checked_model_args(model_args)
     folder = model_folder(name, weights=not (random_init or weights))
     if folder is not None and weights:
-        raise UserError(f"teacher '{name}' is a model folder with weights of its own: leave --weights out, "
-                        "or name its architecture instead (--teacher MODEL --weights FILE)")
+        raise UserError(
+            f"teacher '{name}' is a model folder with weights of its own: leave --weights out, "
+            "or name its architecture instead (--teacher MODEL --weights FILE)"
+        )
     spec = _sized(_folder_spec(name, folder) if folder is not None else resolve_teacher(name), input_size, model_args)
     kwargs = dict(spec.kwargs)
     if model_args:  # a misspelt or misfit argument is one line now, not a traceback from the model's builder
@@ -357,16 +397,25 @@ def build_teacher(
     if weights:
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights")
+            raise UserError(
+                f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights"
+            )
         spec = _with_file_metadata(spec, path, input_size)
         return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
     return _hub_teacher(name, spec, kwargs, load, model_args)
 
 
-def _random_teacher(spec: TeacherSpec, num_classes: int, seed: int, kwargs: dict, load: bool, model_args: dict) -> Teacher:
+def _random_teacher(
+    spec: TeacherSpec, num_classes: int, seed: int, kwargs: dict, load: bool, model_args: dict
+) -> Teacher:
     """Random weights from ``seed`` (tests): the same seed builds the same teacher."""
     if not load:
-        return Teacher(spec, _shapes_only(spec.timm_name, num_classes=num_classes, **kwargs), f"random-init:seed={seed}", model_args)
+        return Teacher(
+            spec,
+            _shapes_only(spec.timm_name, num_classes=num_classes, **kwargs),
+            f"random-init:seed={seed}",
+            model_args,
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -393,15 +442,23 @@ def _hub_teacher(name: str, spec: TeacherSpec, kwargs: dict, load: bool, model_a
     return Teacher(spec, _from_file(spec, Path(cached), kwargs, load), f"hub:{spec.timm_name}", model_args)
 
 
-RUN_ARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")  # build_teacher's to set
+RUN_ARGS = (
+    "num_classes",
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+)  # build_teacher's to set
 
 
 def _checked_model_args(model_args: dict | None) -> dict:
     model_args = dict(model_args or {})
     taken = [k for k in model_args if k in RUN_ARGS]
     if taken:
-        raise UserError(f"--model-arg {taken[0]}: the teacher's class count and weights come from its weights (or --random-init and the data), "
-                        "not from a model argument; drop it")
+        raise UserError(
+            f"--model-arg {taken[0]}: the teacher's class count and weights come from its weights (or --random-init and the data), "
+            "not from a model argument; drop it"
+        )
     return model_args
 
 
@@ -414,7 +471,9 @@ def _sized(spec: TeacherSpec, input_size: int | None, model_args: dict) -> Teach
     if model_args:
         spec = replace(spec, kwargs={**spec.kwargs, **model_args})
         size = model_args.get("img_size")
-        if input_size is None and size is not None:  # a model built for another size (img_size=64) is rendered at that size
+        if (
+            input_size is None and size is not None
+        ):  # a model built for another size (img_size=64) is rendered at that size
             spec = replace(spec, input_size=size[-1] if isinstance(size, (list, tuple)) else size)
     return spec
 
@@ -437,10 +496,19 @@ def _check_builds(name: str, spec: TeacherSpec, model_args: dict) -> None:
     """Refuse, in one line, model arguments the model's builder does not take (built on the meta device: no memory, no time)."""
     try:
         _shapes_only(spec.timm_name, num_classes=0, **spec.kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError, IndexError, KeyError) as e:  # how model builders refuse arguments
+    except (
+        TypeError,
+        ValueError,
+        AssertionError,
+        RuntimeError,
+        IndexError,
+        KeyError,
+    ) as e:  # how model builders refuse arguments
         words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         given = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
-        raise UserError(f"teacher '{name}' (timm model {spec.timm_name}) cannot be built with {given}: {words[:200]}; fix or drop the --model-arg") from None
+        raise UserError(
+            f"teacher '{name}' (timm model {spec.timm_name}) cannot be built with {given}: {words[:200]}; fix or drop the --model-arg"
+        ) from None
 
 
 def _from_file(spec: TeacherSpec, path: Path, kwargs: dict, load: bool) -> nn.Module:
@@ -472,13 +540,27 @@ def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -
         except ValueError:
             value = meta[key]
         if not ok(value):
-            raise UserError(f"weights file {path}: metadata '{key}' is {meta[key]!r:.40}, expected {expected}; fix or drop it")
+            raise UserError(
+                f"weights file {path}: metadata '{key}' is {meta[key]!r:.40}, expected {expected}; fix or drop it"
+            )
         return value
 
     def rgb(v) -> bool:
-        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        return (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        )
 
-    size = read("input_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE, f"a whole number of pixels in [1, {MAX_SIZE}]") if "input_size" in meta else None
+    size = (
+        read(
+            "input_size",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE,
+            f"a whole number of pixels in [1, {MAX_SIZE}]",
+        )
+        if "input_size" in meta
+        else None
+    )
     return replace(
         spec,
         input_size=input_size or size or spec.input_size,
@@ -507,7 +589,11 @@ def _cached_hub_file(timm_name: str) -> str | None:
 def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
     """A timm model with weights from a local file; its class count comes from the file."""
     state_dict = _read_state_dict(path)
-    nc = spec.num_classes if spec.num_classes is not None else _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
+    nc = (
+        spec.num_classes
+        if spec.num_classes is not None
+        else _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
+    )
     del state_dict
     try:
         # Through timm's loader so each model's checkpoint filter runs (position
@@ -520,7 +606,9 @@ def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
             **kwargs,
         )
     except Exception as e:
-        raise UserError(f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {state_dict_problem(e)}") from e
+        raise UserError(
+            f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {state_dict_problem(e)}"
+        ) from e
 
 
 def state_dict_problem(e: Exception) -> str:
@@ -533,13 +621,18 @@ def state_dict_problem(e: Exception) -> str:
         found = re.search(rf"{label} key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)", text, re.S)
         return re.findall(r'"([^"]+)"', found.group(1)) if found else []
 
-    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
-                        r"the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+        r"the shape in current model is torch\.Size\((\[[^\]]*\])\)",
+        text,
+    )
     parts = []
     for label, found in (("missing", keys("Missing")), ("unexpected", keys("Unexpected"))):
         if found:
             parts.append(f"{len(found)} {label} key(s) (e.g. {found[0]})")
     if shapes:
         key, file_shape, model_shape = shapes[0]
-        parts.append(f"{len(shapes)} of another shape (e.g. {key}: {file_shape} in the file, {model_shape} in the model)")
+        parts.append(
+            f"{len(shapes)} of another shape (e.g. {key}: {file_shape} in the file, {model_shape} in the model)"
+        )
     return "; ".join(parts) or text.splitlines()[0]

@@ -79,7 +79,17 @@ class DistillRun:
     teacher: TeacherSource | None
 
     def train(self, *, out_dir: str | Path | None = None, hooks: EpochHooks | None = None, device="cpu") -> TrainResult:
-        return train(self.settings, self.dataset, self.val, self.views, self.plan, self.teacher, out_dir=out_dir, hooks=hooks, device=device)
+        return train(
+            self.settings,
+            self.dataset,
+            self.val,
+            self.views,
+            self.plan,
+            self.teacher,
+            out_dir=out_dir,
+            hooks=hooks,
+            device=device,
+        )
 
 
 def build_distill(job: DistillJob, device="cpu") -> DistillRun:
@@ -103,18 +113,25 @@ def build_distill(job: DistillJob, device="cpu") -> DistillRun:
     return DistillRun(settings, store, plan, dataset, val, views, teacher)
 
 
-def _live_teacher(online: OnlineTeacher, teacher_id: str | None, store: Store, dataset: ImageDataset, needs, device) -> LiveTeacher:
+def _live_teacher(
+    online: OnlineTeacher, teacher_id: str | None, store: Store, dataset: ImageDataset, needs, device
+) -> LiveTeacher:
     live = build_teacher(
-        online.name, weights=online.weights, random_init=online.random_init, num_classes=dataset.num_classes, seed=online.seed,
+        online.name,
+        weights=online.weights,
+        random_init=online.random_init,
+        num_classes=dataset.num_classes,
+        seed=online.seed,
         input_size=online.size or store.record.plan.size,
     )
     if "logits" in needs and live.num_classes != dataset.num_classes:
-        raise UserError(f"teacher '{online.name}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}")
+        raise UserError(
+            f"teacher '{online.name}' predicts {live.num_classes} classes but the dataset has {dataset.num_classes}"
+        )
     # Class means (KD++) describe the teacher, so they come from its cache's statistics when the store has them.
     cached_id = teacher_id or default_teacher_id(online.name)
     means = stats.class_means(store, cached_id) if cached_id in store.teacher_ids() else None
     return LiveTeacher(live.to(device or "cpu"), needs, class_means=means)
-
 
 
 def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
@@ -126,7 +143,9 @@ def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
     if is_composite(spec):
         _check_run_teacher_read(spec, job.teacher_id, "--teacher-id")
         if job.teacher_weights:
-            raise UserError(f"--teacher-weights averages teachers under one method; the composite {spec} gives each part its own teacher: drop --teacher-weights")
+            raise UserError(
+                f"--teacher-weights averages teachers under one method; the composite {spec} gives each part its own teacher: drop --teacher-weights"
+            )
         return cached_parts(store, _parts(spec), job.teacher_id)
     return cached_teacher(store, job.teacher_id, job.teacher_weights, method_needs(spec))
 
@@ -134,7 +153,9 @@ def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
 def _check_run_teacher_read(spec: str, teacher: str | None, flag: str) -> None:
     """Refuse a run-wide teacher that no part of a composite reads (each that reads one names its own)."""
     if teacher and all(own for _, own, needs in _parts(spec) if needs):
-        raise UserError(f"{flag} {teacher} is read by no part: every part of {spec} that reads a teacher names its own (METHOD@TEACHER); drop {flag}")
+        raise UserError(
+            f"{flag} {teacher} is read by no part: every part of {spec} that reads a teacher names its own (METHOD@TEACHER); drop {flag}"
+        )
 
 
 def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
@@ -142,22 +163,32 @@ def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
     return [(p.name, p.teacher, method_class(p.method).needs) for p in parse_method(spec)]
 
 
-def _live_parts(online: OnlineTeacher, parts: list[tuple], store: Store, dataset: ImageDataset, device) -> PartsTeacher | None:
+def _live_parts(
+    online: OnlineTeacher, parts: list[tuple], store: Store, dataset: ImageDataset, device
+) -> PartsTeacher | None:
     """With --online, each part's model (METHOD@MODEL, else --teacher) run live on the replayed views; one run per model."""
     if online.name and all(own for _, own, needs in parts if needs):
-        raise UserError(f"--teacher {online.name} is run by no part: every part that reads a teacher names its own model (METHOD@MODEL); drop --teacher")
+        raise UserError(
+            f"--teacher {online.name} is run by no part: every part that reads a teacher names its own model (METHOD@MODEL); drop --teacher"
+        )
     models = [(own or online.name) if needs else None for _, own, needs in parts]
     unnamed = [name for (name, _, needs), model in zip(parts, models) if needs and model is None]
     if unnamed:
-        raise UserError(f"part {unnamed[0]} names no teacher to run: with --online write each part as METHOD@MODEL, or pass --teacher NAME")
+        raise UserError(
+            f"part {unnamed[0]} names no teacher to run: with --online write each part as METHOD@MODEL, or pass --teacher NAME"
+        )
     names = list(dict.fromkeys(m for m in models if m))
     if not names:
         return None
     files = online.weights.split(",") if online.weights else [None] * len(names)
     if len(files) != len(names):
-        raise UserError(f"--weights gives {len(files)} file(s) for {len(names)} live teacher(s) ({', '.join(names)}): one per teacher in that order, or none for hub weights")
+        raise UserError(
+            f"--weights gives {len(files)} file(s) for {len(names)} live teacher(s) ({', '.join(names)}): one per teacher in that order, or none for hub weights"
+        )
     sources = {}
     for name, weights in zip(names, files):
         needs = tuple(dict.fromkeys(k for (_, _, part_needs), m in zip(parts, models) if m == name for k in part_needs))
-        sources[name] = _live_teacher(dataclasses.replace(online, name=name, weights=weights), None, store, dataset, needs, device)
+        sources[name] = _live_teacher(
+            dataclasses.replace(online, name=name, weights=weights), None, store, dataset, needs, device
+        )
     return PartsTeacher(sources, models)

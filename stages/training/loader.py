@@ -53,7 +53,6 @@ from .settings import VERIFY
 from ..teachers.teacher_sources import TeacherSource
 
 
-
 # -- ranks and steps -------------------------------------------------------------------------
 
 
@@ -90,7 +89,9 @@ def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, r
                 f"with repeats {repeats} an epoch takes {num_blocks // repeats} of the store's {num_blocks} blocks, fewer than the {world} "
                 f"workers: use at most {max(1, num_blocks // repeats)} workers, fewer repeats, or smaller blocks"
             )
-        raise UserError(f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers")
+        raise UserError(
+            f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers"
+        )
     last = num_samples - (num_blocks - 1) * block
     return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
 
@@ -105,8 +106,10 @@ def epoch_note(num_samples: int, block: int, batch_size: int, world: int, repeat
         return line
     share = num_blocks // repeats // world
     if repeats > 1:
-        why = (f"with repeats {repeats} an epoch takes {repeats} views of each of {share * world} of the {num_blocks} blocks of {block} samples "
-               f"(the blocks split {repeats} ways, and every epoch is cut to the smallest share); a block count that {repeats * world} divides keeps it whole")
+        why = (
+            f"with repeats {repeats} an epoch takes {repeats} views of each of {share * world} of the {num_blocks} blocks of {block} samples "
+            f"(the blocks split {repeats} ways, and every epoch is cut to the smallest share); a block count that {repeats * world} divides keeps it whole"
+        )
     elif world > 1:
         why = f"each of the {world} workers takes the same number of whole blocks of {block} samples (DDP waits on the slowest); {world} dividing the block count keeps it whole"
     else:
@@ -248,10 +251,26 @@ class ReplayLoader:
     """
 
     def __init__(
-        self, dataset: ImageDataset, plan: ViewPlan, views, batch_size: int, *, teachers: Mapping[str, TeacherSource] | None = None,
-        temperature: float | tuple | Mapping[str, float | tuple] = 1.0, size: int | None = None, label_fraction: float = 1.0, label_seed: int = 0,
-        label_smoothing: float = 0.0, seed: int = 0, repeats: int = 1, window_rows: int = 16384, workers: int = 0, verify: str = "sample",
-        normalize: tuple[tuple, tuple] | None = None, rank: int | None = None, world: int | None = None,
+        self,
+        dataset: ImageDataset,
+        plan: ViewPlan,
+        views,
+        batch_size: int,
+        *,
+        teachers: Mapping[str, TeacherSource] | None = None,
+        temperature: float | tuple | Mapping[str, float | tuple] = 1.0,
+        size: int | None = None,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+        repeats: int = 1,
+        window_rows: int = 16384,
+        workers: int = 0,
+        verify: str = "sample",
+        normalize: tuple[tuple, tuple] | None = None,
+        rank: int | None = None,
+        world: int | None = None,
     ):
         self.dataset, self.plan, self.source = dataset, plan, views
         self.teachers = dict(teachers or {})
@@ -260,7 +279,9 @@ class ReplayLoader:
             raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, not {batch_size}")
-        self.plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None  # None: views drawn now, nothing to verify
+        self.plan_size = (
+            views.store.record.plan.size if isinstance(views, StoredViews) else None
+        )  # None: views drawn now, nothing to verify
         self.size = size or self.plan_size
         if self.size is None:
             raise UserError("views drawn on the fly have no stored render size: pass size (the student's input size)")
@@ -270,7 +291,9 @@ class ReplayLoader:
         if len(live) > 1:
             raise UserError(f"live teachers at several sizes ({sorted(live)}): run them at one render size")
         self.teacher_size = next(iter(live), None)
-        self.renderer = ViewRenderer(dataset, plan, (self.size,) if self.teacher_size is None else (self.size, self.teacher_size), self.plan_size)
+        self.renderer = ViewRenderer(
+            dataset, plan, (self.size,) if self.teacher_size is None else (self.size, self.teacher_size), self.plan_size
+        )
         self.batch_size, self.seed, self.repeats, self.workers, self.verify = batch_size, seed, repeats, workers, verify
         if not 1 <= repeats <= views.num_views:
             raise UserError(
@@ -310,17 +333,27 @@ class ReplayLoader:
         changed = [k for k in wanted if state.get(k) != wanted[k]]
         if changed:
             k = changed[0]
-            raise UserError(f"the loader state was saved with {k} {state.get(k)} but this loader has {k} {wanted[k]}: resume with the same settings")
+            raise UserError(
+                f"the loader state was saved with {k} {state.get(k)} but this loader has {k} {wanted[k]}: resume with the same settings"
+            )
         self.epoch, self.position, self._resume = int(state["epoch"]), int(state["position"]), int(state["position"])
 
     def _order_key(self) -> dict:
-        return {"seed": self.seed, "batch_size": self.batch_size, "repeats": self.repeats, "rank": self.rank, "world": self.world}
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "repeats": self.repeats,
+            "rank": self.rank,
+            "world": self.world,
+        }
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self._resume
         self._resume, self.position = 0, start
         check = "check" if self.plan_size is not None else None
-        for table, rendered in render_batches(self.renderer, self.row_batches(start), list(self.plan.fields), self.workers, check):
+        for table, rendered in render_batches(
+            self.renderer, self.row_batches(start), list(self.plan.fields), self.workers, check
+        ):
             if check:
                 check_fingerprints(table, rendered["fingerprint"].numpy(), self.source.store, table["check"])
             self.position += 1
@@ -339,13 +372,24 @@ class ReplayLoader:
 
     def teacher_outputs(self, table: Table) -> dict[str, dict[str, torch.Tensor]]:
         """The cached teachers' outputs for a batch table, by name (float32; top-k rows rebuilt at their temperature)."""
-        return {name: s.outputs(table, None, self._temperature(name)) for name, s in self.teachers.items() if s.size is None}
+        return {
+            name: s.outputs(table, None, self._temperature(name)) for name, s in self.teachers.items() if s.size is None
+        }
 
     def _tables(self, epoch: int) -> Iterator[Table]:
         """This rank's units of ``epoch``, each a table of rows: ids, view parameters, labels, teacher rows."""
-        units = epoch_units(epoch, self.source.num_views, self.source.num_blocks, self.seed, self.repeats, self.plan.recipe.mix_pair_views)
+        units = epoch_units(
+            epoch,
+            self.source.num_views,
+            self.source.num_blocks,
+            self.seed,
+            self.repeats,
+            self.plan.recipe.mix_pair_views,
+        )
         for v, b in rank_units(units, self.rank, self.world):
-            table = unit_table(self.source, v, b, self.labels, list(self.plan.fields))  # a mixing partner is in the same unit
+            table = unit_table(
+                self.source, v, b, self.labels, list(self.plan.fields)
+            )  # a mixing partner is in the same unit
             table = with_images(table, self.dataset)  # shard datasets: the unit's images in one pass
             for source in self.teachers.values():
                 table.update(source.unit_rows(v, b, len(table["id"])))
@@ -360,7 +404,13 @@ class ReplayLoader:
         if "mix_partner" in table:  # a mixed view's target is the mixed one, weighted by the student's own lam
             partner = table["mix_partner"]
             partner_labels = np.where(partner >= 0, self.labels[np.maximum(partner, 0)], -1)
-        target = targets(table["label"], self.dataset.num_classes, self.smoothing, partner_labels, lam.numpy() if partner_labels is not None else None)
+        target = targets(
+            table["label"],
+            self.dataset.num_classes,
+            self.smoothing,
+            partner_labels,
+            lam.numpy() if partner_labels is not None else None,
+        )
         return Batch(
             images=images if self.normalize is None else normalize(images, *self.normalize),
             targets=target,

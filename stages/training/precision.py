@@ -23,7 +23,9 @@ class Precision:
         if amp is not None and amp not in AMP_DTYPES:
             raise UserError(f"--amp must be one of {', '.join(AMP_DTYPES)}, not '{amp}'")
         if amp == "fp16" and self.device_type != "cuda":
-            raise UserError(f"--amp fp16 needs a CUDA device (this run is on {self.device_type}): use --amp bf16, which CPUs run too")
+            raise UserError(
+                f"--amp fp16 needs a CUDA device (this run is on {self.device_type}): use --amp bf16, which CPUs run too"
+            )
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device_type if amp == "fp16" else "cpu", enabled=amp == "fp16")
 

@@ -68,7 +68,9 @@ class RunMetrics:
             return
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
-        if self._writer is None:  # created on the first line: a run that fails before its first epoch leaves no event file
+        if (
+            self._writer is None
+        ):  # created on the first line: a run that fails before its first epoch leaves no event file
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir))
@@ -126,7 +128,9 @@ def _flat(params: dict, prefix: str = "") -> dict:
         if isinstance(value, dict) and value:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+            out[f"{prefix}{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+            )
     return out
 
 
@@ -136,7 +140,9 @@ class MlflowLog:
     def __init__(self, out_dir: Path, params: dict):
         import mlflow
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating a new experiment" on the console of every trial
+        logging.getLogger("mlflow").setLevel(
+            logging.WARNING
+        )  # not "Creating a new experiment" on the console of every trial
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow keeps local file stores in maintenance mode and asks for an opt-in; a store beside the run
             # folders needs no server, and `mlflow ui --backend-store-uri file:RUNS/mlruns` reads it.
@@ -161,12 +167,17 @@ class WandbLog:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"), name=out_dir.name, dir=str(out_dir), config=params,
-                              mode=mode, settings=wandb.Settings(silent=True))
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "pipeline"),
+            name=out_dir.name,
+            dir=str(out_dir),
+            config=params,
+            mode=mode,
+            settings=wandb.Settings(silent=True),
+        )
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
         self.run.finish()
-

@@ -34,19 +34,34 @@ def build_student(name: str, num_classes: int, seed: int, weights: str | None = 
     try:
         if weights is None:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError, IndexError, KeyError) as e:  # how model builders refuse arguments
+    except (
+        TypeError,
+        ValueError,
+        RuntimeError,
+        AssertionError,
+        IndexError,
+        KeyError,
+    ) as e:  # how model builders refuse arguments
         words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"bad student settings for {name} ({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {words}") from e
+        raise UserError(
+            f"bad student settings for {name} ({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {words}"
+        ) from e
     return _pretrained(name, num_classes, weights, kwargs)
 
 
 def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.Module:
-    from ..teachers.teachers import file_shapes, hub_weights_reachable, state_dict_problem  # a file's tensor shapes, read as timm reads it
+    from ..teachers.teachers import (
+        file_shapes,
+        hub_weights_reachable,
+        state_dict_problem,
+    )  # a file's tensor shapes, read as timm reads it
 
     if weights == "hub":
         if not hub_weights_reachable(name):
-            raise UserError(f"--student-weights hub: timm's weights of {name} are not in the hub cache and the hub cannot be reached: "
-                            "pass a local weights file or folder")
+            raise UserError(
+                f"--student-weights hub: timm's weights of {name} are not in the hub cache and the hub cannot be reached: "
+                "pass a local weights file or folder"
+            )
         overlay = {}
     else:
         file = _weights_file(Path(weights))
@@ -60,8 +75,12 @@ def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.M
         _check_keys(shapes, file, name, shape)
         if classes != num_classes:
             held = f"a classifier for {classes} classes" if classes else "no classifier"
-            log.warning("--student-weights %s: the file holds %s and the data has %d: the classifier starts afresh, the rest from the file",
-                        file, held, num_classes)
+            log.warning(
+                "--student-weights %s: the file holds %s and the data has %d: the classifier starts afresh, the rest from the file",
+                file,
+                held,
+                num_classes,
+            )
         overlay = {"pretrained_cfg_overlay": {"file": str(file), "num_classes": classes}}
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay, **kwargs)
@@ -72,7 +91,11 @@ def _pretrained(name: str, num_classes: int, weights: str, kwargs: dict) -> nn.M
 def _weights_file(path: Path) -> Path:
     """The weights in ``path``: the file itself, or a timm model folder's (model.safetensors first, as timm's loader)."""
     if path.is_dir():
-        found = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+        found = (
+            [path / "model.safetensors"]
+            if (path / "model.safetensors").is_file()
+            else sorted(path.glob("*.safetensors"))
+        )
         if not found:
             raise UserError(f"--student-weights {path} holds no .safetensors file: pass a weights file or a run folder")
         return found[0]
@@ -93,17 +116,33 @@ def _check_keys(shapes: dict[str, tuple[int, ...]], file: Path, name: str, model
     classifier = model.pretrained_cfg.get("classifier", "")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
 
-    def body(keys) -> set[str]:  # the weights that must come from the file: all but the classifier and BN's step counters
-        return {k for k in keys if not any(k.startswith(f"{c}.") for c in classifiers) and not k.endswith("num_batches_tracked")}
+    def body(
+        keys,
+    ) -> set[str]:  # the weights that must come from the file: all but the classifier and BN's step counters
+        return {
+            k
+            for k in keys
+            if not any(k.startswith(f"{c}.") for c in classifiers) and not k.endswith("num_batches_tracked")
+        }
 
     held = body(shapes)
     wanted = body(model.state_dict())
     missing, unexpected = sorted(wanted - held), sorted(held - wanted)
     if missing or unexpected:
-        parts = [f"{len(missing)} of the student's {len(wanted)} weights are not in it (first: {', '.join(missing[:3])})"] if missing else []
-        parts += [f"{len(unexpected)} of its weights are not the student's (first: {', '.join(unexpected[:3])})"] if unexpected else []
-        raise UserError(f"--student-weights {file} does not fit student {name} ({'; '.join(parts)}): pass weights of a {name} "
-                        "built with the same model arguments")
+        parts = (
+            [f"{len(missing)} of the student's {len(wanted)} weights are not in it (first: {', '.join(missing[:3])})"]
+            if missing
+            else []
+        )
+        parts += (
+            [f"{len(unexpected)} of its weights are not the student's (first: {', '.join(unexpected[:3])})"]
+            if unexpected
+            else []
+        )
+        raise UserError(
+            f"--student-weights {file} does not fit student {name} ({'; '.join(parts)}): pass weights of a {name} "
+            "built with the same model arguments"
+        )
 
 
 def _umask() -> int:
@@ -167,26 +206,63 @@ def _teacher_entries(source) -> list[dict]:
     if isinstance(source, PartsTeacher):
         return [entry for part in source.sources.values() for entry in _teacher_entries(part)]
     if isinstance(source, CachedEnsemble):
-        return [{**entry, "weight": round(float(w), 6)} for m, w in zip(source.members, source.weights) for entry in _teacher_entries(m)]
+        return [
+            {**entry, "weight": round(float(w), 6)}
+            for m, w in zip(source.members, source.weights)
+            for entry in _teacher_entries(m)
+        ]
     if isinstance(source, CachedTeacher):
         info = source.info
-        return [{"id": source.teacher_id, "name": info.name, "timm_name": info.timm_name, "weights": info.weights,
-                 **({"model_args": info.model_args} if info.model_args else {})}]
+        return [
+            {
+                "id": source.teacher_id,
+                "name": info.name,
+                "timm_name": info.timm_name,
+                "weights": info.weights,
+                **({"model_args": info.model_args} if info.model_args else {}),
+            }
+        ]
     if isinstance(source, LiveTeacher):
         t = source.teacher
-        return [{"name": t.spec.name, "timm_name": t.spec.timm_name, "weights": t.weights, "live": True,
-                 **({"model_args": t.model_args} if t.model_args else {})}]
+        return [
+            {
+                "name": t.spec.name,
+                "timm_name": t.spec.timm_name,
+                "weights": t.weights,
+                "live": True,
+                **({"model_args": t.model_args} if t.model_args else {}),
+            }
+        ]
     return []
 
 
 # pretrained_cfg fields that describe timm's own pretrained weights of the architecture (an ImageNet tag, its licence,
 # where and in which paper it was trained): a model trained here is none of that, so its config.json leaves them out.
-TIMM_WEIGHTS_FIELDS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes", "hf_hub_id", "hf_hub_filename",
-                       "url", "file", "source", "label_descriptions")
+TIMM_WEIGHTS_FIELDS = (
+    "tag",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "file",
+    "source",
+    "label_descriptions",
+)
 
 
-def save_student(folder: Path, state: dict, card: StudentCard, weights_name: str = "student.safetensors",
-                 metrics: list[dict] | None = None, top1: str = "val_top1") -> None:
+def save_student(
+    folder: Path,
+    state: dict,
+    card: StudentCard,
+    weights_name: str = "student.safetensors",
+    metrics: list[dict] | None = None,
+    top1: str = "val_top1",
+) -> None:
     """The student's weights, timm's ``config.json`` and a model card (``README.md``) beside them, each written once through a rename.
 
     The folder is then a timm model folder: ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds
@@ -198,14 +274,28 @@ def save_student(folder: Path, state: dict, card: StudentCard, weights_name: str
     metrics: the run's epoch lines, for the card's validation figures (``top1``: the key they are read from).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model": card.name, "input_size": str(card.size), "mean": json.dumps(list(card.mean)), "std": json.dumps(list(card.std))}
+    meta = {
+        "model": card.name,
+        "input_size": str(card.size),
+        "mean": json.dumps(list(card.mean)),
+        "std": json.dumps(list(card.std)),
+    }
     with written_whole(folder / weights_name) as tmp:
         save_weights(tmp, state, meta)
     with written_whole(folder / "config.json") as tmp:
-        save_config_for_hf(timm_model(card), str(tmp), model_config=_labels(card), model_args=dict(card.kwargs), data_config={
-            "input_size": (3, card.size, card.size), "mean": tuple(card.mean), "std": tuple(card.std),
-            "interpolation": card.interpolation, "crop_pct": card.crop_pct,
-        })
+        save_config_for_hf(
+            timm_model(card),
+            str(tmp),
+            model_config=_labels(card),
+            model_args=dict(card.kwargs),
+            data_config={
+                "input_size": (3, card.size, card.size),
+                "mean": tuple(card.mean),
+                "std": tuple(card.std),
+                "interpolation": card.interpolation,
+                "crop_pct": card.crop_pct,
+            },
+        )
         tmp.write_text(canonical_json(_own_config(json.loads(tmp.read_text()), card)))
     with written_whole(folder / "README.md") as tmp:
         tmp.write_text(model_card(card, metrics, top1))
@@ -216,14 +306,18 @@ def save_weights(path: Path, state: dict, metadata: dict[str, str]) -> None:
 
     safetensors writes the metadata from a hash map, in another order in every process; the header is written
     again with the metadata's keys sorted (the same keys and values: the same length, so in place)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=dict(sorted(metadata.items())))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=dict(sorted(metadata.items()))
+    )
     os.chmod(path, 0o666 & ~_umask())  # safetensors makes its files 0600: weights on a shared disk are for the team too
     with open(path, "r+b") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
         header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen while safetensors writes compact JSON; refuse rather than write a broken file
+        if (
+            len(text) > size
+        ):  # cannot happen while safetensors writes compact JSON; refuse rather than write a broken file
             raise RuntimeError(f"safetensors header of {path} grew from {size} to {len(text)} bytes when sorted")
         f.seek(8)
         f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces, as here
@@ -256,24 +350,49 @@ def model_card(card: StudentCard, metrics: list[dict] | None = None, top1: str =
     tags = ["image-classification", "timm"] + (["knowledge-distillation"] if p.get("teachers") else [])
     lines = ["---", "library_name: timm", "tags:", *[f"- {t}" for t in tags], "---", "", f"# {card.name}", ""]
     if p:
-        lines += [f"{describe(card)}, with the teacher-cache distillation pipeline.", "", "## Provenance", "", "| | |", "|---|---|"]
+        lines += [
+            f"{describe(card)}, with the teacher-cache distillation pipeline.",
+            "",
+            "## Provenance",
+            "",
+            "| | |",
+            "|---|---|",
+        ]
         data = p["data"]
-        rows = [("command", f"`pipeline {p['run']}`"),
-                ("data", f"`{data['source']}`: {data['samples']:,} samples, fingerprint `{data['fingerprint']}`"),
-                ("method", f"`{p['method']}`" + "".join(f", {k}={v}" for k, v in sorted(p.get("method_args", {}).items())))]
+        rows = [
+            ("command", f"`pipeline {p['run']}`"),
+            ("data", f"`{data['source']}`: {data['samples']:,} samples, fingerprint `{data['fingerprint']}`"),
+            ("method", f"`{p['method']}`" + "".join(f", {k}={v}" for k, v in sorted(p.get("method_args", {}).items()))),
+        ]
         rows += [("teacher", _teacher_line(t)) for t in p.get("teachers", [])]
         rows += [("store", f"`{p['store']}`")] if "store" in p else []
         rows += [("started from", f"`{p['started_from']}`")] if "started_from" in p else []
         rows += [("labels used", f"{p['label_fraction']:.0%} of the samples")] if "label_fraction" in p else []
         rows += [("epochs", str(p["epochs"])), ("seed", str(p["seed"]))]
         lines += [f"| {k} | {v} |" for k, v in rows] + [""]
-    lines += ["## Model", "", "| | |", "|---|---|",
-              f"| architecture | `{card.name}`" + "".join(f", {k}={v}" for k, v in sorted(card.kwargs.items())) + " |",
-              f"| classes | {card.num_classes}" + (f": {_names(card.label_names)}" if card.label_names else "") + " |",
-              f"| input | {card.size} px, mean {list(card.mean)}, std {list(card.std)}, {card.interpolation}, crop {card.crop_pct} |", ""]
+    lines += [
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{card.name}`" + "".join(f", {k}={v}" for k, v in sorted(card.kwargs.items())) + " |",
+        f"| classes | {card.num_classes}" + (f": {_names(card.label_names)}" if card.label_names else "") + " |",
+        f"| input | {card.size} px, mean {list(card.mean)}, std {list(card.std)}, {card.interpolation}, crop {card.crop_pct} |",
+        "",
+    ]
     lines += ["## Validation", "", *_validation(metrics, top1), ""]
-    lines += ["## Use", "", "```python", "import timm", "", 'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)',
-              "```", "", "As a teacher: `pipeline extract --teacher local-dir:PATH/TO/THIS/FOLDER ...`.", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import timm",
+        "",
+        'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)',
+        "```",
+        "",
+        "As a teacher: `pipeline extract --teacher local-dir:PATH/TO/THIS/FOLDER ...`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -298,8 +417,12 @@ def _validation(metrics: list[dict] | None, top1: str) -> list[str]:
         return ["No validation data was given to the run (`--val-data`), so it has no validation figures."]
     best = max(scored, key=lambda line: line[top1])
     final = scored[-1]
-    return ["| | epoch | top-1 |", "|---|---|---|", f"| final | {final['epoch']} | {100 * final[top1]:.2f} % |",
-            f"| best | {best['epoch']} | {100 * best[top1]:.2f} % |"]
+    return [
+        "| | epoch | top-1 |",
+        "|---|---|---|",
+        f"| final | {final['epoch']} | {100 * final[top1]:.2f} % |",
+        f"| best | {best['epoch']} | {100 * best[top1]:.2f} % |",
+    ]
 
 
 def timm_model(card: StudentCard) -> nn.Module:

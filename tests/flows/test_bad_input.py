@@ -34,16 +34,66 @@ from storage import Store
 from conftest import BATCH, BLOCK, DATA, SIZE, VIEWS, group_arrays, read_tree
 
 STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]"]
-E = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--size", str(SIZE), "--views", "1", "--block", str(BLOCK)]
+E = [
+    "extract",
+    "--data",
+    DATA,
+    "--teacher",
+    "resnet18",
+    "--random-init",
+    "--size",
+    str(SIZE),
+    "--views",
+    "1",
+    "--block",
+    str(BLOCK),
+]
 EN = [*E, "--store", "{new}"]  # extraction into a store that must not come into being
 ES = [*E, "--store", "{store}"]  # extraction into the existing store (teacher t1, 2 views)
 D = ["distill", "--from-cache", "{store}", *STUDENT, "--epochs", "1", "--batch-size", "32", "--out", "{run}"]
-T = ["train", "--data", DATA, "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1", "--size", "32",
-     "--batch-size", "32", "--out", "{run}"]
+T = [
+    "train",
+    "--data",
+    DATA,
+    "--model",
+    "resnet10t",
+    "--model-arg",
+    "channels=[8,16,32,64]",
+    "--epochs",
+    "1",
+    "--size",
+    "32",
+    "--batch-size",
+    "32",
+    "--out",
+    "{run}",
+]
 V = ["verify", "{store}", "--replay", "0"]
 # The extraction that made conftest's base_store, through the command line.
-SAME_AS_BASE = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", str(SIZE),
-                "--views", str(VIEWS), "--block", str(BLOCK), "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
+SAME_AS_BASE = [
+    "extract",
+    "--data",
+    DATA,
+    "--teacher",
+    "resnet18",
+    "--random-init",
+    "--teacher-seed",
+    "0",
+    "--teacher-id",
+    "t1",
+    "--size",
+    str(SIZE),
+    "--views",
+    str(VIEWS),
+    "--block",
+    str(BLOCK),
+    "--logits",
+    "full",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    str(BATCH),
+]
 
 
 @dataclass
@@ -78,12 +128,17 @@ CASES = {
     "extract-chained-url": Bad(replace(E, "--store", "simplecache::s3://bucket/s"), "unknown URL scheme"),
     "extract-invalid-bucket": Bad(replace(E, "--store", "s3://Invalid_Bucket/s"), "not a valid S3 bucket name"),
     "extract-uninstalled-scheme": Bad(replace(E, "--store", "gs://bucket/s"), "pip install gcsfs"),
-    "extract-endpoint-404": Bad(replace(E, "--store", "s3://teacher-cache/s"), "does not exist or these credentials cannot see it",
-                                env={"AWS_ENDPOINT_URL": "{endpoint}"}),
+    "extract-endpoint-404": Bad(
+        replace(E, "--store", "s3://teacher-cache/s"),
+        "does not exist or these credentials cannot see it",
+        env={"AWS_ENDPOINT_URL": "{endpoint}"},
+    ),
     # -- extract: sizes and counts ------------------------------------------------------------------------
     "extract-batch-size-0": Bad(replace(EN, "--batch-size", "0"), "--batch-size: must be an integer in [1,"),
     "extract-batch-size-negative": Bad(replace(EN, "--batch-size", "-1"), "--batch-size"),
-    "extract-batch-too-big-together": Bad([*replace(EN, "--batch-size", "4096"), "--size", "2048"], "is 192 GiB of float32 input"),
+    "extract-batch-too-big-together": Bad(
+        [*replace(EN, "--batch-size", "4096"), "--size", "2048"], "is 192 GiB of float32 input"
+    ),
     "extract-block-0": Bad(replace(EN, "--block", "0"), "--block: must be an integer in [1,"),
     "extract-block-huge": Bad(replace(EN, "--block", "1000000000"), "--block"),
     "extract-size-negative": Bad(replace(EN, "--size", "-32"), "--size: must be an integer in [1, 4096]"),
@@ -102,18 +157,24 @@ CASES = {
     "extract-plan-seed-negative": Bad(replace(EN, "--plan-seed", "-1"), "--plan-seed"),
     "extract-teacher-seed-negative": Bad(replace(EN, "--teacher-seed", "-3"), "--teacher-seed"),
     "extract-unknown-choice": Bad(replace(EN, "--logits", "some"), "--logits: invalid choice"),
-    "extract-abbreviated-flag": Bad([*drop(EN, "--views"), "--view", "2"], "the following arguments are required: --views"),
+    "extract-abbreviated-flag": Bad(
+        [*drop(EN, "--views"), "--view", "2"], "the following arguments are required: --views"
+    ),
     # -- extract: views ---------------------------------------------------------------------------------
     "extract-hflip-2": Bad(replace(EN, "--hflip", "2"), "--hflip: must be a number in [0, 1]"),
     "extract-scale-zero": Bad(replace(EN, "--scale", ["0", "0"]), "--scale"),
-    "extract-scale-reversed": Bad(replace(EN, "--scale", ["1", "0.5"]), "scale in view flags must be a (min, max) pair with min <= max"),
+    "extract-scale-reversed": Bad(
+        replace(EN, "--scale", ["1", "0.5"]), "scale in view flags must be a (min, max) pair with min <= max"
+    ),
     "extract-ratio-zero": Bad(replace(EN, "--ratio", ["0", "0"]), "--ratio"),
     "extract-eval-crop-5": Bad(replace(EN, "--eval-crop", "5"), "--eval-crop"),
     "extract-yaml-hflip": Bad([*EN, "--config", "{yaml}"], "hflip in", yaml="views:\n  hflip: 2\n"),
     "extract-yaml-scale-reversed": Bad([*EN, "--config", "{yaml}"], "scale in", yaml="views:\n  scale: [0.9, 0.1]\n"),
     "extract-yaml-word": Bad([*EN, "--config", "{yaml}"], "eval_crop in", yaml="views:\n  eval_crop: most\n"),
     "extract-yaml-unknown": Bad([*EN, "--config", "{yaml}"], "unknown setting(s) bogus", yaml="views:\n  bogus: 1\n"),
-    "extract-yaml-python-tag": Bad([*EN, "--config", "{yaml}"], "not valid YAML", yaml="views: !!python/object/apply:os.system [ls]\n"),
+    "extract-yaml-python-tag": Bad(
+        [*EN, "--config", "{yaml}"], "not valid YAML", yaml="views: !!python/object/apply:os.system [ls]\n"
+    ),
     "extract-yaml-missing": Bad([*EN, "--config", "/nonexistent/x.yaml"], "not found"),
     # -- extract: names ---------------------------------------------------------------------------------
     "extract-teacher-id-escapes": Bad([*EN, "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"),
@@ -138,7 +199,9 @@ CASES = {
     "distill-epochs-negative": Bad(replace(D, "--epochs", "-1"), "--epochs"),
     "distill-batch-size-0": Bad(replace(D, "--batch-size", "0"), "--batch-size"),
     "distill-batch-size-above-data": Bad(replace(D, "--batch-size", "1000"), "larger than a worker's share"),
-    "distill-batch-too-big-together": Bad([*replace(D, "--batch-size", "2000"), "--size", "1024"], "lower --batch-size or --size"),
+    "distill-batch-too-big-together": Bad(
+        [*replace(D, "--batch-size", "2000"), "--size", "1024"], "lower --batch-size or --size"
+    ),
     "distill-loader-workers-negative": Bad([*D, "--workers", "-2"], "--workers"),
     "distill-lr-word": Bad([*D, "--lr", "abc"], "--lr: must be a number > 0"),
     "distill-lr-0": Bad([*D, "--lr", "0"], "--lr"),
@@ -160,16 +223,22 @@ CASES = {
     "distill-method-arg-hard-loss": Bad([*D, "--method-arg", "hard_loss=mse"], "must be one of ce, bce"),
     "distill-gpd-ratio-1": Bad([*D, "--method", "gpd", "--method-arg", "ratio=1"], "setting ratio"),
     "distill-gpd-smoothing-1": Bad([*D, "--method", "gpd", "--method-arg", "smoothing=1"], "setting smoothing"),
-    "distill-cospress-temperatures": Bad([*D, "--method", "cospress", "--method-arg", "temperatures=[0.1,-1]"], "setting temperatures"),
+    "distill-cospress-temperatures": Bad(
+        [*D, "--method", "cospress", "--method-arg", "temperatures=[0.1,-1]"], "setting temperatures"
+    ),
     "distill-method-arg-no-key": Bad([*D, "--method-arg", "=4"], "--method-arg takes KEY=VALUE"),
     "distill-method-arg-bad-yaml": Bad([*D, "--method-arg", "temperature=[1"], "not valid YAML"),
     "distill-student-arg-unknown": Bad([*D, "--student-arg", "bogus=1"], "bad student settings for resnet10t"),
     "distill-unknown-student": Bad(replace(D, "--student", "resnet7"), "unknown student 'resnet7'"),
     "distill-yaml-epochs-word": Bad([*drop(D, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: three\n"),
     "distill-yaml-lr-word": Bad([*D, "--config", "{yaml}"], "lr in", yaml="lr: abc\n"),
-    "distill-yaml-epochs-fraction": Bad([*drop(D, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: 1.7\n"),
+    "distill-yaml-epochs-fraction": Bad(
+        [*drop(D, "--epochs"), "--config", "{yaml}"], "epochs in", yaml="epochs: 1.7\n"
+    ),
     "distill-yaml-schedule": Bad([*D, "--config", "{yaml}"], "schedule in", yaml="schedule: linear\n"),
-    "distill-yaml-method-args": Bad([*D, "--config", "{yaml}"], "setting kd_weight", yaml="method_args:\n  kd_weight: heavy\n"),
+    "distill-yaml-method-args": Bad(
+        [*D, "--config", "{yaml}"], "setting kd_weight", yaml="method_args:\n  kd_weight: heavy\n"
+    ),
     "distill-yaml-not-a-mapping": Bad([*D, "--config", "{yaml}"], "must hold a mapping", yaml="- epochs\n- 3\n"),
     "distill-yaml-unknown": Bad([*D, "--config", "{yaml}"], "unknown setting(s) epoch", yaml="epoch: 3\n"),
     "distill-out-is-a-file": Bad(replace(D, "--out", "{file}"), "is a file, not a directory"),
@@ -178,8 +247,12 @@ CASES = {
     "distill-no-store": Bad(replace(D, "--from-cache", "{new}"), "no store at"),
     "distill-teacher-escapes": Bad([*D, "--teacher-id", "../t1"], "is not a plain name"),
     "distill-unknown-teacher": Bad([*D, "--teacher-id", "t9"], "has no teacher 't9'"),
-    "distill-teacher-without-online": Bad([*D, "--teacher", "resnet18"], "add --online, or name the cached teacher with --teacher-id"),
-    "distill-teacher-weights-word": Bad([*D, "--teacher-id", "t1", "--teacher-weights", "0.7,abc"], "--teacher-weights"),
+    "distill-teacher-without-online": Bad(
+        [*D, "--teacher", "resnet18"], "add --online, or name the cached teacher with --teacher-id"
+    ),
+    "distill-teacher-weights-word": Bad(
+        [*D, "--teacher-id", "t1", "--teacher-weights", "0.7,abc"], "--teacher-weights"
+    ),
     "distill-ray-workers-negative": Bad([*D, "--ray-workers", "-1"], "--ray-workers"),
     "distill-max-failures-negative": Bad([*D, "--max-failures", "-1"], "--max-failures"),
     "distill-gpus-without-workers": Bad([*D, "--gpus-per-worker", "1"], "are for Ray Train runs"),
@@ -209,24 +282,47 @@ CASES = {
     "inspect-topk-0": Bad(["inspect", "{store}", "--topk", "0"], "--topk"),
     "inspect-grid-samples-0": Bad(["inspect", "{store}", "--grid-samples", "0"], "--grid-samples"),
     "inspect-url": Bad(["inspect", "ftp://x/s"], "unknown URL scheme"),
-    "inspect-teacher-escapes": Bad(["inspect", "{store}", "--teacher-id", "../x"], "--teacher-id: must be a plain name"),
-    "inspect-temperature-huge": Bad(["inspect", "{store}", "--temperature", "1e6"], "--temperature must be a number in [0.001, 1000]"),
-    "inspect-temperature-tiny": Bad(["inspect", "{store}", "--temperature", "1,1e-300"], "--temperature must be a number in [0.001, 1000]"),
-    "inspect-grid-ids-none-valid": Bad(["inspect", "{store}", "--grid", "{new}.png", "--grid-ids", "1000,2000"], "--grid-ids 1000 is not a sample of the store"),
+    "inspect-teacher-escapes": Bad(
+        ["inspect", "{store}", "--teacher-id", "../x"], "--teacher-id: must be a plain name"
+    ),
+    "inspect-temperature-huge": Bad(
+        ["inspect", "{store}", "--temperature", "1e6"], "--temperature must be a number in [0.001, 1000]"
+    ),
+    "inspect-temperature-tiny": Bad(
+        ["inspect", "{store}", "--temperature", "1,1e-300"], "--temperature must be a number in [0.001, 1000]"
+    ),
+    "inspect-grid-ids-none-valid": Bad(
+        ["inspect", "{store}", "--grid", "{new}.png", "--grid-ids", "1000,2000"],
+        "--grid-ids 1000 is not a sample of the store",
+    ),
     "report-out-under-a-file": Bad(["report", "{run}", "--out", "{file}/r.png"], "a-file is a file, not a directory"),
     # -- a wrong type anywhere in a recipe, whichever command reads it ------------------------------------
     "extract-yaml-views-number": Bad([*EN, "--config", "{yaml}"], "views in", yaml="views: 3\n"),
     "extract-yaml-size-word": Bad([*EN, "--config", "{yaml}"], "size in", yaml="size: abc\n"),
     "extract-yaml-seed-list": Bad([*EN, "--config", "{yaml}"], "seed in", yaml="seed: [1]\n"),
-    "prepare-yaml-size-list": Bad(["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "size in", yaml="size: [1, 2]\n"),
-    "prepare-yaml-views-list": Bad(["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "views in", yaml="views: [1, 2]\n"),
+    "prepare-yaml-size-list": Bad(
+        ["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "size in", yaml="size: [1, 2]\n"
+    ),
+    "prepare-yaml-views-list": Bad(
+        ["prepare", "--data", DATA, "--out", "{new}", "--config", "{yaml}"], "views in", yaml="views: [1, 2]\n"
+    ),
     "distill-yaml-views-scale-word": Bad([*D, "--config", "{yaml}"], "scale in views in", yaml="views: {scale: abc}\n"),
-    "distill-yaml-student-kwargs-number": Bad([*D, "--config", "{yaml}"], "student_kwargs in", yaml="student_kwargs: 5\n"),
-    "distill-yaml-part-args-number": Bad([*D, "--config", "{yaml}"], "the args of part 1 of method must be a mapping",
-                                         yaml="method:\n  - {method: kd, args: 5}\n  - {method: dkd}\n"),
-    "distill-yaml-part-teacher-list": Bad([*D, "--config", "{yaml}"], "the teacher of part 1 of method must be a teacher id",
-                                          yaml="method:\n  - {method: kd, teacher: [a]}\n"),
-    "stats-teacher-escapes": Bad(["stats", "--store", "{store}", "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"),
+    "distill-yaml-student-kwargs-number": Bad(
+        [*D, "--config", "{yaml}"], "student_kwargs in", yaml="student_kwargs: 5\n"
+    ),
+    "distill-yaml-part-args-number": Bad(
+        [*D, "--config", "{yaml}"],
+        "the args of part 1 of method must be a mapping",
+        yaml="method:\n  - {method: kd, args: 5}\n  - {method: dkd}\n",
+    ),
+    "distill-yaml-part-teacher-list": Bad(
+        [*D, "--config", "{yaml}"],
+        "the teacher of part 1 of method must be a teacher id",
+        yaml="method:\n  - {method: kd, teacher: [a]}\n",
+    ),
+    "stats-teacher-escapes": Bad(
+        ["stats", "--store", "{store}", "--teacher-id", "../../evil"], "--teacher-id: must be a plain name"
+    ),
     "stats-no-store": Bad(["stats", "--store", "{new}"], "no store at"),
     "stats-unknown-teacher": Bad(["stats", "--store", "{store}", "--teacher-id", "t9"], "has no teacher 't9'"),
     "no-such-flag": Bad([*D, "--epochz", "3"], "unrecognized arguments: --epochz 3"),
@@ -294,7 +390,13 @@ def test_bad_input_is_one_line_and_changes_nothing(case, shared, tmp_path, capsy
         s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses file systems; the endpoint comes from the environment
         for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", **bad.env}.items():
             monkeypatch.setenv(key, value.replace("{endpoint}", request.getfixturevalue("endpoint_404")))
-    names = {"{store}": shared["store"], "{run}": shared["run"], "{new}": scratch / "new", "{file}": scratch / "a-file", "{yaml}": scratch / "c.yaml"}
+    names = {
+        "{store}": shared["store"],
+        "{run}": shared["run"],
+        "{new}": scratch / "new",
+        "{file}": scratch / "a-file",
+        "{yaml}": scratch / "c.yaml",
+    }
 
     def fill(arg: str) -> str:
         for key, value in names.items():
@@ -386,8 +488,12 @@ def test_a_kill_right_after_the_root_zarr_json_is_resumed(tmp_path, capsys):
     """SIGKILL the real command as soon as the store's root zarr.json appears; running it again finishes the store."""
     store = tmp_path / "store"
     argv = [*SAME_AS_BASE[:-2], "--batch-size", "16", "--store", str(store)]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--quiet", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         deadline = time.time() + 120
         while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -412,7 +518,10 @@ def test_epochs_0_leaves_no_run_folder(tmp_path, base_store, capsys):
 def test_a_run_refused_late_in_its_set_up_leaves_the_finished_folder_alone(shared, capsys):
     """The student, method and optimiser are built inside train(); a batch larger than the data is found only then,
     and config.yaml, run.log, metrics and student are still the old run's."""
-    argv = [a.replace("{store}", str(shared["store"])).replace("{run}", str(shared["run"])) for a in replace(D, "--batch-size", "1000")]
+    argv = [
+        a.replace("{store}", str(shared["store"])).replace("{run}", str(shared["run"]))
+        for a in replace(D, "--batch-size", "1000")
+    ]
     assert main([*argv, "--method", "dkd"]) == 2
     assert "larger than a worker's share" in one_line(capsys)
     assert read_tree(shared["run"]) == shared["trees"]["run"]
@@ -422,7 +531,9 @@ def test_a_run_refused_late_in_its_set_up_leaves_the_finished_folder_alone(share
 
 
 def _shard(store: Path) -> Path:
-    return next(p for p in sorted((store / "teachers" / "t1" / "logits").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    return next(
+        p for p in sorted((store / "teachers" / "t1" / "logits").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
 
 
 def test_a_directory_where_a_shard_should_be(store_copy, capsys):
@@ -443,8 +554,10 @@ def test_a_pipe_where_a_shard_should_be_does_not_hang(store_copy, tmp_path, caps
     shard.unlink()
     os.mkfifo(shard)
     results = {}
-    commands = {"verify": ["verify", str(store_copy), "--replay", "0"],
-                "distill": [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D]}
+    commands = {
+        "verify": ["verify", str(store_copy), "--replay", "0"],
+        "distill": [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D],
+    }
 
     def run_all():
         for name, argv in commands.items():
@@ -518,7 +631,24 @@ def test_weights_that_do_not_fit_say_which_keys(tmp_path, capsys):
 
     weights = tmp_path / "small.safetensors"
     save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(weights))
-    assert main(["extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(weights), "--views", "1", "--store", str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--data",
+                DATA,
+                "--teacher",
+                "resnet18",
+                "--weights",
+                str(weights),
+                "--views",
+                "1",
+                "--store",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys)
     assert "missing key(s) (e.g. " in line and "unexpected key(s)" in line and "of another shape" in line
     assert not (tmp_path / "s").exists()
@@ -535,7 +665,9 @@ def test_a_partial_store_reports_compression_of_what_it_holds(store_copy, capsys
     row = next(line.split() for line in out.splitlines() if line.startswith("logits "))
     stored = store.teacher("t1").describe()["logits"]["stored_bytes"]
     ratio = float(row[-1].rstrip("x"))
-    assert ratio == pytest.approx(full["nbytes"] / 2 / stored, abs=0.01)  # raw bytes of view 0 only, over its stored bytes
+    assert ratio == pytest.approx(
+        full["nbytes"] / 2 / stored, abs=0.01
+    )  # raw bytes of view 0 only, over its stored bytes
 
 
 # -- a store is the tool's own tree: no writing through a symbolic link inside it ------------------------
@@ -556,11 +688,16 @@ def test_a_symbolic_link_inside_the_store_is_refused_and_reported(inside, store_
     capsys.readouterr()
     assert main([*replace(SAME_AS_BASE, "--views", "3"), "--store", str(store_copy)]) == 2
     line = one_line(capsys)
-    assert f"{link} is a symbolic link inside the store" in line and "replace the link with a real directory" in line, line
+    assert f"{link} is a symbolic link inside the store" in line and "replace the link with a real directory" in line, (
+        line
+    )
     assert read_tree(store_copy) == before and read_tree(elsewhere) == outside  # nothing written, inside or outside
     assert main(["--quiet", "verify", str(store_copy), "--replay", "0"]) == 2
     out, err = capsys.readouterr()
-    assert f"{link}: a symbolic link inside the store (to {elsewhere})" in out and "symbolic link(s) inside the store" in err
+    assert (
+        f"{link}: a symbolic link inside the store (to {elsewhere})" in out
+        and "symbolic link(s) inside the store" in err
+    )
 
 
 def test_a_link_made_during_a_write_is_not_written_through(store_copy, tmp_path):
@@ -586,16 +723,56 @@ def test_a_link_made_during_a_write_is_not_written_through(store_copy, tmp_path)
 
 # (file, field, value, a piece of the one line): each names its file and field.
 DAMAGED_RECORDS = {
-    "teacher-classes-1e12": ("teachers/t1/teacher.json", "num_classes", 1e12, "teacher.json: field 'num_classes' must be a whole number in [0,"),
-    "teacher-classes-off": ("teachers/t1/teacher.json", "num_classes", 11, "teacher.json: field 'num_classes' says rows of [11], but array logits has rows of [10]"),
-    "teacher-features-huge": ("teachers/t1/teacher.json", "feature_dim", 10**8, "teacher.json: field 'feature_dim' must be"),
-    "teacher-views-above-arrays": ("teachers/t1/teacher.json", "views", 5, "teacher.json: field 'views' is 5, but array"),
+    "teacher-classes-1e12": (
+        "teachers/t1/teacher.json",
+        "num_classes",
+        1e12,
+        "teacher.json: field 'num_classes' must be a whole number in [0,",
+    ),
+    "teacher-classes-off": (
+        "teachers/t1/teacher.json",
+        "num_classes",
+        11,
+        "teacher.json: field 'num_classes' says rows of [11], but array logits has rows of [10]",
+    ),
+    "teacher-features-huge": (
+        "teachers/t1/teacher.json",
+        "feature_dim",
+        10**8,
+        "teacher.json: field 'feature_dim' must be",
+    ),
+    "teacher-views-above-arrays": (
+        "teachers/t1/teacher.json",
+        "views",
+        5,
+        "teacher.json: field 'views' is 5, but array",
+    ),
     "teacher-size-negative": ("teachers/t1/teacher.json", "input_size", -5, "teacher.json: field 'input_size' must be"),
-    "store-samples-1e12": ("store.json", "num_samples", 10**12, "store.json: field 'num_samples' must be a whole number in [1,"),
-    "store-samples-off": ("store.json", "num_samples", 81, "store.json: field 'num_samples' is 81, but the order array has 80 rows"),
+    "store-samples-1e12": (
+        "store.json",
+        "num_samples",
+        10**12,
+        "store.json: field 'num_samples' must be a whole number in [1,",
+    ),
+    "store-samples-off": (
+        "store.json",
+        "num_samples",
+        81,
+        "store.json: field 'num_samples' is 81, but the order array has 80 rows",
+    ),
     "store-block-negative": ("store.json", "block", -32, "store.json: field 'block' must be a whole number in [1,"),
-    "store-block-off": ("store.json", "block", 16, "store.json: field 'block' is 16, but the plan's shards hold 32 samples"),
-    "store-views-above-arrays": ("store.json", "num_views", 100000, "store.json: field 'num_views' is 100000, but the plan's arrays hold 2 views"),
+    "store-block-off": (
+        "store.json",
+        "block",
+        16,
+        "store.json: field 'block' is 16, but the plan's shards hold 32 samples",
+    ),
+    "store-views-above-arrays": (
+        "store.json",
+        "num_views",
+        100000,
+        "store.json: field 'num_views' is 100000, but the plan's arrays hold 2 views",
+    ),
 }
 
 
@@ -611,8 +788,11 @@ def test_a_hand_edited_record_is_one_line_naming_file_and_field(case, store_copy
     (store_copy / file).write_text(json.dumps(record))
     before = read_tree(store_copy)
     run = tmp_path / "run"
-    for argv in (["verify", str(store_copy), "--replay", "0"], ["inspect", str(store_copy)],
-                 [a.replace("{store}", str(store_copy)).replace("{run}", str(run)) for a in D]):
+    for argv in (
+        ["verify", str(store_copy), "--replay", "0"],
+        ["inspect", str(store_copy)],
+        [a.replace("{store}", str(store_copy)).replace("{run}", str(run)) for a in D],
+    ):
         capsys.readouterr()
         assert main(argv) == 2, argv
         line = one_line(capsys)
@@ -620,12 +800,15 @@ def test_a_hand_edited_record_is_one_line_naming_file_and_field(case, store_copy
     assert read_tree(store_copy) == before and not run.exists()
 
 
-@pytest.mark.parametrize("edit,says", [
-    ("epoch=1000000000", "field 'epoch' is 1000000000, not an epoch of the saved run's 1 epochs"),
-    ("epoch=0", "field 'epoch' is 0"),
-    ("metrics=[]", "field 'metrics' must hold one line per finished epoch (1)"),
-    ("drop=model", "field 'model' is missing"),
-])
+@pytest.mark.parametrize(
+    "edit,says",
+    [
+        ("epoch=1000000000", "field 'epoch' is 1000000000, not an epoch of the saved run's 1 epochs"),
+        ("epoch=0", "field 'epoch' is 0"),
+        ("metrics=[]", "field 'metrics' must hold one line per finished epoch (1)"),
+        ("drop=model", "field 'model' is missing"),
+    ],
+)
 def test_a_hand_edited_checkpoint_is_one_line(edit, says, shared, tmp_path, capsys):
     def edited(state):
         key, value = edit.split("=")
@@ -638,7 +821,22 @@ def test_a_hand_edited_checkpoint_is_one_line(edit, says, shared, tmp_path, caps
     assert f"{run / 'checkpoint.pt'}: {says}" in line and "run without --resume" in line, line
 
 
-@pytest.mark.parametrize("part", ["model", "method", "optimizer", "scheduler", "scaler", "rng", "student_weights", "student", "run", "epoch", "metrics"])
+@pytest.mark.parametrize(
+    "part",
+    [
+        "model",
+        "method",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "student_weights",
+        "student",
+        "run",
+        "epoch",
+        "metrics",
+    ],
+)
 def test_every_part_of_a_checkpoint_of_another_type_is_one_line(part, shared, tmp_path, capsys):
     """Each part a resumed run reads, replaced by a string: one line naming the part, not a traceback where it is used."""
     run, line = _resume_edited(shared, tmp_path, capsys, lambda state: state.__setitem__(part, "abc"))
@@ -686,14 +884,20 @@ def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("case,says", [
-    ("class-2e9", "train-0000.tar/k7 has class 2000000000: classes are numbers from 0 to 1,048,575"),
-    ("cut-between-members", "train-0000.tar is truncated (it ends at sample k11, without the tar's end marker)"),
-    ("cut-inside-a-member", "train-0000.tar is truncated"),
-    # All its bytes there, one member header damaged: tarfile stops there as at the end, 3 samples of 12, silently.
-    ("header-checksum", "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a member header there cannot be read (bad checksum)"),
-    ("header-zeroed", "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a zero block"),
-])
+@pytest.mark.parametrize(
+    "case,says",
+    [
+        ("class-2e9", "train-0000.tar/k7 has class 2000000000: classes are numbers from 0 to 1,048,575"),
+        ("cut-between-members", "train-0000.tar is truncated (it ends at sample k11, without the tar's end marker)"),
+        ("cut-inside-a-member", "train-0000.tar is truncated"),
+        # All its bytes there, one member header damaged: tarfile stops there as at the end, 3 samples of 12, silently.
+        (
+            "header-checksum",
+            "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a member header there cannot be read (bad checksum)",
+        ),
+        ("header-zeroed", "train-0000.tar is damaged at byte {at} (after member k2.cls, 3 samples read): a zero block"),
+    ],
+)
 def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index cached from an earlier test
     shard = tmp_path / "train-0000.tar"
@@ -703,17 +907,40 @@ def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypat
     _tar(shard, samples)
     data = shard.read_bytes()
     if case == "cut-between-members":
-        shard.write_bytes(data[: data.index(b"k11.cls")])  # tarfile reads it as a shorter tar whose last sample has no .cls
+        shard.write_bytes(
+            data[: data.index(b"k11.cls")]
+        )  # tarfile reads it as a shorter tar whose last sample has no .cls
     elif case == "cut-inside-a-member":
         shard.write_bytes(data[: len(data) // 2 + 100])
     elif case.startswith("header-"):
         at = data.index(b"k3.jpg")  # its header block
         says = says.format(at=at)
-        shard.write_bytes(data[:at] + (b"\0x#!" + data[at + 4 : at + 512] if case == "header-checksum" else bytes(512)) + data[at + 512 :])
+        shard.write_bytes(
+            data[:at]
+            + (b"\0x#!" + data[at + 4 : at + 512] if case == "header-checksum" else bytes(512))
+            + data[at + 512 :]
+        )
     store = tmp_path / "store"
     capsys.readouterr()
-    assert main(["extract", "--data", f"wds:{shard}", "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1",
-                 "--store", str(store)]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--data",
+                f"wds:{shard}",
+                "--teacher",
+                "resnet18",
+                "--random-init",
+                "--size",
+                "32",
+                "--views",
+                "1",
+                "--store",
+                str(store),
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys)
     assert says in line and "no .cls member" not in line, line
     assert not store.exists()
@@ -734,9 +961,13 @@ def test_a_store_deleted_during_distill_is_said_to_be_gone(store_copy, tmp_path,
     monkeypatch.setattr(zarr_units.UnitArrays, "_read_data", read_then_delete)
     argv = [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D]
     capsys.readouterr()
-    assert main(["--quiet", *argv]) == 2  # the run has started (its first lines say so): the error is the one line after them
+    assert (
+        main(["--quiet", *argv]) == 2
+    )  # the run has started (its first lines say so): the error is the one line after them
     line = one_line(capsys)
-    assert "no longer exists: the store was deleted or moved while this command read it" in line and "--repair" not in line, line
+    assert (
+        "no longer exists: the store was deleted or moved while this command read it" in line and "--repair" not in line
+    ), line
     assert len(calls) >= 2
 
 
@@ -763,21 +994,53 @@ def test_a_truncated_image_is_refused_at_set_up_and_nothing_is_made(fmt, tmp_pat
         (data / f"c{c}").mkdir(parents=True)
         for i in range(6):
             buf = io.BytesIO()
-            Image.fromarray(np.random.default_rng(c * 10 + i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, fmt)
+            Image.fromarray(np.random.default_rng(c * 10 + i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                buf, fmt
+            )
             (data / f"c{c}" / f"{i}.{fmt.lower()}").write_bytes(buf.getvalue())
     bad = data / "c1" / f"3.{fmt.lower()}"
     bad.write_bytes(bad.read_bytes()[:-40])
     source = f"folder:{data}"
     commands = {
         "prepare": ["prepare", "--data", source, "--out", str(tmp_path / "out")],
-        "extract": ["extract", "--data", source, "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1", "--store", str(tmp_path / "out")],
-        "train": ["train", "--data", source, "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1", "--size", "32",
-                  "--batch-size", "4", "--out", str(tmp_path / "out")],
+        "extract": [
+            "extract",
+            "--data",
+            source,
+            "--teacher",
+            "resnet18",
+            "--random-init",
+            "--size",
+            "32",
+            "--views",
+            "1",
+            "--store",
+            str(tmp_path / "out"),
+        ],
+        "train": [
+            "train",
+            "--data",
+            source,
+            "--model",
+            "resnet10t",
+            "--model-arg",
+            "channels=[8,16,32,64]",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+        ],
     }
     for name, argv in commands.items():
         capsys.readouterr()
         assert main(argv) == 2, name
-        err = capsys.readouterr().err.strip().splitlines()  # extract says its store's size first, before the header pass
+        err = (
+            capsys.readouterr().err.strip().splitlines()
+        )  # extract says its store's size first, before the header pass
         line = err[-1]
         assert "Traceback" not in "".join(err) and line.startswith("error: ") and len(err) <= 2, (name, err)
         assert f"cannot decode image {bad}" in line and "truncated" in line, (name, line)

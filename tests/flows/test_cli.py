@@ -35,7 +35,24 @@ def error_line(capsys) -> str:
 def teacher_file(tmp_path_factory) -> Path:
     """A resnet18 teacher fitted for one epoch by `pipeline train` (its file carries size and normalisation)."""
     out = tmp_path_factory.mktemp("teacher")
-    assert run("train", "--data", DATA, "--model", "resnet18", "--epochs", "1", "--size", "32", "--batch-size", "32", "--out", str(out)) == 0
+    assert (
+        run(
+            "train",
+            "--data",
+            DATA,
+            "--model",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     return out / "model.safetensors"
 
 
@@ -43,7 +60,22 @@ def teacher_file(tmp_path_factory) -> Path:
 def exact_store(tmp_path_factory, teacher_file) -> Path:
     store = tmp_path_factory.mktemp("stores") / "exact"
     argv = ["extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(teacher_file), "--views", "2"]
-    assert run(*argv, "--store", str(store), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", "32") == 0
+    assert (
+        run(
+            *argv,
+            "--store",
+            str(store),
+            "--block",
+            "32",
+            "--logits",
+            "full",
+            "--dtype",
+            "float32",
+            "--batch-size",
+            "32",
+        )
+        == 0
+    )
     return store
 
 
@@ -83,7 +115,23 @@ def test_more_views_append_and_a_second_teacher_shares_the_plan(tmp_path, teache
     assert grown.shape[0] == 2 and (grown[:1] == first).all()
     assert run(*base, "--teacher", "resnet18", "--teacher-id", "again", "--views", "2") == 0
     assert (zarr_copy(store / "teachers" / "again" / "topk_logp") == grown).all()
-    assert run("distill", "--from-cache", str(store), "--teacher-id", "again", *TINY_STUDENT, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "s")) == 0
+    assert (
+        run(
+            "distill",
+            "--from-cache",
+            str(store),
+            "--teacher-id",
+            "again",
+            *TINY_STUDENT,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "s"),
+        )
+        == 0
+    )
 
 
 def zarr_copy(path: Path):
@@ -96,7 +144,21 @@ def zarr_copy(path: Path):
 
 
 def test_unknown_teacher_suggests_close_names(tmp_path, capsys):
-    assert run("extract", "--data", DATA, "--teacher", "resnet19", "--random-init", "--views", "1", "--store", str(tmp_path / "s")) == 2
+    assert (
+        run(
+            "extract",
+            "--data",
+            DATA,
+            "--teacher",
+            "resnet19",
+            "--random-init",
+            "--views",
+            "1",
+            "--store",
+            str(tmp_path / "s"),
+        )
+        == 2
+    )
     line = error_line(capsys)
     assert "unknown teacher 'resnet19'" in line and "resnet18" in line
     assert not (tmp_path / "s").exists()
@@ -107,7 +169,22 @@ def test_missing_or_unreadable_weights(tmp_path, capsys, content):
     weights = tmp_path / "teacher.safetensors"
     if content is not None:
         weights.write_bytes(content)
-    assert run("extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(weights), "--views", "1", "--store", str(tmp_path / "s")) == 2
+    assert (
+        run(
+            "extract",
+            "--data",
+            DATA,
+            "--teacher",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--views",
+            "1",
+            "--store",
+            str(tmp_path / "s"),
+        )
+        == 2
+    )
     assert str(weights) in error_line(capsys)
     assert not (tmp_path / "s").exists()
 
@@ -115,7 +192,22 @@ def test_missing_or_unreadable_weights(tmp_path, capsys, content):
 def test_weights_that_do_not_fit_the_model(tmp_path, capsys):
     weights = tmp_path / "small.safetensors"
     save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(weights))
-    assert run("extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(weights), "--views", "1", "--store", str(tmp_path / "s")) == 2
+    assert (
+        run(
+            "extract",
+            "--data",
+            DATA,
+            "--teacher",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--views",
+            "1",
+            "--store",
+            str(tmp_path / "s"),
+        )
+        == 2
+    )
     assert "do not fit teacher 'resnet18'" in error_line(capsys)
 
 
@@ -123,14 +215,42 @@ def test_class_count_mismatch(tmp_path, capsys):
     weights = tmp_path / "five.safetensors"
     save_file(timm.create_model("resnet18", num_classes=5).state_dict(), str(weights))
     store = tmp_path / "s"
-    assert run("extract", "--data", DATA, "--teacher", "resnet18", "--weights", str(weights), "--size", "32", "--views", "1", "--store", str(store)) == 2
+    assert (
+        run(
+            "extract",
+            "--data",
+            DATA,
+            "--teacher",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--size",
+            "32",
+            "--views",
+            "1",
+            "--store",
+            str(store),
+        )
+        == 2
+    )
     assert "predicts 5 classes but the dataset has 10" in error_line(capsys)
     assert not store.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_asked_for_where_there_is_none(tmp_path, capsys):
-    argv = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--views", "1", "--store", str(tmp_path / "s")]
+    argv = [
+        "extract",
+        "--data",
+        DATA,
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--views",
+        "1",
+        "--store",
+        str(tmp_path / "s"),
+    ]
     assert run(*argv, "--device", "cuda") == 2
     assert "no CUDA GPU is visible" in error_line(capsys)
     assert not (tmp_path / "s").exists()
@@ -142,9 +262,24 @@ def test_from_cache_pointing_at_nothing(tmp_path, capsys):
 
 
 def test_store_from_another_dataset_or_plan(tmp_path, capsys, exact_store):
-    assert run("distill", "--from-cache", str(exact_store), "--data", "fake:64?size=32", "--out", str(tmp_path / "o")) == 2
+    assert (
+        run("distill", "--from-cache", str(exact_store), "--data", "fake:64?size=32", "--out", str(tmp_path / "o")) == 2
+    )
     assert "was made from dataset" in error_line(capsys)
-    argv = ["extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1", "--store", str(exact_store)]
+    argv = [
+        "extract",
+        "--data",
+        DATA,
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--size",
+        "32",
+        "--views",
+        "1",
+        "--store",
+        str(exact_store),
+    ]
     assert run(*argv, "--plan-seed", "7") == 2
     assert "view plan seed 0" in error_line(capsys)
     assert run(*argv[:2], "digits", *argv[3:]) == 2
@@ -157,7 +292,16 @@ def test_unreadable_image_in_folder_dataset(tmp_path, capsys):
         for i in range(3):
             Image.new("RGB", (20, 24), (40 * i, 80, 120)).save(tmp_path / "data" / c / f"{i}.png")
     (tmp_path / "data" / "b" / "broken.png").write_bytes(b"\x89PNG but not really")
-    argv = ["extract", "--data", f"folder:{tmp_path / 'data'}", "--teacher", "resnet18", "--random-init", "--size", "32"]
+    argv = [
+        "extract",
+        "--data",
+        f"folder:{tmp_path / 'data'}",
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--size",
+        "32",
+    ]
     assert run(*argv, "--views", "1", "--store", str(tmp_path / "s")) == 2
     assert "broken.png" in error_line(capsys)
     assert not (tmp_path / "s").exists()
@@ -172,7 +316,16 @@ def test_truncated_image_found_while_rendering_in_a_worker(tmp_path, capsys):
     Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "data" / "a" / "cut.png")
     data = (tmp_path / "data" / "a" / "cut.png").read_bytes()
     (tmp_path / "data" / "a" / "cut.png").write_bytes(data[: len(data) // 2])
-    argv = ["extract", "--data", f"folder:{tmp_path / 'data'}", "--teacher", "resnet18", "--random-init", "--size", "32"]
+    argv = [
+        "extract",
+        "--data",
+        f"folder:{tmp_path / 'data'}",
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--size",
+        "32",
+    ]
     assert run(*argv, "--views", "1", "--workers", "1", "--store", str(tmp_path / "s")) == 2
     assert "cut.png" in error_line(capsys)
     assert not list((tmp_path / "s").glob("teachers/*/commits/*.json"))
@@ -180,7 +333,16 @@ def test_truncated_image_found_while_rendering_in_a_worker(tmp_path, capsys):
 
 def test_errors_have_no_traceback_unless_debug(tmp_path):
     """The installed command, as a user runs it: one line and exit 2; --debug shows the traceback."""
-    argv = [sys.executable, "-m", "pipeline.cli", "distill", "--from-cache", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "distill",
+        "--from-cache",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     plain = subprocess.run(argv, capture_output=True, text=True)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines()[-1].startswith("error: no store at")
@@ -192,7 +354,18 @@ def test_every_flag_is_explained_with_its_default():
     from pipeline.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(commands) == {"demo", "prepare", "train", "extract", "verify", "inspect", "stats", "distill", "sweep", "report"}
+    assert set(commands) == {
+        "demo",
+        "prepare",
+        "train",
+        "extract",
+        "verify",
+        "inspect",
+        "stats",
+        "distill",
+        "sweep",
+        "report",
+    }
     for name, parser in commands.items():
         for action in parser._actions:
             if action.dest == "help":

@@ -42,7 +42,9 @@ def test_every_demo_variant_runs_in_its_own_folder(method, tmp_path, monkeypatch
     parts = method.split("+")
     rows = 1 + len(parts) + (len(parts) > 1)  # scratch, each part alone, and the composite
     runs = 2 * rows if method == "kd" else rows  # partial labels and the control, or every label once
-    assert (folder / "teacher" / "model.safetensors").is_file() and len(list(folder.glob("student-*/student.safetensors"))) == runs
+    assert (folder / "teacher" / "model.safetensors").is_file() and len(
+        list(folder.glob("student-*/student.safetensors"))
+    ) == runs
     VARIANT_CHECKS.get(method, lambda folder, table, capsys: None)(folder, table, capsys)
 
 
@@ -59,7 +61,9 @@ def _default(folder, table, capsys):
 
 def _gpd(folder, table, capsys):
     for weights in folder.glob("student-gpd-*/student.safetensors"):  # plain resnet10t students
-        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(load_file(weights))
+        timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64)).load_state_dict(
+            load_file(weights)
+        )
 
 
 def _composite(folder, table, capsys):
@@ -72,7 +76,9 @@ def _composite(folder, table, capsys):
 VARIANT_CHECKS = {"kd": _default, "gpd": _gpd, "kd+cospress": _composite}
 
 
-def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_line(tmp_path, train_data, val_data, caplog):
+def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_line(
+    tmp_path, train_data, val_data, caplog
+):
     """What the last demo step reuses must match: a teacher fitted with other settings is fitted again, and the store
     that cached the old one is replaced, each with a line saying so (on fake data, to stay cheap)."""
     import logging
@@ -86,9 +92,18 @@ def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_lin
     recipe, cache = ViewRecipe(hflip=0.0), {"views": 1, "block": 32, "topk": 3}
     for epochs, says in ((1, None), (1, "reusing the teacher"), (2, "replacing the teacher")):
         caplog.clear()
-        settings = TrainSettings(student="resnet10t", student_kwargs={"channels": [8, 16, 32, 64]}, epochs=epochs, batch_size=32, size=32, method="ce")
+        settings = TrainSettings(
+            student="resnet10t",
+            student_kwargs={"channels": [8, 16, 32, 64]},
+            epochs=epochs,
+            batch_size=32,
+            size=32,
+            method="ce",
+        )
         demo.fitted_teacher(settings, train_data, val_data, recipe, tmp_path / "teacher")
-        teacher = build_teacher(demo._teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32)
+        teacher = build_teacher(
+            demo._teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32
+        )
         demo.cache_teachers({"teacher": teacher}, {}, train_data, recipe, cache, 32, tmp_path, (), 0)
         if says:
             assert says in caplog.text

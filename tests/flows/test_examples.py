@@ -22,7 +22,21 @@ DIGITS_TRAIN, BLOCK, BATCH = 1433, 256, 64
 def digits_store(tmp_path_factory) -> Path:
     """A resnet18 teacher (random init) over 2 views of digits at 32 px, logits and features, in blocks of 256 (6 blocks)."""
     store = tmp_path_factory.mktemp("examples") / "digits"
-    argv = ["--quiet", "extract", "--data", "digits", "--teacher", "resnet18", "--random-init", "--views", "2", "--size", "32", "--block", str(BLOCK)]
+    argv = [
+        "--quiet",
+        "extract",
+        "--data",
+        "digits",
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--views",
+        "2",
+        "--size",
+        "32",
+        "--block",
+        str(BLOCK),
+    ]
     assert main([*argv, "--store", str(store)]) == 0
     return store
 
@@ -34,23 +48,60 @@ def run_example(*argv: str) -> str:
 
 
 def epoch_lines(out: str) -> list[re.Match]:
-    return [m for m in re.finditer(r"epoch (\d+): loss ([\d.]+).*\((\d+) steps of (\d+) views on each of (\d+) rank", out)]
+    return [
+        m for m in re.finditer(r"epoch (\d+): loss ([\d.]+).*\((\d+) steps of (\d+) views on each of (\d+) rank", out)
+    ]
 
 
 def test_the_plain_loop_trains_a_student_from_the_cache(digits_store, tmp_path):
-    out = run_example(sys.executable, str(EXAMPLES / "distill_loop.py"), "--store", str(digits_store), "--epochs", "2", "--out", str(tmp_path / "s.pt"))
+    out = run_example(
+        sys.executable,
+        str(EXAMPLES / "distill_loop.py"),
+        "--store",
+        str(digits_store),
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "s.pt"),
+    )
     lines = epoch_lines(out)
     assert [int(m[1]) for m in lines] == [1, 2]
-    assert all(int(m[3]) == steps_per_epoch(DIGITS_TRAIN, BLOCK, BATCH, 1) for m in lines)  # the whole training set each epoch
+    assert all(
+        int(m[3]) == steps_per_epoch(DIGITS_TRAIN, BLOCK, BATCH, 1) for m in lines
+    )  # the whole training set each epoch
     saved = torch.load(tmp_path / "s.pt", weights_only=True)
     student = timm.create_model("resnet10t", num_classes=10)
     student.load_state_dict(saved["model"])  # a plain timm student
-    assert saved["loader"] == {"epoch": 2, "position": 0, "seed": 0, "batch_size": BATCH, "repeats": 1, "rank": 0, "world": 1}
+    assert saved["loader"] == {
+        "epoch": 2,
+        "position": 0,
+        "seed": 0,
+        "batch_size": BATCH,
+        "repeats": 1,
+        "rank": 0,
+        "world": 1,
+    }
 
 
 def test_the_same_loop_under_torchrun_splits_the_store_over_two_ranks(digits_store, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port of its own
-    out = run_example(*torchrun, str(EXAMPLES / "distill_loop.py"), "--store", str(digits_store), "--epochs", "1", "--out", str(tmp_path / "s.pt"))
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]  # a free port of its own
+    out = run_example(
+        *torchrun,
+        str(EXAMPLES / "distill_loop.py"),
+        "--store",
+        str(digits_store),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "s.pt"),
+    )
     (line,) = epoch_lines(out)
     assert int(line[5]) == 2
     # Each rank takes its own blocks, and both take the same number of steps (none waits at a collective).
@@ -59,8 +110,16 @@ def test_the_same_loop_under_torchrun_splits_the_store_over_two_ranks(digits_sto
 
 
 def test_timms_factories_and_the_cached_teacher_task_train_from_the_cache(digits_store, tmp_path):
-    out = run_example(sys.executable, str(EXAMPLES / "timm_task_from_cache.py"), "--store", str(digits_store), "--epochs", "2",
-                      "--out", str(tmp_path / "s.pt"))
+    out = run_example(
+        sys.executable,
+        str(EXAMPLES / "timm_task_from_cache.py"),
+        "--store",
+        str(digits_store),
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "s.pt"),
+    )
     lines = re.findall(r"epoch (\d+): loss ([\d.]+), task_loss ([\d.]+), kd_loss ([\d.]+), lr ([\d.e+-]+)", out)
     assert [int(e) for e, *_ in lines] == [1, 2]
     assert all(float(kd) > 0 for *_, kd, _ in lines)  # the cached teacher's term is in the loss

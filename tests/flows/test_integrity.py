@@ -25,7 +25,22 @@ from storage.store import FORMAT_VERSION
 from conftest import BATCH, DATA, VIEWS, group_arrays, read_tree, runner_for
 
 TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1"]
-EXTRACT = ["extract", "--data", DATA, *TEACHER, "--size", "32", "--views", str(VIEWS), "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
+EXTRACT = [
+    "extract",
+    "--data",
+    DATA,
+    *TEACHER,
+    "--size",
+    "32",
+    "--views",
+    str(VIEWS),
+    "--logits",
+    "full",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    str(BATCH),
+]
 
 
 def run(*argv: str) -> int:
@@ -74,7 +89,10 @@ def test_verify_names_each_damaged_unit(store_copy, train_data, capsys):
     report = verify.check_store(Store(store_copy), train_data, replay_fraction=0.5)
     found = {(f.group, f.view, f.block): f for f in report.findings}
     assert set(found) == set(where.values())
-    assert "logits differ from the commit record" in found[where["flipped"]].problem or "cannot be read" in found[where["flipped"]].problem
+    assert (
+        "logits differ from the commit record" in found[where["flipped"]].problem
+        or "cannot be read" in found[where["flipped"]].problem
+    )
     assert "missing shard (logits)" in found[where["deleted"]].problem
     assert "unreadable" in found[where["truncated"]].problem
     # The command prints one line per bad unit, then fails with one summary line.
@@ -85,7 +103,9 @@ def test_verify_names_each_damaged_unit(store_copy, train_data, capsys):
 
 
 def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "logs" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "logs" not in p.parts
+    }
 
 
 def test_repair_rewrites_only_the_damaged_units(store_copy, reference, capsys):
@@ -101,8 +121,18 @@ def test_repair_rewrites_only_the_damaged_units(store_copy, reference, capsys):
     # Files of sound units were not touched; the damaged files are restored byte for byte.
     after_bytes, after_time = read_tree(store_copy), _mtimes(store_copy)
     touched = {p for p in after_time if after_time[p] != before_time.get(p)}
-    units = ("c/0/1", "v000000-b000001", "c/1/0", "v000001-b000000", "c/1/2", "v000001-b000002", "teacher.json")  # shard keys c/VIEW/BLOCK[/0]
-    assert touched and all(any(u in p for u in units) for p in touched), sorted(p for p in touched if not any(u in p for u in units))
+    units = (
+        "c/0/1",
+        "v000000-b000001",
+        "c/1/0",
+        "v000001-b000000",
+        "c/1/2",
+        "v000001-b000002",
+        "teacher.json",
+    )  # shard keys c/VIEW/BLOCK[/0]
+    assert touched and all(any(u in p for u in units) for p in touched), sorted(
+        p for p in touched if not any(u in p for u in units)
+    )
     assert {p for p in after_bytes if after_bytes[p] != before_bytes.get(p) and "logs" not in p} == {
         "teachers/t1/logits/c/0/1/0",
         "teachers/t1/logits/c/1/0/0",
@@ -113,8 +143,21 @@ def test_repair_rewrites_only_the_damaged_units(store_copy, reference, capsys):
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_distill_refuses_a_damaged_store(store_copy, tmp_path, kind, capsys):
     DAMAGE[kind](store_copy)
-    argv = ["distill", "--from-cache", str(store_copy), "--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]",
-            "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path / "run")]
+    argv = [
+        "distill",
+        "--from-cache",
+        str(store_copy),
+        "--student",
+        "resnet10t",
+        "--student-arg",
+        "channels=[8,16,32,64]",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert run(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pipeline verify" in err[0], err
@@ -144,7 +187,9 @@ def test_a_second_extraction_of_the_same_teacher_refuses(store_copy, capsys):
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     lock = tmp_path / "lock.json"
     # A pid that is not running on this host.
-    lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": 2147483000, "token": "x", "started": 0, "heartbeat": 0}}')
+    lock.write_text(
+        f'{{"host": "{socket.gethostname()}", "pid": 2147483000, "token": "x", "started": 0, "heartbeat": 0}}'
+    )
     from storage import Location
 
     with WriterLock(Location(str(lock)), "teacher t"):
@@ -164,7 +209,9 @@ def test_a_full_disk_leaves_no_committed_partial_unit(store_copy, train_data, te
 
     monkeypatch.setattr(type(group), "_write_data", full_after_first_array)
     with pytest.raises(OSError):
-        extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=VIEWS, batch_size=BATCH)
+        extract(
+            store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=VIEWS, batch_size=BATCH
+        )
     assert (1, 2) not in store.teacher("t1").committed()
     # Through the command line it is one line and exit 2.
     assert run(*EXTRACT, "--store", str(store_copy)) == 2
@@ -181,7 +228,17 @@ def test_a_store_of_the_old_format_is_refused_with_how_to_extract_it_again(store
     meta.write_text(meta.read_text().replace(f'"format": {FORMAT_VERSION}', '"format": 1'))
     before = read_tree(store_copy)
     argv = {
-        "distill": ["distill", "--from-cache", str(store_copy), "--student", "resnet10t", "--epochs", "1", "--out", str(tmp_path / "run")],
+        "distill": [
+            "distill",
+            "--from-cache",
+            str(store_copy),
+            "--student",
+            "resnet10t",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
         "extract": [*EXTRACT, "--store", str(store_copy)],
         "inspect": ["inspect", str(store_copy)],
         "verify": ["verify", str(store_copy)],

@@ -44,22 +44,140 @@ def test_the_walkthrough_runs_end_to_end(tmp_path):
     data = ["--data", f"wds:{shards}/train-{{000000..000003}}.tar"]
     val_data = ["--val-data", f"folder:{val}"]  # another kind than --data
     narrow = ["--model-arg", "channels=[8,16,32,64]"]
-    assert main(["--quiet", "train", *data, *val_data, "--model", "resnet10t", *narrow, *SMALL, "--epochs", "2", "--out", str(runs / "t-r10")]) == 0
-    vit = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=2", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=2"]
-    assert main(["--quiet", "train", *data, *val_data, "--model", "vit_tiny_patch16_224", *vit, *SMALL, "--epochs", "2", "--out", str(runs / "t-vit")]) == 0
-    for teacher in ("t-r10", "t-vit"):  # the run folders are the teachers: architecture and arguments from their config.json
-        assert main(["--quiet", "extract", *data, "--teacher", f"local-dir:{runs / teacher}", "--size", "32", "--views", "2", "--block", "24",
-                     "--store", str(store)]) == 0
-    student = ["--from-cache", str(store), *val_data, "--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", *SMALL]
-    assert main(["--quiet", "distill", *student, "--method", "kd@t-r10+dist@t-vit", "--epochs", "2", "--out", str(runs / "kd-dist")]) == 0
-    assert main(["--quiet", "distill", *student, "--method", "ce", "--epochs", "2", "--out", str(runs / "scratch")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "train",
+                *data,
+                *val_data,
+                "--model",
+                "resnet10t",
+                *narrow,
+                *SMALL,
+                "--epochs",
+                "2",
+                "--out",
+                str(runs / "t-r10"),
+            ]
+        )
+        == 0
+    )
+    vit = [
+        "--model-arg",
+        "img_size=32",
+        "--model-arg",
+        "patch_size=8",
+        "--model-arg",
+        "depth=2",
+        "--model-arg",
+        "embed_dim=48",
+        "--model-arg",
+        "num_heads=2",
+    ]
+    assert (
+        main(
+            [
+                "--quiet",
+                "train",
+                *data,
+                *val_data,
+                "--model",
+                "vit_tiny_patch16_224",
+                *vit,
+                *SMALL,
+                "--epochs",
+                "2",
+                "--out",
+                str(runs / "t-vit"),
+            ]
+        )
+        == 0
+    )
+    for teacher in (
+        "t-r10",
+        "t-vit",
+    ):  # the run folders are the teachers: architecture and arguments from their config.json
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "extract",
+                    *data,
+                    "--teacher",
+                    f"local-dir:{runs / teacher}",
+                    "--size",
+                    "32",
+                    "--views",
+                    "2",
+                    "--block",
+                    "24",
+                    "--store",
+                    str(store),
+                ]
+            )
+            == 0
+        )
+    student = [
+        "--from-cache",
+        str(store),
+        *val_data,
+        "--student",
+        "resnet10t",
+        "--student-arg",
+        "channels=[8,16,32,64]",
+        *SMALL,
+    ]
+    assert (
+        main(
+            [
+                "--quiet",
+                "distill",
+                *student,
+                "--method",
+                "kd@t-r10+dist@t-vit",
+                "--epochs",
+                "2",
+                "--out",
+                str(runs / "kd-dist"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["--quiet", "distill", *student, "--method", "ce", "--epochs", "2", "--out", str(runs / "scratch")]) == 0
+    )
     config = json.loads((runs / "kd-dist" / "config.json").read_text())
     assert {t["id"] for t in config["provenance"]["teachers"]} == {"t-r10", "t-vit"} and "tag" not in config
     recipe = str(CONFIG_DIR / "gpd_finetune_r18.yaml")  # GPD's static teacher: one of the store's two
-    assert main(["--quiet", "distill", *student, "--config", recipe, "--teacher-id", "t-r10", "--student-weights", str(runs / "kd-dist"),
-                 "--lr-base", "0.01", "--lr-base-size", "256", "--epochs", "1", "--out", str(runs / "ft")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "distill",
+                *student,
+                "--config",
+                recipe,
+                "--teacher-id",
+                "t-r10",
+                "--student-weights",
+                str(runs / "kd-dist"),
+                "--lr-base",
+                "0.01",
+                "--lr-base-size",
+                "256",
+                "--epochs",
+                "1",
+                "--out",
+                str(runs / "ft"),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (runs / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [0, 1] and lines[0]["val_top1"] == _last(runs / "kd-dist")["val_top1"]  # epoch 0: the weights it starts from
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0]["val_top1"] == _last(runs / "kd-dist")[
+        "val_top1"
+    ]  # epoch 0: the weights it starts from
 
     # Plain timm: the folder, timm's transforms from its pretrained config, the validation folder.
     model = timm.create_model(f"local-dir:{runs / 'ft'}", pretrained=True).eval()

@@ -25,8 +25,36 @@ from storage import Store
 from conftest import BATCH, BUCKET, DATA, S3_SETTINGS, VIEWS, free_port, group_arrays, start_moto_server
 
 TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--teacher-id", "t1", "--size", "32"]
-EXTRACT = ["extract", "--data", DATA, *TEACHER, "--views", str(VIEWS), "--block", "32", "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH)]
-DISTILL = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "32", "--seed", "1", "--verify", "all"]
+EXTRACT = [
+    "extract",
+    "--data",
+    DATA,
+    *TEACHER,
+    "--views",
+    str(VIEWS),
+    "--block",
+    "32",
+    "--logits",
+    "full",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    str(BATCH),
+]
+DISTILL = [
+    "--student",
+    "resnet10t",
+    "--student-arg",
+    "channels=[8,16,32,64]",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--seed",
+    "1",
+    "--verify",
+    "all",
+]
 
 
 def run(*argv: str) -> int:
@@ -39,7 +67,9 @@ def test_a_store_in_a_bucket_equals_a_local_one(s3, base_store, reference, tmp_p
     assert run(*EXTRACT, "--store", url) == 0
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/fake/")["Contents"]]
     assert "runs/fake/store.json" in keys and any(k.startswith("runs/fake/teachers/t1/commits/") for k in keys)
-    assert any(k.startswith("runs/fake/logs/extract-t1-") and k.endswith(".log") for k in keys)  # the run log was uploaded
+    assert any(
+        k.startswith("runs/fake/logs/extract-t1-") and k.endswith(".log") for k in keys
+    )  # the run log was uploaded
     store = Store(url)
     for group, arrays in (("plan", group_arrays(store.plan)), ("t1", group_arrays(store.teacher("t1")))):
         for name, want in reference[group].items():
@@ -100,8 +130,14 @@ def own_s3_server():
         pytest.skip("a moto server could not start")
     proc, endpoint = started
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing", config=Config(connect_timeout=2, read_timeout=2))
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(connect_timeout=2, read_timeout=2),
+        )
         client.create_bucket(Bucket=BUCKET)
         yield proc, endpoint, client
     finally:
@@ -117,12 +153,21 @@ def test_a_server_that_stops_answering_is_one_line_within_20_s(own_s3_server, tm
     proc, endpoint, client = own_s3_server
     env = {**os.environ, **S3_SETTINGS, "AWS_ENDPOINT_URL": endpoint, "OMP_NUM_THREADS": "1"}
     argv = [*EXTRACT, "--store", f"s3://{BUCKET}/paused"]
-    cmd = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--quiet", *argv], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    cmd = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--quiet", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         deadline = time.time() + 120
         while cmd.poll() is None and time.time() < deadline:  # the extraction is under way once the plan has a commit
-            keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="paused/plan/commits/").get("Contents", [])]
+            keys = [
+                o["Key"]
+                for o in client.list_objects_v2(Bucket=BUCKET, Prefix="paused/plan/commits/").get("Contents", [])
+            ]
             if keys:
                 break
             time.sleep(0.05)

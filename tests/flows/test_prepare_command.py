@@ -31,7 +31,9 @@ def class_folder(root: Path, classes: int = 10, per_class: int = 20) -> Path:
     for c in range(classes):
         (root / f"n{c:03d}").mkdir(parents=True)
         for j in range(per_class):
-            (root / f"n{c:03d}" / f"img{j:03d}.jpg").write_bytes(image_bytes(c * 1000 + j, (16, 24) if j % 3 == 0 else (12, 16)))
+            (root / f"n{c:03d}" / f"img{j:03d}.jpg").write_bytes(
+                image_bytes(c * 1000 + j, (16, 24) if j % 3 == 0 else (12, 16))
+            )
     return root
 
 
@@ -46,7 +48,14 @@ def one_error(capsys) -> str:
     return lines[0]
 
 
-SHRINK = ["--shard-size", "50", "--max-side", "20", "--size", "20"]  # 200 images: 4 shards, a third of the images re-encoded
+SHRINK = [
+    "--shard-size",
+    "50",
+    "--max-side",
+    "20",
+    "--size",
+    "20",
+]  # 200 images: 4 shards, a third of the images re-encoded
 
 
 def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
@@ -65,8 +74,16 @@ def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tm
     assert prepare(src, out, *SHRINK) == 130
     monkeypatch.setattr(prep, "convert", convert)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".prepare", "train-000000.tar", "train-000001.tar"]  # whole shards only, no manifest, no temporary file
-    assert sorted(p.name for p in (out / ".prepare").iterdir()) == ["settings.json", "shard-000000.json", "shard-000001.json"]
+    assert names == [
+        ".prepare",
+        "train-000000.tar",
+        "train-000001.tar",
+    ]  # whole shards only, no manifest, no temporary file
+    assert sorted(p.name for p in (out / ".prepare").iterdir()) == [
+        "settings.json",
+        "shard-000000.json",
+        "shard-000001.json",
+    ]
     (out / ".train-000002.tar.0123abcd.tmp").write_bytes(b"half a shard")  # what a SIGKILL leaves instead
     capsys.readouterr()
     assert prepare(src, out, *SHRINK) == 0
@@ -100,7 +117,12 @@ def test_verify_names_each_damaged_shard_and_its_advice_repairs_them(tmp_path, c
     ]
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: {out}: 4 problem(s) in the prepared shards")
-    for name in ("train-000001.tar", "train-000002.tar", "train-000009.tar", "manifest.json"):  # what the line says to do
+    for name in (
+        "train-000001.tar",
+        "train-000002.tar",
+        "train-000009.tar",
+        "manifest.json",
+    ):  # what the line says to do
         (out / name).unlink()
     assert prepare(src, out, "--shard-size", "50") == 0
     assert read_tree(out) == clean and main(["--quiet", "verify", str(out)]) == 0
@@ -112,7 +134,9 @@ def test_refusals_are_one_line_and_leave_nothing_that_looks_whole(tmp_path, caps
     # A max side below the view size: refused before anything exists, unless forced.
     assert prepare(src, out, "--max-side", "100", quiet=False) == 2
     line = one_error(capsys)
-    assert "--max-side 100 is below the view size 224" in line and "crops of small regions get fewer source pixels" in line
+    assert (
+        "--max-side 100 is below the view size 224" in line and "crops of small regions get fewer source pixels" in line
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("size: 64\nviews:\n  scale: [0.25, 1.0]\n")
     assert prepare(src, out, "--max-side", "48", "--config", str(recipe), quiet=False) == 2
@@ -143,9 +167,14 @@ def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys)
     out = tmp_path / "out"
     assert prepare(src, out, "--shard-size", "10") == 2
     line = one_error(capsys)
-    assert f"cannot decode image {src / 'n002' / 'img005.jpg'}: image file is truncated" in line and "replace the file" in line
+    assert (
+        f"cannot decode image {src / 'n002' / 'img005.jpg'}: image file is truncated" in line
+        and "replace the file" in line
+    )
     assert not out.exists()  # refused at set-up
-    huffman = good.index(b"\xff\xc4")  # its header and its end read, its Huffman table does not: found while shards are written
+    huffman = good.index(
+        b"\xff\xc4"
+    )  # its header and its end read, its Huffman table does not: found while shards are written
     (src / "n002" / "img005.jpg").write_bytes(good[: huffman + 5] + b"\xff" * 16 + good[huffman + 21 :])
     assert prepare(src, out, "--shard-size", "10") == 2
     line = one_error(capsys)
@@ -155,7 +184,9 @@ def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys)
     (src / "n002" / "img005.jpg").write_bytes(good)  # replaced: the same command finishes the job
     assert prepare(src, out, "--shard-size", "10") == 0
     assert main(["--quiet", "verify", str(out)]) == 0
-    (src / "n001" / "img003.jpg").write_bytes(b"not an image")  # no image header at all: found before any shard is written
+    (src / "n001" / "img003.jpg").write_bytes(
+        b"not an image"
+    )  # no image header at all: found before any shard is written
     assert prepare(src, tmp_path / "out2", "--shard-size", "10") == 2
     assert f"cannot read image {src / 'n001' / 'img003.jpg'}" in one_error(capsys)
     assert not (tmp_path / "out2").exists()
@@ -171,7 +202,16 @@ def test_class_ordered_tar_shards_come_out_shuffled(tmp_path):
                 tar.write({"__key__": f"s{i:04d}", "jpg": image_bytes(i), "cls": str(i // 12).encode()})
     source = WdsDataset(f"{tmp_path}/in/in-{{0..1}}.tar")
     assert source.order_note() is not None
-    argv = ["--quiet", "prepare", "--data", f"wds:{tmp_path}/in/in-{{0..1}}.tar", "--out", str(tmp_path / "out"), "--shard-size", "40"]
+    argv = [
+        "--quiet",
+        "prepare",
+        "--data",
+        f"wds:{tmp_path}/in/in-{{0..1}}.tar",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-size",
+        "40",
+    ]
     assert main(argv) == 0
     out = WdsDataset(f"{tmp_path}/out/train-{{000000..000002}}.tar")
     assert out.order_note() is None and out.classes == [str(c) for c in range(10)]
@@ -205,8 +245,21 @@ def test_prepare_on_ray_equals_in_process(cluster, tmp_path):
     src = class_folder(tmp_path / "src", classes=4, per_class=10)
     assert prepare(src, tmp_path / "local", "--shard-size", "8") == 0
     out = tmp_path / "ray"
-    cmd = [PIPELINE, "--quiet", "prepare", "--data", f"folder:{src}", "--out", str(out), "--shard-size", "8",
-           "--ray-address", cluster.address, "--actors", "2"]
+    cmd = [
+        PIPELINE,
+        "--quiet",
+        "prepare",
+        "--data",
+        f"folder:{src}",
+        "--out",
+        str(out),
+        "--shard-size",
+        "8",
+        "--ray-address",
+        cluster.address,
+        "--actors",
+        "2",
+    ]
     done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "5 shards written" in done.stdout
@@ -231,7 +284,10 @@ def test_verify_names_an_unfinished_prepare_and_each_wrong_field_of_a_hand_edite
     good = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").unlink()  # as a killed prepare leaves its shards: no manifest yet
     assert main(["--quiet", "verify", str(out)]) == 2
-    assert "a `pipeline prepare` that has not finished (no manifest.json yet): run the same prepare command again" in capsys.readouterr().err
+    assert (
+        "a `pipeline prepare` that has not finished (no manifest.json yet): run the same prepare command again"
+        in capsys.readouterr().err
+    )
     edits = {
         "'num_samples' is str '12', expected a whole number": lambda m: m.update(num_samples="12"),
         "'shards[1]' is str 'x', expected a mapping": lambda m: m["shards"].__setitem__(1, "x"),

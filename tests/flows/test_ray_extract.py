@@ -29,8 +29,24 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 PIPELINE = str(Path(sys.executable).with_name("pipeline"))
 VIEWS, BLOCKS = 3, 5  # 80 samples in blocks of 16: 15 units
 ARGS = [
-    "extract", "--data", "fake:80?size=32", "--teacher", "resnet18", "--random-init", "--size", "32",
-    "--logits", "full", "--dtype", "float32", "--views", str(VIEWS), "--block", "16", "--batch-size", "16",
+    "extract",
+    "--data",
+    "fake:80?size=32",
+    "--teacher",
+    "resnet18",
+    "--random-init",
+    "--size",
+    "32",
+    "--logits",
+    "full",
+    "--dtype",
+    "float32",
+    "--views",
+    str(VIEWS),
+    "--block",
+    "16",
+    "--batch-size",
+    "16",
 ]
 
 
@@ -108,7 +124,9 @@ def test_a_killed_worker_is_replaced_and_the_store_is_whole(cluster, reference, 
         assert victims, "no extraction actor process found"
         os.kill(victims[0], signal.SIGKILL)
         at_kill = commits(store)  # at least as many as when the kill landed
-        assert 0 < at_kill < VIEWS * BLOCKS and proc.poll() is None, f"the kill did not land mid-extraction ({at_kill} units committed)"
+        assert 0 < at_kill < VIEWS * BLOCKS and proc.poll() is None, (
+            f"the kill did not land mid-extraction ({at_kill} units committed)"
+        )
         print(f"actor killed with {at_kill}/{VIEWS * BLOCKS} units committed")
         out, _ = proc.communicate(timeout=180)
     finally:
@@ -136,15 +154,31 @@ def test_a_killed_driver_resumes_where_it_stopped_under_ray_job_submit(cluster, 
     assert (store / "teachers" / "resnet18" / "lock.json").exists()  # left behind by the dead driver
     deadline = time.time() + 180  # under a load of 10+ the agent has taken over 90 s
     while True:  # the head's job agent comes up a few seconds after `ray start`
-        r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.dashboard, "--", PIPELINE, *extract_args(store)],
-                           env=cluster.env, capture_output=True, text=True, timeout=240)
+        r = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard,
+                "--",
+                PIPELINE,
+                *extract_args(store),
+            ],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         if "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
             break
         time.sleep(2)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "2 extraction actor(s)" in out  # one per node by default on a CPU cluster
-    extracted, skipped = (int(n) for n in re.search(r"(\d+) units extracted .*?, (\d+) already committed", out).groups())
+    extracted, skipped = (
+        int(n) for n in re.search(r"(\d+) units extracted .*?, (\d+) already committed", out).groups()
+    )
     assert done <= skipped < VIEWS * BLOCKS and extracted + skipped == VIEWS * BLOCKS, out[-3000:]
     assert_same_store(store, reference)
 
@@ -187,7 +221,9 @@ def test_gpus_and_store_visibility_are_checked_before_work(cluster, tmp_path):
         extract_args(tmp_path / "s", "--ray-address", cluster.address, "--gpus-per-worker", "1"),
         extract_args(memory, "--ray-address", cluster.address),
     ]
-    r = subprocess.run([sys.executable, "-c", CHECKS, json.dumps(argvs)], env=cluster.env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-c", CHECKS, json.dumps(argvs)], env=cluster.env, capture_output=True, text=True, timeout=180
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (gpu_rc, gpu_err), (store_rc, store_err) = json.loads(r.stdout.strip().splitlines()[-1])
     assert (gpu_rc, store_rc) == (2, 2)

@@ -30,12 +30,25 @@ from stages.cache.store_setup import open_store
 from stages.data.replay import epoch_units
 from stages.data.views import ViewPlan, ViewRecipe
 
-DATA = "fake:640?size=32&classes=20"  # 640 train / 128 val images; a class colour under noise: learnable in a few epochs
+DATA = (
+    "fake:640?size=32&classes=20"  # 640 train / 128 val images; a class colour under noise: learnable in a few epochs
+)
 BLOCK, EPOCHS = 64, 6
 CHECKPOINTS, PREFIX = "ray-train-checkpoints", "runs/two"  # where the 2-worker run keeps its checkpoints
 TWO_WORKERS = ["--ray-workers", "2", "--checkpoints", f"s3://{CHECKPOINTS}/{PREFIX}", "--batch-size", "16"]
 # A composite method (two parts on the one cached teacher): DDP wraps the parts with the student, as it wraps one method.
-STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--lr", "0.001", "--verify", "none", "--method", "kd@t1+dist@t1"]
+STUDENT = [
+    "--student",
+    "resnet10t",
+    "--student-arg",
+    "channels=[8,16,32,64]",
+    "--lr",
+    "0.001",
+    "--verify",
+    "none",
+    "--method",
+    "kd@t1+dist@t1",
+]
 
 
 # -- the share of each rank (no Ray) ---------------------------------------------------------
@@ -60,7 +73,12 @@ def test_ray_train_flags_without_workers_are_one_line(store, tmp_path, capsys):
     from pipeline.cli import main
 
     assert main(_argv(store, tmp_path / "run", "--checkpoints", str(tmp_path / "c"))[3:]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --checkpoints and --gpus-per-worker are for Ray Train runs")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("error: --checkpoints and --gpus-per-worker are for Ray Train runs")
+    )
 
 
 def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
@@ -75,7 +93,10 @@ def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
     (tmp_path / "hf").mkdir()
     assert source_for_workers("hfds:hf?split=val") == f"hfds:{tmp_path / 'hf'}?split=val"  # a local dataset folder
     assert source_for_workers("hfds:ILSVRC/imagenet-1k") == "hfds:ILSVRC/imagenet-1k"  # a hub name, no such folder here
-    assert teacher_for_workers("local-dir:runs/t", "w.safetensors") == (f"local-dir:{tmp_path / 'runs' / 't'}", str(tmp_path / "w.safetensors"))
+    assert teacher_for_workers("local-dir:runs/t", "w.safetensors") == (
+        f"local-dir:{tmp_path / 'runs' / 't'}",
+        str(tmp_path / "w.safetensors"),
+    )
     assert teacher_for_workers("resnet50", None) == ("resnet50", None)
 
 
@@ -105,13 +126,33 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ray_train") / "store"
     data = open_dataset(DATA)
     s = open_store(path, data, ViewPlan(ViewRecipe(), 0), views=2, block=BLOCK, size=SIZE)
-    extract(s, data, runner_for(make_teacher(num_classes=20), logits="topk", k=5, dtype="float16"), "t1", views=2, batch_size=64)
+    extract(
+        s,
+        data,
+        runner_for(make_teacher(num_classes=20), logits="topk", k=5, dtype="float16"),
+        "t1",
+        views=2,
+        batch_size=64,
+    )
     return path
 
 
 def _argv(store, out, *extra) -> list[str]:
     # --data: a fake store records its source without the ?size=&classes= options (see the report), so name it.
-    return [sys.executable, "-m", "pipeline.cli", "distill", "--from-cache", str(store), "--data", DATA, "--out", str(out), *STUDENT, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "distill",
+        "--from-cache",
+        str(store),
+        "--data",
+        DATA,
+        "--out",
+        str(out),
+        *STUDENT,
+        *extra,
+    ]
 
 
 def _distill(cluster, store, out, *extra, timeout=240) -> subprocess.CompletedProcess:
@@ -146,8 +187,12 @@ def bucket(s3_server):
     process with the settings the cluster's nodes and drivers have."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in S3_SETTINGS.items() if k != "AWS_DEFAULT_REGION"},
-                          region_name=S3_SETTINGS["AWS_DEFAULT_REGION"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        **{k.lower(): v for k, v in S3_SETTINGS.items() if k != "AWS_DEFAULT_REGION"},
+        region_name=S3_SETTINGS["AWS_DEFAULT_REGION"],
+    )
     client.create_bucket(Bucket=CHECKPOINTS)
     return client
 
@@ -208,8 +253,10 @@ def test_two_workers_train_checkpoint_every_epoch_and_survive_a_killed_worker(tw
     assert "2 Ray Train worker(s)" in two_workers["log"]
     # The restart began at a checkpoint, not at epoch 0: the newest one registered when the worker died, or later.
     starts = run["starts"]
-    print(f"worker killed after {two_workers['killed_after']} registered checkpoints; attempts started at epochs {starts}; "
-          f"{two_workers['seconds']:.0f} s")
+    print(
+        f"worker killed after {two_workers['killed_after']} registered checkpoints; attempts started at epochs {starts}; "
+        f"{two_workers['seconds']:.0f} s"
+    )
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= two_workers["killed_after"], two_workers["log"][-4000:]
     assert f"began from the checkpoint after epoch {starts[1]}" in (out / "run.log").read_text()
     assert two_workers["metrics"][0]["train_loss"] > two_workers["metrics"][-1]["train_loss"]
@@ -226,7 +273,10 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
     """
     from pipeline.cli import main
 
-    assert main(_argv(store, tmp_path / "one", "--ray-workers", "0", "--batch-size", "32", "--epochs", str(EPOCHS))[3:]) == 0
+    assert (
+        main(_argv(store, tmp_path / "one", "--ray-workers", "0", "--batch-size", "32", "--epochs", str(EPOCHS))[3:])
+        == 0
+    )
     one = _metrics(tmp_path / "one")[-1]["val_top1"]
     two = two_workers["metrics"][-1]["val_top1"]
     print(f"val top-1 after {EPOCHS} epochs: 1 worker {one:.4f}, 2 workers {two:.4f}")
@@ -235,7 +285,9 @@ def test_two_workers_reach_the_accuracy_of_one(two_workers, store, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(two_workers, cluster, store, bucket, monkeypatch, capsys):
+def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(
+    two_workers, cluster, store, bucket, monkeypatch, capsys
+):
     out = two_workers["out"]
     proc = _distill(cluster, store, out, *TWO_WORKERS, "--epochs", str(EPOCHS + 2), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,8 +305,12 @@ def test_resume_continues_a_stopped_run_from_its_last_checkpoint_in_the_bucket(t
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
     capsys.readouterr()
-    bad = main(_argv(store, out, "--ray-address", cluster.address, *TWO_WORKERS[:-1], "8", "--epochs", "9", "--resume")[3:])
-    assert bad == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --resume with other settings")
+    bad = main(
+        _argv(store, out, "--ray-address", cluster.address, *TWO_WORKERS[:-1], "8", "--epochs", "9", "--resume")[3:]
+    )
+    assert bad == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --resume with other settings"
+    )
 
 
 def _registered_checkpoints(bucket) -> int:

@@ -10,12 +10,27 @@ import time
 from conftest import BATCH, read_tree
 from pipeline.cli import main
 
-STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", str(BATCH)]
+STUDENT = [
+    "--student",
+    "resnet10t",
+    "--student-arg",
+    "channels=[8,16,32,64]",
+    "--epochs",
+    "1",
+    "--batch-size",
+    str(BATCH),
+]
 
 
 def _held_by_a_live_process(folder) -> None:
     """The lock file a running distill leaves in its folder (our parent process stands in for that run: it is alive)."""
-    record = {"host": socket.gethostname(), "pid": os.getppid(), "token": "other", "started": time.time(), "heartbeat": time.time()}
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getppid(),
+        "token": "other",
+        "started": time.time(),
+        "heartbeat": time.time(),
+    }
     (folder / "run.lock").write_text(json.dumps(record))
 
 
@@ -44,7 +59,10 @@ def test_a_full_disk_during_distill_is_one_line(base_store, tmp_path, capsys):
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         capsys.readouterr()
@@ -63,20 +81,53 @@ def test_a_run_into_a_folder_holding_another_kind_of_model_is_one_line(base_stor
     assert main(["--quiet", "distill", "--from-cache", str(base_store), *STUDENT, "--out", str(out)]) == 0
     before = read_tree(out)
     capsys.readouterr()
-    argv = ["--quiet", "train", "--data", "fake:80?size=32", "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--epochs", "1",
-            "--size", "32", "--batch-size", str(BATCH), "--out", str(out)]
+    argv = [
+        "--quiet",
+        "train",
+        "--data",
+        "fake:80?size=32",
+        "--model",
+        "resnet10t",
+        "--model-arg",
+        "channels=[8,16,32,64]",
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--batch-size",
+        str(BATCH),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds another run's model (student.safetensors)" in err[0]
     assert read_tree(out) == before
 
 
-def test_a_student_that_cannot_take_the_views_size_is_refused_at_set_up_and_nothing_is_created(base_store, tmp_path, capsys):
+def test_a_student_that_cannot_take_the_views_size_is_refused_at_set_up_and_nothing_is_created(
+    base_store, tmp_path, capsys
+):
     # A ViT built for 224 px given the store's 32 px views: one line before the run folder exists, not a traceback an epoch in.
-    argv = ["distill", "--from-cache", str(base_store), "--student", "vit_tiny_patch16_224", "--student-arg", "depth=1", "--epochs", "1",
-            "--batch-size", str(BATCH)]
+    argv = [
+        "distill",
+        "--from-cache",
+        str(base_store),
+        "--student",
+        "vit_tiny_patch16_224",
+        "--student-arg",
+        "depth=1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(BATCH),
+    ]
     assert main(["--quiet", *argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "student vit_tiny_patch16_224 cannot take 32 px inputs" in err[0] and "img_size=32" in err[0], err
+    assert (
+        len(err) == 1 and "student vit_tiny_patch16_224 cannot take 32 px inputs" in err[0] and "img_size=32" in err[0]
+    ), err
     assert not (tmp_path / "run").exists()
-    assert main(["--quiet", *argv, "--student-arg", "img_size=32", "--out", str(tmp_path / "run")]) == 0  # built for 32 px, it trains
+    assert (
+        main(["--quiet", *argv, "--student-arg", "img_size=32", "--out", str(tmp_path / "run")]) == 0
+    )  # built for 32 px, it trains

@@ -35,7 +35,9 @@ def folder(tmp_path_factory):
     for c, name in enumerate(CLASSES):
         (root / name).mkdir()
         for i in range(8):
-            Image.new("RGB", (40, 36), (90 * c, 20 + 25 * i, 200 - 60 * c)).save(root / name / f"{i:03d}.jpg", quality=90)
+            Image.new("RGB", (40, 36), (90 * c, 20 + 25 * i, 200 - 60 * c)).save(
+                root / name / f"{i:03d}.jpg", quality=90
+            )
     return root
 
 
@@ -49,18 +51,51 @@ def fitted(folder, tmp_path_factory):
 
 def test_a_run_folder_is_a_teacher_and_its_cache_trains_a_student(folder, fitted, tmp_path):
     store, data = tmp_path / "store", f"folder:{folder}"
-    assert run("extract", "--data", data, "--teacher", f"local-dir:{fitted}", "--store", str(store), "--views", "1", "--batch-size", "8") == 0
+    assert (
+        run(
+            "extract",
+            "--data",
+            data,
+            "--teacher",
+            f"local-dir:{fitted}",
+            "--store",
+            str(store),
+            "--views",
+            "1",
+            "--batch-size",
+            "8",
+        )
+        == 0
+    )
     info = Store(store).teacher_info("narrow-teacher")  # the default id: the folder's name
     assert (info.name, info.timm_name, info.input_size, info.num_classes) == (f"local-dir:{fitted}", "resnet10t", 32, 3)
     assert info.weights == f"sha256:{file_sha256(fitted / 'model.safetensors')}"
     assert tuple(info.mean) == tuple(timm.create_model(f"local-dir:{fitted}").pretrained_cfg["mean"])
 
     student = tmp_path / "student"
-    assert run("distill", "--from-cache", str(store), "--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1",
-               "--batch-size", "8", "--out", str(student)) == 0
+    assert (
+        run(
+            "distill",
+            "--from-cache",
+            str(store),
+            "--student",
+            "resnet10t",
+            "--student-arg",
+            "channels=[8,16,32,64]",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(student),
+        )
+        == 0
+    )
     provenance = json.loads((student / "config.json").read_text())["provenance"]
     assert provenance["run"] == "distill" and provenance["store"] == str(store) and provenance["method"] == "kd"
-    assert provenance["teachers"] == [{"id": "narrow-teacher", "name": f"local-dir:{fitted}", "timm_name": "resnet10t", "weights": info.weights}]
+    assert provenance["teachers"] == [
+        {"id": "narrow-teacher", "name": f"local-dir:{fitted}", "timm_name": "resnet10t", "weights": info.weights}
+    ]
     assert "`narrow-teacher` in the store" in (student / "README.md").read_text()
 
 
@@ -68,16 +103,35 @@ def test_a_timm_name_with_model_args_takes_the_run_folders_weights(folder, fitte
     store, data, weights = tmp_path / "store", f"folder:{folder}", str(fitted / "model.safetensors")
     base = ["extract", "--data", data, "--store", str(store), "--views", "1", "--batch-size", "8"]
     capsys.readouterr()
-    assert run(*base, "--teacher", "resnet10t", "--weights", weights) == 2  # without its arguments the model is resnet10t's default width
+    assert (
+        run(*base, "--teacher", "resnet10t", "--weights", weights) == 2
+    )  # without its arguments the model is resnet10t's default width
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "do not fit teacher 'resnet10t'" in err[0]
     assert run(*base, "--teacher", "resnet10t", *NARROW, "--weights", weights) == 0
     info = Store(store).teacher_info("resnet10t")
-    assert info.model_args == {"channels": [8, 16, 32, 64]} and info.weights == f"sha256:{file_sha256(weights)}" and info.input_size == 32
+    assert (
+        info.model_args == {"channels": [8, 16, 32, 64]}
+        and info.weights == f"sha256:{file_sha256(weights)}"
+        and info.input_size == 32
+    )
     assert "resnet10t, channels=[8, 16, 32, 64]" in next((store / "logs").glob("extract-resnet10t-*.log")).read_text()
     # A second extraction into the same teacher id must be built the same way.
     capsys.readouterr()
-    assert run(*base, "--teacher", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--model-arg", "drop_rate=0.1", "--weights", weights) == 2
+    assert (
+        run(
+            *base,
+            "--teacher",
+            "resnet10t",
+            "--model-arg",
+            "channels=[8,16,32,64]",
+            "--model-arg",
+            "drop_rate=0.1",
+            "--weights",
+            weights,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds teacher 'resnet10t' with other model_args" in err[0]
 
@@ -101,7 +155,12 @@ def test_the_run_folder_says_what_is_true_of_the_model(folder, fitted):
     card = (fitted / "README.md").read_text()
     top1 = [json.loads(line)["val_top1"] for line in (fitted / "metrics.jsonl").read_text().splitlines()]
     assert f"| final | 1 | {100 * top1[-1]:.2f} % |" in card and f"| best | 1 | {100 * max(top1):.2f} % |" in card
-    assert "`pipeline train`" in card and f"`folder:{folder}`" in card and dataset.fingerprint() in card and "cat, dog, fox" in card
+    assert (
+        "`pipeline train`" in card
+        and f"`folder:{folder}`" in card
+        and dataset.fingerprint() in card
+        and "cat, dog, fox" in card
+    )
 
 
 def test_the_same_run_twice_writes_the_same_bytes(folder, fitted, tmp_path):

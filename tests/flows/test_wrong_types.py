@@ -24,7 +24,15 @@ from stages.training.settings import TrainSettings
 from storage import UserError
 
 # One value of each type YAML can hold.
-VALUES = {"word": "abc", "list": [1, 2], "mapping": {"a": 1}, "fraction": 2.5, "boolean": True, "null": None, "negative": -3}
+VALUES = {
+    "word": "abc",
+    "list": [1, 2],
+    "mapping": {"a": 1},
+    "fraction": 2.5,
+    "boolean": True,
+    "null": None,
+    "negative": -3,
+}
 
 
 def _recipe(tmp_path, data: dict):
@@ -85,15 +93,25 @@ def test_every_prepare_setting_of_each_wrong_type_is_one_line():
 
 @pytest.mark.parametrize("shape", [3, "abc", [1, 2]], ids=["number", "word", "list"])
 def test_a_section_or_a_part_of_the_wrong_shape_is_one_line(shape, tmp_path):
-    for data in ({"views": shape}, {"method": [{"method": "kd", "args": shape}]}, {"method": [{"method": "kd", "teacher": [shape]}]},
-                 {"method_args": shape}, {"student_kwargs": shape}):
+    for data in (
+        {"views": shape},
+        {"method": [{"method": "kd", "args": shape}]},
+        {"method": [{"method": "kd", "teacher": [shape]}]},
+        {"method_args": shape},
+        {"student_kwargs": shape},
+    ):
         line = _read(_recipe(tmp_path, data))
         assert line is not None and "recipe.yaml" in line, (data, line)
 
 
 # -- records --------------------------------------------------------------------------------------------
 
-RECORDS = ["store.json", "teachers/t1/teacher.json", "teachers/t1/commits/v000000-b000000.json", "plan/commits/v000001-b000001.json"]
+RECORDS = [
+    "store.json",
+    "teachers/t1/teacher.json",
+    "teachers/t1/commits/v000000-b000000.json",
+    "plan/commits/v000001-b000001.json",
+]
 
 
 def _leaves(data, path=()):

@@ -14,20 +14,31 @@ from stages.methods import MethodContext, create_method, parse_method, part_args
 from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
-RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/pipeline/test_sweep.py)
+RECIPES = [
+    name for name in ALL if not name.startswith(("cluster/", "sweeps/"))
+]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/pipeline/test_sweep.py)
 
 
 def test_the_paper_recipes_are_shipped():
-    assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "vanillakd_a2_cospress", "demo"} <= set(RECIPES)
+    assert {"vanillakd_a1", "vanillakd_a2", "kdpp_r34_r18", "srd_r34_r18", "vanillakd_a2_cospress", "demo"} <= set(
+        RECIPES
+    )
 
 
 def test_the_two_teacher_recipe_is_a2_with_cospress_parts():
-    a2, both = train_settings(config.recipe("vanillakd_a2"), {}, "a2"), train_settings(config.recipe("vanillakd_a2_cospress"), {}, "both")
+    a2, both = (
+        train_settings(config.recipe("vanillakd_a2"), {}, "a2"),
+        train_settings(config.recipe("vanillakd_a2_cospress"), {}, "both"),
+    )
     assert both.method == "kd@beitv2_l+cospress@dinov2_s"
     assert both.method_args["kd"] == {**a2.method_args, "weight": 1.0}
-    assert (both.optimizer, both.lr, both.global_batch, both.repeats) == (a2.optimizer, a2.lr, a2.global_batch, a2.repeats)
+    assert (both.optimizer, both.lr, both.global_batch, both.repeats) == (
+        a2.optimizer,
+        a2.lr,
+        a2.global_batch,
+        a2.repeats,
+    )
     assert config.recipe("vanillakd_a2_cospress")["views"] == config.recipe("vanillakd_a2")["views"]
-
 
 
 @pytest.mark.parametrize("recipe", ["vanillakd_a2", "kdpp_r34_r18"])
@@ -47,7 +58,9 @@ def test_recipe_builds_views_settings_and_method(name):
     views = data.pop("views", {})
     plan = ViewPlan(build(ViewRecipe, {**ViewRecipe().to_dict(), **views}, name))
     settings = train_settings(data, {}, name)  # a list of parts becomes the method string and method_args
-    context = MethodContext(num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs)
+    context = MethodContext(
+        num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs
+    )
     for part, (_, args) in zip(parse_method(settings.method), part_args(settings.method, settings.method_args, name)):
         create_method(part.method, context, **args)
     assert lr_factor(settings, steps_per_epoch=10)(0) > 0
@@ -73,8 +86,17 @@ def test_recipe_builds_views_settings_and_method(name):
 def test_vanillakd_a2_is_the_papers_recipe():
     data = config.recipe("vanillakd_a2")
     assert data["views"]["randaugment"] == "rand-m7-mstd0.5" and data["views"]["mixup_alpha"] == 0.1
-    assert (data["optimizer"], data["lr"], data["weight_decay"], data["global_batch"], data["epochs"]) == ("lamb", 0.005, 0.02, 2048, 300)
-    assert data["repeats"] == 3 and (data["views"]["eval_crop"], data["views"]["eval_interpolation"]) == (0.95, "bicubic")
+    assert (data["optimizer"], data["lr"], data["weight_decay"], data["global_batch"], data["epochs"]) == (
+        "lamb",
+        0.005,
+        0.02,
+        2048,
+        300,
+    )
+    assert data["repeats"] == 3 and (data["views"]["eval_crop"], data["views"]["eval_interpolation"]) == (
+        0.95,
+        "bicubic",
+    )
     assert data["method_args"]["hard_loss"] == "bce" and data["drop_path"] == 0.05
 
 

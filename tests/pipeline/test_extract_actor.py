@@ -18,8 +18,17 @@ VIEWS = 3
 
 def _job(store) -> ExtractJob:
     return ExtractJob(
-        store=str(store), data=DATA, teacher="resnet18", views=VIEWS, random_init=True, size=SIZE, block=BLOCK,
-        batch_size=BATCH, device="cpu", logits="full", dtype="float32",
+        store=str(store),
+        data=DATA,
+        teacher="resnet18",
+        views=VIEWS,
+        random_init=True,
+        size=SIZE,
+        block=BLOCK,
+        batch_size=BATCH,
+        device="cpu",
+        logits="full",
+        dtype="float32",
     )
 
 

@@ -61,7 +61,9 @@ def test_table_matches_the_stores_own_description(two_teacher_store, capsys):
     assert set(table_of(out, "teacher t2 ")) == {*topk.ARRAYS, "features", "total"}
     assert set(table_of(out, "recipe: ")) == {"crop", "flip", "fingerprint", "total"}
     blocks = -(-N // BLOCK)
-    assert out.count(f"{VIEWS} of {VIEWS} views complete, {VIEWS * blocks} of {VIEWS * blocks} units committed") == 3  # plan, t1, t2
+    assert (
+        out.count(f"{VIEWS} of {VIEWS} views complete, {VIEWS * blocks} of {VIEWS * blocks} units committed") == 3
+    )  # plan, t1, t2
     assert "KL(full || top-10 rebuilt) in nats, measured: T=1 mean" in out  # t1 keeps full logits
     assert "top-3 mass over" in out  # t2 keeps its own k
     assert "KL(full || top-3 rebuilt) in nats, estimated from the stored tail statistics" in out
@@ -75,7 +77,9 @@ def test_partial_teacher_and_stats_are_reported(store_copy, train_data, capsys):
     assert rc == 0
     assert "1 of 2 views complete, 5 of 6 units committed" in out
     group = store.teacher("t1")
-    stored = group.describe(group.committed())["logits"]["stored_bytes"]  # the uncommitted unit's shard is still on disk
+    stored = group.describe(group.committed())["logits"][
+        "stored_bytes"
+    ]  # the uncommitted unit's shard is still on disk
     assert stored < group.describe()["logits"]["stored_bytes"]
     assert number(table_of(out, "teacher t1 ")["logits"][5]) == pytest.approx(stored / (VIEWS * N - 16), abs=0.005)
     stats_line = next(line for line in out.splitlines() if line.startswith("stats/t1:"))
@@ -87,7 +91,12 @@ def test_topk_mass_is_the_probability_the_top_k_keep(base_store, two_teacher_sto
     q = store_report.logit_quality(store, "t1", units=2, k=3)
     # An independent computation on the same two units (the first and the last committed).
     units = sorted(store.teacher("t1").committed())
-    logits = torch.cat([torch.from_numpy(store.teacher("t1").read_unit(v, b, ["logits"], rows=len(store.block_range(b)))["logits"]) for v, b in (units[0], units[-1])])
+    logits = torch.cat(
+        [
+            torch.from_numpy(store.teacher("t1").read_unit(v, b, ["logits"], rows=len(store.block_range(b)))["logits"])
+            for v, b in (units[0], units[-1])
+        ]
+    )
     mass = torch.softmax(logits.double(), 1).topk(3, 1).values.sum(1)
     assert q.rows == len(mass) and q.units == 2
     assert q.mass_mean == pytest.approx(float(mass.mean()), rel=1e-6)
@@ -141,7 +150,9 @@ def test_grid_shows_the_replayed_views_and_the_teachers_classes(base_store, trai
     logits = store.teacher("t1").array("logits")
     for c in cells:
         row = torch.from_numpy(logits[c["view"], int(store.positions([c["id"]])[0])])  # rows are in the store's order
-        assert c["top"][0][0] == int(row.argmax()) and c["top"][0][1] == pytest.approx(float(torch.softmax(row, 0).max()))
+        assert c["top"][0][0] == int(row.argmax()) and c["top"][0][1] == pytest.approx(
+            float(torch.softmax(row, 0).max())
+        )
         assert c["label"] == int(train_data.labels[c["id"]])
     # The tile of sample 1, view 1 (the 4th tile of the first row) holds that replayed view, enlarged by whole pixels.
     side = width - 2 * store_report.PAD
@@ -163,7 +174,9 @@ def test_the_grid_draws_a_seeded_choice_across_classes_of_class_ordered_data(tmp
             Image.new("RGB", (8, 8), (c * 30, i, 0)).save(folder / f"{i}.png")
     data = FolderDataset(str(tmp_path / "data"))
     ids = store_report.grid_ids(data, 16)
-    assert len(set(data.labels[ids])) >= 5 and np.array_equal(ids, store_report.grid_ids(data, 16))  # many classes, the same every time
+    assert len(set(data.labels[ids])) >= 5 and np.array_equal(
+        ids, store_report.grid_ids(data, 16)
+    )  # many classes, the same every time
     assert set(data.labels[store_report.grid_ids(data, 6, classes=["class2", "5"])]) == {2, 5}
     with pytest.raises(UserError, match="--grid-ids 160 is not a sample of the store: its ids run from 0 to 159"):
         store_report.grid_ids(data, 4, ids=[3, 160])
@@ -194,15 +207,30 @@ def test_bad_input_is_one_line(base_store, tmp_path, capsys, case):
     rc, out, err = run(capsys, *argv)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and out == ""
-    expected = {"missing store": "no store at", "unknown teacher": "has no teacher 'nope' (it has: t1)", "bad units": "--units: must be an integer in [1,",
-                "bad temperature": "--temperature must be a number in [0.001, 1000]"}
+    expected = {
+        "missing store": "no store at",
+        "unknown teacher": "has no teacher 'nope' (it has: t1)",
+        "bad units": "--units: must be an integer in [1,",
+        "bad temperature": "--temperature must be a number in [0.001, 1000]",
+    }
     assert expected[case] in lines[0]
 
 
 def test_every_inspect_flag_states_its_default():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["inspect"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--teacher-id", "--units", "--topk", "--temperature", "--grid", "--grid-samples", "--grid-classes", "--grid-ids", "--grid-views", "--data"}
+    assert {a.option_strings[0] for a in flags} == {
+        "--teacher-id",
+        "--units",
+        "--topk",
+        "--temperature",
+        "--grid",
+        "--grid-samples",
+        "--grid-classes",
+        "--grid-ids",
+        "--grid-views",
+        "--data",
+    }
     for action in flags:
         assert "default:" in action.help, action.option_strings
         if action.default is not None:

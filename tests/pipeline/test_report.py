@@ -13,8 +13,16 @@ from stages.training.run_metrics import RunMetrics, read_metrics, scalar_tag
 
 
 def _line(epoch: int, loss: float, top1: float) -> dict:
-    return {"epoch": epoch, "train_loss": loss, "train_ce": loss / 2, "train_kd": loss / 2, "lr": 0.001 / epoch,
-            "seconds": 1.5, "views_per_s": 400.0, "val_top1": top1}
+    return {
+        "epoch": epoch,
+        "train_loss": loss,
+        "train_ce": loss / 2,
+        "train_kd": loss / 2,
+        "lr": 0.001 / epoch,
+        "seconds": 1.5,
+        "views_per_s": 400.0,
+        "val_top1": top1,
+    }
 
 
 def _run(folder, lines):
@@ -60,7 +68,13 @@ def test_run_metrics_of_none_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_tags_and_a_torn_last_line(tmp_path):
-    assert [scalar_tag(k) for k in ("train_loss", "val_top1_ema", "lr", "views_per_s", "train")] == ["train/loss", "val/top1_ema", "lr", "views_per_s", "train"]
+    assert [scalar_tag(k) for k in ("train_loss", "val_top1_ema", "lr", "views_per_s", "train")] == [
+        "train/loss",
+        "val/top1_ema",
+        "lr",
+        "views_per_s",
+        "train",
+    ]
     (tmp_path / "metrics.jsonl").write_text(json.dumps(_line(1, 2.0, 0.3)) + '\n{"epoch": 2, "train_lo')  # a killed run
     assert read_metrics(tmp_path) == [_line(1, 2.0, 0.3)]
 
@@ -93,8 +107,13 @@ def test_a_folder_of_runs_stands_for_all_of_them_and_labels_group_colours(tmp_pa
     table = capsys.readouterr().out.splitlines()
     assert sum(ln.startswith("student-") for ln in table) == 4
     labels = ["scratch", "scratch", "distilled", "distilled"]
-    assert report._colours(labels) == {"scratch": report._colours(["scratch"])["scratch"], "distilled": report._colours(["x", "distilled"])["distilled"]}
-    assert report.plot_runs([runs[0], runs[1], runs[2], runs[3]], tmp_path / "demo.png", labels=labels, title="t").is_file()
+    assert report._colours(labels) == {
+        "scratch": report._colours(["scratch"])["scratch"],
+        "distilled": report._colours(["x", "distilled"])["distilled"],
+    }
+    assert report.plot_runs(
+        [runs[0], runs[1], runs[2], runs[3]], tmp_path / "demo.png", labels=labels, title="t"
+    ).is_file()
 
 
 @pytest.mark.parametrize("case", ["no_metrics", "missing", "labels"])
@@ -109,7 +128,9 @@ def test_bad_report_input_is_one_line(tmp_path, capsys, case):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert {"no_metrics": "holds no metrics.jsonl", "missing": "not found", "labels": "one --label per RUN"}[case] in err[0]
+    assert {"no_metrics": "holds no metrics.jsonl", "missing": "not found", "labels": "one --label per RUN"}[
+        case
+    ] in err[0]
 
 
 def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_path):
@@ -128,7 +149,9 @@ def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_p
         return tmp_path / name
 
     teacher = run("teacher", [0.5, 0.82], "train")
-    students = [run(f"s{i}", [0.08 + 0.01 * i, 0.1 + 0.01 * i], "distill") for i in range(8)] + [run("one", [0.15], "distill")]
+    students = [run(f"s{i}", [0.08 + 0.01 * i, 0.1 + 0.01 * i], "distill") for i in range(8)] + [
+        run("one", [0.15], "distill")
+    ]
     assert report.is_reference(teacher) and not report.is_reference(students[0])
     report.plot_runs([teacher, *students], tmp_path / "r.png", labels=["teacher"] + ["kd"] * 8 + ["one epoch"])
     assert (tmp_path / "r.png").stat().st_size > 0
@@ -147,7 +170,13 @@ def test_lines_that_are_not_epoch_lines_are_skipped_and_said(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     good = [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)]
-    rows = [json.dumps(good[0]), json.dumps({**good[1], "epoch": "one"}), "garbage {", json.dumps(good[1]), '{"epoch": 3, "train_lo']  # torn last
+    rows = [
+        json.dumps(good[0]),
+        json.dumps({**good[1], "epoch": "one"}),
+        "garbage {",
+        json.dumps(good[1]),
+        '{"epoch": 3, "train_lo',
+    ]  # torn last
     (run / "metrics.jsonl").write_text("\n".join(rows))
     capsys.readouterr()
     assert cli.main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
@@ -156,7 +185,11 @@ def test_lines_that_are_not_epoch_lines_are_skipped_and_said(tmp_path, capsys):
     row = out.splitlines()[1].split()  # the table's one row, under its header
     assert row[1] == "2" and row[3] == "0.5"  # epochs, val top-1 of the last epoch line
     warned = [line for line in err.strip().splitlines() if "skipped" in line]
-    assert len(warned) == 1 and "metrics.jsonl: skipped 2 line(s) that are not epoch lines" in warned[0] and "line 2, 3" in warned[0]
+    assert (
+        len(warned) == 1
+        and "metrics.jsonl: skipped 2 line(s) that are not epoch lines" in warned[0]
+        and "line 2, 3" in warned[0]
+    )
 
     (run / "metrics.jsonl").write_text('{"epoch": "one"}\nnot json\n[1, 2]\n')
     assert cli.main(["report", str(run)]) == 2
@@ -168,21 +201,31 @@ def test_lines_that_are_not_epoch_lines_are_skipped_and_said(tmp_path, capsys):
 def test_runs_of_another_task_are_left_out_and_said(tmp_path, capsys):
     """Runs that classify other classes (another dataset, another class count) are not drawn on the same axes:
     one line each says which and why, and the table and picture hold the rest."""
+
     def run(name, classes, store=None):
         folder = _run(tmp_path / name, [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)])
         if store is None:
-            (folder / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": len(classes), "label_names": classes}))
+            (folder / "config.json").write_text(
+                json.dumps({"architecture": "resnet10t", "num_classes": len(classes), "label_names": classes})
+            )
         else:  # an unfinished run: what it classifies comes from its store
             (tmp_path / store).mkdir(exist_ok=True)
-            (tmp_path / store / "store.json").write_text(json.dumps({"dataset": {"num_classes": len(classes), "classes": classes}}))
+            (tmp_path / store / "store.json").write_text(
+                json.dumps({"dataset": {"num_classes": len(classes), "classes": classes}})
+            )
             from pipeline import config
 
             config.save(folder / "config.yaml", {"command": "distill", "job": {"store": str(tmp_path / store)}})
         return folder
 
     digits = [str(i) for i in range(10)]
-    runs = [run("a", digits), run("b", digits), run("c", [f"n{i}" for i in range(100)]), run("d", digits, store="s1"),
-            run("e", [f"class{i}" for i in range(10)], store="s2")]
+    runs = [
+        run("a", digits),
+        run("b", digits),
+        run("c", [f"n{i}" for i in range(100)]),
+        run("d", digits, store="s1"),
+        run("e", [f"class{i}" for i in range(10)], store="s2"),
+    ]
     capsys.readouterr()
     assert cli.main(["report", *map(str, runs), "--out", str(tmp_path / "r.png")]) == 0
     out, err = capsys.readouterr()
@@ -190,7 +233,10 @@ def test_runs_of_another_task_are_left_out_and_said(tmp_path, capsys):
     assert table == ["a", "b", "d"]
     left = [line for line in err.strip().splitlines() if "left out" in line]
     assert len(left) == 2
-    assert "left out c (" in left[0] and "it classifies 100 classes (n0, n1, n2, ...), the other runs 10 classes (0, 1, 2, ...)" in left[0]
+    assert (
+        "left out c (" in left[0]
+        and "it classifies 100 classes (n0, n1, n2, ...), the other runs 10 classes (0, 1, 2, ...)" in left[0]
+    )
     assert "left out e (" in left[1] and "10 classes (class0, class1, class2, ...)" in left[1]
     assert "picture: training loss and validation top-1 of 3 run(s)" in out
 

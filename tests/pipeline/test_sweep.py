@@ -49,7 +49,10 @@ def _one_line_error(capsys) -> str:
 BAD = {
     "unknown setting": ({"search": {"lrr": [0.1, 0.2]}}, "unknown setting 'lrr' (did you mean lr?)"),
     "unknown fixed setting": ({"temprature": 4, "search": {"lr": [0.1]}}, "unknown setting 'temprature'"),
-    "unknown method argument name": ({"search": {"method_args": {"temprature": [1, 4]}}}, "method 'kd' has no setting temprature"),
+    "unknown method argument name": (
+        {"search": {"method_args": {"temprature": [1, 4]}}},
+        "method 'kd' has no setting temprature",
+    ),
     "empty grid": ({"search": {"method": []}}, "search.method: the grid is empty"),
     "bad distribution": ({"search": {"lr": {"normal": [0, 1]}}}, "search.lr: give a list of values (a grid) or one of"),
     "reversed range": ({"search": {"lr": {"uniform": [0.1, 0.01]}}}, "uniform needs LOW < HIGH"),
@@ -59,17 +62,35 @@ BAD = {
     "no search": ({"lr": 0.1}, "a sweep needs a search: section"),
     "samples": ({"samples": 0, "search": {"lr": [0.1]}}, "samples must be a whole number"),
     "metric": ({"metric": "accuracy", "search": {"lr": [0.1]}}, "metric must name a number of the epoch lines"),
-    "metric no trial reports": ({"metric": "val_nonexistent", "search": {"lr": [0.1]}}, "no trial reports metric val_nonexistent: validation gives val_top1"),
-    "method argument of one method only": ({"method_args": {"kd_weight": 2.0}, "search": {"method": ["kd", "dkd"]}}, "method 'dkd' has no setting kd_weight"),
+    "metric no trial reports": (
+        {"metric": "val_nonexistent", "search": {"lr": [0.1]}},
+        "no trial reports metric val_nonexistent: validation gives val_top1",
+    ),
+    "method argument of one method only": (
+        {"method_args": {"kd_weight": 2.0}, "search": {"method": ["kd", "dkd"]}},
+        "method 'dkd' has no setting kd_weight",
+    ),
     "unknown method": ({"search": {"method": ["kd", "kdd"]}}, "unknown method 'kdd'"),
     "wrong type": ({"search": {"epochs": [2, 2.5]}}, "trial epochs=2.5: epochs"),
     "unknown teacher": ({"search": {"teacher_id": ["t1", "t9"]}}, "t9"),
-    "label fraction": ({"search": {"label_fraction": {"uniform": [0.5, 1.5]}}}, "trial label_fraction=1.5: label_fraction"),
+    "label fraction": (
+        {"search": {"label_fraction": {"uniform": [0.5, 1.5]}}},
+        "trial label_fraction=1.5: label_fraction",
+    ),
     "randint of fractions": ({"search": {"epochs": {"randint": [1, 2.5]}}}, "randint takes [LOW, HIGH], whole numbers"),
     "randint from zero epochs": ({"search": {"epochs": {"randint": [0, 2]}}}, "trial epochs=0: epochs"),
-    "student argument": ({"search": {"student_kwargs.chanels": [[8, 16, 32, 64]]}}, "bad student settings for resnet10t"),
-    "a billion samples": ({"samples": 1_000_000_000, "search": {"lr": {"uniform": [0.1, 0.2]}}}, "1,000,000,000 trials"),
-    "a million grid points": ({"search": {"lr": list(range(1, 101)), "seed": list(range(100)), "label_seed": list(range(100))}}, "more than --max-trials 1,000"),
+    "student argument": (
+        {"search": {"student_kwargs.chanels": [[8, 16, 32, 64]]}},
+        "bad student settings for resnet10t",
+    ),
+    "a billion samples": (
+        {"samples": 1_000_000_000, "search": {"lr": {"uniform": [0.1, 0.2]}}},
+        "1,000,000,000 trials",
+    ),
+    "a million grid points": (
+        {"search": {"lr": list(range(1, 101)), "seed": list(range(100)), "label_seed": list(range(100))}},
+        "more than --max-trials 1,000",
+    ),
 }
 
 
@@ -77,7 +98,17 @@ BAD = {
 def test_a_bad_search_space_is_one_line_before_any_trial(case, base_store, tmp_path, capsys):
     data, message = BAD[case]
     out = tmp_path / "out"
-    code = cli.main(["sweep", "--from-cache", str(base_store), "--config", str(_sweep_file(tmp_path, {**FIXED, **data})), "--out", str(out)])
+    code = cli.main(
+        [
+            "sweep",
+            "--from-cache",
+            str(base_store),
+            "--config",
+            str(_sweep_file(tmp_path, {**FIXED, **data})),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     line = _one_line_error(capsys)
     assert message in line, line
@@ -89,7 +120,10 @@ def test_a_bad_search_space_is_one_line_before_any_trial(case, base_store, tmp_p
 
 def test_online_flag_and_missing_inputs_are_one_line(base_store, tmp_path, capsys):
     good = str(_sweep_file(tmp_path, {**FIXED, "search": {"lr": [0.1]}}))
-    assert cli.main(["sweep", "--from-cache", str(base_store), "--config", good, "--out", str(tmp_path / "o"), "--online"]) == 2
+    assert (
+        cli.main(["sweep", "--from-cache", str(base_store), "--config", good, "--out", str(tmp_path / "o"), "--online"])
+        == 2
+    )
     assert "sweeps run from the cache" in _one_line_error(capsys)
     assert cli.main(["sweep", "--config", good, "--out", str(tmp_path / "o")]) == 2
     assert "needs --from-cache STORE and --config" in _one_line_error(capsys)
@@ -102,8 +136,16 @@ def test_shipped_sweep_files_parse():
     assert files
     specs = {f.stem: sweep_spec.load_sweep(f) for f in files}
     assert specs["digits_methods"].num_trials == 4
-    assert specs["random_lr"].num_trials == 16 and specs["random_lr"].early_stop == {"grace_epochs": 2, "reduction_factor": 2}
-    assert {a.name: a.kind for a in specs["random_lr"].axes} == {"lr": "loguniform", "weight_decay": "choice", "method_args.temperature": "uniform", "seed": "grid"}
+    assert specs["random_lr"].num_trials == 16 and specs["random_lr"].early_stop == {
+        "grace_epochs": 2,
+        "reduction_factor": 2,
+    }
+    assert {a.name: a.kind for a in specs["random_lr"].axes} == {
+        "lr": "loguniform",
+        "weight_decay": "choice",
+        "method_args.temperature": "uniform",
+        "seed": "grid",
+    }
 
 
 def test_randint_draws_every_whole_number_from_low_to_high():
@@ -117,7 +159,14 @@ def test_randint_draws_every_whole_number_from_low_to_high():
 def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, tmp_path):
     """A trial's job, made from the sweep's settings without any command line, is the job `pipeline distill --config
     OUT/settings.yaml` makes from the settings file the trial leaves (its command to rerun by hand)."""
-    spec = sweep_spec.parse_sweep({**FIXED, "method_args": {"ce_weight": 0.5}, "search": {"method": ["kd", "dkd"], "method_args.temperature": [4.0]}}, "test")
+    spec = sweep_spec.parse_sweep(
+        {
+            **FIXED,
+            "method_args": {"ce_weight": 0.5},
+            "search": {"method": ["kd", "dkd"], "method_args.temperature": [4.0]},
+        },
+        "test",
+    )
     base = {"store": str(base_store), "data": None, "val_data": None}
     for method in ("kd", "dkd"):
         out = tmp_path / method
@@ -127,9 +176,16 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
         assert trial.train.method == method and trial.train.method_args == {"ce_weight": 0.5, "temperature": 4.0}
         assert (trial.train.student, trial.train.epochs, trial.train.batch_size) == ("resnet10t", 2, 16)
         command = sweep_spec.rerun_command(trial, out, "cpu", 2).split()
-        assert command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"  # the trial's own threads
+        assert (
+            command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"
+        )  # the trial's own threads
         assert distill_command.distill_job(cli.build_parser().parse_args(command[1:])) == trial
-    assert sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(7, {"method": "dkd", "method_args.temperature": 4.0}) == "trial-007-method=dkd,temperature=4"
+    assert (
+        sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(
+            7, {"method": "dkd", "method_args.temperature": 4.0}
+        )
+        == "trial-007-method=dkd,temperature=4"
+    )
     part = sweep_spec.TrialNamer(["method_args.dkd.weight"]).name(2, {"method_args.dkd.weight": 0.5})
     assert part == "trial-002-dkd.weight=0.5"  # a composite part's setting says which part
 
@@ -141,20 +197,32 @@ def test_summary_reads_the_trial_folders_alone(tmp_path, capsys):
     out = tmp_path / "sweep"
     spec = sweep_spec.parse_sweep({"search": {"lr": [0.1, 0.2, 0.3]}}, "test")
     config.save(out / sweep_spec.SWEEP_FILE, {"command": "sweep", **spec.to_dict()})
-    for i, (lr, tops, status) in enumerate([(0.1, [0.2, 0.4], "finished"), (0.2, [0.3, 0.7], "finished"), (0.3, [], "error")]):
+    for i, (lr, tops, status) in enumerate(
+        [(0.1, [0.2, 0.4], "finished"), (0.2, [0.3, 0.7], "finished"), (0.3, [], "error")]
+    ):
         folder = out / f"trial-{i:03d}-lr={lr}"
         with RunMetrics(folder) as m:
             for e, top in enumerate(tops, 1):
                 m.write({"epoch": e, "train_loss": 1.0 / e, "val_top1": top, "seconds": 1.0})
-        sweep_spec.write_record(folder, {"status": status, "params": {"lr": lr}, "seconds": 2.0 * len(tops),
-                                    **({"error": "--batch-size 4096 is larger than ..."} if status == "error" else {})})
+        sweep_spec.write_record(
+            folder,
+            {
+                "status": status,
+                "params": {"lr": lr},
+                "seconds": 2.0 * len(tops),
+                **({"error": "--batch-size 4096 is larger than ..."} if status == "error" else {}),
+            },
+        )
     assert cli.main(["sweep", "--out", str(out), "--summary"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines[1:4]] == ["trial-001", "trial-000", "trial-002"]  # best first; no metric last
     assert "error: --batch-size 4096" in lines[3]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [(r["trial"], r["status"], r["lr"], r["best_val_top1"], r["best_epoch"]) for r in rows] == [
-        ("trial-001", "finished", "0.2", "0.7", "2"), ("trial-000", "finished", "0.1", "0.4", "2"), ("trial-002", "error", "0.3", "", "")]
+        ("trial-001", "finished", "0.2", "0.7", "2"),
+        ("trial-000", "finished", "0.1", "0.4", "2"),
+        ("trial-002", "error", "0.3", "", ""),
+    ]
     assert Image.open(out / "sweep.png").format == "PNG"
 
 
@@ -181,11 +249,16 @@ def test_summary_of_damaged_trial_records_and_an_unreported_metric(tmp_path, cap
     printed, err = capsys.readouterr()
     assert "Traceback" not in err
     rows = [ln.split()[0] for ln in printed.splitlines() if ln.startswith("trial-")]
-    assert rows == ["trial-000", "trial-002"]  # the one with a list for a record is left out, the other reads as unfinished
+    assert rows == [
+        "trial-000",
+        "trial-002",
+    ]  # the one with a list for a record is left out, the other reads as unfinished
     err = err.strip().splitlines()
     assert any("trial-001-lr=0.2/trial.json holds a JSON list, not a trial record" in ln for ln in err), err
     assert any("metrics.jsonl: skipped 1 line(s) that are not epoch lines" in ln for ln in err), err
-    assert err[-1].startswith("error: no trial reported metric train_kd, so nothing is ranked (their epochs report train_ce, train_loss, val_top1)")
+    assert err[-1].startswith(
+        "error: no trial reported metric train_kd, so nothing is ranked (their epochs report train_ce, train_loss, val_top1)"
+    )
 
 
 def test_rays_own_log_lines_go_to_the_run_log_not_the_console(tmp_path, capsys):
@@ -200,7 +273,7 @@ def test_rays_own_log_lines_go_to_the_run_log_not_the_console(tmp_path, capsys):
     ray_logger = logging.getLogger("ray")
     ray_logger.addHandler(logging.StreamHandler(sys.stderr))  # as `import ray` leaves it
     library_logs_to_run_log("ray")
-    assert "library_logs_to_run_log(\"ray\")" in Path(ray_env.__file__).read_text()  # connect() does it before ray.init
+    assert 'library_logs_to_run_log("ray")' in Path(ray_env.__file__).read_text()  # connect() does it before ray.init
     notice = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
     logging.getLogger("ray._private.authentication.authentication_token_setup").warning(notice)
     with run_log(tmp_path / "sweep.log"):
@@ -239,10 +312,28 @@ def test_ctrl_c_keeps_checkpoints_and_the_same_command_resumes_without_redoing_f
     Trial 1 (4096: more than the 80 samples) fails at once, and Tune starts a fresh process for trial 2 (batches of
     2: 40 steps an epoch). The method is a composite whose one part's weight is a searched setting (one value).
     """
-    path = _sweep_file(tmp_path, {**FIXED, "epochs": 4, "method": "kd@t1+dkd@t1",
-                                  "search": {"batch_size": [16, 4096, 2], "method_args": {"dkd": {"weight": [0.5]}}}})
+    path = _sweep_file(
+        tmp_path,
+        {
+            **FIXED,
+            "epochs": 4,
+            "method": "kd@t1+dkd@t1",
+            "search": {"batch_size": [16, 4096, 2], "method_args": {"dkd": {"weight": [0.5]}}},
+        },
+    )
     out = tmp_path / "out"
-    argv = [*CLI, "sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out), "--max-concurrent", "1"]
+    argv = [
+        *CLI,
+        "sweep",
+        "--from-cache",
+        str(base_store),
+        "--config",
+        str(path),
+        "--out",
+        str(out),
+        "--max-concurrent",
+        "1",
+    ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "first.log"
     start = time.perf_counter()
@@ -272,13 +363,17 @@ def test_ctrl_c_keeps_checkpoints_and_the_same_command_resumes_without_redoing_f
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (
-        "interrupted: finished trials are kept and unfinished ones keep their last checkpoint; run the same command to resume the sweep")
+        "interrupted: finished trials are kept and unfinished ones keep their last checkpoint; run the same command to resume the sweep"
+    )
     first, third = trial(0), trial(2)
     assert json.loads((third / "trial.json").read_text())["status"] not in ("finished", "stopped early", "stopped")
     assert (third / "checkpoint.pt").is_file()
     done = len(read_metrics(third))
     assert 1 <= done < 4, "the sweep finished before the interrupt"
-    before = {name: (first / name).stat().st_mtime_ns for name in ("metrics.jsonl", "student.safetensors", "trial.json", "run.log")}
+    before = {
+        name: (first / name).stat().st_mtime_ns
+        for name in ("metrics.jsonl", "student.safetensors", "trial.json", "run.log")
+    }
 
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     print(f"interrupted with trial 2 after {done} epoch(s); the whole test took {time.perf_counter() - start:.1f} s")
@@ -287,14 +382,23 @@ def test_ctrl_c_keeps_checkpoints_and_the_same_command_resumes_without_redoing_f
     assert {name: (first / name).stat().st_mtime_ns for name in before} == before  # trial 0 was not trained again
     records = {p.name: json.loads((p / "trial.json").read_text()) for p in sorted(out.glob("trial-*"))}
     spans = [(r["started"], r["ended"]) for r in records.values()]
-    assert all(ended <= began for (_, ended), (began, _) in zip(spans, spans[1:])), spans  # --max-concurrent 1: one after another
+    assert all(ended <= began for (_, ended), (began, _) in zip(spans, spans[1:])), (
+        spans
+    )  # --max-concurrent 1: one after another
     assert [r["status"] for r in records.values()] == ["finished", "error", "finished"]
     rows = [ln for ln in again.stdout.splitlines() if ln.startswith("trial-")]
     assert len(rows) == 3
     failed = next(ln for ln in rows if ln.startswith("trial-001"))
-    assert "error: --batch-size 4096 is larger than a worker's share of the training set" in failed  # its one-line error
+    assert (
+        "error: --batch-size 4096 is larger than a worker's share of the training set" in failed
+    )  # its one-line error
     assert f"resuming the run in {third} from checkpoint.pt, saved after epoch" in (third / "run.log").read_text()
-    assert [line["epoch"] for line in read_metrics(third)] == [1, 2, 3, 4]  # went on from its last epoch, not from scratch
+    assert [line["epoch"] for line in read_metrics(third)] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # went on from its last epoch, not from scratch
     assert {"train_kd", "train_dkd", "train_dkd.dkd"} <= set(read_metrics(third)[-1])  # each part's loss, logged apart
     assert not list(out.glob("trial-*/checkpoint.pt"))  # ended trials keep no checkpoint
 
@@ -307,7 +411,19 @@ def four_trials(base_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     path = _sweep_file(tmp, {**FIXED, "search": {"method": ["kd", "dkd"], "method_args": {"temperature": [1.0, 4.0]}}})
     out = tmp / "out"
-    argv = ["sweep", "--from-cache", str(base_store), "--config", str(path), "--out", str(out), "--cpus-per-trial", "1", "--max-concurrent", "2"]
+    argv = [
+        "sweep",
+        "--from-cache",
+        str(base_store),
+        "--config",
+        str(path),
+        "--out",
+        str(out),
+        "--cpus-per-trial",
+        "1",
+        "--max-concurrent",
+        "2",
+    ]
     start = time.perf_counter()
     try:
         import contextlib
@@ -317,7 +433,14 @@ def four_trials(base_store, tmp_path_factory):
         with contextlib.redirect_stdout(printed):
             code = cli.main(argv)
         seconds = time.perf_counter() - start
-        yield {"code": code, "out": out, "stdout": printed.getvalue(), "seconds": seconds, "store": base_store, "config": path}
+        yield {
+            "code": code,
+            "out": out,
+            "stdout": printed.getvalue(),
+            "seconds": seconds,
+            "store": base_store,
+            "config": path,
+        }
     finally:
         if ray.is_initialized():
             ray.shutdown()  # the local instance this test started; later tests must not find it
@@ -334,7 +457,12 @@ def test_four_trials_complete_with_table_csv_and_picture(four_trials):
     best = [float(ln.split()[3]) for ln in table]
     assert best == sorted(best, reverse=True)  # ranked by val_top1
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert {(r["method"], float(r["method_args.temperature"])) for r in rows} == {("kd", 1.0), ("kd", 4.0), ("dkd", 1.0), ("dkd", 4.0)}
+    assert {(r["method"], float(r["method_args.temperature"])) for r in rows} == {
+        ("kd", 1.0),
+        ("kd", 4.0),
+        ("dkd", 1.0),
+        ("dkd", 4.0),
+    }
     assert Image.open(out / "sweep.png").size[0] > 600
 
 
@@ -354,7 +482,10 @@ def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         assert saved["command"] == "distill" and saved["job"] == record["job"]
         train = saved["job"]["train"]  # the sweep's fixed settings and the trial's values
-        assert (train["method"], train["method_args"]["temperature"]) == (record["params"]["method"], record["params"]["method_args.temperature"])
+        assert (train["method"], train["method_args"]["temperature"]) == (
+            record["params"]["method"],
+            record["params"]["method_args.temperature"],
+        )
         assert train["student"] == "resnet10t" and train["epochs"] == 2 and train["batch_size"] == 16
         assert [ln["epoch"] for ln in read_metrics(folder)] == [1, 2]
         acc = EventAccumulator(str(folder))
@@ -371,8 +502,22 @@ def test_each_trial_folder_holds_what_a_distill_run_writes(four_trials):
 def test_gpus_per_trial_on_a_cluster_without_gpus_is_one_line(four_trials, tmp_path, capsys):
     # Ray is still up from the sweep above (a CPU-only local instance): this is the cluster asked.
     out = tmp_path / "gpu"
-    code = cli.main(["sweep", "--from-cache", str(four_trials["store"]), "--config", str(four_trials["config"]), "--out", str(out), "--gpus-per-trial", "1"])
+    code = cli.main(
+        [
+            "sweep",
+            "--from-cache",
+            str(four_trials["store"]),
+            "--config",
+            str(four_trials["config"]),
+            "--out",
+            str(out),
+            "--gpus-per-trial",
+            "1",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: --gpus-per-trial 1 was asked for but the Ray cluster has 0 GPUs"), err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "error: --gpus-per-trial 1 was asked for but the Ray cluster has 0 GPUs"
+    ), err
     assert not out.exists()  # refused before anything was written

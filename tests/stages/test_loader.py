@@ -33,7 +33,9 @@ def test_an_epoch_holds_every_sample_once_with_its_own_stored_teacher_rows(two_t
         assert b.images.dtype == torch.uint8 and b.images.shape == (16, 3, SIZE, SIZE)
         assert set(b.teachers) == {"t1", "t2"} and set(b.teachers["t1"]) == {"logits"}
         # Each row's logits are the ones the teacher wrote for that very (view, sample), whatever the shuffle did.
-        np.testing.assert_array_equal(b.teachers["t1"]["logits"].numpy(), stored[b.views.numpy(), row_of[b.ids.numpy()]])
+        np.testing.assert_array_equal(
+            b.teachers["t1"]["logits"].numpy(), stored[b.views.numpy(), row_of[b.ids.numpy()]]
+        )
         assert b.teachers["t2"]["logits"].shape == (16, 10)  # top-3 rows rebuilt to all classes
         assert torch.equal(b.targets.labels, torch.from_numpy(cache.dataset.labels[b.ids.numpy()]))
         assert torch.equal(b.targets.soft.argmax(1), b.targets.labels)

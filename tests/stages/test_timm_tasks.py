@@ -52,7 +52,10 @@ def _live_outputs(timm_task, x):
     """The teacher's outputs exactly as timm's task computes them inside its forward."""
     with torch.no_grad():
         x_kd = timm_task.teacher.normalize_input(x, timm_task.student_mean, timm_task.student_std)
-        return {"logits": timm_task.teacher(x_kd.detach()), "features": timm_task.teacher(x_kd.detach(), return_features=True)}
+        return {
+            "logits": timm_task.teacher(x_kd.detach()),
+            "features": timm_task.teacher(x_kd.detach(), return_features=True),
+        }
 
 
 def _grads(module):
@@ -91,7 +94,10 @@ def test_logit_task_matches_timm(teacher, batch, distill_w, task_w, temperature)
     kw = dict(distill_loss_weight=distill_w, task_loss_weight=task_w, temperature=temperature, verbose=False)
     timm_task = LogitDistillationTask(student, teacher, **kw)
     ours = CachedLogitDistillationTask(copy.deepcopy(student), **kw)
-    assert (ours.task_loss_weight, ours.distill_loss_weight) == (timm_task.task_loss_weight, timm_task.distill_loss_weight)
+    assert (ours.task_loss_weight, ours.distill_loss_weight) == (
+        timm_task.task_loss_weight,
+        timm_task.distill_loss_weight,
+    )
     _assert_same_step(timm_task, ours, x, labels, _live_outputs(timm_task, x))
 
 
@@ -110,7 +116,9 @@ def test_logit_task_soft_targets_and_plain_tensor(teacher, batch, criterion_kwar
 def test_feature_task_matches_timm(teacher, batch, distill_w, task_w):
     x, _, soft = batch
     student = _student()
-    kw = dict(criterion_kwargs={"soft_targets": True}, distill_loss_weight=distill_w, task_loss_weight=task_w, verbose=False)
+    kw = dict(
+        criterion_kwargs={"soft_targets": True}, distill_loss_weight=distill_w, task_loss_weight=task_w, verbose=False
+    )
     timm_task = FeatureDistillationTask(student, teacher, **kw)
     ours = CachedFeatureDistillationTask(copy.deepcopy(student), teacher_dim=teacher.num_features, **kw)
     # The projections start from independent random draws: timm's task state (its projection) loads into ours.
@@ -121,16 +129,27 @@ def test_feature_task_matches_timm(teacher, batch, distill_w, task_w):
     assert ours.trainable_module.projection.weight.grad is not None
 
 
-@pytest.mark.parametrize("distill_type,temperature,distill_w,task_w", [("soft", 3.0, None, 0.5), ("soft", 1.0, 2.0, None), ("hard", 1.0, None, None)])
+@pytest.mark.parametrize(
+    "distill_type,temperature,distill_w,task_w",
+    [("soft", 3.0, None, 0.5), ("soft", 1.0, 2.0, None), ("hard", 1.0, None, None)],
+)
 def test_token_task_matches_timm(teacher, batch, distill_type, temperature, distill_w, task_w):
     x, labels, soft = batch
     student = _deit_student()
-    kw = dict(distill_type=distill_type, temperature=temperature, distill_loss_weight=distill_w, task_loss_weight=task_w, verbose=False)
+    kw = dict(
+        distill_type=distill_type,
+        temperature=temperature,
+        distill_loss_weight=distill_w,
+        task_loss_weight=task_w,
+        verbose=False,
+    )
     timm_task = TokenDistillationTask(student, teacher, **kw)
     ours = CachedTokenDistillationTask(copy.deepcopy(student), **kw)
     # timm's token task reads the teacher's class logits (for the distillation head), not its tokens.
     out = _live_outputs(timm_task, x)
-    _assert_same_step(timm_task, ours, x, labels if distill_type == "hard" else soft, {"logits": out["logits"]}, kd_key="distill_loss")
+    _assert_same_step(
+        timm_task, ours, x, labels if distill_type == "hard" else soft, {"logits": out["logits"]}, kd_key="distill_loss"
+    )
 
 
 def test_feature_projection_state_round_trips():
@@ -156,11 +175,15 @@ def test_feature_projection_state_round_trips():
         same_width.load_task_state(state)
 
 
-@pytest.mark.parametrize("make,stored,needed", [
-    (lambda: CachedLogitDistillationTask(_student(), verbose=False), "features", "logits"),
-    (lambda: CachedFeatureDistillationTask(_student(), teacher_dim=96, verbose=False), "logits", "features"),
-    (lambda: CachedTokenDistillationTask(_deit_student(), verbose=False), "tokens", "logits"),
-], ids=["logit", "feature", "token"])
+@pytest.mark.parametrize(
+    "make,stored,needed",
+    [
+        (lambda: CachedLogitDistillationTask(_student(), verbose=False), "features", "logits"),
+        (lambda: CachedFeatureDistillationTask(_student(), teacher_dim=96, verbose=False), "logits", "features"),
+        (lambda: CachedTokenDistillationTask(_deit_student(), verbose=False), "tokens", "logits"),
+    ],
+    ids=["logit", "feature", "token"],
+)
 def test_missing_teacher_output_names_the_key(batch, make, stored, needed):
     x, labels, _ = batch
     task = make()

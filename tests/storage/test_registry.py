@@ -20,7 +20,11 @@ def test_a_name_is_registered_once():
     assert registry["kd"] is int
 
 
-@pytest.mark.parametrize("registry", [base._METHODS, datasets._DATASETS, teachers._TEACHERS, units._BACKENDS], ids=["methods", "sources", "teachers", "backends"])
+@pytest.mark.parametrize(
+    "registry",
+    [base._METHODS, datasets._DATASETS, teachers._TEACHERS, units._BACKENDS],
+    ids=["methods", "sources", "teachers", "backends"],
+)
 def test_the_four_registries_are_one_kind(registry):
     assert isinstance(registry, Registry) and registry
     name = next(iter(registry))

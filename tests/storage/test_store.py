@@ -23,7 +23,9 @@ def _dataset(n: int) -> DatasetRecord:
 
 
 def _create(path, n: int, views: int, block: int) -> Store:
-    return Store.create(path, dataset=_dataset(n), plan=PLAN, versions={"numpy": "1"}, num_views=views, block=block, plan_specs=SPECS)
+    return Store.create(
+        path, dataset=_dataset(n), plan=PLAN, versions={"numpy": "1"}, num_views=views, block=block, plan_specs=SPECS
+    )
 
 
 def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -46,8 +48,19 @@ def test_create_open_round_trip(store, tmp_path):
     assert (reopened.num_samples, reopened.num_views, reopened.block, reopened.num_blocks) == (70, 2, 32, 3)
     assert reopened.block_range(2) == range(64, 70)
     record = reopened.record
-    assert record.dataset == _dataset(70) and record.plan == PLAN and record.format == FORMAT_VERSION and record.versions == {"numpy": "1"}
-    assert (record.num_samples, record.num_views, record.block, record.order.kind, record.order.seed) == (70, 2, 32, "source", None)
+    assert (
+        record.dataset == _dataset(70)
+        and record.plan == PLAN
+        and record.format == FORMAT_VERSION
+        and record.versions == {"numpy": "1"}
+    )
+    assert (record.num_samples, record.num_views, record.block, record.order.kind, record.order.seed) == (
+        70,
+        2,
+        32,
+        "source",
+        None,
+    )
     plan = reopened.plan
     assert plan.names == ["crop", "flip"]
     assert plan.committed() == {(0, 1), (1, 2)}
@@ -98,7 +111,9 @@ def test_data_without_a_commit_record_does_not_count(store):
 def test_add_views_grows_the_view_axis_and_keeps_committed_data(store, tmp_path):
     teacher = store.create_teacher("t", make_record("t", views=2), {"logits": ArraySpec((10,), "float16")})
     units = {(v, b): _unit(32, 10 * v + b) for v in range(2) for b in range(2)}
-    logits = {(v, b): np.random.default_rng(v + 7 * b).random((32, 10)).astype(np.float16) for v in range(2) for b in range(2)}
+    logits = {
+        (v, b): np.random.default_rng(v + 7 * b).random((32, 10)).astype(np.float16) for v in range(2) for b in range(2)
+    }
     for (v, b), data in units.items():
         store.plan.write_unit(v, b, data)
         teacher.write_unit(v, b, {"logits": logits[v, b]})
@@ -206,7 +221,9 @@ def test_a_teacher_json_lacking_a_field_is_refused_in_one_line(store, tmp_path, 
     with pytest.raises(UserError, match=f"cannot read .*teacher.json: teacher.json lacks {field}; .*extract it again"):
         Store(tmp_path / "s").teacher_info("old")
     with pytest.raises(ValueError, match="views"):
-        store.create_teacher("new", make_record("new"), {"features": ArraySpec((4,), "float16")})  # a record without its view count
+        store.create_teacher(
+            "new", make_record("new"), {"features": ArraySpec((4,), "float16")}
+        )  # a record without its view count
 
 
 def test_tokens_fields_are_needed_only_with_tokens():
@@ -223,10 +240,19 @@ def test_tokens_fields_are_needed_only_with_tokens():
         (lambda d: d["plan"].pop("size"), "field 'plan.size' is missing"),
         (lambda d: d["plan"].update(size="32"), "field 'plan.size' must be a whole number in [1, 4,096], not '32'"),
         (lambda d: d["dataset"].update(fingerprint=7), "field 'dataset.fingerprint' must be a non-empty string, not 7"),
-        (lambda d: d["order"].update(kind="shuffled"), "field 'order.kind' must be one of permuted, source, not 'shuffled'"),
+        (
+            lambda d: d["order"].update(kind="shuffled"),
+            "field 'order.kind' must be one of permuted, source, not 'shuffled'",
+        ),
         (lambda d: d.update(num_views=True), "field 'num_views' must be a whole number in [1, 100,000], not True"),
-        (lambda d: d["dataset"].update(num_samples=71), "field 'dataset.num_samples' is 71, but the store's arrays have num_samples 70 rows"),
-        (lambda d: d["dataset"].update(classes=["a"]), "field 'dataset.classes' names 1 classes, but 'dataset.num_classes' is 2"),
+        (
+            lambda d: d["dataset"].update(num_samples=71),
+            "field 'dataset.num_samples' is 71, but the store's arrays have num_samples 70 rows",
+        ),
+        (
+            lambda d: d["dataset"].update(classes=["a"]),
+            "field 'dataset.classes' names 1 classes, but 'dataset.num_classes' is 2",
+        ),
         (lambda d: d.update(versions=[]), "field 'versions' must be an object"),
     ],
 )
@@ -235,14 +261,23 @@ def test_a_damaged_store_json_field_is_one_user_error_naming_the_file_and_field(
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=f"cannot read .*store.json: {re.escape(problem)}.*; the store is damaged, extract it again"):
+    with pytest.raises(
+        UserError, match=f"cannot read .*store.json: {re.escape(problem)}.*; the store is damaged, extract it again"
+    ):
         Store(tmp_path / "s")
 
 
 def test_store_json_is_the_records_fields_and_grows_with_the_views(store, tmp_path):
     on_disk = json.loads((tmp_path / "s" / "store.json").read_text())
-    assert on_disk == store.record.to_dict() and on_disk["order"] == {"kind": "source", "checksum": checksum(np.arange(70))}
-    assert on_disk["dataset"]["classes"] == ["a", "b"] and on_disk["plan"] == {"recipe": {"crop_scale": [0.08, 1.0]}, "seed": 0, "size": 32}
+    assert on_disk == store.record.to_dict() and on_disk["order"] == {
+        "kind": "source",
+        "checksum": checksum(np.arange(70)),
+    }
+    assert on_disk["dataset"]["classes"] == ["a", "b"] and on_disk["plan"] == {
+        "recipe": {"crop_scale": [0.08, 1.0]},
+        "seed": 0,
+        "size": 32,
+    }
     store.add_views(3)
     assert Store(tmp_path / "s").record == store.record.replace(num_views=3) and store.num_views == 3
 

@@ -34,7 +34,9 @@ SPECS = {
     "logsumexp": ArraySpec((), "float32"),
     "fingerprint": ArraySpec((), "uint32"),
 }
-FITS = dict(num_classes=5, logits="full", outputs=("logits",))  # a teacher.json that agrees with SPECS (Store checks it against them)
+FITS = dict(
+    num_classes=5, logits="full", outputs=("logits",)
+)  # a teacher.json that agrees with SPECS (Store checks it against them)
 
 
 def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -61,7 +63,15 @@ def store(tmp_path) -> Store:
 def _bare_store(path, plan_specs) -> Store:
     """70 samples in blocks of 32 (32, 32 and 6 rows), 2 views, no images behind them."""
     dataset = DatasetRecord(source="test", fingerprint="f", num_samples=70, num_classes=1, classes=("a",))
-    return Store.create(path, dataset=dataset, plan=PlanRecord(recipe={}, seed=0, size=32), versions={}, num_views=2, block=32, plan_specs=plan_specs)
+    return Store.create(
+        path,
+        dataset=dataset,
+        plan=PlanRecord(recipe={}, seed=0, size=32),
+        versions={},
+        num_views=2,
+        block=32,
+        plan_specs=plan_specs,
+    )
 
 
 @pytest.fixture
@@ -94,7 +104,10 @@ def test_units_round_trip_bit_for_bit_for_every_dtype(store, units, tmp_path):
     assert list(part) == ["tokens"] and np.array_equal(part["tokens"], full["tokens"][:5])
     assert not reopened.read_unit(0, 0)["logits"].any() and reopened.read_unit(0, 2)["logits"].shape == (6, 5)
     # One tar per unit, one record, the whole unit in one packed member.
-    assert sorted(p.name for p in (tmp_path / "s" / "teachers" / "w" / "shards").iterdir()) == ["v000000-b000001.tar", "v000001-b000002.tar"]
+    assert sorted(p.name for p in (tmp_path / "s" / "teachers" / "w" / "shards").iterdir()) == [
+        "v000000-b000001.tar",
+        "v000001-b000002.tar",
+    ]
 
 
 def test_the_same_unit_gives_byte_identical_tars(store, units, tmp_path):
@@ -251,7 +264,9 @@ def test_a_plain_webdataset_pipeline_reads_the_tars(store, units):
 
 def _extract(path, train_data, plan, teacher, store_format) -> Store:
     store = open_store(path, train_data, plan, views=VIEWS, block=BLOCK, size=32)
-    runner = TeacherRunner(teacher, teacher_info(teacher, teacher_rows.output_info(teacher, logits="full", dtype="float32"), store_format))
+    runner = TeacherRunner(
+        teacher, teacher_info(teacher, teacher_rows.output_info(teacher, logits="full", dtype="float32"), store_format)
+    )
     extract(store, train_data, runner, "t1", views=VIEWS, batch_size=BATCH)
     return store
 
@@ -271,12 +286,25 @@ def test_zarr_and_wds_stores_of_one_run_train_the_same_student(base_store, train
     for name, store in (("zarr", zarr_store), ("wds", wds_store)):
         views = StoredViews(store, stored_plan(store))
         settings = TrainSettings(**STUDENT, epochs=2, batch_size=BATCH, verify="all")
-        train(settings, train_data, None, views, views.plan, CachedTeacher(store, "t1", ("logits",)), out_dir=tmp_path / name)
+        train(
+            settings,
+            train_data,
+            None,
+            views,
+            views.plan,
+            CachedTeacher(store, "t1", ("logits",)),
+            out_dir=tmp_path / name,
+        )
         weights[name] = load_file(str(tmp_path / name / "student.safetensors"))
     assert weights["zarr"].keys() == weights["wds"].keys()
     assert [k for k in weights["zarr"] if not torch.equal(weights["zarr"][k], weights["wds"][k])] == []
-    metrics = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "views_per_s")}
-                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("zarr", "wds")]
+    metrics = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in ("seconds", "views_per_s")}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("zarr", "wds")
+    ]
     assert metrics[0] == metrics[1] and all(m["train_kd"] > 0 for m in metrics[0])
 
 

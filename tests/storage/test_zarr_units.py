@@ -52,7 +52,11 @@ def test_several_inner_chunks_empty_chunks_and_missing_shards_read_as_zarr_reads
             x = rng.standard_normal((rows, 6)).astype(np.float16)
             x[4:8] = 0  # an inner chunk equal to the fill value: zarr does not store it
             zeros = view == 1 and block == 0  # a unit of zeros: zarr stores no shard at all
-            data = {"x": x, "i": rng.integers(-127, 128, (rows, 6), dtype=np.int8), "s": rng.random(rows, dtype=np.float32)}
+            data = {
+                "x": x,
+                "i": rng.integers(-127, 128, (rows, 6), dtype=np.int8),
+                "s": rng.random(rows, dtype=np.float32),
+            }
             group.write_unit(view, block, {k: np.zeros_like(v) for k, v in data.items()} if zeros else data)
     assert not group._shard(1, 0, "x").exists()
     assert ShardLayout.of(group.array("x")).chunk_rows == 4
@@ -66,7 +70,15 @@ def test_several_inner_chunks_empty_chunks_and_missing_shards_read_as_zarr_reads
 def test_a_damaged_shard_is_a_damaged_unit(tmp_path, monkeypatch, damage):
     group = _small_chunks_group(tmp_path, monkeypatch)
     rng = np.random.default_rng(1)
-    group.write_unit(0, 0, {"x": rng.standard_normal((16, 6)).astype(np.float16), "i": np.ones((16, 6), np.int8), "s": np.ones(16, np.float32)})
+    group.write_unit(
+        0,
+        0,
+        {
+            "x": rng.standard_normal((16, 6)).astype(np.float16),
+            "i": np.ones((16, 6), np.int8),
+            "s": np.ones(16, np.float32),
+        },
+    )
     path = group._shard(0, 0, "x").path
     data = bytearray(open(path, "rb").read())
     if damage == "flip a byte":
@@ -83,7 +95,9 @@ def test_a_damaged_shard_is_a_damaged_unit(tmp_path, monkeypatch, damage):
 def test_an_array_of_another_layout_is_read_by_zarr(tmp_path, monkeypatch):
     group = _small_chunks_group(tmp_path, monkeypatch)
     # Written by another tool: plain zstd, no blosc. The direct path declines it; zarr reads it as before.
-    other = group.group.create_array("z", shape=(2, 40), dtype="int32", chunks=(1, 16), shards=(1, 16), compressors=[ZstdCodec(level=3)])
+    other = group.group.create_array(
+        "z", shape=(2, 40), dtype="int32", chunks=(1, 16), shards=(1, 16), compressors=[ZstdCodec(level=3)]
+    )
     other[:] = np.arange(80, dtype=np.int32).reshape(2, 40)
     assert ShardLayout.of(other) is None
     assert _same(group._read_data(1, 2, ["z"], 32, 40)["z"], np.arange(72, 80, dtype=np.int32))

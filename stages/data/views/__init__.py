@@ -43,13 +43,46 @@ from .draws import uniforms
 from .erasing import RandomErasing
 from .evaluation import EVAL_FIELDS, eval_params, fingerprint, row
 from .mixing import MixupCutmix, beta_quantile, mixed_targets, pair_partners
-from .ops import INTERPOLATIONS, HorizontalFlip, RandomResizedCrop, ViewOp, crop_resize, from_pil, normalize, pixel_box, to_pil
+from .ops import (
+    INTERPOLATIONS,
+    HorizontalFlip,
+    RandomResizedCrop,
+    ViewOp,
+    crop_resize,
+    from_pil,
+    normalize,
+    pixel_box,
+    to_pil,
+)
 from .randaugment import NEGATED_OPS, RandAugment, RandAugmentText, parse_randaugment
 from .recipe import ViewPlan, ViewRecipe
 
 __all__ = [
-    "EVAL_FIELDS", "INTERPOLATIONS", "NEGATED_OPS", "ColorJitter", "HorizontalFlip", "MixupCutmix", "RandAugment", "RandAugmentText",
-    "RandomErasing", "RandomResizedCrop", "ViewOp", "ViewPlan", "ViewRecipe", "beta_quantile", "crop_resize", "eval_params",
-    "fingerprint", "from_pil", "mixed_targets", "normalise_jitter", "normalize", "pair_partners", "parse_randaugment", "pixel_box",
-    "row", "to_pil", "uniforms",
+    "EVAL_FIELDS",
+    "INTERPOLATIONS",
+    "NEGATED_OPS",
+    "ColorJitter",
+    "HorizontalFlip",
+    "MixupCutmix",
+    "RandAugment",
+    "RandAugmentText",
+    "RandomErasing",
+    "RandomResizedCrop",
+    "ViewOp",
+    "ViewPlan",
+    "ViewRecipe",
+    "beta_quantile",
+    "crop_resize",
+    "eval_params",
+    "fingerprint",
+    "from_pil",
+    "mixed_targets",
+    "normalise_jitter",
+    "normalize",
+    "pair_partners",
+    "parse_randaugment",
+    "pixel_box",
+    "row",
+    "to_pil",
+    "uniforms",
 ]

@@ -86,7 +86,9 @@ class MixupCutmix(ViewOp):
             cut = u[:, 1] < self.switch_prob
         else:
             cut = np.full(n, self.cutmix_alpha > 0)
-        lam = np.where(cut, beta_quantile(self.cutmix_alpha or 1.0, u[:, 2]), beta_quantile(self.mixup_alpha or 1.0, u[:, 2]))
+        lam = np.where(
+            cut, beta_quantile(self.cutmix_alpha or 1.0, u[:, 2]), beta_quantile(self.mixup_alpha or 1.0, u[:, 2])
+        )
         partner = np.where((u[:, 0] < self.prob), pair_partners(ids, u[:, 5]), -1)
         mix = partner >= 0
         # Cutmix box: a square of side sqrt(1 - lam) around a uniform centre, clipped to the view (timm's rand_bbox).

@@ -72,7 +72,9 @@ class RandomResizedCrop(ViewOp):
         fallback = ~ok.any(axis=1)
         if fallback.any():
             in_ratio = W / H
-            fw = np.where(in_ratio < self.ratio[0], W, np.where(in_ratio > self.ratio[1], np.round(H * self.ratio[1]), W))
+            fw = np.where(
+                in_ratio < self.ratio[0], W, np.where(in_ratio > self.ratio[1], np.round(H * self.ratio[1]), W)
+            )
             fh = np.where(in_ratio < self.ratio[0], np.round(W / self.ratio[0]), H)
             w, h = np.where(fallback, fw, w), np.where(fallback, fh, h)
             top = np.where(fallback, (H - h) // 2, top)

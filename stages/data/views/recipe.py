@@ -43,30 +43,59 @@ class ViewRecipe:
     if recipes and seeds do. Each field is declared once here: its check, its help (the flags and YAML keys of
     every command derive from it, ``stages.settings``)."""
 
-    scale: tuple[float, float] = setting((0.08, 1.0), Seq(Float(0.0, 1.0, lo_open=True)), "RandomResizedCrop area range")
-    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), Seq(POSITIVE), "RandomResizedCrop aspect range", show_default="0.75 1.333")
+    scale: tuple[float, float] = setting(
+        (0.08, 1.0), Seq(Float(0.0, 1.0, lo_open=True)), "RandomResizedCrop area range"
+    )
+    ratio: tuple[float, float] = setting(
+        (3 / 4, 4 / 3), Seq(POSITIVE), "RandomResizedCrop aspect range", show_default="0.75 1.333"
+    )
     hflip: float = setting(0.5, PROB, "horizontal flip probability")
-    eval_crop: float = setting(0.875, Float(0.0, 1.0, lo_open=True), "centre-crop fraction of evaluation views (timm's crop_pct)")
-    eval_interpolation: str = setting("bilinear", Choice(INTERPOLATIONS), "how evaluation crops are resized (timm's RSB A1/A2 evaluate bicubic)")
-    randaugment: str | None = setting(None, Optional(RandAugmentText()), "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1", show_default="off")
+    eval_crop: float = setting(
+        0.875, Float(0.0, 1.0, lo_open=True), "centre-crop fraction of evaluation views (timm's crop_pct)"
+    )
+    eval_interpolation: str = setting(
+        "bilinear", Choice(INTERPOLATIONS), "how evaluation crops are resized (timm's RSB A1/A2 evaluate bicubic)"
+    )
+    randaugment: str | None = setting(
+        None, Optional(RandAugmentText()), "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1", show_default="off"
+    )
     ra_interpolation: str = setting(
-        "random", Choice(("random", *INTERPOLATIONS)), "resampling of RandAugment's geometric ops: random (timm's: one of the two per op, recorded), bilinear, bicubic"
+        "random",
+        Choice(("random", *INTERPOLATIONS)),
+        "resampling of RandAugment's geometric ops: random (timm's: one of the two per op, recorded), bilinear, bicubic",
     )
     color_jitter: float | tuple[float, ...] | None = setting(
-        None, Optional(Jitter()), "colour jitter: one value, or B,C,S[,H] (brightness, contrast, saturation, hue); timm turns it off under RandAugment", show_default="off"
+        None,
+        Optional(Jitter()),
+        "colour jitter: one value, or B,C,S[,H] (brightness, contrast, saturation, hue); timm turns it off under RandAugment",
+        show_default="off",
     )
     erase_prob: float = setting(0.0, PROB, "timm's RandomErasing probability (one box, constant fill)")
-    erase_area: tuple[float, float] = setting((0.02, 1 / 3), Seq(Float(0.0, 1.0, lo_open=True, hi_open=True)), "RandomErasing area range", show_default="0.02 0.333")
-    erase_aspect: tuple[float, float] = setting((0.3, 1 / 0.3), Seq(POSITIVE), "RandomErasing aspect range", show_default="0.3 3.333")
+    erase_area: tuple[float, float] = setting(
+        (0.02, 1 / 3),
+        Seq(Float(0.0, 1.0, lo_open=True, hi_open=True)),
+        "RandomErasing area range",
+        show_default="0.02 0.333",
+    )
+    erase_aspect: tuple[float, float] = setting(
+        (0.3, 1 / 0.3), Seq(POSITIVE), "RandomErasing aspect range", show_default="0.3 3.333"
+    )
     mixup_alpha: float = setting(0.0, NON_NEGATIVE, "timm's Mixup alpha; 0 turns mixup off")
     cutmix_alpha: float = setting(0.0, NON_NEGATIVE, "timm's CutMix alpha; 0 turns cutmix off")
     mix_prob: float = setting(1.0, PROB, "share of views that mix, when mixup or cutmix is on")
     mix_switch_prob: float = setting(0.5, PROB, "share of mixing views that use cutmix when both are on")
     mix_pair_views: int = setting(
-        1, Int(1, 1000), "views 0..K-1, K..2K-1, ... each mix a sample with one partner (its own lambda and box per view): with K = the "
+        1,
+        Int(1, 1000),
+        "views 0..K-1, K..2K-1, ... each mix a sample with one partner (its own lambda and box per view): with K = the "
         "repeats of training, a sample's repeated views and its partner's render from one decode each, as timm's RepeatAugSampler with "
-        "batch mixing gives on one process; 1 draws a partner per view")
-    fill: tuple[int, int, int] = setting((124, 116, 104), Seq(Int(0, 255), n=3, ordered=False), "uint8 colour of uncovered and erased pixels (the ImageNet mean)")
+        "batch mixing gives on one process; 1 draws a partner per view",
+    )
+    fill: tuple[int, int, int] = setting(
+        (124, 116, 104),
+        Seq(Int(0, 255), n=3, ordered=False),
+        "uint8 colour of uncovered and erased pixels (the ImageNet mean)",
+    )
 
     def __post_init__(self):
         # YAML and JSON give lists; the recipe holds tuples so that it stays hashable and comparable.
@@ -99,7 +128,9 @@ class ViewRecipe:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.augments():
             d = {k: v for k, v in d.items() if k not in _ADDED}
-        if self.eval_interpolation == "bilinear":  # the default, left out so that the default recipe's record stays as it was
+        if (
+            self.eval_interpolation == "bilinear"
+        ):  # the default, left out so that the default recipe's record stays as it was
             del d["eval_interpolation"]
         if d.get("mix_pair_views") == 1:  # as for eval_interpolation: recipes recorded before the setting stay equal
             del d["mix_pair_views"]
@@ -161,7 +192,9 @@ class ViewPlan:
         view = self.render_own(image, params, size)
         if self.mixer is not None and int(params.get("mix_partner", -1)) >= 0:
             if partner is None:
-                raise ValueError(f"this view mixes with sample {int(params['mix_partner'])}: pass partner=(image, params)")
+                raise ValueError(
+                    f"this view mixes with sample {int(params['mix_partner'])}: pass partner=(image, params)"
+                )
             view = self.mixer.mix(view, self.render_own(partner[0], partner[1], size), params)
         return view
 

@@ -52,7 +52,29 @@ The package: ``wide_layers`` (each supported layer widened, and the student insi
 
 from .dynamic_teacher import DynamicTeacher, check_supported
 from .method import GPD
-from .wide_layers import SUPPORTED, WideAttention, WideBatchNorm2d, WideConv2d, WideGELU, WideLayerNorm, WideLayerScale, WideLinear, WideOREPAConv2d
+from .wide_layers import (
+    SUPPORTED,
+    WideAttention,
+    WideBatchNorm2d,
+    WideConv2d,
+    WideGELU,
+    WideLayerNorm,
+    WideLayerScale,
+    WideLinear,
+    WideOREPAConv2d,
+)
 
-__all__ = ["GPD", "SUPPORTED", "DynamicTeacher", "WideAttention", "WideBatchNorm2d", "WideConv2d", "WideGELU", "WideLayerNorm",
-           "WideLayerScale", "WideLinear", "WideOREPAConv2d", "check_supported"]
+__all__ = [
+    "GPD",
+    "SUPPORTED",
+    "DynamicTeacher",
+    "WideAttention",
+    "WideBatchNorm2d",
+    "WideConv2d",
+    "WideGELU",
+    "WideLayerNorm",
+    "WideLayerScale",
+    "WideLinear",
+    "WideOREPAConv2d",
+    "check_supported",
+]

@@ -12,7 +12,20 @@ from torch import nn
 from storage import UserError
 
 from ..orepa import eligible
-from .wide_layers import SUPPORTED, WideAttention, WideBatchNorm2d, WideConv2d, WideGELU, WideLayerNorm, WideLayerScale, WideLinear, WideOREPAConv2d, _copies, _Mode, _Widened
+from .wide_layers import (
+    SUPPORTED,
+    WideAttention,
+    WideBatchNorm2d,
+    WideConv2d,
+    WideGELU,
+    WideLayerNorm,
+    WideLayerScale,
+    WideLinear,
+    WideOREPAConv2d,
+    _copies,
+    _Mode,
+    _Widened,
+)
 
 # -- building the dynamic teacher from a timm student -------------------------------------------
 
@@ -22,10 +35,28 @@ def _layer_types():
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    containers = (ResNet, BasicBlock, Bottleneck, VisionTransformer, Block, Mlp, PatchEmbed, SelectAdaptivePool2d, nn.Sequential)
+    containers = (
+        ResNet,
+        BasicBlock,
+        Bottleneck,
+        VisionTransformer,
+        Block,
+        Mlp,
+        PatchEmbed,
+        SelectAdaptivePool2d,
+        nn.Sequential,
+    )
     # Layers that need nothing: parameter-free and positively homogeneous (f(x / r) = f(x) / r), or random.
     passthrough = (
-        nn.ReLU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, DropPath,
+        nn.ReLU,
+        nn.Identity,
+        nn.Dropout,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Flatten,
+        DropPath,
     )
     return containers, passthrough, Attention, LayerScale
 
@@ -42,12 +73,16 @@ def check_supported(model: nn.Module, name: str = "") -> None:
         refuse(f"the architecture {type(model).__name__}")
     if not isinstance(model.get_classifier(), nn.Linear):
         refuse(f"no linear classifier ({type(model.get_classifier()).__name__})")
-    if type(model).__name__ == "VisionTransformer" and (getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg")):
+    if type(model).__name__ == "VisionTransformer" and (
+        getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg")
+    ):
         refuse(f"'{model.global_pool}' pooling (gpd widens token or avg pooling)")
     convertible = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GELU, attention, layer_scale)
     for path, m in model.named_modules():
         if isinstance(m, attention):
-            if getattr(m, "gate", None) is not None or not all(isinstance(getattr(m, a, nn.Identity()), nn.Identity) for a in ("q_norm", "k_norm", "norm")):
+            if getattr(m, "gate", None) is not None or not all(
+                isinstance(getattr(m, a, nn.Identity()), nn.Identity) for a in ("q_norm", "k_norm", "norm")
+            ):
                 refuse(f"attention with q/k norms or gates ({path})")
         elif isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             refuse(f"grouped or depthwise convolutions ({path})")
@@ -93,8 +128,10 @@ class DynamicTeacher(nn.Module):
         r = int(r)
         check_supported(student, name)
         if orepa is not None and not any(eligible(m) for m in student.modules()):
-            raise UserError(f"method 'gpd' setting orepa=true re-parameterizes 3x3 stride-1 convolutions and student "
-                            f"{name or type(student).__name__} has none: set orepa false (--method-arg orepa=false)")
+            raise UserError(
+                f"method 'gpd' setting orepa=true re-parameterizes 3x3 stride-1 convolutions and student "
+                f"{name or type(student).__name__} has none: set orepa false (--method-arg orepa=false)"
+            )
         _, _, attention, layer_scale = _layer_types()
         self.r, self._mode = r, _Mode()
         self._template = [copy.deepcopy(student)]  # a list: the plain student is no submodule (nor trained, nor in DDP)
@@ -109,7 +146,9 @@ class DynamicTeacher(nn.Module):
                 if isinstance(m, attention):
                     wide = WideAttention(m, self._mode, r, noise)
                 elif isinstance(m, nn.Conv2d) and orepa is not None and eligible(m):
-                    wide = WideOREPAConv2d(m, self._mode, r, first=path == first, last=path == last, noise=noise, init=orepa)
+                    wide = WideOREPAConv2d(
+                        m, self._mode, r, first=path == first, last=path == last, noise=noise, init=orepa
+                    )
                 elif isinstance(m, nn.Conv2d):
                     wide = WideConv2d(m, self._mode, r, first=path == first, last=path == last, noise=noise)
                 elif isinstance(m, nn.Linear):

@@ -12,6 +12,7 @@ from ..orepa import VECTOR_INIT
 from ..base import Method, MethodContext, hard_loss, loss_parts, register_method
 from .dynamic_teacher import DynamicTeacher
 
+
 @register_method("gpd")
 class GPD(Method):
     """Gap Preserving Distillation: a dynamic teacher, the student widened ``ratio`` times, trains beside the
@@ -28,14 +29,27 @@ class GPD(Method):
     student_needs = ("logits",)
 
     def __init__(
-        self, context: MethodContext, ratio=2, kd_weight=3.0, smoothing=0.1, alpha=1.0, beta=0.5, temperature=1.0,
-        ce_weight=1.0, noise=1e-6, hard_loss="ce", orepa=False, orepa_init=None,
+        self,
+        context: MethodContext,
+        ratio=2,
+        kd_weight=3.0,
+        smoothing=0.1,
+        alpha=1.0,
+        beta=0.5,
+        temperature=1.0,
+        ce_weight=1.0,
+        noise=1e-6,
+        hard_loss="ce",
+        orepa=False,
+        orepa_init=None,
     ):
         super().__init__()
         # As the official train_dkd.py: a student loaded from trained weights keeps its function (single), one from scratch does not.
         orepa_init = orepa_init or ("single" if context.student_trained else "official")
         if orepa_init not in VECTOR_INIT:
-            raise UserError(f"method 'gpd' setting orepa_init must be one of {', '.join(VECTOR_INIT)}, not {orepa_init!r}")
+            raise UserError(
+                f"method 'gpd' setting orepa_init must be one of {', '.join(VECTOR_INIT)}, not {orepa_init!r}"
+            )
         self.ratio, self.kd_weight, self.smoothing = ratio, kd_weight, smoothing
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.ce_weight, self.noise, self.hard_loss = ce_weight, noise, hard_loss

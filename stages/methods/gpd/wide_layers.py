@@ -113,7 +113,9 @@ def _widen_orepa(small: OREPAConv2d, r_out: int, r_in: int, noise: float) -> ORE
     # student takes the first inner copy alone, its 1x1 times r_in (``WideOREPAConv2d._student``), as officially.
     state.update(identity=conv(s["identity"], r_in), idconv=conv(s["idconv"], r_in))
     # Depthwise kernels belong to their input channel: copied, not divided; the 1x1 after them is a conv.
-    state["dw"] = _copies(s["dw"].view(ci, EXPAND, k, k), r_in, 0, divide=False, noise=noise).reshape(r_in * ci * EXPAND, 1, k, k)
+    state["dw"] = _copies(s["dw"].view(ci, EXPAND, k, k), r_in, 0, divide=False, noise=noise).reshape(
+        r_in * ci * EXPAND, 1, k, k
+    )
     state["pw"] = conv(s["pw"].view(co, ci, EXPAND)).reshape(r_out * co, r_in * ci * EXPAND)
     # Per-output-channel factors and filters are copied with their channel.
     state["vector"] = _copies(s["vector"], r_out, 1, divide=False, noise=noise)
@@ -167,10 +169,19 @@ class WideBatchNorm2d(_Widened):
         if self.as_student:
             factor = self._factor(self.student_batches_tracked)
             return F.batch_norm(
-                x, self.student_mean, self.student_var, self.weight[: self.n], self.bias[: self.n], self.training, factor, self.eps
+                x,
+                self.student_mean,
+                self.student_var,
+                self.weight[: self.n],
+                self.bias[: self.n],
+                self.training,
+                factor,
+                self.eps,
             )
         factor = self._factor(self.num_batches_tracked)
-        y = F.batch_norm(x * self.r, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor, self.eps)
+        y = F.batch_norm(
+            x * self.r, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor, self.eps
+        )
         return y / self.r
 
     def student_state(self):
@@ -191,7 +202,9 @@ class WideLayerNorm(_Widened):
         (self.n,) = ln.normalized_shape
         self.eps = ln.eps
         self.weight = nn.Parameter(_copies(ln.weight.detach(), r, 0, divide=False, noise=noise))
-        self.bias = None if ln.bias is None else nn.Parameter(_copies(ln.bias.detach(), r, 0, divide=False, noise=noise))
+        self.bias = (
+            None if ln.bias is None else nn.Parameter(_copies(ln.bias.detach(), r, 0, divide=False, noise=noise))
+        )
 
     def forward(self, x):
         if self.as_student:
@@ -261,7 +274,9 @@ class WideAttention(_Widened):
             q, k = q * self.r, k * self.r  # the softmax sees the student's scale; v stays divided by r
             heads = self.r * H
         dropout = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+        )
         x = x.transpose(1, 2).reshape(B, N, heads * hd)
         return self.proj_drop(self.proj(x))
 

@@ -23,6 +23,23 @@ from .optimisation import build_optimizer, lr_factor
 from .ranks import resolve_batch
 from .setup import EMA_FOLDER, TEACHER, Setup, build_setup, check_input_size, check_repeats, check_teacher
 
-__all__ = ["EMA_FOLDER", "TEACHER", "EpochHooks", "Setup", "TrainResult", "build_optimizer", "build_setup", "check_input_size",
-           "check_repeats", "check_teacher", "evaluate", "lr_factor", "resolve_batch", "teacher_outputs", "to_input", "train",
-           "train_one_epoch", "validate"]
+__all__ = [
+    "EMA_FOLDER",
+    "TEACHER",
+    "EpochHooks",
+    "Setup",
+    "TrainResult",
+    "build_optimizer",
+    "build_setup",
+    "check_input_size",
+    "check_repeats",
+    "check_teacher",
+    "evaluate",
+    "lr_factor",
+    "resolve_batch",
+    "teacher_outputs",
+    "to_input",
+    "train",
+    "train_one_epoch",
+    "validate",
+]

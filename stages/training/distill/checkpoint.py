@@ -34,6 +34,7 @@ class EpochHooks:
     # last run's weights are gone from out_dir: a caller writes its own run files (config.yaml) only then.
     start: Callable[[], None] | None = None
 
+
 def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) -> dict:
     """Everything needed to continue after ``epochs_done`` epochs; data order is a function of (seed, epoch)."""
     # numpy's state as plain lists: a checkpoint then loads with torch.load(weights_only=True), nothing unpickled.
@@ -56,10 +57,18 @@ def _state(epochs_done: int, metrics: list[dict], run: Setup, s: TrainSettings) 
         "student": run.card.to_dict(),  # what the Ray Train driver writes beside the weights
     }
 
+
 def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
     # A foreign or hand-edited checkpoint (the same settings, other weights) is one line, not load_state_dict's 40.
-    parts = {"model": run.model, "method": run.method, "optimizer": run.optimizer, "scheduler": run.scheduler, "scaler": run.precision.scaler,
-             **({"ema": run.ema} if run.ema is not None else {}), "rng": None}
+    parts = {
+        "model": run.model,
+        "method": run.method,
+        "optimizer": run.optimizer,
+        "scheduler": run.scheduler,
+        "scaler": run.precision.scaler,
+        **({"ema": run.ema} if run.ema is not None else {}),
+        "rng": None,
+    }
     for part, target in parts.items():
         if part == "scaler" and part not in state:
             continue  # checkpoints written before the scaler was saved
@@ -67,12 +76,16 @@ def _restore(state: dict, run: Setup) -> tuple[int, list[dict]]:
             _set_rng(state[part]) if target is None else target.load_state_dict(state[part])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
-            detail = next((w.strip() for w in lines if "size mismatch" in w or "Missing" in w or "Unexpected" in w), lines[0].strip())
+            detail = next(
+                (w.strip() for w in lines if "size mismatch" in w or "Missing" in w or "Unexpected" in w),
+                lines[0].strip(),
+            )
             raise UserError(
                 f"the checkpoint's {part} state does not fit this run ({detail[:200]}): it was not written with these settings; "
                 "drop --resume to start afresh"
             ) from e
     return state["epoch"], list(state["metrics"])
+
 
 def _set_rng(rng: dict) -> None:
     """The random generators as ``_state`` saved them."""

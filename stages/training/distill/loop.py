@@ -33,7 +33,6 @@ from .setup import EMA_FOLDER, TEACHER, Setup, build_setup, check_teacher
 log = logging.getLogger(__name__)
 
 
-
 def teacher_outputs(teacher: TeacherSource | None, batch: Batch, temperature) -> dict[str, torch.Tensor]:
     """The teacher's outputs for a batch already on the student's device, as float32 (a live teacher under autocast gives bf16/fp16).
 
@@ -44,6 +43,7 @@ def teacher_outputs(teacher: TeacherSource | None, batch: Batch, temperature) ->
         return batch.teachers[TEACHER]
     return {k: v.float() for k, v in teacher.outputs(batch.rows, batch.teacher_images, temperature).items()}
 
+
 def to_input(views: torch.Tensor, mean, std, device, channels_last: bool = False) -> torch.Tensor:
     """uint8 views -> the model's normalised input on ``device``: a quarter of float32's bytes cross the bus."""
     if torch.device(device).type == "cuda" and views.device.type == "cpu":
@@ -51,11 +51,13 @@ def to_input(views: torch.Tensor, mean, std, device, channels_last: bool = False
     x = normalize(views.to(device, non_blocking=True), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
+
 @dataclass
 class TrainResult:
     model: nn.Module
     metrics: list[dict]
     seconds: float
+
 
 def train(
     settings: TrainSettings,
@@ -83,7 +85,9 @@ def train(
         val_data.sizes()  # every validation image's header, now: an unreadable one is refused before any epoch, as a training image is
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
     metrics, first_epoch, start = [], 0, time.perf_counter()
-    if hooks.state is not None:  # before the run's files change: a checkpoint that does not fit leaves them as they were
+    if (
+        hooks.state is not None
+    ):  # before the run's files change: a checkpoint that does not fit leaves them as they were
         first_epoch, metrics = _restore(hooks.state, run)
     if hooks.start and rank == 0:
         hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
@@ -96,6 +100,7 @@ def train(
     with RunMetrics(out_dir, tuple(s.log), dataclasses.asdict(s)) as record:
         for line in metrics:  # a resumed run's record starts with the epochs it already has
             record.write(line)
+
         def keep(line: dict, epoch: int) -> None:  # the epoch's line and checkpoint
             metrics.append(line)
             if rank == 0:
@@ -118,10 +123,16 @@ def train(
         _save_results(out_dir, run, weights_name, metrics)
     return TrainResult(run.model, metrics, time.perf_counter() - start)
 
+
 def _clear_results(out_dir: Path, weights_name: str) -> None:
     """The folder made, and an earlier run's student, config.json and card gone: a stale result must not pass for this run's."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (weights_name, "config.json", "README.md", *(f"{EMA_FOLDER}/{name}" for name in ("model.safetensors", "config.json", "README.md"))):
+    for stale in (
+        weights_name,
+        "config.json",
+        "README.md",
+        *(f"{EMA_FOLDER}/{name}" for name in ("model.safetensors", "config.json", "README.md")),
+    ):
         (out_dir / stale).unlink(missing_ok=True)
 
 
@@ -129,10 +140,19 @@ def _save_results(out_dir: Path, run: Setup, weights_name: str, metrics: list[di
     """The trained student as a timm model folder (weights, config.json, card), and the EMA's as its own."""
     save_student(out_dir, run.method.export_student(run.model).state_dict(), run.card, weights_name, metrics)
     if run.ema is not None:
-        save_student(out_dir / EMA_FOLDER, run.method.export_student(run.ema.module).state_dict(), run.card, "model.safetensors", metrics, "val_top1_ema")
+        save_student(
+            out_dir / EMA_FOLDER,
+            run.method.export_student(run.ema.module).state_dict(),
+            run.card,
+            "model.safetensors",
+            metrics,
+            "val_top1_ema",
+        )
 
 
-def _epoch_zero(run: Setup, s: TrainSettings, val_data: ImageDataset, plan: ViewPlan, device, record: RunMetrics, rank: int) -> dict:
+def _epoch_zero(
+    run: Setup, s: TrainSettings, val_data: ImageDataset, plan: ViewPlan, device, record: RunMetrics, rank: int
+) -> dict:
     """The line of the weights a run starts from, evaluated before any step, written as epoch 0."""
     line = {"epoch": 0, **validate(run, s, val_data, plan, device)}
     record.write(line)
@@ -145,8 +165,15 @@ def _say_start(s: TrainSettings, samples: int, block: int, world: int) -> None:
     """A run's first lines: what an epoch holds, and the optimiser, rate and global batch it trains with."""
     log.info(epoch_note(samples, block, s.batch_size, world, s.repeats))
     rule = f" (--lr-base {s.lr_base:g} at {s.lr_base_size}, {s.lr_base_scale})" if s.lr_base is not None else ""
-    log.info("%s at a learning rate of %g%s for a global batch of %d, %s schedule; student %s", s.optimizer, s.lr, rule,
-             s.batch_size * world, s.schedule, f"from {s.student_weights}" if s.student_weights else "from random weights")
+    log.info(
+        "%s at a learning rate of %g%s for a global batch of %d, %s schedule; student %s",
+        s.optimizer,
+        s.lr,
+        rule,
+        s.batch_size * world,
+        s.schedule,
+        f"from {s.student_weights}" if s.student_weights else "from random weights",
+    )
 
 
 def _shown(line: dict) -> str:
@@ -185,27 +212,52 @@ def train_one_epoch(run: Setup, s: TrainSettings, teacher: TeacherSource | None,
         "views_per_s": round(done * s.batch_size / seconds, 1),
     }
 
+
 def validate(run: Setup, s: TrainSettings, val_data: ImageDataset | None, plan: ViewPlan, device) -> dict:
     """Validation top-1 of the student (and of its EMA), or nothing without validation data."""
     if val_data is None:
         return {}
     models = {"val_top1": run.model, **({"val_top1_ema": run.ema.module} if run.ema is not None else {})}
     return {
-        key: evaluate(model, val_data, plan, run.size, run.mean, run.std, s.workers, device=device,
-                      precision=run.precision, channels_last=s.channels_last)
+        key: evaluate(
+            model,
+            val_data,
+            plan,
+            run.size,
+            run.mean,
+            run.std,
+            s.workers,
+            device=device,
+            precision=run.precision,
+            channels_last=s.channels_last,
+        )
         for key, model in models.items()
     }
 
+
 @torch.no_grad()
 def evaluate(
-    model, dataset: ImageDataset, plan: ViewPlan, size: int, mean, std, workers=0, batch_size=256, device="cpu",
-    precision: Precision | None = None, channels_last: bool = False,
+    model,
+    dataset: ImageDataset,
+    plan: ViewPlan,
+    size: int,
+    mean,
+    std,
+    workers=0,
+    batch_size=256,
+    device="cpu",
+    precision: Precision | None = None,
+    channels_last: bool = False,
 ) -> float:
     """Top-1 accuracy on deterministic centre-crop views; under DDP each rank scores every world-th sample."""
     model.eval()
     rank, world = rank_and_world()
     ids = np.arange(len(dataset))[rank::world]
-    table = {"id": ids, "label": dataset.labels[ids], **eval_params(dataset.sizes()[ids], plan.recipe.eval_crop, plan.recipe.eval_interpolation)}
+    table = {
+        "id": ids,
+        "label": dataset.labels[ids],
+        **eval_params(dataset.sizes()[ids], plan.recipe.eval_crop, plan.recipe.eval_interpolation),
+    }
     renderer = ViewRenderer(dataset, plan, (size,))
     correct = 0
     for batch, rendered in render_batches(renderer, even_batches(table, batch_size), list(EVAL_FIELDS), workers):
@@ -215,6 +267,7 @@ def evaluate(
     if world > 1:
         correct = int(_all_sum([correct], device)[0])
     return correct / len(dataset)
+
 
 def step(run: Setup, loss: torch.Tensor, clip_grad: float | None) -> None:
     """Backward, optional clipping, optimiser and schedule step, EMA update; through the fp16 scaler when it is on."""

@@ -28,6 +28,7 @@ def build_optimizer(s: TrainSettings, modules: nn.Module) -> torch.optim.Optimiz
     except (ValueError, AssertionError) as e:
         raise UserError(f"optimizer '{s.optimizer}': {e}") from e
 
+
 def lr_factor(s: TrainSettings, steps_per_epoch: int):
     """The learning-rate multiplier at each optimiser step: linear warm-up, then cosine or step decay."""
     total, warmup = s.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch)

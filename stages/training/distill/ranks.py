@@ -21,7 +21,10 @@ def _all_sum(values: list[float], device) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-def resolve_batch(batch_size: int | None, global_batch: int | None, world: int, where: str = "the recipe") -> tuple[int, int]:
+
+def resolve_batch(
+    batch_size: int | None, global_batch: int | None, world: int, where: str = "the recipe"
+) -> tuple[int, int]:
     """(per-worker batch, global batch) for ``world`` workers (1: a single process takes the whole global batch).
 
     ``batch_size`` (per worker, as timm's --batch-size) wins when given; else

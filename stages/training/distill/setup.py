@@ -44,7 +44,9 @@ class Setup:
     ema: nn.Module | None  # timm's ModelEmaV3 of the student, or None
     card: StudentCard  # what timm needs beside the weights: the saved student's config.json
 
+
 EMA_FOLDER = "ema"  # OUT/ema/: the EMA student as a timm model folder of its own (model.safetensors, config.json)
+
 
 def _model_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
     if decay is None:
@@ -53,12 +55,14 @@ def _model_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
 
     return ModelEmaV3(model, decay=decay)
 
+
 def _compiled(model: nn.Module) -> nn.Module:
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         raise UserError(f"--compile: torch.compile is not supported here (torch {torch.__version__}): drop --compile")
     return torch.compile(model)
+
 
 class _StudentLoss(nn.Module):
     """Student and method as one module, so DDP sees (and averages the gradients of) every trained parameter."""
@@ -70,6 +74,7 @@ class _StudentLoss(nn.Module):
     def forward(self, x, t_out, target):
         return self.method(self.method.student_outputs(self.model, x), t_out, target)
 
+
 def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
     if needs_teacher(s.method) and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
@@ -80,6 +85,7 @@ def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> Non
         )
     check_repeats(s, views)
 
+
 def check_repeats(s: TrainSettings, views) -> None:
     """Refuse ``repeats`` larger than the views a replay has (an epoch takes R different views of each of its samples)."""
     if s.repeats > views.num_views:
@@ -87,6 +93,7 @@ def check_repeats(s: TrainSettings, views) -> None:
             f"repeats {s.repeats} needs {s.repeats} different views of each sample in an epoch but the store has {views.num_views}: "
             f"extract with --views {s.repeats} or more, or lower repeats"
         )
+
 
 @torch.no_grad()
 def check_input_size(model: nn.Module, size: int, name: str) -> None:
@@ -99,17 +106,25 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
     except (RuntimeError, AssertionError, ValueError) as e:
         words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         built = model.pretrained_cfg.get("input_size", (3, "?", "?"))[-1]
-        raise UserError(f"student {name} cannot take {size} px inputs ({words[:160]}): pass --size {built} (what it is built for), "
-                        f"or build it for {size} px with --student-arg img_size={size} (--model-arg for train)") from None
+        raise UserError(
+            f"student {name} cannot take {size} px inputs ({words[:160]}): pass --size {built} (what it is built for), "
+            f"or build it for {size} px with --student-arg img_size={size} (--model-arg for train)"
+        ) from None
     finally:
         model.train(was_training)
 
-def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int) -> Setup:
+
+def build_setup(
+    s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int
+) -> Setup:
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
     extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
     precision = Precision(s.amp, device)  # refuses fp16 without CUDA before anything is built
     if train_data.num_classes < 2:
-        log.warning("the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing", train_data.num_classes)
+        log.warning(
+            "the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing",
+            train_data.num_classes,
+        )
     model = build_student(s.student, train_data.num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -117,8 +132,16 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
     size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
     check_input_size(model, size, s.student)
     cfg = model.pretrained_cfg
-    method = build_method(s.method, s.method_args, model, teacher, num_classes=train_data.num_classes, size=size, epochs=s.epochs,
-                          student_trained=s.student_weights is not None)
+    method = build_method(
+        s.method,
+        s.method_args,
+        model,
+        teacher,
+        num_classes=train_data.num_classes,
+        size=size,
+        epochs=s.epochs,
+        student_trained=s.student_weights is not None,
+    )
     method.train()
     model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)
@@ -128,11 +151,28 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
             f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
             "state one of them (pipeline.commands resolves the other)"
         )
-    if steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats) == 0:  # the loader would refuse it too, in its own words
-        raise UserError(f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))")
+    if (
+        steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats) == 0
+    ):  # the loader would refuse it too, in its own words
+        raise UserError(
+            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))"
+        )
     loader = ReplayLoader(
-        train_data, plan, views, s.batch_size, teachers={TEACHER: teacher} if teacher is not None else None,
-        temperature=method.teacher_temperature, size=size, label_fraction=s.label_fraction, label_seed=s.label_seed, label_smoothing=s.label_smoothing, seed=s.seed, repeats=s.repeats, window_rows=s.window_rows, workers=s.workers, verify=s.verify,
+        train_data,
+        plan,
+        views,
+        s.batch_size,
+        teachers={TEACHER: teacher} if teacher is not None else None,
+        temperature=method.teacher_temperature,
+        size=size,
+        label_fraction=s.label_fraction,
+        label_seed=s.label_seed,
+        label_smoothing=s.label_smoothing,
+        seed=s.seed,
+        repeats=s.repeats,
+        window_rows=s.window_rows,
+        workers=s.workers,
+        verify=s.verify,
     )
     forward = student_loss
     if world > 1:
@@ -152,7 +192,16 @@ def build_setup(s: TrainSettings, train_data: ImageDataset, views, plan: ViewPla
         std=cfg.get("std"),
         precision=precision,
         ema=_model_ema(model, s.model_ema),
-        card=StudentCard(s.student, dict(s.student_kwargs), train_data.num_classes, size, tuple(cfg.get("mean")), tuple(cfg.get("std")),
-                         plan.recipe.eval_interpolation, plan.recipe.eval_crop, list(train_data.classes),
-                         trained_on(s, train_data, teacher, views.store if isinstance(views, StoredViews) else None)),
+        card=StudentCard(
+            s.student,
+            dict(s.student_kwargs),
+            train_data.num_classes,
+            size,
+            tuple(cfg.get("mean")),
+            tuple(cfg.get("std")),
+            plan.recipe.eval_interpolation,
+            plan.recipe.eval_crop,
+            list(train_data.classes),
+            trained_on(s, train_data, teacher, views.store if isinstance(views, StoredViews) else None),
+        ),
     )

@@ -12,8 +12,18 @@ from stages.cache import topk
 from storage import Store, TeacherRecord, UnitArrays, UserError
 
 
-def _info(logits="topk", k=3, dtype="float32", num_classes=10, feature_dim=6, outputs=("logits", "features")) -> TeacherRecord:
-    return make_record(outputs=outputs, num_classes=num_classes, feature_dim=feature_dim, logits=logits, k=k, dtype=dtype, feature_dtype=dtype)
+def _info(
+    logits="topk", k=3, dtype="float32", num_classes=10, feature_dim=6, outputs=("logits", "features")
+) -> TeacherRecord:
+    return make_record(
+        outputs=outputs,
+        num_classes=num_classes,
+        feature_dim=feature_dim,
+        logits=logits,
+        k=k,
+        dtype=dtype,
+        feature_dtype=dtype,
+    )
 
 
 def _outputs(batch=8, num_classes=10, feature_dim=6, seed=0):
@@ -39,7 +49,9 @@ def test_topk_reconstruction_keeps_the_teacher_probabilities():
     torch.testing.assert_close(p_full.gather(1, index), p_teacher.gather(1, index), rtol=0, atol=1e-6)
     # The row's normaliser is the stored one, which is the teacher's exact log-sum-exp.
     torch.testing.assert_close(torch.logsumexp(full, 1), torch.from_numpy(rows["logsumexp"]), rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(rows["logsumexp"]), torch.logsumexp(out["logits"], 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(rows["logsumexp"]), torch.logsumexp(out["logits"], 1), rtol=0, atol=1e-6
+    )
     # The target class keeps its own probability; the rest of the mass is spread evenly over the other classes.
     kept = torch.zeros(8, 10, dtype=torch.bool).scatter_(1, index, True)
     kept[torch.arange(8), LABELS] = True
@@ -91,10 +103,14 @@ def test_topk_float16_round_trip_through_the_store_is_close(tmp_path):
     assert rows["topk_logp"].dtype == np.float16 and rows["topk_index"].dtype == np.int16
     assert rows["tail"].dtype == np.float16
     assert rows["logsumexp"].dtype == np.float32 and rows["features"].dtype == np.float16
-    back = teacher_rows.decode({k: rows[k] for k in teacher_rows.stored_names(info, ("logits", "features"))}, info, ("logits", "features"))
+    back = teacher_rows.decode(
+        {k: rows[k] for k in teacher_rows.stored_names(info, ("logits", "features"))}, info, ("logits", "features")
+    )
     assert back["logits"].dtype == torch.float32 and back["features"].dtype == torch.float32
     index = torch.from_numpy(rows["topk_index"]).long()  # the top 3 and the target: all kept
-    torch.testing.assert_close(back["logits"].softmax(1).gather(1, index), out["logits"].softmax(1).gather(1, index), rtol=0, atol=2e-3)
+    torch.testing.assert_close(
+        back["logits"].softmax(1).gather(1, index), out["logits"].softmax(1).gather(1, index), rtol=0, atol=2e-3
+    )
     assert torch.equal(back["logits"].argmax(1), out["logits"].argmax(1))
     torch.testing.assert_close(back["features"], out["features"], rtol=1e-3, atol=1e-3)
 
@@ -116,7 +132,13 @@ def test_output_info_validates_settings(teacher1):
     assert fields["k"] == 10  # never more than the classes
     assert fields["outputs"] == ["logits", "features"] and fields["num_classes"] == 10 and fields["feature_dim"] == 512
     assert fields["feature_dtype"] == "float16" and "num_tokens" not in fields  # tokens only when asked for
-    for bad in (dict(logits="some"), dict(dtype="bfloat16"), dict(feature_dtype="int4"), dict(k=0), dict(outputs=("attention",))):
+    for bad in (
+        dict(logits="some"),
+        dict(dtype="bfloat16"),
+        dict(feature_dtype="int4"),
+        dict(k=0),
+        dict(outputs=("attention",)),
+    ):
         with pytest.raises(UserError):
             teacher_rows.output_info(teacher1, **bad)
 

@@ -19,7 +19,9 @@ C, K, B = 1000, 10, 512
 # -- measures of a rebuild against the full logits (tests and benchmarks/store.py, not the product) ----------
 
 
-def topk_rebuilt(logits: torch.Tensor, k: int, target: torch.Tensor, dtype: str = "float16", temperature: float = 1.0) -> torch.Tensor:
+def topk_rebuilt(
+    logits: torch.Tensor, k: int, target: torch.Tensor, dtype: str = "float16", temperature: float = 1.0
+) -> torch.Tensor:
     """``logits`` (B, C) after a round trip through a top-``k`` store in ``dtype``: what a student would be given."""
     rows = topk.TopK.of(logits, k, target).rows(dtype, "int32")
     return topk.logits_from_topk(rows, logits.shape[1], temperature)
@@ -86,7 +88,9 @@ def test_dkd_uses_the_stored_target_where_it_is_outside_the_top_k():
     rebuilt = topk.logits_from_topk(rows, C)
     torch.testing.assert_close(
         torch.log_softmax(rebuilt.double(), 1)[torch.arange(64), target],
-        torch.log_softmax(logits.double(), 1)[torch.arange(64), target], rtol=0, atol=4e-3,
+        torch.log_softmax(logits.double(), 1)[torch.arange(64), target],
+        rtol=0,
+        atol=4e-3,
     )
     # TCKD (the binary target / non-target split) is then exact to float16 precision...
     tckd = [dkd_loss(student, t, target, alpha=1.0, beta=0.0) for t in (logits, rebuilt)]
@@ -129,7 +133,10 @@ def test_the_tail_is_rebuilt_for_the_methods_temperature():
     assert float(((tuned - exact) / exact).abs().median()) < 0.02  # measured 0.007
     assert float(((uniform - exact) / exact).median()) > 0.2  # measured 0.34
     # So the KL at T = 4 falls, and the stored statistics estimate it (KL to a uniform tail under a Gaussian).
-    kl_tuned, kl_uniform = topk.kl(logits, topk.logits_from_topk(rows, C, T), T), topk.kl(logits, topk.logits_from_topk(rows, C, 1.0), T)
+    kl_tuned, kl_uniform = (
+        topk.kl(logits, topk.logits_from_topk(rows, C, T), T),
+        topk.kl(logits, topk.logits_from_topk(rows, C, 1.0), T),
+    )
     assert float(kl_tuned.mean()) < 0.8 * float(kl_uniform.mean())  # measured 0.079 and 0.119 nats
     estimate = topk.TopK.from_rows(rows).tail_kl(C, T)
     assert float(estimate.mean()) == pytest.approx(float(kl_tuned.mean()), rel=0.2)
@@ -177,5 +184,8 @@ def test_the_rebuild_equals_the_float64_construction_bit_for_bit(classes, k, tem
     for target in (inside, outside):
         for dtype in ("float16", "float32"):
             rows = topk.TopK.of(logits, k, target).rows(dtype, "int16")
-            got, expected = topk.logits_from_topk(rows, classes, temperature), _rebuilt_in_float64(rows, classes, temperature)
+            got, expected = (
+                topk.logits_from_topk(rows, classes, temperature),
+                _rebuilt_in_float64(rows, classes, temperature),
+            )
             assert got.dtype == torch.float32 and got.numpy().tobytes() == expected.numpy().tobytes()

@@ -112,7 +112,9 @@ def test_default_recipe_renders_and_saves_as_before(train_data):
     plan = ViewPlan(ViewRecipe(), seed=0)
     ids = np.arange(6)
     params = _draw(plan, train_data, 1, ids)
-    assert [fingerprint(plan.render(train_data.image(int(i)), row(params, j), 24)) for j, i in enumerate(ids)] == PINNED_PRINTS
+    assert [
+        fingerprint(plan.render(train_data.image(int(i)), row(params, j), 24)) for j, i in enumerate(ids)
+    ] == PINNED_PRINTS
     # The recipe a store records is unchanged, so stores made before still match it.
     assert ViewRecipe().to_dict() == {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5, "eval_crop": 0.875}
 
@@ -200,7 +202,15 @@ def test_every_op_replays_bit_identically_after_a_json_round_trip(name, train_da
 def test_params_survive_the_store_bit_for_bit(tmp_path, train_data):
     plan = ViewPlan(ViewRecipe(**FULL), seed=0)
     dataset = DatasetRecord(source="test", fingerprint="f", num_samples=32, num_classes=1, classes=("a",))
-    store = Store.create(tmp_path / "s", dataset=dataset, plan=PlanRecord(**plan.describe(), size=32), versions={}, num_views=1, block=32, plan_specs=plan.fields)
+    store = Store.create(
+        tmp_path / "s",
+        dataset=dataset,
+        plan=PlanRecord(**plan.describe(), size=32),
+        versions={},
+        num_views=1,
+        block=32,
+        plan_specs=plan.fields,
+    )
     params = _draw(plan, train_data)
     store.plan.write_unit(0, 0, params)
     back = Store(tmp_path / "s").plan.read_unit(0, 0, list(plan.fields), rows=32)
@@ -290,7 +300,7 @@ def test_evaluation_views_ignore_the_training_augmentations(train_data):
     ids = np.arange(16)
     table = {"id": ids, "label": train_data.labels[ids], **eval_params(train_data.sizes()[ids], 0.875)}
     renderer = ViewRenderer(train_data, plan, (28,))
-    (batch, rendered), = render_batches(renderer, iter([table]), list(plan.fields))
+    ((batch, rendered),) = render_batches(renderer, iter([table]), list(plan.fields))
     for b, i in enumerate(ids):
         assert torch.equal(rendered["views"][0][b], train_data.image(int(i))[:, 2:30, 2:30])
     assert (rendered["lam"] == 1).all()
@@ -376,7 +386,9 @@ def test_randaugment_ops_are_timms_ops(increasing):
         for index, name in enumerate(op.names):
             for seed in (0, 1):  # random() first gives 0.84 (timm negates) then 0.13 (it does not)
                 for mag, interp in ((6.5, 1), (10.0, 0), (1.0, 1)):
-                    hparams = dict(aa._HPARAMS_DEFAULT, img_mean=fill, interpolation=(Image.BILINEAR, Image.BICUBIC)[interp])
+                    hparams = dict(
+                        aa._HPARAMS_DEFAULT, img_mean=fill, interpolation=(Image.BILINEAR, Image.BICUBIC)[interp]
+                    )
                     timm_op = aa.AugmentOp(name, prob=1.0, magnitude=mag, hparams=hparams)
                     random.seed(seed)
                     try:

@@ -11,7 +11,15 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.data import datasets
-from stages.data.datasets import DigitsDataset, FakeDataset, FolderDataset, list_datasets, open_dataset, register_dataset, validation_data
+from stages.data.datasets import (
+    DigitsDataset,
+    FakeDataset,
+    FolderDataset,
+    list_datasets,
+    open_dataset,
+    register_dataset,
+    validation_data,
+)
 from storage import UserError
 from storage.registry import Registry
 
@@ -135,7 +143,12 @@ def test_folder_images_are_pillows_rgb_whatever_their_mode(tmp_path):
     # RGB images skip Pillow's convert (a copy); the others must still come out as convert("RGB") gives them.
     rng = np.random.default_rng(1)
     rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
-    files = {"a/rgb.jpg": rgb, "a/cmyk.jpg": rgb.convert("CMYK"), "b/palette.png": rgb.quantize(16), "b/grey.jpg": rgb.convert("L")}
+    files = {
+        "a/rgb.jpg": rgb,
+        "a/cmyk.jpg": rgb.convert("CMYK"),
+        "b/palette.png": rgb.quantize(16),
+        "b/grey.jpg": rgb.convert("L"),
+    }
     for name, image in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         image.save(tmp_path / name)
@@ -199,7 +212,9 @@ def test_an_unknown_kind_names_the_known_kinds(source):
         assert "did you mean digits" in str(e.value)
 
 
-@pytest.mark.parametrize("source, match", [("folder:", "needs an argument: use folder:PATH"), ("digits:x", "takes no argument: use digits")])
+@pytest.mark.parametrize(
+    "source, match", [("folder:", "needs an argument: use folder:PATH"), ("digits:x", "takes no argument: use digits")]
+)
 def test_a_kinds_argument_is_checked(source, match):
     with pytest.raises(UserError, match=match):
         open_dataset(source)
@@ -223,7 +238,11 @@ def test_a_new_source_is_one_registration(monkeypatch):
     assert len(data) == 12 and data.image(0).shape == (3, 8, 8)
     val = validation_data("tiny:12", None)  # a kind has its own validation split unless it says otherwise
     assert val is not None and val.split == "val"
-    assert seen == [("12", "train"), ("12", "train"), ("12", "val")]  # the training data (for its classes), then its validation split
+    assert seen == [
+        ("12", "train"),
+        ("12", "train"),
+        ("12", "val"),
+    ]  # the training data (for its classes), then its validation split
     with pytest.raises(UserError, match="needs an argument: use tiny:N"):
         open_dataset("tiny")
 
@@ -247,8 +266,14 @@ def _jpegs(root, names):
 
 def test_a_parent_of_split_folders_is_refused_not_read_as_classes_named_train_and_val(tmp_path):
     # folder:PARENT of PARENT/train/<class>/ would read as classes "train" and "val": every image of a split one label.
-    _jpegs(tmp_path, [f"{split}/{c}/{i}.jpg" for split in ("train", "val") for c in ("cat", "dog", "eel") for i in range(2)])
-    with pytest.raises(UserError, match=r"reads as 2 class\(es\) \(train, val\) whose images all sit in 3 sub-folders \(cat, dog, eel, \.\.\.\).*folder:.*/train"):
+    _jpegs(
+        tmp_path,
+        [f"{split}/{c}/{i}.jpg" for split in ("train", "val") for c in ("cat", "dog", "eel") for i in range(2)],
+    )
+    with pytest.raises(
+        UserError,
+        match=r"reads as 2 class\(es\) \(train, val\) whose images all sit in 3 sub-folders \(cat, dog, eel, \.\.\.\).*folder:.*/train",
+    ):
         FolderDataset(str(tmp_path))
     assert FolderDataset(str(tmp_path / "train")).classes == ["cat", "dog", "eel"]
 
@@ -284,7 +309,9 @@ def _class_folder(root, classes, per_class=4, seed=0):
 
 def _prepare(folder, out, capsys, *flags):
     """``folder`` written as shards by `pipeline prepare`: the wds source of its manifest, and the hint it printed."""
-    assert main(["--quiet", "prepare", "--data", f"folder:{folder}", "--out", str(out), "--shard-size", "5", *flags]) == 0
+    assert (
+        main(["--quiet", "prepare", "--data", f"folder:{folder}", "--out", str(out), "--shard-size", "5", *flags]) == 0
+    )
     return f"wds:{out}/{json.loads((out / 'manifest.json').read_text())['pattern']}", capsys.readouterr().out
 
 
@@ -312,7 +339,9 @@ def test_shards_and_a_folder_validate_each_other_with_the_same_class_names(tmp_p
     assert from_shards.source == val_shards and len(from_shards) == 6 and from_shards.classes == on_folder.classes
     # A label means the same class in both: each image's label names the class folder it came from.
     assert [from_folder.classes[c] for c in from_folder.labels] == [k.split("/")[0] for k in from_folder.keys]
-    shard_classes = [k.split("/", 1)[1].split("-", 1)[1].rsplit("_", 1)[0] for k in from_shards.keys]  # val-000000.tar/00000003-dog_1
+    shard_classes = [
+        k.split("/", 1)[1].split("-", 1)[1].rsplit("_", 1)[0] for k in from_shards.keys
+    ]  # val-000000.tar/00000003-dog_1
     assert [from_shards.classes[c] for c in from_shards.labels] == shard_classes
     assert validation_data(on_folder, str(val)).source == f"folder:{val}"  # a bare path: the training data's kind
 
@@ -335,9 +364,15 @@ def test_validation_data_with_other_classes_is_one_line_saying_what_differs(tmp_
     on_raw = open_dataset(raw)
     assert on_raw.classes == ["0", "1", "2"]
     assert validation_data(on_raw, f"folder:{tmp_path / 'train'}").classes == ["0", "1", "2"]
-    assert validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), raw).classes == ["cat", "dog", "eel"]  # the training names
+    assert validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), raw).classes == [
+        "cat",
+        "dog",
+        "eel",
+    ]  # the training names
     four = _class_folder(tmp_path / "four", ["cat", "dog", "eel", "fox"], per_class=1)
-    with pytest.raises(UserError, match=r"it has 4 classes \(cat, dog, eel, \.\.\. 1 more\), the training data 3 \(0, 1, 2\)") as e:
+    with pytest.raises(
+        UserError, match=r"it has 4 classes \(cat, dog, eel, \.\.\. 1 more\), the training data 3 \(0, 1, 2\)"
+    ) as e:
         validation_data(on_raw, f"folder:{four}")
     _one_line(e)
     with pytest.raises(UserError, match=r"it has 4 classes \(labels up to 3\), the training data 3 \(cat, dog, eel\)"):
@@ -354,8 +389,12 @@ def _raw_shards_of(folder, tmp_path, capsys) -> str:
 def test_val_data_names_its_own_kind_and_a_bare_path_is_the_training_kind(image_folder):
     root, _ = image_folder
     digits = open_dataset("digits")
-    assert validation_data(digits, "fake:50?classes=10").source == "fake:50?size=32&classes=10"  # any kind, even with a split of its own
-    with pytest.raises(UserError, match="--val-data /some/path names no kind of source: write it as one of digits, fake:N"):
+    assert (
+        validation_data(digits, "fake:50?classes=10").source == "fake:50?size=32&classes=10"
+    )  # any kind, even with a split of its own
+    with pytest.raises(
+        UserError, match="--val-data /some/path names no kind of source: write it as one of digits, fake:N"
+    ):
         validation_data(digits, "/some/path")
     with pytest.raises(UserError, match="unknown dataset 'foldr:/x' \\(did you mean folder\\?\\)"):
         validation_data(f"folder:{root}", "foldr:/x")

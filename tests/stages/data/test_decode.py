@@ -81,7 +81,15 @@ def _tiff(order: str, tag: int, value: int) -> bytes:
     """A one-entry EXIF IFD (a SHORT) in either byte order, as the payload of a JPEG's APP1 segment."""
     end = {"II": "little", "MM": "big"}[order]
     entry = tag.to_bytes(2, end) + (3).to_bytes(2, end) + (1).to_bytes(4, end) + value.to_bytes(2, end) + b"\0\0"
-    return b"Exif\0\0" + order.encode() + (42).to_bytes(2, end) + (8).to_bytes(4, end) + (1).to_bytes(2, end) + entry + b"\0\0\0\0"
+    return (
+        b"Exif\0\0"
+        + order.encode()
+        + (42).to_bytes(2, end)
+        + (8).to_bytes(4, end)
+        + (1).to_bytes(2, end)
+        + entry
+        + b"\0\0\0\0"
+    )
 
 
 @pytest.mark.parametrize("order", ["II", "MM"])
@@ -133,7 +141,9 @@ def test_a_jpeg_claiming_too_many_pixels_is_refused_before_it_is_decoded(torchco
         monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
     with pytest.raises(ValueError, match="claims 20000 x 20000 pixels, over the limit of 89,478,485"):
         decode_image(bomb)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 97 * 131 - 1)  # the same limit on every path: Pillow's, as the user set it
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 97 * 131 - 1
+    )  # the same limit on every path: Pillow's, as the user set it
     with pytest.raises(ValueError, match="claims 131 x 97 pixels"):
         decode_image(data)
     png = _encoded(_photo().resize((16, 16)), "PNG")
@@ -148,7 +158,10 @@ def test_a_folder_image_claiming_too_many_pixels_is_one_line_naming_it(tmp_path)
 
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "bomb.jpg").write_bytes(_claiming(_encoded(_photo(), quality=90), 20000, 20000))
-    with pytest.raises(UserError, match=r"cannot decode image .*bomb\.jpg: its header claims 20000 x 20000 pixels.*replace the file, or remove it"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot decode image .*bomb\.jpg: its header claims 20000 x 20000 pixels.*replace the file, or remove it",
+    ):
         open_dataset(f"folder:{tmp_path}").image(0)
 
 

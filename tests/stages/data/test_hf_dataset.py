@@ -59,7 +59,9 @@ def features(names: bool = True, image: str = "image", label: str = "label") -> 
 
 
 def table(part: list[dict], names: bool = True, image: str = "image", label: str = "label") -> pa.Table:
-    schema = pa.schema([(image, IMAGE), (label, pa.int64())]).with_metadata({"huggingface": json.dumps({"info": {"features": features(names, image, label)}})})
+    schema = pa.schema([(image, IMAGE), (label, pa.int64())]).with_metadata(
+        {"huggingface": json.dumps({"info": {"features": features(names, image, label)}})}
+    )
     return pa.table({image: [r["image"] for r in part], label: [r["label"] for r in part]}, schema=schema)
 
 
@@ -70,7 +72,11 @@ def hub_parquet(root: Path, splits=("train", "validation"), files: int = 2, **kw
         data = rows(split, PER_CLASS if split == "train" else 2, seed=0 if split == "train" else 100)
         bounds = np.linspace(0, len(data), files + 1).astype(int)
         for k in range(files):
-            pq.write_table(table(data[bounds[k] : bounds[k + 1]], **kw), root / "data" / f"{split}-{k:05d}-of-{files:05d}.parquet", row_group_size=4)
+            pq.write_table(
+                table(data[bounds[k] : bounds[k + 1]], **kw),
+                root / "data" / f"{split}-{k:05d}-of-{files:05d}.parquet",
+                row_group_size=4,
+            )
     return root
 
 
@@ -78,10 +84,23 @@ def save_to_disk(folder: Path, data: list[dict], split: str | None = "train") ->
     """What Dataset.save_to_disk writes: an Arrow stream, state.json listing it, dataset_info.json with the features."""
     folder.mkdir(parents=True, exist_ok=True)
     t = table(data)
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, t.schema) as writer:
+    with (
+        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, t.schema) as writer,
+    ):
         writer.write_table(t, max_chunksize=4)
-    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "x",
-                                                   "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_split": split}))
+    (folder / "state.json").write_text(
+        json.dumps(
+            {
+                "_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                "_fingerprint": "x",
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_split": split,
+            }
+        )
+    )
     (folder / "dataset_info.json").write_text(json.dumps({"description": "", "features": features()}))
     return folder
 
@@ -134,15 +153,25 @@ def test_the_fingerprint_is_stable_and_changes_with_a_label(tmp_path):
 def test_options_choose_the_split_and_columns(tmp_path):
     root = hub_parquet(tmp_path / "in")
     val = open_dataset(f"hfds:{root}?split=validation")
-    assert len(val) == 6 and val.split == "validation" and val.keys[0].startswith("validation/") and val.source == f"hfds:{root}?split=validation"
-    assert open_dataset(f"hfds:{root}?split=train&image=image&label=label").source == f"hfds:{root}"  # defaults are left out
+    assert (
+        len(val) == 6
+        and val.split == "validation"
+        and val.keys[0].startswith("validation/")
+        and val.source == f"hfds:{root}?split=validation"
+    )
+    assert (
+        open_dataset(f"hfds:{root}?split=train&image=image&label=label").source == f"hfds:{root}"
+    )  # defaults are left out
     other = hub_parquet(tmp_path / "renamed", splits=("train",), image="img", label="fine_label")
     data = open_dataset(f"hfds:{other}?image=img&label=fine_label")
     assert len(data) == 15 and data.classes == CLASSES and data.source == f"hfds:{other}?image=img&label=fine_label"
     assert torch.equal(data.image(4), decoded(rows()[4]["image"]["bytes"]))
     with pytest.raises(UserError) as e:
         open_dataset(f"hfds:{other}")
-    assert f"hfds:{other}: no column 'image' in split train (its columns: img, fine_label): pass ?image=COLUMN" == one_line(e)
+    assert (
+        f"hfds:{other}: no column 'image' in split train (its columns: img, fine_label): pass ?image=COLUMN"
+        == one_line(e)
+    )
     with pytest.raises(UserError, match=r"no column 'lbl' .*: pass \?label=COLUMN") as e:
         open_dataset(f"hfds:{other}?image=img&label=lbl")
     one_line(e)
@@ -150,7 +179,9 @@ def test_options_choose_the_split_and_columns(tmp_path):
         open_dataset(f"hfds:{other}?image=fine_label&label=fine_label")
     with pytest.raises(UserError, match=r"unknown option colour \(known: split, image, label\)"):
         open_dataset(f"hfds:{root}?colour=red")
-    with pytest.raises(UserError, match=r"has no split 'test' \(its splits: train, validation\): pass --data hfds:.*\?split=NAME"):
+    with pytest.raises(
+        UserError, match=r"has no split 'test' \(its splits: train, validation\): pass --data hfds:.*\?split=NAME"
+    ):
         open_dataset(f"hfds:{root}?split=test")
     with pytest.raises(UserError, match="nowhere is no folder: pass a local folder written by save_to_disk"):
         open_dataset(f"hfds:{tmp_path / 'nowhere'}")
@@ -174,7 +205,10 @@ def test_class_numbers_without_names_and_unlabelled_rows(tmp_path):
 def test_save_to_disk_folders_read_in_place_like_parquet(tmp_path):
     parquet = open_dataset(f"hfds:{hub_parquet(tmp_path / 'in')}")
     saved = open_dataset(f"hfds:{save_to_disk(tmp_path / 'saved', rows())}")
-    assert (saved.keys, saved.classes) == (parquet.keys, parquet.classes) and saved.fingerprint() == parquet.fingerprint()
+    assert (saved.keys, saved.classes) == (
+        parquet.keys,
+        parquet.classes,
+    ) and saved.fingerprint() == parquet.fingerprint()
     np.testing.assert_array_equal(saved.sizes(), parquet.sizes())
     assert not saved.sequential and saved.encoded([0, 1]) is None  # memory-mapped: each row read in place, by id
     for i in (14, 0, 6):
@@ -187,7 +221,10 @@ def test_save_to_disk_folders_read_in_place_like_parquet(tmp_path):
     save_to_disk(both / "validation", rows("validation", 2, seed=100), split="validation")
     (both / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
     assert open_dataset(f"hfds:{both}").fingerprint() == parquet.fingerprint()
-    assert open_dataset(f"hfds:{both}", "val").fingerprint() == open_dataset(f"hfds:{tmp_path / 'in'}?split=validation").fingerprint()
+    assert (
+        open_dataset(f"hfds:{both}", "val").fingerprint()
+        == open_dataset(f"hfds:{tmp_path / 'in'}?split=validation").fingerprint()
+    )
 
 
 def test_an_image_kept_as_a_path_is_read_from_its_file(tmp_path):
@@ -212,9 +249,14 @@ def test_validation_data_is_the_datasets_own_validation_split_unless_val_data_na
     val = validation_data(train, None)
     assert val.split == "validation" and len(val) == 6 and val.classes == CLASSES
     assert validation_data(train, f"hfds:{root}?split=train").split == "train"  # --val-data wins
-    assert validation_data(train, str(save_to_disk(tmp_path / "saved", rows("v", 1)))).source == f"hfds:{tmp_path / 'saved'}"  # a bare path: hfds
+    assert (
+        validation_data(train, str(save_to_disk(tmp_path / "saved", rows("v", 1)))).source
+        == f"hfds:{tmp_path / 'saved'}"
+    )  # a bare path: hfds
     only = hub_parquet(tmp_path / "one", splits=("train",))
-    with pytest.raises(UserError, match=r"hfds:.*one has no validation split apart from its training data: pass --val-data") as e:
+    with pytest.raises(
+        UserError, match=r"hfds:.*one has no validation split apart from its training data: pass --val-data"
+    ) as e:
         validation_data(open_dataset(f"hfds:{only}"), None)
     one_line(e)
     folder = tmp_path / "folder"
@@ -231,7 +273,9 @@ def test_validation_data_is_the_datasets_own_validation_split_unless_val_data_na
 def test_a_hub_name_without_the_datasets_package_is_one_line(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
-    with pytest.raises(UserError, match=r"hfds:ILSVRC/imagenet-1k: there is no folder ILSVRC/imagenet-1k, .*pip install datasets") as e:
+    with pytest.raises(
+        UserError, match=r"hfds:ILSVRC/imagenet-1k: there is no folder ILSVRC/imagenet-1k, .*pip install datasets"
+    ) as e:
         open_dataset("hfds:ILSVRC/imagenet-1k")
     one_line(e)
 
@@ -240,7 +284,9 @@ def test_what_the_datasets_package_writes_is_read(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     want = rows()
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-    made = datasets.Dataset.from_dict({"image": [r["image"] for r in want], "label": [r["label"] for r in want]}, features=features)
+    made = datasets.Dataset.from_dict(
+        {"image": [r["image"] for r in want], "label": [r["label"] for r in want]}, features=features
+    )
     made.save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "pq" / "data").mkdir(parents=True)
     made.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
@@ -269,7 +315,21 @@ def test_extract_verify_and_distill_read_an_hf_dataset(tmp_path, monkeypatch):
     by_id = []
     image = HfDataset.image
     monkeypatch.setattr(HfDataset, "image", lambda self, i: by_id.append(i) or image(self, i))
-    argv = ["--quiet", "extract", "--data", f"hfds:{root}", "--teacher", "resnet18", "--random-init", "--size", "32", "--views", "1", "--store", str(store)]
+    argv = [
+        "--quiet",
+        "extract",
+        "--data",
+        f"hfds:{root}",
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--size",
+        "32",
+        "--views",
+        "1",
+        "--store",
+        str(store),
+    ]
     assert main(argv) == 0
     assert by_id == []  # parquet: every image came with its unit, its row groups read once
     record = Store(str(store)).record.dataset
@@ -277,6 +337,17 @@ def test_extract_verify_and_distill_read_an_hf_dataset(tmp_path, monkeypatch):
     assert record.fingerprint == open_dataset(f"hfds:{root}").fingerprint() and Store(str(store)).teacher_ids()
     assert main(["--quiet", "verify", str(store), "--replay", "1"]) == 0
     # The store's own source, validated on the dataset's validation split (no --val-data).
-    student = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "8", "--seed", "1"]
+    student = [
+        "--student",
+        "resnet10t",
+        "--student-arg",
+        "channels=[8,16,32,64]",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--seed",
+        "1",
+    ]
     assert main(["--quiet", "distill", "--from-cache", str(store), *student, "--out", str(out)]) == 0
     assert "val_top1" in (out / "metrics.jsonl").read_text()

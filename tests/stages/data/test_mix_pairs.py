@@ -92,7 +92,9 @@ def test_shuffling_and_rebatching_keep_mates_in_one_batch(batch_size):
     plan = ViewPlan(ViewRecipe(**A2), seed=1)
     units = _units(plan, data)  # 2 views x 7 blocks (the last of 8 rows)
     batches = list(rebatch(shuffle_windows(iter(units), 3, np.random.default_rng(0)), batch_size, drop_last=False))
-    rows = sorted(zip(np.concatenate([b["id"] for b in batches]).tolist(), np.concatenate([b["view"] for b in batches]).tolist()))
+    rows = sorted(
+        zip(np.concatenate([b["id"] for b in batches]).tolist(), np.concatenate([b["view"] for b in batches]).tolist())
+    )
     assert rows == sorted((i, v) for v in range(2) for i in range(200))  # every row once
     assert all(len(b["id"]) == batch_size for b in batches[:-1])
     mixing, together = map(sum, zip(*map(_mates_in_batch, batches)))
@@ -210,9 +212,14 @@ def test_mixup_by_table_is_the_float64_blend_and_pil_conversions_keep_the_bytes(
     for lam in [0.0, 1.0, 0.5, 1e-12, 1 - 1e-12, *rng.random(20)]:
         a = torch.from_numpy(rng.integers(0, 256, (3, 19, 23), dtype=np.uint8))
         b = torch.from_numpy(rng.integers(0, 256, (3, 19, 23), dtype=np.uint8))
-        blend = torch.round(a.to(torch.float64) * lam + b.to(torch.float64) * (1.0 - lam)).clamp_(0, 255).to(torch.uint8)
+        blend = (
+            torch.round(a.to(torch.float64) * lam + b.to(torch.float64) * (1.0 - lam)).clamp_(0, 255).to(torch.uint8)
+        )
         assert torch.equal(mixer.mix(a, b, {"mix_box": np.zeros(4, np.float32), "mix_lam": np.float64(lam)}), blend)
     x = torch.from_numpy(rng.integers(0, 256, (3, 19, 23), dtype=np.uint8))
     assert np.array_equal(np.asarray(to_pil(x)), x.permute(1, 2, 0).numpy())
     assert torch.equal(from_pil(Image.fromarray(x.permute(1, 2, 0).numpy())), x) and from_pil(to_pil(x)).is_contiguous()
-    assert torch.equal(from_pil(to_pil(x).convert("L")), torch.from_numpy(np.array(to_pil(x).convert("L").convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(
+        from_pil(to_pil(x).convert("L")),
+        torch.from_numpy(np.array(to_pil(x).convert("L").convert("RGB"))).permute(2, 0, 1),
+    )

@@ -17,7 +17,15 @@ from PIL import Image
 
 from conftest import image_bytes, read_tree
 from stages.data import prepare as prep
-from stages.data.prepare import PrepareJob, PrepareSettings, ShardPlan, finished_shards, open_source, prepare, sample_key
+from stages.data.prepare import (
+    PrepareJob,
+    PrepareSettings,
+    ShardPlan,
+    finished_shards,
+    open_source,
+    prepare,
+    sample_key,
+)
 from stages.data.wds_dataset import WdsDataset
 from storage import Location, UserError
 
@@ -55,7 +63,10 @@ def test_class_ordered_folders_become_shards_of_random_samples(tmp_path):
     assert data.classes == source.classes  # names from the manifest, not numbers
     in_batches = [len(set(data.labels[i : i + 64])) for i in range(0, len(data) - 63, 64)]
     source_batches = [len(set(source.labels[i : i + 64])) for i in range(0, len(source) - 63, 64)]
-    assert max(source_batches) <= 4 and min(in_batches) >= 14, (source_batches, in_batches)  # independent draws: 19.3 of 20
+    assert max(source_batches) <= 4 and min(in_batches) >= 14, (
+        source_batches,
+        in_batches,
+    )  # independent draws: 19.3 of 20
     per_shard = [len(set(data.labels[data.shard == k])) for k in range(6)]
     assert min(per_shard) >= 18, per_shard
     # Every image kept byte for byte, with its label.
@@ -73,7 +84,9 @@ def test_shards_much_smaller_than_a_class_hold_most_classes(tmp_path):
     a class. Read in source order every shard would hold one class; prepared, each is a random sample of all ten."""
     src = class_folder(tmp_path / "src", classes=10, per_class=200)
     source = open_source(f"folder:{src}")
-    assert all(len(set(source.labels[k * 50 : (k + 1) * 50])) == 1 for k in range(40))  # the order a sequential reader sees
+    assert all(
+        len(set(source.labels[k * 50 : (k + 1) * 50])) == 1 for k in range(40)
+    )  # the order a sequential reader sees
     run(src, tmp_path / "out", shard_size=50)
     data = shards(tmp_path / "out")
     assert data.order_note() is None
@@ -97,23 +110,42 @@ def test_images_are_kept_or_reencoded_within_max_side(tmp_path):
         (src / "a" / name).write_bytes(data)
     run(src, tmp_path / "out", max_side=32, quality=80)
     data = shards(tmp_path / "out")
-    by_source = {key.rsplit("-", 1)[1]: i for i, key in enumerate(data.keys)}  # "train-000000.tar/00000003-a_big" -> "a_big"
-    got = {name: (data.ext[by_source[f"a_{name.split('.')[0]}"]], bytes(data.encoded([by_source[f"a_{name.split('.')[0]}"]])[0])) for name in files}
+    by_source = {
+        key.rsplit("-", 1)[1]: i for i, key in enumerate(data.keys)
+    }  # "train-000000.tar/00000003-a_big" -> "a_big"
+    got = {
+        name: (
+            data.ext[by_source[f"a_{name.split('.')[0]}"]],
+            bytes(data.encoded([by_source[f"a_{name.split('.')[0]}"]])[0]),
+        )
+        for name in files
+    }
     assert got["small.jpg"] == ("jpg", files["small.jpg"]) and got["tiny.png"] == ("png", files["tiny.png"])
     for name, size in (("big.jpg", (32, 24)), ("tall.png", (16, 32))):
         ext, blob = got[name]
         with Image.open(io.BytesIO(blob)) as im:
             assert (ext, im.format, im.size) == ("jpg", "JPEG", size)
     ext, blob = got["odd.bmp"]
-    assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(blob))), np.asarray(Image.open(io.BytesIO(files["odd.bmp"])).convert("RGB")))
+    assert ext == "png" and np.array_equal(
+        np.asarray(Image.open(io.BytesIO(blob))), np.asarray(Image.open(io.BytesIO(files["odd.bmp"])).convert("RGB"))
+    )
 
 
 def test_the_manifest_describes_every_shard(tmp_path):
     src = class_folder(tmp_path / "src", classes=3, per_class=10)
     manifest = run(src, tmp_path / "out", shard_size=8, max_side=64).manifest
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
-    assert {k: manifest[k] for k in ("source", "seed", "shard_size", "max_side", "quality", "num_samples", "num_shards", "pattern")} == {
-        "source": f"folder:{src}", "seed": 0, "shard_size": 8, "max_side": 64, "quality": 90, "num_samples": 30, "num_shards": 4,
+    assert {
+        k: manifest[k]
+        for k in ("source", "seed", "shard_size", "max_side", "quality", "num_samples", "num_shards", "pattern")
+    } == {
+        "source": f"folder:{src}",
+        "seed": 0,
+        "shard_size": 8,
+        "max_side": 64,
+        "quality": 90,
+        "num_samples": 30,
+        "num_shards": 4,
         "pattern": "train-{000000..000003}.tar",
     }
     assert manifest["classes"] == ["n000", "n001", "n002"]
@@ -151,7 +183,9 @@ def test_a_rerun_trusts_a_shard_only_with_its_record_and_recorded_size(tmp_path)
     (out / ".prepare" / "shard-000002.json").write_text("{")  # a damaged record
     (out / ".prepare" / "shard-000003.json").write_text("[1, 2]")  # a record of another type: made again, no traceback
     assert sorted(finished_shards(Location(out), plan, identity)) == []
-    other = PrepareJob(job.source, job.out, PrepareSettings(shard_size=5, quality=50), job.fingerprint).identity(len(data))
+    other = PrepareJob(job.source, job.out, PrepareSettings(shard_size=5, quality=50), job.fingerprint).identity(
+        len(data)
+    )
     assert finished_shards(Location(out), plan, other) == {}  # records of other settings count for nothing
 
 

@@ -18,7 +18,15 @@ from conftest import STUDENT
 from stages.data.datasets import open_dataset
 from stages.training.distill import train
 from stages.training.settings import TrainSettings
-from stages.data.replay import DrawnViews, StoredViews, epoch_units, rebatch, sample_order, shuffle_windows, window_units
+from stages.data.replay import (
+    DrawnViews,
+    StoredViews,
+    epoch_units,
+    rebatch,
+    sample_order,
+    shuffle_windows,
+    window_units,
+)
 from stages.cache.store_setup import open_store
 from stages.data.views import ViewPlan, ViewRecipe
 from storage import Store
@@ -38,7 +46,9 @@ def random_pairing_rate(class_sizes: np.ndarray) -> float:
     return float((p**2).sum())
 
 
-def epoch_batches(labels: np.ndarray, order: np.ndarray, block: int, window_rows: int, batch: int, epoch: int = 0, seed: int = 0):
+def epoch_batches(
+    labels: np.ndarray, order: np.ndarray, block: int, window_rows: int, batch: int, epoch: int = 0, seed: int = 0
+):
     """The label column of an epoch's batches, made by the trainer's own epoch_units, shuffle_windows and rebatch."""
     num_blocks = -(-len(labels) // block)
 
@@ -157,9 +167,15 @@ def test_folder_batches_hold_as_many_classes_as_independent_sampling(class_order
     labels = data.labels
     expected = expected_distinct(np.bincount(labels), BATCH)  # 8.15
     order = DrawnViews(ViewPlan(seed=0), data, 1, block=BLOCK).order
-    counts = [len(np.unique(b)) for epoch in range(20) for b in epoch_batches(labels, order, BLOCK, WINDOW_ROWS, BATCH, epoch)]
+    counts = [
+        len(np.unique(b)) for epoch in range(20) for b in epoch_batches(labels, order, BLOCK, WINDOW_ROWS, BATCH, epoch)
+    ]
     assert abs(np.mean(counts) - expected) < 0.1 * expected
-    before = [len(np.unique(b)) for epoch in range(5) for b in epoch_batches(labels, np.arange(len(data)), BLOCK, WINDOW_ROWS, BATCH, epoch)]
+    before = [
+        len(np.unique(b))
+        for epoch in range(5)
+        for b in epoch_batches(labels, np.arange(len(data)), BLOCK, WINDOW_ROWS, BATCH, epoch)
+    ]
     assert np.mean(before) < 0.6 * expected  # consecutive ids: 4.2 (a window is 4 one-class blocks); permuted: 8.17
 
 
@@ -185,8 +201,19 @@ def test_a_student_learns_from_class_ordered_folders_as_from_mixed_order(class_o
     plan = ViewPlan(ViewRecipe(scale=(0.35, 1.0)), seed=0)
     epochs = 3  # measured: both reach 1.0 by epoch 2 (consecutive ids, the old layout: 0.7 after 4)
     # size 32: the views' own scale (40 px images); without it the student renders at resnet10t's default 176 px, 30x the work
-    settings = TrainSettings(**STUDENT, method="ce", epochs=epochs, batch_size=BATCH, lr=0.004, window_rows=WINDOW_ROWS, verify="none", size=32)
-    interleaved = np.argsort(np.arange(len(data)) % PER_CLASS * CLASSES + data.labels, kind="stable")  # class 0, 1, .., 9, 0, ..
+    settings = TrainSettings(
+        **STUDENT,
+        method="ce",
+        epochs=epochs,
+        batch_size=BATCH,
+        lr=0.004,
+        window_rows=WINDOW_ROWS,
+        verify="none",
+        size=32,
+    )
+    interleaved = np.argsort(
+        np.arange(len(data)) % PER_CLASS * CLASSES + data.labels, kind="stable"
+    )  # class 0, 1, .., 9, 0, ..
 
     def accuracy(order):
         views = DrawnViews(plan, data, num_views=epochs, block=BLOCK, order=order)
@@ -204,7 +231,11 @@ def test_the_store_checks_its_order(tmp_path):
 
     made = dict(
         dataset=DatasetRecord(source="test", fingerprint="f", num_samples=10, num_classes=1, classes=("a",)),
-        plan=PlanRecord(recipe={}, seed=0, size=32), versions={}, num_views=1, block=4, plan_specs={"crop": ArraySpec((4,), "float32")},
+        plan=PlanRecord(recipe={}, seed=0, size=32),
+        versions={},
+        num_views=1,
+        block=4,
+        plan_specs={"crop": ArraySpec((4,), "float32")},
     )
     with pytest.raises(ValueError, match="permutation"):
         Store.create(tmp_path / "a", **made, order=np.zeros(10, int))
@@ -233,7 +264,11 @@ def test_with_repeats_a_samples_views_travel_together_and_batches_stay_random_sa
             yield {"id": ids, "label": labels[ids], "view": np.full(len(ids), v)}
 
     rng = np.random.default_rng([0, 0, 2])
-    batches = list(rebatch(shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True))
+    batches = list(
+        rebatch(
+            shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True
+        )
+    )
     assert len(batches) > 300
     for t in batches:
         ids, counts = np.unique(t["id"], return_counts=True)
@@ -246,11 +281,15 @@ def test_with_repeats_a_samples_views_travel_together_and_batches_stay_random_sa
 MIXING = dict(mixup_alpha=0.8, cutmix_alpha=1.0)
 
 
-@pytest.mark.parametrize("recipe, batch, once", [
-    ({}, 15, True),  # no mixing: a sample's three views share a batch
-    ({**MIXING, "mix_pair_views": 3}, 18, True),  # its three views share their partner: 6 rows, 2 decodes
-    (MIXING, 18, False),  # a partner per view: the views of a window link into one component, decoded per view
-], ids=["no-mixing", "shared-partner", "partner-per-view"])
+@pytest.mark.parametrize(
+    "recipe, batch, once",
+    [
+        ({}, 15, True),  # no mixing: a sample's three views share a batch
+        ({**MIXING, "mix_pair_views": 3}, 18, True),  # its three views share their partner: 6 rows, 2 decodes
+        (MIXING, 18, False),  # a partner per view: the views of a window link into one component, decoded per view
+    ],
+    ids=["no-mixing", "shared-partner", "partner-per-view"],
+)
 def test_a_repeated_epoch_decodes_each_image_once(recipe, batch, once, monkeypatch):
     """train with repeats 3: the renderer decodes each image of the epoch once, for its three views (and for its
     partner's views, when the plan pairs the three views alike); partners drawn per view cost a decode per view."""
@@ -288,11 +327,20 @@ def test_shared_partners_on_imagenets_shape_keep_a_samples_and_its_partners_view
     def tables():
         for v, b in epoch_units(0, repeats, num_blocks, 0, repeats, view_groups=repeats)[: repeats * 16]:
             ids = order[b * block : (b + 1) * block]
-            table = {**plan.draw(v, ids, sizes[: len(ids)]), "id": ids, "label": labels[ids], "view": np.full(len(ids), v)}
+            table = {
+                **plan.draw(v, ids, sizes[: len(ids)]),
+                "id": ids,
+                "label": labels[ids],
+                "view": np.full(len(ids), v),
+            }
             yield with_partner_params(table, plan.fields)
 
     rng = np.random.default_rng([0, 0, 2])
-    batches = list(rebatch(shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True))
+    batches = list(
+        rebatch(
+            shuffle_windows(tables(), window_units(window, block, repeats), rng, by_sample=True), batch, drop_last=True
+        )
+    )
     assert len(batches) > 150
     for t in batches:
         _, counts = np.unique(t["id"], return_counts=True)

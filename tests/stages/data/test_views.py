@@ -38,11 +38,7 @@ def test_uniforms_rows_do_not_depend_on_which_ids_are_drawn_together():
     np.testing.assert_array_equal(uniforms(7, 2, np.array([41]), 1, 4), full[[41]])
 
 
-@pytest.mark.parametrize(
-    "changed",
-    [dict(seed=1), dict(view=1), dict(stream=1)],
-    ids=["seed", "view", "stream"],
-)
+@pytest.mark.parametrize("changed", [dict(seed=1), dict(view=1), dict(stream=1)], ids=["seed", "view", "stream"])
 def test_uniforms_differ_when_seed_view_or_stream_differ(changed):
     args = dict(seed=0, view=0, stream=0)
     ids = np.arange(500)

@@ -27,8 +27,31 @@ from storage import Store, UserError
 from conftest import BUCKET, group_arrays
 
 SHARDS, PER_SHARD, CLASSES = 4, 15, 5
-TEACHER = ["--teacher", "resnet18", "--random-init", "--teacher-seed", "0", "--size", "32", "--logits", "full", "--dtype", "float32"]
-STUDENT = ["--student", "resnet10t", "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--batch-size", "16", "--seed", "1"]
+TEACHER = [
+    "--teacher",
+    "resnet18",
+    "--random-init",
+    "--teacher-seed",
+    "0",
+    "--size",
+    "32",
+    "--logits",
+    "full",
+    "--dtype",
+    "float32",
+]
+STUDENT = [
+    "--student",
+    "resnet10t",
+    "--student-arg",
+    "channels=[8,16,32,64]",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--seed",
+    "1",
+]
 
 
 pytestmark = pytest.mark.usefixtures("index_cache")  # never the user's own shard-index cache
@@ -54,15 +77,24 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
                 tar.addfile(info, io.BytesIO(data))
 
 
-def make_shards(root: Path, *, prefix="train", shards=SHARDS, per_shard=PER_SHARD, ordered=False, seed=0) -> tuple[str, list]:
+def make_shards(
+    root: Path, *, prefix="train", shards=SHARDS, per_shard=PER_SHARD, ordered=False, seed=0
+) -> tuple[str, list]:
     """Shuffled class labels (or class order with ``ordered``); returns the brace pattern and the samples."""
     root.mkdir(parents=True, exist_ok=True)
     n = shards * per_shard
-    labels = np.sort(np.arange(n) % CLASSES) if ordered else np.random.default_rng(seed).permutation(np.arange(n) % CLASSES)
+    labels = (
+        np.sort(np.arange(n) % CLASSES) if ordered else np.random.default_rng(seed).permutation(np.arange(n) % CLASSES)
+    )
     samples = []
     for i in range(n):
         size = (40, 48) if i % 3 else (36, 36)
-        samples.append((f"s{seed}_{i:05d}", {"jpg": jpeg(seed * 1000 + i, size), "cls": str(int(labels[i])).encode(), "json": b"{}"}))
+        samples.append(
+            (
+                f"s{seed}_{i:05d}",
+                {"jpg": jpeg(seed * 1000 + i, size), "cls": str(int(labels[i])).encode(), "json": b"{}"},
+            )
+        )
     for k in range(shards):
         write_shard(root / f"{prefix}-{k:04d}.tar", samples[k * per_shard : (k + 1) * per_shard])
     return f"{root}/{prefix}-{{0000..{shards - 1:04d}}}.tar", samples
@@ -90,7 +122,10 @@ def test_ids_follow_shards_then_members(tmp_path):
     data = open_dataset(f"wds:{pattern}")
     assert isinstance(data, WdsDataset) and data.sequential and data.source == f"wds:{pattern}"
     assert len(data) == SHARDS * PER_SHARD and data.num_classes == CLASSES
-    assert data.keys[:2] == ["train-0000.tar/s0_00000", "train-0000.tar/s0_00001"] and data.keys[15] == "train-0001.tar/s0_00015"
+    assert (
+        data.keys[:2] == ["train-0000.tar/s0_00000", "train-0000.tar/s0_00001"]
+        and data.keys[15] == "train-0001.tar/s0_00015"
+    )
     np.testing.assert_array_equal(data.labels, [int(m["cls"]) for _, m in samples])
     assert data.sizes()[0].tolist() == [36, 36] and data.sizes()[1].tolist() == [40, 48]
     for i in (0, 14, 15, 59):
@@ -107,7 +142,11 @@ def test_a_block_is_read_in_one_request_per_shard(tmp_path, monkeypatch):
     data = WdsDataset(pattern)
     reads = []
     read = WdsDataset._read
-    monkeypatch.setattr(WdsDataset, "_read", lambda self, shard, start, end: reads.append((shard, start, end)) or read(self, shard, start, end))
+    monkeypatch.setattr(
+        WdsDataset,
+        "_read",
+        lambda self, shard, start, end: reads.append((shard, start, end)) or read(self, shard, start, end),
+    )
     data.encoded(np.arange(0, 32))  # samples 0..14, 15..29 and 30, 31: three shards
     assert [r[0] for r in reads] == [0, 1, 2]
     reads.clear()
@@ -185,7 +224,20 @@ def test_bad_shards_are_one_line_naming_shard_and_key(case, expected, tmp_path, 
         data = _bad_shards(tmp_path, "none").replace("train-0000.tar", "train-{0000..0001}.tar")
     else:
         data = _bad_shards(tmp_path, case)
-    argv = ["extract", "--data", data, *TEACHER, "--views", "1", "--block", "16", "--batch-size", "16", "--store", str(tmp_path / "s")]
+    argv = [
+        "extract",
+        "--data",
+        data,
+        *TEACHER,
+        "--views",
+        "1",
+        "--block",
+        "16",
+        "--batch-size",
+        "16",
+        "--store",
+        str(tmp_path / "s"),
+    ]
     assert run(*argv) == 2
     assert expected in error_line(capsys)
     assert not (tmp_path / "s" / "teachers").exists() or not any((tmp_path / "s" / "teachers").rglob("commits/*"))
@@ -208,11 +260,17 @@ def _damage_header(path: Path, name: str, how: str) -> int:
     return at
 
 
-@pytest.mark.parametrize("how,says", [
-    ("checksum", "a member header there cannot be read (bad checksum)"),
-    ("zeroed", "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members"),
-    ("size", "a member header there cannot be read (invalid header)"),
-])
+@pytest.mark.parametrize(
+    "how,says",
+    [
+        ("checksum", "a member header there cannot be read (bad checksum)"),
+        (
+            "zeroed",
+            "a zero block (a zeroed member header, or the end marker of tars joined together) is followed by more members",
+        ),
+        ("size", "a member header there cannot be read (invalid header)"),
+    ],
+)
 def test_a_damaged_member_header_is_refused_not_read_as_a_shorter_shard(how, says, tmp_path):
     """tarfile stops at a header it cannot read as if the tar ended there: 3 samples of 8, silently."""
     shard = tmp_path / "train-0000.tar"
@@ -263,7 +321,20 @@ def test_extraction_from_class_ordered_shards_says_so_in_one_line(tmp_path, caps
     assert WdsDataset(pattern).order_note() is not None
     shuffled, _ = make_shards(tmp_path / "shuffled", shards=2, per_shard=10)
     assert WdsDataset(shuffled).order_note() is None
-    argv = ["extract", "--data", f"wds:{pattern}", *TEACHER, "--views", "1", "--block", "20", "--batch-size", "20", "--store", str(tmp_path / "s")]
+    argv = [
+        "extract",
+        "--data",
+        f"wds:{pattern}",
+        *TEACHER,
+        "--views",
+        "1",
+        "--block",
+        "20",
+        "--batch-size",
+        "20",
+        "--store",
+        str(tmp_path / "s"),
+    ]
     assert run(*argv) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "class order" in line]
     assert len(notes) == 1 and "the commonest class of shard" in notes[0] and "shuffle the samples" in notes[0]
@@ -275,8 +346,25 @@ MIXING = "views:\n  cutmix_alpha: 1.0\n  mixup_alpha: 0.2\n  randaugment: rand-m
 
 
 def _extract(data: str, store, config: Path, *extra) -> list[str]:
-    return ["extract", "--data", data, *TEACHER, "--teacher-id", "t", "--config", str(config), "--views", "2",
-            "--block", "16", "--batch-size", "16", "--store", str(store), *extra]
+    return [
+        "extract",
+        "--data",
+        data,
+        *TEACHER,
+        "--teacher-id",
+        "t",
+        "--config",
+        str(config),
+        "--views",
+        "2",
+        "--block",
+        "16",
+        "--batch-size",
+        "16",
+        "--store",
+        str(store),
+        *extra,
+    ]
 
 
 def test_extract_verify_and_distill_from_local_shards(tmp_path, monkeypatch):
@@ -292,7 +380,21 @@ def test_extract_verify_and_distill_from_local_shards(tmp_path, monkeypatch):
     assert per_image == []  # every image came with its unit, read in one pass; none by id
     assert Store(store).record.dataset.source == f"wds:{pattern}"
     assert run("verify", str(store), "--replay", "1") == 0
-    assert run("distill", "--from-cache", str(store), *STUDENT, "--verify", "all", "--val-data", f"wds:{val}", "--out", str(tmp_path / "d")) == 0
+    assert (
+        run(
+            "distill",
+            "--from-cache",
+            str(store),
+            *STUDENT,
+            "--verify",
+            "all",
+            "--val-data",
+            f"wds:{val}",
+            "--out",
+            str(tmp_path / "d"),
+        )
+        == 0
+    )
     assert (tmp_path / "d" / "student.safetensors").exists()
 
 
@@ -300,8 +402,25 @@ def test_train_without_a_store_reads_shards(tmp_path):
     pattern, _ = make_shards(tmp_path / "shards")
     val, _ = make_shards(tmp_path / "val", prefix="val", shards=1, per_shard=10, seed=1)
     out = tmp_path / "scratch"
-    argv = ["train", "--data", f"wds:{pattern}", "--val-data", f"wds:{val}", "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]",
-            "--epochs", "1", "--batch-size", "16", "--size", "32", "--out", str(out)]
+    argv = [
+        "train",
+        "--data",
+        f"wds:{pattern}",
+        "--val-data",
+        f"wds:{val}",
+        "--model",
+        "resnet10t",
+        "--model-arg",
+        "channels=[8,16,32,64]",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--size",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert run(*argv) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and 0 <= metrics[0]["val_top1"] <= 1 and (out / "model.safetensors").exists()
@@ -317,7 +436,21 @@ def test_ray_train_distills_from_a_store_of_shards(local_ray, tmp_path):
     config.write_text("views:\n  hflip: 0.5\n")
     assert run(*_extract(f"wds:{pattern}", tmp_path / "store", config)) == 0
     out = tmp_path / "ray-run"
-    assert run("distill", "--from-cache", str(tmp_path / "store"), *STUDENT, "--val-data", f"wds:{val}", "--ray-workers", "2", "--out", str(out)) == 0
+    assert (
+        run(
+            "distill",
+            "--from-cache",
+            str(tmp_path / "store"),
+            *STUDENT,
+            "--val-data",
+            f"wds:{val}",
+            "--ray-workers",
+            "2",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "val_top1" in metrics[0] and (out / "student.safetensors").exists()
 
@@ -341,14 +474,31 @@ def test_shards_in_a_bucket_extract_verify_distill_and_run_on_ray(s3, cluster, t
         b = group_arrays(want.plan if group == "plan" else want.teacher(group))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), group
     assert run("verify", str(tmp_path / "s3"), "--replay", "1") == 0
-    assert run("distill", "--from-cache", str(tmp_path / "s3"), *STUDENT, "--verify", "all",
-               "--val-data", f"wds:s3://{BUCKET}/in/val-0000.tar", "--out", str(tmp_path / "d")) == 0
+    assert (
+        run(
+            "distill",
+            "--from-cache",
+            str(tmp_path / "s3"),
+            *STUDENT,
+            "--verify",
+            "all",
+            "--val-data",
+            f"wds:s3://{BUCKET}/in/val-0000.tar",
+            "--out",
+            str(tmp_path / "d"),
+        )
+        == 0
+    )
     # Ray actors on the session's two-node cluster read the shards from the bucket themselves (its nodes have the
     # S3 settings in their environment).
     import subprocess
     import sys
 
-    cmd = [str(Path(sys.executable).with_name("pipeline")), "--quiet", *_extract(remote, tmp_path / "ray", config, "--ray-address", cluster.address)]
+    cmd = [
+        str(Path(sys.executable).with_name("pipeline")),
+        "--quiet",
+        *_extract(remote, tmp_path / "ray", config, "--ray-address", cluster.address),
+    ]
     done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     ray_store = Store(tmp_path / "ray")

@@ -23,7 +23,9 @@ from stages.training.settings import TrainSettings
 from storage import Store, UserError
 
 C, DT, B, T = 10, 48, 8, 17
-VIT = dict(student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+VIT = dict(
+    student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+)
 
 
 class EveryOutput(TeacherSource):
@@ -37,7 +39,11 @@ class EveryOutput(TeacherSource):
 
     def outputs(self, batch, views, temperature=1.0, needs=None):
         g = torch.Generator().manual_seed(4)
-        return {"logits": torch.randn(B, C, generator=g), "features": torch.randn(B, DT, generator=g), "tokens": torch.randn(B, T, DT, generator=g)}
+        return {
+            "logits": torch.randn(B, C, generator=g),
+            "features": torch.randn(B, DT, generator=g),
+            "tokens": torch.randn(B, T, DT, generator=g),
+        }
 
 
 def _steps(spec: str, teacher, temperature, steps: int = 2):
@@ -101,7 +107,10 @@ def test_parts_read_their_own_teachers_once_and_log_their_losses_apart(two_teach
         return original(self, view, block, rows)
 
     monkeypatch.setattr(teacher_sources.CachedTeacher, "unit_rows", counted)
-    job = DistillJob(str(two_teacher_store), _settings("kd@t1+dkd@t2+dist@t1", method_args={"dkd": {"weight": 0.5}, "kd": {"temperature": 4}}))
+    job = DistillJob(
+        str(two_teacher_store),
+        _settings("kd@t1+dkd@t2+dist@t1", method_args={"dkd": {"weight": 0.5}, "kd": {"temperature": 4}}),
+    )
     result = build_distill(job).train(out_dir=tmp_path)
     units = len(Store(two_teacher_store).units(2)) // 2  # an epoch of one view per block
     assert sorted(reads) == sorted({r for r in reads})  # each teacher's unit read once, though t1 serves two parts
@@ -109,7 +118,9 @@ def test_parts_read_their_own_teachers_once_and_log_their_losses_apart(two_teach
 
     line = result.metrics[0]
     assert {"train_kd", "train_dkd", "train_dist", "train_kd.kd", "train_dkd.dkd", "train_dist.dist"} <= set(line)
-    assert line["train_loss"] == pytest.approx(line["train_kd"] + 0.5 * line["train_dkd"] + line["train_dist"], rel=1e-5)
+    assert line["train_loss"] == pytest.approx(
+        line["train_kd"] + 0.5 * line["train_dkd"] + line["train_dist"], rel=1e-5
+    )
     written = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert written["train_dkd"] == line["train_dkd"]
     # The exported student is the plain timm model.
@@ -118,7 +129,12 @@ def test_parts_read_their_own_teachers_once_and_log_their_losses_apart(two_teach
 
 
 def test_the_parts_weight_changes_the_run(base_store):
-    runs = [build_distill(DistillJob(str(base_store), _settings("kd@t1+dkd@t1", method_args={"dkd": {"weight": w}}))).train() for w in (0.0, 2.0)]
+    runs = [
+        build_distill(
+            DistillJob(str(base_store), _settings("kd@t1+dkd@t1", method_args={"dkd": {"weight": w}}))
+        ).train()
+        for w in (0.0, 2.0)
+    ]
     assert runs[0].metrics[0]["train_loss"] == pytest.approx(runs[0].metrics[0]["train_kd"])
     assert runs[0].metrics[0]["train_loss"] != runs[1].metrics[0]["train_loss"]
 
@@ -134,8 +150,16 @@ def test_an_online_composite_runs_each_model_live_and_matches_the_cache(base_sto
 
 
 def test_a_recipe_lists_parts_as_the_flag_and_method_args_give_them():
-    listed = {"method": [{"method": "kd", "teacher": "t1", "args": {"temperature": 4}}, {"method": "cospress", "teacher": "t2", "weight": 0.5}]}
-    flagged = {"method": "kd@t1+cospress@t2", "method_args": config.parse_pairs(["kd.temperature=4", "cospress.weight=0.5"], "--method-arg")}
+    listed = {
+        "method": [
+            {"method": "kd", "teacher": "t1", "args": {"temperature": 4}},
+            {"method": "cospress", "teacher": "t2", "weight": 0.5},
+        ]
+    }
+    flagged = {
+        "method": "kd@t1+cospress@t2",
+        "method_args": config.parse_pairs(["kd.temperature=4", "cospress.weight=0.5"], "--method-arg"),
+    }
     assert train_settings(listed, {}, "recipe") == train_settings({}, flagged, "flags")
 
 
@@ -146,9 +170,14 @@ def test_a_paper_recipes_method_settings_go_to_that_part_of_a_composite():
 
 
 def test_a_sweep_searches_a_parts_weight(base_store):
-    spec = parse_sweep({"method": "kd@t1+dkd@t1", "epochs": 1, "search": {"method_args": {"dkd": {"weight": [0.5, 2.0]}}}}, "sweep.yaml")
+    spec = parse_sweep(
+        {"method": "kd@t1+dkd@t1", "epochs": 1, "search": {"method_args": {"dkd": {"weight": [0.5, 2.0]}}}},
+        "sweep.yaml",
+    )
     assert [a.name for a in spec.axes] == ["method_args.dkd.weight"]
-    job = trial_job({"store": str(base_store)}, trial_settings(spec.fixed, {"method_args.dkd.weight": 2.0}), "sweep.yaml")
+    job = trial_job(
+        {"store": str(base_store)}, trial_settings(spec.fixed, {"method_args.dkd.weight": 2.0}), "sweep.yaml"
+    )
     assert job.train.method_args == {"dkd": {"weight": 2.0}}
 
 
@@ -181,9 +210,25 @@ def test_bad_parts_are_one_line_before_any_work(method, args, says):
         ("kd@t1+dkd@t2", "t1", "--teacher-id t1 is read by no part"),
     ],
 )
-def test_a_store_or_student_that_cannot_serve_a_part_is_refused_in_one_line(two_teacher_store, tmp_path, capsys, method, teacher_id, says):
-    argv = ["--quiet", "distill", "--from-cache", str(two_teacher_store), "--method", method, "--student", "resnet10t",
-            "--student-arg", "channels=[8,16,32,64]", "--epochs", "1", "--out", str(tmp_path / "run")]
+def test_a_store_or_student_that_cannot_serve_a_part_is_refused_in_one_line(
+    two_teacher_store, tmp_path, capsys, method, teacher_id, says
+):
+    argv = [
+        "--quiet",
+        "distill",
+        "--from-cache",
+        str(two_teacher_store),
+        "--method",
+        method,
+        "--student",
+        "resnet10t",
+        "--student-arg",
+        "channels=[8,16,32,64]",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main([*argv, *(["--teacher-id", teacher_id] if teacher_id else [])]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
@@ -192,7 +237,9 @@ def test_a_store_or_student_that_cannot_serve_a_part_is_refused_in_one_line(two_
 
 def test_a_weight_given_twice_or_run_wide_teacher_flags_no_part_reads_are_one_line(base_store, two_teacher_store):
     with pytest.raises(UserError, match="part dkd gives its weight twice"):
-        train_settings({"method": [{"method": "kd"}, {"method": "dkd", "weight": 2, "args": {"weight": 3}}]}, {}, "recipe.yaml")
+        train_settings(
+            {"method": [{"method": "kd"}, {"method": "dkd", "weight": 2, "args": {"weight": 3}}]}, {}, "recipe.yaml"
+        )
     with pytest.raises(UserError, match="drop --teacher-weights"):
         build_distill(DistillJob(str(two_teacher_store), _settings("kd@t1+dkd@t2"), teacher_weights="0.7,0.3"))
     online = OnlineTeacher("resnet18", random_init=True, seed=0)

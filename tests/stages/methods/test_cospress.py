@@ -28,11 +28,18 @@ from storage import UserError
 # A DINOv2-shaped teacher small enough for two cores: patch 8 at 32 px, 1 CLS + 4 x 4 patches of 48.
 register_teacher(
     TeacherSpec(
-        "test_dinov2", "vit_small_patch14_dinov2", 32, IMAGENET_MEAN, IMAGENET_STD, outputs=("features",),
+        "test_dinov2",
+        "vit_small_patch14_dinov2",
+        32,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        outputs=("features",),
         kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
     )
 )
-VIT = dict(student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+VIT = dict(
+    student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+)
 T, DT, DS = 17, 48, 32
 
 
@@ -42,7 +49,16 @@ def vit_student(**kwargs):
 
 
 def context(**kw):
-    base = dict(num_classes=10, student_dim=DS, teacher_dim=DT, student_tokens=(T, DS), teacher_tokens=(T, DT), teacher_token_prefix=1, student_token_prefix=1, size=32)
+    base = dict(
+        num_classes=10,
+        student_dim=DS,
+        teacher_dim=DT,
+        student_tokens=(T, DS),
+        teacher_tokens=(T, DT),
+        teacher_token_prefix=1,
+        student_token_prefix=1,
+        size=32,
+    )
     return MethodContext(**{**base, **kw})
 
 
@@ -53,7 +69,10 @@ def tokens(b=6, t=T, d=DT, seed=0):
 def test_the_mapping_head_is_layernorm_then_linear_on_the_teacher_side():
     method = create_method("cospress", context())
     assert [type(m) for m in method.map] == [torch.nn.LayerNorm, torch.nn.Linear]
-    assert method.map[0].normalized_shape == (DT,) and (method.map[1].in_features, method.map[1].out_features) == (DT, DS)
+    assert method.map[0].normalized_shape == (DT,) and (method.map[1].in_features, method.map[1].out_features) == (
+        DT,
+        DS,
+    )
     assert method.temperatures == pytest.approx([0.01 * i for i in range(1, 11)])
 
 
@@ -71,13 +90,17 @@ def test_similarity_losses_train_only_the_head_and_student_losses_only_the_stude
     only_student = create_method("cospress", context(), local_weight=0.0, global_weight=0.0, probe_weight=0.0)
     loss, parts = only_student(student, {"tokens": t}, y)
     loss.backward()
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in only_student.map.parameters()) and s.grad.abs().sum() > 0
+    assert (
+        all(p.grad is None or p.grad.abs().sum() == 0 for p in only_student.map.parameters()) and s.grad.abs().sum() > 0
+    )
     with torch.no_grad():
         mapped = only_student.map(t)
     assert parts["tokens"].item() == pytest.approx(flat_cosine_loss(s, mapped).item(), rel=1e-6)
     assert parts["cls"].item() == pytest.approx(flat_cosine_loss(s[:, 0], mapped[:, 0]).item(), rel=1e-6)
     assert parts["local"].item() == pytest.approx(similarity_kl(t, mapped, only_student.temperatures).item(), rel=1e-5)
-    assert parts["global"].item() == pytest.approx(similarity_kl(t[None, :, 0], mapped[None, :, 0], only_student.temperatures).item(), rel=1e-5)
+    assert parts["global"].item() == pytest.approx(
+        similarity_kl(t[None, :, 0], mapped[None, :, 0], only_student.temperatures).item(), rel=1e-5
+    )
     assert loss.item() == pytest.approx(parts["tokens"].item() + parts["cls"].item(), rel=1e-6)
 
 
@@ -100,7 +123,9 @@ def test_the_student_tokens_are_cls_then_patches_after_the_final_norm():
 
 
 def test_refusals_say_what_to_change_in_one_line(base_store):
-    with pytest.raises(UserError, match=r"17 tokens at 32 px \(4x4 patches\), the teacher's cache holds 50 \(7x7 patches\).*patch_size") as e:
+    with pytest.raises(
+        UserError, match=r"17 tokens at 32 px \(4x4 patches\), the teacher's cache holds 50 \(7x7 patches\).*patch_size"
+    ) as e:
         create_method("cospress", context(teacher_tokens=(50, DT)))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="CLS token"):
@@ -108,7 +133,10 @@ def test_refusals_say_what_to_change_in_one_line(base_store):
     cnn = timm.create_model("resnet10t", pretrained=False, num_classes=10)  # 1 token at 32 px, and no CLS token
     with pytest.raises(UserError, match="ViT student with a CLS token"):  # said before the grid, which a CNN cannot fix
         student_side = method_context(method_class("cospress"), cnn, None, num_classes=10, size=32, epochs=1)
-        create_method("cospress", dataclasses.replace(student_side, teacher_dim=DT, teacher_tokens=(T, DT), teacher_token_prefix=1))
+        create_method(
+            "cospress",
+            dataclasses.replace(student_side, teacher_dim=DT, teacher_tokens=(T, DT), teacher_token_prefix=1),
+        )
     with pytest.raises(UserError, match="--outputs logits,features,tokens"):
         CachedTeacher(__import__("storage").Store(base_store), "t1", ("tokens",))
 
@@ -131,10 +159,16 @@ def _global_worker(rank, world, port, teacher, state, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        method = create_method("cospress", context(), local_weight=0.0, token_weight=0.0, cls_weight=0.0, probe_weight=0.0)
+        method = create_method(
+            "cospress", context(), local_weight=0.0, token_weight=0.0, cls_weight=0.0, probe_weight=0.0
+        )
         method.load_state_dict(state)
         rows = teacher.chunk(world)[rank]
-        student = {"tokens": torch.zeros(len(rows), T, DS), "features": torch.zeros(len(rows), DS), "logits": torch.zeros(len(rows), 10)}
+        student = {
+            "tokens": torch.zeros(len(rows), T, DS),
+            "features": torch.zeros(len(rows), DS),
+            "logits": torch.zeros(len(rows), 10),
+        }
         loss, _ = method(student, {"tokens": rows}, targets(np.zeros(len(rows), int), 10, 0.0))
         loss.backward()
         grads = [p.grad.clone() for p in method.parameters()]
@@ -153,7 +187,9 @@ def test_the_global_loss_under_ddp_is_the_single_process_loss_of_the_whole_batch
     student = {"tokens": torch.zeros(8, T, DS), "features": torch.zeros(8, DS), "logits": torch.zeros(8, 10)}
     loss, _ = method(student, {"tokens": teacher}, targets(np.zeros(8, int), 10, 0.0))
     loss.backward()
-    mp.spawn(_global_worker, args=(2, free_port(), teacher, method.state_dict(), tmp_path / "rank0.pt"), nprocs=2, join=True)
+    mp.spawn(
+        _global_worker, args=(2, free_port(), teacher, method.state_dict(), tmp_path / "rank0.pt"), nprocs=2, join=True
+    )
     got = torch.load(tmp_path / "rank0.pt")
     assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)  # each worker's value is the whole batch's
     for a, p in zip(got["grads"], method.parameters()):
@@ -190,6 +226,13 @@ def test_cached_tokens_train_the_same_student_as_the_live_teacher_bit_for_bit(to
 def test_a_student_whose_grid_differs_from_the_caches_is_refused_before_training(token_store, train_data, plan):
     store, _ = token_store
     views = StoredViews(store, stored_plan(store))
-    settings = TrainSettings(student=VIT["student"], student_kwargs={**VIT["student_kwargs"], "patch_size": 16}, method="cospress", epochs=1, batch_size=16, size=32)
+    settings = TrainSettings(
+        student=VIT["student"],
+        student_kwargs={**VIT["student_kwargs"], "patch_size": 16},
+        method="cospress",
+        epochs=1,
+        batch_size=16,
+        size=32,
+    )
     with pytest.raises(UserError, match="token grid does not match"):
         train(settings, train_data, None, views, plan, CachedTeacher(store, "vit", ("tokens",)))

@@ -22,7 +22,9 @@ from stages.data.replay import StoredViews
 from stages.teachers.teacher_sources import CachedTeacher
 from storage import Store, UserError
 
-VIT = dict(student="deit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+VIT = dict(
+    student="deit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+)
 STUDENTS = {
     "resnet10t": STUDENT["student_kwargs"],
     "resnet18": dict(channels=(8, 16, 32, 64)),
@@ -67,8 +69,12 @@ def test_one_parameter_set_holds_the_student_as_a_slice_times_r():
             p.add_(0.01 * torch.randn_like(p))
     exported = dynamic.export()
     torch.testing.assert_close(exported.get_submodule("conv1.0").weight, wide["net.conv1.0.weight"][:24] * 2)
-    torch.testing.assert_close(exported.layer1[0].conv1.weight, wide["net.layer1.0.conv1.weight"][:8, :64] * 2)  # 64 -> 8
-    torch.testing.assert_close(exported.fc.weight, wide["net.fc.weight"][:, :64])  # the classifier's output is not widened: x 1
+    torch.testing.assert_close(
+        exported.layer1[0].conv1.weight, wide["net.layer1.0.conv1.weight"][:8, :64] * 2
+    )  # 64 -> 8
+    torch.testing.assert_close(
+        exported.fc.weight, wide["net.fc.weight"][:, :64]
+    )  # the classifier's output is not widened: x 1
     torch.testing.assert_close(exported.fc.bias, wide["net.fc.bias"])
     torch.testing.assert_close(exported.layer1[0].bn1.weight, wide["net.layer1.0.bn1.weight"][:8])
     assert not any(isinstance(m, (WideConv2d, WideBatchNorm2d)) for m in exported.modules())
@@ -103,7 +109,11 @@ def test_gradients_reach_the_shared_weights_from_both_networks():
     assert wide_grad[8:].abs().sum() > 0  # rows outside the student's (8, 64) slice learn from the wide network only
     conv.weight.grad = None
     dynamic(images()).sum().backward()
-    assert conv.weight.grad[:8, :64].abs().sum() > 0 and conv.weight.grad[8:].abs().sum() == 0 and conv.weight.grad[:, 64:].abs().sum() == 0
+    assert (
+        conv.weight.grad[:8, :64].abs().sum() > 0
+        and conv.weight.grad[8:].abs().sum() == 0
+        and conv.weight.grad[:, 64:].abs().sum() == 0
+    )
 
 
 def test_unsupported_students_are_refused_in_one_line_naming_the_supported_ones():
@@ -113,7 +123,9 @@ def test_unsupported_students_are_refused_in_one_line_naming_the_supported_ones(
             DynamicTeacher(model)
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="depthwise"):
-        DynamicTeacher(timm.create_model("resnext50_32x4d", pretrained=False, num_classes=10))  # a ResNet with grouped convolutions
+        DynamicTeacher(
+            timm.create_model("resnext50_32x4d", pretrained=False, num_classes=10)
+        )  # a ResNet with grouped convolutions
     with pytest.raises(UserError, match="ratio"):
         DynamicTeacher(student("resnet10t"), r=1)
 
@@ -137,8 +149,11 @@ def test_the_step_is_l_d_plus_l_s_with_the_dynamic_teacher_detached_in_sce():
     target = y.classes(t)
     ce = lambda z: hard_loss("ce", z, y)  # noqa: E731
     expected = (
-        ce(z_d) + dkd_loss(z_d, t, target, 1.0, 0.5)
-        + ce(z_s) + dkd_loss(z_s, t, target, 1.0, 0.5) + 3.0 * smoothed_soft_ce(z_s, torch.softmax(z_d, 1), 0.1)
+        ce(z_d)
+        + dkd_loss(z_d, t, target, 1.0, 0.5)
+        + ce(z_s)
+        + dkd_loss(z_s, t, target, 1.0, 0.5)
+        + 3.0 * smoothed_soft_ce(z_s, torch.softmax(z_d, 1), 0.1)
     )
     torch.testing.assert_close(loss, expected)
     assert set(parts) == {"ce", "wide_ce", "dkd", "wide_dkd", "sce"}
@@ -155,7 +170,9 @@ def test_without_a_teacher_it_is_ce_plus_ce_plus_three_sce():
     z_s, z_d = _logits(4), _logits(5)
     y = targets(np.arange(8) % 10, 10, 0.0)
     loss, parts = method({"logits": z_s, "wide_logits": z_d}, {}, y)
-    expected = hard_loss("ce", z_d, y) + hard_loss("ce", z_s, y) + 3.0 * smoothed_soft_ce(z_s, torch.softmax(z_d.detach(), 1))
+    expected = (
+        hard_loss("ce", z_d, y) + hard_loss("ce", z_s, y) + 3.0 * smoothed_soft_ce(z_s, torch.softmax(z_d.detach(), 1))
+    )
     torch.testing.assert_close(loss, expected)
     assert set(parts) == {"ce", "wide_ce", "sce"}
 
@@ -174,7 +191,11 @@ def test_one_backward_of_the_sum_equals_the_official_two_backwards():
             target = y.classes(t)
             (hard_loss("ce", wide, y) + dkd_loss(wide, t, target, 1.0, 0.5)).backward()
             z_s = dynamic(x)
-            (hard_loss("ce", z_s, y) + dkd_loss(z_s, t, target, 1.0, 0.5) + 3 * smoothed_soft_ce(z_s, torch.softmax(wide.detach(), 1))).backward()
+            (
+                hard_loss("ce", z_s, y)
+                + dkd_loss(z_s, t, target, 1.0, 0.5)
+                + 3 * smoothed_soft_ce(z_s, torch.softmax(wide.detach(), 1))
+            ).backward()
         else:
             method({"logits": dynamic(x), "wide_logits": wide}, {"logits": t}, y)[0].backward()
         return [p.grad.clone() for p in dynamic.parameters()]
@@ -190,15 +211,29 @@ def test_gpd_trains_from_a_store_and_saves_a_plain_timm_student(base_store, trai
     store = Store(base_store)
     plan = stored_plan(store)
     settings = TrainSettings(**STUDENT, method="gpd", epochs=1, batch_size=BATCH, size=32, clip_grad=5.0, model_ema=0.9)
-    result = train(settings, train_data, val_data, StoredViews(store, plan), plan, CachedTeacher(store, "t1", ("logits",)), out_dir=tmp_path)
+    result = train(
+        settings,
+        train_data,
+        val_data,
+        StoredViews(store, plan),
+        plan,
+        CachedTeacher(store, "t1", ("logits",)),
+        out_dir=tmp_path,
+    )
     line = result.metrics[0]
-    assert {"train_ce", "train_wide_ce", "train_dkd", "train_wide_dkd", "train_sce", "val_top1", "val_top1_ema"} <= set(line)
+    assert {"train_ce", "train_wide_ce", "train_dkd", "train_wide_dkd", "train_sce", "val_top1", "val_top1_ema"} <= set(
+        line
+    )
     assert all(np.isfinite(v) for v in line.values())
     plain = timm.create_model(STUDENT["student"], pretrained=False, num_classes=10, **STUDENT["student_kwargs"])
     plain.load_state_dict(load_file(tmp_path / "ema" / "model.safetensors"))  # the EMA's student, exported the same way
-    plain.load_state_dict(load_file(tmp_path / "student.safetensors"))  # strict: exactly the student's keys and shapes, no GPD code
+    plain.load_state_dict(
+        load_file(tmp_path / "student.safetensors")
+    )  # strict: exactly the student's keys and shapes, no GPD code
     for folder in (tmp_path, tmp_path / "ema"):  # timm's own loader builds the plain student from each folder
-        assert timm.create_model(f"local-dir:{folder}", pretrained=True).default_cfg["architecture"] == STUDENT["student"]
+        assert (
+            timm.create_model(f"local-dir:{folder}", pretrained=True).default_cfg["architecture"] == STUDENT["student"]
+        )
     plain.eval()
     result.model.eval()
     x = images()
@@ -233,7 +268,14 @@ def _ddp_worker(rank, world, port, store_path, out):
         store = Store(store_path)
         plan = stored_plan(store)
         settings = TrainSettings(**STUDENT, method="gpd", epochs=1, batch_size=16, size=32, clip_grad=5.0)
-        result = train(settings, open_dataset(store.record.dataset.source), None, StoredViews(store, plan), plan, CachedTeacher(store, "t1", ("logits",)))
+        result = train(
+            settings,
+            open_dataset(store.record.dataset.source),
+            None,
+            StoredViews(store, plan),
+            plan,
+            CachedTeacher(store, "t1", ("logits",)),
+        )
         torch.save({"metrics": result.metrics, "weights": result.model.state_dict()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -249,18 +291,44 @@ def test_gpd_trains_under_ddp_with_the_replicas_equal(base_store, tmp_path):
     losses = [{k: v for k, v in r["metrics"][0].items() if k.startswith("train_")} for r in ranks]
     assert losses[0] == losses[1] and np.isfinite(losses[0]["train_sce"])  # reduced over both ranks
     a, b = ranks[0]["weights"], ranks[1]["weights"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "student_" not in k)
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) for k in a if "running" not in k and "student_" not in k
+    )
 
 
 def test_pipeline_train_runs_gpd_from_scratch_and_distill_refuses_an_unsupported_student(base_store, tmp_path, capsys):
     from pipeline.cli import main
 
-    argv = ["--quiet", "train", "--data", "fake:64?size=32", "--model", "resnet10t", "--model-arg", "channels=[8,16,32,64]", "--method", "gpd"]
+    argv = [
+        "--quiet",
+        "train",
+        "--data",
+        "fake:64?size=32",
+        "--model",
+        "resnet10t",
+        "--model-arg",
+        "channels=[8,16,32,64]",
+        "--method",
+        "gpd",
+    ]
     assert main([*argv, "--epochs", "1", "--batch-size", "32", "--size", "32", "--out", str(tmp_path / "scratch")]) == 0
     plain = timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=(8, 16, 32, 64))
     plain.load_state_dict(load_file(tmp_path / "scratch" / "model.safetensors"))
     capsys.readouterr()
-    argv = ["--quiet", "distill", "--from-cache", str(base_store), "--method", "gpd", "--student", "mobilenetv3_small_050", "--out", str(tmp_path / "o")]
+    argv = [
+        "--quiet",
+        "distill",
+        "--from-cache",
+        str(base_store),
+        "--method",
+        "gpd",
+        "--student",
+        "mobilenetv3_small_050",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot widen student mobilenetv3_small_050" in err and "gpd supports timm ResNets" in err and "\n" not in err
+    assert (
+        "cannot widen student mobilenetv3_small_050" in err and "gpd supports timm ResNets" in err and "\n" not in err
+    )

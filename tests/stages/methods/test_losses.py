@@ -193,7 +193,9 @@ def test_dist_is_invariant_to_a_per_row_constant_on_the_logits():
     rng = np.random.default_rng(4)
     s, t = _t(rng.normal(size=(5, 6))), _t(rng.normal(size=(5, 6)))
     shift_s, shift_t = _t(rng.normal(size=(5, 1)) * 10), _t(rng.normal(size=(5, 1)) * 10)
-    assert dist_loss(s + shift_s, t + shift_t, tau=2.0).item() == pytest.approx(dist_loss(s, t, tau=2.0).item(), abs=1e-10)
+    assert dist_loss(s + shift_s, t + shift_t, tau=2.0).item() == pytest.approx(
+        dist_loss(s, t, tau=2.0).item(), abs=1e-10
+    )
 
 
 def test_dist_counts_a_constant_column_as_uncorrelated():
@@ -324,9 +326,14 @@ def test_logsum_gradient_matches_the_closed_form():
 
 def test_kd_two_by_three_by_hand():
     temperature = 2.0
-    expected = sum(
-        _kl(_softmax([v / temperature for v in zt]), _softmax([v / temperature for v in zs])) for zs, zt in zip(S23, T23)
-    ) / 2 * temperature**2
+    expected = (
+        sum(
+            _kl(_softmax([v / temperature for v in zt]), _softmax([v / temperature for v in zs]))
+            for zs, zt in zip(S23, T23)
+        )
+        / 2
+        * temperature**2
+    )
     assert kd_loss(_t(S23), _t(T23), temperature=temperature).item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -351,7 +358,9 @@ def _sim_kl(teacher_sets, mapped_sets, temperatures):
         per_set = []
         for a, b in zip(teacher_sets, mapped_sets):
             p, q = _joint(a, t), _joint(b, t)
-            per_set.append(sum(p[i][j] * math.log(p[i][j] / q[i][j]) for i in range(len(a)) for j in range(len(a)) if i != j))
+            per_set.append(
+                sum(p[i][j] * math.log(p[i][j] / q[i][j]) for i in range(len(a)) for j in range(len(a)) if i != j)
+            )
         total += sum(per_set) / len(per_set)
     return total / len(temperatures)
 
@@ -408,7 +417,9 @@ def test_flat_cosine_is_one_cosine_over_all_tokens_of_an_image():
     t = _t([[[3.0, 0.0], [0.0, 1.0]]])
     # Flattened: (1, 0, 0, 1) . (3, 0, 0, 1) / (sqrt 2 sqrt 10); token by token both cosines are 1.
     assert flat_cosine_loss(s, t).item() == pytest.approx(1 - 4 / math.sqrt(20), rel=1e-12)
-    assert flat_cosine_loss(_t([[1.0, 2.0], [0.0, 1.0]]), _t([[2.0, 4.0], [0.0, -3.0]])).item() == pytest.approx((0 + 2) / 2)
+    assert flat_cosine_loss(_t([[1.0, 2.0], [0.0, 1.0]]), _t([[2.0, 4.0], [0.0, -3.0]])).item() == pytest.approx(
+        (0 + 2) / 2
+    )
 
 
 # -- GPD's SCE ----------------------------------------------------------------------------------
@@ -420,7 +431,9 @@ def test_smoothed_soft_ce_by_hand():
     uniform = -(math.log(1 / 3) + math.log(2 / 3)) / 2
     got = smoothed_soft_ce(_t([[0.0, math.log(2)]]), _t([[0.25, 0.75]]))
     assert got.item() == pytest.approx(0.9 * ce + 0.1 * uniform, rel=1e-12)
-    assert smoothed_soft_ce(_t([[0.0, math.log(2)]]), _t([[0.25, 0.75]]), smoothing=0.0).item() == pytest.approx(ce, rel=1e-12)
+    assert smoothed_soft_ce(_t([[0.0, math.log(2)]]), _t([[0.25, 0.75]]), smoothing=0.0).item() == pytest.approx(
+        ce, rel=1e-12
+    )
 
 
 def test_similarity_kl_is_computed_in_float32_under_autocast():

@@ -24,7 +24,9 @@ from storage import Store, UserError
 
 C, DS, DT, B = 10, 64, 512, 8
 T = 17  # tokens of the test ViT (below): CLS + 4 x 4 patches at 32 px
-VIT = dict(student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+VIT = dict(
+    student="vit_tiny_patch16_224", student_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+)
 
 
 def context(**kw):
@@ -51,7 +53,11 @@ class ShapesOnly(TeacherSource):
 
     def outputs(self, batch, views, temperature=1.0):
         g = torch.Generator().manual_seed(4)
-        return {"logits": torch.randn(B, C, generator=g), "features": torch.randn(B, DT, generator=g), "tokens": torch.randn(B, T, DT, generator=g)}
+        return {
+            "logits": torch.randn(B, C, generator=g),
+            "features": torch.randn(B, DT, generator=g),
+            "tokens": torch.randn(B, T, DT, generator=g),
+        }
 
 
 def vit_student():
@@ -83,10 +89,14 @@ def test_every_method_trains_what_it_owns(name):
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item()) and all(math.isfinite(float(v)) for v in parts.values())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())  # the student learns
-    owned = [p for p in method.parameters() if p.requires_grad]  # what the trainer hands its optimiser beside the student's
+    owned = [
+        p for p in method.parameters() if p.requires_grad
+    ]  # what the trainer hands its optimiser beside the student's
     if name in ("kdpp", "srd", "cospress"):
         assert owned, "its projector or mapping (student width 32 <-> teacher width 48 here) is the method's own"
-    if owned:  # what a method owns learns with the student: it has gradients, and a small step on it alone lowers its loss
+    if (
+        owned
+    ):  # what a method owns learns with the student: it has gradients, and a small step on it alone lowers its loss
         assert all(p.grad is not None for p in owned) and any(p.grad.abs().sum() > 0 for p in owned)
         # CosPress's mapping learns from its similarity terms only (the student chases it detached).
         own_loss = (lambda p: p["local"] + p["global"]) if name == "cospress" else (lambda p: None)
@@ -106,7 +116,10 @@ def test_methods_declare_what_they_read():
     assert method_class("ce").needs == ()
     assert method_class("kd").needs == method_class("dkd").needs == method_class("dist").needs == ("logits",)
     assert method_class("kdpp").needs == method_class("srd").needs == ("logits", "features")
-    assert method_class("cospress").needs == ("tokens",) and method_class("cospress").student_needs == ("features", "tokens")
+    assert method_class("cospress").needs == ("tokens",) and method_class("cospress").student_needs == (
+        "features",
+        "tokens",
+    )
     assert method_class("gpd").needs == ("logits",) and not method_class("gpd").requires_teacher  # also from scratch
     assert all(method_class(m).requires_teacher for m in list_methods() if m not in ("ce", "gpd"))
 
@@ -129,9 +142,13 @@ def test_hard_losses_on_labelled_rows_only():
     labels = np.array([3, -1, 0, 9, -1, 2])
     y = targets(labels, C, 0.0)
     kept = torch.tensor([0, 2, 3, 5])
-    assert hard_loss("ce", s, y).item() == pytest.approx(F.cross_entropy(s[kept], torch.tensor([3, 0, 9, 2])).item(), rel=1e-6)
+    assert hard_loss("ce", s, y).item() == pytest.approx(
+        F.cross_entropy(s[kept], torch.tensor([3, 0, 9, 2])).item(), rel=1e-6
+    )
     one_hot = F.one_hot(torch.tensor([3, 0, 9, 2]), C).float()
-    assert hard_loss("bce", s, y).item() == pytest.approx(F.binary_cross_entropy_with_logits(s[kept], one_hot).item(), rel=1e-6)
+    assert hard_loss("bce", s, y).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(s[kept], one_hot).item(), rel=1e-6
+    )
     smoothed = targets(labels, C, 0.1)
     assert smoothed.soft[0, 3].item() == pytest.approx(0.91) and smoothed.soft[0, 0].item() == pytest.approx(0.01)
     assert smoothed.soft[1].sum() == 0  # unlabelled rows carry no target
@@ -167,7 +184,9 @@ def test_srd_adds_its_parts_as_the_recipe_says():
     ns = method.project(student["features"])
     assert ns.mean(0).abs().max() < 1e-5  # batch-normalised without affine
     assert parts["kd"].item() == pytest.approx(kd_loss(student["logits"], teacher["logits"]).item(), rel=1e-6)
-    assert parts["rep"].item() == pytest.approx(logsum_loss(ns, method.teacher_norm(teacher["features"])).item(), rel=1e-5)
+    assert parts["rep"].item() == pytest.approx(
+        logsum_loss(ns, method.teacher_norm(teacher["features"])).item(), rel=1e-5
+    )
 
 
 def test_learning_rate_schedules():
@@ -196,7 +215,9 @@ def test_class_means_are_the_per_class_mean_of_every_stored_feature(store_copy, 
 def test_kdpp_trains_from_a_store_once_its_statistics_exist(store_copy, train_data):
     store = Store(store_copy)
     plan = stored_plan(store)
-    settings = TrainSettings(**STUDENT, method="kdpp", method_args={"warmup_epochs": 1}, epochs=1, batch_size=BATCH, size=32)
+    settings = TrainSettings(
+        **STUDENT, method="kdpp", method_args={"warmup_epochs": 1}, epochs=1, batch_size=BATCH, size=32
+    )
     views = StoredViews(store, plan)
     with pytest.raises(UserError, match="pipeline stats"):
         train(settings, train_data, None, views, plan, CachedTeacher(store, "t1", ("logits", "features")))
@@ -212,8 +233,18 @@ def test_several_cached_teachers_average_their_probabilities(two_teacher_store):
     ensemble = CachedEnsemble(store, ["t1", "t2"], ("logits",), weights=[3.0, 1.0])
     rows = ensemble.unit_rows(1, 0, 32)
     got = ensemble.outputs(rows, None)["logits"]
-    p1 = torch.softmax(CachedTeacher(store, "t1", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t0:")}, None)["logits"], 1)
-    p2 = torch.softmax(CachedTeacher(store, "t2", ("logits",)).outputs({"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t1:")}, None)["logits"], 1)
+    p1 = torch.softmax(
+        CachedTeacher(store, "t1", ("logits",)).outputs(
+            {"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t0:")}, None
+        )["logits"],
+        1,
+    )
+    p2 = torch.softmax(
+        CachedTeacher(store, "t2", ("logits",)).outputs(
+            {"t:" + k[3:]: v for k, v in rows.items() if k.startswith("t1:")}, None
+        )["logits"],
+        1,
+    )
     torch.testing.assert_close(torch.softmax(got, 1), 0.75 * p1 + 0.25 * p2)
     with pytest.raises(UserError, match="a method that reads features takes one --teacher"):
         CachedEnsemble(store, ["t1", "t2"], ("logits", "features"))
@@ -238,7 +269,9 @@ def test_logit_methods_on_a_topk_store_with_k_equal_c_match_full_logits(name):
     assert torch.equal(a, b)
     # With k < C the reconstruction keeps the top-k probabilities and the tail's total mass.
     info_k = info.replace(k=3)
-    approx = teacher_rows.decode(teacher_rows.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",))["logits"]
+    approx = teacher_rows.decode(
+        teacher_rows.encode({"logits": full}, y.labels.clamp(min=0), info_k), info_k, ("logits",)
+    )["logits"]
     top = full.topk(3, dim=1).indices
     torch.testing.assert_close(torch.softmax(approx, 1).gather(1, top), torch.softmax(full, 1).gather(1, top))
 
@@ -247,10 +280,22 @@ def test_a_feature_method_on_a_logits_only_store_says_how_to_fix_it(tmp_path, ca
     from pipeline.cli import main
 
     store = tmp_path / "s"
-    argv = ["--quiet", "extract", "--data", "fake:64?size=32", "--teacher", "resnet10t", "--random-init", "--size", "32"]
+    argv = [
+        "--quiet",
+        "extract",
+        "--data",
+        "fake:64?size=32",
+        "--teacher",
+        "resnet10t",
+        "--random-init",
+        "--size",
+        "32",
+    ]
     assert main([*argv, "--views", "1", "--block", "32", "--outputs", "logits", "--store", str(store)]) == 0
     capsys.readouterr()
-    assert main(["--quiet", "distill", "--from-cache", str(store), "--method", "srd", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["--quiet", "distill", "--from-cache", str(store), "--method", "srd", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "under a new --teacher-id with --outputs logits,features" in capsys.readouterr().err
 
 

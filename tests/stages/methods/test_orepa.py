@@ -98,7 +98,9 @@ def test_the_official_initialisation():
     assert 0.5 * bound < block.pw.abs().max() <= bound and block.dw.shape == (4 * EXPAND, 1, 3, 3)
     h = torch.arange(3) + 0.5
     torch.testing.assert_close(block.prior[0], torch.cos(math.pi * h / 3)[:, None].expand(3, 3))  # along h, frequency 1
-    torch.testing.assert_close(block.prior[4], torch.cos(math.pi * h * 2 / 3)[None, :].expand(3, 3))  # along w, 4 + 1 - 3
+    torch.testing.assert_close(
+        block.prior[4], torch.cos(math.pi * h * 2 / 3)[None, :].expand(3, 3)
+    )  # along w, 4 + 1 - 3
     x = images(2, c=4, size=7)
     assert (block(x) - conv(x)).abs().max() > 0.1  # the official init does not keep the conv's function
     single = OREPAConv2d.from_conv(conv, "single")
@@ -135,7 +137,9 @@ def test_each_branch_is_widened_so_the_merged_wide_kernel_is_the_students_widene
         with torch.no_grad():
             for a in range(r_out):
                 for b in range(r_in):  # every block of the wide kernel: the student's / r_out
-                    torch.testing.assert_close(wide.weight[a * 10:(a + 1) * 10, b * 6:(b + 1) * 6] * r_out, small.weight)
+                    torch.testing.assert_close(
+                        wide.weight[a * 10 : (a + 1) * 10, b * 6 : (b + 1) * 6] * r_out, small.weight
+                    )
             torch.testing.assert_close(wide.bias * r_out, small.bias.repeat(r_out))
             # The block of the first copies (the 1x1 -> kxk branch's 1x1 times r_in), as the student takes it: at
             # initialisation the corner of the merged wide kernel.
@@ -163,8 +167,18 @@ def test_the_students_gradient_lands_on_the_first_copy_as_the_official_widening_
     (F.conv2d(x, small.weight, small.bias, padding=1) * g).sum().backward()  # G: the plain student's own gradients
     mode.student = True
     (wide(x) * g).sum().backward()
-    ratio = dict(origin=r_out, avg_conv=r_out, prior_conv=r_out, idconv=r_in, kxk=r_out, pad_kernel=r_out, dw=1, pw=r_out,
-                 vector=1, bias=r_out)
+    ratio = dict(
+        origin=r_out,
+        avg_conv=r_out,
+        prior_conv=r_out,
+        idconv=r_in,
+        kxk=r_out,
+        pad_kernel=r_out,
+        dw=1,
+        pw=r_out,
+        vector=1,
+        bias=r_out,
+    )
     assert set(ratio) == {n for n, _ in small.named_parameters()}
     for name, p in small.named_parameters():
         expected = torch.zeros_like(getattr(wide.branches, name))
@@ -208,11 +222,18 @@ def test_the_dynamic_teacher_with_orepa_computes_its_students_function_at_initia
     plain = resnet().eval()
     dynamic = DynamicTeacher(resnet(), r=2, noise=0.0, orepa=init).eval()
     wide_convs = [m for m in dynamic.net.modules() if isinstance(m, WideOREPAConv2d)]
-    assert len(wide_convs) == 13 and wide_convs[0].branches.weight.shape == (16, 128, 3, 3)  # 64 -> 8 widened to 128 -> 16
+    assert len(wide_convs) == 13 and wide_convs[0].branches.weight.shape == (
+        16,
+        128,
+        3,
+        3,
+    )  # 64 -> 8 widened to 128 -> 16
     exported = dynamic.export().eval()
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(dynamic.wide(x), exported(x), atol=1e-4, rtol=0)  # the dynamic teacher is the student
+        torch.testing.assert_close(
+            dynamic.wide(x), exported(x), atol=1e-4, rtol=0
+        )  # the dynamic teacher is the student
         torch.testing.assert_close(dynamic(x), exported(x), atol=1e-5, rtol=0)
         gap = (exported(x) - plain(x)).abs().max()
     if init == "single":  # kept from the student it was built from
@@ -255,9 +276,25 @@ def test_gpd_with_orepa_trains_and_exports_a_plain_timm_student():
 def test_gpd_with_orepa_trains_from_a_store(base_store, train_data, tmp_path):
     store = Store(base_store)
     plan = stored_plan(store)
-    settings = TrainSettings(**STUDENT, method="gpd", method_args={"orepa": True}, epochs=1, batch_size=BATCH, size=32, clip_grad=5.0,
-                             model_ema=0.9)
-    result = train(settings, train_data, None, StoredViews(store, plan), plan, CachedTeacher(store, "t1", ("logits",)), out_dir=tmp_path)
+    settings = TrainSettings(
+        **STUDENT,
+        method="gpd",
+        method_args={"orepa": True},
+        epochs=1,
+        batch_size=BATCH,
+        size=32,
+        clip_grad=5.0,
+        model_ema=0.9,
+    )
+    result = train(
+        settings,
+        train_data,
+        None,
+        StoredViews(store, plan),
+        plan,
+        CachedTeacher(store, "t1", ("logits",)),
+        out_dir=tmp_path,
+    )
     assert all(np.isfinite(v) for v in result.metrics[0].values())
     assert any(isinstance(m, WideOREPAConv2d) for m in result.model.modules())
     plain = timm.create_model(STUDENT["student"], pretrained=False, num_classes=10, **STUDENT["student_kwargs"])
@@ -295,7 +332,9 @@ def test_the_checkpoint_state_round_trips():
 
 def test_a_student_from_trained_weights_keeps_its_function_by_default():
     """As the official train_dkd.py: the single-branch initialisation when the student starts from weights, the official one otherwise."""
-    trained = create_method("gpd", MethodContext(num_classes=10, student_dim=64, teacher_dim=None, student_trained=True), orepa=True)
+    trained = create_method(
+        "gpd", MethodContext(num_classes=10, student_dim=64, teacher_dim=None, student_trained=True), orepa=True
+    )
     assert (trained.orepa, _method(orepa=True).orepa) == ("single", "official")
     student = resnet().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

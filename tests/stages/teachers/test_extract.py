@@ -43,13 +43,22 @@ def test_extract_writes_every_unit_once(base_store, train_data):
 
 def test_extracting_again_skips_committed_units_and_changes_no_byte(store_copy, train_data, plan, teacher1):
     before = read_tree(store_copy)
-    result = extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "t1", views=VIEWS, batch_size=BATCH)
+    result = extract(
+        _reopen(store_copy, train_data, plan),
+        train_data,
+        runner_for(teacher1, **FULL),
+        "t1",
+        views=VIEWS,
+        batch_size=BATCH,
+    )
     assert (result.units, result.skipped, result.views) == (0, VIEWS * 3, 0)
     assert read_tree(store_copy) == before
 
 
 @pytest.mark.parametrize("recipe", [{}, {"mixup_alpha": 0.8, "mix_pair_views": 2}], ids=["plain", "shared-partner"])
-def test_the_views_of_a_block_decode_each_image_once_and_store_what_units_alone_store(recipe, tmp_path, train_data, teacher1, monkeypatch):
+def test_the_views_of_a_block_decode_each_image_once_and_store_what_units_alone_store(
+    recipe, tmp_path, train_data, teacher1, monkeypatch
+):
     """Two views extracted in one run: each image is decoded once for both (its block's views render together),
     and the store holds what extracting each unit by itself (a Ray actor's way) holds, bit for bit."""
     from collections import Counter
@@ -92,7 +101,14 @@ def test_a_crashed_extraction_resumes_to_the_same_bytes(tmp_path, train_data, pl
     runner = runner_for(teacher1, **FULL)
     # Batches of 16 in blocks of 32: the crash comes half way through unit (0, 1).
     with pytest.raises(RuntimeError, match="worker killed"):
-        extract(_reopen(path, train_data, plan), train_data, CrashingRunner(runner, crash_at=4), "t1", views=VIEWS, batch_size=16)
+        extract(
+            _reopen(path, train_data, plan),
+            train_data,
+            CrashingRunner(runner, crash_at=4),
+            "t1",
+            views=VIEWS,
+            batch_size=16,
+        )
     store = Store(path)
     assert store.teacher("t1").committed() == {(0, 0)}  # no half unit
     assert store.plan.committed() == {(0, 0)}
@@ -120,7 +136,14 @@ def test_uncommitted_leftovers_are_rewritten(store_copy, train_data, plan, teach
     store.plan.array("fingerprint")[1, 32:64] = 0
     assert teacher.committed() == {(0, 0), (0, 1), (1, 0), (1, 2)}
 
-    result = extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "t1", views=VIEWS, batch_size=BATCH)
+    result = extract(
+        _reopen(store_copy, train_data, plan),
+        train_data,
+        runner_for(teacher1, **FULL),
+        "t1",
+        views=VIEWS,
+        batch_size=BATCH,
+    )
     assert (result.units, result.skipped) == (2, VIEWS * 3 - 2)
     assert Store(store_copy).teacher("t1").committed() == {(v, b) for v in range(VIEWS) for b in range(3)}
     _assert_same_arrays(group_arrays(Store(store_copy).teacher("t1")), reference["t1"])
@@ -133,7 +156,9 @@ def test_more_views_are_appended_without_touching_existing_ones(store_copy, trai
         return {k: v for k, v in read_tree(store_copy).items() if "/c/0/" in k or "/c/1/" in k or "commits/" in k}
 
     before = old_view_files()
-    result = extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "t1", views=3, batch_size=BATCH)
+    result = extract(
+        _reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "t1", views=3, batch_size=BATCH
+    )
     assert (result.units, result.skipped) == (3, VIEWS * 3)
 
     after = old_view_files()
@@ -146,7 +171,9 @@ def test_more_views_are_appended_without_touching_existing_ones(store_copy, trai
         _assert_same_arrays({k: a[:VIEWS] for k, a in got.items()}, ref)
         assert all(a.shape[0] == 3 for a in got.values())
     new_crop = reopened.plan.array("crop")[2]
-    assert not np.array_equal(new_crop, reference["plan"]["crop"][0]) and not np.array_equal(new_crop, reference["plan"]["crop"][1])
+    assert not np.array_equal(new_crop, reference["plan"]["crop"][0]) and not np.array_equal(
+        new_crop, reference["plan"]["crop"][1]
+    )
 
 
 def test_second_teacher_shares_the_plan_and_leaves_it_untouched(base_store, two_teacher_store, reference):
@@ -187,7 +214,14 @@ def test_second_teacher_checks_the_plan_fingerprints(store_copy, train_data, pla
     store.plan.write_unit(0, 1, unit)
     sample = int(store.block_ids(1)[8])
     with pytest.raises(UserError, match=f"view 0 of sample {sample} replays differently"):
-        extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, **FULL), "again", views=VIEWS, batch_size=BATCH)
+        extract(
+            _reopen(store_copy, train_data, plan),
+            train_data,
+            runner_for(teacher1, **FULL),
+            "again",
+            views=VIEWS,
+            batch_size=BATCH,
+        )
     # Block by block (each image decoded once for both views): block 0's two views, then nothing after the mismatch.
     assert Store(store_copy).teacher("again").committed() == {(0, 0), (1, 0)}
 
@@ -214,14 +248,27 @@ def test_reopening_with_another_dataset_or_plan_is_refused(store_copy, train_dat
 def test_teacher_with_other_class_count_is_refused(store_copy, train_data, plan):
     five = make_teacher(num_classes=5)
     with pytest.raises(UserError, match="predicts 5 classes but the dataset has 10"):
-        extract(_reopen(store_copy, train_data, plan), train_data, runner_for(five, **FULL), "five", views=VIEWS, batch_size=BATCH)
+        extract(
+            _reopen(store_copy, train_data, plan),
+            train_data,
+            runner_for(five, **FULL),
+            "five",
+            views=VIEWS,
+            batch_size=BATCH,
+        )
     assert Store(store_copy).teacher_ids() == ["t1"]
 
 
 def test_same_teacher_id_with_other_settings_is_refused(store_copy, train_data, plan, teacher1):
     before = read_tree(store_copy)
     with pytest.raises(UserError, match="teacher 't1' with other dtype"):
-        extract(_reopen(store_copy, train_data, plan), train_data, runner_for(teacher1, logits="full", dtype="float16"), "t1", views=VIEWS)
+        extract(
+            _reopen(store_copy, train_data, plan),
+            train_data,
+            runner_for(teacher1, logits="full", dtype="float16"),
+            "t1",
+            views=VIEWS,
+        )
     assert read_tree(store_copy) == before
 
 
@@ -256,5 +303,9 @@ def test_progress_comes_per_teacher_batch_not_per_unit(tmp_path, train_data, pla
     caplog.set_level(logging.INFO, logger="pipeline.progress")
     store = open_store(tmp_path / "s", train_data, plan, views=1, block=BLOCK, size=SIZE)
     extract(store, train_data, runner_for(teacher1), "t", views=1, batch_size=8)
-    done = [int(r.getMessage().split(": ")[1].split("/")[0].replace(",", "")) for r in caplog.records if r.name == "pipeline.progress"]
+    done = [
+        int(r.getMessage().split(": ")[1].split("/")[0].replace(",", ""))
+        for r in caplog.records
+        if r.name == "pipeline.progress"
+    ]
     assert done[0] == 8 and done[-1] == len(train_data) and len(done) == len(train_data) // 8

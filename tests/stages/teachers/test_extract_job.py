@@ -21,12 +21,24 @@ FULL = dict(logits="full", dtype="float32")
 
 
 def _job(store, **changes) -> ExtractJob:
-    base = dict(store=str(store), data=DATA, teacher="resnet18", views=2, random_init=True, size=SIZE, block=BLOCK, batch_size=BATCH, device="cpu")
+    base = dict(
+        store=str(store),
+        data=DATA,
+        teacher="resnet18",
+        views=2,
+        random_init=True,
+        size=SIZE,
+        block=BLOCK,
+        batch_size=BATCH,
+        device="cpu",
+    )
     return ExtractJob(**{**base, **changes})
 
 
 def test_a_job_is_plain_values_and_comes_back_equal(tmp_path):
-    job = _job(tmp_path / "s", outputs=("logits", "features"), view_settings={"hflip": 0.25, "scale": [0.5, 1.0]}, plan_seed=3)
+    job = _job(
+        tmp_path / "s", outputs=("logits", "features"), view_settings={"hflip": 0.25, "scale": [0.5, 1.0]}, plan_seed=3
+    )
     again = ExtractJob.from_dict(json.loads(json.dumps(job.to_dict())))
     assert again == job and again.outputs == ("logits", "features")
     assert job.id == "resnet18" and _job(tmp_path, teacher="hf-hub:a/b").id == "hf-hub_a_b"
@@ -59,16 +71,42 @@ def test_extracting_into_a_store_checks_each_thing_once(store_copy, monkeypatch)
         def wrapper(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
             return fn(*args, **kwargs)
+
         return wrapper
 
-    originals = {"check_dataset": store_setup.check_dataset, "check_plan": store_setup.check_plan, "check_teacher_record": extract.check_teacher_record}
+    originals = {
+        "check_dataset": store_setup.check_dataset,
+        "check_plan": store_setup.check_plan,
+        "check_teacher_record": extract.check_teacher_record,
+    }
     for module in (store_setup, extract, extract_job):  # wherever a check can be called from
         for name, fn in originals.items():
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counted(name, fn))
     monkeypatch.setattr(extract_job, "job_plan", counted("job_plan", extract_job.job_plan))
-    argv = ["--quiet", "extract", "--data", DATA, "--teacher", "resnet18", "--random-init", "--teacher-id", "t1", "--size", str(SIZE), "--views", "3",
-            "--logits", "full", "--dtype", "float32", "--batch-size", str(BATCH), "--store", str(store_copy)]
+    argv = [
+        "--quiet",
+        "extract",
+        "--data",
+        DATA,
+        "--teacher",
+        "resnet18",
+        "--random-init",
+        "--teacher-id",
+        "t1",
+        "--size",
+        str(SIZE),
+        "--views",
+        "3",
+        "--logits",
+        "full",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        str(BATCH),
+        "--store",
+        str(store_copy),
+    ]
     assert main(argv) == 0
     assert calls == {"check_dataset": 1, "check_plan": 1, "check_teacher_record": 1, "job_plan": 1}
     assert Store(store_copy).teacher_info("t1").views == 3
@@ -97,7 +135,10 @@ def test_a_worker_refuses_data_or_weights_other_than_the_stores(tmp_path):
         driver.open_teacher()
     with pytest.raises(UserError, match="differs on this node from the one store .* was made from"):
         worker_extractor(driver.job.replace(data="fake:64?size=32"))
-    with pytest.raises(UserError, match="teacher weights differ on this node \\(random-init:seed=1, in the store: random-init:seed=0\\)"):
+    with pytest.raises(
+        UserError,
+        match="teacher weights differ on this node \\(random-init:seed=1, in the store: random-init:seed=0\\)",
+    ):
         worker_extractor(driver.job.replace(teacher_seed=1))
 
 

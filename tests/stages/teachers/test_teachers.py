@@ -13,7 +13,9 @@ from stages.teachers.teachers import build_teacher, list_teachers, resolve_teach
 from storage import UserError
 
 
-@pytest.mark.parametrize("name", [n for n in list_teachers() if not n.startswith("test_")])  # tests register tiny teachers of their own
+@pytest.mark.parametrize(
+    "name", [n for n in list_teachers() if not n.startswith("test_")]
+)  # tests register tiny teachers of their own
 def test_every_short_name_maps_to_a_timm_model(name):
     spec = resolve_teacher(name)
     assert timm.is_model(spec.timm_name)
@@ -71,7 +73,9 @@ def test_offline_without_weights_fails_fast_with_the_fix(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
 
 
-@pytest.mark.parametrize("key,value", [("input_size", "abc"), ("input_size", "0"), ("mean", "5"), ("mean", "[1, 2]"), ("std", '{"a": 1}')])
+@pytest.mark.parametrize(
+    "key,value", [("input_size", "abc"), ("input_size", "0"), ("mean", "5"), ("mean", "[1, 2]"), ("std", '{"a": 1}')]
+)
 def test_a_weights_files_metadata_of_the_wrong_type_is_one_line(key, value, tmp_path):
     path = tmp_path / "t.safetensors"
     save_file(timm.create_model("resnet18", num_classes=3).state_dict(), str(path), metadata={key: value})
@@ -90,7 +94,9 @@ def _vit_folder(tmp_path, name="fitted"):
     from stages.training.student import StudentCard, build_student, save_student
 
     model = build_student("vit_tiny_patch16_224", 3, 0, **VIT_ARGS).eval()
-    card = StudentCard("vit_tiny_patch16_224", dict(VIT_ARGS), 3, 64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "bicubic", 0.9, ["a", "b", "c"])
+    card = StudentCard(
+        "vit_tiny_patch16_224", dict(VIT_ARGS), 3, 64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "bicubic", 0.9, ["a", "b", "c"]
+    )
     save_student(tmp_path / name, model.state_dict(), card, "model.safetensors")
     return tmp_path / name, model
 
@@ -100,22 +106,38 @@ def test_a_model_folder_is_a_teacher_built_from_its_config(tmp_path):
 
     folder, model = _vit_folder(tmp_path)
     teacher = build_teacher(f"local-dir:{folder}")
-    assert (teacher.spec.timm_name, teacher.input_size, teacher.num_classes, teacher.interpolation) == ("vit_tiny_patch16_224", 64, 3, "bicubic")
+    assert (teacher.spec.timm_name, teacher.input_size, teacher.num_classes, teacher.interpolation) == (
+        "vit_tiny_patch16_224",
+        64,
+        3,
+        "bicubic",
+    )
     assert teacher.mean == (0.5, 0.4, 0.3) and teacher.std == (0.2, 0.2, 0.2) and teacher.spec.kwargs["patch_size"] == 8
     assert teacher.weights == f"sha256:{file_sha256(folder / 'model.safetensors')}" and teacher.model_args == {}
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(teacher(x)["logits"], model(x))
     described = build_teacher(f"local-dir:{folder}", load=False)  # a Ray driver: shapes only, the same description
     assert (described.num_classes, described.input_size, described.weights) == (3, 64, teacher.weights)
-    small = build_teacher(f"local-dir:{folder}", input_size=32)  # rendered smaller: position embeddings resampled, as timm does
-    assert small.input_size == 32 and small(torch.randn(2, 3, 32, 32), outputs=("tokens",))["tokens"].shape == (2, 1 + 4 * 4, 192)
+    small = build_teacher(
+        f"local-dir:{folder}", input_size=32
+    )  # rendered smaller: position embeddings resampled, as timm does
+    assert small.input_size == 32 and small(torch.randn(2, 3, 32, 32), outputs=("tokens",))["tokens"].shape == (
+        2,
+        1 + 4 * 4,
+        192,
+    )
     assert default_teacher_id(f"local-dir:{folder}/") == "fitted" and default_teacher_id("local-dir:.") == "local-dir_."
 
 
 def test_model_args_build_any_timm_name_and_a_misfit_is_one_line(tmp_path):
     teacher = build_teacher("vit_tiny_patch16_224", random_init=True, num_classes=3, model_args=VIT_ARGS)
-    assert teacher.input_size == 64 and teacher.model_args == VIT_ARGS  # built for 64 px: rendered at 64 unless --size says
-    for args, words in (({"depth_of_field": 2}, "cannot be built with depth_of_field=2"), ({"num_classes": 5}, "--model-arg num_classes")):
+    assert (
+        teacher.input_size == 64 and teacher.model_args == VIT_ARGS
+    )  # built for 64 px: rendered at 64 unless --size says
+    for args, words in (
+        ({"depth_of_field": 2}, "cannot be built with depth_of_field=2"),
+        ({"num_classes": 5}, "--model-arg num_classes"),
+    ):
         with pytest.raises(UserError, match=words) as e:
             build_teacher("vit_tiny_patch16_224", random_init=True, num_classes=3, model_args=args)
         assert "\n" not in str(e.value)
@@ -126,8 +148,12 @@ def test_a_model_folder_that_is_not_one_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
-    cases = {f"local-dir:{tmp_path / 'missing'}": "is not a folder", f"local-dir:{tmp_path / 'empty'}": "holds no config.json",
-             f"local-dir:{tmp_path / 'bad'}": "is not a timm model config", "local-dir:": "names no folder"}
+    cases = {
+        f"local-dir:{tmp_path / 'missing'}": "is not a folder",
+        f"local-dir:{tmp_path / 'empty'}": "holds no config.json",
+        f"local-dir:{tmp_path / 'bad'}": "is not a timm model config",
+        "local-dir:": "names no folder",
+    }
     for name, words in cases.items():
         with pytest.raises(UserError, match=words) as e:
             build_teacher(name)
@@ -157,6 +183,9 @@ def test_a_hub_model_offline_comes_from_the_hub_cache_or_is_one_line(tmp_path, m
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(teacher(x)["logits"], model(x))
     start = time.perf_counter()
-    with pytest.raises(UserError, match=r"needs config.json of hub repo someone/other, which are not in the local hub cache.*local-dir:FOLDER") as e:
+    with pytest.raises(
+        UserError,
+        match=r"needs config.json of hub repo someone/other, which are not in the local hub cache.*local-dir:FOLDER",
+    ) as e:
         build_teacher("hf-hub:someone/other")
     assert "\n" not in str(e.value) and time.perf_counter() - start < 5

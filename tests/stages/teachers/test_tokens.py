@@ -27,8 +27,18 @@ def gaussian(*shape, seed=0) -> torch.Tensor:
 
 
 def _info(feature_dtype=None, dtype="float16", D=384, T=257, outputs=("features", "tokens")) -> TeacherRecord:
-    info = dict(outputs=outputs, num_classes=0, feature_dim=D, logits="topk", k=0, dtype=dtype, feature_dtype=feature_dtype or dtype)
-    return make_record(**info, num_tokens=T, token_dim=D, token_prefix=1) if "tokens" in outputs else make_record(**info)
+    info = dict(
+        outputs=outputs,
+        num_classes=0,
+        feature_dim=D,
+        logits="topk",
+        k=0,
+        dtype=dtype,
+        feature_dtype=feature_dtype or dtype,
+    )
+    return (
+        make_record(**info, num_tokens=T, token_dim=D, token_prefix=1) if "tokens" in outputs else make_record(**info)
+    )
 
 
 # -- quantisation -------------------------------------------------------------------------
@@ -104,7 +114,9 @@ def test_tokens_round_trip_through_a_real_store(tmp_path, fdtype):
     for key, x in out.items():
         assert back[key].dtype == torch.float32 and back[key].shape == x.shape
         expected = {"float32": x, "float16": x.half().float()}.get(fdtype)
-        assert torch.equal(back[key], expected if expected is not None else teacher_rows.dequantize(*teacher_rows.quantize(x)))
+        assert torch.equal(
+            back[key], expected if expected is not None else teacher_rows.dequantize(*teacher_rows.quantize(x))
+        )
 
 
 def test_storage_line_counts_every_array():
@@ -112,7 +124,9 @@ def test_storage_line_counts_every_array():
     sizes = teacher_rows.storage_bytes(info, 1000, 2)
     assert sizes == {"features": 2000 * (384 + 4), "tokens": 2000 * 257 * (384 + 4)}
     line = teacher_rows.storage_line("dinov2_s", info, 1_281_167, 50)
-    assert line.startswith("store will hold about 5.8 TiB") and "(tokens 5.8 TiB, features 23.1 GiB;" in line  # 1.28M x 50 x 257 x 388 B
+    assert (
+        line.startswith("store will hold about 5.8 TiB") and "(tokens 5.8 TiB, features 23.1 GiB;" in line
+    )  # 1.28M x 50 x 257 x 388 B
     assert "1,281,167 samples × 50 views" in line
 
 
@@ -156,7 +170,9 @@ def _live(store: Store, data, plan, teacher, block: int = 1) -> dict[str, torch.
     """The teacher run now on the stored views of (view 0, ``block``): 32 rows, the same batch as extraction."""
     views = StoredViews(store, stored_plan(store))
     params, ids = views.params(0, block), views.ids(block)
-    images = torch.stack([plan.render(data.image(int(i)), row(params, j), teacher.input_size) for j, i in enumerate(ids)])
+    images = torch.stack(
+        [plan.render(data.image(int(i)), row(params, j), teacher.input_size) for j, i in enumerate(ids)]
+    )
     return teacher(normalize(images, teacher.mean, teacher.std), outputs=teacher.outputs)
 
 
@@ -187,12 +203,38 @@ def test_vit_tokens_in_the_store_are_the_live_teachers(tmp_path, train_data, pla
 
 def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, capsys, train_data, plan, cnn):
     path = tmp_path / "store"
-    argv = ["extract", "--data", DATA, "--teacher", "resnet10t", "--random-init", "--size", "64", "--views", "1", "--block", str(BLOCK)]
-    argv += ["--batch-size", str(BATCH), "--outputs", "logits,features,tokens", "--feature-dtype", "int8", "--store", str(path)]
+    argv = [
+        "extract",
+        "--data",
+        DATA,
+        "--teacher",
+        "resnet10t",
+        "--random-init",
+        "--size",
+        "64",
+        "--views",
+        "1",
+        "--block",
+        str(BLOCK),
+    ]
+    argv += [
+        "--batch-size",
+        str(BATCH),
+        "--outputs",
+        "logits,features,tokens",
+        "--feature-dtype",
+        "int8",
+        "--store",
+        str(path),
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     made = json.loads((path / "teachers" / "resnet10t" / "teacher.json").read_text())
-    assert made["outputs"] == ["logits", "features", "tokens"] and made["feature_dtype"] == "int8" and made["dtype"] == "float16"
+    assert (
+        made["outputs"] == ["logits", "features", "tokens"]
+        and made["feature_dtype"] == "int8"
+        and made["dtype"] == "float16"
+    )
     made = TeacherRecord.from_dict(made)
     line = teacher_rows.storage_line("resnet10t", made, 80, 1)
     assert line in err and "tokens 161.2 KiB" in line  # 80 x 4 x (512 + 4) bytes
@@ -210,13 +252,21 @@ def test_extract_command_stores_int8_tokens_and_logs_the_cost_first(tmp_path, ca
 
 def test_a_teacher_without_feature_dtype_is_refused_and_one_with_it_resumes(store_copy, train_data, plan, teacher1):
     store = open_store(store_copy, train_data, plan, views=2, block=BLOCK, size=32)
-    result = extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH)
+    result = extract(
+        store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH
+    )
     assert result.units == 0 and result.skipped == 6
     with pytest.raises(UserError, match="feature_dtype"):
-        extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32", feature_dtype="int8"), "t1", views=2)
+        extract(
+            store, train_data, runner_for(teacher1, logits="full", dtype="float32", feature_dtype="int8"), "t1", views=2
+        )
     path = store_copy / "teachers" / "t1" / "teacher.json"
     old = json.loads(path.read_text())
     del old["feature_dtype"]  # as written before --feature-dtype existed
     path.write_text(json.dumps(old))
-    with pytest.raises(UserError, match="cannot read .*teacher.json: teacher.json lacks feature_dtype; .*extract it again"):
-        extract(store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH)
+    with pytest.raises(
+        UserError, match="cannot read .*teacher.json: teacher.json lacks feature_dtype; .*extract it again"
+    ):
+        extract(
+            store, train_data, runner_for(teacher1, logits="full", dtype="float32"), "t1", views=2, batch_size=BATCH
+        )

@@ -42,7 +42,9 @@ def _timeless(metrics):
 # -- the invariant ---------------------------------------------------------------------------
 
 
-def test_cached_teacher_trains_the_same_student_as_the_live_teacher_bit_for_bit(base_store, train_data, val_data, teacher1, teacher2):
+def test_cached_teacher_trains_the_same_student_as_the_live_teacher_bit_for_bit(
+    base_store, train_data, val_data, teacher1, teacher2
+):
     store, views = _views(base_store)
     s = _settings()
     cached = train(s, train_data, val_data, views, views.plan, CachedTeacher(store, "t1", ("logits",)))
@@ -62,10 +64,14 @@ def test_cached_teacher_trains_the_same_student_as_the_live_teacher_bit_for_bit(
     assert not torch.equal(other["fc.weight"], a["fc.weight"])
 
 
-def test_training_from_a_topk_float16_cache_writes_weights_and_metrics(two_teacher_store, train_data, val_data, tmp_path):
+def test_training_from_a_topk_float16_cache_writes_weights_and_metrics(
+    two_teacher_store, train_data, val_data, tmp_path
+):
     store, views = _views(two_teacher_store)
     out = tmp_path / "run"
-    result = train(_settings(), train_data, val_data, views, views.plan, CachedTeacher(store, "t2", ("logits",)), out_dir=out)
+    result = train(
+        _settings(), train_data, val_data, views, views.plan, CachedTeacher(store, "t2", ("logits",)), out_dir=out
+    )
 
     weights = load_file(str(out / "student.safetensors"))
     state = result.model.state_dict()
@@ -104,7 +110,9 @@ def test_epoch_units_are_a_fixed_function_of_epoch_and_seed():
     assert epoch_units(3, 4, 50, seed=1) != epoch_units(3, 4, 50, seed=2)
     assert [b for _, b in epoch_units(0, 4, 50, 1)] != [b for _, b in epoch_units(1, 4, 50, 1)]  # blocks reshuffled
     # Cycles differ: the view order of a block is not the same every cycle.
-    orders = {tuple(dict((b, v) for v, b in epoch_units(e, 4, 50, 1))[0] for e in range(c * 4, c * 4 + 4)) for c in range(6)}
+    orders = {
+        tuple(dict((b, v) for v, b in epoch_units(e, 4, 50, 1))[0] for e in range(c * 4, c * 4 + 4)) for c in range(6)
+    }
     assert len(orders) > 1
 
 
@@ -139,7 +147,9 @@ def test_a_replay_that_differs_from_the_recorded_view_is_refused(store_copy, tra
     sample = int(re.search(r"of sample (\d+) replays", str(refused.value))[1])
     assert sample in store.block_ids(0)[:16]
     # It is the check that refuses: without it the same run goes through.
-    train(_settings(epochs=1, verify="none"), train_data, None, views, views.plan, CachedTeacher(store, "t1", ("logits",)))
+    train(
+        _settings(epochs=1, verify="none"), train_data, None, views, views.plan, CachedTeacher(store, "t1", ("logits",))
+    )
 
 
 def test_an_incomplete_teacher_is_refused(store_copy):
@@ -242,7 +252,9 @@ def test_heavy_augmentation_replays_exactly_through_both_stages(tmp_path, train_
     from stages.cache.store_setup import open_store
     from stages.data.views import ViewPlan, ViewRecipe
 
-    recipe = ViewRecipe(randaugment="rand-m9-mstd0.5-inc1", color_jitter=0.4, erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0)
+    recipe = ViewRecipe(
+        randaugment="rand-m9-mstd0.5-inc1", color_jitter=0.4, erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0
+    )
     plan = ViewPlan(recipe, seed=5)
     teacher = make_teacher()
     store = open_store(tmp_path / "s", train_data, plan, views=2, block=BLOCK, size=SIZE)
@@ -250,7 +262,9 @@ def test_heavy_augmentation_replays_exactly_through_both_stages(tmp_path, train_
     mixed = store.plan.read_unit(0, 0, ["mix_partner"])["mix_partner"]
     assert (mixed >= 0).mean() > 0.5  # most views really are mixed
     views = StoredViews(store, stored_plan(store))
-    settings = TrainSettings(**STUDENT, method="kd", epochs=2, batch_size=BATCH, size=SIZE, verify="all", label_smoothing=0.1)
+    settings = TrainSettings(
+        **STUDENT, method="kd", epochs=2, batch_size=BATCH, size=SIZE, verify="all", label_smoothing=0.1
+    )
     cached = train(settings, train_data, None, views, views.plan, CachedTeacher(store, "t", ("logits",)))
     live = train(settings, train_data, None, views, views.plan, LiveTeacher(teacher, ("logits",)))
     a, b = cached.model.state_dict(), live.model.state_dict()

@@ -23,7 +23,9 @@ from storage import UserError
 
 def _settings(config_file=None, ray_workers: int = 0, **flags):
     """Settings as distill resolves them from a --config file and flags, for ``ray_workers`` Ray Train workers."""
-    return train_settings(config.load_yaml(config_file) if config_file else {}, flags, config_file or "the command line", ray_workers)
+    return train_settings(
+        config.load_yaml(config_file) if config_file else {}, flags, config_file or "the command line", ray_workers
+    )
 
 
 @pytest.mark.parametrize("workers,per_worker", [(0, 2048), (1, 2048), (8, 256), (16, 128)])
@@ -92,7 +94,9 @@ def test_repeats_take_a_whole_group_of_views_that_share_their_partners():
         for i in range(0, len(units), repeats):
             assert len({v // 3 for v, _ in units[i : i + repeats]}) == 1  # one group
     assert all(sorted(views) == list(range(num_views)) for views in used.values())
-    assert epoch_units(4, num_views, num_blocks, 5, repeats) == epoch_units(4, num_views, num_blocks, 5, repeats, view_groups=1)
+    assert epoch_units(4, num_views, num_blocks, 5, repeats) == epoch_units(
+        4, num_views, num_blocks, 5, repeats, view_groups=1
+    )
 
 
 def test_one_repeat_is_the_plain_order():
@@ -120,14 +124,55 @@ def test_repeats_larger_than_the_stored_views_is_one_line(base_store, tmp_path, 
     store, out = base_store, tmp_path / "run"  # 2 views
     recipe = tmp_path / "r.yaml"
     recipe.write_text("repeats: 3\n")
-    rc = main(["--quiet", "distill", "--from-cache", str(store), "--data", DATA, "--config", str(recipe), "--student", "resnet10t",
-               "--epochs", "1", "--batch-size", "16", "--out", str(out)])
+    rc = main(
+        [
+            "--quiet",
+            "distill",
+            "--from-cache",
+            str(store),
+            "--data",
+            DATA,
+            "--config",
+            str(recipe),
+            "--student",
+            "resnet10t",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "repeats 3 needs 3 different views of each sample" in err[0] and "--views 3" in err[0]
+    assert (
+        rc == 2
+        and len(err) == 1
+        and "repeats 3 needs 3 different views of each sample" in err[0]
+        and "--views 3" in err[0]
+    )
     assert not out.exists()
     recipe.write_text("global_batch: 64\n")
-    rc = main(["--quiet", "distill", "--from-cache", str(store), "--data", DATA, "--config", str(recipe), "--student", "resnet10t",
-               "--epochs", "1", "--ray-workers", "3", "--out", str(out)])
+    rc = main(
+        [
+            "--quiet",
+            "distill",
+            "--from-cache",
+            str(store),
+            "--data",
+            DATA,
+            "--config",
+            str(recipe),
+            "--student",
+            "resnet10t",
+            "--epochs",
+            "1",
+            "--ray-workers",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "global_batch 64" in err[0] and "3 workers" in err[0]
     assert not out.exists()
@@ -155,7 +200,22 @@ def test_an_unknown_eval_interpolation_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("views:\n  eval_interpolation: lanczos\n")
     out = tmp_path / "run"
-    rc = main(["--quiet", "train", "--data", "fake:32?size=32", "--model", "resnet10t", "--config", str(recipe), "--epochs", "1", "--out", str(out)])
+    rc = main(
+        [
+            "--quiet",
+            "train",
+            "--data",
+            "fake:32?size=32",
+            "--model",
+            "resnet10t",
+            "--config",
+            str(recipe),
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "eval_interpolation" in err[0] and "bilinear, bicubic" in err[0]
     assert not out.exists()
@@ -164,8 +224,13 @@ def test_an_unknown_eval_interpolation_is_one_line(tmp_path, capsys):
 def test_the_run_says_how_many_views_an_epoch_holds_and_why_when_fewer_than_the_samples():
     # 8 blocks with repeats 3: the blocks split 3, 3, 2 ways and every epoch is cut to 2 blocks x 3 views.
     line = epoch_note(800, 100, 32, 1, 3)
-    assert line.startswith("an epoch holds 576 views (18 steps of 32 x 1 worker(s)), 72% of the 800 samples: with repeats 3")
-    assert epoch_note(900, 100, 32, 1, 3) == "an epoch holds 896 views (28 steps of 32 x 1 worker(s)), 100% of the 900 samples"
+    assert line.startswith(
+        "an epoch holds 576 views (18 steps of 32 x 1 worker(s)), 72% of the 800 samples: with repeats 3"
+    )
+    assert (
+        epoch_note(900, 100, 32, 1, 3)
+        == "an epoch holds 896 views (28 steps of 32 x 1 worker(s)), 100% of the 900 samples"
+    )
     assert "each of the 4 workers takes the same number of whole blocks" in epoch_note(1000, 100, 32, 4, 1)
     assert epoch_note(36, 16, 16, 1, 1).endswith("a last partial batch is dropped each epoch (at most 15 samples)")
 
@@ -173,10 +238,14 @@ def test_the_run_says_how_many_views_an_epoch_holds_and_why_when_fewer_than_the_
 def test_lr_base_follows_the_global_batch_as_timms_rule():
     s = train_settings({}, {"lr_base": 0.1, "batch_size": 64, "optimizer": "sgd"}, "flags")
     assert s.lr == pytest.approx(0.1 * 64 / 256) and s.lr_base_scale == "linear"
-    s = train_settings({"optimizer": "lamb", "lr_base": 0.008, "lr_base_size": 4096, "global_batch": 1024}, {}, "a2.yaml")
+    s = train_settings(
+        {"optimizer": "lamb", "lr_base": 0.008, "lr_base_size": 4096, "global_batch": 1024}, {}, "a2.yaml"
+    )
     assert s.lr == pytest.approx(0.004) and s.lr_base_scale == "sqrt"  # adaptive optimisers: the square root
     assert train_settings({"lr_base": 0.1}, {"lr": 0.5}, "x").lr == 0.5  # an explicit --lr wins over a recipe's lr_base
-    assert train_settings({"lr": 0.5}, {"lr_base": 0.1, "batch_size": 512}, "x").lr == pytest.approx(0.1 * 2**0.5)  # --lr-base over a recipe's lr (adamw: sqrt)
+    assert train_settings({"lr": 0.5}, {"lr_base": 0.1, "batch_size": 512}, "x").lr == pytest.approx(
+        0.1 * 2**0.5
+    )  # --lr-base over a recipe's lr (adamw: sqrt)
     with pytest.raises(UserError, match="--lr and --lr-base both set the learning rate: keep one"):
         train_settings({}, {"lr": 0.1, "lr_base": 0.1}, "flags")
 
@@ -184,4 +253,7 @@ def test_lr_base_follows_the_global_batch_as_timms_rule():
 def test_a_recipes_lr_at_another_global_batch_is_said(caplog):
     with caplog.at_level("WARNING", logger="pipeline"):
         train_settings({"lr": 0.01, "global_batch": 256}, {"batch_size": 32}, "ft.yaml")
-    assert "ft.yaml's lr 0.01 is for its global batch 256; this run's is 32: pass --lr-base 0.01 --lr-base-size 256" in caplog.text
+    assert (
+        "ft.yaml's lr 0.01 is for its global batch 256; this run's is 32: pass --lr-base 0.01 --lr-base-size 256"
+        in caplog.text
+    )

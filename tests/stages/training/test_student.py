@@ -36,12 +36,20 @@ def test_another_class_count_keeps_the_backbone_and_starts_the_classifier_afresh
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
 
 
-@pytest.mark.parametrize("case", ["missing", "other architecture", "not weights", "hub offline", "a list for a tensor", "a number for a state"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "other architecture", "not weights", "hub offline", "a list for a tensor", "a number for a state"],
+)
 def test_weights_that_do_not_fit_are_one_line(tmp_path, monkeypatch, case):
     state = _saved(tmp_path).state_dict()
-    weights = {"missing": tmp_path / "nope.safetensors", "other architecture": tmp_path / "run" / "student.safetensors",
-               "not weights": tmp_path / "junk.pt", "hub offline": "hub", "a list for a tensor": tmp_path / "list.pt",
-               "a number for a state": tmp_path / "five.pt"}[case]
+    weights = {
+        "missing": tmp_path / "nope.safetensors",
+        "other architecture": tmp_path / "run" / "student.safetensors",
+        "not weights": tmp_path / "junk.pt",
+        "hub offline": "hub",
+        "a list for a tensor": tmp_path / "list.pt",
+        "a number for a state": tmp_path / "five.pt",
+    }[case]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({**state, "fc.weight": [1, 2]}, tmp_path / "list.pt")  # hand-made files: a value that is no tensor
     torch.save({"model": 5}, tmp_path / "five.pt")
@@ -59,7 +67,9 @@ def test_a_file_of_another_architecture_or_a_classifier_alone_is_refused_not_tra
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=1)
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
-    with pytest.raises(UserError, match=r"does not fit student resnet10t \(\d+ of the student's \d+ weights are not in it \(first: "):
+    with pytest.raises(
+        UserError, match=r"does not fit student resnet10t \(\d+ of the student's \d+ weights are not in it \(first: "
+    ):
         build_student(STUDENT["student"], 10, 0, str(tmp_path / "vit.safetensors"), **KW)
     student = _saved(tmp_path).state_dict()
     save_file({k: v for k, v in student.items() if k.startswith("fc.")}, str(tmp_path / "fc.safetensors"))
@@ -79,7 +89,9 @@ def test_a_backbone_without_a_classifier_loads_and_says_the_classifier_starts_af
 
 
 def _card(**provenance) -> StudentCard:
-    return StudentCard(STUDENT["student"], dict(KW), 3, 32, (0.5,) * 3, (0.25,) * 3, "bicubic", 0.9, ["cat", "dog", "fox"], provenance)
+    return StudentCard(
+        STUDENT["student"], dict(KW), 3, 32, (0.5,) * 3, (0.25,) * 3, "bicubic", 0.9, ["cat", "dog", "fox"], provenance
+    )
 
 
 def test_the_same_weights_give_the_same_bytes_whatever_the_metadatas_order(tmp_path):
@@ -103,8 +115,15 @@ def test_the_same_weights_give_the_same_bytes_whatever_the_metadatas_order(tmp_p
         assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), state[k]) for k in state)
 
 
-PROVENANCE = dict(run="distill", data={"source": "folder:/data/pets", "fingerprint": "f00d", "samples": 24}, method="kd", epochs=2, seed=0,
-                  teachers=[{"id": "big", "name": "local-dir:/runs/big", "timm_name": "resnet50", "weights": "sha256:beef"}], store="/stores/pets")
+PROVENANCE = dict(
+    run="distill",
+    data={"source": "folder:/data/pets", "fingerprint": "f00d", "samples": 24},
+    method="kd",
+    epochs=2,
+    seed=0,
+    teachers=[{"id": "big", "name": "local-dir:/runs/big", "timm_name": "resnet50", "weights": "sha256:beef"}],
+    store="/stores/pets",
+)
 
 
 def test_a_saved_student_says_what_is_true_of_it_and_twice_is_the_same_bytes(tmp_path):
@@ -122,14 +141,29 @@ def test_a_saved_student_says_what_is_true_of_it_and_twice_is_the_same_bytes(tmp
     for imagenet in ("tag", "license", "origin_url", "hf_hub_id", "paper_ids", "url", "source"):
         assert imagenet not in config["pretrained_cfg"]  # resnet10t's pretrained config is c3_in1k, an ImageNet tag
     assert config["provenance"] == PROVENANCE and config["label_names"] == ["cat", "dog", "fox"]
-    assert config["pretrained_cfg"]["description"] == "resnet10t trained by `pipeline distill` (kd) on folder:/data/pets"
+    assert (
+        config["pretrained_cfg"]["description"] == "resnet10t trained by `pipeline distill` (kd) on folder:/data/pets"
+    )
     model = timm.create_model(f"local-dir:{tmp_path / 'a'}", pretrained=True)
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == (3, 32, 32) and cfg["std"] == [0.25] * 3 and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9
+    assert (
+        cfg["input_size"] == (3, 32, 32)
+        and cfg["std"] == [0.25] * 3
+        and cfg["interpolation"] == "bicubic"
+        and cfg["crop_pct"] == 0.9
+    )
     card = (tmp_path / "a" / "README.md").read_text()
-    for words in ("library_name: timm", "| command | `pipeline distill` |", "`folder:/data/pets`: 24 samples, fingerprint `f00d`",
-                  "`big` in the store: `local-dir:/runs/big` (timm `resnet50`), weights `sha256:beef`", "| store | `/stores/pets` |",
-                  "| epochs | 2 |", "| final | 2 | 25.00 % |", "| best | 1 | 50.00 % |", "3: cat, dog, fox"):
+    for words in (
+        "library_name: timm",
+        "| command | `pipeline distill` |",
+        "`folder:/data/pets`: 24 samples, fingerprint `f00d`",
+        "`big` in the store: `local-dir:/runs/big` (timm `resnet50`), weights `sha256:beef`",
+        "| store | `/stores/pets` |",
+        "| epochs | 2 |",
+        "| final | 2 | 25.00 % |",
+        "| best | 1 | 50.00 % |",
+        "3: cat, dog, fox",
+    ):
         assert words in card, words
     assert "license" not in card
 

@@ -51,8 +51,23 @@ def test_online_teacher_runs_under_autocast(base_store, train_data, teacher1):
 
 
 def test_fp16_on_a_cpu_is_one_line(base_store, tmp_path, capsys):
-    code = cli.main(["distill", "--from-cache", str(base_store), "--student", "resnet10t", "--amp", "fp16", "--device", "cpu",
-                     "--epochs", "1", "--out", str(tmp_path / "run")])
+    code = cli.main(
+        [
+            "distill",
+            "--from-cache",
+            str(base_store),
+            "--student",
+            "resnet10t",
+            "--amp",
+            "fp16",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--amp fp16 needs a CUDA device" in err[0]
     with pytest.raises(UserError, match="needs a CUDA device"):
@@ -86,7 +101,9 @@ def test_model_ema_is_evaluated_saved_and_follows_its_decay(base_store, train_da
         assert _max_change(weights, model.state_dict()) == 0 and model.num_classes == 10
         cfg = model.pretrained_cfg
         assert tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == views.plan.recipe.eval_crop
-        assert cfg["label_names"] == list(train_data.classes) and tuple(cfg["mean"]) == tuple(result.model.pretrained_cfg["mean"])
+        assert cfg["label_names"] == list(train_data.classes) and tuple(cfg["mean"]) == tuple(
+            result.model.pretrained_cfg["mean"]
+        )
     # Decay 0 copies the student after every step: the EMA is the student.
     copy_ = train(_settings(model_ema=0.0), train_data, None, views, views.plan, cached, out_dir=tmp_path / "zero")
     assert _max_change(load_file(tmp_path / "zero" / "ema" / "model.safetensors"), copy_.model.state_dict()) == 0
@@ -104,7 +121,9 @@ def test_a_resumed_run_with_ema_from_a_pickle_free_checkpoint_equals_the_uninter
     torch.save(saved[1], buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    resumed = train(_settings(model_ema=0.9, epochs=2), train_data, None, views, views.plan, cached, hooks=EpochHooks(state=state))
+    resumed = train(
+        _settings(model_ema=0.9, epochs=2), train_data, None, views, views.plan, cached, hooks=EpochHooks(state=state)
+    )
     assert _max_change(whole.model.state_dict(), resumed.model.state_dict()) == 0
     assert "ema" in saved[2] and "scaler" in saved[2]
 
@@ -121,7 +140,9 @@ def test_loss_parts_stay_on_the_device_until_the_epoch_ends(base_store, train_da
     # Reading a loss with .item() every step stalls a GPU; the parts a method returns are tensors, read once an epoch.
     from stages.methods import MethodContext, Targets, create_method
 
-    method = create_method("kd", MethodContext(num_classes=10, student_dim=8, teacher_dim=None, class_means=None, epochs=1))
+    method = create_method(
+        "kd", MethodContext(num_classes=10, student_dim=8, teacher_dim=None, class_means=None, epochs=1)
+    )
     logits = torch.randn(4, 10, requires_grad=True)
     _, parts = method({"logits": logits}, {"logits": torch.randn(4, 10)}, Targets(torch.arange(4), torch.eye(10)[:4]))
     assert parts and all(isinstance(v, torch.Tensor) and not v.requires_grad for v in parts.values())

@@ -56,7 +56,7 @@ from pathlib import Path
 import timm
 import torch
 
-from pipeline.config import parse_pairs
+from pipeline.settings.config import parse_pairs
 from stages.cache import teacher_rows
 from stages.data.datasets import open_dataset
 from stages.training.distill import train

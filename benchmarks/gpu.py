@@ -143,7 +143,7 @@ def student_rates(sizes: Sizes, device: str, tmp: Path, sync) -> list[tuple]:
 
     from stages.data.views import ViewRecipe
     from stages.settings import build
-    from pipeline import config
+    from pipeline.settings import config
 
     folder = make_jpegs(tmp / "jpegs", sizes.images, 10)
     recipe = build(ViewRecipe, config.recipe("vanillakd_a2")["views"], "configs/vanillakd_a2.yaml")
@@ -277,7 +277,7 @@ def _outcome(check, runs_here: bool) -> tuple:
 
 def _resume_is_exact(store: Path, sizes: Sizes, device: str, tmp: Path) -> None:
     """Two epochs in one go, against a run stopped after its first epoch's checkpoint and resumed from it."""
-    from pipeline.resume import checkpoint_hooks
+    from pipeline.runs.resume import checkpoint_hooks
     from stages.training.job import DistillJob, build_distill
     from stages.training.settings import TrainSettings
 

@@ -283,7 +283,7 @@ def prepare_copy(folder: Path, out: Path, max_side: int) -> tuple[str, float]:
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from pipeline import config
+    from pipeline.settings import config
     from stages.data.views import ViewRecipe
 
     views = {**config.load_yaml(args.recipe)["views"], "ra_interpolation": args.interpolation}

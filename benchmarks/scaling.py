@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import ray_env  # noqa: E402
-from pipeline.ray_extract import extract_on_ray  # noqa: E402
+from pipeline.cluster import ray_env  # noqa: E402
+from pipeline.cluster.extract import extract_on_ray  # noqa: E402
 from stages.cache import teacher_rows  # noqa: E402
 from stages.data.datasets import open_dataset  # noqa: E402
 from stages.teachers.extract import PRECISIONS, TeacherRunner, extract, teacher_info  # noqa: E402

@@ -20,15 +20,15 @@ from pathlib import Path
 
 from storage import UserError
 
-from . import settings_check
-from .demo import add_demo_parser
-from .distill_command import add_distill_parser, add_train_parser
-from .extract_command import add_extract_parser, add_stats_parser, add_verify_parser
-from .resume import CHECKPOINT
-from .inspection import add_inspect_parser
-from .prepare_command import add_prepare_parser
-from .report import add_report_parser
-from .sweep import add_sweep_parser
+from pipeline.settings import setting_flags
+from pipeline.commands.demo import add_demo_parser
+from pipeline.commands.distill import add_distill_parser, add_train_parser
+from pipeline.commands.extract import add_extract_parser, add_stats_parser, add_verify_parser
+from pipeline.runs.resume import CHECKPOINT
+from pipeline.commands.inspection import add_inspect_parser
+from pipeline.commands.prepare import add_prepare_parser
+from pipeline.commands.report import add_report_parser
+from pipeline.commands.sweep import add_sweep_parser
 
 log = logging.getLogger("pipeline")
 
@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _declared_types(p: argparse.ArgumentParser) -> None:
-    """Every flag whose setting is declared (``settings_check.declaration``) parses and checks with that declaration."""
+    """Every flag whose setting is declared (``setting_flags.declaration``) parses and checks with that declaration."""
     for action in p._actions:
         if action.nargs == 0 or action.choices is not None or action.type not in (None, int, float):
             continue  # switches, choices, and flags with a parser of their own (the settings' fields)
-        if settings_check.declaration(action.dest) is not None:
-            action.type = settings_check.flag_type(action.dest)
+        if setting_flags.declaration(action.dest) is not None:
+            action.type = setting_flags.flag_type(action.dest)
 
 
 def setup_logging(quiet: bool, debug: bool = False) -> None:

@@ -318,7 +318,7 @@ def cluster(s3_server):
 @pytest.fixture
 def local_ray():
     """For a test whose command starts a local Ray instance in this process: shut down after it, so that the later
-    tests do not run beside its idle processes (``pipeline.ray_env.connect`` would also reuse it)."""
+    tests do not run beside its idle processes (``pipeline.cluster.ray_env.connect`` would also reuse it)."""
     yield
     import ray
 

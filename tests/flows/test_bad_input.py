@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import distill_command
+from pipeline.commands import distill as distill_commands
 from pipeline.cli import main
 from storage import Store
 
@@ -586,7 +586,7 @@ def test_interrupted_runs_say_what_is_kept(monkeypatch, capsys, base_store, tmp_
     def stop(args, *rest):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_command, "distill_command", stop)
+    monkeypatch.setattr(distill_commands, "distill_command", stop)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -603,7 +603,7 @@ def test_a_full_disk_names_the_file(monkeypatch, capsys, base_store, tmp_path):
     def full(args, *rest):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(distill_command, "distill_command", full)
+    monkeypatch.setattr(distill_commands, "distill_command", full)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 2
     line = one_line(capsys)
@@ -619,7 +619,7 @@ def test_library_warnings_stay_off_the_console(monkeypatch, capsys, base_store, 
         warnings.warn("divide by zero encountered in remainder", RuntimeWarning)
         raise UserError("what is wrong, what to do")
 
-    monkeypatch.setattr(distill_command, "distill_command", warn_then_fail)
+    monkeypatch.setattr(distill_commands, "distill_command", warn_then_fail)
     argv = [a.replace("{store}", str(base_store)).replace("{run}", str(tmp_path / "r")) for a in D]
     assert main(argv) == 2
     assert one_line(capsys) == "error: what is wrong, what to do"

@@ -12,7 +12,7 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
-from pipeline import config
+from pipeline.settings import config
 from pipeline.cli import main
 
 FAST = ["--seeds", "1", "--epochs", "1", "--teacher-epochs", "1"]
@@ -83,7 +83,7 @@ def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_lin
     that cached the old one is replaced, each with a line saying so (on fake data, to stay cheap)."""
     import logging
 
-    from pipeline import demo
+    from pipeline.commands import demo
     from stages.data.views import ViewRecipe
     from stages.teachers.teachers import build_teacher
     from stages.training.settings import TrainSettings

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import CONFIG_DIR
+from pipeline.settings.config import CONFIG_DIR
 
 CLASSES = ("n01", "n02", "n03", "n04")
 SMALL = ["--size", "32", "--batch-size", "16"]

@@ -83,7 +83,7 @@ def test_ray_train_flags_without_workers_are_one_line(store, tmp_path, capsys):
 
 def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
     """A worker's working directory is not the driver's: relative stores, checkpoints and folders are made absolute."""
-    from pipeline.ray_env import for_workers, source_for_workers, teacher_for_workers
+    from pipeline.cluster.ray_env import for_workers, source_for_workers, teacher_for_workers
 
     monkeypatch.chdir(tmp_path)
     assert for_workers("runs/store").url == str(tmp_path / "runs" / "store")
@@ -102,7 +102,7 @@ def test_workers_get_absolute_paths_and_urls_as_they_are(tmp_path, monkeypatch):
 
 def test_a_checkpoint_location_some_node_cannot_see_leaves_no_folder(store, tmp_path, monkeypatch, capsys):
     """The refusal comes after the checkpoint folder is made (a probe file goes in it): the folder goes again."""
-    from pipeline import ray_env
+    from pipeline.cluster import ray_env
     from pipeline.cli import main
     from storage import UserError
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.recipe import load_recipe, train_settings
+from pipeline.settings.recipe import load_recipe, train_settings
 from stages.data.prepare import PrepareSettings
 from stages.data.views import ViewRecipe
 from stages.methods import list_methods, method_class

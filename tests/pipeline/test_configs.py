@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config
+from pipeline.settings import config
 from stages.settings import build
 from stages.training.distill import lr_factor
-from pipeline.recipe import train_settings
+from pipeline.settings.recipe import train_settings
 from stages.methods import MethodContext, create_method, parse_method, part_args
 from stages.data.views import ViewPlan, ViewRecipe
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from conftest import BATCH, BLOCK, DATA, SIZE, read_tree
 
-from pipeline.ray_extract import ExtractActor, RenderAhead
+from pipeline.cluster.extract import ExtractActor, RenderAhead
 from stages.teachers.extract_job import ExtractJob, prepare_extract
 from storage import UserError
 

@@ -8,7 +8,9 @@ import math
 import pytest
 from PIL import Image
 
-from pipeline import cli, report
+from pipeline import cli
+
+from pipeline.runs import plots
 from stages.training.run_metrics import RunMetrics, read_metrics, scalar_tag
 
 
@@ -107,11 +109,11 @@ def test_a_folder_of_runs_stands_for_all_of_them_and_labels_group_colours(tmp_pa
     table = capsys.readouterr().out.splitlines()
     assert sum(ln.startswith("student-") for ln in table) == 4
     labels = ["scratch", "scratch", "distilled", "distilled"]
-    assert report._colours(labels) == {
-        "scratch": report._colours(["scratch"])["scratch"],
-        "distilled": report._colours(["x", "distilled"])["distilled"],
+    assert plots._colours(labels) == {
+        "scratch": plots._colours(["scratch"])["scratch"],
+        "distilled": plots._colours(["x", "distilled"])["distilled"],
     }
-    assert report.plot_runs(
+    assert plots.plot_runs(
         [runs[0], runs[1], runs[2], runs[3]], tmp_path / "demo.png", labels=labels, title="t"
     ).is_file()
 
@@ -138,7 +140,9 @@ def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_p
     students, whose range keeps the axis; runs that share a name differ by line style; one epoch is a big marker."""
     from matplotlib.figure import Figure
 
-    from pipeline import config, report
+    from pipeline.settings import config
+
+    from pipeline.runs import plots
     from stages.training.run_metrics import RunMetrics
 
     def run(name, tops, command):
@@ -152,15 +156,15 @@ def test_a_teacher_does_not_squeeze_the_students_and_a_one_epoch_run_shows(tmp_p
     students = [run(f"s{i}", [0.08 + 0.01 * i, 0.1 + 0.01 * i], "distill") for i in range(8)] + [
         run("one", [0.15], "distill")
     ]
-    assert report.is_reference(teacher) and not report.is_reference(students[0])
-    report.plot_runs([teacher, *students], tmp_path / "r.png", labels=["teacher"] + ["kd"] * 8 + ["one epoch"])
+    assert plots.is_reference(teacher) and not plots.is_reference(students[0])
+    plots.plot_runs([teacher, *students], tmp_path / "r.png", labels=["teacher"] + ["kd"] * 8 + ["one epoch"])
     assert (tmp_path / "r.png").stat().st_size > 0
     ax = Figure().subplots()
     for s in students:
         ax.plot([1, 2], [10, 18])
-    report._reference_level(ax, [{"epoch": 2, "val_top1": 0.82}], "teacher", "red")
+    plots._reference_level(ax, [{"epoch": 2, "val_top1": 0.82}], "teacher", "red")
     assert ax.get_ylim()[1] < 50 and any("82.0% (above)" in t.get_text() for t in ax.texts)
-    report._reference_level(ax, [{"epoch": 2, "val_top1": 0.2}], "near", "blue")
+    plots._reference_level(ax, [{"epoch": 2, "val_top1": 0.2}], "near", "blue")
     assert any(line.get_ydata()[0] == 20.0 for line in ax.get_lines() if line.get_linestyle() == "--")
 
 
@@ -213,7 +217,7 @@ def test_runs_of_another_task_are_left_out_and_said(tmp_path, capsys):
             (tmp_path / store / "store.json").write_text(
                 json.dumps({"dataset": {"num_classes": len(classes), "classes": classes}})
             )
-            from pipeline import config
+            from pipeline.settings import config
 
             config.save(folder / "config.yaml", {"command": "distill", "job": {"store": str(tmp_path / store)}})
         return folder

@@ -23,7 +23,10 @@ import yaml
 from PIL import Image
 
 from conftest import STUDENT
-from pipeline import cli, config, distill_command, sweep_spec
+from pipeline import cli
+from pipeline.settings import config
+from pipeline.settings.distill_job import distill_job
+from pipeline.sweeps import spec as sweep_spec
 from ray_cluster import _cmdline, _with_descendants
 from stages.training.run_metrics import read_metrics
 
@@ -149,7 +152,7 @@ def test_shipped_sweep_files_parse():
 
 
 def test_randint_draws_every_whole_number_from_low_to_high():
-    from pipeline.ray_sweep import param_space
+    from pipeline.sweeps.tune import param_space
 
     spec = sweep_spec.parse_sweep({"search": {"seed": {"randint": [1, 3]}}}, "test")
     domain = param_space(spec)["seed"]
@@ -179,7 +182,7 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
         assert (
             command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"
         )  # the trial's own threads
-        assert distill_command.distill_job(cli.build_parser().parse_args(command[1:])) == trial
+        assert distill_job(cli.build_parser().parse_args(command[1:])) == trial
     assert (
         sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(
             7, {"method": "dkd", "method_args.temperature": 4.0}
@@ -266,8 +269,8 @@ def test_rays_own_log_lines_go_to_the_run_log_not_the_console(tmp_path, capsys):
     the sweep's log opens (``ray_env.connect`` routes it first): it reaches sweep.log, and the console not at all."""
     import logging
 
-    from pipeline import ray_env
-    from pipeline.run_files import LIBRARY_LINES, library_logs_to_run_log, run_log
+    from pipeline.cluster import ray_env
+    from pipeline.runs.files import LIBRARY_LINES, library_logs_to_run_log, run_log
 
     cli.setup_logging(quiet=False)
     ray_logger = logging.getLogger("ray")

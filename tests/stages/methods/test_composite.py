@@ -11,10 +11,10 @@ import torch
 from conftest import BATCH, STUDENT
 from safetensors.torch import load_file
 
-from pipeline import config
+from pipeline.settings import config
 from pipeline.cli import main
-from pipeline.recipe import train_settings
-from pipeline.sweep_spec import parse_sweep, trial_job, trial_settings
+from pipeline.settings.recipe import train_settings
+from pipeline.sweeps.spec import parse_sweep, trial_job, trial_settings
 from stages.methods import build_method, list_methods, method_class
 from stages.teachers.teacher_sources import PartsTeacher, TeacherSource
 from stages.training.loader import targets

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import DATA
 
-from pipeline import config
+from pipeline.settings import config
 from pipeline.cli import main
-from pipeline.recipe import train_settings
+from pipeline.settings.recipe import train_settings
 from stages.training.distill import resolve_batch
 from stages.training.loader import epoch_note, rank_units, steps_per_epoch
 from stages.data.replay import epoch_units, window_units

@@ -1,4 +1,4 @@
-"""The grammar of a sweep file (see ``pipeline.sweep`` for its form): its settings and search axes checked into a
+"""The grammar of a sweep file (see ``pipeline.commands.sweep`` for its form): its settings and search axes checked into a
 ``SweepSpec``, one trial's settings and ``DistillJob``, trial folder names, and each trial's record (trial.json)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from stages.training.settings import TrainSettings
 from storage import UserError
 from storage.location import written_whole
 
-from . import config
-from .recipe import VIEWS, check_views, train_settings
+from pipeline.settings import config
+from pipeline.settings.recipe import VIEWS, check_views, train_settings
 
 SWEEP_FILE, CSV_FILE, PNG_FILE, LOG_FILE = "sweep.yaml", "sweep.csv", "sweep.png", "sweep.log"
 TRIAL_RECORD, TRIAL_SETTINGS, TRIAL_PREFIX = "trial.json", "settings.yaml", "trial-"

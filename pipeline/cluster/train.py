@@ -23,8 +23,8 @@ from pathlib import Path
 from stages.training.job import DistillJob, build_distill
 from storage import Location, UserError
 
-from . import ray_env
-from .resume import check_same_run
+from pipeline.cluster import ray_env
+from pipeline.runs.resume import check_same_run
 
 log = logging.getLogger("pipeline")
 

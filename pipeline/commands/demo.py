@@ -47,8 +47,8 @@ from stages.data.views import ViewPlan, ViewRecipe
 from storage import Location, Store
 from storage.location import written_whole
 
-from . import config
-from .report import plot_runs
+from pipeline.settings import config
+from pipeline.runs.plots import plot_runs
 
 log = logging.getLogger("pipeline")
 

@@ -64,7 +64,7 @@ def connect(address: str | None = None) -> None:
     address = resolve_address(address)
     if address:
         _check_reachable(address)
-    from .run_files import library_logs_to_run_log
+    from pipeline.runs.files import library_logs_to_run_log
 
     library_logs_to_run_log("ray")  # before ray.init, which logs its token-authentication notice
     # Workers import the project from the driver's working tree; on a real cluster every node has it installed.

@@ -21,12 +21,24 @@ from storage import Location, Store, UserError, list_backends
 from storage.names import check_name
 from storage.teacher_record import DTYPES, FEATURE_DTYPES, PRECISIONS
 
-from . import config, ray_env, ray_extract
-from .prepare_command import verify_prepared_command
-from .flags import RAY_ADDRESS_HELP, THREADS_HELP, data_help, local_device, teacher_flags, view_flags, view_recipe
-from .recipe import VIEWS, load_recipe
-from .run_files import run_log
-from .settings_check import flag_type, settings_from_args
+from pipeline.settings import config
+
+from pipeline.cluster import ray_env
+
+from pipeline.cluster.extract import extract_on_ray, join_cluster
+from pipeline.commands.prepare import verify_prepared_command
+from pipeline.settings.shared_flags import (
+    RAY_ADDRESS_HELP,
+    THREADS_HELP,
+    data_help,
+    local_device,
+    teacher_flags,
+    view_flags,
+    view_recipe,
+)
+from pipeline.settings.recipe import VIEWS, load_recipe
+from pipeline.runs.files import run_log
+from pipeline.settings.setting_flags import flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
 
@@ -243,7 +255,7 @@ def extract_command(args) -> None:
     )  # every check, before a store directory exists or an existing one changes
     _refuse_links(Location(args.store))
     if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
-        gpus_per_worker, actors, device = ray_extract.join_cluster(args)
+        gpus_per_worker, actors, device = join_cluster(args)
         job = job.replace(device=device)
     teacher_id, info, dataset = job.id, ready.info, ready.dataset
     # Before any work, so a store of unexpected size (tokens) can be stopped at once.
@@ -285,7 +297,7 @@ def extract_command(args) -> None:
                     teacher=teacher,
                     weights=weights,
                 )
-                result = ray_extract.extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
+                result = extract_on_ray(ready, where, actors=actors, gpus_per_worker=gpus_per_worker)
             else:
                 log.info(
                     "%d CPU thread(s) beside %d loader process(es)", use_threads(args.threads, job.workers), job.workers

@@ -40,7 +40,7 @@ from stages.data.views import ViewRecipe
 from stages.training.settings import TrainSettings
 from storage import UserError
 
-from . import config
+from pipeline.settings import config
 
 FLAGS = {  # command-line settings that are no dataclass field
     "views": Int(1, MAX_VIEWS),

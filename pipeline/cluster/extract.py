@@ -28,7 +28,7 @@ from stages.teachers.extract import ExtractResult, pending_units
 from stages.teachers.extract_job import ExtractJob, ReadyExtract, worker_extractor
 from storage import UserError
 
-from . import ray_env
+from pipeline.cluster import ray_env
 
 log = logging.getLogger("pipeline")
 

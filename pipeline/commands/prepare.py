@@ -16,10 +16,10 @@ from stages.data.prepare import PrepareJob, PrepareSettings, check_max_side, ope
 from stages.settings import Location as LocationCheck, build
 from storage import Location, UserError
 
-from . import ray_env
-from .flags import RAY_ADDRESS_HELP
-from .recipe import VIEWS, check_views, load_recipe
-from .settings_check import add_setting_flags, flag_type, settings_from_args
+from pipeline.cluster import ray_env
+from pipeline.settings.shared_flags import RAY_ADDRESS_HELP
+from pipeline.settings.recipe import VIEWS, check_views, load_recipe
+from pipeline.settings.setting_flags import add_setting_flags, flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
 
@@ -93,7 +93,7 @@ def prepare_command(args) -> None:
     job = PrepareJob(args.data, out.url, settings, dataset.fingerprint())
     write = None
     if use_ray:  # cluster and output visibility are checked before the output is claimed
-        from .ray_prepare import prepare_on_ray
+        from pipeline.cluster.prepare import prepare_on_ray
 
         actors = _join_cluster(args, out)
         where = PrepareJob(

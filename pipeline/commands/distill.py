@@ -1,8 +1,8 @@
 """`pipeline train` and `pipeline distill`: a student trained on drawn views, or on a store's replayed views and cached teacher.
 
 Every training setting is a field of ``TrainSettings``: its flag, YAML key, check and help come from that one
-declaration (``settings_check.add_setting_flags``). A distill run is resolved once into a ``DistillJob``
-(``distill_job``) and built by ``stages.training.job.build_distill``, in this process or in each Ray Train
+declaration (``setting_flags.add_setting_flags``). A distill run is resolved once into a ``DistillJob``
+(``pipeline.settings.distill_job``) and built by ``stages.training.job.build_distill``, in this process or in each Ray Train
 worker; a sweep trial makes the same job from its settings (``train_settings``) without any command line.
 """
 
@@ -12,21 +12,18 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
 
 from stages.data.datasets import open_dataset, validation_data
 from stages.data.replay import DrawnViews
 from stages.cpus import use_threads
 from stages.data.views import ViewPlan
-from stages.methods import is_composite, list_methods, method_class
+from stages.methods import list_methods, method_class
 from stages.training.distill import train
-from stages.training.job import DistillJob, OnlineTeacher, build_distill
+from stages.training.job import DistillJob, build_distill
 from stages.training.settings import TrainSettings
 from stages.training.student import build_student
-from stages.cache.store_setup import stored_plan
-from storage import Store, UserError
 
-from .flags import (
+from pipeline.settings.shared_flags import (
     RAY_ADDRESS_HELP,
     THREADS_HELP,
     VAL_DATA_HELP,
@@ -36,10 +33,12 @@ from .flags import (
     view_flags,
     view_recipe,
 )
-from .recipe import VIEWS, check_views, load_recipe, train_settings
-from .resume import DATA_FINGERPRINT, checkpoint_hooks
-from .run_files import RunFiles, check_out
-from .settings_check import add_setting_flags, flag_type, settings_from_args
+from pipeline.settings.recipe import load_recipe, train_settings
+from pipeline.runs.in_process import distill_here, result_line, run_record, top1_text
+from pipeline.runs.resume import DATA_FINGERPRINT, checkpoint_hooks
+from pipeline.settings.distill_job import distill_job
+from pipeline.runs.files import RunFiles, check_out
+from pipeline.settings.setting_flags import add_setting_flags, flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
 
@@ -181,58 +180,6 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=distill_command)
 
 
-# -- settings ------------------------------------------------------------------------------------------
-
-
-def distill_job(args) -> DistillJob:
-    """The run the distill flags (and their --config file) describe, resolved and checked once."""
-    if args.ray_workers == 0 and (args.gpus_per_worker or args.checkpoints):
-        raise UserError("--checkpoints and --gpus-per-worker are for Ray Train runs: pass --ray-workers N (N >= 1)")
-    if args.ray_workers and args.online:
-        raise UserError("--online runs the teacher in this process: leave --ray-workers at 0, or distil from the cache")
-    if args.teacher and not args.online:
-        raise UserError(
-            f"--teacher names a model to run live: add --online, or name the cached teacher with --teacher-id {args.teacher}"
-        )
-    recipe = load_recipe(args.config)
-    settings = train_settings(
-        recipe, settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers
-    )
-    _note_recipe_views(recipe, args.config, args.from_cache)
-    if (
-        args.online and not args.teacher and not is_composite(settings.method)
-    ):  # a composite's parts may name their models
-        raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
-    online = (
-        OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size)
-        if args.online
-        else None
-    )
-    return DistillJob(
-        args.from_cache, settings, args.teacher_id, args.teacher_weights, online, args.data, args.val_data
-    )
-
-
-def _note_recipe_views(recipe: dict, where: str | None, store: str) -> None:
-    """A recipe's views: section is for extract, which fixes a store's views; distill replays the store's. One line
-    when the two differ, so a recipe's augmentation is not taken for what the run trains on."""
-    if not recipe.get(VIEWS):
-        return
-    asked, made = (
-        dataclasses.asdict(check_views(recipe[VIEWS], where)),
-        dataclasses.asdict(stored_plan(Store(store)).recipe),
-    )
-    differ = sorted(k for k in asked if asked[k] != made[k])
-    if differ:
-        log.warning(
-            "the views: section of %s differs from the views store %s was made with (%s): distill replays the store's views "
-            "(config.yaml records them); the recipe's are for `pipeline extract` into a new store",
-            where,
-            store,
-            ", ".join(differ),
-        )
-
-
 # -- the commands --------------------------------------------------------------------------------------
 
 
@@ -276,7 +223,7 @@ def train_command(args) -> None:
             hooks=hooks,
         )
     print(
-        f"{settings.student}: {_top1(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}"
+        f"{settings.student}: {top1_text(result)} after {settings.epochs} epochs, {threads} thread(s) -> {out / 'model.safetensors'}"
     )
 
 
@@ -294,45 +241,9 @@ def distill_command(args) -> None:
     print(f"{result_line(job, result, f', {mode}{how}')} -> {out / 'student.safetensors'}")
 
 
-def run_record(job: DistillJob, **how) -> dict:
-    """config.yaml of a distill run: the job, and how it ran."""
-    return {"command": "distill", **how, "job": job.to_dict()}
-
-
-def distill_here(
-    job: DistillJob,
-    out: Path,
-    *,
-    device,
-    resume: bool,
-    on_epoch: Callable[[dict], None] | None = None,
-    record: dict | None = None,
-    lock: bool = True,
-):
-    """A distill run in this process (the CLI without Ray Train, a sweep trial): OUT/checkpoint.pt every epoch.
-
-    ``on_epoch(line)`` sees each epoch's metrics line (a sweep reports it to Ray Tune)."""
-    run = build_distill(job, device)
-    # Nothing is written to --out before the run has passed its set-up (see RunFiles).
-    record = {**(record or run_record(job, device=str(device))), "views": run.plan.describe()}  # the store's, replayed
-    with RunFiles(out, record, lock=lock) as files:
-        hooks = checkpoint_hooks(out, job.run_record(), resume=resume, start=files.start, on_epoch=on_epoch)
-        return run.train(out_dir=out, hooks=hooks, device=device)
-
-
-def result_line(job: DistillJob, result, how: str = "") -> str:
-    s = job.train
-    return f"{s.student} ({s.method}{how}): {_top1(result)} after {s.epochs} epochs, {result.seconds:.1f} s"
-
-
-def _top1(result) -> str:
-    top1 = result.metrics[-1].get("val_top1")
-    return "no validation data (pass --val-data)" if top1 is None else f"val top-1 {top1:.4f}"
-
-
 def _distill_on_ray(args, job: DistillJob, out: Path):
-    from . import ray_env
-    from .ray_train import distill_on_ray  # Ray only where it is asked for
+    from pipeline.cluster import ray_env
+    from pipeline.cluster.train import distill_on_ray  # Ray only where it is asked for
 
     run = build_distill(job)  # every check of the store, data and teacher, here before Ray starts
     build_student(

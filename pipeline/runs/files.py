@@ -11,7 +11,7 @@ from storage import Location, UserError
 from storage.errors import Unreachable
 from storage.lock import WriterLock
 
-from . import config
+from pipeline.settings import config
 
 
 LOCK_FILE = "run.lock"

@@ -1,8 +1,8 @@
 """The Ray Tune side of `pipeline sweep`: the trial function, a line per trial event, a fresh start or Tune's restore.
 
 A trial builds its ``DistillJob`` from the sweep's settings and its own values
-(``sweep_spec.trial_job``) and trains it in its Tune process as an in-process
-distill run does (``distill_command.distill_here``: no Ray Train), reporting
+(``pipeline.sweeps.spec.trial_job``) and trains it in its Tune process as an in-process
+distill run does (``pipeline.runs.in_process.distill_here``: no Ray Train), reporting
 every epoch line through ``on_epoch`` to ``tune.report``, which is what ASHA
 stops on. Trial folders are
 ``--out/<trial>``; Tune's experiment state lives in ``--out`` itself, so the
@@ -30,10 +30,10 @@ from ray import tune
 
 from storage import Location, UserError
 
-from . import ray_env
-from .resume import CHECKPOINT
-from .distill_command import distill_here, result_line, run_record
-from .sweep_spec import (
+from pipeline.cluster import ray_env
+from pipeline.runs.resume import CHECKPOINT
+from pipeline.runs.in_process import distill_here, result_line, run_record
+from pipeline.sweeps.spec import (
     SweepSpec,
     TrialNamer,
     describe,

@@ -11,9 +11,9 @@ from stages.data.views import ViewRecipe
 from stages.settings import build
 from storage import UserError
 
-from . import config
-from .recipe import VIEWS, load_recipe
-from .settings_check import add_setting_flags, flag_type, settings_from_args
+from pipeline.settings import config
+from pipeline.settings.recipe import VIEWS, load_recipe
+from pipeline.settings.setting_flags import add_setting_flags, flag_type, settings_from_args
 
 
 def data_help(what: str = "training data") -> str:

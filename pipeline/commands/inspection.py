@@ -142,7 +142,9 @@ def order_text(store: Store) -> str:
 
 
 def inspect_command(args) -> None:
-    store = Store(args.store)  # --units, --topk and the grid's sizes are checked by their declarations (settings_check)
+    store = Store(
+        args.store
+    )  # --units, --topk and the grid's sizes are checked by their declarations (pipeline.settings.setting_flags)
     temps = temperatures(args.temperature)
     teacher_ids = [args.teacher_id] if args.teacher_id else sorted(store.teacher_ids())
     for tid in teacher_ids:

@@ -21,7 +21,7 @@ from stages.training.distill import resolve_batch
 from stages.training.settings import TrainSettings
 from storage import UserError
 
-from . import config
+from pipeline.settings import config
 
 log = logging.getLogger("pipeline")
 

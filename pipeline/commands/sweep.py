@@ -16,14 +16,14 @@ section of grid values and random distributions over those settings::
 
 Each trial is the distill run ``pipeline distill --from-cache STORE --config
 OUT/<trial>/settings.yaml --out OUT/<trial>`` would make: the same ``DistillJob``
-(``sweep_spec.trial_job``), built and trained in its Ray Tune process by the
-same code (``distill_command.distill_here``), with no command line parsed.
+(``pipeline.sweeps.spec.trial_job``), built and trained in its Ray Tune process by the
+same code (``pipeline.runs.in_process.distill_here``), with no command line parsed.
 Everything that can be checked (setting names, values, distributions, method
 arguments, teachers, validation data) is checked here, before Ray starts. The
-file's grammar lives in ``pipeline.sweep_spec``, the Tune side (trainable,
-callbacks, restore) in ``pipeline.ray_sweep``, the summary (table,
+file's grammar lives in ``pipeline.sweeps.spec``, the Tune side (trainable,
+callbacks, restore) in ``pipeline.sweeps.tune``, the summary (table,
 ``sweep.csv``, ``sweep.png``, read from the trial folders alone, so
-``--summary`` needs no Ray) in ``pipeline.sweep_summary``.
+``--summary`` needs no Ray) in ``pipeline.sweeps.summary``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from pathlib import Path
 from storage import Location, UserError
 from storage.lock import WriterLock
 
-from . import config
-from .sweep_spec import (
+from pipeline.settings import config
+from pipeline.sweeps.spec import (
     EARLY_STOP_DEFAULTS,
     LOG_FILE,
     SWEEP_FILE,
@@ -47,7 +47,7 @@ from .sweep_spec import (
     trial_job,
     trial_settings,
 )
-from .sweep_summary import print_summary
+from pipeline.sweeps.summary import print_summary
 
 log = logging.getLogger("pipeline")
 
@@ -218,7 +218,7 @@ def _check_same_sweep(saved: Path, record: dict, out: Path) -> None:
 
 
 def sweep_command(args) -> None:
-    from . import ray_env
+    from pipeline.cluster import ray_env
 
     out = Path(args.out).absolute()
     if args.online:
@@ -262,8 +262,8 @@ def sweep_command(args) -> None:
     }
     saved = out / SWEEP_FILE
     _check_same_sweep(saved, record, out)
-    from .run_files import run_log
-    from .ray_sweep import join_cluster, run_sweep
+    from pipeline.runs.files import run_log
+    from pipeline.sweeps.tune import join_cluster, run_sweep
 
     join_cluster(args.ray_address, args.cpus_per_trial, args.gpus_per_trial, out, job["store"])
     with (

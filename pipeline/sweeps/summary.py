@@ -12,8 +12,12 @@ from pathlib import Path
 from stages.training.run_metrics import best_line
 from storage import UserError
 
-from . import config, report
-from .sweep_spec import CSV_FILE, PNG_FILE, SWEEP_FILE, TRIAL_PREFIX, TRIAL_RECORD, _value_text, read_record
+from pipeline.settings import config
+
+from pipeline.runs.plots import plot_sweep
+from pipeline.runs.reading import read_epochs, skipped_line
+from pipeline.runs.tables import fmt, text_table
+from pipeline.sweeps.spec import CSV_FILE, PNG_FILE, SWEEP_FILE, TRIAL_PREFIX, TRIAL_RECORD, _value_text, read_record
 
 log = logging.getLogger("pipeline")
 
@@ -63,9 +67,9 @@ def collect(out: Path) -> tuple[dict, list[TrialRow]]:
 
 def _row(folder: Path, record: dict, metric: str, mode: str) -> TrialRow:
     """One trial's row from its trial.json and metrics.jsonl; fields of the wrong type count as absent."""
-    lines, bad = report.read_epochs(folder)
+    lines, bad = read_epochs(folder)
     if bad:
-        log.warning(report.skipped_line(folder, bad))
+        log.warning(skipped_line(folder, bad))
     seconds = record.get("seconds")
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
         seconds = sum(ln["seconds"] for ln in lines if isinstance(ln.get("seconds"), (int, float)))
@@ -88,14 +92,14 @@ def summary_lines(spec: dict, rows: list[TrialRow]) -> list[str]:
             [
                 r.index,
                 *[_value_text(r.params.get(n, "-")) for n in names],
-                "-" if r.best is None else f"{report.fmt(r.best[metric])} ({r.best.get('epoch')})",
-                report.fmt(last),
+                "-" if r.best is None else f"{fmt(r.best[metric])} ({r.best.get('epoch')})",
+                fmt(last),
                 str(int(r.lines[-1].get("epoch", len(r.lines))) if r.lines else 0),
                 f"{r.seconds:.1f}",
                 status,
             ]
         )
-    return report.text_table(header, body, left=1 + len(names), text_last=True)
+    return text_table(header, body, left=1 + len(names), text_last=True)
 
 
 def write_csv(path: Path, spec: dict, rows: list[TrialRow]) -> None:
@@ -146,7 +150,7 @@ def print_summary(out: Path) -> None:
     metric = spec.get("metric", "val_top1")
     write_csv(out / CSV_FILE, spec, rows)
     best = rows[0] if rows[0].best is not None else None
-    report.plot_sweep(
+    plot_sweep(
         [(r.name, r.lines) for r in rows],
         metric,
         best.name if best else None,

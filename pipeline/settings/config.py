@@ -16,7 +16,7 @@ from storage import UserError
 from storage.location import written_whole
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/, beside pipeline/
 
 
 def load_yaml(path: str | Path) -> dict:

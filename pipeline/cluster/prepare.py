@@ -14,7 +14,7 @@ from stages.data.prepare import PrepareJob, ShardMaker, ShardPlan
 from stages.progress import Progress
 from storage import UserError
 
-from . import ray_env
+from pipeline.cluster import ray_env
 
 log = logging.getLogger("pipeline")
 

@@ -2,7 +2,7 @@
 
 A run without Ray Train (``pipeline train``, ``pipeline distill``, a sweep's
 trial) replaces OUT/checkpoint.pt after every epoch with the whole training
-state (``stages.distill``'s: student, method, optimiser, scheduler, scaler,
+state (``stages.training.distill``'s: student, method, optimiser, scheduler, scaler,
 EMA, RNG, metrics) and the settings it ran with. ``--resume`` continues from
 it, e.g. with more ``--epochs``; any other change is refused, for in-process
 and Ray Train runs alike (``check_same_run``).
@@ -20,7 +20,7 @@ import torch
 
 from stages.training.distill import EpochHooks
 from storage import UserError
-from storage.location import written_whole
+from storage.local_files import written_whole
 
 log = logging.getLogger(__name__)
 

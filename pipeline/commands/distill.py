@@ -131,7 +131,7 @@ def add_distill_parser(sub) -> None:
     g.add_argument(
         "--teacher", help="with --online, the teacher model to run: a short name or any timm model (default: none)"
     )
-    teacher_flags(g, "--teacher-seed")
+    teacher_flags(g)
     g.add_argument(
         "--teacher-size",
         type=flag_type("teacher_size"),

@@ -9,17 +9,14 @@ import time
 from stages.cache import stats, verify
 from stages.cache.store_setup import store_dataset
 from stages.cpus import use_threads
+from stages.settings import build
 from stages.cache.teacher_rows import storage_line
 from stages.data.prepare import is_prepared
-from stages.data.views import ViewRecipe
-from stages.settings import ModelArgs
-from stages.teachers.extract import TEACHER_BATCH
-from stages.teachers.extract_job import BLOCK, TOPK, ExtractJob, prepare_extract
+from stages.teachers.extract_job import ExtractJob, prepare_extract
 from stages.teachers.teacher_sources import pick_teacher
 from stages.teachers.teachers import list_teachers
 from storage import Location, Store, UserError, list_backends
 from storage.names import check_name
-from storage.teacher_record import DTYPES, FEATURE_DTYPES, PRECISIONS
 
 from pipeline.settings import config
 
@@ -31,115 +28,55 @@ from pipeline.settings.shared_flags import (
     RAY_ADDRESS_HELP,
     THREADS_HELP,
     data_help,
+    given_views,
     local_device,
-    teacher_flags,
     view_flags,
     view_recipe,
 )
-from pipeline.settings.recipe import VIEWS, load_recipe
 from pipeline.runs.files import run_log
-from pipeline.settings.setting_flags import flag_type, settings_from_args
+from pipeline.settings.setting_flags import add_setting_flags, flag_type, settings_from_args
 
 log = logging.getLogger("pipeline")
 
 
+# Extraction's flags in the groups help shows; each is an ``ExtractJob`` field, declared there once.
+THE_RUN = ("store", "data", "teacher", "weights", "random_init", "teacher_seed", "model_args", "teacher_id", "views")
+THE_RUN += ("size", "block")
+STORED = ("outputs", "logits", "topk", "dtype", "feature_dtype", "format", "precision")
+THE_WORK = ("batch_size", "workers", "device")
+
+
 def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="stage one: run a frozen teacher over recorded views into a store")
-    p.add_argument("--data", required=True, help=data_help())
-    p.add_argument(
-        "--teacher",
-        required=True,
-        help=f"short name ({', '.join(list_teachers())}), any timm model, or a timm model folder: local-dir:PATH (a `pipeline train` "
-        "run's folder) or hf-hub:REPO; a folder's config.json gives the architecture, model arguments, input size and normalisation",
+    add_setting_flags(
+        p,
+        ExtractJob,
+        only=THE_RUN,
+        helps={
+            "data": data_help(),
+            "teacher": f"short name ({', '.join(list_teachers())}), any timm model, or a timm model folder: "
+            "local-dir:PATH (a `pipeline train` run's folder) or hf-hub:REPO; a folder's config.json gives the "
+            "architecture, model arguments, input size and normalisation",
+        },
     )
-    teacher_flags(p, "--teacher-seed", model_args=True)
-    p.add_argument(
-        "--teacher-id",
-        help="name of the teacher inside the store (default: --teacher as a plain name; a local-dir: folder's own name)",
+    # The backends registered now, as choices help lists (a plug-in's backend is one once imported).
+    add_setting_flags(
+        p.add_argument_group("what is stored"), ExtractJob, only=STORED, choices={"format": list_backends()}
     )
-    p.add_argument(
-        "--store",
-        required=True,
-        help="store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later",
-    )
-    p.add_argument("--views", type=int, required=True, help="views per sample; more than the store has appends views")
-    p.add_argument("--size", type=int, help="render size of the teacher's views (default: the teacher's input size)")
-    p.add_argument(
-        "--block",
-        type=int,
-        help=f"samples per shard, the unit of work, fixed when a store is made (default: {BLOCK} for a new store; an existing one keeps its own)",
-    )
-    _output_flags(p)
-    p.add_argument(
-        "--batch-size",
-        type=flag_type("batch_size"),
-        default=TEACHER_BATCH,
-        help=f"teacher batch size (default: {TEACHER_BATCH})",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, "
-        "and every extraction into one teacher id must use the same (default: fp32)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="loader processes rendering views ahead of the teacher (per Ray actor with --actors) (default: 0)",
-    )
-    p.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
-    p.add_argument(
-        "--device",
-        help="where the teacher runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu)",
-    )
-    _extract_ray_flags(p)
-    p.add_argument(
+    g = p.add_argument_group("how the work is done")
+    add_setting_flags(g, ExtractJob, only=THE_WORK)
+    g.add_argument("--threads", type=flag_type("threads"), help=THREADS_HELP)
+    g.add_argument(
         "--repair",
         action="store_true",
         help="first check every committed unit and rewrite the damaged ones (default: off)",
     )
+    _extract_ray_flags(p)
     p.add_argument(
         "--config", help="YAML recipe; its views: section sets the view plan, flags override it (default: none)"
     )
     view_flags(p)
     p.set_defaults(func=extract_command)
-
-
-def _output_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what is stored")
-    g.add_argument(
-        "--logits", choices=("topk", "full"), default="topk", help="store top-k logits or all of them (default: topk)"
-    )
-    g.add_argument(
-        "--topk",
-        type=int,
-        help=f"k for --logits topk, at most the teacher's class count (default: {TOPK}, or every class when fewer)",
-    )
-    g.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float16",
-        help="stored float type; float32 stores are exact (default: float16)",
-    )
-    g.add_argument(
-        "--format",
-        choices=list_backends(),
-        default="zarr",
-        help="how teacher outputs are stored (a store backend): zarr arrays, or wds: one webdataset tar per (view, block) unit, for streaming; "
-        "fixed per teacher id (default: zarr)",
-    )
-    g.add_argument(
-        "--feature-dtype",
-        choices=FEATURE_DTYPES,
-        help="stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value (default: the --dtype value)",
-    )
-    g.add_argument(
-        "--outputs",
-        help="comma-separated outputs to store: logits, features, tokens (CLS and patch tokens, large: the cost is logged first) "
-        "(default: all the teacher has except tokens)",
-    )
 
 
 def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
@@ -148,12 +85,12 @@ def _extract_ray_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--actors",
-        type=int,
+        type=flag_type("actors"),
         help="Ray actors; 0 runs in this process without Ray (default: 0, but with --ray-address or RAY_ADDRESS one per GPU, or one per node on a CPU-only cluster)",
     )
     g.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=flag_type("gpus_per_worker"),
         help="GPUs each actor holds; 0 makes CPU actors (default: 0 with --device cpu, else 1 when --device cuda is given or the cluster has GPUs, else 0)",
     )
     g.add_argument(
@@ -177,12 +114,14 @@ def add_verify_parser(sub) -> None:
     p.add_argument("--teacher-id", help="teacher id in the store to check (default: every teacher, and the plan)")
     p.add_argument(
         "--replay",
-        type=float,
+        type=flag_type("replay"),
         default=0.01,
         help="share of views re-rendered and compared with their fingerprints, 0 to skip (default: 0.01)",
     )
     p.add_argument("--data", help="the training data, when it moved since extraction (default: the store's)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes rendering replayed views (default: 0)")
+    p.add_argument(
+        "--workers", type=flag_type("workers"), default=0, help="loader processes rendering replayed views (default: 0)"
+    )
     p.set_defaults(func=verify_command)
 
 
@@ -197,47 +136,20 @@ def add_stats_parser(sub) -> None:
 
 
 def extract_job(args, device: str | None) -> ExtractJob:
-    """The extraction the flags and the --config file describe, resolved once."""
-    return ExtractJob(
-        store=args.store,
-        data=args.data,
-        teacher=args.teacher,
-        views=args.views,
-        teacher_id=args.teacher_id,
-        weights=args.weights,
-        random_init=args.random_init,
-        teacher_seed=args.teacher_seed,
-        model_args=_model_args(args.model_args),
-        size=args.size,
-        block=args.block,
-        view_settings=_view_settings(args),
-        plan_seed=args.plan_seed,
-        outputs=tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None,
-        logits=args.logits,
-        topk=args.topk,
-        dtype=args.dtype,
-        feature_dtype=args.feature_dtype,
-        format=args.format,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=device,
+    """The extraction the flags and the --config file describe, resolved once (flags were checked as they parsed)."""
+    given = settings_from_args(args, ExtractJob)
+    return build(
+        ExtractJob,
+        {**given, "view_settings": _view_settings(args), "plan_seed": args.plan_seed, "device": device},
+        "the command line",
     )
 
 
-def _model_args(pairs: list[str] | None) -> dict:
-    """--model-arg KEY=VALUE pairs as timm.create_model arguments, checked as `train`'s --model-arg is."""
-    args = config.parse_pairs(pairs, "--model-arg")
-    try:
-        return ModelArgs().check(args)
-    except (ValueError, TypeError):
-        raise UserError(f"--model-arg takes {ModelArgs.what}, not {', '.join(pairs or [])}") from None
-
-
 def _view_settings(args) -> dict:
-    """The view settings given, flags over the ``views:`` section of --config, each checked now in the words of where it came from."""
+    """The view settings given (flags over the ``views:`` section of --config), checked now in the words of where
+    they came from; the store's recipe, or the defaults, fill the rest when the job is prepared."""
     view_recipe(args)
-    return config.merge(load_recipe(args.config).get(VIEWS) or {}, settings_from_args(args, ViewRecipe))
+    return given_views(args)
 
 
 def extract_command(args) -> None:
@@ -357,6 +269,11 @@ def verify_command(args) -> None:
             f"{store.path}: {len(report.links)} symbolic link(s) inside the store ({summary}): extraction refuses to write through them; "
             "replace each with a real directory holding its files"
         )
+    raise _verify_failure(store, report, summary)
+
+
+def _verify_failure(store: Store, report, summary: str) -> UserError:
+    """One line for a store that is not sound: what is wrong, counted by kind, and what to run for each."""
     count = {kind: sum(f.kind == kind for f in report.findings) for kind in ("missing", "damaged", "replay")}
     todo = []
     if count["missing"]:
@@ -370,9 +287,9 @@ def verify_command(args) -> None:
             f"{count['replay']} unit(s) replay differently: compare the versions in store.json with this environment"
         )
     if not count["damaged"] and not count["replay"]:
-        raise UserError(f"{store.path}: unfinished ({summary}): {'; '.join(todo)}")
+        return UserError(f"{store.path}: unfinished ({summary}): {'; '.join(todo)}")
     if report.links:
         todo.append(
             f"{len(report.links)} symbolic link(s) inside the store: replace each with a real directory holding its files"
         )
-    raise UserError(f"{store.path}: {count['damaged'] + count['replay']} bad unit(s) ({summary}): {'; '.join(todo)}")
+    return UserError(f"{store.path}: {count['damaged'] + count['replay']} bad unit(s) ({summary}): {'; '.join(todo)}")

@@ -11,11 +11,9 @@ same words, before anything is written.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 from stages.settings import (
-    MAX_BLOCK,
-    MAX_VIEWS,
     MAX_WORKERS,
     PROB,
     SEED,
@@ -37,26 +35,22 @@ from stages.settings import (
     default_of,
 )
 from stages.data.views import ViewRecipe
+from stages.teachers.extract_job import ExtractJob
 from stages.training.settings import TrainSettings
 from storage import UserError
 
 from pipeline.settings import config
 
 FLAGS = {  # command-line settings that are no dataclass field
-    "views": Int(1, MAX_VIEWS),
-    "block": Int(1, MAX_BLOCK),
-    "topk": Int(1, 1 << 20),
     "workers": WORKERS,
     "threads": Int(1, MAX_WORKERS),
     "actors": Int(0, MAX_WORKERS),
     "ray_workers": Int(0, MAX_WORKERS),
     "gpus_per_worker": Float(0.0, 1024.0),
     "max_failures": Int(0, 10_000),
-    "teacher_seed": SEED,
     "plan_seed": SEED,
     "teacher_size": SIZE,
     "device": Device(),
-    "store": Location(),
     "from_cache": Location(),
     "checkpoints": Location(),
     "teacher_id": Name(),
@@ -70,10 +64,14 @@ FLAGS = {  # command-line settings that are no dataclass field
 }
 
 
+# Where a flag's check is looked up, first match wins: flags of their own, then the settings dataclasses.
+_DECLARED = (FLAGS, declared(TrainSettings), declared(ViewRecipe), declared(ExtractJob))
+
+
 def declaration(name: str) -> Check | None:
-    """The check of setting ``name``: a flag of its own, else the training or view setting of that name (the demo's
-    --epochs is the student's, extract's --batch-size and --size take what a student's do)."""
-    return FLAGS.get(name) or declared(TrainSettings).get(name) or declared(ViewRecipe).get(name)
+    """The check of setting ``name``: a flag of its own, else the training, view or extraction setting of that name
+    (the demo's --epochs is the student's; `verify --workers` takes what every --workers does)."""
+    return next((checks[name] for checks in _DECLARED if name in checks), None)
 
 
 def flag_type(name: str, check: Check | None = None):
@@ -125,20 +123,30 @@ def add_setting_flags(
     choices: dict | None = None,
     known: dict | None = None,
     defaults: dict | None = None,
+    only: tuple[str, ...] | None = None,
+    fill_defaults: bool = False,
 ) -> None:
     """A flag for every declared field of ``cls`` not in ``skip``: ``--field-name`` (or ``rename``), parsed and
     checked by the field's declaration, help from it with the default appended (``helps`` replaces a help text).
     ``choices`` restricts a flag to some values; ``known`` lists in its help what a registry holds (a miss is then
     the registry's own line, with a close match). ``defaults``: a command's own defaults where they differ from the
-    field's (`train` fits with ce), as help shows them. Unset flags stay ``None``: they never override a recipe."""
+    field's (`train` fits with ce), as help shows them. ``only``: just these fields. A field without a default is a
+    required flag. Unset flags stay ``None``: they never override a recipe; ``fill_defaults`` gives them the field's
+    default instead, for settings no recipe holds (a live teacher's weights)."""
     rename, helps, choices, known, defaults = rename or {}, helps or {}, choices or {}, known or {}, defaults or {}
     for f in fields(cls):
-        if f.name in skip or "check" not in f.metadata:
+        if f.name in skip or "check" not in f.metadata or (only is not None and f.name not in only):
             continue
         check = f.metadata["check"]
         inner = check.inner if isinstance(check, Optional) else check
         text = helps.get(f.name, f.metadata["help"]) + (f": {', '.join(known[f.name])}" if f.name in known else "")
-        kwargs = {"dest": f.name, "default": None, "help": f"{text} (default: {defaults.get(f.name, _shown(f))})"}
+        required = default_of(f) is MISSING
+        kwargs = {
+            "dest": f.name,
+            "default": default_of(f) if fill_defaults and not isinstance(inner, Mapping) else None,
+            "required": required or None,
+            "help": text if required else f"{text} (default: {defaults.get(f.name, _shown(f))})",
+        }
         if isinstance(inner, Flag):
             kwargs["action"] = "store_true"
         elif isinstance(inner, Mapping):

@@ -9,6 +9,7 @@ import torch
 from stages.data.datasets import list_datasets
 from stages.data.views import ViewRecipe
 from stages.settings import build
+from stages.teachers.extract_job import ExtractJob
 from storage import UserError
 
 from pipeline.settings import config
@@ -38,39 +39,20 @@ def view_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan-seed", type=flag_type("plan_seed"), help="seed of the view plan (default: 0)")
 
 
+def given_views(args) -> dict:
+    """The view settings the command gave: its view flags over the ``views:`` section of --config (not checked)."""
+    return config.merge(load_recipe(args.config).get(VIEWS) or {}, settings_from_args(args, ViewRecipe))
+
+
 def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
     """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
-    file = load_recipe(args.config).get(VIEWS) or {}
-    merged = config.merge((base or ViewRecipe()).to_dict(), file, settings_from_args(args, ViewRecipe))
+    merged = config.merge((base or ViewRecipe()).to_dict(), given_views(args))
     return build(ViewRecipe, merged, args.config or "view flags")
 
 
-def teacher_flags(g, seed_flag: str, model_args: bool = False) -> None:
-    """The teacher's weights (a file, a seeded random start) and, with ``model_args``, ``--model-arg`` (its timm.create_model arguments)."""
-    g.add_argument(
-        "--weights",
-        help="teacher weights: a safetensors file or torch checkpoint (default: the hub weights of the teacher, or a model folder's own)",
-    )
-    g.add_argument(
-        "--random-init", action="store_true", help=f"random teacher weights from {seed_flag}, for tests (default: off)"
-    )
-    g.add_argument(
-        seed_flag,
-        dest="teacher_seed",
-        type=int,
-        default=0,
-        help="seed of a --random-init teacher; the same seed builds the same teacher (default: 0)",
-    )
-    if model_args:
-        g.add_argument(
-            "--model-arg",
-            dest="model_args",
-            action="append",
-            metavar="KEY=VALUE",
-            help="extra timm.create_model argument of the teacher, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64], as `train` "
-            "was given it (repeatable); over a model folder's own; recorded in teacher.json, so every extraction into one teacher id "
-            "must give the same (default: none)",
-        )
+def teacher_flags(g) -> None:
+    """A live teacher's weights (a file, or a seeded random start), declared as extraction's are (``ExtractJob``)."""
+    add_setting_flags(g, ExtractJob, only=("weights", "random_init", "teacher_seed"), fill_defaults=True)
 
 
 def local_device(flag: str | None) -> str:

@@ -17,16 +17,37 @@ it needs from the job alone (``worker_extractor``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
-from storage import CommittedUnits, Store, TeacherRecord, UserError
+from storage import CommittedUnits, Store, TeacherRecord, UserError, list_backends
 from storage.names import check_name
+from storage.teacher_record import DTYPES, FEATURE_DTYPES, PRECISIONS
 
 from ..cache.store_setup import check_dataset, check_plan, create_store, stored_plan
 from ..cache.teacher_rows import output_info
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.views import ViewPlan, ViewRecipe
-from ..settings import build, check_batch_bytes
+from ..settings import (
+    MAX_BATCH,
+    MAX_BLOCK,
+    MAX_VIEWS,
+    SEED,
+    SIZE,
+    WORKERS,
+    Check,
+    Choice,
+    Device,
+    Flag,
+    Int,
+    Location,
+    ModelArgs,
+    Name,
+    Optional,
+    Text,
+    build,
+    check_batch_bytes,
+    setting,
+)
 from .extract import (
     TEACHER_BATCH,
     ExtractResult,
@@ -44,39 +65,133 @@ BLOCK = 1024  # samples per shard of a new store
 TOPK = 10  # logits kept by default (every class when the teacher has fewer)
 
 
+class Backend(Check):
+    """A store backend registered now (``storage.list_backends``: plug-ins register theirs on import)."""
+
+    @property
+    def what(self) -> str:
+        return "one of " + ", ".join(list_backends())
+
+    def check(self, value):
+        if value not in list_backends():
+            raise ValueError
+        return value
+
+
+class Outputs(Check):
+    """Outputs to store, ``logits,features`` on the command line; which ones a teacher has is checked against it."""
+
+    what = "a list of output names: logits, features, tokens"
+
+    def parse(self, text):
+        return [part.strip() for part in text.split(",")]
+
+    def check(self, value):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            raise TypeError
+        return tuple(Text().check(v) for v in value)
+
+
 @dataclass
 class ExtractJob:
-    """Everything that makes an extraction what it is, as plain values (``None``: the component's own default)."""
+    """Everything that makes an extraction what it is, as plain values (``None``: the component's own default).
 
-    store: str  # a directory or URL; created on first use, resumed or extended later
-    data: str  # digits, folder:PATH, fake:N, wds:PATTERN
-    teacher: str  # a short name, any timm model, or a timm model folder (local-dir:PATH, hf-hub:REPO)
-    views: int  # views per sample; more than the store has appends views
-    teacher_id: str | None = None  # the teacher's name inside the store; None: ``default_teacher_id(teacher)``
-    weights: str | None = None  # a local file; None: the hub weights (or random_init)
-    random_init: bool = False  # random weights from teacher_seed (tests)
-    teacher_seed: int = 0
-    model_args: dict = field(
-        default_factory=dict
-    )  # extra timm.create_model arguments (--model-arg), recorded in teacher.json
-    size: int | None = None  # render size; None: the teacher's input size
-    block: int | None = None  # samples per shard; None: BLOCK for a new store, an existing store's own
-    view_settings: dict = field(
-        default_factory=dict
-    )  # the view settings given (flags over YAML), over the store's recipe or the defaults
-    plan_seed: int | None = None  # None: an existing store's, else 0
+    Each field is declared once (``stages.settings.setting``): `pipeline extract`'s flags, their checks, defaults
+    and help come from here, and `distill --online` takes its teacher's weight flags from the same fields."""
+
+    store: str = setting(
+        MISSING,
+        Location(),
+        "store directory or fsspec URL (s3://bucket/path); created on first use, resumed or extended later",
+    )
+    data: str = setting(MISSING, Text(), "training data")  # the command's help names the dataset kinds
+    teacher: str = setting(
+        MISSING,
+        Text(),
+        "short name, any timm model, or a timm model folder (local-dir:PATH, hf-hub:REPO)",  # the command lists the names
+    )
+    views: int = setting(MISSING, Int(1, MAX_VIEWS), "views per sample; more than the store has appends views")
+    teacher_id: str | None = setting(
+        None,
+        Optional(Name()),
+        "name of the teacher inside the store",
+        show_default="--teacher as a plain name; a local-dir: folder's own name",
+    )
+    weights: str | None = setting(
+        None,
+        Optional(Text()),
+        "teacher weights: a safetensors file or torch checkpoint",
+        show_default="the hub weights of the teacher, or a model folder's own",
+    )
+    random_init: bool = setting(False, Flag(), "random teacher weights from --teacher-seed, for tests")
+    teacher_seed: int = setting(0, SEED, "seed of a --random-init teacher; the same seed builds the same teacher")
+    model_args: dict = setting(
+        None,
+        ModelArgs(),
+        "extra timm.create_model argument of the teacher, KEY=VALUE with a YAML value, e.g. channels=[8,16,32,64], as "
+        "`train` was given it (repeatable); over a model folder's own; recorded in teacher.json, so every extraction "
+        "into one teacher id must give the same",
+        flag="--model-arg",
+        factory=dict,
+        show_default="none",
+    )
+    size: int | None = setting(
+        None, Optional(SIZE), "render size of the teacher's views", show_default="the teacher's input size"
+    )
+    block: int | None = setting(
+        None,
+        Optional(Int(1, MAX_BLOCK)),
+        "samples per shard, the unit of work, fixed when a store is made",
+        show_default=f"{BLOCK} for a new store; an existing one keeps its own",
+    )
+    # The view settings given (flags over YAML), over the store's recipe or the defaults; --plan-seed: None is an
+    # existing store's seed, else 0. Both come from the view flags every view-making command shares.
+    view_settings: dict = field(default_factory=dict)
+    plan_seed: int | None = None
     # What is stored and how (``teacher_rows.output_info``).
-    outputs: tuple[str, ...] | None = None  # None: every output the teacher has but tokens
-    logits: str = "topk"  # or "full"
-    topk: int | None = None  # None: TOPK, or every class when the teacher has fewer
-    dtype: str = "float16"
-    feature_dtype: str | None = None  # None: dtype
-    format: str = "zarr"  # a store backend (storage.list_backends)
-    precision: str = "fp32"  # or "bf16"
+    outputs: tuple[str, ...] | None = setting(
+        None,
+        Optional(Outputs()),
+        "comma-separated outputs to store: logits, features, tokens (CLS and patch tokens, large: the cost is logged first)",
+        show_default="all the teacher has except tokens",
+    )
+    logits: str = setting("topk", Choice(("topk", "full")), "store top-k logits or all of them")
+    topk: int | None = setting(
+        None,
+        Optional(Int(1, 1 << 20)),
+        "k for --logits topk, at most the teacher's class count",
+        show_default=f"{TOPK}, or every class when fewer",
+    )
+    dtype: str = setting("float16", Choice(DTYPES), "stored float type; float32 stores are exact")
+    feature_dtype: str | None = setting(
+        None,
+        Optional(Choice(FEATURE_DTYPES)),
+        "stored type of features and tokens; int8 keeps a float32 scale per vector, about 1 byte per value",
+        show_default="the --dtype value",
+    )
+    format: str = setting(
+        "zarr",
+        Backend(),
+        "how teacher outputs are stored (a store backend): zarr arrays, or wds: one webdataset tar per (view, block) "
+        "unit, for streaming; fixed per teacher id",
+    )
+    precision: str = setting(
+        "fp32",
+        Choice(PRECISIONS),
+        "the teacher's arithmetic: bf16 autocast is the fast choice on GPUs that have it; recorded in teacher.json, and "
+        "every extraction into one teacher id must use the same",
+    )
     # How the work is done (not recorded in the store: any value makes the same bytes).
-    batch_size: int = TEACHER_BATCH
-    workers: int = 0  # loader processes rendering views ahead of the teacher
-    device: str | None = None  # None: decided where the job runs (a Ray actor's own device)
+    batch_size: int = setting(TEACHER_BATCH, Int(1, MAX_BATCH), "teacher batch size")
+    workers: int = setting(
+        0, WORKERS, "loader processes rendering views ahead of the teacher (per Ray actor with --actors)"
+    )
+    device: str | None = setting(
+        None,
+        Optional(Device()),
+        "where the teacher runs, e.g. cuda, cuda:1, cpu",
+        show_default="cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu",
+    )  # None in a job: decided where the job runs (a Ray actor's own device)
 
     def __post_init__(self):
         if self.outputs is not None:

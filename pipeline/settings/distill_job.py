@@ -10,7 +10,6 @@ import dataclasses
 import logging
 
 from stages.cache.store_setup import stored_plan
-from stages.methods import is_composite
 from stages.training.job import DistillJob, OnlineTeacher
 from stages.training.settings import TrainSettings
 from storage import Store, UserError
@@ -36,9 +35,7 @@ def distill_job(args) -> DistillJob:
         recipe, settings_from_args(args, TrainSettings), args.config or "the command line", args.ray_workers
     )
     _note_recipe_views(recipe, args.config, args.from_cache)
-    if (
-        args.online and not args.teacher and not is_composite(settings.method)
-    ):  # a composite's parts may name their models
+    if args.online and not args.teacher and not settings.methods.composite:  # a composite's parts may name their models
         raise UserError("--online needs --teacher NAME (with --weights FILE or --random-init)")
     online = (
         OnlineTeacher(args.teacher, args.weights, args.random_init, args.teacher_seed, args.teacher_size)

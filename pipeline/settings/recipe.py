@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from stages.data.views import ViewRecipe
-from stages.methods import is_composite, parse_method, part_args
+from stages.methods import is_composite, parse_method
 from stages.methods.composite import as_spec
 from stages.settings import build, check_batch_bytes, check_fields
 from stages.training.distill import resolve_batch
@@ -60,7 +60,7 @@ def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) ->
     settings = build(TrainSettings, merged, where)
     settings = with_batch(settings, merged, flags.get("batch_size"), ray_workers, where)
     settings = with_lr(settings, file, flags, where)
-    part_args(settings.method, settings.method_args, f"--method-arg or method_args in {where}")
+    settings.methods.part_args(settings.method_args, f"--method-arg or method_args in {where}")
     if settings.size is not None:
         check_batch_bytes(settings.batch_size, settings.size, where)
     return settings
@@ -74,7 +74,7 @@ def _recipe_method_args(file: dict, method: str | None, where: str) -> dict:
         return file
     args = file.pop("method_args", None) or {}
     part = (
-        next((p.name for p in parse_method(method) if p.method == recipe_method), None)
+        next((p.name for p in parse_method(method).parts if p.method == recipe_method), None)
         if is_composite(method) and not is_composite(recipe_method)
         else None
     )

@@ -159,7 +159,7 @@ class Method(nn.Module):
     @property
     def teacher_temperature(self) -> float:
         """The temperature this method softens teacher logits at: a top-k cache rebuilds its tail for it
-        (``stages.topk``). Default: the method's ``temperature`` setting, else 1."""
+        (``stages.cache.topk``). Default: the method's ``temperature`` setting, else 1."""
         return float(getattr(self, "temperature", 1.0))
 
     def wrap_student(self, model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ A composite of one part at weight 1 trains bit for bit as its method alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,73 @@ class Part:
 
 
 def is_composite(spec: str) -> bool:
+    """Whether ``spec`` is written as parts (``kd@a``, ``kd+dist``): a test of the text, not a parse."""
     return PART_SEP in spec or TEACHER_SEP in spec
 
 
-def parse_method(spec: str) -> list[Part]:
+@dataclass(frozen=True)
+class Methods:
+    """A run's ``method`` setting parsed (``parse_method``): its parts, and what they read.
+
+    Made once per spec at the boundary (the setting's check) and read everywhere after, through
+    ``TrainSettings.methods``: nothing past the check splits the text again."""
+
+    spec: str
+    parts: tuple[Part, ...]
+
+    @property
+    def composite(self) -> bool:
+        return is_composite(self.spec)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The teacher outputs the method (every part of it) reads."""
+        return tuple(dict.fromkeys(k for p in self.parts for k in method_class(p.method).needs))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the method cannot train without a teacher (some part reads one and cannot do without)."""
+        return any(method_class(p.method).needs and method_class(p.method).requires_teacher for p in self.parts)
+
+    def teachers(self) -> list[tuple[str, str | None, tuple]]:
+        """(name, own teacher, teacher outputs read) of each part."""
+        return [(p.name, p.teacher, method_class(p.method).needs) for p in self.parts]
+
+    def part_args(self, method_args: dict, where: str) -> list[tuple[float, dict]]:
+        """(weight, method settings) of each part, checked; a plain method's settings are ``method_args`` itself."""
+        if not self.composite:
+            check_method_args(method_class(self.spec), method_args, where)
+            return [(1.0, dict(method_args))]
+        names = [p.name for p in self.parts]
+        stray = [k for k, v in method_args.items() if k not in names or not isinstance(v, dict)]
+        if stray:
+            raise UserError(
+                f"method_args of the composite {self.spec} ({where}) are keyed by part, {', '.join(names)}: found "
+                f"{', '.join(map(str, stray))} (e.g. --method-arg {names[-1]}.{WEIGHT}=0.5)"
+            )
+        out = []
+        for part in self.parts:
+            args = dict(method_args.get(part.name, {}))
+            weight = args.pop(WEIGHT, 1.0)
+            NON_NEGATIVE(weight, f"the weight of part {part.name} ({where})")
+            check_method_args(method_class(part.method), args, f"part {part.name}, {where}")
+            out.append((float(weight), args))
+        if not any(w for w, _ in out):
+            raise UserError(
+                f"every part of {self.spec} has weight 0 ({where}): the run would learn nothing; give a part a weight above 0"
+            )
+        return out
+
+
+def parse_method(spec: str) -> Methods:
     """``"kd@a+cospress@b"`` as its parts; a plain method is one part with no teacher of its own."""
     if not isinstance(spec, str) or not spec:
         raise UserError(f"method must be a method name or parts such as kd@TEACHER+cospress@TEACHER, not {spec!r}")
+    return _parsed(spec)
+
+
+@functools.lru_cache(maxsize=256)  # each spec is parsed once; a registry never changes what a name it holds means
+def _parsed(spec: str) -> Methods:
     pairs = []
     for text in spec.split(PART_SEP):
         method, sep, teacher = text.strip().partition(TEACHER_SEP)
@@ -66,7 +127,8 @@ def parse_method(spec: str) -> list[Part]:
             "(give a part more weight with --method-arg PART.weight=W)"
         )
     methods = [m for m, _ in pairs]
-    return [Part(m, t, m if methods.count(m) == 1 else f"{m}{TEACHER_SEP}{t or ''}") for m, t in pairs]
+    parts = [Part(m, t, m if methods.count(m) == 1 else f"{m}{TEACHER_SEP}{t or ''}") for m, t in pairs]
+    return Methods(spec, tuple(parts))
 
 
 class MethodSpec(Check):
@@ -88,25 +150,9 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
         return method, method_args
     words, args = [], {}
     for i, part in enumerate(method):
-        if not isinstance(part, dict) or not isinstance(part.get("method"), str):
-            raise UserError(
-                f"{where}: part {i + 1} of method must be a mapping with method: NAME (and teacher:, weight:, args:), not {part!r}"
-            )
-        unknown = sorted(set(part) - {"method", "teacher", WEIGHT, "args"})
-        if unknown:
-            raise UserError(
-                f"{where}: part {i + 1} of method has no key {', '.join(unknown)}: a part has method, teacher, weight and args"
-            )
-        if part.get("teacher") is not None and not isinstance(part["teacher"], str):
-            raise UserError(
-                f"{where}: the teacher of part {i + 1} of method must be a teacher id (a string), not {part['teacher']!r}"
-            )
-        if not isinstance(part.get("args") or {}, dict):
-            raise UserError(
-                f"{where}: the args of part {i + 1} of method must be a mapping of its method's settings (KEY: VALUE), not {part['args']!r}"
-            )
+        _check_part(i, part, where)
         words.append(part["method"] + (f"{TEACHER_SEP}{part['teacher']}" if part.get("teacher") else ""))
-    parts = parse_method(PART_SEP.join(words))
+    parts = parse_method(PART_SEP.join(words)).parts
     for part, given in zip(parts, method):
         own = dict(given.get("args") or {})
         if WEIGHT in given and WEIGHT in own:
@@ -120,45 +166,29 @@ def as_spec(method, method_args: dict | None, where: str) -> tuple:
     return PART_SEP.join(words), {**(method_args or {}), **args}
 
 
-def part_args(spec: str, method_args: dict, where: str) -> list[tuple[float, dict]]:
-    """(weight, method settings) of each part of ``spec``, checked; a plain method's settings are ``method_args`` itself."""
-    parts = parse_method(spec)
-    if not is_composite(spec):
-        check_method_args(method_class(spec), method_args, where)
-        return [(1.0, dict(method_args))]
-    names = [p.name for p in parts]
-    stray = [k for k, v in method_args.items() if k not in names or not isinstance(v, dict)]
-    if stray:
+def _check_part(i: int, part, where: str) -> None:
+    """Part ``i`` of a recipe's list of parts: a mapping of method, teacher, weight and args, each of its type."""
+    if not isinstance(part, dict) or not isinstance(part.get("method"), str):
         raise UserError(
-            f"method_args of the composite {spec} ({where}) are keyed by part, {', '.join(names)}: found {', '.join(map(str, stray))} "
-            f"(e.g. --method-arg {names[-1]}.{WEIGHT}=0.5)"
+            f"{where}: part {i + 1} of method must be a mapping with method: NAME (and teacher:, weight:, args:), not {part!r}"
         )
-    out = []
-    for part in parts:
-        args = dict(method_args.get(part.name, {}))
-        weight = args.pop(WEIGHT, 1.0)
-        NON_NEGATIVE(weight, f"the weight of part {part.name} ({where})")
-        check_method_args(method_class(part.method), args, f"part {part.name}, {where}")
-        out.append((float(weight), args))
-    if not any(w for w, _ in out):
+    unknown = sorted(set(part) - {"method", "teacher", WEIGHT, "args"})
+    if unknown:
         raise UserError(
-            f"every part of {spec} has weight 0 ({where}): the run would learn nothing; give a part a weight above 0"
+            f"{where}: part {i + 1} of method has no key {', '.join(unknown)}: a part has method, teacher, weight and args"
         )
-    return out
-
-
-def method_needs(spec: str) -> tuple[str, ...]:
-    """The teacher outputs the run's method (every part of it) reads."""
-    return tuple(dict.fromkeys(k for p in parse_method(spec) for k in method_class(p.method).needs))
-
-
-def needs_teacher(spec: str) -> bool:
-    """Whether the method cannot train without a teacher (some part reads one and cannot do without)."""
-    return any(method_class(p.method).needs and method_class(p.method).requires_teacher for p in parse_method(spec))
+    if part.get("teacher") is not None and not isinstance(part["teacher"], str):
+        raise UserError(
+            f"{where}: the teacher of part {i + 1} of method must be a teacher id (a string), not {part['teacher']!r}"
+        )
+    if not isinstance(part.get("args") or {}, dict):
+        raise UserError(
+            f"{where}: the args of part {i + 1} of method must be a mapping of its method's settings (KEY: VALUE), not {part['args']!r}"
+        )
 
 
 def build_method(
-    spec: str,
+    methods: Methods,
     method_args: dict,
     model: nn.Module,
     teacher,
@@ -170,9 +200,9 @@ def build_method(
 ) -> Method:
     """The run's method for student ``model``: one registered method, or a ``Composite`` whose part i sees
     ``teacher.part(i)`` (a ``PartsTeacher``) as its teacher."""
-    if not is_composite(spec):
+    if not methods.composite:
         context = method_context(
-            method_class(spec),
+            method_class(methods.spec),
             model,
             teacher,
             num_classes=num_classes,
@@ -180,9 +210,9 @@ def build_method(
             epochs=epochs,
             student_trained=student_trained,
         )
-        return create_method(spec, context, **method_args)
-    parts, settings = parse_method(spec), part_args(spec, method_args, "the run")
-    methods = []
+        return create_method(methods.spec, context, **method_args)
+    parts, settings = methods.parts, methods.part_args(method_args, "the run")
+    built = []
     for i, (part, (_, args)) in enumerate(zip(parts, settings)):
         source = None if teacher is None else teacher.part(i)
         context = method_context(
@@ -194,8 +224,8 @@ def build_method(
             epochs=epochs,
             student_trained=student_trained,
         )
-        methods.append(create_method(part.method, context, **args))
-    return Composite(parts, [w for w, _ in settings], methods)
+        built.append(create_method(part.method, context, **args))
+    return Composite(parts, [w for w, _ in settings], built)
 
 
 class Composite(Method):

@@ -1,4 +1,12 @@
-"""Distillation losses on plain tensors. Each returns a scalar: the batch mean as its paper defines it."""
+"""Distillation losses on plain tensors. Each returns a scalar: the batch mean as its paper defines it.
+
+The losses take tensors only (no model, no method object): a method combines them and returns the total with its
+named parts. Anyone may import them for their own loop.
+
+Example:
+    >>> from stages.methods.losses import kd_loss
+    >>> loss = kd_loss(student_logits, batch.teachers["beitv2_l"]["logits"], temperature=1.0)
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,29 @@ import math
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "kd_loss",
+    "dkd_loss",
+    "dist_loss",
+    "nd_loss",
+    "logsum_loss",
+    "joint_similarity_log_probs",
+    "similarity_kl",
+    "flat_cosine_loss",
+    "smoothed_soft_ce",
+]
+
 
 def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Hinton's KD: T^2 * mean over the batch of KL(softmax(t/T) || softmax(s/T)).
 
-    s, t: (B, C) student and teacher logits.
+    Args:
+        s: the student's logits, (B, C).
+        t: the teacher's logits for the same views, (B, C) (a top-k cache's rows rebuilt at this temperature).
+        temperature: T, the softening of both distributions; the T^2 factor keeps the gradient's scale.
+
+    Returns:
+        The scalar loss.
     """
     log_p_s = F.log_softmax(s / temperature, dim=1)
     log_p_t = F.log_softmax(t / temperature, dim=1)
@@ -53,7 +79,17 @@ def dkd_loss(
         TCKD = KL(b_t || b_s),  NCKD = KL(p̂_t || p̂_s),
         loss = T^2 * mean over the batch of (alpha * TCKD + beta * NCKD).
 
-    s, t: (B, C) student and teacher logits, C >= 2; target: (B,) class indices.
+    Args:
+        s: the student's logits, (B, C), C >= 2.
+        t: the teacher's logits, (B, C).
+        target: the class index of each row, (B,): the class TCKD splits off.
+        alpha: the weight of TCKD, the target/non-target split.
+        beta: the weight of NCKD, the distribution over the non-target classes.
+        temperature: T, the softening of every distribution.
+
+    Returns:
+        The scalar loss.
+
     The official code (megvii-research/mdistiller) subtracts 1000 from the target logit before the
     non-target softmax and takes log of the binary probabilities; here the target column is
     removed exactly and everything stays in log space, which agrees to float precision and stays
@@ -94,9 +130,18 @@ def dist_loss(
         intra = 1 - mean over classes of Pearson(p_s[:, c], p_t[:, c])   (relation across the batch)
         loss = tau^2 * (beta * inter + gamma * intra)
 
-    s, t: (B, C) student and teacher logits. Pearson uses eps = 1e-8 on the norm product as the
-    official hunto/DIST_KD code does, so a row or column with no variance (e.g. B = 1 for intra)
-    counts as correlation 0.
+    Pearson uses eps = 1e-8 on the norm product as the official hunto/DIST_KD code does, so a row or
+    column with no variance (e.g. B = 1 for intra) counts as correlation 0.
+
+    Args:
+        s: the student's logits, (B, C).
+        t: the teacher's logits, (B, C).
+        beta: the weight of the inter-class relation (each sample's row).
+        gamma: the weight of the intra-class relation (each class's column over the batch).
+        tau: the temperature of both softmaxes.
+
+    Returns:
+        The scalar loss.
     """
     p_s = F.softmax(s / tau, dim=1)  # (B, C)
     p_t = F.softmax(t / tau, dim=1)
@@ -114,11 +159,18 @@ def nd_loss(s_emb: torch.Tensor, t_norm: torch.Tensor, class_means: torch.Tensor
     with e_y the teacher's mean embedding of class y scaled to unit length: the student is pulled
     towards the class-mean direction and towards a norm at least as large as the teacher's.
 
-    s_emb: (B, D) student embeddings (already projected to the teacher's D); t_norm: (B,) the norm
-    of the teacher embedding of the same view; class_means: (C, D) teacher class means (normalised
-    here); target: (B,) class indices. As in the official code (WangYZ1608/Knowledge-Distillation-via-ND,
+    As in the official code (WangYZ1608/Knowledge-Distillation-via-ND,
     ``DirectNormLoss``) the larger norm is chosen per sample, the student's on a tie, and the
     gradient flows through whichever norm is chosen.
+
+    Args:
+        s_emb: the student's embeddings, (B, D), already projected to the teacher's width D.
+        t_norm: the norm of the teacher's embedding of the same view, (B,).
+        class_means: the teacher's class means, (C, D) (``pipeline stats``; normalised here).
+        target: the class index of each row, (B,): the class mean it is pulled towards.
+
+    Returns:
+        The scalar loss.
     """
     e = F.normalize(class_means.to(s_emb), dim=1)[target.long()]  # (B, D) unit class-mean directions
     s_norm = s_emb.norm(dim=1)  # (B,)
@@ -131,10 +183,18 @@ def logsum_loss(ns: torch.Tensor, nt: torch.Tensor, exponent: float = 4.0) -> to
     """The LogSum representation loss (Miles & Mikolajczyk, "Understanding the Role of the Projector
     in Knowledge Distillation", AAAI 2024): log of the sum over every element of |ns - nt|^exponent.
 
-    ns, nt: (B, D) already-normalised student and teacher representations (in the paper's recipe:
-    projector then BatchNorm1d without affine). Unweighted: the paper's factor 2 is the method's.
-    As in the official code (roymiles/Simple-Recipe-Distillation) there is no epsilon, so identical
-    inputs give -inf by definition (and a nan gradient); any real difference gives a finite value.
+    Unweighted: the paper's factor 2 is the method's. As in the official code
+    (roymiles/Simple-Recipe-Distillation) there is no epsilon, so identical inputs give -inf by
+    definition (and a nan gradient); any real difference gives a finite value.
+
+    Args:
+        ns: the student's representations, (B, D), already normalised (in the paper's recipe: a projector,
+            then BatchNorm1d without affine).
+        nt: the teacher's representations, (B, D), normalised the same way.
+        exponent: the power of each absolute difference (the paper's 4).
+
+    Returns:
+        The scalar loss.
     """
     return torch.log((ns - nt).abs().pow(exponent).sum())
 
@@ -167,10 +227,16 @@ def _joint_log_probs(cos: torch.Tensor, temperature: float) -> torch.Tensor:
 def joint_similarity_log_probs(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """t-SNE-style joint distribution over the pairs of vectors in each set, from their cosines.
 
-    x: (..., N, D), N vectors per set. With c_ij the cosine of vectors i and j:
+    With c_ij the cosine of vectors i and j:
         p(j|i) = softmax over j != i of c_ij / temperature      (self-pairs excluded)
         p_ij   = (p(j|i) + p(i|j)) / (2 N)                        (symmetric, sums to 1 over i, j)
-    Returns log p_ij, (..., N, N); the diagonal holds a finite, very negative number (p = 0).
+
+    Args:
+        x: the sets of vectors, (..., N, D): N vectors per set (the tokens of one image, say).
+        temperature: the softmax temperature of the cosines (CosPress uses 0.01 to 0.10).
+
+    Returns:
+        log p_ij, (..., N, N); the diagonal holds a finite, very negative number (p = 0).
     """
     return _joint_log_probs(_cosines(x), temperature)
 
@@ -178,11 +244,18 @@ def joint_similarity_log_probs(x: torch.Tensor, temperature: float) -> torch.Ten
 def similarity_kl(teacher: torch.Tensor, mapped: torch.Tensor, temperatures) -> torch.Tensor:
     """CosPress's similarity-preserving loss: how far the mapping moves the cosine structure of each set.
 
-    teacher, mapped: (B, N, D_t) and (B, N, D_s), B sets of N vectors (the tokens of one image; or
-    B = 1 and the CLS tokens of a whole batch). For each temperature t, the KL divergence between the
-    joint similarity distributions (``joint_similarity_log_probs``), summed over the N x N pairs of a
-    set, averaged over the B sets; then averaged over the temperatures. Zero when the mapping
-    preserves every cosine, whatever the widths.
+    For each temperature t, the KL divergence between the joint similarity distributions
+    (``joint_similarity_log_probs``), summed over the N x N pairs of a set, averaged over the B sets;
+    then averaged over the temperatures. Zero when the mapping preserves every cosine, whatever the widths.
+
+    Args:
+        teacher: the teacher's vectors, (B, N, D_t): B sets of N vectors (the tokens of one image; or B = 1
+            and the CLS tokens of a whole batch).
+        mapped: the same vectors after the mapping head, (B, N, D_s).
+        temperatures: the temperatures to average over (a sequence of floats).
+
+    Returns:
+        The scalar loss.
     """
     cos_p, cos_q = _cosines(teacher), _cosines(mapped)  # once, for every temperature
     total = 0.0
@@ -197,6 +270,13 @@ def flat_cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     For tokens (B, T, D) this is one cosine per image over all its tokens together, as the
     official CosPress code computes it (not a mean of per-token cosines).
+
+    Args:
+        s: the student's outputs, (B, ...): features (B, D) or tokens (B, T, D).
+        t: the targets of the same shape (CosPress: the mapped teacher tokens, detached).
+
+    Returns:
+        The scalar loss.
     """
     return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
 
@@ -209,8 +289,15 @@ def smoothed_soft_ce(s: torch.Tensor, p: torch.Tensor, smoothing: float = 0.1) -
 
         mean over the batch of (1 - smoothing) * sum_c -p_c log q_c + smoothing * mean_c -log q_c
 
-    with q = softmax(s). s: (B, C) student logits; p: (B, C) target probabilities (the dynamic
-    teacher's softmax, detached).
+    with q = softmax(s).
+
+    Args:
+        s: the student's logits, (B, C).
+        p: the target probabilities, (B, C) (GPD: the dynamic teacher's softmax, detached).
+        smoothing: the share of the loss spread evenly over the classes.
+
+    Returns:
+        The scalar loss.
     """
     log_q = F.log_softmax(s, dim=1)
     return ((1 - smoothing) * (-p * log_q).sum(dim=1) + smoothing * (-log_q).mean(dim=1)).mean()

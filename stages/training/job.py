@@ -21,7 +21,7 @@ from ..cache.store_setup import store_dataset, stored_plan
 from ..data.datasets import ImageDataset, validation_data
 from ..data.replay import StoredViews
 from ..data.views import ViewPlan
-from ..methods import is_composite, method_class, method_needs, parse_method
+from ..methods import Methods
 from ..settings import check_batch_bytes
 from ..teachers.teacher_sources import LiveTeacher, PartsTeacher, TeacherSource, cached_parts, cached_teacher
 from ..teachers.teachers import build_teacher, default_teacher_id
@@ -102,10 +102,10 @@ def build_distill(job: DistillJob, device="cpu") -> DistillRun:
     check_batch_bytes(settings.batch_size, settings.size, "the student's batch")
     if not job.online:
         teacher = cached_source(store, job)
-    elif is_composite(settings.method):
-        teacher = _live_parts(job.online, _parts(settings.method), store, dataset, device)
+    elif settings.methods.composite:
+        teacher = _live_parts(job.online, settings.methods.teachers(), store, dataset, device)
     else:
-        teacher = _live_teacher(job.online, job.teacher_id, store, dataset, method_needs(settings.method), device)
+        teacher = _live_teacher(job.online, job.teacher_id, store, dataset, settings.methods.needs, device)
     views = StoredViews(store, plan, None if teacher is None else teacher.num_views)
     if views.num_views == 0:
         raise UserError(f"store {store.path} has no complete view yet: finish `pipeline extract` first")
@@ -137,30 +137,25 @@ def _live_teacher(
 def cached_source(store: Store, job: DistillJob) -> TeacherSource | None:
     """The cached teacher(s) ``job`` reads (one, several averaged, or each part's of a composite), checked against
     the store; None when its method reads no teacher."""
-    spec = job.train.method
-    if not method_needs(spec):
+    methods = job.train.methods
+    if not methods.needs:
         return None
-    if is_composite(spec):
-        _check_run_teacher_read(spec, job.teacher_id, "--teacher-id")
+    if methods.composite:
+        _check_run_teacher_read(methods, job.teacher_id, "--teacher-id")
         if job.teacher_weights:
             raise UserError(
-                f"--teacher-weights averages teachers under one method; the composite {spec} gives each part its own teacher: drop --teacher-weights"
+                f"--teacher-weights averages teachers under one method; the composite {methods.spec} gives each part its own teacher: drop --teacher-weights"
             )
-        return cached_parts(store, _parts(spec), job.teacher_id)
-    return cached_teacher(store, job.teacher_id, job.teacher_weights, method_needs(spec))
+        return cached_parts(store, methods.teachers(), job.teacher_id)
+    return cached_teacher(store, job.teacher_id, job.teacher_weights, methods.needs)
 
 
-def _check_run_teacher_read(spec: str, teacher: str | None, flag: str) -> None:
+def _check_run_teacher_read(methods: Methods, teacher: str | None, flag: str) -> None:
     """Refuse a run-wide teacher that no part of a composite reads (each that reads one names its own)."""
-    if teacher and all(own for _, own, needs in _parts(spec) if needs):
+    if teacher and all(own for _, own, needs in methods.teachers() if needs):
         raise UserError(
-            f"{flag} {teacher} is read by no part: every part of {spec} that reads a teacher names its own (METHOD@TEACHER); drop {flag}"
+            f"{flag} {teacher} is read by no part: every part of {methods.spec} that reads a teacher names its own (METHOD@TEACHER); drop {flag}"
         )
-
-
-def _parts(spec: str) -> list[tuple[str, str | None, tuple]]:
-    """(name, own teacher, teacher outputs read) of each part of a composite method."""
-    return [(p.name, p.teacher, method_class(p.method).needs) for p in parse_method(spec)]
 
 
 def _live_parts(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from ..methods.composite import MethodSpec
+from ..methods.composite import Methods, MethodSpec, parse_method
 from storage import UserError
 
 from .run_metrics import LOGGERS
@@ -198,3 +198,8 @@ class TrainSettings:
         factory=list,
         show_default="TensorBoard and metrics.jsonl only",
     )
+
+    @property
+    def methods(self) -> Methods:
+        """The ``method`` setting parsed: its parts and what they read (``parse_method`` parses each spec once)."""
+        return parse_method(self.method)

@@ -83,7 +83,7 @@ def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_lin
     that cached the old one is replaced, each with a line saying so (on fake data, to stay cheap)."""
     import logging
 
-    from pipeline.commands import demo
+    from pipeline.commands import demo_steps as demo
     from stages.data.views import ViewRecipe
     from stages.teachers.teachers import build_teacher
     from stages.training.settings import TrainSettings
@@ -102,7 +102,7 @@ def test_a_demo_teacher_or_store_made_with_other_settings_is_replaced_in_one_lin
         )
         demo.fitted_teacher(settings, train_data, val_data, recipe, tmp_path / "teacher")
         teacher = build_teacher(
-            demo._teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32
+            demo.teacher_name(settings), weights=str(tmp_path / "teacher" / "model.safetensors"), input_size=32
         )
         demo.cache_teachers({"teacher": teacher}, {}, train_data, recipe, cache, 32, tmp_path, (), 0)
         if says:

@@ -10,7 +10,7 @@ from pipeline.settings import config
 from stages.settings import build
 from stages.training.distill import lr_factor
 from pipeline.settings.recipe import train_settings
-from stages.methods import MethodContext, create_method, parse_method, part_args
+from stages.methods import MethodContext, create_method
 from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
@@ -61,7 +61,7 @@ def test_recipe_builds_views_settings_and_method(name):
     context = MethodContext(
         num_classes=10, student_dim=512, teacher_dim=512, class_means=torch.randn(10, 512), epochs=settings.epochs
     )
-    for part, (_, args) in zip(parse_method(settings.method), part_args(settings.method, settings.method_args, name)):
+    for part, (_, args) in zip(settings.methods.parts, settings.methods.part_args(settings.method_args, name)):
         create_method(part.method, context, **args)
     assert lr_factor(settings, steps_per_epoch=10)(0) > 0
     # The plan is the recipe's views section (nothing dropped on the way), and draws exactly the fields the store records.

@@ -79,19 +79,27 @@ def check_supported(model: nn.Module, name: str = "") -> None:
         refuse(f"'{model.global_pool}' pooling (gpd widens token or avg pooling)")
     convertible = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GELU, attention, layer_scale)
     for path, m in model.named_modules():
-        if isinstance(m, attention):
-            if getattr(m, "gate", None) is not None or not all(
-                isinstance(getattr(m, a, nn.Identity()), nn.Identity) for a in ("q_norm", "k_norm", "norm")
-            ):
-                refuse(f"attention with q/k norms or gates ({path})")
-        elif isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-            refuse(f"grouped or depthwise convolutions ({path})")
-        elif isinstance(m, nn.BatchNorm2d) and not (m.affine and m.track_running_stats):
-            refuse(f"BatchNorm without affine parameters or running statistics ({path})")
-        elif isinstance(m, nn.LayerNorm) and (len(m.normalized_shape) != 1 or m.weight is None):
-            refuse(f"LayerNorm without affine parameters ({path})")
-        elif not isinstance(m, convertible + containers + passthrough):
-            refuse(f"{type(m).__name__} layers ({path})")
+        problem = _layer_problem(m, attention, convertible + containers + passthrough)
+        if problem:
+            refuse(f"{problem} ({path})")
+
+
+def _layer_problem(m: nn.Module, attention, known: tuple) -> str | None:
+    """What in layer ``m`` the widening does not cover, or None."""
+    if isinstance(m, attention):
+        plain = getattr(m, "gate", None) is None and all(
+            isinstance(getattr(m, a, nn.Identity()), nn.Identity) for a in ("q_norm", "k_norm", "norm")
+        )
+        return None if plain else "attention with q/k norms or gates"
+    if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+        return "grouped or depthwise convolutions"
+    if isinstance(m, nn.BatchNorm2d) and not (m.affine and m.track_running_stats):
+        return "BatchNorm without affine parameters or running statistics"
+    if isinstance(m, nn.LayerNorm) and (len(m.normalized_shape) != 1 or m.weight is None):
+        return "LayerNorm without affine parameters"
+    if not isinstance(m, known):
+        return f"{type(m).__name__} layers"
+    return None
 
 
 def _inside(model: nn.Module, path: str, kind) -> bool:
@@ -143,32 +151,37 @@ class DynamicTeacher(nn.Module):
             for path, m in list(net.named_modules()):
                 if not path or _inside(net, path, WideAttention):
                     continue
-                if isinstance(m, attention):
-                    wide = WideAttention(m, self._mode, r, noise)
-                elif isinstance(m, nn.Conv2d) and orepa is not None and eligible(m):
-                    wide = WideOREPAConv2d(
-                        m, self._mode, r, first=path == first, last=path == last, noise=noise, init=orepa
-                    )
-                elif isinstance(m, nn.Conv2d):
-                    wide = WideConv2d(m, self._mode, r, first=path == first, last=path == last, noise=noise)
-                elif isinstance(m, nn.Linear):
-                    wide = WideLinear(m, self._mode, r, first=path == first, last=path == last, noise=noise)
-                elif isinstance(m, nn.BatchNorm2d):
-                    wide = WideBatchNorm2d(m, self._mode, r, noise)
-                elif isinstance(m, nn.LayerNorm):
-                    wide = WideLayerNorm(m, self._mode, r, noise)
-                elif isinstance(m, nn.GELU):
-                    wide = WideGELU(m, self._mode, r)
-                elif isinstance(m, layer_scale):
-                    wide = WideLayerScale(m, self._mode, r, noise)
-                else:
-                    continue
-                _replace(net, path, wide)
+                ends = {"first": path == first, "last": path == last}
+                wide = self._widened(m, ends, noise, orepa, attention, layer_scale)
+                if wide is not None:
+                    _replace(net, path, wide)
             # ViT tokens are activations of the wide network: r copies, divided by r.
             self._tokens = {n: getattr(net, n).shape[-1] for n in _root_tokens(net)}
             for n in self._tokens:
                 setattr(net, n, nn.Parameter(_copies(getattr(net, n).detach(), r, -1, divide=True, noise=noise)))
         self.net = net
+
+    def _widened(self, m: nn.Module, ends: dict, noise: float, orepa: str | None, attention, layer_scale):
+        """Layer ``m`` as its wide counterpart (``ends``: whether it is the input conv or the classifier), or None for
+        a layer with nothing to widen (a container, an activation that works on any width)."""
+        r, mode = self.r, self._mode
+        if isinstance(m, attention):
+            return WideAttention(m, mode, r, noise)
+        if isinstance(m, nn.Conv2d) and orepa is not None and eligible(m):
+            return WideOREPAConv2d(m, mode, r, **ends, noise=noise, init=orepa)
+        if isinstance(m, nn.Conv2d):
+            return WideConv2d(m, mode, r, **ends, noise=noise)
+        if isinstance(m, nn.Linear):
+            return WideLinear(m, mode, r, **ends, noise=noise)
+        if isinstance(m, nn.BatchNorm2d):
+            return WideBatchNorm2d(m, mode, r, noise)
+        if isinstance(m, nn.LayerNorm):
+            return WideLayerNorm(m, mode, r, noise)
+        if isinstance(m, nn.GELU):
+            return WideGELU(m, mode, r)
+        if isinstance(m, layer_scale):
+            return WideLayerScale(m, mode, r, noise)
+        return None
 
     @contextmanager
     def _as(self, student: bool):

@@ -21,8 +21,9 @@ from ...progress import Progress
 from ..run_metrics import RunMetrics
 from ..settings import TrainSettings
 from ...data.replay import ViewRenderer, even_batches, render_batches
-from ..loader import Batch, epoch_note, rank_and_world
-from ..student import save_student
+from ..batch import Batch
+from ..epoch_steps import epoch_note, rank_and_world
+from ..student_files import save_student
 from ...teachers.teacher_sources import TeacherSource
 from ...data.views import EVAL_FIELDS, ViewPlan, eval_params, normalize
 from .checkpoint import EpochHooks, _restore, _state
@@ -84,15 +85,8 @@ def train(
     if val_data is not None:
         val_data.sizes()  # every validation image's header, now: an unreadable one is refused before any epoch, as a training image is
     out_dir = Path(out_dir) if out_dir and rank == 0 else None
-    metrics, first_epoch, start = [], 0, time.perf_counter()
-    if (
-        hooks.state is not None
-    ):  # before the run's files change: a checkpoint that does not fit leaves them as they were
-        first_epoch, metrics = _restore(hooks.state, run)
-    if hooks.start and rank == 0:
-        hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
-    if out_dir:
-        _clear_results(out_dir, weights_name)
+    start = time.perf_counter()
+    first_epoch, metrics = _begin(run, s, hooks, out_dir, weights_name, rank)
     if rank == 0:
         _say_start(s, len(train_data), views.block, world)
     if hooks.state is not None:
@@ -100,28 +94,52 @@ def train(
     with RunMetrics(out_dir, tuple(s.log), dataclasses.asdict(s)) as record:
         for line in metrics:  # a resumed run's record starts with the epochs it already has
             record.write(line)
-
-        def keep(line: dict, epoch: int) -> None:  # the epoch's line and checkpoint
-            metrics.append(line)
-            if rank == 0:
-                log.info("epoch %d/%d: %s", epoch + 1, s.epochs, _shown(line))
-            record.write(line)
-            if hooks.save:
-                hooks.save(_state(epoch + 1, metrics, run, s), line)
-
         if first_epoch == 0 and s.student_weights and val_data is not None:  # what fine-tuning starts from: epoch 0
             metrics.append(_epoch_zero(run, s, val_data, plan, device, record, rank))
         for epoch in range(first_epoch, s.epochs):
-            line = train_one_epoch(run, s, teacher, epoch, device)
-            try:
-                line.update(validate(run, s, val_data, plan, device))
-            except UserError:
-                keep(line, epoch)  # a validation image that fails to decode ends the run, not the epoch's training
-                raise
-            keep(line, epoch)
+            _one_epoch(run, s, teacher, val_data, plan, device, epoch, Keep(metrics, record, hooks, rank))
     if out_dir:
         _save_results(out_dir, run, weights_name, metrics)
     return TrainResult(run.model, metrics, time.perf_counter() - start)
+
+
+@dataclass
+class Keep:
+    """Where an epoch's line goes: the run's lines, its metrics record, the log (rank 0) and the checkpoint hook."""
+
+    metrics: list
+    record: RunMetrics
+    hooks: EpochHooks
+    rank: int
+
+    def __call__(self, run, s: TrainSettings, line: dict, epoch: int) -> None:
+        self.metrics.append(line)
+        if self.rank == 0:
+            log.info("epoch %d/%d: %s", epoch + 1, s.epochs, _shown(line))
+        self.record.write(line)
+        if self.hooks.save:
+            self.hooks.save(_state(epoch + 1, self.metrics, run, s), line)
+
+
+def _one_epoch(run, s: TrainSettings, teacher, val_data, plan, device, epoch: int, keep: Keep) -> None:
+    line = train_one_epoch(run, s, teacher, epoch, device)
+    try:
+        line.update(validate(run, s, val_data, plan, device))
+    except UserError:
+        keep(run, s, line, epoch)  # a validation image that fails to decode ends the run, not the epoch's training
+        raise
+    keep(run, s, line, epoch)
+
+
+def _begin(run, s: TrainSettings, hooks: EpochHooks, out_dir: Path | None, weights_name: str, rank: int):
+    """(first epoch, earlier epochs' lines): a checkpoint restored before the run's files change (one that does not
+    fit leaves them as they were), then the caller's run files and an earlier run's results cleared."""
+    first_epoch, metrics = _restore(hooks.state, run) if hooks.state is not None else (0, [])
+    if hooks.start and rank == 0:
+        hooks.start()  # the caller's run files (and its lock on the folder) before anything in it changes
+    if out_dir:
+        _clear_results(out_dir, weights_name)
+    return first_epoch, metrics
 
 
 def _clear_results(out_dir: Path, weights_name: str) -> None:

@@ -11,12 +11,14 @@ from torch import nn
 from storage import UserError
 
 from ...data.datasets import ImageDataset
-from ...methods import Method, build_method, needs_teacher
+from ...methods import Method, build_method
 from ..precision import Precision
 from ..settings import TrainSettings
 from ...data.replay import StoredViews
-from ..loader import ReplayLoader, steps_per_epoch
-from ..student import StudentCard, build_student, trained_on
+from ..epoch_steps import steps_per_epoch
+from ..loader import ReplayLoader
+from ..student import build_student
+from ..student_card import StudentCard, trained_on
 from ...teachers.teacher_sources import TeacherSource
 from ...data.views import ViewPlan
 from .optimisation import build_optimizer, lr_factor
@@ -76,7 +78,7 @@ class _StudentLoss(nn.Module):
 
 
 def check_teacher(s: TrainSettings, teacher: TeacherSource | None, views) -> None:
-    if needs_teacher(s.method) and teacher is None:
+    if s.methods.needs_teacher and teacher is None:
         raise UserError(f"method '{s.method}' needs a teacher: pass --from-cache STORE (or --online --teacher NAME)")
     if teacher is not None and teacher.num_views is not None and views.num_views > teacher.num_views:
         raise UserError(
@@ -118,45 +120,18 @@ def build_setup(
     s: TrainSettings, train_data: ImageDataset, views, plan: ViewPlan, teacher: TeacherSource | None, device, world: int
 ) -> Setup:
     """Student, method, optimiser, schedule, DDP wrapper and renderer for one run."""
-    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
     precision = Precision(s.amp, device)  # refuses fp16 without CUDA before anything is built
     if train_data.num_classes < 2:
         log.warning(
             "the training data has %d class: every label is the same, so its cross-entropy is 0 and teaches nothing",
             train_data.num_classes,
         )
-    model = build_student(s.student, train_data.num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
-    if s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
-    size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
-    check_input_size(model, size, s.student)
-    cfg = model.pretrained_cfg
-    method = build_method(
-        s.method,
-        s.method_args,
-        model,
-        teacher,
-        num_classes=train_data.num_classes,
-        size=size,
-        epochs=s.epochs,
-        student_trained=s.student_weights is not None,
-    )
-    method.train()
-    model = method.wrap_student(model)  # what trains in the student's place (GPD: a widened network holding it)
+    student, method, size = _student_and_method(s, train_data.num_classes, views, teacher)
+    cfg = student.pretrained_cfg
+    model = method.wrap_student(student)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)
     optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
-    if s.global_batch is not None and s.global_batch != s.batch_size * world:
-        raise UserError(
-            f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
-            "state one of them (pipeline.commands resolves the other)"
-        )
-    if (
-        steps_per_epoch(len(train_data), views.block, s.batch_size, world, s.repeats) == 0
-    ):  # the loader would refuse it too, in its own words
-        raise UserError(
-            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({len(train_data)} samples, {world} worker(s))"
-        )
+    _check_batch(s, len(train_data), views.block, world)
     loader = ReplayLoader(
         train_data,
         plan,
@@ -174,16 +149,10 @@ def build_setup(
         workers=s.workers,
         verify=s.verify,
     )
-    forward = student_loss
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        on_gpu = torch.device(device).type == "cuda"
-        forward = DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)
     return Setup(
         model=model,
         method=method,
-        forward=forward,
+        forward=_distributed(student_loss, device) if world > 1 else student_loss,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s, len(loader))),
         loader=loader,
@@ -205,3 +174,48 @@ def build_setup(
             trained_on(s, train_data, teacher, views.store if isinstance(views, StoredViews) else None),
         ),
     )
+
+
+def _student_and_method(s: TrainSettings, num_classes: int, views, teacher) -> tuple[nn.Module, Method, int]:
+    """The student (in channels-last when asked), the run's method over it, and the size it trains at (the setting,
+    else the store's view size, else the student's own input size)."""
+    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
+    model = build_student(s.student, num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
+    size = s.size or plan_size or model.pretrained_cfg["input_size"][-1]
+    check_input_size(model, size, s.student)
+    method = build_method(
+        s.methods,
+        s.method_args,
+        model,
+        teacher,
+        num_classes=num_classes,
+        size=size,
+        epochs=s.epochs,
+        student_trained=s.student_weights is not None,
+    )
+    method.train()
+    return model, method, size
+
+
+def _check_batch(s: TrainSettings, samples: int, block: int, world: int) -> None:
+    """The resolved batch sizes fit the workers and the data (a run's settings are resolved by
+    ``pipeline.settings.recipe.train_settings``; a library caller may hand any)."""
+    if s.global_batch is not None and s.global_batch != s.batch_size * world:
+        raise UserError(
+            f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
+            "state one of them (pipeline.settings.recipe resolves the other)"
+        )
+    if steps_per_epoch(samples, block, s.batch_size, world, s.repeats) == 0:  # the loader would refuse it too
+        raise UserError(
+            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({samples} samples, {world} worker(s))"
+        )
+
+
+def _distributed(student_loss: nn.Module, device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_gpu = torch.device(device).type == "cuda"
+    return DistributedDataParallel(student_loss, device_ids=[torch.device(device)] if on_gpu else None)

@@ -15,9 +15,9 @@ from pipeline.settings import config
 from pipeline.cli import main
 from pipeline.settings.recipe import train_settings
 from pipeline.sweeps.spec import parse_sweep, trial_job, trial_settings
-from stages.methods import build_method, list_methods, method_class
+from stages.methods import build_method, list_methods, method_class, parse_method
 from stages.teachers.teacher_sources import PartsTeacher, TeacherSource
-from stages.training.loader import targets
+from stages.training.batch import targets
 from stages.training.job import DistillJob, OnlineTeacher, build_distill
 from stages.training.settings import TrainSettings
 from storage import Store, UserError
@@ -50,7 +50,7 @@ def _steps(spec: str, teacher, temperature, steps: int = 2):
     """Losses and the exported student after ``steps`` SGD steps of ``spec`` on a tiny ViT, through the trainer's hooks."""
     torch.manual_seed(0)
     model = timm.create_model(VIT["student"], pretrained=False, num_classes=C, **VIT["student_kwargs"])
-    method = build_method(spec, {}, model, teacher, num_classes=C, size=32, epochs=4)
+    method = build_method(parse_method(spec), {}, model, teacher, num_classes=C, size=32, epochs=4)
     method.train()
     trained = method.wrap_student(model)
     opt = torch.optim.SGD([*trained.parameters(), *method.parameters()], lr=0.1)

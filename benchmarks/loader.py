@@ -188,7 +188,8 @@ def replay_epoch(
     or normalised there: ``_timed``'s (views/s, CPU ms per view).
 
     ``source``: another dataset to replay from (prepared shards, ``wds:...``) instead of the folder."""
-    from stages.data.datasets import FolderDataset, open_dataset
+    from stages.data.datasets import open_dataset
+    from stages.data.folder_dataset import FolderDataset
     from stages.data.replay import DrawnViews
     from stages.data.views import ViewPlan
     from stages.training.loader import ReplayLoader
@@ -255,7 +256,8 @@ PREPARED = "replay@prepared"  # replay from shards made by `pipeline prepare --m
 
 def decode_ms(folder: Path, source: str | None = None) -> float:
     """CPU milliseconds to decode one JPEG of the folder (or of ``source``), as the replay decodes it, in one process."""
-    from stages.data.datasets import FolderDataset, open_dataset
+    from stages.data.datasets import open_dataset
+    from stages.data.folder_dataset import FolderDataset
 
     data = open_dataset(source) if source else FolderDataset(str(folder))
     blobs = data.encoded(np.arange(len(data)))  # shards: read first, so that only decoding is timed

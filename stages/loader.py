@@ -28,7 +28,8 @@ from .data.replay import StoredViews
 from .data.views import ViewPlan, normalize
 from .methods import Targets
 from .teachers.teacher_sources import CachedTeacher
-from .training.loader import Batch, ReplayLoader
+from .training.batch import Batch
+from .training.loader import ReplayLoader
 
 __all__ = [
     "open_cache",
@@ -57,6 +58,9 @@ def open_cache(location: str, data: str | None = None) -> Cache:
     Returns:
         A ``Cache``, whose ``loader`` gives batches.
 
+    Raises:
+        UserError: no store at ``location``, a damaged store, data that does not match the store's fingerprint.
+
     Example:
         >>> cache = open_cache("runs/digits")
         >>> cache.teacher_ids, cache.num_classes, cache.size
@@ -70,8 +74,9 @@ class Cache:
     """A store with its view plan and training data, opened and checked against each other (see ``open_cache``).
 
     Attributes:
-        store: the ``storage.Store``; plan: its ``ViewPlan``; dataset: the training images.
-        teacher_ids: the teachers the store holds; num_classes: the data's classes; size: the stored views' render size.
+        store: the opened ``storage.Store``.
+        plan: the store's view plan (``ViewPlan``), which renders any stored view again.
+        dataset: the training images the views are replayed from.
     """
 
     def __init__(self, store: Store, plan: ViewPlan, dataset: ImageDataset):
@@ -79,14 +84,17 @@ class Cache:
 
     @property
     def teacher_ids(self) -> list[str]:
+        """The ids of the teachers the store holds (``teachers/<id>/``), for ``loader(teachers=...)``."""
         return self.store.teacher_ids()
 
     @property
     def num_classes(self) -> int:
+        """The training data's class count: the width of ``Batch.targets.soft``."""
         return self.dataset.num_classes
 
     @property
     def size(self) -> int:
+        """The render size of the stored views, in pixels (``loader(size=...)`` resizes them for another student)."""
         return self.store.record.plan.size
 
     def loader(
@@ -124,18 +132,29 @@ class Cache:
             size: the student's input size (default: the stored views' size); the crops are the stored ones,
                 resized to it, and replay checks still fingerprint them at the stored size.
             workers: loader processes rendering views (0: in this process).
-            seed: the data order's seed; repeats: R different views of each sample per epoch (timm's --aug-repeats).
-            label_smoothing, label_fraction, label_seed: timm's smoothing of target rows; a stratified share of
-                samples that keep their label (the others get label -1 and a zero target row).
+            seed: the seed of the data order (with the epoch number: ``set_epoch``).
+            repeats: R > 1 takes R different stored views of each sample per epoch (timm's --aug-repeats).
+            label_smoothing: timm's smoothing of the target rows (``Batch.targets.soft``).
+            label_fraction: the stratified share of samples that keep their label; the others get label -1 and a
+                zero target row (1.0: every label).
+            label_seed: the seed that picks which samples keep their label.
             window_rows: about how many rows are shuffled together in memory.
             verify: replayed views checked against the stored fingerprints: ``"all"``, ``"sample"`` (about one in
                 a hundred) or ``"none"``.
-            normalize: hand out float32 images normalised with ``mean`` and ``std`` instead of uint8 images (then
-                normalise on the device with ``stages.loader.normalize``: a quarter of the bytes cross the bus).
-            rank, world: this process's rank and the number of ranks (default: from torch.distributed, else 0 of 1).
+            normalize: hand out float32 images normalised with ``mean`` and ``std`` instead of uint8 images. The
+                default (uint8) is the faster one: normalise on the device with ``stages.loader.normalize``, and a
+                quarter of the bytes cross the bus.
+            mean: the per-channel mean on the 0..1 scale that ``normalize=True`` uses (default: ImageNet's).
+            std: the per-channel standard deviation that ``normalize=True`` uses (default: ImageNet's).
+            rank: this process's rank (default: from torch.distributed, else 0).
+            world: the number of ranks (default: from torch.distributed, else 1).
 
         Returns:
             A ``ReplayLoader``: ``len(loader)`` batches per epoch on every rank, ``set_epoch``, ``state_dict``.
+
+        Raises:
+            UserError: a teacher the store lacks, an output it did not store, ``teachers`` given as one string,
+                a store with no complete view yet.
 
         Example:
             >>> loader = cache.loader(batch_size=256, teachers=["beitv2_l"], needs=["logits"], size=224, workers=8)

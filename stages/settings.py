@@ -3,7 +3,7 @@
 ``setting(default, check, help)`` declares a field of a settings dataclass
 (``TrainSettings``, ``ViewRecipe``). Everything else is derived from that one
 declaration: ``check_fields`` checks a dict of values from YAML or flags in the
-same words, ``build`` makes the dataclass, and ``pipeline.setting_flags`` turns
+same words, ``build`` makes the dataclass, and ``pipeline.settings.setting_flags`` turns
 the fields into command-line flags with their help and default. A ``Check``
 turns a value into the setting's value or says what it should have been, so
 ``--epochs 0`` and ``epochs: 0`` in a YAML file are refused alike, before
@@ -18,7 +18,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from storage import UserError
-from storage.location import check_url
+from storage.file_systems import check_url
 from storage.names import check_name
 from storage.store_record import MAX_SEED
 

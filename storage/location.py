@@ -15,126 +15,17 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
-import stat
 import threading
 import uuid
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore
 
-from .errors import Unreachable, UserError
-
-
-# An unreachable endpoint should fail in seconds, not after botocore's default minute of retries, and one that
-# stops answering mid-request (a paused or hung server: the connection stands, no byte comes) after READ_SECONDS
-# of silence, not botocore's 60. Botocore's "standard" mode tries each request twice (timeouts, throttling, 5xx);
-# s3fs's own retry loop around it is set to one pass, or the two would multiply. One silent request then fails
-# within about 2 x 3 s + backoff (< 1 s); zarr's opening of an array waits on two in a row (zarr.json, then the
-# v2 names), about 14 s: within README's 20 (measured: tests/flows/test_object_store.py, a paused server).
-READ_SECONDS = 3
-ATTEMPTS = 2
-STORAGE_OPTIONS = {
-    "s3": {
-        "config_kwargs": {
-            "connect_timeout": 5,
-            "read_timeout": READ_SECONDS,
-            "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
-        }
-    }
-}
-S3FS_RETRIES = 1  # s3fs's loop (a class attribute, no option): one pass
-
-# The URL schemes a store may live at, with the package that implements each. Anything else (ftp, http,
-# ssh, a typo) is refused before any connection: http is read-only and cannot list, ftp and ssh connect
-# when a location is merely named.
-SCHEMES = {
-    "file": None,
-    "local": None,
-    "memory": None,
-    "s3": "s3fs",
-    "s3a": "s3fs",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "az": "adlfs",
-    "abfs": "adlfs",
-    "abfss": "adlfs",
-}
-OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # a bucket (container) first, then keys
-REACH_SECONDS = 20.0  # any file system must answer within this; S3's own timeouts (above) answer sooner
-
-
-def storage_options(url: str) -> dict:
-    return STORAGE_OPTIONS.get(fsspec.utils.get_protocol(url), {})
-
-
-def check_url(url: str) -> str:
-    """``url`` when it names a directory, or a URL of a known scheme whose file system is installed."""
-    if "://" not in url and "::" not in url:
-        return url  # a local path
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if "::" in url or scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES if s not in ("local", "s3a", "gcs", "abfs", "abfss"))
-        raise UserError(f"unknown URL scheme in {url}: a store is a directory or a URL of {known}")
-    package = SCHEMES[scheme]
-    if package is not None:
-        try:
-            fsspec.get_filesystem_class(scheme)
-        except ImportError:
-            raise UserError(
-                f"{url} needs the {package} package, which is not installed: pip install {package}"
-            ) from None
-    if scheme in OBJECT_STORES:
-        bucket = url.split("://", 1)[1].split("/", 1)[0]
-        if scheme in ("s3", "s3a") and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            raise UserError(
-                f"'{bucket}' in {url} is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'"
-            )
-        if not bucket:
-            raise UserError(f"{url} names no bucket: use {scheme}://BUCKET/PATH")
-    return url
-
-
-def _bound_retries(fs) -> None:
-    if type(fs).__name__ == "S3FileSystem":
-        fs.retries = S3FS_RETRIES
-
-
-def network_error(e: BaseException) -> bool:
-    """Whether ``e`` says a server did not answer or the connection failed (not: it answered no)."""
-    if isinstance(e, (TimeoutError, ConnectionError)):
-        return True
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
-    except ImportError:
-        return False
-    return isinstance(e, (HTTPClientError, BotoConnectionError))
-
-
-@contextmanager
-def answering(url: str):
-    """Turn a remote store's silence or broken connection (after its own time limits and retries) into one line."""
-    try:
-        yield
-    except UserError:
-        raise
-    except NotADirectoryError as e:  # a local path through a file: one line, whichever command meets it
-        raise UserError(
-            f"cannot write under {url}: {e.filename or url} runs through a file, not a folder; choose another location"
-        ) from None
-    except Exception as e:
-        if "://" not in url or not network_error(e):  # a local path's errors say what they are themselves
-            raise
-        words = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Unreachable(
-            f"{url} stopped answering ({words}): the server did not reply within {READ_SECONDS} s in {ATTEMPTS} attempts; "
-            "check the endpoint and network, then run the same command again (committed work is kept)"
-        ) from e
+from .errors import UserError
+from .file_systems import OBJECT_STORES, REACH_SECONDS, answering, bound_retries, check_url, storage_options
+from .local_files import RegularFilesStore, check_regular, refuse_links
 
 
 def _within(seconds: float, fn, what: str):
@@ -177,7 +68,7 @@ class Location:
         if _fs is None:
             url = check_url(os.fspath(url))
             _fs, _path = fsspec.core.url_to_fs(url, **storage_options(url))
-            _bound_retries(_fs)
+            bound_retries(_fs)
         self.fs, self.path = _fs, _path.rstrip("/") or "/"
         self.url = url if isinstance(url, str) else os.fspath(url)
         # The location first named (a store's root): the tree below it is the tool's own, and a symbolic link in it
@@ -352,95 +243,9 @@ class Location:
         if self.is_local:
             return RegularFilesStore(self.path, read_only=read_only, links_from=self.root)
         store = FsspecStore.from_url(self.url, storage_options=storage_options(self.url), read_only=read_only)
-        _bound_retries(store.fs)
+        bound_retries(store.fs)
         return store
 
     @_answers
     def open_group(self, mode: str = "a") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)
-
-
-@contextmanager
-def written_whole(path: Path) -> Iterator[Path]:
-    """A temporary file beside local ``path`` to write in the block; it then replaces ``path`` in one rename.
-
-    Readers see the old file or the new one, never a part; a write that fails leaves no temporary file.
-    For files one writer owns (run files, checkpoints, weights); ``Location.write_bytes`` is the store's own.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def refuse_links(root: str, directory: str) -> None:
-    """One line naming the first symbolic link among the directories below ``root`` down to ``directory``.
-
-    A store (or a run folder) is a tree the tool owns: a linked ``logs`` folder or shard folder would carry
-    its writes (and removals) to another place, which nothing the user asked for names.
-    """
-    root, directory = os.path.normpath(root), os.path.normpath(directory)
-    if directory == root or not directory.startswith(root.rstrip(os.sep) + os.sep):
-        return
-    path = root
-    for part in os.path.relpath(directory, root).split(os.sep):
-        path = os.path.join(path, part)
-        if os.path.islink(path):
-            raise UserError(
-                f"{path} is a symbolic link inside the store (to {os.readlink(path)}): the store's files are written only inside it; "
-                "replace the link with a real directory (or move the store), then run the same command again"
-            )
-
-
-def check_regular(path: str, allow_dir: bool = True) -> None:
-    """Refuse to read anything but a regular file: a FIFO where a shard should be would block its reader forever.
-
-    ``allow_dir``: a directory passes (zarr reads one as a missing chunk).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing or unreadable: the reader's own error says so
-    if not stat.S_ISREG(mode) and not (allow_dir and stat.S_ISDIR(mode)):
-        raise UserError(
-            f"{path} is not a regular file (a pipe, a device or a directory stands where a file of the store should be): "
-            "move it away, then run the same command again (`pipeline verify` lists what is missing)"
-        )
-
-
-class RegularFilesStore(LocalStore):
-    """zarr's LocalStore, reading regular files only (see ``check_regular``); directories read as missing, as in zarr.
-
-    Writes and deletes refuse to go through a symbolic link below ``links_from`` (the store's root, see ``refuse_links``).
-    """
-
-    def __init__(self, root, *, read_only: bool = False, links_from: str | None = None):
-        super().__init__(root, read_only=read_only)
-        self.links_from = links_from or str(root)
-
-    def with_read_only(self, read_only: bool = False):
-        return type(self)(self.root, read_only=read_only, links_from=self.links_from)
-
-    async def _set(self, key, value, exclusive: bool = False):
-        refuse_links(self.links_from, os.path.dirname(os.path.join(self.root, key)))
-        return await super()._set(key, value, exclusive=exclusive)
-
-    async def delete(self, key):
-        refuse_links(self.links_from, os.path.join(self.root, key))
-        return await super().delete(key)
-
-    async def delete_dir(self, prefix):
-        refuse_links(self.links_from, os.path.join(self.root, prefix))
-        return await super().delete_dir(prefix)
-
-    async def get(self, key, prototype=None, byte_range=None):
-        check_regular(os.path.join(self.root, key))
-        return await super().get(key, prototype, byte_range)
-
-    async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
-        for key, _ in key_ranges:
-            check_regular(os.path.join(self.root, key))
-        return await super().get_partial_values(prototype, key_ranges)

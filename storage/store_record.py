@@ -12,6 +12,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .errors import UserError
+
+# 2: rows in a recorded order of the sample ids (before: block b was ids b*B..), top-k rows with exact tail mass.
+FORMAT_VERSION = 2
 ORDER_KINDS = ("permuted", "source")
 
 # Sane bounds for the numbers a store's records hold: each sizes arrays or loops before any data is read, so a
@@ -90,7 +94,7 @@ class OrderRecord:
 class StoreRecord:
     """One store's store.json."""
 
-    format: int  # storage.store.FORMAT_VERSION
+    format: int  # FORMAT_VERSION
     num_samples: int  # N: rows of every [V, N, ...] array
     num_views: int  # V: views of the plan (a teacher's own count is in its teacher.json)
     block: int  # samples per shard, the unit of work
@@ -211,3 +215,32 @@ class _Fields:
 
     def mapping(self, key: str) -> dict:
         return self._get(key, lambda v: isinstance(v, dict), "an object")
+
+
+def check_format(path, version) -> None:
+    """Refuse a store of another format before reading its fields: they may mean something else there."""
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(
+            f"store {path} was written by a newer pipeline (store format {version}; this one reads {FORMAT_VERSION}): "
+            "upgrade this pipeline to read it"
+        )
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"store {path} has store format {version}, this pipeline reads format {FORMAT_VERSION} (blocks that are random "
+            "samples of the dataset, top-k logits with their exact tail): extract it again into a new --store with the same "
+            f"`pipeline extract` flags (the ones it was made with are in {path / 'logs'}/extract-*.yaml)"
+        )
+
+
+def check_sizes(record: StoreRecord, order_name: str, order_shape, plan_shape, plan_shards) -> None:
+    """store.json's N, V and block against the shapes of the arrays they describe (the order, the plan's
+    fingerprints); ``ValueError`` names the field that disagrees."""
+    N, V, B = record.num_samples, record.num_views, record.block
+    if tuple(order_shape) != (N,):
+        raise ValueError(f"field 'num_samples' is {N}, but the {order_name} array has {order_shape[0]} rows")
+    if plan_shape[1] != N:
+        raise ValueError(f"field 'num_samples' is {N}, but the plan's arrays have {plan_shape[1]} rows")
+    if V > plan_shape[0]:  # the plan grows first when views are added: it may hold more views, never fewer
+        raise ValueError(f"field 'num_views' is {V}, but the plan's arrays hold {plan_shape[0]} views")
+    if plan_shards is not None and plan_shards[1] != B:
+        raise ValueError(f"field 'block' is {B}, but the plan's shards hold {plan_shards[1]} samples")

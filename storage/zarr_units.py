@@ -21,7 +21,9 @@ from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from .codecs import compressor
-from .location import Location, answering, check_regular
+from .file_systems import answering
+from .local_files import check_regular
+from .location import Location
 from .units import ArraySpec, CommittedUnits, as_location, register_backend
 
 # Epochs read whole shards, so an inner chunk is the whole shard (smallest and

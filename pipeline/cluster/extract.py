@@ -8,7 +8,7 @@ pending (view, block) units to run plus the block it will get next, whose first
 batches it renders in a thread while its teacher runs on the current one. A
 block's views render together, so each image is decoded once for all of them,
 as in one process. Each unit is written whole and committed by the actor
-(``stages.extract.UnitExtractor``) as its last batch is done, so a block retried
+(``stages.teachers.extract.UnitExtractor``) as its last batch is done, so a block retried
 after an actor died, or run twice, is harmless. A user error in a unit (a bad
 image, a changed render) ends the whole run with its line; committed units stay.
 """

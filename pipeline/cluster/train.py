@@ -182,7 +182,8 @@ def _write_outputs(checkpoint, out: Path) -> list[dict]:
     import torch
 
     from stages.training.run_metrics import RunMetrics
-    from stages.training.student import StudentCard, save_student
+    from stages.training.student_card import StudentCard
+    from stages.training.student_files import save_student
 
     with checkpoint.as_directory() as d:
         run = json.loads((Path(d) / "run.json").read_text())

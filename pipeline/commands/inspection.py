@@ -1,6 +1,6 @@
 """`pipeline inspect STORE`: what a store holds, what its logits keep, and (``--grid``) what the teacher saw.
 
-The numbers come from ``stages.store_report``; this module only prints them as
+The numbers come from ``stages.cache.store_report``; this module only prints them as
 aligned tables and saves the grid.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from storage import UserError
-from storage.location import written_whole
+from storage.local_files import written_whole
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/, beside pipeline/

@@ -16,7 +16,7 @@ from stages.settings import Weights
 from stages.training.job import DistillJob
 from stages.training.settings import TrainSettings
 from storage import UserError
-from storage.location import written_whole
+from storage.local_files import written_whole
 
 from pipeline.settings import config
 from pipeline.settings.recipe import VIEWS, check_views, train_settings
@@ -118,6 +118,11 @@ def _axis(name: str, spec, where: str) -> Axis:
         if not values:
             raise UserError(f"{here}: the {kind} is empty: give at least one value, e.g. {kind}: [1, 4]")
         return Axis(name, kind, values)
+    return Axis(name, kind, _range_axis(kind, values, here))
+
+
+def _range_axis(kind: str, values, here: str) -> list:
+    """[LOW, HIGH] of a uniform, loguniform or randint axis, checked."""
     numbers = (
         isinstance(values, list)
         and len(values) == 2
@@ -131,12 +136,12 @@ def _axis(name: str, spec, where: str) -> Axis:
             raise UserError(
                 f"{here}: randint takes [LOW, HIGH], whole numbers with LOW < HIGH (both may be drawn), not {values!r}"
             )
-        return Axis(name, kind, [low, high])
+        return [low, high]
     if not low < high:
         raise UserError(f"{here}: {kind} needs LOW < HIGH, not [{low}, {high}]")
     if kind == "loguniform" and low <= 0:
         raise UserError(f"{here}: loguniform needs LOW > 0 (it draws the logarithm), not {low}")
-    return Axis(name, kind, [float(low), float(high)])
+    return [float(low), float(high)]
 
 
 def _flat_search(search: dict, where: str) -> dict:
@@ -178,6 +183,16 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
     samples = data.get("samples", 1)
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise UserError(f"{where}: samples must be a whole number of random draws, 1 or more, not {samples!r}")
+    metric, mode = _metric(data, where)
+    early = _early_stop(data.get("early_stop"), where)
+    seed = data.get("search_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{where}: search_seed must be a whole number, not {seed!r}")
+    return SweepSpec(fixed, axes, samples, metric, mode, early, seed)
+
+
+def _metric(data: dict, where: str) -> tuple[str, str]:
+    """The number trials are ranked by, and whether more (max) or less (min) is better."""
     metric = data.get("metric", "val_top1")
     if not isinstance(metric, str) or not re.fullmatch(r"(val|train)_[A-Za-z0-9_.@-]+", metric):
         raise UserError(
@@ -186,34 +201,30 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
     mode = data.get("mode", "max" if metric.startswith("val_") else "min")
     if mode not in ("max", "min"):
         raise UserError(f"{where}: mode must be max or min, not {mode!r}")
-    early = data.get("early_stop")
+    return metric, mode
+
+
+def _early_stop(early, where: str) -> dict | None:
+    """ASHA's settings (``early_stop: true`` takes the defaults), or None for no early stopping."""
     if early is True or early == "asha":
         early = {}
-    if early is not None and early is not False:
-        if not isinstance(early, dict):
-            raise UserError(
-                f"{where}: early_stop takes true or {{grace_epochs: G, reduction_factor: R}}, not {early!r}"
-            )
-        unknown = sorted(set(early) - set(EARLY_STOP_DEFAULTS))
-        if unknown:
-            raise UserError(
-                f"{where}: early_stop has no setting {', '.join(unknown)}: known are {', '.join(EARLY_STOP_DEFAULTS)}"
-            )
-        early = {**EARLY_STOP_DEFAULTS, **early}
-        if not isinstance(early["grace_epochs"], int) or early["grace_epochs"] < 1:
-            raise UserError(
-                f"{where}: early_stop grace_epochs must be a whole number of epochs, 1 or more, not {early['grace_epochs']!r}"
-            )
-        if not isinstance(early["reduction_factor"], (int, float)) or early["reduction_factor"] <= 1:
-            raise UserError(
-                f"{where}: early_stop reduction_factor must be more than 1, not {early['reduction_factor']!r}"
-            )
-    else:
-        early = None
-    seed = data.get("search_seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"{where}: search_seed must be a whole number, not {seed!r}")
-    return SweepSpec(fixed, axes, samples, metric, mode, early, seed)
+    if early is None or early is False:
+        return None
+    if not isinstance(early, dict):
+        raise UserError(f"{where}: early_stop takes true or {{grace_epochs: G, reduction_factor: R}}, not {early!r}")
+    unknown = sorted(set(early) - set(EARLY_STOP_DEFAULTS))
+    if unknown:
+        raise UserError(
+            f"{where}: early_stop has no setting {', '.join(unknown)}: known are {', '.join(EARLY_STOP_DEFAULTS)}"
+        )
+    early = {**EARLY_STOP_DEFAULTS, **early}
+    if not isinstance(early["grace_epochs"], int) or early["grace_epochs"] < 1:
+        raise UserError(
+            f"{where}: early_stop grace_epochs must be a whole number of epochs, 1 or more, not {early['grace_epochs']!r}"
+        )
+    if not isinstance(early["reduction_factor"], (int, float)) or early["reduction_factor"] <= 1:
+        raise UserError(f"{where}: early_stop reduction_factor must be more than 1, not {early['reduction_factor']!r}")
+    return early
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

@@ -3,7 +3,7 @@
 Writing (``encode``): logits are kept either whole (``logits``) or as top-k
 log-probabilities and class indices with the exact tail mass, the float32
 log-sum-exp of the full row and the target class's log-probability
-(``stages.topk``). Features and tokens are kept in ``feature_dtype``:
+(``stages.cache.topk``). Features and tokens are kept in ``feature_dtype``:
 float16, float32, or int8 with a symmetric per-vector scale (``features_scale``
 [V, N], ``tokens_scale`` [V, N, T]). Reading (``decode``) always hands a method
 the same keys it would get from a live teacher: ``logits`` (B, C), ``features``
@@ -81,7 +81,7 @@ def array_specs(info: TeacherRecord) -> dict[str, ArraySpec]:
         if info.logits == "full":
             specs["logits"] = ArraySpec((C,), dtype)
         else:
-            # The top k, then the target class (stages.topk); the tail's log-mass and mean log-probability.
+            # The top k, then the target class (stages.cache.topk); the tail's log-mass and mean log-probability.
             specs["topk_logp"] = ArraySpec((k + 1,), dtype)
             specs["topk_index"] = ArraySpec((k + 1,), index_dtype(C))
             specs["tail"] = ArraySpec((2,), dtype)

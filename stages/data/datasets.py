@@ -4,12 +4,12 @@ Every sample ``i`` in ``range(len(ds))`` has a key (a stable name), a label and
 an image returned as a uint8 (3, H, W) tensor. The fingerprint hashes count,
 keys and labels, so a store made from one dataset is never used with another.
 
-Sources (``open_dataset``; each kind is one ``@register_dataset`` function at the end of this file):
-  digits          scikit-learn's handwritten digits, upscaled to 32 px RGB, fixed stratified split
-  folder:PATH     one sub-folder per class, like torchvision's ImageFolder
+Sources (``open_dataset``; each kind is one ``@register_dataset`` function below, opening a dataset class of its own module):
+  digits          scikit-learn's handwritten digits, upscaled to 32 px RGB, fixed stratified split (``stages.data.toy_datasets``)
+  folder:PATH     one sub-folder per class, like torchvision's ImageFolder (``stages.data.folder_dataset``)
   fake:N          N synthetic images (options: fake:N?size=64&classes=10), for tests and benchmarks
-  wds:PATTERN     webdataset tar shards (KEY.jpg + KEY.cls), local or at a URL (``stages.wds_dataset``)
-  hfds:PATH       a Hugging Face dataset: a local save_to_disk or parquet folder, or a hub name (``stages.hf_dataset``)
+  wds:PATTERN     webdataset tar shards (KEY.jpg + KEY.cls), local or at a URL (``stages.data.wds_dataset``)
+  hfds:PATH       a Hugging Face dataset: a local save_to_disk or parquet folder, or a hub name (``stages.data.hf_dataset``)
 
 Validation data (``validation_data``) is a source of any kind, checked to have the training data's classes.
 """
@@ -21,150 +21,17 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qsl
 
-import numpy as np
-import torch
 
 from storage import UserError
 from storage.registry import Registry
 
-from .decode import decode_image, header_size
-from .image_dataset import IMAGE_EXTENSIONS, ImageDataset
+from .folder_dataset import FolderDataset
+from .image_dataset import ImageDataset
+from .toy_datasets import DigitsDataset, FakeDataset
 
 log = logging.getLogger(__name__)
-
-
-class DigitsDataset(ImageDataset):
-    """scikit-learn's 1,797 8x8 digits, upscaled to 32x32 RGB; every fifth of each class is val."""
-
-    size = 32
-
-    def __init__(self, split: str = "train"):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        labels = digits.target.astype(np.int64)
-        # A fixed stratified split with no RNG in it: per class, every fifth sample is validation.
-        is_val = np.zeros(len(labels), bool)
-        for c in range(10):
-            is_val[np.flatnonzero(labels == c)[::5]] = True
-        keep = np.flatnonzero(is_val if split == "val" else ~is_val)
-        self.source, self.split = "digits", split
-        self.keys = [f"digits/{i}" for i in keep]
-        self.labels = labels[keep]
-        self.classes = [str(c) for c in range(10)]
-        gray = torch.from_numpy(digits.images[keep]).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-        big = torch.nn.functional.interpolate(gray, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        self.images = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-
-    def image(self, i):
-        return self.images[i]
-
-    def sizes(self):
-        return np.full((len(self), 2), self.size, np.int64)
-
-
-class FakeDataset(ImageDataset):
-    """Synthetic images: a class colour plus per-sample noise, made from the sample id alone."""
-
-    def __init__(self, count: int, size: int = 32, classes: int = 10, split: str = "train"):
-        self.source, self.split, self.size = f"fake:{count}", split, size
-        offset = 0 if split == "train" else 10**9  # val images differ from train images
-        self.ids = np.arange(count) + offset
-        self.keys = [f"fake{size}/{split}/{i}" for i in range(count)]  # the size is part of what the data is
-        self.labels = (np.arange(count) % classes).astype(np.int64)
-        self.classes = [f"class{c}" for c in range(classes)]
-
-    def image(self, i):
-        g = torch.Generator().manual_seed(int(self.ids[i]))
-        label = int(self.labels[i])
-        base = torch.tensor([(37 * label) % 256, (91 * label) % 256, (151 * label) % 256], dtype=torch.int16)
-        noise = torch.randint(-60, 61, (3, self.size, self.size), generator=g, dtype=torch.int16)
-        return (base.view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
-
-    def sizes(self):
-        return np.full((len(self), 2), self.size, np.int64)
-
-
-def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes: list[str]) -> None:
-    """Refuse a folder whose classes sit one level down (``folder:PARENT`` of ``train/<class>/``): read as it is, it
-    would be one class per split, every image of a split with the same label."""
-    used = sorted({classes[c] for c in labels})
-    inner = sorted({Path(k).parts[1] for k in keys if len(Path(k).parts) > 2})
-    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(
-        used
-    ):  # no image directly in its class; more sub-folders than classes
-        raise UserError(
-            f"{root} reads as {len(used)} class(es) ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
-            f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)"
-        )
-
-
-# What to do about an unreadable image: removing it changes the data, which a store made from the folder then refuses.
-BAD_IMAGE_FIX = "replace the file, or remove it and write a new store (--store) or run: a store made from this folder refuses changed data"
-
-
-class FolderDataset(ImageDataset):
-    """One sub-folder per class; files sorted by path, so ids are stable."""
-
-    def __init__(self, root: str):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise UserError(
-                f"dataset folder {self.root} does not exist: pass --data folder:PATH with one sub-folder per class"
-            )
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.classes = found
-        self.keys, labels = [], []
-        for label, name in enumerate(found):
-            for p in sorted((self.root / name).rglob("*")):
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                    self.keys.append(str(p.relative_to(self.root)))
-                    labels.append(label)
-        if not self.keys:
-            raise UserError(
-                f"no images found under {self.root}: expected {self.root}/<class>/<image>{IMAGE_EXTENSIONS[:3]}"
-            )
-        self.labels = np.asarray(labels, dtype=np.int64)
-        _check_class_layout(self.root, self.keys, self.labels, found)
-        self.source = f"folder:{self.root}"
-        self._sizes = None
-
-    def _open(self, i):
-        from PIL import Image
-
-        path = self.root / self.keys[i]
-        try:
-            return Image.open(path)
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}; {BAD_IMAGE_FIX}") from e
-
-    def image(self, i):
-        path = self.root / self.keys[i]
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read image {path}: {e}; {BAD_IMAGE_FIX}") from e
-        try:
-            return decode_image(data, str(path))
-        except Exception as e:
-            raise UserError(f"cannot decode image {path}: {e}; {BAD_IMAGE_FIX}") from e
-
-    def sizes(self):
-        # Only image headers (and the last bytes) are read here; this also finds unreadable and truncated files before
-        # any work starts, so a command refuses them before it makes its --out or --store.
-        if self._sizes is None:
-            sizes = np.zeros((len(self), 2), np.int64)
-            for i in range(len(self)):
-                with self._open(i) as im:
-                    try:
-                        sizes[i] = header_size(im, str(self.root / self.keys[i]))
-                    except Exception as e:
-                        raise UserError(f"cannot decode image {self.root / self.keys[i]}: {e}; {BAD_IMAGE_FIX}") from e
-            self._sizes = sizes
-        return self._sizes
 
 
 # -- the registry of sources ------------------------------------------------------------------

@@ -9,7 +9,7 @@ never asks which kind it holds:
   ``{"logits": (B, C), "features": (B, D), "tokens": (B, T, D)}`` (the keys
   ``needs`` names, by default the source's own), from the batch's columns or from
   the rendered ``views``; ``temperature`` is the one the method softens teacher
-  logits at, for which a top-k cache rebuilds its tail (``stages.topk``);
+  logits at, for which a top-k cache rebuilds its tail (``stages.cache.topk``);
 * ``size``: the render size the source needs (``None``: nothing to render);
 * ``num_views``: how many stored views it covers (``None``: any view);
 * ``feature_dim``, ``token_shape`` (T, D) and ``token_prefix`` (leading

@@ -14,13 +14,8 @@ interpolation and class count, read by timm's own reader.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import logging
-import math
-import os
 import re
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,9 +25,11 @@ from torch import nn
 
 from storage import UserError
 from storage.registry import Registry
-from storage.store_record import MAX_SIZE
 
 from ..model_outputs import token_prefix
+from .model_folders import cached_hub_file, hub_reachable, model_folder, weights_in_folder
+from .weight_files import classes_in, file_sha256, file_shapes, load_file, with_file_metadata
+
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +77,18 @@ for _size, _arch in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant
                 kwargs={"img_size": 224},
             )
         )
+
+
 register_teacher(
     TeacherSpec("beitv2_b", "beitv2_base_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD)
 )
+
+
 register_teacher(
     TeacherSpec("beitv2_l", "beitv2_large_patch16_224.in1k_ft_in22k_in1k", 224, IMAGENET_MEAN, IMAGENET_STD)
 )
+
+
 register_teacher(TeacherSpec("resnet152", "resnet152.a1h_in1k", 224, IMAGENET_MEAN, IMAGENET_STD))
 
 
@@ -112,70 +115,6 @@ def resolve_teacher(name: str) -> TeacherSpec:
     raise UserError(
         f"unknown teacher '{name}': {hint} (any timm model name also works, and a timm model folder as local-dir:PATH or hf-hub:REPO)"
     )
-
-
-FOLDER_SOURCES = ("local-dir", "hf-hub", "hf_hub")  # timm's model sources (hf_hub: its older spelling)
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repo, in its order
-
-
-def model_folder(name: str, weights: bool = True) -> Path | None:
-    """The local folder of a ``local-dir:PATH`` or ``hf-hub:REPO[@REVISION]`` teacher; None for any other name.
-
-    A hub repo's folder is its snapshot in the hub cache, downloaded when the hub can be reached (``weights``:
-    its weights file too, else config.json alone); offline, the cached snapshot, or one line saying what is missing.
-    """
-    source, sep, ident = name.partition(":")
-    if not sep or source not in FOLDER_SOURCES:
-        return None
-    if not ident:
-        raise UserError(
-            f"teacher '{name}' names no folder: pass local-dir:PATH (a timm model folder, as `pipeline train` writes) or hf-hub:REPO"
-        )
-    if source == "local-dir":
-        folder = Path(ident).expanduser()
-        if not folder.is_dir():
-            raise UserError(
-                f"teacher '{name}': {folder} is not a folder; local-dir: takes a timm model folder (config.json and weights, as `pipeline train` writes)"
-            )
-        return folder
-    from timm.models._hub import hf_split
-
-    repo, revision = hf_split(ident)
-    online = _hub_reachable()
-    wanted = [("config.json",)] + ([HUB_WEIGHTS] if weights else [])
-    found = []
-    for choices in wanted:  # config.json, then the first weights file the repo has
-        found.append(next((path for f in choices if (path := _hub_file(name, repo, revision, f, online))), None))
-        if found[-1] is None:
-            where = (
-                "which the hub does not hold"
-                if online
-                else "which are not in the local hub cache, and the hub cannot be reached"
-            )
-            raise UserError(
-                f"teacher '{name}' needs {' or '.join(choices)} of hub repo {repo}, {where}: "
-                "download the repo elsewhere and pass its folder as --teacher local-dir:FOLDER"
-            )
-    return Path(found[0]).parent  # the revision's snapshot folder, which holds every file of it
-
-
-def _hub_file(name: str, repo: str, revision: str | None, filename: str, online: bool) -> str | None:
-    """A hub repo's file in the local hub cache: fetched (or refreshed) when ``online``, else the cached copy; None when there is none."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
-    if not online:
-        found = try_to_load_from_cache(repo, filename, revision=revision)
-        return found if isinstance(found, str) else None
-    try:
-        return hf_hub_download(repo, filename, revision=revision)
-    except EntryNotFoundError:
-        return None
-    except (HfHubHTTPError, OSError) as e:  # no such repo or revision, a gated repo, a failed download
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"teacher '{name}': cannot fetch {filename} of hub repo {repo} ({type(e).__name__}: {first})"
-        ) from None
 
 
 def _folder_spec(name: str, folder: Path) -> TeacherSpec:
@@ -210,28 +149,6 @@ def _folder_spec(name: str, folder: Path) -> TeacherSpec:
         interpolation=cfg.get("interpolation"),
         num_classes=cfg.get("num_classes"),
     )
-
-
-def weights_in_folder(folder: Path) -> Path:
-    """The weights file timm loads from a model folder (``timm.models._hub.load_state_dict_from_path``'s choice)."""
-    from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
-
-    for candidate in [folder / f for f in _PREFERRED_FILES] + [
-        f for ext in _EXT_PRIORITY for f in sorted(folder.glob(f"*{ext}"))
-    ]:
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"model folder {folder} holds no weights file ({', '.join(_EXT_PRIORITY)}): it needs one beside config.json"
-    )
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Teacher(nn.Module):
@@ -303,56 +220,6 @@ class Teacher(nn.Module):
         return token_prefix(self.model)
 
 
-def _classes_in(shapes: dict[str, tuple[int, ...]], model_name: str) -> int:
-    """The classifier width in a state dict's tensor shapes (0 when it has no classifier)."""
-    classifier = getattr(timm.models.get_pretrained_cfg(model_name), "classifier", None) or "head"
-    for key in (f"{classifier}.weight", f"{classifier}.fc.weight", "fc.weight", "head.weight", "head.fc.weight"):
-        if key in shapes:
-            return int(shapes[key][0])
-    return 0
-
-
-def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a weights file: a safetensors file's header alone, else the checkpoint read as timm reads it."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                return {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:
-            raise UserError(
-                f"cannot read weights file {path} ({type(e).__name__}: {e}); it must be safetensors or a torch checkpoint"
-            ) from e
-    return {k: tuple(getattr(v, "shape", ())) for k, v in _read_state_dict(path).items()}
-
-
-def _read_state_dict(path: Path) -> dict:
-    try:
-        state = timm.models.load_state_dict(str(path), use_ema=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's refusal of a pickled object runs to ten lines
-        raise UserError(
-            f"cannot read weights file {path} ({type(e).__name__}: {first}); it must be safetensors or a torch checkpoint"
-        ) from e
-    stray = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if stray is not None:
-        raise UserError(
-            f"weights file {path}: '{stray}' holds a {type(state[stray]).__name__}, not a tensor; a weights file maps names to tensors"
-        )
-    return state
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):  # the hub's own switch
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def build_teacher(
     name: str,
     *,
@@ -400,7 +267,7 @@ def build_teacher(
             raise UserError(
                 f"weights file {path} not found: pass an existing safetensors file or torch checkpoint to --weights"
             )
-        spec = _with_file_metadata(spec, path, input_size)
+        spec = with_file_metadata(spec, path, input_size)
         return Teacher(spec, _from_file(spec, path, kwargs, load), f"sha256:{file_sha256(path)}", model_args)
     return _hub_teacher(name, spec, kwargs, load, model_args)
 
@@ -424,7 +291,7 @@ def _random_teacher(
 
 def _hub_teacher(name: str, spec: TeacherSpec, kwargs: dict, load: bool, model_args: dict) -> Teacher:
     """timm's hub weights of the spec's model: from the hub, or offline from the hub cache (failing fast without them)."""
-    if _hub_reachable():
+    if hub_reachable():
         if not load:  # the hub weights have the classes of timm's pretrained config, the default of create_model
             return Teacher(spec, _shapes_only(spec.timm_name, **kwargs), f"hub:{spec.timm_name}", model_args)
         try:
@@ -433,7 +300,7 @@ def _hub_teacher(name: str, spec: TeacherSpec, kwargs: dict, load: bool, model_a
             raise UserError(f"cannot load hub weights for {spec.timm_name}: {e}; pass --weights FILE instead") from e
         return Teacher(spec, model, f"hub:{spec.timm_name}", model_args)
     # Offline, timm would retry the hub for most of a minute: look in the hub cache ourselves.
-    cached = _cached_hub_file(spec.timm_name)
+    cached = cached_hub_file(spec.timm_name)
     if cached is None:
         raise UserError(
             f"teacher '{name}' needs the hub weights of {spec.timm_name}, which are not in the local hub cache, "
@@ -513,126 +380,6 @@ def _check_builds(name: str, spec: TeacherSpec, model_args: dict) -> None:
 
 def _from_file(spec: TeacherSpec, path: Path, kwargs: dict, load: bool) -> nn.Module:
     if load:
-        return _load_file(spec, path, kwargs)
-    nc = spec.num_classes if spec.num_classes is not None else _classes_in(file_shapes(path), spec.timm_name)
+        return load_file(spec, path, kwargs)
+    nc = spec.num_classes if spec.num_classes is not None else classes_in(file_shapes(path), spec.timm_name)
     return _shapes_only(spec.timm_name, num_classes=nc, **kwargs)
-
-
-def _with_file_metadata(spec: TeacherSpec, path: Path, input_size: int | None) -> TeacherSpec:
-    """Input size and normalisation recorded in a safetensors file (as `pipeline train` writes them).
-
-    They describe how these weights were trained, so they win over the spec; an
-    explicit ``input_size`` wins over both.
-    """
-    if path.suffix != ".safetensors":
-        return spec
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        return spec  # unreadable files get their clear error from the loader
-
-    def read(key: str, ok, expected: str):
-        try:
-            value = json.loads(meta[key])
-        except ValueError:
-            value = meta[key]
-        if not ok(value):
-            raise UserError(
-                f"weights file {path}: metadata '{key}' is {meta[key]!r:.40}, expected {expected}; fix or drop it"
-            )
-        return value
-
-    def rgb(v) -> bool:
-        return (
-            isinstance(v, list)
-            and len(v) == 3
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        )
-
-    size = (
-        read(
-            "input_size",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE,
-            f"a whole number of pixels in [1, {MAX_SIZE}]",
-        )
-        if "input_size" in meta
-        else None
-    )
-    return replace(
-        spec,
-        input_size=input_size or size or spec.input_size,
-        mean=tuple(read("mean", rgb, "a list of 3 numbers")) if "mean" in meta else spec.mean,
-        std=tuple(read("std", rgb, "a list of 3 numbers")) if "std" in meta else spec.std,
-    )
-
-
-def hub_weights_reachable(timm_name: str) -> bool:
-    """Whether timm's pretrained weights of ``timm_name`` can be had now: in the hub cache, or from the hub (quickly checked)."""
-    return _cached_hub_file(timm_name) is not None or _hub_reachable()
-
-
-def _cached_hub_file(timm_name: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    repo = getattr(cfg, "hf_hub_id", None)
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = repo and try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):
-            return found
-    return None
-
-
-def _load_file(spec: TeacherSpec, path: Path, kwargs: dict) -> nn.Module:
-    """A timm model with weights from a local file; its class count comes from the file."""
-    state_dict = _read_state_dict(path)
-    nc = (
-        spec.num_classes
-        if spec.num_classes is not None
-        else _classes_in({k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}, spec.timm_name)
-    )
-    del state_dict
-    try:
-        # Through timm's loader so each model's checkpoint filter runs (position
-        # embeddings resampled to img_size, original checkpoint formats converted).
-        return timm.create_model(
-            spec.timm_name,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path), "num_classes": nc},
-            num_classes=nc,
-            **kwargs,
-        )
-    except Exception as e:
-        raise UserError(
-            f"weights {path} do not fit teacher '{spec.name}' (timm model {spec.timm_name}): {state_dict_problem(e)}"
-        ) from e
-
-
-def state_dict_problem(e: Exception) -> str:
-    """torch's load_state_dict error in one short line: how many keys are missing, unexpected or of another shape, with an example of each."""
-    text = str(e).strip()
-    if not text.startswith("Error(s) in loading state_dict"):
-        return text.splitlines()[0] if text else type(e).__name__
-
-    def keys(label: str) -> list[str]:
-        found = re.search(rf"{label} key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)", text, re.S)
-        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
-
-    shapes = re.findall(
-        r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
-        r"the shape in current model is torch\.Size\((\[[^\]]*\])\)",
-        text,
-    )
-    parts = []
-    for label, found in (("missing", keys("Missing")), ("unexpected", keys("Unexpected"))):
-        if found:
-            parts.append(f"{len(found)} {label} key(s) (e.g. {found[0]})")
-    if shapes:
-        key, file_shape, model_shape = shapes[0]
-        parts.append(
-            f"{len(shapes)} of another shape (e.g. {key}: {file_shape} in the file, {model_shape} in the model)"
-        )
-    return "; ".join(parts) or text.splitlines()[0]

@@ -18,13 +18,14 @@ Every rank takes exactly ``len(loader)`` batches each epoch (``steps_per_epoch``
 another. Batches are a pure function of (seed, epoch, rank, world): ``state_dict`` records the epoch and
 how many batches were taken, and ``load_state_dict`` resumes mid-epoch with the same batches (the
 skipped batches' units are read again, but not rendered).
+
+A batch and its targets are ``stages.training.batch``; a rank's share of an epoch and its steps,
+``stages.training.epoch_steps``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from itertools import groupby, islice
+from itertools import islice
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -47,99 +48,11 @@ from ..data.replay import (
     window_units,
     with_images,
 )
-from ..data.views import ViewPlan, mixed_targets, normalize
-from ..methods import Targets
-from .settings import VERIFY
+from ..data.views import ViewPlan, normalize
 from ..teachers.teacher_sources import TeacherSource
-
-
-# -- ranks and steps -------------------------------------------------------------------------
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks: (0, 1) unless torch.distributed is initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_units(units: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
-    """This rank's share of an epoch's (view, block) units: every world-th block's, so each rank reads its own
-    shards; the consecutive units of one block (its repeated views) stay together on one rank."""
-    groups = [list(g) for _, g in groupby(units, key=lambda unit: unit[1])]
-    return [unit for g in groups[rank::world] for unit in g]
-
-
-def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> int:
-    """Optimiser steps every rank takes in every epoch.
-
-    DDP hangs when ranks take different numbers of steps, and a rank's rows
-    depend on which blocks the epoch's shuffle gives it. So every rank is cut
-    to a bound that holds for all epochs: the fewest whole blocks a rank can
-    get, with the short last block among them. With one rank it is the whole
-    training set, as without DDP. With ``repeats`` R an epoch takes a share
-    1 / R of the blocks, R views of each (``epoch_units``).
-    """
-    num_blocks = -(-num_samples // block)
-    if num_blocks // repeats < world:
-        if repeats > 1:
-            raise UserError(
-                f"with repeats {repeats} an epoch takes {num_blocks // repeats} of the store's {num_blocks} blocks, fewer than the {world} "
-                f"workers: use at most {max(1, num_blocks // repeats)} workers, fewer repeats, or smaller blocks"
-            )
-        raise UserError(
-            f"the store has {num_blocks} blocks of samples but {world} workers: use at most {num_blocks} workers"
-        )
-    last = num_samples - (num_blocks - 1) * block
-    return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
-
-
-def epoch_note(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> str:
-    """One line: how many views an epoch holds against the samples, and why when it is fewer (whole blocks per rank,
-    each epoch cut to what every epoch has; with repeats R, R views of a share 1 / R of the blocks)."""
-    steps = steps_per_epoch(num_samples, block, batch_size, world, repeats)
-    views, num_blocks = steps * batch_size * world, -(-num_samples // block)
-    line = f"an epoch holds {views:,} views ({steps} steps of {batch_size} x {world} worker(s)), {views / num_samples:.0%} of the {num_samples:,} samples"
-    if views >= 0.95 * num_samples:
-        return line
-    share = num_blocks // repeats // world
-    if repeats > 1:
-        why = (
-            f"with repeats {repeats} an epoch takes {repeats} views of each of {share * world} of the {num_blocks} blocks of {block} samples "
-            f"(the blocks split {repeats} ways, and every epoch is cut to the smallest share); a block count that {repeats * world} divides keeps it whole"
-        )
-    elif world > 1:
-        why = f"each of the {world} workers takes the same number of whole blocks of {block} samples (DDP waits on the slowest); {world} dividing the block count keeps it whole"
-    else:
-        why = f"a last partial batch is dropped each epoch (at most {batch_size - 1} samples)"
-    return f"{line}: {why}"
-
-
-def _resolve_ranks(rank: int | None, world: int | None) -> tuple[int, int]:
-    if rank is None and world is None:
-        return rank_and_world()
-    if rank is None or world is None:
-        raise UserError("pass both rank and world (or neither, to take them from torch.distributed)")
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}: pass a rank below world")
-    return rank, world
-
-
-# -- targets ---------------------------------------------------------------------------------
-
-
-def targets(labels: np.ndarray, num_classes: int, smoothing: float, partner_labels=None, lam=None) -> Targets:
-    """Hard labels and their (mixed, smoothed) target rows; label -1 (unlabelled) gives a zero row.
-
-    ``partner_labels`` and ``lam`` describe mixed views (-1 / 1.0 where a view is not mixed).
-    """
-    n = len(labels)
-    partner_labels = np.full(n, -1) if partner_labels is None else partner_labels
-    lam = np.ones(n) if lam is None else lam
-    soft, labelled = mixed_targets(labels, partner_labels, lam, num_classes, smoothing)
-    return Targets(torch.where(labelled, torch.from_numpy(np.asarray(labels)).long(), -1), soft)
+from .batch import Batch, targets
+from .epoch_steps import rank_units, resolve_ranks, steps_per_epoch
+from .settings import VERIFY
 
 
 def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
@@ -151,63 +64,12 @@ def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
     return np.zeros(len(ids), bool)
 
 
-# -- the batch -------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """One batch of replayed views, ready for a student step.
-
-    Attributes:
-        images: (B, 3, S, S) uint8 views at the student's size, or float32 when the loader normalises.
-        targets: ``labels`` (B,) int64 (-1 where the label may not be used) and ``soft`` (B, C) float32
-            mixed and smoothed target rows, weighted by each view's own mixing share.
-        teachers: per teacher id, its outputs for these views: ``logits`` (B, C), ``features`` (B, D),
-            ``tokens`` (B, T, D), float32 (only those the loader was asked for).
-        ids: (B,) int64 sample ids; views: (B,) int64 the stored view each row replays.
-        lam: (B,) float64 share of each row's own image in its view (1 where it does not mix).
-        teacher_images: (B, 3, T, T) uint8 views at a live teacher's size, when one was asked for.
-        rows: the batch's table (numpy columns: view parameters, stored rows), for code that reads more.
-    """
-
-    images: torch.Tensor
-    targets: Targets
-    teachers: dict[str, dict[str, torch.Tensor]]
-    ids: torch.Tensor
-    views: torch.Tensor
-    lam: torch.Tensor
-    teacher_images: torch.Tensor | None = None
-    rows: Table = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def to(self, device, non_blocking: bool = False) -> Batch:
-        """This batch with every tensor on ``device`` (pinned first for a CUDA device, so ``non_blocking`` overlaps the copy).
-
-        Example:
-            >>> batch = batch.to("cuda", non_blocking=True)
-        """
-        pin = torch.device(device).type == "cuda"
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=non_blocking)
-
-        return dataclasses.replace(
-            self,
-            images=move(self.images),
-            targets=Targets(move(self.targets.labels), move(self.targets.soft)),
-            teachers={tid: {k: move(v) for k, v in out.items()} for tid, out in self.teachers.items()},
-            ids=move(self.ids),
-            views=move(self.views),
-            lam=move(self.lam),
-            teacher_images=move(self.teacher_images),
-        )
-
-
-# -- the loader ------------------------------------------------------------------------------
+def _live_size(teachers: Mapping[str, TeacherSource]) -> int | None:
+    """The one render size of the live teachers (``source.size`` set), None when none is live."""
+    live = {s.size for s in teachers.values() if s.size is not None}
+    if len(live) > 1:
+        raise UserError(f"live teachers at several sizes ({sorted(live)}): run them at one render size")
+    return next(iter(live), None)
 
 
 class ReplayLoader:
@@ -274,7 +136,7 @@ class ReplayLoader:
     ):
         self.dataset, self.plan, self.source = dataset, plan, views
         self.teachers = dict(teachers or {})
-        self.rank, self.world = _resolve_ranks(rank, world)
+        self.rank, self.world = resolve_ranks(rank, world)
         if verify not in VERIFY:
             raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
         if batch_size < 1:
@@ -287,10 +149,7 @@ class ReplayLoader:
             raise UserError("views drawn on the fly have no stored render size: pass size (the student's input size)")
         if not isinstance(self.size, (int, np.integer)) or self.size < 1:
             raise UserError(f"size must be a positive number of pixels, not {self.size!r}")
-        live = {s.size for s in self.teachers.values() if s.size is not None}
-        if len(live) > 1:
-            raise UserError(f"live teachers at several sizes ({sorted(live)}): run them at one render size")
-        self.teacher_size = next(iter(live), None)
+        self.teacher_size = _live_size(self.teachers)
         self.renderer = ViewRenderer(
             dataset, plan, (self.size,) if self.teacher_size is None else (self.size, self.teacher_size), self.plan_size
         )

@@ -28,9 +28,18 @@ LOGGERS = ("mlflow", "wandb")  # --log choices: the package each needs has the s
 EVENTS_GLOB = "events.out.tfevents.*"
 _GROUPS = ("train", "val")  # key prefixes that become TensorBoard groups: train_loss -> train/loss
 
+__all__ = ["RunMetrics", "read_metrics", "best_line", "scalar_tag", "METRICS_FILE", "LOGGERS"]
+
 
 def scalar_tag(key: str) -> str:
-    """The TensorBoard tag of a metrics key: ``train_loss`` -> ``train/loss``, ``val_top1`` -> ``val/top1``, ``lr`` -> ``lr``."""
+    """The TensorBoard tag of a metrics key: ``train_loss`` -> ``train/loss``, ``val_top1`` -> ``val/top1``, ``lr`` -> ``lr``.
+
+    Args:
+        key: a key of an epoch line.
+
+    Returns:
+        The tag its scalar is written under.
+    """
     group, sep, rest = key.partition("_")
     return f"{group}/{rest}" if sep and rest and group in _GROUPS else key
 
@@ -46,6 +55,18 @@ class RunMetrics:
     older TensorBoard event files in the folder are removed, so a stale line or
     curve never passes for this run's. Each line is appended and flushed at
     once: a killed run keeps every epoch it finished.
+
+    Args:
+        out_dir: the run folder (created if missing), or None to write nothing.
+        loggers: the extra trackers to send the same scalars to, of ``LOGGERS`` (``mlflow``, ``wandb``); each
+            needs its package installed.
+        params: the run's settings, sent to those trackers as parameters (nested ones flattened:
+            ``method_args.temperature``).
+
+    Example:
+        >>> with RunMetrics("runs/mine") as metrics:
+        ...     for epoch in range(1, epochs + 1):
+        ...         metrics.write({"epoch": epoch, "train_loss": loss, "lr": lr, "val_top1": top1})
     """
 
     def __init__(self, out_dir: Path | str | None, loggers: tuple[str, ...] = (), params: dict | None = None):
@@ -63,6 +84,13 @@ class RunMetrics:
         self._loggers = [{"mlflow": MlflowLog, "wandb": WandbLog}[name](self.out_dir, flat) for name in loggers]
 
     def write(self, line: dict) -> None:
+        """Append one epoch line to ``metrics.jsonl`` and write its numbers as scalars at step ``line["epoch"]``.
+
+        Args:
+            line: the epoch's numbers by key (``epoch``, ``train_loss``, ``train_<part>``, ``lr``, ``val_top1``,
+                ...); values that are not numbers go to ``metrics.jsonl`` only. Without ``epoch`` the step is the
+                line's count.
+        """
         self._count += 1
         if self.out_dir is None:
             return
@@ -83,6 +111,7 @@ class RunMetrics:
             logger.log(scalars, step)
 
     def close(self) -> None:
+        """Close the TensorBoard writer and the trackers (``with RunMetrics(...)`` does it on leaving)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -98,7 +127,14 @@ class RunMetrics:
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    """The epoch lines of a run folder, in order; [] when it has none yet. A torn last line (a killed run) is skipped."""
+    """The epoch lines of a run folder, in order; [] when it has none yet. A torn last line (a killed run) is skipped.
+
+    Args:
+        run_dir: the run folder (holding ``metrics.jsonl``).
+
+    Returns:
+        The lines as dicts.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
@@ -114,7 +150,16 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 
 
 def best_line(lines: list[dict], metric: str, mode: str = "max") -> dict | None:
-    """The epoch line with the best ``metric`` (``mode`` max or min); None when no line has a finite value of it."""
+    """The epoch line with the best ``metric``; None when no line has a finite value of it.
+
+    Args:
+        lines: epoch lines (``read_metrics``).
+        metric: the key to rank by (``val_top1``, ``train_loss``).
+        mode: ``"max"`` for the highest value; any other value takes the lowest.
+
+    Returns:
+        The best line, or None.
+    """
     scored = [ln for ln in lines if _number(ln.get(metric)) and math.isfinite(ln[metric])]
     if not scored:
         return None

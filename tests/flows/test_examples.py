@@ -12,7 +12,7 @@ import timm
 import torch
 
 from pipeline.cli import main
-from stages.training.loader import steps_per_epoch
+from stages.training.epoch_steps import steps_per_epoch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DIGITS_TRAIN, BLOCK, BATCH = 1433, 256, 64

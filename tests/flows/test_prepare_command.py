@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BUCKET, image_bytes, read_tree
 from pipeline.cli import main
-from stages.data import prepare as prep
+from stages.data.prepare import shards
 from stages.data.wds_dataset import WdsDataset
 
 PIPELINE = str(Path(sys.executable).with_name("pipeline"))
@@ -61,7 +61,7 @@ SHRINK = [
 def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     src = class_folder(tmp_path / "src")
     assert prepare(src, tmp_path / "clean", *SHRINK) == 0
-    convert, calls = prep.convert, []
+    convert, calls = shards.convert, []
 
     def stopped(*args, **kwargs):  # Ctrl-C while shard 2 is being written (image 121 of 200)
         calls.append(1)
@@ -69,10 +69,10 @@ def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tm
             raise KeyboardInterrupt
         return convert(*args, **kwargs)
 
-    monkeypatch.setattr(prep, "convert", stopped)
+    monkeypatch.setattr(shards, "convert", stopped)
     out = tmp_path / "resumed"
     assert prepare(src, out, *SHRINK) == 130
-    monkeypatch.setattr(prep, "convert", convert)
+    monkeypatch.setattr(shards, "convert", convert)
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         ".prepare",

@@ -24,7 +24,7 @@ from ray_cluster import worker_pids
 from safetensors.torch import load_file
 
 from stages.data.datasets import open_dataset
-from stages.training.loader import rank_units, steps_per_epoch
+from stages.training.epoch_steps import rank_units, steps_per_epoch
 from stages.teachers.extract import extract
 from stages.cache.store_setup import open_store
 from stages.data.replay import epoch_units

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.data.datasets import open_dataset
-from stages.teachers.teachers import file_sha256
+from stages.teachers.weight_files import file_sha256
 from storage import Store
 
 CLASSES = ("cat", "dog", "fox")

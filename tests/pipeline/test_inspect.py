@@ -165,7 +165,7 @@ def test_grid_shows_the_replayed_views_and_the_teachers_classes(base_store, trai
 def test_the_grid_draws_a_seeded_choice_across_classes_of_class_ordered_data(tmp_path):
     """On class-ordered data (ImageNet's folders) samples 0..15 are one class: the grid draws a seeded random choice,
     from named classes with --grid-classes, and --grid-ids outside the data is one line."""
-    from stages.data.datasets import FolderDataset
+    from stages.data.folder_dataset import FolderDataset
 
     for c in range(8):
         folder = tmp_path / "data" / f"class{c}"

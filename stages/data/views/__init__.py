@@ -30,7 +30,7 @@ that size first and everything after it works at that size (erasing and
 cutmix boxes are normalised). A mixing view mixes its own render (every op
 but the mixing) with its partner's own render; partners are mates in a random
 perfect matching of the block, so a loader that keeps mates together renders
-each image once for both mixes (``stages.replay``).
+each image once for both mixes (``stages.data.replay``).
 
 The package, one module per concern as ``timm/data/`` keeps its transforms: ``draws`` (the counter-based
 uniforms), ``ops`` (the op interface, crop and flip, image conversions, ``normalize``), ``randaugment``,

@@ -11,15 +11,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.data import datasets
-from stages.data.datasets import (
-    DigitsDataset,
-    FakeDataset,
-    FolderDataset,
-    list_datasets,
-    open_dataset,
-    register_dataset,
-    validation_data,
-)
+from stages.data.datasets import list_datasets, open_dataset, register_dataset, validation_data
+from stages.data.folder_dataset import FolderDataset
+from stages.data.toy_datasets import DigitsDataset, FakeDataset
 from storage import UserError
 from storage.registry import Registry
 

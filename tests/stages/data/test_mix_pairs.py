@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages.data import replay
-from stages.data.datasets import FakeDataset
+from stages.data.toy_datasets import FakeDataset
 from stages.data.replay import (
     PAIR,
     DrawnViews,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from stages.data import wds_dataset
+from stages.data import wds_index
 from stages.data.datasets import open_dataset
 from stages.data.wds_dataset import WdsDataset
 from storage import Store, UserError
@@ -179,7 +179,7 @@ def test_the_index_is_read_once_per_shard_version(tmp_path, monkeypatch, index_c
     def no_scan(url):
         raise AssertionError(f"scanned {url} again")
 
-    monkeypatch.setattr(wds_dataset, "scan_shard", no_scan)
+    monkeypatch.setattr(wds_index, "scan_shard", no_scan)
     assert WdsDataset(pattern).fingerprint() == first.fingerprint()  # every index from the cache
     # A rewritten shard is scanned again.
     monkeypatch.undo()

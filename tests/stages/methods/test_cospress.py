@@ -15,7 +15,7 @@ from conftest import BATCH, BLOCK, free_port
 from stages.cache import teacher_rows
 from stages.training.distill import train
 from stages.training.settings import TrainSettings
-from stages.training.loader import targets
+from stages.training.batch import targets
 from stages.teachers.extract import TeacherRunner, extract, teacher_info
 from stages.methods.losses import flat_cosine_loss, similarity_kl
 from stages.methods import MethodContext, create_method, method_class, method_context

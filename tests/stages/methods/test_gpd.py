@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from stages.training.distill import train
 
 from stages.training.settings import TrainSettings
-from stages.training.loader import targets
+from stages.training.batch import targets
 from stages.teachers.extract import stored_plan
 from stages.methods.gpd import DynamicTeacher, WideBatchNorm2d, WideConv2d
 from stages.methods.losses import dkd_loss, smoothed_soft_ce

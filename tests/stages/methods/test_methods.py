@@ -14,7 +14,7 @@ from conftest import BATCH, STUDENT, VIEWS, make_record
 from stages.cache import stats
 from stages.training.distill import lr_factor, train
 from stages.training.settings import TrainSettings
-from stages.training.loader import targets
+from stages.training.batch import targets
 from stages.teachers.teacher_sources import CachedTeacher, TeacherSource
 from stages.methods.losses import kd_loss, logsum_loss
 from stages.methods import MethodContext, Targets, create_method, hard_loss, list_methods, method_class, method_context

@@ -25,7 +25,7 @@ from stages.teachers.extract import stored_plan
 from stages.teachers.teacher_sources import CachedTeacher
 from stages.training.distill import train
 from stages.training.settings import TrainSettings
-from stages.training.loader import targets
+from stages.training.batch import targets
 from storage import Store, UserError
 
 # zero_init_last=False: timm zeroes each residual branch's last BatchNorm, which would hide every 3x3 conv but the first.

@@ -91,7 +91,9 @@ VIT_ARGS = dict(img_size=64, patch_size=8, depth=1)
 
 def _vit_folder(tmp_path, name="fitted"):
     """A narrow ViT saved as `pipeline train` saves a model: weights, timm's config.json, its input settings."""
-    from stages.training.student import StudentCard, build_student, save_student
+    from stages.training.student import build_student
+    from stages.training.student_card import StudentCard
+    from stages.training.student_files import save_student
 
     model = build_student("vit_tiny_patch16_224", 3, 0, **VIT_ARGS).eval()
     card = StudentCard(
@@ -102,7 +104,8 @@ def _vit_folder(tmp_path, name="fitted"):
 
 
 def test_a_model_folder_is_a_teacher_built_from_its_config(tmp_path):
-    from stages.teachers.teachers import default_teacher_id, file_sha256
+    from stages.teachers.teachers import default_teacher_id
+    from stages.teachers.weight_files import file_sha256
 
     folder, model = _vit_folder(tmp_path)
     teacher = build_teacher(f"local-dir:{folder}")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from stages.training.distill import train
 
 from stages.training.settings import TrainSettings
-from stages.training.loader import targets
+from stages.training.batch import targets
 from stages.training.student import build_student
 from stages.teachers.teacher_sources import CachedTeacher, LiveTeacher
 from stages.cache.store_setup import stored_plan

@@ -12,7 +12,7 @@ from pipeline.settings import config
 from pipeline.cli import main
 from pipeline.settings.recipe import train_settings
 from stages.training.distill import resolve_batch
-from stages.training.loader import epoch_note, rank_units, steps_per_epoch
+from stages.training.epoch_steps import epoch_note, rank_units, steps_per_epoch
 from stages.data.replay import epoch_units, window_units
 from stages.data.views import EVAL_FIELDS, ViewPlan, ViewRecipe, eval_params, row
 from stages.training.settings import TrainSettings

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import STUDENT
-from stages.training.student import StudentCard, build_student, save_student
+from stages.training.student import build_student
+from stages.training.student_card import StudentCard
+from stages.training.student_files import save_student
 from storage import UserError
 
 KW = STUDENT["student_kwargs"]
@@ -100,7 +102,7 @@ def test_the_same_weights_give_the_same_bytes_whatever_the_metadatas_order(tmp_p
 
     from safetensors import safe_open
 
-    from stages.training.student import save_weights
+    from stages.training.student_files import save_weights
 
     state = build_student(STUDENT["student"], 3, 0, **KW).state_dict()
     meta = {f"key{i}": f"value {i}" for i in range(12)}

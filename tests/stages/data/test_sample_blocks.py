@@ -237,7 +237,7 @@ def test_the_store_checks_its_order(tmp_path):
         block=4,
         plan_specs={"crop": ArraySpec((4,), "float32")},
     )
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(UserError, match="permutation"):
         Store.create(tmp_path / "a", **made, order=np.zeros(10, int))
     store = Store.create(tmp_path / "b", **made, order=np.arange(10)[::-1])
     assert list(store.block_ids(2)) == [1, 0] and list(store.block_range(2)) == [8, 9]

@@ -238,9 +238,12 @@ class Store:
         Returns:
             int64 row positions, in the shape of ``ids``.
         """
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise UserError(f"store {self.path} has sample ids 0..{self.num_samples - 1}, not {ids.min()}..{ids.max()}")
         inverse = np.empty(self.num_samples, np.int64)
         inverse[self.order] = np.arange(self.num_samples)
-        return inverse[np.asarray(ids, dtype=np.int64)]
+        return inverse[ids]
 
     def units(self, num_views: int) -> list[tuple[int, int]]:
         """Every (view, block) unit of the first ``num_views`` views, view-major.
@@ -343,7 +346,7 @@ class Store:
             The teacher's ``CommittedUnits``.
         """
         if info.views is None:
-            raise ValueError("a teacher's record needs its view count (views) before its arrays are created")
+            raise UserError("a teacher's record needs its view count (views) before its arrays are created")
         root = self.path / "teachers" / _plain(teacher_id)
         group = backend(info.format).create(root, specs, self.num_views, self.num_samples, self.block)
         (root / "teacher.json").write_json(info.to_dict())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.training.run_metrics import best_line
+from stages.training.run_metrics import METRICS_FILE, best_line
 from storage import UserError
 
 from pipeline.runs.files import file_above
@@ -83,7 +83,8 @@ def plot_runs(
         The path of the written picture.
 
     Raises:
-        UserError: a label count that is not the run count, or a picture that cannot be written.
+        UserError: a folder without metrics.jsonl, a label count that is not the run count, or a picture that
+            cannot be written.
 
     Example:
         >>> plot_runs(["runs/demo/student-ce-labels0.2-seed0", "runs/demo/student-kd-labels0.2-seed0"], "report.png",
@@ -93,6 +94,9 @@ def plot_runs(
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
 
     runs = [Path(r) for r in run_dirs]
+    missing = [str(r) for r in runs if not (r / METRICS_FILE).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} holds no {METRICS_FILE}: pass run folders written by train, distill or sweep")
     names = run_labels(runs, labels)
     colours = _colours(names)
     every = [read_epochs(r)[0] for r in runs]

@@ -23,6 +23,8 @@ import math
 import os
 from pathlib import Path
 
+from storage import UserError
+
 METRICS_FILE = "metrics.jsonl"
 LOGGERS = ("mlflow", "wandb")  # --log choices: the package each needs has the same name
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -81,6 +83,9 @@ class RunMetrics:
         for old in self.out_dir.glob(EVENTS_GLOB):
             old.unlink()
         flat = _flat(params or {})
+        unknown = sorted(set(loggers) - set(LOGGERS))
+        if unknown:
+            raise UserError(f"loggers {', '.join(unknown)}: known are {', '.join(LOGGERS)}")
         self._loggers = [{"mlflow": MlflowLog, "wandb": WandbLog}[name](self.out_dir, flat) for name in loggers]
 
     def write(self, line: dict) -> None:
@@ -155,11 +160,13 @@ def best_line(lines: list[dict], metric: str, mode: str = "max") -> dict | None:
     Args:
         lines: epoch lines (``read_metrics``).
         metric: the key to rank by (``val_top1``, ``train_loss``).
-        mode: ``"max"`` for the highest value; any other value takes the lowest.
+        mode: ``"max"`` for the highest value, ``"min"`` for the lowest.
 
     Returns:
         The best line, or None.
     """
+    if mode not in ("max", "min"):
+        raise UserError(f"mode must be max or min, not {mode!r}")
     scored = [ln for ln in lines if _number(ln.get(metric)) and math.isfinite(ln[metric])]
     if not scored:
         return None

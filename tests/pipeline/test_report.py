@@ -12,6 +12,7 @@ from pipeline import cli
 
 from pipeline.runs import plots
 from stages.training.run_metrics import RunMetrics, read_metrics, scalar_tag
+from storage import UserError
 
 
 def _line(epoch: int, loss: float, top1: float) -> dict:
@@ -260,3 +261,14 @@ def test_out_never_writes_over_a_file_it_did_not_make(tmp_path, capsys, target):
     assert len(err) == 1 and ("error: --out" in err[0] or "cannot write the picture" in err[0]), err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert cli.main(["report", str(run), "--out", str(run / "file.png")]) == 0  # an earlier picture is replaced
+
+
+def test_a_library_callers_bad_value_is_a_user_error(tmp_path):
+    from stages.training.run_metrics import best_line
+
+    with pytest.raises(UserError, match="mode must be max or min, not 'best'"):
+        best_line([{"epoch": 1, "val_top1": 0.5}], "val_top1", mode="best")
+    with pytest.raises(UserError, match="loggers tensorboard: known are mlflow, wandb"):
+        RunMetrics(tmp_path / "run", loggers=("tensorboard",))
+    with pytest.raises(UserError, match="holds no metrics.jsonl"):
+        plots.plot_runs([tmp_path], tmp_path / "r.png")

@@ -153,3 +153,21 @@ def test_mistakes_are_one_line_that_names_the_fix(base_store, two_teacher_store)
         open_cache(str(two_teacher_store)).loader(16, needs={"t1": ["logits"]})
     with pytest.raises(UserError, match="size must be a positive"):
         cache.loader(16, size=-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"temperature": 0}, "temperature of t1 must be a number > 0"),
+        ({"temperature": {"t9": 2.0}}, "temperature names t9, which the loader does not read"),
+        ({"workers": -1}, "workers must be an integer in"),
+        ({"label_fraction": 2}, "label_fraction must be"),
+        ({"label_smoothing": -1}, "label_smoothing must be a number in"),
+        ({"window_rows": 0}, "window_rows must be an integer >= 1"),
+        ({"normalize": True, "mean": (1, 2)}, r"mean takes 3 numbers, one per channel"),
+        ({"normalize": True, "std": (0.2, 0.0, 0.2)}, "std must be a number > 0"),
+    ],
+)
+def test_a_library_callers_bad_value_is_one_line_naming_the_argument(base_store, kwargs, words):
+    with pytest.raises(UserError, match=words):
+        open_cache(str(base_store)).loader(16, **kwargs)

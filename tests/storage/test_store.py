@@ -220,7 +220,7 @@ def test_a_teacher_json_lacking_a_field_is_refused_in_one_line(store, tmp_path, 
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != field}))
     with pytest.raises(UserError, match=f"cannot read .*teacher.json: teacher.json lacks {field}; .*extract it again"):
         Store(tmp_path / "s").teacher_info("old")
-    with pytest.raises(ValueError, match="views"):
+    with pytest.raises(UserError, match="views"):
         store.create_teacher(
             "new", make_record("new"), {"features": ArraySpec((4,), "float16")}
         )  # a record without its view count

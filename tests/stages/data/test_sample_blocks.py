@@ -242,6 +242,8 @@ def test_the_store_checks_its_order(tmp_path):
     store = Store.create(tmp_path / "b", **made, order=np.arange(10)[::-1])
     assert list(store.block_ids(2)) == [1, 0] and list(store.block_range(2)) == [8, 9]
     assert list(store.positions([9, 0, 5])) == [0, 9, 4]
+    with pytest.raises(UserError, match=r"has sample ids 0..9, not 0..10"):
+        store.positions([0, 10])
     zarr.open_array(str(tmp_path / "b" / "order"), mode="r+")[:] = np.arange(10)  # another order than the one recorded
     with pytest.raises(UserError, match="does not match its checksum"):
         Store(tmp_path / "b").order

@@ -42,6 +42,20 @@ _METHODS: Registry = Registry("method")  # filled by @register_method as stages.
 
 
 def register_method(name: str):
+    """Class decorator: register a ``Method`` subclass under ``name`` (``--method NAME``, ``kd@t1+NAME@t2``).
+
+    Args:
+        name: the method's name; a second registration under one name is refused.
+
+    Returns:
+        The decorator, which sets ``cls.name`` and returns the class.
+
+    Example:
+        >>> @register_method("my_kd")
+        ... class MyKD(Method):
+        ...     needs = ("logits",)
+    """
+
     def wrap(cls):
         cls.name = name
         return _METHODS.add(name, cls)
@@ -50,10 +64,22 @@ def register_method(name: str):
 
 
 def list_methods() -> list[str]:
+    """The registered method names, sorted."""
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type["Method"]:
+    """The ``Method`` subclass registered under ``name``.
+
+    Args:
+        name: a registered method name.
+
+    Returns:
+        The class (not an instance: ``create_method`` builds one).
+
+    Raises:
+        UserError: an unknown name, with the close matches and the known names.
+    """
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -113,11 +139,14 @@ def method_context(
 
 @dataclass
 class Targets:
+    """A batch's targets: its labels (-1 where the student may not use one) and its mixed, smoothed target rows."""
+
     labels: torch.Tensor  # (B,) class index; -1 where the student may not use the label
     soft: torch.Tensor  # (B, C) mixed and smoothed target rows; zero rows where unlabelled
 
     @property
     def labelled(self) -> torch.Tensor:
+        """(B,) bool: the rows whose label the student may use."""
         return self.labels >= 0
 
     def classes(self, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +159,19 @@ class Targets:
 
 
 def create_method(name: str, context: MethodContext, **kwargs) -> "Method":
+    """An instance of method ``name`` for a run described by ``context``.
+
+    Args:
+        name: a registered method name.
+        context: what the method may need to know about the student and the teacher (``method_context``).
+        **kwargs: the method's own settings (``--method-arg KEY=VALUE``).
+
+    Returns:
+        The method, an ``nn.Module`` whose ``forward(student, teacher, targets)`` gives (loss, named parts).
+
+    Raises:
+        UserError: an unknown name, or settings the method does not take.
+    """
     cls = method_class(name)
     try:
         return cls(context, **kwargs)
@@ -150,6 +192,10 @@ def hard_loss(kind: str, s: torch.Tensor, targets: Targets) -> torch.Tensor:
 
 
 class Method(nn.Module):
+    """A distillation method: declares what it reads (``needs`` of the teacher, ``student_needs`` of the student),
+    and ``forward(student, teacher, targets)`` returns the loss and its named parts for the epoch lines. The loop
+    calls the hooks below; the defaults fit a method that trains the student as it is."""
+
     name = ""
     needs: tuple[str, ...] = ()  # teacher outputs read from the cache (or a live teacher)
     requires_teacher = True  # False: also trains without a teacher (then ``teacher`` is {} in forward)
@@ -181,6 +227,16 @@ class Method(nn.Module):
         return model
 
     def forward(self, student: dict, teacher: dict, targets: Targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch.
+
+        Args:
+            student: the student's outputs by name (``logits``, ``features``, ``tokens``), as ``student_needs`` asks.
+            teacher: the teacher's outputs by name, as ``needs`` asks; ``{}`` when training without a teacher.
+            targets: the batch's labels and target rows.
+
+        Returns:
+            (the loss to minimise, its named terms for the epoch lines: ``loss_parts``).
+        """
         raise NotImplementedError
 
 

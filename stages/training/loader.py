@@ -89,8 +89,9 @@ class ReplayLoader:
         temperature: the temperature each cached teacher's logits are softened at (a top-k cache
             rebuilds its tail for it): one value for all, or one per name.
         size: the student's input size (default: the stored plan's render size).
-        label_fraction, label_seed: a stratified share of each class's samples that keep their label, chosen by
-            ``label_seed``; the others get label -1 and a zero target row (default: every label).
+        label_fraction: a stratified share of each class's samples that keep their label; the others get label -1
+            and a zero target row (default: every label).
+        label_seed: the seed that picks which samples keep their label.
         label_smoothing: timm's smoothing of the target rows.
         seed: fixes the epoch's order (with the epoch number).
         repeats: R > 1 takes R different views of each sample of an epoch's blocks (timm's --aug-repeats).
@@ -100,7 +101,8 @@ class ReplayLoader:
             (about one in a hundred) or ``"none"``.
         normalize: ``(mean, std)`` to hand out float32 normalised images; ``None`` hands out uint8
             images, which the caller normalises on its device (a quarter of the bytes cross the bus).
-        rank, world: this process's rank and the number of ranks (default: from torch.distributed, else 0 and 1).
+        rank: this process's rank (default: from torch.distributed, else 0).
+        world: the number of ranks (default: from torch.distributed, else 1).
 
     Returns (iterating it):
         ``len(loader)`` ``Batch`` es of the current epoch (``set_epoch``), each of ``batch_size`` views.

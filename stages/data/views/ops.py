@@ -147,7 +147,8 @@ def normalize(views: torch.Tensor, mean, std) -> torch.Tensor:
 
     Args:
         views: uint8 images (B, 3, H, W), on any device (run it on the GPU: a quarter of float32's bytes cross the bus).
-        mean, std: per channel, on the 0..1 scale (timm's ``pretrained_cfg["mean"]``, ``["std"]``).
+        mean: per channel, on the 0..1 scale (timm's ``pretrained_cfg["mean"]``).
+        std: per channel, on the 0..1 scale (timm's ``pretrained_cfg["std"]``).
 
     Returns:
         float32 (B, 3, H, W): ``(views / 255 - mean) / std``, in that order (the order fixes the bits).

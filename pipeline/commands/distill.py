@@ -112,6 +112,25 @@ def add_distill_parser(sub) -> None:
         type=flag_type("from_cache"),
         help="the store made by `pipeline extract`",
     )
+    _teacher_group(p)
+    p.add_argument(
+        "--data",
+        help=data_help("the training data, when it moved since extraction")
+        + " (default: the store's; must match its fingerprint)",
+    )
+    p.add_argument("--val-data", help=VAL_DATA_HELP)
+    add_setting_flags(
+        p.add_argument_group("training (every setting also a --config key)"),
+        TrainSettings,
+        known={"method": list_methods()},
+    )
+    _run_flags(p, ray_train=True)
+    _ray_train_flags(p)
+    p.set_defaults(func=distill_command)
+
+
+def _teacher_group(p: argparse.ArgumentParser) -> None:
+    """The cached teacher(s) a run reads, or the model it runs live with --online."""
     g = p.add_argument_group("the teacher")
     g.add_argument(
         "--teacher-id",
@@ -137,18 +156,9 @@ def add_distill_parser(sub) -> None:
         type=flag_type("teacher_size"),
         help="render size of the live teacher (default: the store's view size)",
     )
-    p.add_argument(
-        "--data",
-        help=data_help("the training data, when it moved since extraction")
-        + " (default: the store's; must match its fingerprint)",
-    )
-    p.add_argument("--val-data", help=VAL_DATA_HELP)
-    add_setting_flags(
-        p.add_argument_group("training (every setting also a --config key)"),
-        TrainSettings,
-        known={"method": list_methods()},
-    )
-    _run_flags(p, ray_train=True)
+
+
+def _ray_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray Train (DDP: gloo on CPUs, NCCL on GPUs)")
     g.add_argument(
         "--ray-workers",
@@ -177,7 +187,6 @@ def add_distill_parser(sub) -> None:
         type=flag_type("checkpoints"),
         help="where Ray Train keeps a checkpoint per epoch: a directory every node mounts, or a URL such as s3://bucket/runs/a (default: OUT/ray)",
     )
-    p.set_defaults(func=distill_command)
 
 
 # -- the commands --------------------------------------------------------------------------------------

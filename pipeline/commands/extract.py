@@ -181,18 +181,7 @@ def extract_command(args) -> None:
         # The flags as given (to run the same command again) and the job they resolved to.
         flags = {"command": "extract", **vars(args), "func": None, "job": job.to_dict()}
         (store.path / "logs" / f"extract-{teacher_id}-{stamp}.yaml").write_bytes(config.dump(flags).encode())
-        args_given = f", {', '.join(f'{k}={v}' for k, v in info.model_args.items())}" if info.model_args else ""
-        log.info(
-            "extract %s (%s%s, %s) on %s into %s: %d views x %d samples",
-            teacher_id,
-            info.timm_name,
-            args_given,
-            info.weights,
-            job.device,
-            store.path,
-            job.views,
-            len(dataset),
-        )
+        _say_extract(job, info, store, len(dataset))
         with store.lock_teacher(teacher_id):
             if args.repair:
                 damaged = verify.take_back_damaged(store, teacher_id)
@@ -219,6 +208,21 @@ def extract_command(args) -> None:
     print(
         f"{teacher_id}: {result.units} units extracted ({result.views:,} views, {rate:,.0f} views/s), "
         f"{result.skipped} already committed -> {store.path}"
+    )
+
+
+def _say_extract(job: ExtractJob, info, store: Store, samples: int) -> None:
+    args_given = f", {', '.join(f'{k}={v}' for k, v in info.model_args.items())}" if info.model_args else ""
+    log.info(
+        "extract %s (%s%s, %s) on %s into %s: %d views x %d samples",
+        job.id,
+        info.timm_name,
+        args_given,
+        info.weights,
+        job.device,
+        store.path,
+        job.views,
+        samples,
     )
 
 

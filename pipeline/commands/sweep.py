@@ -47,6 +47,7 @@ from pipeline.sweeps.spec import (
     trial_job,
     trial_settings,
 )
+from pipeline.settings.setting_flags import flag_type
 from pipeline.sweeps.summary import print_summary
 
 log = logging.getLogger("pipeline")
@@ -89,19 +90,28 @@ def add_sweep_parser(sub) -> None:
         "--val-data",
         help="validation data for folder datasets, folder:PATH (default: digits and fake have their own split)",
     )
+    _tune_flags(p)
+    p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache (default: off)")
+    p.set_defaults(func=sweep_command)
+
+
+def _tune_flags(p) -> None:
     g = p.add_argument_group("Ray Tune")
     g.add_argument(
-        "--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds; its torch threads follow (default: 1)"
+        "--cpus-per-trial",
+        type=flag_type("cpus_per_trial"),
+        default=1.0,
+        help="CPUs each trial holds; its torch threads follow (default: 1)",
     )
     g.add_argument(
         "--gpus-per-trial",
-        type=float,
+        type=flag_type("gpus_per_trial"),
         default=0.0,
         help="GPUs each trial holds (0.5: two trials share one); a trial with a GPU trains on CUDA (default: 0)",
     )
     g.add_argument(
         "--max-concurrent",
-        type=int,
+        type=flag_type("max_concurrent"),
         default=0,
         help="trials at once at most; 0: as many as the CPUs and GPUs hold (default: 0)",
     )
@@ -112,7 +122,7 @@ def add_sweep_parser(sub) -> None:
     )
     g.add_argument(
         "--max-trials",
-        type=int,
+        type=flag_type("max_trials"),
         default=MAX_TRIALS,
         help=f"refuse a sweep file that makes more trials than this (default: {MAX_TRIALS:,})",
     )
@@ -126,8 +136,6 @@ def add_sweep_parser(sub) -> None:
         metavar="ADDR",
         help="Ray cluster to join, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local Ray instance)",
     )
-    p.add_argument("--online", action="store_true", help="refused: sweeps run from the cache (default: off)")
-    p.set_defaults(func=sweep_command)
 
 
 def _representative_trials(spec: SweepSpec) -> list[dict]:
@@ -228,30 +236,12 @@ def sweep_command(args) -> None:
     if args.summary:
         print_summary(out)
         return
-    if not args.from_cache or not args.config:
-        raise UserError(
-            "pipeline sweep needs --from-cache STORE and --config SWEEP_YAML (or --summary, to report the sweep in --out)"
-        )
-    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0 or args.max_concurrent < 0:
-        raise UserError(
-            f"--cpus-per-trial must be more than 0 and --gpus-per-trial and --max-concurrent 0 or more, not "
-            f"{args.cpus_per_trial:g}, {args.gpus_per_trial:g} and {args.max_concurrent}"
-        )
+    _check_flags(args)
     where = f"sweep {args.config}"
     spec = _bounded(load_sweep(args.config), args.max_trials, where)
     if args.early_stop and spec.early_stop is None:
         spec.early_stop = dict(EARLY_STOP_DEFAULTS)
-    job = {
-        "store": ray_env.for_workers(args.from_cache).url,
-        "out": str(out),
-        "data": ray_env.source_for_workers(args.data),
-        "val_data": ray_env.source_for_workers(args.val_data),
-        "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
-        "threads": max(1, int(args.cpus_per_trial)),
-        "fixed": spec.fixed,
-        "names": [a.name for a in spec.axes],
-        "metric": spec.metric,
-    }
+    job = _trial_base(args, spec, out)
     max_epochs = check_sweep(spec, job, where)
     record = {
         "command": "sweep",
@@ -271,18 +261,7 @@ def sweep_command(args) -> None:
         run_log(out / LOG_FILE),
     ):
         config.save(saved, record)
-        log.info(
-            "sweep %s: %d trial(s) (%d grid combination(s) x %d sample(s)) of %s over %s, ranked by %s (%s)%s",
-            out,
-            spec.num_trials,
-            spec.grid_size,
-            spec.samples,
-            ", ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "nothing",
-            job["store"],
-            spec.metric,
-            spec.mode,
-            f"; ASHA early stopping, grace {spec.early_stop['grace_epochs']} epoch(s)" if spec.early_stop else "",
-        )
+        _say_sweep(out, spec, job)
         try:
             run_sweep(
                 spec,
@@ -299,3 +278,42 @@ def sweep_command(args) -> None:
             ray_env.leave_quietly()  # the trials end now, before the last line ("interrupted: ..."), and silently
             raise
     print_summary(out)
+
+
+def _check_flags(args) -> None:
+    if not args.from_cache or not args.config:
+        raise UserError(
+            "pipeline sweep needs --from-cache STORE and --config SWEEP_YAML (or --summary, to report the sweep in --out)"
+        )
+
+
+def _trial_base(args, spec: SweepSpec, out: Path) -> dict:
+    """What every trial shares, as plain values a Tune worker receives (paths absolute for any node)."""
+    from pipeline.cluster import ray_env
+
+    return {
+        "store": ray_env.for_workers(args.from_cache).url,
+        "out": str(out),
+        "data": ray_env.source_for_workers(args.data),
+        "val_data": ray_env.source_for_workers(args.val_data),
+        "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
+        "threads": max(1, int(args.cpus_per_trial)),
+        "fixed": spec.fixed,
+        "names": [a.name for a in spec.axes],
+        "metric": spec.metric,
+    }
+
+
+def _say_sweep(out: Path, spec: SweepSpec, job: dict) -> None:
+    log.info(
+        "sweep %s: %d trial(s) (%d grid combination(s) x %d sample(s)) of %s over %s, ranked by %s (%s)%s",
+        out,
+        spec.num_trials,
+        spec.grid_size,
+        spec.samples,
+        ", ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "nothing",
+        job["store"],
+        spec.metric,
+        spec.mode,
+        f"; ASHA early stopping, grace {spec.early_stop['grace_epochs']} epoch(s)" if spec.early_stop else "",
+    )

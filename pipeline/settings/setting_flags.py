@@ -61,6 +61,10 @@ FLAGS = {  # command-line settings that are no dataclass field
     "grid_views": Int(1, 1024),
     "seeds": Int(1, 1000),
     "teacher_epochs": Int(1, 100_000),
+    "cpus_per_trial": Float(0.0, float(MAX_WORKERS), lo_open=True),
+    "gpus_per_trial": Float(0.0, 1024.0),
+    "max_concurrent": Int(0, MAX_WORKERS),
+    "max_trials": Int(1, 1_000_000),
 }
 
 

@@ -524,3 +524,18 @@ def test_gpus_per_trial_on_a_cluster_without_gpus_is_one_line(four_trials, tmp_p
         "error: --gpus-per-trial 1 was asked for but the Ray cluster has 0 GPUs"
     ), err
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--cpus-per-trial", "0", "--cpus-per-trial: must be a number in (0,"),
+        ("--gpus-per-trial", "-1", "--gpus-per-trial: must be a number in [0,"),
+        ("--max-concurrent", "-1", "--max-concurrent: must be an integer in [0,"),
+        ("--max-trials", "0", "--max-trials: must be an integer in [1,"),
+    ],
+)
+def test_ray_tune_flags_parse_with_their_declarations(flag, value, message, tmp_path, capsys):
+    argv = ["sweep", "--from-cache", str(tmp_path), "--config", "s.yaml", "--out", str(tmp_path / "o"), flag, value]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -196,9 +196,8 @@ def replay_epoch(
 
     data = open_dataset(source) if source else FolderDataset(str(folder))
     plan = ViewPlan(recipe, seed=seed)
-    views = DrawnViews(
-        plan, data, num_views=repeats, block=1024 if repeats == 1 else 64
-    )  # repeats: an epoch takes 1/R of the blocks
+    # repeats: an epoch takes 1/R of the blocks
+    views = DrawnViews(plan, data, num_views=repeats, block=1024 if repeats == 1 else 64)
     norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if cpu_normalize else None
     loader = ReplayLoader(
         data, plan, views, batch_size, size=size, seed=seed, repeats=repeats, workers=workers, normalize=norm

@@ -48,11 +48,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
-from fidelity import (
-    cosine_fidelity,
-    gradient_cosine,
-    old_tail_clamped,
-)  # benchmarks/fidelity.py (run from the repository root as a script)
+# benchmarks/fidelity.py (run from the repository root as a script)
+from fidelity import cosine_fidelity, gradient_cosine, old_tail_clamped
 from stages.cache import teacher_rows
 from stages.cache import topk
 from stages.data.datasets import open_dataset
@@ -726,6 +723,7 @@ def main():
         renderer = ViewRenderer(data, plan, (args.teacher_size,), args.teacher_size)
         for b in range(layout.num_blocks):
             ids = source.ids(b)
+            # "row": the commit's block order (stages.extract)
             table = with_partner_params(
                 {
                     **source.params(0, b),
@@ -737,7 +735,7 @@ def main():
                     "row": np.arange(len(ids)),
                 },
                 names,
-            )  # "row": the commit's block order (stages.extract)
+            )
             prerendered.append(
                 [
                     (bt, r["views"][0], r["fingerprint"].numpy().astype(np.uint32))
@@ -868,9 +866,8 @@ def main():
 
         # -- codecs ---------------------------------------------------------------------------
         t1 = time.perf_counter()
-        rows = (
-            2 * args.block
-        )  # two shards (or fewer where an array has fewer rows): enough for a ratio, quick to re-encode
+        # two shards (or fewer where an array has fewer rows): enough for a ratio, quick to re-encode
+        rows = 2 * args.block
 
         def head(group, name):
             return group.array(name)[:1, :rows]

@@ -321,9 +321,8 @@ def speed(args, tmp: Path) -> None:
         "--store",
         store,
     )
-    extract_s = (
-        time.perf_counter() - start
-    )  # the whole command but for imports: teacher built, views rendered, store written
+    # the whole command but for imports: teacher built, views rendered, store written
+    extract_s = time.perf_counter() - start
     print(f"extract: {args.views} view(s) x {args.images} images in {extract_s:.1f} s", flush=True)
 
     runs = {
@@ -456,9 +455,8 @@ def timm_digits_student(args, teacher_dir: Path, seed: int) -> tuple[torch.nn.Mo
         32, is_training=True, scale=(0.35, 1.0), hflip=0.0, color_jitter=None, mean=cfg["mean"], std=cfg["std"]
     )
     loader = batches(Digits("train", transform), args.digits_batch_size, args.workers, seed)
-    optimizer = create_optimizer_v2(
-        student, "adamw", lr=args.digits_lr, weight_decay=0.05
-    )  # the product's default decay
+    # the product's default decay
+    optimizer = create_optimizer_v2(student, "adamw", lr=args.digits_lr, weight_decay=0.05)
     seconds = timm_epochs(
         task, loader, optimizer, timm_schedule(optimizer, args.digits_epochs, 0, len(loader)), args.digits_epochs
     )

@@ -18,9 +18,8 @@ log = logging.getLogger(__name__)
 
 CGROUP = Path("/sys/fs/cgroup")
 MAX_THREADS = 1024  # the most --threads takes (stages.settings.MAX_WORKERS)
-WORKER_BYTES = (
-    470 * 2**20
-)  # the memory a loader process holds (measured: about 470 MB, a forked torch with its imports)
+# the memory a loader process holds (measured: about 470 MB, a forked torch with its imports)
+WORKER_BYTES = 470 * 2**20
 
 
 def usable_cpus() -> int:

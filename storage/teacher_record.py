@@ -33,9 +33,8 @@ class TeacherRecord:
     precision: str  # the teacher's arithmetic, "fp32" or "bf16" (bf16 outputs differ from fp32 ones in the 3rd digit)
     name: str  # the teacher's registry name (dinov2_s, resnet152, a timm model name, a model folder as local-dir:PATH or hf-hub:REPO)
     timm_name: str
-    model_args: dict = dataclasses.field(
-        default_factory=dict
-    )  # timm.create_model arguments given (--model-arg); left out when none
+    # timm.create_model arguments given (--model-arg); left out when none
+    model_args: dict = dataclasses.field(default_factory=dict)
     weights: str  # what the weights were: a file's sha256, a hub tag, or random-init:seed=N
     input_size: int  # pixels, square
     mean: tuple[float, ...]
@@ -60,9 +59,8 @@ class TeacherRecord:
         # JSON gives lists; the record keeps tuples, so two records compare by value and stay unchanged.
         for name in ("mean", "std", "outputs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(
-            self, "model_args", json.loads(json.dumps(self.model_args))
-        )  # as teacher.json holds them: (8, 16) == [8, 16]
+        # as teacher.json holds them: (8, 16) == [8, 16]
+        object.__setattr__(self, "model_args", json.loads(json.dumps(self.model_args)))
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherRecord:

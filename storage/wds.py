@@ -150,9 +150,8 @@ class TarUnits(CommittedUnits):
         weight = decoded  # until a unit is read: in proportion to the decoded sizes
         if sizes:
             try:
-                sample = (
-                    self.shards / next(iter(sizes)).rstrip("/").rsplit("/", 1)[-1]
-                )  # read_bytes refuses a pipe named .tar
+                # read_bytes refuses a pipe named .tar
+                sample = self.shards / next(iter(sizes)).rstrip("/").rsplit("/", 1)[-1]
                 with zipfile.ZipFile(io.BytesIO(read_record(sample.read_bytes())["npz"])) as z:
                     weight = {i.filename.removesuffix(".npy"): i.compress_size for i in z.infolist()}
             except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile):

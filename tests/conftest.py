@@ -38,9 +38,8 @@ from storage import TeacherRecord
 # each would oversubscribe the machine several times over.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-    use_threads(
-        None, workers=0
-    )  # torch was imported above, its pool sized already: as the commands do, from OMP_NUM_THREADS
+    # torch was imported above, its pool sized already: as the commands do, from OMP_NUM_THREADS
+    use_threads(None, workers=0)
 
 # Ray Train's controller polls its workers every 2 s, and each run starts a preemption watcher actor (one more
 # Python process to start on two cores): the Ray tests wait on the one and pay for the other, about 4 s a run,

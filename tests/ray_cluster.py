@@ -124,12 +124,8 @@ def two_node_cluster(cpus_per_node: int = 1, dashboard: bool = False, extra_env:
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     port = free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
-    env = {
-        **os.environ,
-        **(extra_env or {}),
-        **ENV,
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }  # this cluster's own token
+    # this cluster's own token
+    env = {**os.environ, **(extra_env or {}), **ENV, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head_extra = ["--include-dashboard", "false"]
     dashboard_url = None
     if dashboard:

@@ -37,9 +37,8 @@ def prepare_on_ray(job: PrepareJob, shards: list[int], plan: ShardPlan, actors: 
     records = {}
     try:
         pool = ActorPool(pool_actors)
-        for k, record in zip(
-            shards, pool.map(lambda actor, k: actor.write.remote(k), shards)
-        ):  # in order, run side by side
+        # in order, run side by side
+        for k, record in zip(shards, pool.map(lambda actor, k: actor.write.remote(k), shards)):
             records[k] = record
             progress.update(record["samples"])
     except (RayTaskError, RayActorError) as e:

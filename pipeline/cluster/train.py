@@ -56,9 +56,8 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(
-                Path(d) / "state.pt", map_location="cpu", weights_only=True
-            )  # tensors and plain values only
+            # tensors and plain values only
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
             starts = json.loads((Path(d) / "run.json").read_text())["starts"]
     starts = [*starts, state["epoch"] if state else 0]  # where each attempt of this run began: the restart record
 
@@ -118,21 +117,10 @@ def distill_on_ray(
     ray_env.connect(address)
     ray_env.require_gpus(gpus_per_worker, workers)
     ray_env.check_visible(Location(job.store), "store")
-    made = not storage.exists()
-    storage.makedirs()
-    try:
-        ray_env.check_visible(storage, "checkpoint location")
-    except UserError:
-        if made:  # a refused run leaves no empty checkpoint folder behind
-            storage.remove_tree()
-        raise
-    if (
-        on_start is not None
-    ):  # every check passed: the run's own files (its lock, config.yaml, run.log) may be written now
+    _claim(storage)
+    if on_start is not None:  # every check passed: the run's own files (its lock, config.yaml, run.log) may be written
         on_start()
-    if (
-        not resume
-    ):  # only once every check passed and the folder is ours: a refused run leaves the old one's checkpoints alone
+    if not resume:  # only now that the folder is ours: a refused run leaves the old one's checkpoints alone
         run_dir.remove_tree()  # a fresh run: Ray Train would otherwise pick up the old run's checkpoints by name
     for stale in ("student.safetensors", "config.json", "metrics.jsonl"):  # a stale result must not pass for this run's
         (out / stale).unlink(missing_ok=True)
@@ -152,6 +140,18 @@ def distill_on_ray(
         raise UserError(f"the Ray Train run in {run_dir} reported no checkpoint: see {out / 'run.log'}")
     metrics = _write_outputs(result.checkpoint, out)
     return TrainResult(model=None, metrics=metrics, seconds=time.perf_counter() - start)  # the weights are on disk
+
+
+def _claim(storage: Location) -> None:
+    """The checkpoint location made, and checked visible to every node; a refused run leaves no empty folder."""
+    made = not storage.exists()
+    storage.makedirs()
+    try:
+        ray_env.check_visible(storage, "checkpoint location")
+    except UserError:
+        if made:
+            storage.remove_tree()
+        raise
 
 
 def _trainer(config: dict, storage: Location, workers: int, gpus_per_worker: float, max_failures: int):

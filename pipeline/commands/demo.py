@@ -76,9 +76,8 @@ def add_demo_parser(sub) -> None:
 
 def run_demo(args) -> None:
     cfg = config.recipe("demo")
-    out = Path(
-        args.out or ("runs/demo" if args.method == "kd" else f"runs/demo-{args.method}")
-    )  # each variant its own teacher and store
+    # each variant its own teacher and store
+    out = Path(args.out or ("runs/demo" if args.method == "kd" else f"runs/demo-{args.method}"))
     seeds = list(range(args.seeds)) if args.seeds else cfg["seeds"]
     fraction = cfg["label_fraction"] if args.label_fraction is None else args.label_fraction
     size = cfg["size"]
@@ -100,29 +99,7 @@ def run_demo(args) -> None:
         teachers, demo.outputs, data, recipe, cfg["cache"], size, out, demo.needs, args.workers
     )
 
-    control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
-    runs = [
-        (frac, name, seed)
-        for frac, run_seeds in [(fraction, seeds), *control]
-        for name in ("ce", *demo.rows)
-        for seed in run_seeds
-    ]
-    jobs = [
-        {
-            "job": demo.job(str(store.path), name, seed=seed, label_fraction=frac).to_dict(),
-            "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
-        }
-        for frac, name, seed in runs
-    ]
-    rows = student_runs(runs, jobs)
-    labels = [f"{'scratch' if name == 'ce' else f'distilled ({name})'}, {frac:.0%} labels" for frac, name, _ in runs]
-    picture = plot_runs(
-        [job["out"] for job in jobs],
-        out / "students.png",
-        labels,
-        title=f"digits: students from scratch and from the cache ({args.method})",
-    )
-    log.info("demo 3/4: curves of every student run -> %s", picture)
+    rows = _students(demo, store, seeds, fraction, out, args.method)
 
     log.info("demo 4/4: timing an epoch from the cache and with the teacher run online")
     timing = demo.job(str(store.path), args.method, epochs=1, label_fraction=fraction)
@@ -145,8 +122,60 @@ def run_demo(args) -> None:
     )
 
 
+def _students(demo, store, seeds: list[int], fraction: float, out: Path, method: str) -> dict:
+    """Step 3: every student (scratch and each distilled row, at ``fraction`` of the labels and the full-label
+    control), trained side by side; their curves in students.png. Returns each run's final numbers."""
+    control = [(1.0, seeds[:1])] if fraction != 1.0 else []  # the full-label control: one seed
+    runs = [
+        (frac, name, seed)
+        for frac, run_seeds in [(fraction, seeds), *control]
+        for name in ("ce", *demo.rows)
+        for seed in run_seeds
+    ]
+    jobs = [
+        {
+            "job": demo.job(str(store.path), name, seed=seed, label_fraction=frac).to_dict(),
+            "out": str(out / f"student-{name}-labels{frac:g}-seed{seed}"),
+        }
+        for frac, name, seed in runs
+    ]
+    rows = student_runs(runs, jobs)
+    labels = [f"{'scratch' if name == 'ce' else f'distilled ({name})'}, {frac:.0%} labels" for frac, name, _ in runs]
+    picture = plot_runs(
+        [job["out"] for job in jobs],
+        out / "students.png",
+        labels,
+        title=f"digits: students from scratch and from the cache ({method})",
+    )
+    log.info("demo 3/4: curves of every student run -> %s", picture)
+    return rows
+
+
 def _params(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+
+
+def _rows(teachers, fits, names, fraction, rows, pct, spread) -> list[tuple]:
+    """The table's rows: each teacher, then per label fraction the student from scratch and each distilled row."""
+    table = [("model", "labels used", "val top-1 (seeds)", "distilled wins")]
+    table += [(f"teacher {t.spec.name}", pct(1.0), pct(fits[tid][0]), "") for tid, t in teachers.items()]
+    for frac in dict.fromkeys([fraction, 1.0]):
+        scratch = rows[(frac, "ce")]
+        tag = " (control)" if frac == 1.0 and fraction != 1.0 else ""
+        n = f" ({len(scratch)})"
+        table.append(("student from scratch" + tag, pct(frac), spread(scratch) + n, ""))
+        for name in names:
+            distilled = rows[(frac, name)]
+            wins = sum(d > s for d, s in zip(distilled, scratch))
+            table.append(
+                (
+                    f"student distilled ({name}, cache)" + tag,
+                    pct(frac),
+                    spread(distilled) + n,
+                    f"{wins} of {len(distilled)}",
+                )
+            )
+    return table
 
 
 def print_table(
@@ -166,24 +195,7 @@ def print_table(
     described = "; ".join(f"teacher {t.spec.name} ({_params(t)} parameters)" for t in teachers.values())
     print(f"{described}; student {student['student']} ({_params(student_model)} parameters)")
     print()
-    table = [("model", "labels used", "val top-1 (seeds)", "distilled wins")]
-    table += [(f"teacher {t.spec.name}", pct(1.0), pct(fits[tid][0]), "") for tid, t in teachers.items()]
-    for frac in dict.fromkeys([fraction, 1.0]):
-        scratch = rows[(frac, "ce")]
-        tag = " (control)" if frac == 1.0 and fraction != 1.0 else ""
-        n = f" ({len(scratch)})"
-        table.append(("student from scratch" + tag, pct(frac), spread(scratch) + n, ""))
-        for name in names:
-            distilled = rows[(frac, name)]
-            wins = sum(d > s for d, s in zip(distilled, scratch))
-            table.append(
-                (
-                    f"student distilled ({name}, cache)" + tag,
-                    pct(frac),
-                    spread(distilled) + n,
-                    f"{wins} of {len(distilled)}",
-                )
-            )
+    table = _rows(teachers, fits, names, fraction, rows, pct, spread)
     first = max(len(r[0]) for r in table) + 2
     for name, labels, top1, wins in table:
         print(f"{name:<{first}}{labels:>12}{top1:>22}{wins:>16}")

@@ -93,9 +93,8 @@ def variant(cfg: dict, method: str, student: dict, teacher: dict) -> Variant:
     base = {**cfg["student"]}
     for m in parts:
         base.update(own[m].get("student", {}))
-    args = {
-        m: cfg["method_args"].get(m, {}) for m in parts
-    }  # over the method's own defaults (the paper's), for a few epochs on digits
+    # over the method's own defaults (the paper's), for a few epochs on digits
+    args = {m: cfg["method_args"].get(m, {}) for m in parts}
     if composite:
         rows = {m: (f"{m}@{ids[m]}", {m: args[m]}) for m in parts}
         rows[method] = ("+".join(f"{m}@{ids[m]}" for m in parts), args)
@@ -132,10 +131,8 @@ def fitted_teacher(settings: TrainSettings, data, val, recipe: ViewRecipe, out: 
     return record["val_top1"], record["seconds"]
 
 
-FIT_RECORD, CACHE_RECORD = (
-    "fit.json",
-    "cache.json",
-)  # how the demo's teacher and store were made: a rerun reuses what matches
+# how the demo's teacher and store were made: a rerun reuses what matches
+FIT_RECORD, CACHE_RECORD = ("fit.json", "cache.json")
 
 
 def _plain(value):

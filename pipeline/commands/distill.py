@@ -47,11 +47,8 @@ TEACHERLESS_METHODS = tuple(
     m for m in list_methods() if not method_class(m).needs or not method_class(m).requires_teacher
 )
 TRAIN_DEFAULTS = {"method": "ce"}  # where `train` differs from distill's defaults: it fits a model on labels
-TRAIN_RENAMES = {
-    "student": "--model",
-    "student_kwargs": "--model-arg",
-    "student_weights": "--model-weights",
-}  # `train` fits any model, often a teacher
+# `train` fits any model, often a teacher
+TRAIN_RENAMES = {"student": "--model", "student_kwargs": "--model-arg", "student_weights": "--model-weights"}
 
 
 # -- flags ---------------------------------------------------------------------------------------------
@@ -210,9 +207,8 @@ def train_command(args) -> None:
         weights_name="model.safetensors",
     ) as files:
         # A fresh view of every sample each epoch, drawn from the plan (nothing stored).
-        views = DrawnViews(
-            plan, dataset, num_views=settings.epochs * settings.repeats
-        )  # R fresh views per use of a block
+        # R fresh views per use of a block
+        views = DrawnViews(plan, dataset, num_views=settings.epochs * settings.repeats)
         run = {
             "data": args.data,
             DATA_FINGERPRINT: dataset.fingerprint(),
@@ -255,13 +251,14 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     from pipeline.cluster.train import distill_on_ray  # Ray only where it is asked for
 
     run = build_distill(job)  # every check of the store, data and teacher, here before Ray starts
+    # bad student settings fail now
     build_student(
         job.train.student,
         run.dataset.num_classes,
         job.train.seed,
         job.train.student_weights,
         **job.train.student_kwargs,
-    )  # bad student settings fail now
+    )
     where = dataclasses.replace(
         job,
         store=ray_env.for_workers(run.store.path).url,

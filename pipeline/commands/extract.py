@@ -159,12 +159,10 @@ def extract_command(args) -> None:
         raise UserError(
             "--threads sets the threads of an extraction in this process; each Ray actor takes the CPUs Ray gives it: drop --threads"
         )
-    job = extract_job(
-        args, None if use_ray else local_device(args.device)
-    )  # on Ray, the actors' device comes from the cluster
-    ready = prepare_extract(
-        job, load=not use_ray
-    )  # every check, before a store directory exists or an existing one changes
+    # on Ray, the actors' device comes from the cluster
+    job = extract_job(args, None if use_ray else local_device(args.device))
+    # every check, before a store directory exists or an existing one changes
+    ready = prepare_extract(job, load=not use_ray)
     _refuse_links(Location(args.store))
     if use_ray:  # cluster, GPUs and store visibility are checked before a store directory exists
         gpus_per_worker, actors, device = join_cluster(args)

@@ -142,9 +142,8 @@ def order_text(store: Store) -> str:
 
 
 def inspect_command(args) -> None:
-    store = Store(
-        args.store
-    )  # --units, --topk and the grid's sizes are checked by their declarations (pipeline.settings.setting_flags)
+    # --units, --topk and the grid's sizes are checked by their declarations (pipeline.settings.setting_flags)
+    store = Store(args.store)
     temps = temperatures(args.temperature)
     teacher_ids = [args.teacher_id] if args.teacher_id else sorted(store.teacher_ids())
     for tid in teacher_ids:
@@ -206,9 +205,8 @@ def save_grid(store: Store, args, teacher_ids: list[str]) -> None:
     )
     cells = store_report.grid_cells(store, dataset, tid, ids, args.grid_views)
     views = len({c["view"] for c in cells})
-    columns = views * max(
-        1, GRID_WIDTH // (views * store_report.tile_size(cells[0]["image"].shape[-1])[0])
-    )  # samples side by side, to fit a screen
+    # samples side by side, to fit a screen
+    columns = views * max(1, GRID_WIDTH // (views * store_report.tile_size(cells[0]["image"].shape[-1])[0]))
     image = store_report.render_grid(cells, dataset.classes, columns)
     try:
         image.save(args.grid, format="PNG")

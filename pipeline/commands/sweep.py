@@ -54,10 +54,8 @@ log = logging.getLogger("pipeline")
 
 MAX_TRIALS = 1000  # trials a sweep may make unless --max-trials says more
 MAX_CHECKED_TRIALS = 4096  # representative trials resolved before the sweep starts
-VAL_METRICS = (
-    "val_top1",
-    "val_top1_ema",
-)  # what validation reports (stages.training.distill.loop.validate); train_* depend on the method
+# what validation reports (stages.training.distill.loop.validate); train_* depend on the method
+VAL_METRICS = ("val_top1", "val_top1_ema")
 
 
 def add_sweep_parser(sub) -> None:
@@ -163,9 +161,8 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     from storage import Store
 
     store = Store(job["store"])
-    dataset = store_dataset(
-        store, job.get("data")
-    )  # the store's data (or --data) exists and is the one it was made from
+    # the store's data (or --data) exists and is the one it was made from
+    dataset = store_dataset(store, job.get("data"))
     source = data_source(store, job.get("data"))
     if spec.metric.startswith("val_") and spec.metric not in VAL_METRICS:  # a trial would report nothing to rank by
         raise UserError(

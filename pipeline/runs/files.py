@@ -147,10 +147,8 @@ class _HeldLines(logging.Handler):
         self.records.append(record)
 
 
-MODEL_FILES = (
-    "student.safetensors",
-    "model.safetensors",
-)  # what distill and train write: one timm model folder holds one
+# what distill and train write: one timm model folder holds one
+MODEL_FILES = ("student.safetensors", "model.safetensors")
 
 
 def check_out(out: Path) -> Path:

@@ -166,6 +166,32 @@ def _reference_level(ax, lines: list[dict], name: str, colour) -> None:
     ax.axhline(level, color=colour, linestyle="--", linewidth=1.2, label=f"{name} (reference): {level:.1f}%")
 
 
+def _other_trials(ax, trials, metric: str, scale: float, listed: bool, value) -> tuple[list, int]:
+    """A thin curve per trial but the best (coloured when the legend lists them, grey when not): the legend
+    handles, and how many trials had no epoch to draw."""
+    from matplotlib import colormaps
+
+    palette = [colormaps["tab10"](i) for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # no red: red is the best trial's
+    handles, empty = [], 0
+    for i, (name, lines) in enumerate(trials):
+        xs, ys = _series(lines, metric, scale)
+        if not xs:
+            empty += 1
+            continue
+        (h,) = ax.plot(
+            xs,
+            ys,
+            color=palette[i % len(palette)] if listed else "0.6",
+            linewidth=1.1,
+            alpha=0.8,
+            marker="o",
+            markersize=3,
+            label=f"{name}{value(name, lines)}",
+        )
+        handles.append(h)
+    return handles, empty
+
+
 def plot_sweep(
     trials: list[tuple[str, list[dict]]],
     metric: str,
@@ -193,7 +219,6 @@ def plot_sweep(
         The path of the written picture.
     """
     notes = notes or {}
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 5))
@@ -201,7 +226,6 @@ def plot_sweep(
     percent = metric.endswith("top1")
     scale = 100.0 if percent else 1.0
     listed = len(trials) <= 12  # a longer legend hides the curves
-    palette = [colormaps["tab10"](i) for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # no red: red is the best trial's
 
     def value(name, lines) -> str:
         top = best_line(lines, metric, mode)
@@ -209,23 +233,7 @@ def plot_sweep(
         words += [notes[name]] if name in notes else []
         return f" ({', '.join(words)})" if words else ""
 
-    handles, empty = [], 0
-    for i, (name, lines) in enumerate(t for t in trials if t[0] != best):
-        xs, ys = _series(lines, metric, scale)
-        if not xs:
-            empty += 1
-            continue
-        (h,) = ax.plot(
-            xs,
-            ys,
-            color=palette[i % len(palette)] if listed else "0.6",
-            linewidth=1.1,
-            alpha=0.8,
-            marker="o",
-            markersize=3,
-            label=f"{name}{value(name, lines)}",
-        )
-        handles.append(h)
+    handles, empty = _other_trials(ax, [t for t in trials if t[0] != best], metric, scale, listed, value)
     if not listed:
         handles = [ax.plot([], [], color="0.6", linewidth=1.1, label=f"{len(handles)} other trials")[0]]
     if empty:

@@ -83,14 +83,8 @@ def _warn_changed_epochs(state: dict, run: dict) -> None:
         )
 
 
-STATE_PARTS = (
-    "model",
-    "method",
-    "optimizer",
-    "scheduler",
-    "rng",
-    "run",
-)  # what a resumed run restores (stages.training.distill.checkpoint._state)
+# what a resumed run restores (stages.training.distill.checkpoint._state)
+STATE_PARTS = ("model", "method", "optimizer", "scheduler", "rng", "run")
 
 
 def _check_state(path: Path, state) -> None:
@@ -118,22 +112,20 @@ def _check_state(path: Path, state) -> None:
         or not 1 <= epoch <= (total if isinstance(total, int) else epoch)
     ):
         raise bad("epoch", f"is {epoch!r}, not an epoch of the saved run's {total} epochs")
+    # a fine-tune's epoch 0
     before = (
         1
         if isinstance(metrics, list) and metrics and isinstance(metrics[0], dict) and metrics[0].get("epoch") == 0
         else 0
-    )  # a fine-tune's epoch 0
+    )
     if (
         not isinstance(metrics, list)
         or len(metrics) != epoch + before
         or not all(isinstance(line, dict) for line in metrics)
     ):
         raise bad("metrics", f"must hold one line per finished epoch ({epoch})")
-    for part in (
-        "student_weights",
-        "student",
-        "scaler",
-    ):  # the Ray Train driver writes the first two; a disabled scaler reads nothing
+    # the Ray Train driver writes the first two; a disabled scaler reads nothing
+    for part in ("student_weights", "student", "scaler"):
         if part in state and not isinstance(state[part], dict):
             raise bad(part, f"must be a mapping, not a {type(state[part]).__name__}")
 

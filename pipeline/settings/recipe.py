@@ -50,9 +50,8 @@ def check_views(views, where: str) -> ViewRecipe:
 def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) -> TrainSettings:
     """Defaults < a recipe or sweep file's settings < flags, every value checked; batch sizes resolved for ``ray_workers``."""
     file = {k: v for k, v in file.items() if k != VIEWS}  # a recipe's view section is for the store (extract, train)
-    check_fields(
-        TrainSettings, {k: v for k, v in file.items() if k != "method"}, where
-    )  # each value, before a flag hides it
+    # each value, before a flag hides it
+    check_fields(TrainSettings, {k: v for k, v in file.items() if k != "method"}, where)
     if "method" in file:  # a recipe's list of parts, as the method string and method_args of the flags
         file["method"], file["method_args"] = as_spec(file["method"], file.get("method_args"), where)
     file = _recipe_method_args(file, flags.get("method"), where)

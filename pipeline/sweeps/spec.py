@@ -25,10 +25,8 @@ SWEEP_FILE, CSV_FILE, PNG_FILE, LOG_FILE = "sweep.yaml", "sweep.csv", "sweep.png
 TRIAL_RECORD, TRIAL_SETTINGS, TRIAL_PREFIX = "trial.json", "settings.yaml", "trial-"
 SWEEP_KEYS = ("search", "samples", "metric", "mode", "early_stop", "search_seed")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-JOB_SETTINGS = (
-    "teacher_id",
-    "teacher_weights",
-)  # distill settings a sweep file may set that are no TrainSettings field
+# distill settings a sweep file may set that are no TrainSettings field
+JOB_SETTINGS = ("teacher_id", "teacher_weights")
 NESTED = ("method_args", "student_kwargs")  # dict settings searched key by key: method_args.temperature
 REFUSED = {
     "online": "sweeps run from the cache: a live teacher in every trial is the cost the cache exists to save; drop online",
@@ -171,9 +169,8 @@ def parse_sweep(data: dict, where: str) -> SweepSpec:
             f"{where}: a sweep needs a search: section mapping settings to values, e.g. search: {{lr: {{loguniform: [0.0005, 0.005]}}}}"
         )
     fixed = {k: v for k, v in data.items() if k not in SWEEP_KEYS}
-    check_views(
-        fixed.pop(VIEWS, None), where
-    )  # for extract and train, as distill --config ignores it; checked all the same
+    # for extract and train, as distill --config ignores it; checked all the same
+    check_views(fixed.pop(VIEWS, None), where)
     for name in fixed:
         _check_name(name, where)
     axes = []

@@ -125,6 +125,7 @@ def run_trial(params: dict, job: dict) -> None:
             last.append(_with_metric(line, job["metric"]))
 
     try:
+        # the sweep holds its folder
         result = distill_here(
             trial,
             out,
@@ -133,7 +134,7 @@ def run_trial(params: dict, job: dict) -> None:
             on_epoch=on_epoch,
             record=run_record(trial, device=job["device"], sweep=job["out"]),
             lock=False,
-        )  # the sweep holds its folder
+        )
     except SystemExit:  # Tune ends a trial it stops early (ASHA) from inside tune.report
         _ended(out, record, "stopped early", start)
         raise
@@ -311,10 +312,6 @@ def run_sweep(
     debug: bool,
 ) -> None:
     """Start the sweep in ``out``, or continue the one there (after ``join_cluster``); outcomes are left in the trial folders."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cpus, "gpu": gpus})
     ctrl_c = CtrlC()
     if tune.Tuner.can_restore(str(out)):
@@ -324,45 +321,54 @@ def run_sweep(
             str(out), trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored
         )
     else:
-        scheduler = None
-        if spec.early_stop:
-            scheduler = ASHAScheduler(
-                time_attr="epoch",
-                max_t=max_epochs,
-                grace_period=min(spec.early_stop["grace_epochs"], max_epochs),
-                reduction_factor=spec.early_stop["reduction_factor"],
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                num_samples=spec.samples,
-                scheduler=scheduler,
-                # The limit goes to the generator itself: Tune ignores max_concurrent_trials beside a generator instance.
-                search_alg=BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent),
-                trial_dirname_creator=TrialNamer([a.name for a in spec.axes]),
-                reuse_actors=True,  # the next trial runs in a finished trial's process: torch and the project are imported once
-            ),
-            run_config=tune.RunConfig(
-                name=out.name,
-                storage_path=str(out.parent),
-                verbose=0,
-                failure_config=tune.FailureConfig(
-                    max_failures=0
-                ),  # a failed trial is reported, not retried: its error is the user's to fix
-                callbacks=[
-                    JsonLoggerCallback(),
-                    CSVLoggerCallback(),
-                    TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs),
-                    ctrl_c,
-                ],
-            ),
-        )
+        tuner = _new_tuner(spec, trainable, out, max_epochs, max_concurrent, ctrl_c)
     with _tune_quiet(debug), ctrl_c.installed():
         results = tuner.fit()
     _settle_records(out, results, spec)
+
+
+def _new_tuner(spec: SweepSpec, trainable, out: Path, max_epochs: int, max_concurrent: int, ctrl_c) -> tune.Tuner:
+    """A fresh sweep's Tuner: the search space, ASHA when the sweep stops early, and the callbacks that keep its
+    trial folders and lines."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    scheduler = None
+    if spec.early_stop:
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=max_epochs,
+            grace_period=min(spec.early_stop["grace_epochs"], max_epochs),
+            reduction_factor=spec.early_stop["reduction_factor"],
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.samples,
+            scheduler=scheduler,
+            # The limit goes to the generator itself: Tune ignores max_concurrent_trials beside a generator instance.
+            search_alg=BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent),
+            trial_dirname_creator=TrialNamer([a.name for a in spec.axes]),
+            reuse_actors=True,  # the next trial runs in a finished trial's process: torch and the project are imported once
+        ),
+        run_config=tune.RunConfig(
+            name=out.name,
+            storage_path=str(out.parent),
+            verbose=0,
+            # a failed trial is reported, not retried: its error is the user's to fix
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[
+                JsonLoggerCallback(),
+                CSVLoggerCallback(),
+                TrialLines(str(out), [a.name for a in spec.axes], spec.metric, max_epochs),
+                ctrl_c,
+            ],
+        ),
+    )
 
 
 def _settle_records(out: Path, results, spec: SweepSpec) -> None:

@@ -359,9 +359,10 @@ def render_grid(cells: list[dict], classes: list[str], columns: int):
         elif mixed:
             caption.append(("", "black"))
         for c, p in cell["top"]:
+            # a true class green
             caption.append(
                 (f"{p:.2f} {classes[c]}", (0, 128, 0) if c in (cell["label"], cell["partner_label"]) else (180, 0, 0))
-            )  # a true class green
+            )
         for r, (text, colour) in enumerate(caption):
             draw.text((x + PAD, y + PAD + side + 2 + r * line), _fit(text, font, side), fill=colour, font=font)
     return grid

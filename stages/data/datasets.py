@@ -135,11 +135,8 @@ def _open_fake(argument: str, split: str) -> ImageDataset:
 
 
 FAKE_OPTIONS = ("size", "classes")
-FAKE_BOUNDS = {
-    "N": (1, 10_000_000),
-    "size": (1, 4096),
-    "classes": (1, 100_000),
-}  # sanity bounds: larger is a typing mistake
+# sanity bounds: larger is a typing mistake
+FAKE_BOUNDS = {"N": (1, 10_000_000), "size": (1, 4096), "classes": (1, 100_000)}
 
 
 def _bounded_int(name: str, text: str, lo: int, hi: int, source: str, usage: str) -> int:
@@ -199,9 +196,8 @@ def validation_data(train: ImageDataset | str, val_source: str | None) -> ImageD
         val = open_dataset(_val_source(kind, val_source), "val")
     elif kind.own_val_split:
         val = open_dataset(train.source, "val")
-        if (
-            val.fingerprint() == train.fingerprint()
-        ):  # an HF dataset of one split (or ?split= naming another) has no other
+        # an HF dataset of one split (or ?split= naming another) has no other
+        if val.fingerprint() == train.fingerprint():
             raise UserError(
                 f"{train.source} has no validation split apart from its training data: pass --val-data with other images "
                 f"(one of {', '.join(list_datasets())})"

@@ -21,9 +21,8 @@ def _check_class_layout(root: Path, keys: list[str], labels: np.ndarray, classes
     would be one class per split, every image of a split with the same label."""
     used = sorted({classes[c] for c in labels})
     inner = sorted({Path(k).parts[1] for k in keys if len(Path(k).parts) > 2})
-    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(
-        used
-    ):  # no image directly in its class; more sub-folders than classes
+    # no image directly in its class; more sub-folders than classes
+    if all(len(Path(k).parts) > 2 for k in keys) and len(inner) > len(used):
         raise UserError(
             f"{root} reads as {len(used)} class(es) ({', '.join(used[:3])}) whose images all sit in {len(inner)} sub-folders "
             f"({', '.join(inner[:3])}, ...), which look like the classes: pass folder:{root / used[0]} (one sub-folder per class)"

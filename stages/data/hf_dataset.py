@@ -120,9 +120,8 @@ class HfDataset(ImageDataset):
                 labels.append(handle.column(label))
                 paths.append((self._image_fields(handle.column(image))[1], handle.num_rows))
         self._part_file, self._part_group = np.asarray(part_file, np.int64), np.asarray(part_group, np.int64)
-        self._starts = np.r_[
-            0, np.cumsum(counts, dtype=np.int64)
-        ]  # (parts + 1,) the first row of each part, then the count
+        # (parts + 1,) the first row of each part, then the count
+        self._starts = np.r_[0, np.cumsum(counts, dtype=np.int64)]
         self.labels = self._read_labels(labels)
         self.keys = self._make_keys(paths)
         if not len(self.keys):
@@ -154,12 +153,8 @@ class HfDataset(ImageDataset):
         return self._handles[f]
 
     def __getstate__(self):
-        return {
-            **self.__dict__,
-            "_handles": {},
-            "_columns": {},
-            "_groups": OrderedDict(),
-        }  # files are opened again in each process
+        # files are opened again in each process
+        return {**self.__dict__, "_handles": {}, "_columns": {}, "_groups": OrderedDict()}
 
     def _check_columns(self, f: int):
         """File ``f``'s schema, with an image and a label column as named; a miss is one line listing the columns."""

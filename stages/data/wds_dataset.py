@@ -73,9 +73,8 @@ class WdsDataset(ImageDataset):
         self.length = np.concatenate([s.length for s in shards])
         self._sizes = np.concatenate([s.hw for s in shards])
         found = int(self.labels.max()) + 1
-        if (
-            found > MAX_CLASSES or self.labels.min() < 0
-        ):  # a damaged .cls (or cached index) would size a list of billions of names
+        # a damaged .cls (or cached index) would size a list of billions of names
+        if found > MAX_CLASSES or self.labels.min() < 0:
             j = int(np.argmax(self.labels)) if found > MAX_CLASSES else int(np.argmin(self.labels))
             raise UserError(
                 f"{self.keys[j]} has class {self.labels[j]}: classes are numbers from 0 to {MAX_CLASSES - 1:,}; fix its .cls member"
@@ -83,9 +82,8 @@ class WdsDataset(ImageDataset):
         named = manifest_classes(self.urls, self.names)  # shards made by `pipeline prepare` carry their class names
         if named is not None and len(named) < found:
             named = None  # fewer names than the labels need: numbers instead
-        self.classes = named or [
-            str(c) for c in range(found)
-        ]  # validation shards are checked against the training classes (``check_classes``)
+        # validation shards are checked against the training classes (``check_classes``)
+        self.classes = named or [str(c) for c in range(found)]
         self._fs = None
 
     def __getstate__(self):

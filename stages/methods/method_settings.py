@@ -40,9 +40,8 @@ METHOD = {  # the registered methods' settings (constructor arguments), by name:
     "ratio": Int(2, 8),  # GPD's widening: r^2 the student's cost per step
     "noise": NON_NEGATIVE,  # GPD's N(0, noise) on widened weights
     "orepa": Flag(),  # GPD's channel-branch reparameterization of 3x3 stride-1 convs
-    "orepa_init": Optional(
-        Choice(("official", "single"))
-    ),  # its branch initialisation; None: single when the student starts from weights
+    # its branch initialisation; None: single when the student starts from weights
+    "orepa_init": Optional(Choice(("official", "single"))),
     "hard_loss": Choice(("ce", "bce")),
 }
 

@@ -261,9 +261,8 @@ class UnitExtractor:
 
     def run(self, units: list[tuple[int, int]], rendered: Iterable[tuple[Table, dict]] | None = None) -> int:
         """Render (unless ``rendered``, from ``render(units)``, is given), run the teacher, write and commit ``units``; their row count."""
-        plan_done = (
-            self.source.group.committed()
-        )  # read before rendering: a unit whose plan this run writes is checked against nothing
+        # read before rendering: a unit whose plan this run writes is checked against nothing
+        plan_done = self.source.group.committed()
         for v, b, parts in self.completed(rendered if rendered is not None else self.render(units, plan_done)):
             self.commit(v, b, parts, (v, b) in plan_done)
         return sum(len(self.source.ids(b)) for _, b in units)

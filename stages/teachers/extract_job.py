@@ -186,12 +186,13 @@ class ExtractJob:
     workers: int = setting(
         0, WORKERS, "loader processes rendering views ahead of the teacher (per Ray actor with --actors)"
     )
+    # None in a job: decided where the job runs (a Ray actor's own device)
     device: str | None = setting(
         None,
         Optional(Device()),
         "where the teacher runs, e.g. cuda, cuda:1, cpu",
         show_default="cuda when available, else cpu; on Ray: cuda for GPU actors, else cpu",
-    )  # None in a job: decided where the job runs (a Ray actor's own device)
+    )
 
     def __post_init__(self):
         if self.outputs is not None:

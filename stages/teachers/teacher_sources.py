@@ -179,10 +179,8 @@ class PartsTeacher(TeacherSource):
             if teacher is None:
                 continue
             source = self.sources[teacher]
-            key = (
-                teacher,
-                None if source.size is not None else t,
-            )  # a live teacher runs once a batch, whatever the temperatures
+            # a live teacher runs once a batch, whatever the temperatures
+            key = (teacher, None if source.size is not None else t)
             if key not in done:
                 done[key] = source.outputs(batch, views, t)
             out.update({f"{i}:{k}": v for k, v in done[key].items()})

@@ -143,9 +143,8 @@ def _folder_spec(name: str, folder: Path) -> TeacherSpec:
         input_size=cfg.get("input_size", (3, None, None))[-1],
         mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
         std=tuple(cfg["std"]) if cfg.get("std") else None,
-        kwargs={
-            k: v for k, v in model_args.items() if k != "num_classes"
-        },  # the class count is build_teacher's to pass
+        # the class count is build_teacher's to pass
+        kwargs={k: v for k, v in model_args.items() if k != "num_classes"},
         interpolation=cfg.get("interpolation"),
         num_classes=cfg.get("num_classes"),
     )
@@ -161,9 +160,8 @@ class Teacher(nn.Module):
     def __init__(self, spec: TeacherSpec, model: nn.Module, weights: str, model_args: dict | None = None):
         super().__init__()
         self.spec, self.model, self.weights = spec, model.requires_grad_(False), weights
-        self.model_args = dict(
-            model_args or {}
-        )  # the timm.create_model arguments given (--model-arg), over the spec's own
+        # the timm.create_model arguments given (--model-arg), over the spec's own
+        self.model_args = dict(model_args or {})
         self.eval()
         cfg = model.pretrained_cfg or {}
         self.input_size = spec.input_size or cfg.get("input_size", (3, 224, 224))[-1]
@@ -309,13 +307,8 @@ def _hub_teacher(name: str, spec: TeacherSpec, kwargs: dict, load: bool, model_a
     return Teacher(spec, _from_file(spec, Path(cached), kwargs, load), f"hub:{spec.timm_name}", model_args)
 
 
-RUN_ARGS = (
-    "num_classes",
-    "pretrained",
-    "pretrained_cfg",
-    "pretrained_cfg_overlay",
-    "checkpoint_path",
-)  # build_teacher's to set
+# build_teacher's to set
+RUN_ARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 
 def _checked_model_args(model_args: dict | None) -> dict:
@@ -338,9 +331,8 @@ def _sized(spec: TeacherSpec, input_size: int | None, model_args: dict) -> Teach
     if model_args:
         spec = replace(spec, kwargs={**spec.kwargs, **model_args})
         size = model_args.get("img_size")
-        if (
-            input_size is None and size is not None
-        ):  # a model built for another size (img_size=64) is rendered at that size
+        # a model built for another size (img_size=64) is rendered at that size
+        if input_size is None and size is not None:
             spec = replace(spec, input_size=size[-1] if isinstance(size, (list, tuple)) else size)
     return spec
 

@@ -143,9 +143,8 @@ class ReplayLoader:
             raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, not {batch_size}")
-        self.plan_size = (
-            views.store.record.plan.size if isinstance(views, StoredViews) else None
-        )  # None: views drawn now, nothing to verify
+        # None: views drawn now, nothing to verify
+        self.plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
         self.size = size or self.plan_size
         if self.size is None:
             raise UserError("views drawn on the fly have no stored render size: pass size (the student's input size)")
@@ -248,9 +247,8 @@ class ReplayLoader:
             self.plan.recipe.mix_pair_views,
         )
         for v, b in rank_units(units, self.rank, self.world):
-            table = unit_table(
-                self.source, v, b, self.labels, list(self.plan.fields)
-            )  # a mixing partner is in the same unit
+            # a mixing partner is in the same unit
+            table = unit_table(self.source, v, b, self.labels, list(self.plan.fields))
             table = with_images(table, self.dataset)  # shard datasets: the unit's images in one pass
             for source in self.teachers.values():
                 table.update(source.unit_rows(v, b, len(table["id"])))

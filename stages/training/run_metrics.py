@@ -101,9 +101,8 @@ class RunMetrics:
             return
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
-        if (
-            self._writer is None
-        ):  # created on the first line: a run that fails before its first epoch leaves no event file
+        # created on the first line: a run that fails before its first epoch leaves no event file
+        if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir))
@@ -192,9 +191,8 @@ class MlflowLog:
     def __init__(self, out_dir: Path, params: dict):
         import mlflow
 
-        logging.getLogger("mlflow").setLevel(
-            logging.WARNING
-        )  # not "Creating a new experiment" on the console of every trial
+        # not "Creating a new experiment" on the console of every trial
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow keeps local file stores in maintenance mode and asks for an opt-in; a store beside the run
             # folders needs no server, and `mlflow ui --backend-store-uri file:RUNS/mlruns` reads it.

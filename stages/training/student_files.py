@@ -97,9 +97,8 @@ def save_weights(path: Path, state: dict, metadata: dict[str, str]) -> None:
         header = json.loads(f.read(size))
         header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if (
-            len(text) > size
-        ):  # cannot happen while safetensors writes compact JSON; refuse rather than write a broken file
+        # cannot happen while safetensors writes compact JSON; refuse rather than write a broken file
+        if len(text) > size:
             raise RuntimeError(f"safetensors header of {path} grew from {size} to {len(text)} bytes when sorted")
         f.seek(8)
         f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces, as here

@@ -665,9 +665,8 @@ def test_a_partial_store_reports_compression_of_what_it_holds(store_copy, capsys
     row = next(line.split() for line in out.splitlines() if line.startswith("logits "))
     stored = store.teacher("t1").describe()["logits"]["stored_bytes"]
     ratio = float(row[-1].rstrip("x"))
-    assert ratio == pytest.approx(
-        full["nbytes"] / 2 / stored, abs=0.01
-    )  # raw bytes of view 0 only, over its stored bytes
+    # raw bytes of view 0 only, over its stored bytes
+    assert ratio == pytest.approx(full["nbytes"] / 2 / stored, abs=0.01)
 
 
 # -- a store is the tool's own tree: no writing through a symbolic link inside it ------------------------
@@ -907,9 +906,8 @@ def test_a_damaged_wds_shard_is_one_line(case, says, tmp_path, capsys, monkeypat
     _tar(shard, samples)
     data = shard.read_bytes()
     if case == "cut-between-members":
-        shard.write_bytes(
-            data[: data.index(b"k11.cls")]
-        )  # tarfile reads it as a shorter tar whose last sample has no .cls
+        # tarfile reads it as a shorter tar whose last sample has no .cls
+        shard.write_bytes(data[: data.index(b"k11.cls")])
     elif case == "cut-inside-a-member":
         shard.write_bytes(data[: len(data) // 2 + 100])
     elif case.startswith("header-"):
@@ -961,9 +959,8 @@ def test_a_store_deleted_during_distill_is_said_to_be_gone(store_copy, tmp_path,
     monkeypatch.setattr(zarr_units.UnitArrays, "_read_data", read_then_delete)
     argv = [a.replace("{store}", str(store_copy)).replace("{run}", str(tmp_path / "run")) for a in D]
     capsys.readouterr()
-    assert (
-        main(["--quiet", *argv]) == 2
-    )  # the run has started (its first lines say so): the error is the one line after them
+    # the run has started (its first lines say so): the error is the one line after them
+    assert main(["--quiet", *argv]) == 2
     line = one_line(capsys)
     assert (
         "no longer exists: the store was deleted or moved while this command read it" in line and "--repair" not in line
@@ -1038,9 +1035,8 @@ def test_a_truncated_image_is_refused_at_set_up_and_nothing_is_made(fmt, tmp_pat
     for name, argv in commands.items():
         capsys.readouterr()
         assert main(argv) == 2, name
-        err = (
-            capsys.readouterr().err.strip().splitlines()
-        )  # extract says its store's size first, before the header pass
+        # extract says its store's size first, before the header pass
+        err = capsys.readouterr().err.strip().splitlines()
         line = err[-1]
         assert "Traceback" not in "".join(err) and line.startswith("error: ") and len(err) <= 2, (name, err)
         assert f"cannot decode image {bad}" in line and "truncated" in line, (name, line)

@@ -66,9 +66,8 @@ def test_the_plain_loop_trains_a_student_from_the_cache(digits_store, tmp_path):
     )
     lines = epoch_lines(out)
     assert [int(m[1]) for m in lines] == [1, 2]
-    assert all(
-        int(m[3]) == steps_per_epoch(DIGITS_TRAIN, BLOCK, BATCH, 1) for m in lines
-    )  # the whole training set each epoch
+    # the whole training set each epoch
+    assert all(int(m[3]) == steps_per_epoch(DIGITS_TRAIN, BLOCK, BATCH, 1) for m in lines)
     saved = torch.load(tmp_path / "s.pt", weights_only=True)
     student = timm.create_model("resnet10t", num_classes=10)
     student.load_state_dict(saved["model"])  # a plain timm student
@@ -84,14 +83,8 @@ def test_the_plain_loop_trains_a_student_from_the_cache(digits_store, tmp_path):
 
 
 def test_the_same_loop_under_torchrun_splits_the_store_over_two_ranks(digits_store, tmp_path):
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]  # a free port of its own
+    # a free port of its own
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = run_example(
         *torchrun,
         str(EXAMPLES / "distill_loop.py"),

@@ -121,15 +121,8 @@ def test_repair_rewrites_only_the_damaged_units(store_copy, reference, capsys):
     # Files of sound units were not touched; the damaged files are restored byte for byte.
     after_bytes, after_time = read_tree(store_copy), _mtimes(store_copy)
     touched = {p for p in after_time if after_time[p] != before_time.get(p)}
-    units = (
-        "c/0/1",
-        "v000000-b000001",
-        "c/1/0",
-        "v000001-b000000",
-        "c/1/2",
-        "v000001-b000002",
-        "teacher.json",
-    )  # shard keys c/VIEW/BLOCK[/0]
+    # shard keys c/VIEW/BLOCK[/0]
+    units = ("c/0/1", "v000000-b000001", "c/1/0", "v000001-b000000", "c/1/2", "v000001-b000002", "teacher.json")
     assert touched and all(any(u in p for u in units) for p in touched), sorted(
         p for p in touched if not any(u in p for u in units)
     )

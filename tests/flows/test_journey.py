@@ -94,10 +94,8 @@ def test_the_walkthrough_runs_end_to_end(tmp_path):
         )
         == 0
     )
-    for teacher in (
-        "t-r10",
-        "t-vit",
-    ):  # the run folders are the teachers: architecture and arguments from their config.json
+    # the run folders are the teachers: architecture and arguments from their config.json
+    for teacher in ("t-r10", "t-vit"):
         assert (
             main(
                 [
@@ -175,9 +173,8 @@ def test_the_walkthrough_runs_end_to_end(tmp_path):
         == 0
     )
     lines = [json.loads(line) for line in (runs / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [0, 1] and lines[0]["val_top1"] == _last(runs / "kd-dist")[
-        "val_top1"
-    ]  # epoch 0: the weights it starts from
+    # epoch 0: the weights it starts from
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0]["val_top1"] == _last(runs / "kd-dist")["val_top1"]
 
     # Plain timm: the folder, timm's transforms from its pretrained config, the validation folder.
     model = timm.create_model(f"local-dir:{runs / 'ft'}", pretrained=True).eval()

@@ -67,9 +67,8 @@ def test_a_store_in_a_bucket_equals_a_local_one(s3, base_store, reference, tmp_p
     assert run(*EXTRACT, "--store", url) == 0
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/fake/")["Contents"]]
     assert "runs/fake/store.json" in keys and any(k.startswith("runs/fake/teachers/t1/commits/") for k in keys)
-    assert any(
-        k.startswith("runs/fake/logs/extract-t1-") and k.endswith(".log") for k in keys
-    )  # the run log was uploaded
+    # the run log was uploaded
+    assert any(k.startswith("runs/fake/logs/extract-t1-") and k.endswith(".log") for k in keys)
     store = Store(url)
     for group, arrays in (("plan", group_arrays(store.plan)), ("t1", group_arrays(store.teacher("t1")))):
         for name, want in reference[group].items():

@@ -48,14 +48,8 @@ def one_error(capsys) -> str:
     return lines[0]
 
 
-SHRINK = [
-    "--shard-size",
-    "50",
-    "--max-side",
-    "20",
-    "--size",
-    "20",
-]  # 200 images: 4 shards, a third of the images re-encoded
+# 200 images: 4 shards, a third of the images re-encoded
+SHRINK = ["--shard-size", "50", "--max-side", "20", "--size", "20"]
 
 
 def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
@@ -74,11 +68,8 @@ def test_a_run_stopped_mid_shard_resumes_to_the_bytes_of_an_uninterrupted_one(tm
     assert prepare(src, out, *SHRINK) == 130
     monkeypatch.setattr(shards, "convert", convert)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        ".prepare",
-        "train-000000.tar",
-        "train-000001.tar",
-    ]  # whole shards only, no manifest, no temporary file
+    # whole shards only, no manifest, no temporary file
+    assert names == [".prepare", "train-000000.tar", "train-000001.tar"]
     assert sorted(p.name for p in (out / ".prepare").iterdir()) == [
         "settings.json",
         "shard-000000.json",
@@ -117,12 +108,8 @@ def test_verify_names_each_damaged_shard_and_its_advice_repairs_them(tmp_path, c
     ]
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: {out}: 4 problem(s) in the prepared shards")
-    for name in (
-        "train-000001.tar",
-        "train-000002.tar",
-        "train-000009.tar",
-        "manifest.json",
-    ):  # what the line says to do
+    # what the line says to do
+    for name in ("train-000001.tar", "train-000002.tar", "train-000009.tar", "manifest.json"):
         (out / name).unlink()
     assert prepare(src, out, "--shard-size", "50") == 0
     assert read_tree(out) == clean and main(["--quiet", "verify", str(out)]) == 0
@@ -172,9 +159,8 @@ def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys)
         and "replace the file" in line
     )
     assert not out.exists()  # refused at set-up
-    huffman = good.index(
-        b"\xff\xc4"
-    )  # its header and its end read, its Huffman table does not: found while shards are written
+    # its header and its end read, its Huffman table does not: found while shards are written
+    huffman = good.index(b"\xff\xc4")
     (src / "n002" / "img005.jpg").write_bytes(good[: huffman + 5] + b"\xff" * 16 + good[huffman + 21 :])
     assert prepare(src, out, "--shard-size", "10") == 2
     line = one_error(capsys)
@@ -184,9 +170,8 @@ def test_a_corrupt_image_is_one_line_naming_it_and_no_manifest(tmp_path, capsys)
     (src / "n002" / "img005.jpg").write_bytes(good)  # replaced: the same command finishes the job
     assert prepare(src, out, "--shard-size", "10") == 0
     assert main(["--quiet", "verify", str(out)]) == 0
-    (src / "n001" / "img003.jpg").write_bytes(
-        b"not an image"
-    )  # no image header at all: found before any shard is written
+    # no image header at all: found before any shard is written
+    (src / "n001" / "img003.jpg").write_bytes(b"not an image")
     assert prepare(src, tmp_path / "out2", "--shard-size", "10") == 2
     assert f"cannot read image {src / 'n001' / 'img003.jpg'}" in one_error(capsys)
     assert not (tmp_path / "out2").exists()

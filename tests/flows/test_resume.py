@@ -129,15 +129,8 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint_in_one_line(base
 
 
 def test_a_killed_run_resumes_from_its_last_finished_epoch(base_store, tmp_path):
-    argv = [
-        *DISTILL,
-        "--from-cache",
-        str(base_store),
-        "--epochs",
-        "4",
-        "--batch-size",
-        "4",
-    ]  # small batches: many steps
+    # small batches: many steps
+    argv = [*DISTILL, "--from-cache", str(base_store), "--epochs", "4", "--batch-size", "4"]
     assert main(["--quiet", *argv, "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -265,9 +258,8 @@ def test_a_validation_image_that_cannot_be_read_is_refused_at_set_up_and_one_tha
     (val / "dog" / "001.jpg").write_bytes(good[: huffman + 5] + b"\xff" * 16 + good[huffman + 21 :])
     assert main([*argv, "--out", str(tmp_path / "b")]) == 2
     assert "001.jpg" in capsys.readouterr().err
-    assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [
-        1
-    ]  # the epoch trained before validation failed is kept
+    # the epoch trained before validation failed is kept
+    assert [line["epoch"] for line in _epochs(tmp_path / "b")] == [1]
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     (val / "dog" / "001.jpg").write_bytes(good)
     assert main([*argv, "--out", str(tmp_path / "b"), "--resume"]) == 0  # and the run goes on from it
@@ -297,9 +289,7 @@ def test_a_fine_tune_evaluates_its_starting_weights_as_epoch_0_and_resumes_with_
     tune = [*base, "--model-weights", str(tmp_path / "fit" / "model.safetensors"), "--out", str(tmp_path / "tune")]
     assert main([*tune, "--epochs", "1"]) == 0
     lines = _epochs(tmp_path / "tune")
-    assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == {
-        "epoch": 0,
-        "val_top1": fitted,
-    }  # the weights as they came
+    # the weights as they came
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == {"epoch": 0, "val_top1": fitted}
     assert main([*tune, "--epochs", "2", "--resume"]) == 0
     assert [line["epoch"] for line in _epochs(tmp_path / "tune")] == [0, 1, 2]

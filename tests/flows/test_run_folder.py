@@ -128,6 +128,5 @@ def test_a_student_that_cannot_take_the_views_size_is_refused_at_set_up_and_noth
         len(err) == 1 and "student vit_tiny_patch16_224 cannot take 32 px inputs" in err[0] and "img_size=32" in err[0]
     ), err
     assert not (tmp_path / "run").exists()
-    assert (
-        main(["--quiet", *argv, "--student-arg", "img_size=32", "--out", str(tmp_path / "run")]) == 0
-    )  # built for 32 px, it trains
+    # built for 32 px, it trains
+    assert main(["--quiet", *argv, "--student-arg", "img_size=32", "--out", str(tmp_path / "run")]) == 0

@@ -103,9 +103,8 @@ def test_a_timm_name_with_model_args_takes_the_run_folders_weights(folder, fitte
     store, data, weights = tmp_path / "store", f"folder:{folder}", str(fitted / "model.safetensors")
     base = ["extract", "--data", data, "--store", str(store), "--views", "1", "--batch-size", "8"]
     capsys.readouterr()
-    assert (
-        run(*base, "--teacher", "resnet10t", "--weights", weights) == 2
-    )  # without its arguments the model is resnet10t's default width
+    # without its arguments the model is resnet10t's default width
+    assert run(*base, "--teacher", "resnet10t", "--weights", weights) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "do not fit teacher 'resnet10t'" in err[0]
     assert run(*base, "--teacher", "resnet10t", *NARROW, "--weights", weights) == 0

@@ -14,9 +14,8 @@ from stages.methods import MethodContext, create_method
 from stages.data.views import ViewPlan, ViewRecipe
 
 ALL = sorted(p.relative_to(config.CONFIG_DIR).with_suffix("").as_posix() for p in config.CONFIG_DIR.rglob("*.yaml"))
-RECIPES = [
-    name for name in ALL if not name.startswith(("cluster/", "sweeps/"))
-]  # cluster/: Ray launcher configs; sweeps/: sweep files (tests/pipeline/test_sweep.py)
+# cluster/: Ray launcher configs; sweeps/: sweep files (tests/pipeline/test_sweep.py)
+RECIPES = [name for name in ALL if not name.startswith(("cluster/", "sweeps/"))]
 
 
 def test_the_paper_recipes_are_shipped():

@@ -61,9 +61,8 @@ def test_table_matches_the_stores_own_description(two_teacher_store, capsys):
     assert set(table_of(out, "teacher t2 ")) == {*topk.ARRAYS, "features", "total"}
     assert set(table_of(out, "recipe: ")) == {"crop", "flip", "fingerprint", "total"}
     blocks = -(-N // BLOCK)
-    assert (
-        out.count(f"{VIEWS} of {VIEWS} views complete, {VIEWS * blocks} of {VIEWS * blocks} units committed") == 3
-    )  # plan, t1, t2
+    # plan, t1, t2
+    assert out.count(f"{VIEWS} of {VIEWS} views complete, {VIEWS * blocks} of {VIEWS * blocks} units committed") == 3
     assert "KL(full || top-10 rebuilt) in nats, measured: T=1 mean" in out  # t1 keeps full logits
     assert "top-3 mass over" in out  # t2 keeps its own k
     assert "KL(full || top-3 rebuilt) in nats, estimated from the stored tail statistics" in out
@@ -77,9 +76,8 @@ def test_partial_teacher_and_stats_are_reported(store_copy, train_data, capsys):
     assert rc == 0
     assert "1 of 2 views complete, 5 of 6 units committed" in out
     group = store.teacher("t1")
-    stored = group.describe(group.committed())["logits"][
-        "stored_bytes"
-    ]  # the uncommitted unit's shard is still on disk
+    # the uncommitted unit's shard is still on disk
+    stored = group.describe(group.committed())["logits"]["stored_bytes"]
     assert stored < group.describe()["logits"]["stored_bytes"]
     assert number(table_of(out, "teacher t1 ")["logits"][5]) == pytest.approx(stored / (VIEWS * N - 16), abs=0.005)
     stats_line = next(line for line in out.splitlines() if line.startswith("stats/t1:"))
@@ -174,9 +172,8 @@ def test_the_grid_draws_a_seeded_choice_across_classes_of_class_ordered_data(tmp
             Image.new("RGB", (8, 8), (c * 30, i, 0)).save(folder / f"{i}.png")
     data = FolderDataset(str(tmp_path / "data"))
     ids = store_report.grid_ids(data, 16)
-    assert len(set(data.labels[ids])) >= 5 and np.array_equal(
-        ids, store_report.grid_ids(data, 16)
-    )  # many classes, the same every time
+    # many classes, the same every time
+    assert len(set(data.labels[ids])) >= 5 and np.array_equal(ids, store_report.grid_ids(data, 16))
     assert set(data.labels[store_report.grid_ids(data, 6, classes=["class2", "5"])]) == {2, 5}
     with pytest.raises(UserError, match="--grid-ids 160 is not a sample of the store: its ids run from 0 to 159"):
         store_report.grid_ids(data, 4, ids=[3, 160])

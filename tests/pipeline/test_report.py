@@ -175,13 +175,14 @@ def test_lines_that_are_not_epoch_lines_are_skipped_and_said(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     good = [_line(1, 2.0, 0.3), _line(2, 1.5, 0.5)]
+    # torn last
     rows = [
         json.dumps(good[0]),
         json.dumps({**good[1], "epoch": "one"}),
         "garbage {",
         json.dumps(good[1]),
         '{"epoch": 3, "train_lo',
-    ]  # torn last
+    ]
     (run / "metrics.jsonl").write_text("\n".join(rows))
     capsys.readouterr()
     assert cli.main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0

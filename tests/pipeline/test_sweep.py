@@ -179,9 +179,8 @@ def test_a_trial_is_exactly_a_distill_run_with_its_resolved_config(base_store, t
         assert trial.train.method == method and trial.train.method_args == {"ce_weight": 0.5, "temperature": 4.0}
         assert (trial.train.student, trial.train.epochs, trial.train.batch_size) == ("resnet10t", 2, 16)
         command = sweep_spec.rerun_command(trial, out, "cpu", 2).split()
-        assert (
-            command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"
-        )  # the trial's own threads
+        # the trial's own threads
+        assert command[:2] == ["pipeline", "distill"] and command[command.index("--threads") + 1] == "2"
         assert distill_job(cli.build_parser().parse_args(command[1:])) == trial
     assert (
         sweep_spec.TrialNamer(["method", "method_args.temperature"]).name(
@@ -252,10 +251,8 @@ def test_summary_of_damaged_trial_records_and_an_unreported_metric(tmp_path, cap
     printed, err = capsys.readouterr()
     assert "Traceback" not in err
     rows = [ln.split()[0] for ln in printed.splitlines() if ln.startswith("trial-")]
-    assert rows == [
-        "trial-000",
-        "trial-002",
-    ]  # the one with a list for a record is left out, the other reads as unfinished
+    # the one with a list for a record is left out, the other reads as unfinished
+    assert rows == ["trial-000", "trial-002"]
     err = err.strip().splitlines()
     assert any("trial-001-lr=0.2/trial.json holds a JSON list, not a trial record" in ln for ln in err), err
     assert any("metrics.jsonl: skipped 1 line(s) that are not epoch lines" in ln for ln in err), err
@@ -385,23 +382,17 @@ def test_ctrl_c_keeps_checkpoints_and_the_same_command_resumes_without_redoing_f
     assert {name: (first / name).stat().st_mtime_ns for name in before} == before  # trial 0 was not trained again
     records = {p.name: json.loads((p / "trial.json").read_text()) for p in sorted(out.glob("trial-*"))}
     spans = [(r["started"], r["ended"]) for r in records.values()]
-    assert all(ended <= began for (_, ended), (began, _) in zip(spans, spans[1:])), (
-        spans
-    )  # --max-concurrent 1: one after another
+    # --max-concurrent 1: one after another
+    assert all(ended <= began for (_, ended), (began, _) in zip(spans, spans[1:])), spans
     assert [r["status"] for r in records.values()] == ["finished", "error", "finished"]
     rows = [ln for ln in again.stdout.splitlines() if ln.startswith("trial-")]
     assert len(rows) == 3
     failed = next(ln for ln in rows if ln.startswith("trial-001"))
-    assert (
-        "error: --batch-size 4096 is larger than a worker's share of the training set" in failed
-    )  # its one-line error
+    # its one-line error
+    assert "error: --batch-size 4096 is larger than a worker's share of the training set" in failed
     assert f"resuming the run in {third} from checkpoint.pt, saved after epoch" in (third / "run.log").read_text()
-    assert [line["epoch"] for line in read_metrics(third)] == [
-        1,
-        2,
-        3,
-        4,
-    ]  # went on from its last epoch, not from scratch
+    # went on from its last epoch, not from scratch
+    assert [line["epoch"] for line in read_metrics(third)] == [1, 2, 3, 4]
     assert {"train_kd", "train_dkd", "train_dkd.dkd"} <= set(read_metrics(third)[-1])  # each part's loss, logged apart
     assert not list(out.glob("trial-*/checkpoint.pt"))  # ended trials keep no checkpoint
 

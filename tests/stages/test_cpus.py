@@ -40,11 +40,8 @@ def test_threads_and_loader_processes_share_the_cpus(monkeypatch):
     try:
         assert use_threads(None, 2) == 1 and torch.get_num_threads() == 1
         assert use_threads(2, 2) == 2 and torch.get_num_threads() == 2
-        for env, threads in (
-            ("3", 3),
-            ("0", 1),
-            ("many", 1),
-        ):  # the user's OMP_NUM_THREADS, when it is a number of threads
+        # the user's OMP_NUM_THREADS, when it is a number of threads
+        for env, threads in (("3", 3), ("0", 1), ("many", 1)):
             monkeypatch.setenv("OMP_NUM_THREADS", env)
             assert use_threads(None, 2) == threads and torch.get_num_threads() == threads
         assert use_threads(2, 2) == 2  # --threads over OMP_NUM_THREADS

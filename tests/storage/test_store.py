@@ -221,9 +221,8 @@ def test_a_teacher_json_lacking_a_field_is_refused_in_one_line(store, tmp_path, 
     with pytest.raises(UserError, match=f"cannot read .*teacher.json: teacher.json lacks {field}; .*extract it again"):
         Store(tmp_path / "s").teacher_info("old")
     with pytest.raises(UserError, match="views"):
-        store.create_teacher(
-            "new", make_record("new"), {"features": ArraySpec((4,), "float16")}
-        )  # a record without its view count
+        # a record without its view count
+        store.create_teacher("new", make_record("new"), {"features": ArraySpec((4,), "float16")})
 
 
 def test_tokens_fields_are_needed_only_with_tokens():

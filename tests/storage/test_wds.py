@@ -34,9 +34,8 @@ SPECS = {
     "logsumexp": ArraySpec((), "float32"),
     "fingerprint": ArraySpec((), "uint32"),
 }
-FITS = dict(
-    num_classes=5, logits="full", outputs=("logits",)
-)  # a teacher.json that agrees with SPECS (Store checks it against them)
+# a teacher.json that agrees with SPECS (Store checks it against them)
+FITS = dict(num_classes=5, logits="full", outputs=("logits",))
 
 
 def _unit(rows: int, seed: int) -> dict[str, np.ndarray]:

@@ -150,9 +150,8 @@ def _write_rest(
     """The claimed output's unfinished shards, then its manifest: under the output's lock."""
     if note:
         log.info(note)
-    if (
-        out.is_local
-    ):  # a killed run's unfinished shards (object stores get whole uploads); under the lock, every one is stale
+    # a killed run's unfinished shards (object stores get whole uploads); under the lock, every one is stale
+    if out.is_local:
         remove_stale_temp_files(out, older_than=0.0)
     done = finished_shards(out, plan, identity)
     pending = [k for k in range(plan.num_shards) if k not in done]

@@ -131,9 +131,8 @@ def convert(data: bytes, ext: str, max_side: int | None, quality: int, where: st
                 im.draft("RGB", (1, 1))
                 im.load()
                 return data, ext
-            out = (
-                io.BytesIO()
-            )  # bmp, tiff, ppm: pixels kept, as PNG (what ``wds:`` reads), in RGB as every reader sees them
+            # bmp, tiff, ppm: pixels kept, as PNG (what ``wds:`` reads), in RGB as every reader sees them
+            out = io.BytesIO()
             im.convert("RGB").save(out, format="PNG")
             return out.getvalue(), "png"
     except Exception as e:

@@ -128,9 +128,8 @@ class ViewRecipe:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.augments():
             d = {k: v for k, v in d.items() if k not in _ADDED}
-        if (
-            self.eval_interpolation == "bilinear"
-        ):  # the default, left out so that the default recipe's record stays as it was
+        # the default, left out so that the default recipe's record stays as it was
+        if self.eval_interpolation == "bilinear":
             del d["eval_interpolation"]
         if d.get("mix_pair_views") == 1:  # as for eval_interpolation: recipes recorded before the setting stay equal
             del d["mix_pair_views"]

@@ -521,10 +521,18 @@ def test_recipe_round_trips_through_json_and_rejects_bad_settings():
 def test_stored_bytes_per_view():
     fields = ViewPlan(ViewRecipe(**FULL)).fields
     nbytes = {k: np.dtype(s.dtype).itemsize * int(np.prod(s.row_shape)) for k, s in fields.items()}
+    # fmt: skip
     assert nbytes == {
-        "crop": 16, "flip": 1,
-        "ra_op": 2, "ra_apply": 2, "ra_mag": 8, "ra_interp": 2,
-        "cj_factors": 16, "cj_order": 4,
+        "crop": 16,
+        "flip": 1,
+        "ra_op": 2,
+        "ra_apply": 2,
+        "ra_mag": 8,
+        "ra_interp": 2,
+        "cj_factors": 16,
+        "cj_order": 4,
         "erase_box": 16,
-        "mix_partner": 8, "mix_lam": 8, "mix_box": 16,
-    }  # fmt: skip
+        "mix_partner": 8,
+        "mix_lam": 8,
+        "mix_box": 16,
+    }

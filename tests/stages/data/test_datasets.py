@@ -232,11 +232,8 @@ def test_a_new_source_is_one_registration(monkeypatch):
     assert len(data) == 12 and data.image(0).shape == (3, 8, 8)
     val = validation_data("tiny:12", None)  # a kind has its own validation split unless it says otherwise
     assert val is not None and val.split == "val"
-    assert seen == [
-        ("12", "train"),
-        ("12", "train"),
-        ("12", "val"),
-    ]  # the training data (for its classes), then its validation split
+    # the training data (for its classes), then its validation split
+    assert seen == [("12", "train"), ("12", "train"), ("12", "val")]
     with pytest.raises(UserError, match="needs an argument: use tiny:N"):
         open_dataset("tiny")
 
@@ -333,9 +330,8 @@ def test_shards_and_a_folder_validate_each_other_with_the_same_class_names(tmp_p
     assert from_shards.source == val_shards and len(from_shards) == 6 and from_shards.classes == on_folder.classes
     # A label means the same class in both: each image's label names the class folder it came from.
     assert [from_folder.classes[c] for c in from_folder.labels] == [k.split("/")[0] for k in from_folder.keys]
-    shard_classes = [
-        k.split("/", 1)[1].split("-", 1)[1].rsplit("_", 1)[0] for k in from_shards.keys
-    ]  # val-000000.tar/00000003-dog_1
+    # val-000000.tar/00000003-dog_1
+    shard_classes = [k.split("/", 1)[1].split("-", 1)[1].rsplit("_", 1)[0] for k in from_shards.keys]
     assert [from_shards.classes[c] for c in from_shards.labels] == shard_classes
     assert validation_data(on_folder, str(val)).source == f"folder:{val}"  # a bare path: the training data's kind
 
@@ -358,11 +354,8 @@ def test_validation_data_with_other_classes_is_one_line_saying_what_differs(tmp_
     on_raw = open_dataset(raw)
     assert on_raw.classes == ["0", "1", "2"]
     assert validation_data(on_raw, f"folder:{tmp_path / 'train'}").classes == ["0", "1", "2"]
-    assert validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), raw).classes == [
-        "cat",
-        "dog",
-        "eel",
-    ]  # the training names
+    # the training names
+    assert validation_data(open_dataset(f"folder:{tmp_path / 'train'}"), raw).classes == ["cat", "dog", "eel"]
     four = _class_folder(tmp_path / "four", ["cat", "dog", "eel", "fox"], per_class=1)
     with pytest.raises(
         UserError, match=r"it has 4 classes \(cat, dog, eel, \.\.\. 1 more\), the training data 3 \(0, 1, 2\)"
@@ -383,9 +376,8 @@ def _raw_shards_of(folder, tmp_path, capsys) -> str:
 def test_val_data_names_its_own_kind_and_a_bare_path_is_the_training_kind(image_folder):
     root, _ = image_folder
     digits = open_dataset("digits")
-    assert (
-        validation_data(digits, "fake:50?classes=10").source == "fake:50?size=32&classes=10"
-    )  # any kind, even with a split of its own
+    # any kind, even with a split of its own
+    assert validation_data(digits, "fake:50?classes=10").source == "fake:50?size=32&classes=10"
     with pytest.raises(
         UserError, match="--val-data /some/path names no kind of source: write it as one of digits, fake:N"
     ):

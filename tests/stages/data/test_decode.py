@@ -141,9 +141,8 @@ def test_a_jpeg_claiming_too_many_pixels_is_refused_before_it_is_decoded(torchco
         monkeypatch.setattr(decode, "jpeg_decoder", lambda: None)
     with pytest.raises(ValueError, match="claims 20000 x 20000 pixels, over the limit of 89,478,485"):
         decode_image(bomb)
-    monkeypatch.setattr(
-        Image, "MAX_IMAGE_PIXELS", 97 * 131 - 1
-    )  # the same limit on every path: Pillow's, as the user set it
+    # the same limit on every path: Pillow's, as the user set it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 97 * 131 - 1)
     with pytest.raises(ValueError, match="claims 131 x 97 pixels"):
         decode_image(data)
     png = _encoded(_photo().resize((16, 16)), "PNG")

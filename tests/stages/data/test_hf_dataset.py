@@ -159,9 +159,8 @@ def test_options_choose_the_split_and_columns(tmp_path):
         and val.keys[0].startswith("validation/")
         and val.source == f"hfds:{root}?split=validation"
     )
-    assert (
-        open_dataset(f"hfds:{root}?split=train&image=image&label=label").source == f"hfds:{root}"
-    )  # defaults are left out
+    # defaults are left out
+    assert open_dataset(f"hfds:{root}?split=train&image=image&label=label").source == f"hfds:{root}"
     other = hub_parquet(tmp_path / "renamed", splits=("train",), image="img", label="fine_label")
     data = open_dataset(f"hfds:{other}?image=img&label=fine_label")
     assert len(data) == 15 and data.classes == CLASSES and data.source == f"hfds:{other}?image=img&label=fine_label"
@@ -249,10 +248,11 @@ def test_validation_data_is_the_datasets_own_validation_split_unless_val_data_na
     val = validation_data(train, None)
     assert val.split == "validation" and len(val) == 6 and val.classes == CLASSES
     assert validation_data(train, f"hfds:{root}?split=train").split == "train"  # --val-data wins
+    # a bare path: hfds
     assert (
         validation_data(train, str(save_to_disk(tmp_path / "saved", rows("v", 1)))).source
         == f"hfds:{tmp_path / 'saved'}"
-    )  # a bare path: hfds
+    )
     only = hub_parquet(tmp_path / "one", splits=("train",))
     with pytest.raises(
         UserError, match=r"hfds:.*one has no validation split apart from its training data: pass --val-data"

@@ -63,10 +63,8 @@ def test_class_ordered_folders_become_shards_of_random_samples(tmp_path):
     assert data.classes == source.classes  # names from the manifest, not numbers
     in_batches = [len(set(data.labels[i : i + 64])) for i in range(0, len(data) - 63, 64)]
     source_batches = [len(set(source.labels[i : i + 64])) for i in range(0, len(source) - 63, 64)]
-    assert max(source_batches) <= 4 and min(in_batches) >= 14, (
-        source_batches,
-        in_batches,
-    )  # independent draws: 19.3 of 20
+    # independent draws: 19.3 of 20
+    assert max(source_batches) <= 4 and min(in_batches) >= 14, (source_batches, in_batches)
     per_shard = [len(set(data.labels[data.shard == k])) for k in range(6)]
     assert min(per_shard) >= 18, per_shard
     # Every image kept byte for byte, with its label.
@@ -84,9 +82,8 @@ def test_shards_much_smaller_than_a_class_hold_most_classes(tmp_path):
     a class. Read in source order every shard would hold one class; prepared, each is a random sample of all ten."""
     src = class_folder(tmp_path / "src", classes=10, per_class=200)
     source = open_source(f"folder:{src}")
-    assert all(
-        len(set(source.labels[k * 50 : (k + 1) * 50])) == 1 for k in range(40)
-    )  # the order a sequential reader sees
+    # the order a sequential reader sees
+    assert all(len(set(source.labels[k * 50 : (k + 1) * 50])) == 1 for k in range(40))
     run(src, tmp_path / "out", shard_size=50)
     data = shards(tmp_path / "out")
     assert data.order_note() is None
@@ -110,9 +107,8 @@ def test_images_are_kept_or_reencoded_within_max_side(tmp_path):
         (src / "a" / name).write_bytes(data)
     run(src, tmp_path / "out", max_side=32, quality=80)
     data = shards(tmp_path / "out")
-    by_source = {
-        key.rsplit("-", 1)[1]: i for i, key in enumerate(data.keys)
-    }  # "train-000000.tar/00000003-a_big" -> "a_big"
+    # "train-000000.tar/00000003-a_big" -> "a_big"
+    by_source = {key.rsplit("-", 1)[1]: i for i, key in enumerate(data.keys)}
     got = {
         name: (
             data.ext[by_source[f"a_{name.split('.')[0]}"]],

@@ -211,9 +211,8 @@ def test_a_student_learns_from_class_ordered_folders_as_from_mixed_order(class_o
         verify="none",
         size=32,
     )
-    interleaved = np.argsort(
-        np.arange(len(data)) % PER_CLASS * CLASSES + data.labels, kind="stable"
-    )  # class 0, 1, .., 9, 0, ..
+    # class 0, 1, .., 9, 0, ..
+    interleaved = np.argsort(np.arange(len(data)) % PER_CLASS * CLASSES + data.labels, kind="stable")
 
     def accuracy(order):
         views = DrawnViews(plan, data, num_views=epochs, block=BLOCK, order=order)

@@ -69,12 +69,10 @@ def test_one_parameter_set_holds_the_student_as_a_slice_times_r():
             p.add_(0.01 * torch.randn_like(p))
     exported = dynamic.export()
     torch.testing.assert_close(exported.get_submodule("conv1.0").weight, wide["net.conv1.0.weight"][:24] * 2)
-    torch.testing.assert_close(
-        exported.layer1[0].conv1.weight, wide["net.layer1.0.conv1.weight"][:8, :64] * 2
-    )  # 64 -> 8
-    torch.testing.assert_close(
-        exported.fc.weight, wide["net.fc.weight"][:, :64]
-    )  # the classifier's output is not widened: x 1
+    # 64 -> 8
+    torch.testing.assert_close(exported.layer1[0].conv1.weight, wide["net.layer1.0.conv1.weight"][:8, :64] * 2)
+    # the classifier's output is not widened: x 1
+    torch.testing.assert_close(exported.fc.weight, wide["net.fc.weight"][:, :64])
     torch.testing.assert_close(exported.fc.bias, wide["net.fc.bias"])
     torch.testing.assert_close(exported.layer1[0].bn1.weight, wide["net.layer1.0.bn1.weight"][:8])
     assert not any(isinstance(m, (WideConv2d, WideBatchNorm2d)) for m in exported.modules())
@@ -123,9 +121,8 @@ def test_unsupported_students_are_refused_in_one_line_naming_the_supported_ones(
             DynamicTeacher(model)
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="depthwise"):
-        DynamicTeacher(
-            timm.create_model("resnext50_32x4d", pretrained=False, num_classes=10)
-        )  # a ResNet with grouped convolutions
+        # a ResNet with grouped convolutions
+        DynamicTeacher(timm.create_model("resnext50_32x4d", pretrained=False, num_classes=10))
     with pytest.raises(UserError, match="ratio"):
         DynamicTeacher(student("resnet10t"), r=1)
 
@@ -227,9 +224,8 @@ def test_gpd_trains_from_a_store_and_saves_a_plain_timm_student(base_store, trai
     assert all(np.isfinite(v) for v in line.values())
     plain = timm.create_model(STUDENT["student"], pretrained=False, num_classes=10, **STUDENT["student_kwargs"])
     plain.load_state_dict(load_file(tmp_path / "ema" / "model.safetensors"))  # the EMA's student, exported the same way
-    plain.load_state_dict(
-        load_file(tmp_path / "student.safetensors")
-    )  # strict: exactly the student's keys and shapes, no GPD code
+    # strict: exactly the student's keys and shapes, no GPD code
+    plain.load_state_dict(load_file(tmp_path / "student.safetensors"))
     for folder in (tmp_path, tmp_path / "ema"):  # timm's own loader builds the plain student from each folder
         assert (
             timm.create_model(f"local-dir:{folder}", pretrained=True).default_cfg["architecture"] == STUDENT["student"]

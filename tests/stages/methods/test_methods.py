@@ -89,14 +89,12 @@ def test_every_method_trains_what_it_owns(name):
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item()) and all(math.isfinite(float(v)) for v in parts.values())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())  # the student learns
-    owned = [
-        p for p in method.parameters() if p.requires_grad
-    ]  # what the trainer hands its optimiser beside the student's
+    # what the trainer hands its optimiser beside the student's
+    owned = [p for p in method.parameters() if p.requires_grad]
     if name in ("kdpp", "srd", "cospress"):
         assert owned, "its projector or mapping (student width 32 <-> teacher width 48 here) is the method's own"
-    if (
-        owned
-    ):  # what a method owns learns with the student: it has gradients, and a small step on it alone lowers its loss
+    # what a method owns learns with the student: it has gradients, and a small step on it alone lowers its loss
+    if owned:
         assert all(p.grad is not None for p in owned) and any(p.grad.abs().sum() > 0 for p in owned)
         # CosPress's mapping learns from its similarity terms only (the student chases it detached).
         own_loss = (lambda p: p["local"] + p["global"]) if name == "cospress" else (lambda p: None)

@@ -98,9 +98,8 @@ def test_the_official_initialisation():
     assert 0.5 * bound < block.pw.abs().max() <= bound and block.dw.shape == (4 * EXPAND, 1, 3, 3)
     h = torch.arange(3) + 0.5
     torch.testing.assert_close(block.prior[0], torch.cos(math.pi * h / 3)[:, None].expand(3, 3))  # along h, frequency 1
-    torch.testing.assert_close(
-        block.prior[4], torch.cos(math.pi * h * 2 / 3)[None, :].expand(3, 3)
-    )  # along w, 4 + 1 - 3
+    # along w, 4 + 1 - 3
+    torch.testing.assert_close(block.prior[4], torch.cos(math.pi * h * 2 / 3)[None, :].expand(3, 3))
     x = images(2, c=4, size=7)
     assert (block(x) - conv(x)).abs().max() > 0.1  # the official init does not keep the conv's function
     single = OREPAConv2d.from_conv(conv, "single")
@@ -222,18 +221,13 @@ def test_the_dynamic_teacher_with_orepa_computes_its_students_function_at_initia
     plain = resnet().eval()
     dynamic = DynamicTeacher(resnet(), r=2, noise=0.0, orepa=init).eval()
     wide_convs = [m for m in dynamic.net.modules() if isinstance(m, WideOREPAConv2d)]
-    assert len(wide_convs) == 13 and wide_convs[0].branches.weight.shape == (
-        16,
-        128,
-        3,
-        3,
-    )  # 64 -> 8 widened to 128 -> 16
+    # 64 -> 8 widened to 128 -> 16
+    assert len(wide_convs) == 13 and wide_convs[0].branches.weight.shape == (16, 128, 3, 3)
     exported = dynamic.export().eval()
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(
-            dynamic.wide(x), exported(x), atol=1e-4, rtol=0
-        )  # the dynamic teacher is the student
+        # the dynamic teacher is the student
+        torch.testing.assert_close(dynamic.wide(x), exported(x), atol=1e-4, rtol=0)
         torch.testing.assert_close(dynamic(x), exported(x), atol=1e-5, rtol=0)
         gap = (exported(x) - plain(x)).abs().max()
     if init == "single":  # kept from the student it was built from

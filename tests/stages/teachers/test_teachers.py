@@ -13,9 +13,8 @@ from stages.teachers.teachers import build_teacher, list_teachers, resolve_teach
 from storage import UserError
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in list_teachers() if not n.startswith("test_")]
-)  # tests register tiny teachers of their own
+# tests register tiny teachers of their own
+@pytest.mark.parametrize("name", [n for n in list_teachers() if not n.startswith("test_")])
 def test_every_short_name_maps_to_a_timm_model(name):
     spec = resolve_teacher(name)
     assert timm.is_model(spec.timm_name)
@@ -121,9 +120,8 @@ def test_a_model_folder_is_a_teacher_built_from_its_config(tmp_path):
     assert torch.equal(teacher(x)["logits"], model(x))
     described = build_teacher(f"local-dir:{folder}", load=False)  # a Ray driver: shapes only, the same description
     assert (described.num_classes, described.input_size, described.weights) == (3, 64, teacher.weights)
-    small = build_teacher(
-        f"local-dir:{folder}", input_size=32
-    )  # rendered smaller: position embeddings resampled, as timm does
+    # rendered smaller: position embeddings resampled, as timm does
+    small = build_teacher(f"local-dir:{folder}", input_size=32)
     assert small.input_size == 32 and small(torch.randn(2, 3, 32, 32), outputs=("tokens",))["tokens"].shape == (
         2,
         1 + 4 * 4,
@@ -134,9 +132,8 @@ def test_a_model_folder_is_a_teacher_built_from_its_config(tmp_path):
 
 def test_model_args_build_any_timm_name_and_a_misfit_is_one_line(tmp_path):
     teacher = build_teacher("vit_tiny_patch16_224", random_init=True, num_classes=3, model_args=VIT_ARGS)
-    assert (
-        teacher.input_size == 64 and teacher.model_args == VIT_ARGS
-    )  # built for 64 px: rendered at 64 unless --size says
+    # built for 64 px: rendered at 64 unless --size says
+    assert teacher.input_size == 64 and teacher.model_args == VIT_ARGS
     for args, words in (
         ({"depth_of_field": 2}, "cannot be built with depth_of_field=2"),
         ({"num_classes": 5}, "--model-arg num_classes"),

@@ -124,9 +124,8 @@ def test_storage_line_counts_every_array():
     sizes = teacher_rows.storage_bytes(info, 1000, 2)
     assert sizes == {"features": 2000 * (384 + 4), "tokens": 2000 * 257 * (384 + 4)}
     line = teacher_rows.storage_line("dinov2_s", info, 1_281_167, 50)
-    assert (
-        line.startswith("store will hold about 5.8 TiB") and "(tokens 5.8 TiB, features 23.1 GiB;" in line
-    )  # 1.28M x 50 x 257 x 388 B
+    # 1.28M x 50 x 257 x 388 B
+    assert line.startswith("store will hold about 5.8 TiB") and "(tokens 5.8 TiB, features 23.1 GiB;" in line
     assert "1,281,167 samples × 50 views" in line
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from stages.data.views import ViewRecipe
 from stages.methods import is_composite, parse_method
 from stages.methods.composite import as_spec
-from stages.settings import build, check_batch_bytes, check_fields
-from stages.training.distill import resolve_batch
+from stages.settings import build, check_fields
+from stages.training.distill import check_batch, resolve_batch
 from stages.training.settings import TrainSettings
 from storage import UserError
 
@@ -60,8 +60,7 @@ def train_settings(file: dict, flags: dict, where: str, ray_workers: int = 0) ->
     settings = with_batch(settings, merged, flags.get("batch_size"), ray_workers, where)
     settings = with_lr(settings, file, flags, where)
     settings.methods.part_args(settings.method_args, f"--method-arg or method_args in {where}")
-    if settings.size is not None:
-        check_batch_bytes(settings.batch_size, settings.size, where)
+    check_batch(settings, where, size=settings.size)  # the rest once the store and the workers are known
     return settings
 
 

@@ -22,10 +22,9 @@ from ..data.datasets import ImageDataset, validation_data
 from ..data.replay import StoredViews
 from ..data.views import ViewPlan
 from ..methods import Methods
-from ..settings import check_batch_bytes
 from ..teachers.teacher_sources import LiveTeacher, PartsTeacher, TeacherSource, cached_parts, cached_teacher
 from ..teachers.teachers import build_teacher, default_teacher_id
-from .distill import EpochHooks, TrainResult, check_repeats, train
+from .distill import EpochHooks, TrainResult, check_batch, check_repeats, train
 from .settings import TrainSettings
 
 
@@ -99,7 +98,11 @@ def build_distill(job: DistillJob, device="cpu") -> DistillRun:
     dataset = store_dataset(store, job.data)
     val = validation_data(dataset, job.val_data)
     settings = dataclasses.replace(job.train, size=job.train.size or store.record.plan.size)
-    check_batch_bytes(settings.batch_size, settings.size, "the student's batch")
+    # Before any Ray worker starts: the workers the batch was resolved for, the store's size and its data.
+    world = max(1, (settings.global_batch or settings.batch_size) // settings.batch_size)
+    check_batch(
+        settings, "the student's batch", size=settings.size, samples=len(dataset), block=store.block, world=world
+    )
     if not job.online:
         teacher = cached_source(store, job)
     elif settings.methods.composite:

@@ -20,7 +20,7 @@ The package: ``loop`` (``train``, an epoch, validation), ``setup`` (a run built 
 from .checkpoint import EpochHooks
 from .loop import TrainResult, evaluate, teacher_outputs, to_input, train, train_one_epoch, validate
 from .optimisation import build_optimizer, lr_factor
-from .ranks import resolve_batch
+from .ranks import check_batch, resolve_batch
 from .setup import EMA_FOLDER, TEACHER, Setup, build_setup, check_input_size, check_repeats, check_teacher
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "check_teacher",
     "evaluate",
     "lr_factor",
+    "check_batch",
     "resolve_batch",
     "teacher_outputs",
     "to_input",

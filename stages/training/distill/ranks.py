@@ -8,6 +8,8 @@ import torch
 
 from storage import UserError
 
+from ...settings import check_batch_bytes
+from ..epoch_steps import steps_per_epoch
 from ..settings import TrainSettings
 
 
@@ -20,6 +22,32 @@ def _all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def check_batch(
+    s: TrainSettings,
+    where: str,
+    *,
+    size: int | None = None,
+    samples: int | None = None,
+    block: int | None = None,
+    world: int | None = None,
+) -> None:
+    """The resolved batch sizes against what is known when this is called: the render size (memory), the workers
+    (``global_batch`` is ``batch_size`` x workers) and the data (a worker's share holds a batch). A recipe is checked
+    with its size, the driver's job with the store's, and every process's set-up with all of it."""
+    if world is not None and s.global_batch is not None and s.global_batch != s.batch_size * world:
+        raise UserError(
+            f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
+            "state one of them (pipeline.settings.recipe resolves the other)"
+        )
+    if size is not None:
+        check_batch_bytes(s.batch_size, size, where)
+    if samples is not None and steps_per_epoch(samples, block, s.batch_size, world or 1, s.repeats) == 0:
+        raise UserError(
+            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({samples} samples, "
+            f"{world or 1} worker(s))"
+        )
 
 
 def resolve_batch(

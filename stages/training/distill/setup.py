@@ -15,13 +15,13 @@ from ...methods import Method, build_method
 from ..precision import Precision
 from ..settings import TrainSettings
 from ...data.replay import StoredViews
-from ..epoch_steps import steps_per_epoch
 from ..loader import ReplayLoader
 from ..student import build_student
 from ..student_card import StudentCard, trained_on
 from ...teachers.teacher_sources import TeacherSource
 from ...data.views import ViewPlan
 from .optimisation import build_optimizer, lr_factor
+from .ranks import check_batch
 
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def build_setup(
     model = method.wrap_student(student)  # what trains in the student's place (GPD: a widened network holding it)
     student_loss = _StudentLoss(_compiled(model) if s.compile else model, method).to(device)
     optimizer = build_optimizer(s, nn.ModuleList([model, method]))  # projectors train with the student
-    _check_batch(s, len(train_data), views.block, world)
+    check_batch(s, "the run", size=size, samples=len(train_data), block=views.block, world=world)
     loader = ReplayLoader(
         train_data,
         plan,
@@ -198,20 +198,6 @@ def _student_and_method(s: TrainSettings, num_classes: int, views, teacher) -> t
     )
     method.train()
     return model, method, size
-
-
-def _check_batch(s: TrainSettings, samples: int, block: int, world: int) -> None:
-    """The resolved batch sizes fit the workers and the data (a run's settings are resolved by
-    ``pipeline.settings.recipe.train_settings``; a library caller may hand any)."""
-    if s.global_batch is not None and s.global_batch != s.batch_size * world:
-        raise UserError(
-            f"global_batch {s.global_batch} is not batch_size {s.batch_size} x {world} worker(s): "
-            "state one of them (pipeline.settings.recipe resolves the other)"
-        )
-    if steps_per_epoch(samples, block, s.batch_size, world, s.repeats) == 0:  # the loader would refuse it too
-        raise UserError(
-            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({samples} samples, {world} worker(s))"
-        )
 
 
 def _distributed(student_loss: nn.Module, device) -> nn.Module:

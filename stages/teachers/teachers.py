@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -28,6 +28,7 @@ from storage.registry import Registry
 
 from ..model_outputs import token_prefix
 from .model_folders import cached_hub_file, hub_reachable, model_folder, weights_in_folder
+from .teacher_spec import TeacherSpec
 from .weight_files import classes_in, file_sha256, file_shapes, load_file, with_file_metadata
 
 
@@ -35,21 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """What a teacher is. ``None`` fields fall back to timm's pretrained config for the model."""
-
-    name: str
-    timm_name: str
-    input_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    outputs: tuple[str, ...] = ("logits", "features")
-    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
-    interpolation: str | None = None  # how the teacher's own evaluation resized images (a model folder's config.json)
-    num_classes: int | None = None  # classifier width from a model folder's config.json; None: from the weights
 
 
 _TEACHERS: Registry = Registry("teacher")

@@ -15,7 +15,6 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -24,8 +23,7 @@ from torch import nn
 from storage import UserError
 from storage.store_record import MAX_SIZE
 
-if TYPE_CHECKING:
-    from .teachers import TeacherSpec
+from .teacher_spec import TeacherSpec
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

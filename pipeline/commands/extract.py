@@ -40,8 +40,19 @@ log = logging.getLogger("pipeline")
 
 
 # Extraction's flags in the groups help shows; each is an ``ExtractJob`` field, declared there once.
-THE_RUN = ("store", "data", "teacher", "weights", "random_init", "teacher_seed", "model_args", "teacher_id", "views")
-THE_RUN += ("size", "block")
+THE_RUN = (
+    "store",
+    "data",
+    "teacher",
+    "weights",
+    "random_init",
+    "teacher_seed",
+    "model_args",
+    "teacher_id",
+    "views",
+    "size",
+    "block",
+)
 STORED = ("outputs", "logits", "topk", "dtype", "feature_dtype", "format", "precision")
 THE_WORK = ("batch_size", "workers", "device")
 

@@ -22,8 +22,6 @@ from typing import Mapping, Sequence
 
 from storage import Store, UserError
 
-from .settings import POSITIVE, Float, declared
-from .training.settings import TrainSettings
 
 from .cache.store_setup import store_dataset, stored_plan
 from .data.datasets import ImageDataset
@@ -168,9 +166,6 @@ class Cache:
         if isinstance(teachers, str):
             raise UserError(f"teachers is a list of teacher ids: write teachers=['{teachers}']")
         ids = self.teacher_ids if teachers is None else list(teachers)
-        given = dict(batch_size=batch_size, workers=workers, seed=seed, repeats=repeats, verify=verify)
-        given.update(label_smoothing=label_smoothing, label_fraction=label_fraction, label_seed=label_seed)
-        _check_settings({**given, "window_rows": window_rows}, temperature, ids, (mean, std) if normalize else None)
         sources = {
             tid: CachedTeacher(self.store, tid, self._needs(tid, needs), prefix=f"t{j}:") for j, tid in enumerate(ids)
         }
@@ -193,7 +188,7 @@ class Cache:
             window_rows=window_rows,
             workers=workers,
             verify=verify,
-            normalize=(tuple(mean), tuple(std)) if normalize else None,
+            normalize=(mean, std) if normalize else None,
             rank=rank,
             world=world,
         )
@@ -214,23 +209,3 @@ class Cache:
         if unknown:
             raise UserError(f"needs '{unknown[0]}' is not a teacher output: choose from {', '.join(OUTPUTS)}")
         return wanted
-
-
-def _check_settings(given: dict, temperature, ids: list[str], normalization) -> None:
-    """A library caller's values, checked as the same settings of ``pipeline distill`` are (``TrainSettings``), in
-    one line naming the argument, before a worker or a batch would meet them."""
-    checks = declared(TrainSettings)
-    for name, value in given.items():
-        checks[name](value, name)
-    per_id = temperature if isinstance(temperature, Mapping) else dict.fromkeys(ids, temperature)
-    stray = sorted(set(per_id) - set(ids))
-    if stray:
-        raise UserError(f"temperature names {', '.join(map(str, stray))}, which the loader does not read: read {ids}")
-    for tid, t in per_id.items():
-        POSITIVE(t, f"temperature of {tid}")
-    if normalization is not None:
-        for name, values, check in zip(("mean", "std"), normalization, (Float(), POSITIVE)):
-            if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 3:
-                raise UserError(f"{name} takes 3 numbers, one per channel (R, G, B), not {values!r}")
-            for v in values:
-                check(v, name)

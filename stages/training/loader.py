@@ -52,7 +52,8 @@ from ..data.views import ViewPlan, normalize
 from ..teachers.teacher_sources import TeacherSource
 from .batch import Batch, targets
 from .epoch_steps import rank_units, resolve_ranks, steps_per_epoch
-from .settings import VERIFY
+from ..settings import POSITIVE, Float, declared
+from .settings import TrainSettings
 
 
 def _check_policy(verify: str, ids: np.ndarray, view: int) -> np.ndarray:
@@ -139,10 +140,9 @@ class ReplayLoader:
         self.dataset, self.plan, self.source = dataset, plan, views
         self.teachers = dict(teachers or {})
         self.rank, self.world = resolve_ranks(rank, world)
-        if verify not in VERIFY:
-            raise UserError(f"verify must be one of {', '.join(VERIFY)}, not '{verify}'")
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, not {batch_size}")
+        given = dict(batch_size=batch_size, workers=workers, seed=seed, repeats=repeats, verify=verify)
+        given.update(label_smoothing=label_smoothing, label_fraction=label_fraction, label_seed=label_seed)
+        _check_arguments({**given, "window_rows": window_rows}, temperature, list(self.teachers), normalize)
         # None: views drawn now, nothing to verify
         self.plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
         self.size = size or self.plan_size
@@ -164,7 +164,8 @@ class ReplayLoader:
         self.temperature = temperature
         # The labels the student may use: a stratified fraction of each class keeps its own, the others get -1.
         self.labels = np.where(labelled_mask(dataset.labels, label_fraction, label_seed), dataset.labels, -1)
-        self.smoothing, self.normalize = label_smoothing, normalize
+        self.smoothing = label_smoothing
+        self.normalize = None if normalize is None else (tuple(normalize[0]), tuple(normalize[1]))
         self.steps = steps_per_epoch(len(dataset), views.block, batch_size, self.world, repeats)
         if self.steps == 0:
             raise UserError(
@@ -283,3 +284,28 @@ class ReplayLoader:
 
     def _temperature(self, name: str):
         return self.temperature[name] if isinstance(self.temperature, Mapping) else self.temperature
+
+
+def _check_arguments(given: dict, temperature, names: list[str], normalize) -> None:
+    """A caller's values, checked as the same settings of ``pipeline distill`` are (``TrainSettings``), in one line
+    naming the argument, before a worker or a batch would meet them; the temperatures (one value, a tuple of one per
+    composite part, or a mapping by teacher name) and ``normalize``'s (mean, std) the same way."""
+    checks = declared(TrainSettings)
+    for name, value in given.items():
+        checks[name](value, name)
+    per_name = temperature if isinstance(temperature, Mapping) else dict.fromkeys(names, temperature)
+    stray = sorted(set(per_name) - set(names))
+    if stray:
+        raise UserError(f"temperature names {', '.join(map(str, stray))}, which the loader does not read: read {names}")
+    missing = [name for name in names if name not in per_name]
+    if missing:
+        raise UserError(f"temperature has no value for teacher {missing[0]}: give one per teacher read, or one number")
+    for name, t in per_name.items():
+        for value in t if isinstance(t, tuple) else (t,):
+            POSITIVE(value, f"temperature of {name}")
+    if normalize is not None:
+        for name, values, check in zip(("mean", "std"), normalize, (Float(), POSITIVE)):
+            if isinstance(values, str) or not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise UserError(f"{name} takes 3 numbers, one per channel (R, G, B), not {values!r}")
+            for v in values:
+                check(v, name)

@@ -151,6 +151,8 @@ def test_mistakes_are_one_line_that_names_the_fix(base_store, two_teacher_store)
         cache.loader(200)
     with pytest.raises(UserError, match="not for teacher 't2'"):
         open_cache(str(two_teacher_store)).loader(16, needs={"t1": ["logits"]})
+    with pytest.raises(UserError, match="temperature has no value for teacher t2"):
+        open_cache(str(two_teacher_store)).loader(16, temperature={"t1": 2.0})
     with pytest.raises(UserError, match="size must be a positive"):
         cache.loader(16, size=-4)
 

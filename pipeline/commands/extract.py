@@ -159,8 +159,9 @@ def extract_job(args, device: str | None) -> ExtractJob:
 def _view_settings(args) -> dict:
     """The view settings given (flags over the ``views:`` section of --config), checked now in the words of where
     they came from; the store's recipe, or the defaults, fill the rest when the job is prepared."""
-    view_recipe(args)
-    return given_views(args)
+    given = given_views(args)
+    view_recipe(args, given=given)
+    return given
 
 
 def extract_command(args) -> None:

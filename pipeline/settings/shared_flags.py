@@ -44,9 +44,10 @@ def given_views(args) -> dict:
     return config.merge(load_recipe(args.config).get(VIEWS) or {}, settings_from_args(args, ViewRecipe))
 
 
-def view_recipe(args, base: ViewRecipe | None = None) -> ViewRecipe:
-    """View flags over the ``views:`` section of --config over ``base`` (a store's recipe, or the defaults)."""
-    merged = config.merge((base or ViewRecipe()).to_dict(), given_views(args))
+def view_recipe(args, base: ViewRecipe | None = None, given: dict | None = None) -> ViewRecipe:
+    """View flags over the ``views:`` section of --config (``given``, when the caller has read them already) over
+    ``base`` (a store's recipe, or the defaults)."""
+    merged = config.merge((base or ViewRecipe()).to_dict(), given_views(args) if given is None else given)
     return build(ViewRecipe, merged, args.config or "view flags")
 
 

@@ -96,8 +96,9 @@ def train(
             record.write(line)
         if first_epoch == 0 and s.student_weights and val_data is not None:  # what fine-tuning starts from: epoch 0
             metrics.append(_epoch_zero(run, s, val_data, plan, device, record, rank))
+        keep = Keep(run, s, metrics, record, hooks, rank)
         for epoch in range(first_epoch, s.epochs):
-            _one_epoch(run, s, teacher, val_data, plan, device, epoch, Keep(metrics, record, hooks, rank))
+            _one_epoch(run, s, teacher, val_data, plan, device, epoch, keep)
     if out_dir:
         _save_results(out_dir, run, weights_name, metrics)
     return TrainResult(run.model, metrics, time.perf_counter() - start)
@@ -107,18 +108,20 @@ def train(
 class Keep:
     """Where an epoch's line goes: the run's lines, its metrics record, the log (rank 0) and the checkpoint hook."""
 
+    run: Setup
+    s: TrainSettings
     metrics: list
     record: RunMetrics
     hooks: EpochHooks
     rank: int
 
-    def __call__(self, run, s: TrainSettings, line: dict, epoch: int) -> None:
+    def __call__(self, line: dict, epoch: int) -> None:
         self.metrics.append(line)
         if self.rank == 0:
-            log.info("epoch %d/%d: %s", epoch + 1, s.epochs, _shown(line))
+            log.info("epoch %d/%d: %s", epoch + 1, self.s.epochs, _shown(line))
         self.record.write(line)
         if self.hooks.save:
-            self.hooks.save(_state(epoch + 1, self.metrics, run, s), line)
+            self.hooks.save(_state(epoch + 1, self.metrics, self.run, self.s), line)
 
 
 def _one_epoch(run, s: TrainSettings, teacher, val_data, plan, device, epoch: int, keep: Keep) -> None:
@@ -126,9 +129,9 @@ def _one_epoch(run, s: TrainSettings, teacher, val_data, plan, device, epoch: in
     try:
         line.update(validate(run, s, val_data, plan, device))
     except UserError:
-        keep(run, s, line, epoch)  # a validation image that fails to decode ends the run, not the epoch's training
+        keep(line, epoch)  # a validation image that fails to decode ends the run, not the epoch's training
         raise
-    keep(run, s, line, epoch)
+    keep(line, epoch)
 
 
 def _begin(run, s: TrainSettings, hooks: EpochHooks, out_dir: Path | None, weights_name: str, rank: int):

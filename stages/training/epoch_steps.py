@@ -48,6 +48,20 @@ def steps_per_epoch(num_samples: int, block: int, batch_size: int, world: int, r
     return repeats * ((num_blocks // repeats // world - 1) * block + last) // batch_size
 
 
+def steps_or_refuse(
+    num_samples: int, block: int, batch_size: int, world: int, repeats: int, *, name: str, unit: str, fix: str = ""
+) -> int:
+    """``steps_per_epoch``, or one line when a batch is larger than one ``unit``'s (rank's, worker's) share of the
+    data; ``name`` is the batch size as the caller knows it (``--batch-size``, ``batch size``)."""
+    steps = steps_per_epoch(num_samples, block, batch_size, world, repeats)
+    if steps == 0:
+        raise UserError(
+            f"{name} {batch_size} is larger than a {unit}'s share of the training set ({num_samples} samples, "
+            f"{world} {unit}(s))" + (f": {fix}" if fix else "")
+        )
+    return steps
+
+
 def epoch_note(num_samples: int, block: int, batch_size: int, world: int, repeats: int = 1) -> str:
     """One line: how many views an epoch holds against the samples, and why when it is fewer (whole blocks per rank,
     each epoch cut to what every epoch has; with repeats R, R views of a share 1 / R of the blocks)."""

@@ -51,7 +51,7 @@ from ..data.replay import (
 from ..data.views import ViewPlan, normalize
 from ..teachers.teacher_sources import TeacherSource
 from .batch import Batch, targets
-from .epoch_steps import rank_units, resolve_ranks, steps_per_epoch
+from .epoch_steps import rank_units, resolve_ranks, steps_or_refuse
 from ..settings import POSITIVE, Float, declared
 from .settings import TrainSettings
 
@@ -166,12 +166,16 @@ class ReplayLoader:
         self.labels = np.where(labelled_mask(dataset.labels, label_fraction, label_seed), dataset.labels, -1)
         self.smoothing = label_smoothing
         self.normalize = None if normalize is None else (tuple(normalize[0]), tuple(normalize[1]))
-        self.steps = steps_per_epoch(len(dataset), views.block, batch_size, self.world, repeats)
-        if self.steps == 0:
-            raise UserError(
-                f"batch size {batch_size} is larger than a rank's share of the training set ({len(dataset)} samples, {self.world} rank(s)): "
-                "lower the batch size"
-            )
+        self.steps = steps_or_refuse(
+            len(dataset),
+            views.block,
+            batch_size,
+            self.world,
+            repeats,
+            name="batch size",
+            unit="rank",
+            fix="lower the batch size",
+        )
         self.epoch, self.position, self._resume = 0, 0, 0
 
     def __len__(self) -> int:

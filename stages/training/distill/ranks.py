@@ -9,7 +9,7 @@ import torch
 from storage import UserError
 
 from ...settings import check_batch_bytes
-from ..epoch_steps import steps_per_epoch
+from ..epoch_steps import steps_or_refuse
 from ..settings import TrainSettings
 
 
@@ -43,11 +43,8 @@ def check_batch(
         )
     if size is not None:
         check_batch_bytes(s.batch_size, size, where)
-    if samples is not None and steps_per_epoch(samples, block, s.batch_size, world or 1, s.repeats) == 0:
-        raise UserError(
-            f"--batch-size {s.batch_size} is larger than a worker's share of the training set ({samples} samples, "
-            f"{world or 1} worker(s))"
-        )
+    if samples is not None:
+        steps_or_refuse(samples, block, s.batch_size, world or 1, s.repeats, name="--batch-size", unit="worker")
 
 
 def resolve_batch(

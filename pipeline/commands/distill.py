@@ -21,7 +21,7 @@ from stages.methods import list_methods, method_class
 from stages.training.distill import train
 from stages.training.job import DistillJob, build_distill
 from stages.training.settings import TrainSettings
-from stages.training.student import build_student
+from stages.training.student import run_student
 
 from pipeline.settings.shared_flags import (
     RAY_ADDRESS_HELP,
@@ -251,14 +251,7 @@ def _distill_on_ray(args, job: DistillJob, out: Path):
     from pipeline.cluster.train import distill_on_ray  # Ray only where it is asked for
 
     run = build_distill(job)  # every check of the store, data and teacher, here before Ray starts
-    # bad student settings fail now
-    build_student(
-        job.train.student,
-        run.dataset.num_classes,
-        job.train.seed,
-        job.train.student_weights,
-        **job.train.student_kwargs,
-    )
+    run_student(job.train, run.dataset.num_classes)  # bad student settings fail now
     where = dataclasses.replace(
         job,
         store=ray_env.for_workers(run.store.path).url,

@@ -157,7 +157,7 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
     from stages.cache.store_setup import data_source, store_dataset
     from stages.data.datasets import validation_data
     from stages.training.job import cached_source
-    from stages.training.student import build_student
+    from stages.training.student import run_student
     from storage import Store
 
     store = Store(job["store"])
@@ -181,13 +181,12 @@ def check_sweep(spec: SweepSpec, job: dict, where: str) -> int:
             if spec.metric == "val_top1_ema" and not train.model_ema:
                 raise UserError("metric val_top1_ema needs model_ema in every trial")
             epochs = max(epochs, train.epochs)
-            student = (train.student, train.student_weights, json.dumps(train.student_kwargs, sort_keys=True))
+            kwargs = json.dumps(train.student_kwargs, sort_keys=True)
+            student = (train.student, train.student_weights, kwargs, train.drop_path)
             teacher = (trial.teacher_id, trial.teacher_weights, train.method)
             if student not in students:  # timm refuses a bad model argument only when the model is built
                 students.add(student)
-                build_student(
-                    train.student, store.record.dataset.num_classes, 0, train.student_weights, **train.student_kwargs
-                )
+                run_student(train, store.record.dataset.num_classes)
             if teacher not in teachers:
                 teachers.add(teacher)
                 cached_source(store, trial)  # each part's teacher too, for a composite method

@@ -15,8 +15,17 @@ from torch import nn
 
 from storage import UserError
 
+from .settings import TrainSettings
+
 
 log = logging.getLogger(__name__)
+
+
+def run_student(s: TrainSettings, num_classes: int) -> nn.Module:
+    """The student a run's settings describe (its model, arguments, starting weights and drop path), from its seed:
+    what the set-up trains, and what a driver or a sweep builds first so that bad student settings fail there."""
+    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
+    return build_student(s.student, num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
 
 
 def build_student(name: str, num_classes: int, seed: int, weights: str | None = None, **kwargs) -> nn.Module:

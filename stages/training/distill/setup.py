@@ -16,7 +16,7 @@ from ..precision import Precision
 from ..settings import TrainSettings
 from ...data.replay import StoredViews
 from ..loader import ReplayLoader
-from ..student import build_student
+from ..student import run_student
 from ..student_card import StudentCard, trained_on
 from ...teachers.teacher_sources import TeacherSource
 from ...data.views import ViewPlan
@@ -179,8 +179,7 @@ def build_setup(
 def _student_and_method(s: TrainSettings, num_classes: int, views, teacher) -> tuple[nn.Module, Method, int]:
     """The student (in channels-last when asked), the run's method over it, and the size it trains at (the setting,
     else the store's view size, else the student's own input size)."""
-    extra = {} if s.drop_path is None else {"drop_path_rate": s.drop_path}
-    model = build_student(s.student, num_classes, s.seed, s.student_weights, **s.student_kwargs, **extra)
+    model = run_student(s, num_classes)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plan_size = views.store.record.plan.size if isinstance(views, StoredViews) else None
